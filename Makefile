@@ -1,0 +1,34 @@
+# One way to do each thing: `make testnet` (the README's first command) and `make test`.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: testnet test lint typecheck pytest bench clean
+
+# torch is installed first, pinned, so no resolver step can ever pick a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+testnet: $(STAMP)
+	$(BIN)/p2pfl testnet --nodes 8 --rounds 5 --out runs/testnet
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check p2pfl tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Synchronous learning code (torch), no networking: Learner protocol, TorchLearner, data sets."""

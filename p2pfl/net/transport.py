@@ -1,0 +1,110 @@
+"""The seam between the node and the network.
+
+A :class:`Transport` moves opaque bytes: small *announcements* broadcast to the
+network (gossip, lossy, authenticated by origin) and *payloads* fetched from one peer
+by their sha256 digest (reliable, bounded, deadline-bound). It knows nothing of
+tensors or update headers.
+
+Two implementations share these semantics:
+
+- ``p2pfl.net.libp2p_transport`` — GossipSub for announcements, the stream protocol
+  ``/p2pfl/update/1.0.0`` for payloads, over TCP + Noise + Yamux.
+- ``p2pfl.net.memory`` — many transports in one process, with configurable latency,
+  loss and partitions, for simulations and tests under trio's ``MockClock``.
+
+Contract, identical in both:
+
+- Every announcement passes the ``Validator`` given at construction before anyone sees
+  it, on the receiving side *and* on the publishing side. A validator returns any value
+  (delivered as ``Announcement.value``) or raises to reject; a rejected message is not
+  forwarded and its origin is penalised by the transport (GossipSub P4 in libp2p).
+  Any exception counts as a rejection: validators see hostile bytes.
+- Announcements may be lost, duplicated or reordered. Publishers re-announce; receivers
+  dedupe.
+- ``fetch`` returns exactly the bytes whose sha256 is ``digest`` or raises a
+  :class:`~p2pfl.errors.TransferError` subclass (or ``PeerUnreachable``) within
+  ``timeout`` seconds. It never reads more than ``max_size`` bytes from the peer.
+- ``serve`` makes a payload available to every peer until ``unserve``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import trio
+
+Validator = Callable[[str, bytes], Any]
+"""``validate(origin_peer_id, data) -> value``; raise to reject the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A validated announcement as the node receives it."""
+
+    origin: str  # authenticated PeerId of the publisher (not of the forwarder)
+    data: bytes
+    value: Any  # what the validator returned for ``data``
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficStats:
+    """Byte and message counters of one transport since it opened."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    announcements_in: int = 0
+    announcements_out: int = 0
+    rejected_in: int = 0
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What a node needs from the network."""
+
+    @property
+    def peer_id(self) -> str:
+        """This node's PeerId string (``16Uiu2…``)."""
+        ...
+
+    async def publish(self, data: bytes) -> None:
+        """Broadcast a small announcement (at most ``Limits.max_message_bytes``)."""
+        ...
+
+    def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
+        """The one stream of validated announcements from other peers (bounded; lossy)."""
+        ...
+
+    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> bytes:
+        """Pull the payload with this sha256 ``digest`` from ``peer``."""
+        ...
+
+    def serve(self, digest: bytes, payload: bytes) -> None:
+        """Offer ``payload`` (whose sha256 is ``digest``) to every peer."""
+        ...
+
+    def unserve(self, digest: bytes) -> None:
+        """Stop offering a payload; unknown digests are ignored."""
+        ...
+
+    def neighbours(self) -> tuple[str, ...]:
+        """PeerIds currently connected and usable, sorted."""
+        ...
+
+    def ban(self, peer: str, *, seconds: float) -> None:
+        """Refuse and disconnect ``peer`` for a while (reputation fell below threshold)."""
+        ...
+
+    def stats(self) -> TrafficStats:
+        """Counters since the transport opened."""
+        ...
+
+
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    """Return the 32-byte sha256 digest that names a payload."""
+    return hashlib.sha256(data).digest()
+
+
+__all__ = ["Announcement", "TrafficStats", "Transport", "Validator", "sha256"]
