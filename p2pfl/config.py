@@ -56,4 +56,76 @@ class Limits:
             )
 
 
-__all__ = ["Limits", "MiB", "require"]
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NetConfig:
+    """How a node's libp2p transport listens, finds peers and keeps its neighbours."""
+
+    listen_host: str = "127.0.0.1"
+    # 0 = ephemeral; give a fixed port so a restarted node is found again at its address.
+    port: int = 0
+    # Full multiaddrs ``/ip4/…/tcp/N/p2p/<PeerId>``; none means this node is the first.
+    bootstrap: tuple[str, ...] = ()
+    # None = max(3, ceil(log2(known peers))): enough for gossip to reach everyone in a
+    # few hops, few enough that each node serves only a handful of pullers.
+    target_neighbours: int | None = None
+    # Inbound connections are accepted up to this many; beyond it the oldest surplus
+    # peers we did not choose are dropped.
+    max_neighbours: int = 16
+    # GossipSub's default is 120 s (trap 4); 1 s forms the mesh and repairs it quickly.
+    heartbeat_interval: float = 1.0
+    # GossipSub stops forwarding a peer's bursts above 10 msg/s per topic (trap 5).
+    publish_rate: float = 8.0
+    # Default deadline of one payload fetch; 60 s moves ~1 GB at the ~22 MB/s of one
+    # busy holder.
+    transfer_timeout: float = 60.0
+    # Loopback dials take ~30 ms; LAN well under 1 s. A dead address fails fast anyway.
+    dial_timeout: float = 5.0
+    # Yamux buffers up to 8 MiB per unread stream: cap what one peer can pin.
+    max_inbound_streams_per_peer: int = 32
+    # Validated announcements waiting for the node; more are dropped (publishers repeat).
+    announcement_buffer: int = 256
+    # How often the neighbour task checks liveness and tops up neighbours.
+    maintenance_interval: float = 2.0
+    # Reconnect backoff doubles from 0.5 s up to this cap.
+    max_backoff: float = 30.0
+    # Bounded address book: a peer can tell us about at most this many peers in total.
+    max_known_peers: int = 1024
+    # mDNS multicasts on every interface unless pinned (trap 13): opt-in for LAN demos.
+    enable_mdns: bool = False
+    mdns_interface: str | None = None
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.listen_host, str) and bool(self.listen_host), "net.listen_host",
+                "must be an IPv4 address such as 127.0.0.1")
+        require(isinstance(self.port, int) and 0 <= self.port <= 65535, "net.port",
+                f"must be 0 (ephemeral) or a TCP port 1-65535, got {self.port!r}")
+        require(isinstance(self.bootstrap, tuple)
+                and all(isinstance(a, str) and "/p2p/" in a for a in self.bootstrap),
+                "net.bootstrap", "must be a tuple of /ip4/…/tcp/N/p2p/<PeerId> strings")
+        require(self.target_neighbours is None
+                or (isinstance(self.target_neighbours, int) and self.target_neighbours >= 1),
+                "net.target_neighbours", "must be None (auto) or an integer >= 1")
+        require(isinstance(self.max_neighbours, int) and self.max_neighbours >= 1,
+                "net.max_neighbours", "must be an integer >= 1")
+        require(self.target_neighbours is None or self.target_neighbours <= self.max_neighbours,
+                "net.target_neighbours", "must not exceed net.max_neighbours")
+        for name in ("heartbeat_interval", "publish_rate", "transfer_timeout", "dial_timeout",
+                     "maintenance_interval", "max_backoff"):
+            require(_positive(getattr(self, name)), f"net.{name}",
+                    f"must be a positive number, got {getattr(self, name)!r}")
+        require(self.publish_rate <= 10, "net.publish_rate",
+                "must be at most 10 msg/s (GossipSub drops faster bursts silently)")
+        for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"net.{name}", f"must be a positive integer, got {value!r}")
+        require(self.mdns_interface is None or self.enable_mdns, "net.mdns_interface",
+                "is only used with enable_mdns = true")
+
+
+__all__ = ["Limits", "MiB", "NetConfig", "require"]

@@ -1,0 +1,110 @@
+"""`p2pfl node run`: one node as a long-running process.
+
+Logs to stderr, serves /status and /metrics on 127.0.0.1, checkpoints after every round,
+stops gracefully on SIGTERM/SIGINT (the last finished round is on disk), and resumes from
+its checkpoint after a crash or SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from p2pfl.cli.config_file import DaemonConfig, load_daemon_config
+from p2pfl.cli.http import serve_status
+from p2pfl.core.crypto import Identity
+from p2pfl.errors import KeyFileError
+from p2pfl.learners.datasets import make_digits_learner
+from p2pfl.net.libp2p_transport import open_libp2p_transport
+from p2pfl.net.transport import Validator
+from p2pfl.node.node import Node, TransportFactory
+
+log = logging.getLogger(__name__)
+
+
+def load_or_create_identity(path: Path) -> Identity:
+    """Load the node key, creating it (mode 0600) on first start."""
+    try:
+        return Identity.load(path)
+    except KeyFileError:
+        if path.exists():
+            raise
+    identity = Identity.generate()
+    identity.save(path)
+    log.info("created a new key at %s (peer id %s)", path, identity.peer_id)
+    return identity
+
+
+def libp2p_transport(config: DaemonConfig, identity: Identity) -> TransportFactory:
+    """The transport factory of a daemon: real libp2p with the node's own key."""
+
+    def open_transport(validator: Validator):  # type: ignore[no-untyped-def]
+        return open_libp2p_transport(
+            secret=identity.secret_bytes(),
+            network_id=config.node.network_id,
+            config=config.net,
+            limits=config.node.limits,
+            validator=validator,
+        )
+
+    return open_transport
+
+
+def build_node(config: DaemonConfig, identity: Identity) -> Node:
+    """Assemble the node a config file describes (digits task, optional attack)."""
+    train = config.train
+    learner = make_digits_learner(
+        node_index=train.node_index,
+        num_nodes=train.num_nodes,
+        partition=train.partition,
+        alpha=train.alpha,
+        seed=train.seed,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        momentum=train.momentum,
+    )
+    return Node(
+        config.node,
+        learner,
+        identity=identity,
+        transport=libp2p_transport(config, identity),
+        behaviour=None,
+    )
+
+
+async def run_daemon(config: DaemonConfig) -> None:
+    """Run the node until its rounds are done (and, unless told to exit, until a signal)."""
+    identity = load_or_create_identity(config.key_file)
+    node = build_node(config, identity)
+    log.info("node %s starting on network %r", identity.peer_id, config.node.network_id)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with node, trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+            if config.http_port:
+                await nursery.start(serve_status, config.http_port, node.statistics)
+            await node.run(rounds=config.rounds)
+            log.info("all %s rounds done", config.rounds)
+            if config.exit_when_done:
+                nursery.cancel_scope.cancel()
+            else:
+                await trio.sleep_forever()  # keep serving peers until a signal
+    log.info("node stopped at round %d", node.round)
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Entry point of `p2pfl node run --config FILE`."""
+    config = load_daemon_config(Path(args.config))
+    trio.run(run_daemon, config)
+    return 0

@@ -1,0 +1,311 @@
+"""Encode a model state (name -> tensor) to bytes and back, without pickle.
+
+Byte layout, version 1 (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic  b"P2FT"
+    4       1     version  0x01
+    5       4     M: manifest length in bytes (uint32)
+    9       M     manifest: canonical CBOR  [[name, dtype, shape], ...]
+    9+M     D     tensor data: each tensor's raw little-endian bytes, row-major (C order),
+                  concatenated in manifest order with no padding; D is exactly
+                  sum(numel * itemsize) over the manifest, nothing may follow it.
+
+Manifest rules (the decoder enforces every one; it parses this CBOR subset itself):
+
+- an array of entries; each entry an array of exactly three items:
+  ``name`` (text string, valid UTF-8), ``dtype`` (text string from the allow-list
+  float32, float16, bfloat16, float64, int8, int16, int32, int64, uint8, bool; bool is
+  one byte, 0 or 1) and ``shape`` (array of unsigned integers, ``[]`` for a 0-d tensor);
+- entries sorted by name (code point order, which equals UTF-8 byte order), names
+  unique; so the encoding is canonical: a state has exactly one encoding whatever
+  its key order, and decoding returns the keys in sorted order;
+- canonical CBOR only: definite lengths, shortest-form heads; no tags, maps, byte
+  strings, negative integers, floats, booleans, null or other simple values;
+- the product of the non-zero dimensions is at most ``max_payload_bytes`` (an empty
+  tensor cannot declare an absurd shape).
+
+Decoding checks every field and size against :class:`~p2pfl.config.Limits` before
+allocating, copies each tensor exactly once out of the input (outputs never alias it),
+and raises :class:`~p2pfl.errors.DecodeError` naming the problem for any malformed
+input; nothing else escapes. Encoding copies each tensor once into the output (plus one
+copy for non-contiguous inputs); tensors are detached and must be on the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+import cbor2
+import numpy as np
+import torch
+
+from p2pfl.config import Limits
+from p2pfl.errors import DecodeError
+
+State = dict[str, torch.Tensor]
+
+MAGIC = b"P2FT"
+VERSION = 1
+_PREFIX_BYTES = len(MAGIC) + 1 + 4
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_DTYPE_NAME_BYTES = 16
+
+# The wire is little-endian; on a big-endian host every element's bytes are reversed
+# on the way out and on the way in.
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+_DEFAULT_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------- encode
+
+
+def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Encode ``state`` into the canonical byte layout described in the module docstring.
+
+    Raises:
+        TypeError: a key is not a str or a value is not a tensor (a caller bug).
+        ValueError: a tensor's dtype is not in the allow-list, or it is not a dense CPU tensor.
+    """
+    entries = sorted(_checked_entries(state), key=lambda entry: entry[0])
+    manifest = cbor2.dumps(
+        [[name, _DTYPE_NAMES[t.dtype], list(t.shape)] for name, t in entries], canonical=True
+    )
+    prefix = MAGIC + bytes([VERSION]) + len(manifest).to_bytes(4, "little")
+    # join() allocates the result once and copies each zero-copy tensor view into it.
+    return b"".join([prefix, manifest, *(_wire_bytes(t) for _, t in entries)])
+
+
+def _checked_entries(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Return ``state``'s items after checking keys, types, dtypes and devices."""
+    entries = []
+    for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state key {name!r} is not a str")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state[{name!r}] is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"state[{name!r}] has dtype {tensor.dtype}, not in the allow-list")
+        if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+            raise ValueError(f"state[{name!r}] must be a dense CPU tensor")
+        entries.append((name, tensor))
+    return entries
+
+
+def _wire_bytes(tensor: torch.Tensor) -> memoryview:
+    """Return a little-endian uint8 view of ``tensor``'s elements in C order (no copy if contiguous)."""
+    # reshape copies only when the input is not contiguous (transposed, strided slice).
+    flat = tensor.detach().resolve_neg().reshape(-1).view(torch.uint8)
+    if _BIG_ENDIAN_HOST and tensor.element_size() > 1:
+        flat = swap_bytes(flat, tensor.element_size())
+    return flat.numpy().data
+
+
+def swap_bytes(raw: torch.Tensor, itemsize: int) -> torch.Tensor:
+    """Reverse the byte order of every ``itemsize``-byte element of a flat uint8 tensor."""
+    return raw.view(-1, itemsize).flip(1).reshape(-1)  # (numel, itemsize) -> flat
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode_state(
+    data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS
+) -> State:
+    """Decode bytes made by :func:`encode_state` into fresh CPU tensors, name-sorted.
+
+    Raises:
+        DecodeError: ``data`` is not a valid encoding within ``limits``; the message
+            names the problem.
+    """
+    view = _byte_view(data)
+    if len(view) > limits.max_payload_bytes:
+        raise DecodeError(f"payload too large: {len(view)} > {limits.max_payload_bytes} bytes")
+    manifest_end = _check_prefix(view, limits)
+    entries = parse_manifest(bytes(view[_PREFIX_BYTES:manifest_end]), limits)
+    data_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape in entries)
+    available = len(view) - manifest_end
+    if available < data_bytes:
+        raise DecodeError(f"truncated tensor data: {available} of {data_bytes} bytes")
+    if available > data_bytes:
+        raise DecodeError(f"trailing bytes: {available - data_bytes} after the tensor data")
+    state: State = {}
+    offset = manifest_end
+    for name, dtype, shape in entries:
+        state[name] = _build_tensor(view, offset, dtype, shape)
+        offset += _nbytes(dtype, shape)
+    return state
+
+
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """Return ``data`` as a flat memoryview of bytes."""
+    try:
+        return memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"input is not a contiguous bytes-like object: {exc}") from None
+
+
+def _check_prefix(view: memoryview, limits: Limits) -> int:
+    """Check magic, version and manifest length; return the offset where the manifest ends."""
+    if len(view) == 0:
+        raise DecodeError("empty input")
+    if not MAGIC.startswith(view[: len(MAGIC)]):
+        raise DecodeError(f"bad magic {bytes(view[: len(MAGIC)])!r}, expected {MAGIC!r}")
+    if len(view) < _PREFIX_BYTES:
+        raise DecodeError(f"truncated prefix: {len(view)} < {_PREFIX_BYTES} bytes")
+    if view[len(MAGIC)] != VERSION:
+        raise DecodeError(f"unsupported codec version {view[len(MAGIC)]}, expected {VERSION}")
+    manifest_bytes = int.from_bytes(view[len(MAGIC) + 1 : _PREFIX_BYTES], "little")
+    if manifest_bytes > limits.max_manifest_bytes:
+        raise DecodeError(
+            f"manifest too large: {manifest_bytes} > {limits.max_manifest_bytes} bytes"
+        )
+    if _PREFIX_BYTES + manifest_bytes > len(view):
+        raise DecodeError(f"truncated manifest: declares {manifest_bytes} bytes")
+    return _PREFIX_BYTES + manifest_bytes
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel * dtype.itemsize
+
+
+def _build_tensor(
+    view: memoryview, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Copy one tensor's bytes out of ``view`` into a new tensor of ``shape``."""
+    nbytes = _nbytes(dtype, shape)
+    flat = torch.empty(nbytes // dtype.itemsize, dtype=dtype)
+    if nbytes:
+        raw = flat.view(torch.uint8)
+        # numpy reads from read-only buffers without copying; torch.frombuffer would warn.
+        raw.numpy()[:] = np.frombuffer(view, dtype=np.uint8, count=nbytes, offset=offset)
+        if _BIG_ENDIAN_HOST and dtype.itemsize > 1:
+            raw.copy_(swap_bytes(raw, dtype.itemsize))
+        if dtype == torch.bool and bool((raw > 1).any()):
+            raise DecodeError("invalid bool tensor data: bytes other than 0 and 1")
+    return flat.reshape(shape)
+
+
+# ---------------------------------------------------------------- manifest
+
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
+
+_MAJOR_NAMES = {
+    0: "unsigned integer",
+    1: "negative integer",
+    2: "byte string",
+    3: "text string",
+    4: "array",
+    5: "map",
+    6: "CBOR tag",
+}
+_SIMPLE_NAMES = {20: "bool", 21: "bool", 22: "null", 23: "undefined", 25: "float",
+                 26: "float", 27: "float", 31: "break"}  # fmt: skip
+
+
+def parse_manifest(manifest: bytes, limits: Limits = _DEFAULT_LIMITS) -> list[Entry]:
+    """Parse and check a manifest (the strict canonical CBOR subset in the module docstring)."""
+    reader = _Reader(manifest)
+    count = reader.array("manifest", limits.max_tensors, "tensors")
+    entries: list[Entry] = []
+    for _ in range(count):
+        entries.append(_parse_entry(reader, limits))
+        if len(entries) > 1 and entries[-1][0] <= entries[-2][0]:
+            problem = "duplicate" if entries[-1][0] == entries[-2][0] else "unsorted"
+            raise DecodeError(f"manifest: {problem} tensor name {entries[-1][0]!r}")
+    if reader.pos != len(manifest):
+        raise DecodeError(f"manifest: {len(manifest) - reader.pos} trailing bytes after it")
+    return entries
+
+
+def _parse_entry(reader: _Reader, limits: Limits) -> Entry:
+    if (fields := reader.array("manifest entry", 3, "fields")) != 3:
+        raise DecodeError(f"manifest entry: expected 3 fields, found {fields}")
+    name = reader.text("tensor name", limits.max_name_bytes)
+    dtype_name = reader.text("dtype", _MAX_DTYPE_NAME_BYTES)
+    if dtype_name not in DTYPES:
+        raise DecodeError(f"manifest: unknown dtype {dtype_name!r} for {name!r}")
+    ndim = reader.array("shape", limits.max_ndim, "dimensions")
+    shape = tuple(reader.uint("dimension") for _ in range(ndim))
+    nonzero_product = 1
+    for dim in shape:
+        nonzero_product *= max(dim, 1)
+        if nonzero_product > limits.max_payload_bytes:
+            raise DecodeError(f"manifest: shape {shape} of {name!r} is too large")
+    return name, DTYPES[dtype_name], shape
+
+
+class _Reader:
+    """Read the heads of the strict CBOR subset, naming whatever is not allowed."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def head(self, what: str, major: int) -> int:
+        """Read a head of the ``major`` type and return its argument."""
+        if self.pos >= len(self.data):
+            raise DecodeError(f"manifest: truncated, expected {what}")
+        initial = self.data[self.pos]
+        found, info = initial >> 5, initial & 31
+        if info == 31 and 2 <= found <= 5:
+            raise DecodeError(f"manifest: indefinite-length {_MAJOR_NAMES[found]} in {what}")
+        if found != major:
+            kind = _MAJOR_NAMES.get(found) or _SIMPLE_NAMES.get(info, "simple value")
+            raise DecodeError(f"manifest: expected {what} ({_MAJOR_NAMES[major]}), found {kind}")
+        self.pos += 1
+        if info < 24:
+            return info
+        if info > 27:
+            raise DecodeError(f"manifest: malformed head (additional info {info}) in {what}")
+        size = 1 << (info - 24)
+        if self.pos + size > len(self.data):
+            raise DecodeError(f"manifest: truncated, expected {what}")
+        value = int.from_bytes(self.data[self.pos : self.pos + size], "big")
+        self.pos += size
+        if value < (24 if size == 1 else 1 << (4 * size)):
+            raise DecodeError(f"manifest: non-canonical (overlong) head in {what}")
+        return value
+
+    def uint(self, what: str) -> int:
+        return self.head(what, 0)
+
+    def array(self, what: str, max_items: int, items: str) -> int:
+        count = self.head(what, 4)
+        if count > max_items:
+            raise DecodeError(f"manifest: too many {items} in {what}: {count} > {max_items}")
+        return count
+
+    def text(self, what: str, max_bytes: int) -> str:
+        length = self.head(what, 3)
+        if length > max_bytes:
+            raise DecodeError(f"manifest: {what} too long: {length} > {max_bytes} bytes")
+        if self.pos + length > len(self.data):
+            raise DecodeError(f"manifest: truncated {what}")
+        raw = self.data[self.pos : self.pos + length]
+        self.pos += length
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"manifest: {what} is not valid UTF-8") from None
+
+
+__all__ = ["DTYPES", "MAGIC", "VERSION", "State", "decode_state", "encode_state", "parse_manifest"]

@@ -1,0 +1,473 @@
+"""Signed update headers, gossip announcements, and replay/equivocation memory.
+
+An update travels as two parts: a small signed header on gossip and the payload on the
+data plane. The header is canonical CBOR (sorted keys, definite lengths, minimal ints)::
+
+    {"v": 1, "net": str, "from": PeerId, "round": uint, "digest": sha256(payload),
+     "size": uint, "samples": uint, "ts_ms": uint, "codec": str}
+
+and the signature (64 bytes, see :mod:`p2pfl.core.crypto`) is over ``sha256(header)``.
+A gossip announcement is the canonical CBOR map ``{"t": kind, "h": header, "s": sig}``.
+
+Bytes from peers are decoded by a strict reader of the tiny CBOR subset used here (one
+flat map of text keys to unsigned/negative ints, byte strings and text strings); tags,
+floats, simple values, nested containers, indefinite lengths and duplicate keys are
+rejected before ``cbor2`` sees anything, and the result must re-encode to the very same
+bytes. So every accepted header has exactly one encoding, and with low-S signatures
+exactly one valid signature: ``(header_bytes, signature)`` is a sound deduplication key.
+
+:class:`VerifiedHeader` is only returned by :func:`verify_header` and :func:`sign_update`;
+code that holds one need not check it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from p2pfl.config import Limits, require
+from p2pfl.core.crypto import DIGEST_BYTES, Identity, public_key_from_peer_id, verify_by_peer_id
+from p2pfl.errors import (
+    DecodeError,
+    DigestMismatch,
+    SignerMismatch,
+    UnsupportedVersion,
+    WrongNetwork,
+)
+
+PROTOCOL_VERSION = 1
+
+_UINT_LIMIT = 1 << 64  # CBOR major type 0 without bignum tags
+_HEADER_KEYS = frozenset(
+    {"v", "net", "from", "round", "digest", "size", "samples", "ts_ms", "codec"}
+)
+_ANNOUNCEMENT_KEYS = frozenset({"t", "h", "s"})
+_DEFAULT_LIMITS = Limits()
+
+_Value = int | str | bytes
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _UINT_LIMIT
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and len(value) > 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateHeader:
+    """What a sender claims about one update; signed as canonical CBOR.
+
+    Raises:
+        DecodeError: a field has the wrong type or range (from a peer, or from a caller
+            of :func:`sign_update`).
+    """
+
+    version: int
+    network_id: str
+    sender: str  # the signer's PeerId: its key verifies the signature
+    round: int
+    digest: bytes  # sha256 of the payload
+    size: int  # payload bytes
+    samples: int  # claimed number of training samples (a claim, not a fact)
+    ts_ms: int  # sender's wall clock in milliseconds; informative only
+    codec: str
+
+    def __post_init__(self) -> None:
+        for name in ("version", "round", "size", "samples", "ts_ms"):
+            if not _is_uint(getattr(self, name)):
+                raise DecodeError(f"header field {name!r} must be an unsigned 64-bit integer")
+        for name in ("network_id", "sender", "codec"):
+            if not _is_text(getattr(self, name)):
+                raise DecodeError(f"header field {name!r} must be a non-empty string")
+        if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_BYTES:
+            raise DecodeError(f"header field 'digest' must be {DIGEST_BYTES} bytes")
+        public_key_from_peer_id(self.sender)  # DecodeError unless a secp256k1 PeerId
+
+    def encode(self) -> bytes:
+        """Return the canonical CBOR encoding (the bytes that get signed)."""
+        return cbor2.dumps(
+            {
+                "v": self.version,
+                "net": self.network_id,
+                "from": self.sender,
+                "round": self.round,
+                "digest": self.digest,
+                "size": self.size,
+                "samples": self.samples,
+                "ts_ms": self.ts_ms,
+                "codec": self.codec,
+            },
+            canonical=True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedHeader:
+    """A header whose signature by ``header.sender`` has been checked.
+
+    Only :func:`verify_header` and :func:`sign_update` construct it; its type is the
+    proof that the check happened.
+    """
+
+    header: UpdateHeader
+    header_bytes: bytes
+    signature: bytes
+
+    @property
+    def header_digest(self) -> bytes:
+        """The signed digest ``sha256(header_bytes)``: a unique id for this announcement."""
+        return hashlib.sha256(self.header_bytes).digest()
+
+
+class AnnouncementKind(enum.IntEnum):
+    """Why a peer publishes a header on gossip."""
+
+    UPDATE = 1  # the author announces its own update
+    HOLDS = 2  # any peer that verified the payload offers to serve it
+
+
+_KINDS = frozenset(int(kind) for kind in AnnouncementKind)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedAnnouncement:
+    """A gossip announcement that passed :func:`parse_announcement`."""
+
+    kind: AnnouncementKind
+    update: VerifiedHeader
+    origin: str  # PeerId of the gossip peer that published it
+
+
+def sign_update(
+    identity: Identity,
+    *,
+    network_id: str,
+    round: int,
+    payload: bytes | memoryview,
+    samples: int,
+    ts_ms: int,
+    codec: str = "raw",
+) -> VerifiedHeader:
+    """Build and sign the header for ``payload`` (its digest and size are computed here).
+
+    Raises:
+        DecodeError: a field is out of range (negative round, empty network id, ...).
+    """
+    view = memoryview(payload)
+    header = UpdateHeader(
+        version=PROTOCOL_VERSION,
+        network_id=network_id,
+        sender=identity.peer_id,
+        round=round,
+        digest=hashlib.sha256(view).digest(),
+        size=view.nbytes,
+        samples=samples,
+        ts_ms=ts_ms,
+        codec=codec,
+    )
+    header_bytes = header.encode()
+    signature = identity.sign(hashlib.sha256(header_bytes).digest())
+    return VerifiedHeader(header, header_bytes, signature)
+
+
+def verify_header(header_bytes: bytes, signature: bytes, *, network_id: str) -> VerifiedHeader:
+    """Decode and check a signed header received from a peer.
+
+    Cheap checks run before the signature check so that junk costs little.
+
+    Raises:
+        DecodeError: not a canonical header (types, keys, ranges, bad PeerId).
+        UnsupportedVersion: the header speaks another protocol version.
+        WrongNetwork: the header is bound to another network id.
+        InvalidSignature: the signature does not verify under the ``from`` PeerId's key.
+            (With 64-byte ECDSA signatures and no recovery id, "signed by another key"
+            cannot be told apart from "forged", so both raise this.)
+    """
+    header = _decode_header(bytes(header_bytes), network_id)
+    return _check_signature(header, bytes(header_bytes), bytes(signature))
+
+
+def _decode_header(header_bytes: bytes, network_id: str) -> UpdateHeader:
+    """Decode a header and check version and network; the signature is not checked yet."""
+    fields = _decode_flat_map(header_bytes, "header")
+    version = fields.get("v")
+    if not _is_uint(version):
+        raise DecodeError("header has no unsigned integer version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"header version {version!r}, this node speaks {PROTOCOL_VERSION}")
+    _require_keys(fields, _HEADER_KEYS, "header")
+    values: dict[str, Any] = fields  # UpdateHeader.__post_init__ checks every type
+    header = UpdateHeader(
+        version=PROTOCOL_VERSION,
+        network_id=values["net"],
+        sender=values["from"],
+        round=values["round"],
+        digest=values["digest"],
+        size=values["size"],
+        samples=values["samples"],
+        ts_ms=values["ts_ms"],
+        codec=values["codec"],
+    )
+    if header.network_id != network_id:
+        raise WrongNetwork(f"header is for network {header.network_id[:64]!r}, not {network_id!r}")
+    return header
+
+
+def _check_signature(header: UpdateHeader, header_bytes: bytes, signature: bytes) -> VerifiedHeader:
+    verify_by_peer_id(header.sender, hashlib.sha256(header_bytes).digest(), signature)
+    return VerifiedHeader(header, header_bytes, signature)
+
+
+def _require_keys(fields: dict[str, _Value], expected: frozenset[str], what: str) -> None:
+    """Raise DecodeError naming (a bounded number of) missing and unexpected keys."""
+    if fields.keys() != expected:
+        missing = sorted(expected - fields.keys())
+        extra = sorted(fields.keys() - expected)[:4]
+        raise DecodeError(f"{what} keys: missing {missing}, unexpected {str(extra)[:80]}")
+
+
+def encode_announcement(kind: AnnouncementKind, update: VerifiedHeader) -> bytes:
+    """Encode a gossip announcement as canonical CBOR ``{"t", "h", "s"}``."""
+    return cbor2.dumps(
+        {"t": int(kind), "h": update.header_bytes, "s": update.signature}, canonical=True
+    )
+
+
+def parse_announcement(
+    origin: str,
+    data: bytes | memoryview,
+    *,
+    network_id: str,
+    limits: Limits = _DEFAULT_LIMITS,
+) -> ParsedAnnouncement:
+    """Validate a gossip message from ``origin``: the topic validator of the node.
+
+    Raises:
+        DecodeError: oversize (checked before decoding) or not a canonical announcement.
+        SignerMismatch: an UPDATE announced by someone other than its signer (a peer
+            may only announce its own updates; others use HOLDS).
+        UpdateRejected: any other reason :func:`verify_header` gives.
+    """
+    if len(data) > limits.max_message_bytes:
+        raise DecodeError(f"announcement of {len(data)} bytes > {limits.max_message_bytes}")
+    fields = _decode_flat_map(bytes(data), "announcement")
+    _require_keys(fields, _ANNOUNCEMENT_KEYS, "announcement")
+    kind, header_bytes, signature = fields["t"], fields["h"], fields["s"]
+    if not isinstance(kind, int) or kind not in _KINDS:
+        raise DecodeError(f"unknown announcement kind {kind!r}")
+    if not isinstance(header_bytes, bytes) or not isinstance(signature, bytes):
+        raise DecodeError("announcement 'h' and 's' must be byte strings")
+    header = _decode_header(header_bytes, network_id)
+    # Before the (costly) signature check: a relayed UPDATE is refused whatever it carries.
+    if kind == AnnouncementKind.UPDATE and header.sender != origin:
+        raise SignerMismatch("UPDATE announced by a peer other than its signer")
+    update = _check_signature(header, header_bytes, signature)
+    return ParsedAnnouncement(AnnouncementKind(kind), update, origin)
+
+
+def check_payload(update: VerifiedHeader, payload: bytes | memoryview) -> None:
+    """Check that ``payload`` is the one the header signs.
+
+    Raises:
+        DigestMismatch: the size or the sha256 differs from the header's.
+    """
+    view = memoryview(payload)
+    if view.nbytes != update.header.size:
+        raise DigestMismatch(f"payload is {view.nbytes} bytes, header says {update.header.size}")
+    if hashlib.sha256(view).digest() != update.header.digest:
+        raise DigestMismatch("payload sha256 differs from the signed digest")
+
+
+# --- strict CBOR subset reader -------------------------------------------------------
+
+
+class _Reader:
+    """Read CBOR heads and scalar items from untrusted bytes; DecodeError on anything else."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise DecodeError("truncated CBOR")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def head(self) -> tuple[int, int]:
+        initial = self.take(1)[0]
+        major, info = initial >> 5, initial & 0x1F
+        if info < 24:
+            return major, info
+        if info > 27:  # 28-30 reserved, 31 indefinite length / break
+            raise DecodeError("indefinite-length or reserved CBOR item")
+        return major, int.from_bytes(self.take(1 << (info - 24)), "big")
+
+    def scalar(self) -> _Value:
+        major, arg = self.head()
+        if major == 0:
+            return arg
+        if major == 1:
+            return -1 - arg
+        if major == 2:
+            return self.take(arg)
+        if major == 3:
+            try:
+                return self.take(arg).decode("utf-8")
+            except UnicodeDecodeError:
+                raise DecodeError("CBOR text is not valid UTF-8") from None
+        raise DecodeError(f"CBOR major type {major} not allowed (tags, floats, nesting)")
+
+
+def _decode_flat_map(data: bytes, what: str) -> dict[str, _Value]:
+    """Decode one canonical CBOR map of text keys to scalars, nothing before or after."""
+    reader = _Reader(data)
+    major, count = reader.head()
+    if major != 5:
+        raise DecodeError(f"{what} is not a CBOR map")
+    if count > len(data):  # each entry takes at least two bytes: refuse before looping
+        raise DecodeError(f"{what} declares more entries than it has bytes")
+    result: dict[str, _Value] = {}
+    for _ in range(count):
+        key = reader.scalar()
+        if not isinstance(key, str):
+            raise DecodeError(f"{what} has a non-text key")
+        if key in result:
+            raise DecodeError(f"{what} repeats key {key[:32]!r}")
+        result[key] = reader.scalar()
+    if reader.pos != len(data):
+        raise DecodeError(f"{what} has trailing bytes")
+    if cbor2.dumps(result, canonical=True) != data:
+        raise DecodeError(f"{what} is not canonical CBOR")
+    return result
+
+
+# --- replay and equivocation memory ----------------------------------------------------
+
+
+class Observation(enum.Enum):
+    """What the ledger makes of one (sender, round, digest) sighting."""
+
+    NEW = "new"  # first digest for this (sender, round)
+    DUPLICATE = "duplicate"  # the same digest again: a harmless resend
+    EQUIVOCATION = "equivocation"  # a second, different digest for one (sender, round)
+    REPLAY = "replay"  # a digest this sender already announced for another round
+    STALE = "stale"  # older than the ledger remembers for this sender
+
+
+# An equivocator could flood distinct digests for one round; two prove the offence.
+_MAX_DIGESTS_PER_ROUND = 4
+
+
+@dataclass(slots=True)
+class _SenderMemory:
+    newest: int
+    rounds: dict[int, list[bytes]] = field(default_factory=dict)
+    first_round: dict[bytes, int] = field(default_factory=dict)  # digest -> round
+    equivocated: bool = False
+
+
+class UpdateLedger:
+    """Bounded memory of which digests each sender announced for which round.
+
+    Per sender, rounds in ``[newest - window, newest]`` are remembered; older ones are
+    STALE. At most ``max_senders`` senders are tracked, least recently seen evicted
+    first. The node should reject far-future rounds *before* observing them: a jump
+    forward would otherwise push a sender's real history out of the window.
+    """
+
+    def __init__(self, *, window: int = 8, max_senders: int = 4096) -> None:
+        """Create an empty ledger; raise ConfigError on a negative window or no senders."""
+        require(_is_uint(window), "ledger.window", f"must be an integer >= 0, got {window!r}")
+        require(
+            _is_uint(max_senders) and max_senders > 0,
+            "ledger.max_senders",
+            f"must be a positive integer, got {max_senders!r}",
+        )
+        self._window = window
+        self._max_senders = max_senders
+        self._senders: OrderedDict[str, _SenderMemory] = OrderedDict()
+
+    def observe(self, sender: str, round: int, digest: bytes) -> Observation:
+        """Record one sighting and classify it (see :class:`Observation`)."""
+        memory = self._memory(sender, round)
+        if round < memory.newest - self._window:
+            return Observation.STALE
+        seen = memory.rounds.get(round, [])
+        if digest in seen:
+            return Observation.DUPLICATE
+        if memory.first_round.get(digest, round) != round:
+            return Observation.REPLAY
+        if seen:
+            memory.equivocated = True
+            if len(seen) < _MAX_DIGESTS_PER_ROUND:
+                self._remember(memory, round, [*seen, digest])
+            return Observation.EQUIVOCATION
+        self._remember(memory, round, [digest])
+        if round > memory.newest:
+            self._advance(memory, round)
+        return Observation.NEW
+
+    def digests(self, sender: str, round: int) -> tuple[bytes, ...]:
+        """Return the distinct digests remembered for ``(sender, round)``."""
+        memory = self._senders.get(sender)
+        if memory is None:
+            return ()
+        return tuple(memory.rounds.get(round, ()))
+
+    def equivocated(self, sender: str) -> bool:
+        """Tell whether ``sender`` was caught equivocating while remembered."""
+        memory = self._senders.get(sender)
+        return memory is not None and memory.equivocated
+
+    def __len__(self) -> int:
+        return len(self._senders)
+
+    def _memory(self, sender: str, round: int) -> _SenderMemory:
+        memory = self._senders.get(sender)
+        if memory is None:
+            if len(self._senders) >= self._max_senders:
+                self._senders.popitem(last=False)
+            memory = self._senders[sender] = _SenderMemory(newest=round)
+        else:
+            self._senders.move_to_end(sender)
+        return memory
+
+    @staticmethod
+    def _remember(memory: _SenderMemory, round: int, digests: list[bytes]) -> None:
+        memory.rounds[round] = digests
+        memory.first_round.setdefault(digests[-1], round)
+
+    def _advance(self, memory: _SenderMemory, newest: int) -> None:
+        memory.newest = newest
+        oldest = newest - self._window
+        for old in [r for r in memory.rounds if r < oldest]:
+            for digest in memory.rounds.pop(old):
+                if memory.first_round.get(digest) == old:
+                    del memory.first_round[digest]
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AnnouncementKind",
+    "Observation",
+    "ParsedAnnouncement",
+    "UpdateHeader",
+    "UpdateLedger",
+    "VerifiedHeader",
+    "check_payload",
+    "encode_announcement",
+    "parse_announcement",
+    "sign_update",
+    "verify_header",
+]

@@ -1,0 +1,396 @@
+"""TorchLearner: the Learner protocol for any ``nn.Module``, optimizer and batch iterables.
+
+Determinism: the data order of epoch ``e`` depends only on ``(seed, e)``. Before every
+epoch the learner reseeds the loader's ``generator`` attribute (``TensorBatches`` and a
+``DataLoader(generator=torch.Generator())`` both have one), and the epoch counter is part
+of the checkpoint, so a restored learner sees the same batches as the original would.
+Nothing here touches torch's global RNG; a model with dropout would, so use models
+without it (the digits MLP has none) when bit-exact runs matter.
+
+Threads: the learner never calls ``torch.set_num_threads`` (a process-wide setting that
+would fight other nodes in the same process). The CLI sets one intra-op thread per
+process; embedders running many nodes should do the same.
+
+Optimizer: by default :class:`MomentumSGD`, which makes the same updates as
+``torch.optim.SGD(params, lr, momentum)``. Why not torch's own: constructing any
+``torch.optim`` optimizer imports ``torch._dynamo`` (2-5 s and ~800 modules per process;
+a testnet starts 8 processes on 2 cores). Pass a ``torch.optim`` optimizer to use one.
+
+Calls on one learner must not overlap: the node serialises them in its worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from p2pfl.errors import LearnerError
+from p2pfl.learners.base import Metrics, State
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_MODEL = "model."
+_OPTIM = "optim."
+_OPTIM_NUMBER = "optim_number."  # Python numbers in optimizer state, stored as 0-d tensors
+_EPOCH = "learner.epoch"
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) over 63 bits
+
+
+class OptimizerLike(Protocol):
+    """What the learner needs of an optimizer (``torch.optim.Optimizer`` has it all)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class MomentumSGD:
+    """SGD with heavy-ball momentum, update for update the same as ``torch.optim.SGD``.
+
+    ``buf = grad`` on the first step, then ``buf = momentum * buf + grad``;
+    ``param -= lr * buf``. No weight decay, dampening or Nesterov.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], *, lr: float, momentum: float = 0.0) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr = lr
+        self.momentum = momentum
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (``set_to_none`` is accepted for torch compatibility)."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply one update to every parameter that has a gradient."""
+        for index, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            update = p.grad
+            if self.momentum:
+                buf = self.buffers.get(index)
+                if buf is None:
+                    buf = self.buffers[index] = p.grad.detach().clone()
+                else:
+                    buf.mul_(self.momentum).add_(p.grad)
+                update = buf
+            p.add_(update, alpha=-self.lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``{"state": {index: {"momentum_buffer": t}}, "param_groups": [...]}``."""
+        return {
+            "state": {i: {"momentum_buffer": b} for i, b in self.buffers.items()},
+            "param_groups": [{"lr": self.lr, "momentum": self.momentum}],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load momentum buffers (hyperparameters stay as constructed)."""
+        buffers: dict[int, torch.Tensor] = {}
+        for index, entries in state_dict["state"].items():
+            buf = entries["momentum_buffer"]
+            if not 0 <= index < len(self.params) or buf.shape != self.params[index].shape:
+                raise ValueError(f"momentum buffer {index} does not fit its parameter")
+            buffers[index] = buf.detach().clone().to(self.params[index].dtype)
+        self.buffers = buffers
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Return the data-order seed of ``epoch`` for a learner seeded with ``seed``."""
+    return (seed * _SEED_MIX + epoch) % (1 << 63)
+
+
+class TensorBatches:
+    """Iterate over in-memory tensors in (optionally shuffled) mini-batches.
+
+    A few microseconds per batch, where a DataLoader over a TensorDataset spends hundreds
+    collating single samples. The shuffle draws from :attr:`generator` only.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if features.shape[0] != labels.shape[0]:
+            raise LearnerError(
+                f"features have {features.shape[0]} rows but labels have {labels.shape[0]}"
+            )
+        if batch_size < 1:
+            raise LearnerError(f"batch_size must be >= 1, got {batch_size}")
+        self.features = features
+        self.labels = labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = generator if generator is not None else torch.Generator()
+
+    @property
+    def num_samples(self) -> int:
+        """Return how many samples one pass yields."""
+        n = self.labels.shape[0]
+        return n - n % self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        """Return the number of batches in one pass."""
+        full, rest = divmod(self.labels.shape[0], self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield ``(features, labels)`` batches; a fresh order each pass when shuffling."""
+        n = self.labels.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator)
+            features, labels = self.features[order], self.labels[order]
+        else:
+            features, labels = self.features, self.labels
+        for start in range(0, self.num_samples, self.batch_size):
+            yield features[start : start + self.batch_size], labels[start : start + self.batch_size]
+
+
+def count_samples(loader: Iterable[Any]) -> int:
+    """Count the samples one pass over ``loader`` yields, without iterating when possible."""
+    if isinstance(loader, TensorBatches):
+        return loader.num_samples
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, Sized):
+        n = len(loader.sampler)
+        if loader.drop_last and loader.batch_size:
+            n -= n % loader.batch_size
+        return n
+    return sum(len(batch[1]) for batch in loader)
+
+
+class TorchLearner:
+    """Train and evaluate a torch model on local data (implements :class:`Learner`).
+
+    ``train_loader`` and ``test_loader`` may be any re-iterable of ``(x, y)`` batches: a
+    :class:`TensorBatches` (fastest for small in-memory data) or a ``DataLoader``. The
+    optimizer defaults to SGD with ``lr`` and ``momentum``; the loss to cross-entropy
+    (mean reduction is assumed when weighting batch losses).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        train_loader: Iterable[Any],
+        test_loader: Iterable[Any],
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: LossFn | None = None,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        seed: int = 0,
+        max_threads: int = 1,
+    ) -> None:
+        self.model = model
+        self.train_loader = train_loader
+        self.test_loader = test_loader
+        self.optimizer: OptimizerLike = optimizer or MomentumSGD(
+            model.parameters(), lr=lr, momentum=momentum
+        )
+        self.loss_fn: LossFn = loss_fn or nn.CrossEntropyLoss()
+        self.seed = seed
+        self.max_threads = max_threads
+        self.epoch = 0  # epochs trained so far: drives the data order, kept in checkpoints
+        self.last_train_loss = float("nan")
+        self._num_train_samples: int | None = None
+        self._param_names = [name for name, _ in model.named_parameters()]
+        self._warn_about_setup()
+
+    def _warn_about_setup(self) -> None:
+        if torch.get_num_threads() > self.max_threads:
+            logger.info(
+                "torch uses %d intra-op threads, more than max_threads=%d; call "
+                "torch.set_num_threads(%d) once per process (the CLI does)",
+                torch.get_num_threads(),
+                self.max_threads,
+                self.max_threads,
+            )
+        if getattr(self.train_loader, "generator", None) is None:
+            logger.warning(
+                "train loader has no torch.Generator: data order follows the global RNG and "
+                "is not reproducible; pass DataLoader(..., generator=torch.Generator())"
+            )
+
+    @property
+    def num_train_samples(self) -> int:
+        """Return the number of samples in one pass over the training data."""
+        if self._num_train_samples is None:
+            self._num_train_samples = count_samples(self.train_loader)
+        return self._num_train_samples
+
+    # -- state -------------------------------------------------------------------------
+
+    def get_state(self) -> State:
+        """Return detached copies of the model's parameters and buffers."""
+        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+
+    def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the model; raise LearnerError if it does not fit exactly.
+
+        Keys and shapes must match; floating tensors may differ in float dtype (they are
+        cast) but must be finite, so a poisoned aggregate cannot silently wreck the model.
+        """
+        current = self.model.state_dict()
+        check_state_fits(current, state)
+        with torch.no_grad():
+            for name, target in current.items():
+                target.copy_(state[name])
+
+    # -- training ----------------------------------------------------------------------
+
+    def fit(self, epochs: int) -> int:
+        """Train for ``epochs`` epochs; return the number of samples seen per epoch."""
+        if epochs < 1:
+            raise LearnerError(f"epochs must be >= 1, got {epochs}")
+        seen = 0
+        self.model.train()
+        for _ in range(epochs):
+            self._reseed_loader()
+            seen, loss_sum = self._train_one_epoch()
+            self.epoch += 1
+            if seen == 0:
+                raise LearnerError("the training data yielded no samples")
+            self.last_train_loss = loss_sum / seen
+            if not math.isfinite(self.last_train_loss):
+                raise LearnerError(f"training diverged: mean loss {self.last_train_loss}")
+        self._num_train_samples = seen
+        return seen
+
+    def _reseed_loader(self) -> None:
+        generator = getattr(self.train_loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(epoch_seed(self.seed, self.epoch))
+
+    def _train_one_epoch(self) -> tuple[int, float]:
+        seen = 0
+        loss_sum = torch.zeros(())
+        for x, y in self.train_loader:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            seen += len(y)
+            loss_sum += loss.detach() * len(y)
+        return seen, float(loss_sum)
+
+    def evaluate(self) -> Metrics:
+        """Return loss and accuracy on the local test split."""
+        samples, correct = 0, 0
+        loss_sum = 0.0
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for x, y in self.test_loader:
+                    logits = self.model(x)
+                    loss_sum += float(self.loss_fn(logits, y)) * len(y)
+                    correct += int((logits.argmax(dim=1) == y).sum())
+                    samples += len(y)
+        finally:
+            self.model.train()
+        if samples == 0:
+            raise LearnerError("the test data yielded no samples")
+        return Metrics(loss=loss_sum / samples, accuracy=correct / samples, samples=samples)
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def checkpoint_state(self) -> State:
+        """Return model, optimizer and data-order state as named tensors.
+
+        Names: ``model.<key>``; ``optim.<param_index>.<buffer>`` for optimizer tensors;
+        ``optim_number.<param_index>.<key>`` for Python numbers (e.g. step counters) as
+        0-d tensors; ``learner.epoch``. Hyperparameters are not stored: they come from
+        the learner's construction.
+        """
+        out: State = {_MODEL + k: v for k, v in self.get_state().items()}
+        for index, entries in self.optimizer.state_dict()["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{_OPTIM}{index}.{key}"] = value.detach().clone()
+                elif isinstance(value, int | float):
+                    out[f"{_OPTIM_NUMBER}{index}.{key}"] = torch.tensor(value)
+                elif value is not None:
+                    raise LearnerError(f"cannot checkpoint optimizer state {key}={value!r}")
+        out[_EPOCH] = torch.tensor(self.epoch, dtype=torch.int64)
+        return out
+
+    def restore_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`checkpoint_state` returned; raise LearnerError if it does not fit."""
+        model_state = {k[len(_MODEL) :]: v for k, v in state.items() if k.startswith(_MODEL)}
+        optim_state = self._optimizer_entries(state)
+        if _EPOCH not in state or state[_EPOCH].numel() != 1:
+            raise LearnerError(f"checkpoint lacks a scalar {_EPOCH!r}")
+        known = (_MODEL, _OPTIM, _OPTIM_NUMBER)
+        unknown = sorted(k for k in state if k != _EPOCH and not k.startswith(known))
+        if unknown:
+            raise LearnerError(f"checkpoint has unknown entries: {unknown}")
+        self.set_state(model_state)
+        current = self.optimizer.state_dict()
+        try:
+            self.optimizer.load_state_dict(
+                {"state": optim_state, "param_groups": current["param_groups"]}
+            )
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise LearnerError(f"optimizer state does not fit: {exc}") from exc
+        self.epoch = int(state[_EPOCH])
+
+    def _optimizer_entries(self, state: Mapping[str, torch.Tensor]) -> dict[int, dict[str, Any]]:
+        entries: dict[int, dict[str, Any]] = {}
+        for name, value in state.items():
+            for prefix, as_number in ((_OPTIM_NUMBER, True), (_OPTIM, False)):
+                if not name.startswith(prefix):
+                    continue
+                index, _, key = name[len(prefix) :].partition(".")
+                if not index.isdigit() or not key or int(index) >= len(self._param_names):
+                    raise LearnerError(f"bad optimizer entry name {name!r}")
+                entries.setdefault(int(index), {})[key] = (
+                    value.item() if as_number else value.detach().clone()
+                )
+                break
+        return entries
+
+
+def check_state_fits(current: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Raise LearnerError unless ``state`` has exactly ``current``'s keys, shapes and kinds."""
+    missing, extra = set(current) - set(state), set(state) - set(current)
+    if missing or extra:
+        raise LearnerError(f"state keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
+    for name, target in current.items():
+        value = state[name]
+        if not isinstance(value, torch.Tensor):
+            raise LearnerError(f"{name}: expected a tensor, got {type(value).__name__}")
+        if value.shape != target.shape:
+            raise LearnerError(f"{name}: shape {tuple(value.shape)} != {tuple(target.shape)}")
+        if value.dtype != target.dtype and not (
+            value.dtype.is_floating_point and target.dtype.is_floating_point
+        ):
+            raise LearnerError(f"{name}: dtype {value.dtype} cannot replace {target.dtype}")
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise LearnerError(f"{name}: holds NaN or infinite values")
+
+
+__all__ = [
+    "MomentumSGD",
+    "OptimizerLike",
+    "TensorBatches", "TorchLearner", "check_state_fits", "count_samples",
+    "epoch_seed",
+]

@@ -1,0 +1,378 @@
+"""Finding peers of the same network and keeping a few of them as neighbours.
+
+Discovery: bootstrap multiaddrs from config (a node with none is the first), then a
+small peer-exchange stream protocol, ``/p2pfl/peers/1.0.0``, spoken with every
+neighbour. Chosen over Kademlia and rendezvous for py-libp2p 0.8.1 on loopback because
+it is one bounded request/reply, needs no extra service started before connecting
+(KadDHT must be, trap 14), no rendezvous server (a central point), and doubles as the
+liveness probe a lingering dead connection needs (trap 12: a real stream).
+
+Wire format (version 1, UTF-8 text, ``\\n``-separated lines, both sides bounded):
+
+- request (client, then closes its write side; at most 8 KiB): the line
+  ``p2pfl-pex/1 <network-id>`` followed by the client's own listen multiaddrs;
+- reply (server, then closes; at most 16 KiB, 32 lines): multiaddrs of peers the server
+  is connected to, its own first. A server of another network resets the stream.
+
+Claimed addresses are only dialled, never trusted: Noise authenticates the PeerId at
+the end of each. The address book is bounded (``max_known_peers``); bootstrap entries
+are never evicted.
+
+Neighbour maintenance (one task): every ``maintenance_interval`` it exchanges peers
+with each neighbour (a failed exchange = dead: disconnect, back off), drops banned and
+surplus peers, and dials candidates until ``target_neighbours``; failed dials back off
+exponentially (0.5 s doubling, capped at ``max_backoff``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from p2pfl.config import NetConfig
+from p2pfl.errors import DecodeError, NetworkError, P2PFLError
+from p2pfl.net.host import connect, listen_addrs, short_id
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_ID = TProtocol("/p2pfl/peers/1.0.0")
+MAGIC = "p2pfl-pex/1"
+MAX_REQUEST_BYTES = 8 * 1024
+MAX_REPLY_BYTES = 16 * 1024
+MAX_REPLY_ADDRS = 32
+MAX_ADDR_CHARS = 256
+MAX_ADDRS_PER_PEER = 4
+BASE_BACKOFF = 0.5
+
+
+@dataclass
+class PeerRecord:
+    """What we know about one peer."""
+
+    addrs: list[str]
+    bootstrap: bool = False
+    confirmed: bool = False  # spoke our network's peer exchange
+    failures: int = 0
+    retry_at: float = 0.0
+    banned_until: float = 0.0
+
+
+class PeerBook:
+    """A bounded address book with backoff and bans; time comes in as an argument."""
+
+    def __init__(self, *, me: str, capacity: int, max_backoff: float) -> None:
+        self.me = me
+        self.capacity = capacity
+        self.max_backoff = max_backoff
+        self.peers: dict[str, PeerRecord] = {}
+
+    def learn(self, address: str, *, bootstrap: bool = False) -> str | None:
+        """Record ``address``; return its PeerId, or None if invalid, ours, or no room."""
+        peer = parse_p2p_addr(address)
+        if peer is None or peer == self.me:
+            return None
+        record = self.peers.get(peer)
+        if record is None:
+            if len(self.peers) >= self.capacity and not self._evict_one():
+                return None
+            record = self.peers[peer] = PeerRecord(addrs=[], bootstrap=bootstrap)
+        record.bootstrap |= bootstrap
+        if address not in record.addrs:
+            record.addrs.insert(0, address)
+            del record.addrs[MAX_ADDRS_PER_PEER:]
+        return peer
+
+    def _evict_one(self) -> bool:
+        """Forget the most-failed non-bootstrap, unconfirmed peer; False if none may go."""
+        victims = [p for p, r in self.peers.items() if not r.bootstrap and not r.confirmed]
+        if not victims:
+            return False
+        del self.peers[max(victims, key=lambda p: self.peers[p].failures)]
+        return True
+
+    def failed(self, peer: str, now: float) -> None:
+        """Count a failed dial or exchange and push the next attempt back."""
+        record = self.peers.get(peer)
+        if record is not None:
+            record.failures += 1
+            record.retry_at = now + min(self.max_backoff, BASE_BACKOFF * 2 ** (record.failures - 1))
+
+    def succeeded(self, peer: str) -> None:
+        """Mark ``peer`` as a confirmed member of our network; reset its backoff."""
+        record = self.peers.get(peer)
+        if record is not None:
+            record.confirmed, record.failures, record.retry_at = True, 0, 0.0
+
+    def ban(self, peer: str, until: float) -> None:
+        """Refuse ``peer`` until ``until``."""
+        record = self.peers.setdefault(peer, PeerRecord(addrs=[]))
+        record.banned_until = max(record.banned_until, until)
+
+    def is_banned(self, peer: str, now: float) -> bool:
+        """Return whether ``peer`` is banned at ``now``."""
+        record = self.peers.get(peer)
+        return record is not None and record.banned_until > now
+
+    def candidates(self, now: float, exclude: set[str]) -> list[str]:
+        """Return dialable peers not in ``exclude``: confirmed first, then shuffled."""
+        ready = [
+            p for p, r in self.peers.items()
+            if p not in exclude and r.addrs and r.retry_at <= now and r.banned_until <= now
+        ]
+        random.shuffle(ready)
+        return sorted(ready, key=lambda p: not self.peers[p].confirmed)
+
+    def target(self, configured: int | None) -> int:
+        """Return how many neighbours to keep: configured, or max(3, ceil(log2 N))."""
+        if configured is not None:
+            return configured
+        return max(3, math.ceil(math.log2(len(self.peers) + 1)))
+
+
+def parse_p2p_addr(address: str) -> str | None:
+    """Return the PeerId of a ``/ip4|ip6|dns…/tcp/N/p2p/<id>`` multiaddr, or None."""
+    if not isinstance(address, str) or len(address) > MAX_ADDR_CHARS or "/tcp/" not in address:
+        return None
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(address)).peer_id.to_string()
+    except Exception:  # hostile text: any parse failure means "not an address"
+        return None
+
+
+def encode_request(network_id: str, own: list[str]) -> bytes:
+    """Return a peer-exchange request (bounded)."""
+    return _encode_lines([f"{MAGIC} {network_id}", *own], MAX_REQUEST_BYTES)
+
+
+def encode_reply(addrs: list[str]) -> bytes:
+    """Return a peer-exchange reply (bounded)."""
+    return _encode_lines(addrs[:MAX_REPLY_ADDRS], MAX_REPLY_BYTES)
+
+
+def _encode_lines(lines: list[str], limit: int) -> bytes:
+    out = b""
+    for line in lines:
+        encoded = line.encode() + b"\n"
+        if len(out) + len(encoded) > limit:
+            break
+        out += encoded
+    return out
+
+
+def decode_lines(data: bytes, *, max_lines: int) -> list[str]:
+    """Split a request/reply into lines (DecodeError on non-UTF-8)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DecodeError("peer exchange message is not UTF-8") from error
+    return [line for line in text.split("\n") if line][:max_lines]
+
+
+async def read_bounded(stream: INetStream, limit: int) -> bytes:
+    """Read until EOF; DecodeError if the peer sends more than ``limit`` bytes."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = await stream.read(limit + 1 - len(data))
+        except StreamEOF:
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > limit:
+            raise DecodeError(f"peer exchange message over {limit} bytes")
+
+
+class Neighbourhood:
+    """Bootstrap, peer exchange and neighbour maintenance for one host and network."""
+
+    def __init__(self, host: IHost, *, network_id: str, config: NetConfig) -> None:
+        self.host = host
+        self.network_id = network_id
+        self.config = config
+        self.me = host.get_id().to_string()
+        self.book = PeerBook(me=self.me, capacity=config.max_known_peers,
+                             max_backoff=config.max_backoff)
+        for address in config.bootstrap:
+            self.book.learn(address, bootstrap=True)
+        self.changed = trio.Event()  # set whenever neighbours may have changed
+        host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
+
+    # -- queries ---------------------------------------------------------------------
+
+    def connected(self) -> set[str]:
+        """Return the PeerIds with an open connection."""
+        return {p.to_string() for p in self.host.get_connected_peers()}
+
+    def neighbours(self) -> tuple[str, ...]:
+        """Return connected, confirmed, unbanned peers, sorted."""
+        now = trio.current_time()
+        return tuple(sorted(
+            p for p in self.connected()
+            if p in self.book.peers and self.book.peers[p].confirmed
+            and not self.book.is_banned(p, now)
+        ))
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- protocol --------------------------------------------------------------------
+
+    async def handle_exchange(self, stream: INetStream) -> None:
+        """Serve one peer-exchange request (never raises into libp2p)."""
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                lines = decode_lines(await read_bounded(stream, MAX_REQUEST_BYTES),
+                                     max_lines=MAX_REPLY_ADDRS + 1)
+                if not lines or lines[0] != f"{MAGIC} {self.network_id}":
+                    raise DecodeError(f"not our network's peer exchange: {lines[:1]!r}")
+                if self.book.is_banned(peer, trio.current_time()):
+                    raise NetworkError("banned")
+                self._learn_from(peer, lines[1:], claimed_by=peer)
+                await stream.write(encode_reply(self._shareable()))
+                await stream.close()
+        except Exception as error:  # hostile input or a dead peer: refuse, never raise
+            logger.debug("peer exchange from %s refused: %r", short_id(peer), error)
+            await _reset_quietly(stream)
+
+    def _learn_from(self, peer: str, addrs: list[str], *, claimed_by: str | None) -> None:
+        """Record addresses; those claimed by ``peer`` for itself must carry its id."""
+        for address in addrs:
+            if claimed_by is not None and parse_p2p_addr(address) != claimed_by:
+                continue
+            self.book.learn(address)
+        if claimed_by is not None and claimed_by in self.book.peers:
+            self.book.succeeded(claimed_by)
+            self._notify()
+
+    def _shareable(self) -> list[str]:
+        """Our addresses, then one address of each connected confirmed neighbour."""
+        out = listen_addrs(self.host)
+        for peer in self.neighbours():
+            out.extend(self.book.peers[peer].addrs[:1])
+        return out
+
+    async def exchange(self, peer: str) -> None:
+        """Swap addresses with a connected ``peer`` (also its liveness probe).
+
+        Raises:
+            NetworkError: no stream, a reset, a timeout or a malformed reply.
+        """
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
+                try:
+                    await stream.write(encode_request(self.network_id, listen_addrs(self.host)))
+                    await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
+                    reply = await read_bounded(stream, MAX_REPLY_BYTES)
+                finally:
+                    await _reset_quietly(stream)
+        except P2PFLError as error:
+            raise NetworkError(f"peer exchange with {short_id(peer)}: {error}") from error
+        except Exception as error:  # libp2p stream/mux errors and trio.TooSlowError
+            raise NetworkError(f"peer exchange with {short_id(peer)} failed: {error!r}") from error
+        addrs = decode_lines(reply, max_lines=MAX_REPLY_ADDRS)
+        own = [a for a in addrs if parse_p2p_addr(a) == peer]
+        self._learn_from(peer, own, claimed_by=peer)
+        self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
+
+    # -- maintenance -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Maintain neighbours forever (cancel to stop)."""
+        while True:
+            await trio.sleep(self.config.maintenance_interval)
+            await self.maintain()
+
+    async def maintain(self) -> None:
+        """Run one maintenance pass: drop banned/dead/surplus, then top up."""
+        now = trio.current_time()
+        connected = self.connected()
+        for peer in connected:
+            if self.book.is_banned(peer, now):
+                await self.disconnect(peer)
+        async with trio.open_nursery() as nursery:
+            for peer in connected - {p for p in connected if self.book.is_banned(p, now)}:
+                nursery.start_soon(self._probe, peer)
+        await self._trim()
+        await self._top_up()
+
+    async def _probe(self, peer: str) -> None:
+        try:
+            await self.exchange(peer)
+        except NetworkError as error:
+            logger.info("neighbour %s failed its probe: %s", short_id(peer), error)
+            self.book.failed(peer, trio.current_time())
+            await self.disconnect(peer)
+
+    async def _trim(self) -> None:
+        surplus = len(self.neighbours()) - self.config.max_neighbours
+        for peer in random.sample(self.neighbours(), max(0, surplus)):
+            await self.disconnect(peer)
+
+    async def _top_up(self) -> None:
+        need = self.book.target(self.config.target_neighbours) - len(self.neighbours())
+        for peer in self.book.candidates(trio.current_time(), exclude=self.connected()):
+            if need <= 0:
+                break
+            if await self._dial(peer):
+                need -= 1
+
+    async def _dial(self, peer: str) -> bool:
+        record = self.book.peers[peer]
+        for address in list(record.addrs):
+            try:
+                await connect(self.host, address, timeout=self.config.dial_timeout)
+                await self.exchange(peer)
+            except P2PFLError as error:
+                logger.debug("dial %s via %s failed: %s", short_id(peer), address, error)
+                continue
+            return True
+        self.book.failed(peer, trio.current_time())
+        await self.disconnect(peer)
+        return False
+
+    async def disconnect(self, peer: str) -> None:
+        """Close every connection to ``peer`` (bounded, never raises)."""
+        with trio.move_on_after(self.config.dial_timeout):
+            try:
+                await self.host.disconnect(ID.from_base58(peer))
+            except Exception as error:  # already gone
+                logger.debug("disconnect %s: %r", short_id(peer), error)
+        self._notify()
+
+    def ban(self, peer: str, seconds: float) -> None:
+        """Refuse ``peer`` for ``seconds``; the next maintenance pass disconnects it."""
+        self.book.ban(peer, trio.current_time() + seconds)
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    # The stream or connection may already be gone; a full socket must not hold us.
+    with trio.move_on_after(1.0), contextlib.suppress(Exception):
+        await stream.reset()
+
+
+__all__ = [
+    "PROTOCOL_ID",
+    "Neighbourhood",
+    "PeerBook",
+    "PeerRecord",
+    "decode_lines",
+    "encode_reply",
+    "encode_request",
+    "parse_p2p_addr",
+    "read_bounded",
+]

@@ -1,0 +1,244 @@
+"""The libp2p host: TCP + Noise + Yamux only, identity from the node's secp256k1 secret.
+
+``open_host`` starts a host listening, hardens it (``p2pfl.net.hardening``), yields it
+and shuts it down. Deliberate choices against py-libp2p 0.8.1 defaults (see
+LIBP2P_NOTES):
+
+- Noise is the only security transport: the default also accepts *plaintext*, which
+  does not authenticate the PeerId (trap 1). Yamux is the only muxer (Mplex is ~4x slower
+  and a peer offering only Mplex is refused).
+- ``max_connections_per_peer=1``: otherwise every ``connect`` waits a fixed 250 ms
+  (trap 2). One connection per peer is also what neighbour bookkeeping assumes.
+- The background auto-connector is off (trap 3) unless asked: neighbour selection is
+  ours (``p2pfl.net.discovery``), not a full mesh of everything in the peerstore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto import x25519
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.secp256k1 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2pfl.errors import ConfigError, PeerUnreachable
+from p2pfl.net import hardening
+
+logger = logging.getLogger(__name__)
+
+# Auto-connector effectively off: it would dial every peer in the peerstore (trap 3).
+_NEVER = 1e9
+
+
+def key_pair_from_secret(secret: bytes) -> KeyPair:
+    """Build the libp2p secp256k1 key pair whose PeerId embeds this node's public key."""
+    if len(secret) != 32:
+        raise ConfigError(f"secret: must be 32 bytes, got {len(secret)}")
+    try:
+        return create_new_key_pair(secret)
+    except Exception as error:  # coincurve/ecdsa reject 0 or >= group order
+        raise ConfigError(f"secret: not a valid secp256k1 private key ({error})") from error
+
+
+def connection_config(*, dial_timeout: float, auto_connect: bool) -> ConnectionConfig:
+    """Return the ConnectionConfig p2pfl runs with (see module docstring)."""
+    return ConnectionConfig(
+        max_connections_per_peer=1,
+        min_connections=0 if not auto_connect else 3,
+        auto_connect_interval=_NEVER if not auto_connect else 30.0,
+        dial_timeout=dial_timeout,
+        # Unfinished handshakes and silent negotiations are otherwise held ~10 s.
+        inbound_upgrade_timeout=5.0,
+        inbound_stream_protocol_negotiation_timeout=5.0,
+    )
+
+
+def _apply_tuning() -> None:
+    """Apply the data plane's start-up tuning if that module exists (written separately)."""
+    try:
+        tuning = importlib.import_module("p2pfl.net.tuning")
+    except ModuleNotFoundError:
+        return
+    tuning.apply()
+
+
+def build_host(
+    secret: bytes,
+    *,
+    dial_timeout: float = 5.0,
+    auto_connect: bool = False,
+    max_inbound_streams_per_peer: int = hardening.DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+) -> IHost:
+    """Create (but do not start) a Noise-only, Yamux-only host for ``secret``."""
+    _apply_tuning()
+    key_pair = key_pair_from_secret(secret)
+    noise = NoiseTransport(key_pair, noise_privkey=x25519.create_new_key_pair().private_key)
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        connection_config=connection_config(dial_timeout=dial_timeout, auto_connect=auto_connect),
+    )
+    hardening.harden(host, max_streams_per_peer=max_inbound_streams_per_peer)
+    if not auto_connect:
+        _disable_auto_connector(host)
+    return host
+
+
+def _disable_auto_connector(host: IHost) -> None:
+    """Keep libp2p's auto-connector from dialling the peerstore at all.
+
+    ``min_connections=0`` and a huge interval are not enough in 0.8.1: it still runs one
+    pass at start-up and one after *every* disconnect (aiming for 200 connections,
+    dialling whatever the peerstore holds, banned peers included).
+    """
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is not None:
+
+        async def _no_dials() -> None:
+            return None
+
+        connector.maybe_connect = _no_dials
+
+
+@contextlib.asynccontextmanager
+async def run_host(host: IHost, *, listen_host: str, port: int) -> AsyncIterator[IHost]:
+    """Start ``host`` listening on ``listen_host:port``, yield it, then stop it."""
+    listen = multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{port}")
+    with _quiet_shutdown():
+        async with host.run(listen_addrs=[listen]):
+            yield host
+    logger.debug("host %s stopped", short_id(host.get_id()))
+
+
+@contextlib.asynccontextmanager
+async def open_host(
+    secret: bytes,
+    *,
+    listen_host: str = "127.0.0.1",
+    port: int = 0,
+    dial_timeout: float = 5.0,
+    auto_connect: bool = False,
+    max_inbound_streams_per_peer: int = hardening.DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+) -> AsyncIterator[IHost]:
+    """Start a hardened host for ``secret`` on ``listen_host:port`` (0 = ephemeral).
+
+    Args:
+        secret: the node's 32-byte secp256k1 private key (``Identity.secret_bytes()``).
+        listen_host: IPv4 address to listen on.
+        port: TCP port; a fixed port lets a restarted node be found again.
+        dial_timeout: per-dial deadline libp2p applies inside ``connect``.
+        auto_connect: let libp2p dial every known peer in the background (off: p2pfl
+            chooses its neighbours).
+        max_inbound_streams_per_peer: concurrent inbound streams one peer may hold open.
+    """
+    host = build_host(
+        secret,
+        dial_timeout=dial_timeout,
+        auto_connect=auto_connect,
+        max_inbound_streams_per_peer=max_inbound_streams_per_peer,
+    )
+    async with run_host(host, listen_host=listen_host, port=port):
+        yield host
+
+
+@contextlib.contextmanager
+def _quiet_shutdown() -> Any:
+    """Swallow trap 15's "Nursery is closed to new arrivals" raised while stopping.
+
+    Only an exception group made *entirely* of that RuntimeError is swallowed; anything
+    else (including one mixed with it) propagates.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        rest = group.split(_is_nursery_closed)[1]
+        if rest is not None:
+            raise rest from None
+        logger.debug("ignored pubsub shutdown noise: %r", group)
+    except RuntimeError as error:
+        if not _is_nursery_closed(error):
+            raise
+
+
+def _is_nursery_closed(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and "Nursery is closed" in str(error)
+
+
+def listen_addrs(host: IHost) -> list[str]:
+    """Return the host's full dialable multiaddrs (``/ip4/…/tcp/N/p2p/<id>``)."""
+    peer = host.get_id().to_string()
+    out = []
+    for addr in host.get_addrs():
+        text = str(addr)
+        out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
+    return out
+
+
+def peer_id_of(address: str) -> str:
+    """Return the PeerId string at the end of a ``/p2p/`` multiaddr (ConfigError if none)."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(address)).peer_id.to_string()
+    except Exception as error:
+        raise ConfigError(f"not a /p2p/ multiaddr: {address!r} ({error})") from error
+
+
+async def connect(host: IHost, address: str, *, timeout: float) -> str:
+    """Dial ``address`` (a full /p2p/ multiaddr) within ``timeout``; return its PeerId.
+
+    Raises:
+        PeerUnreachable: the dial failed or did not finish in time.
+        ConfigError: ``address`` is not a /p2p/ multiaddr.
+    """
+    try:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+    except Exception as error:
+        raise ConfigError(f"not a /p2p/ multiaddr: {address!r} ({error})") from error
+    if info.peer_id == host.get_id():
+        raise PeerUnreachable(f"{address} is this host")
+    # A failed dial blocks the peer for 60 s even once it is back (trap 11).
+    network: Any = host.get_network()  # Swarm; unblock_peer is not on the interface
+    network.unblock_peer(info.peer_id)
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await host.connect(info)
+        except Exception as error:
+            raise PeerUnreachable(f"cannot dial {short_id(info.peer_id)}: {error}") from error
+    if scope.cancelled_caught:
+        raise PeerUnreachable(f"dialling {short_id(info.peer_id)} took over {timeout} s")
+    return info.peer_id.to_string()
+
+
+def short_id(peer: ID | str) -> str:
+    """Return a short, log-friendly form of a PeerId."""
+    text = peer if isinstance(peer, str) else peer.to_string()
+    return text[-8:]
+
+
+__all__ = [
+    "build_host",
+    "connect",
+    "connection_config",
+    "key_pair_from_secret",
+    "listen_addrs",
+    "open_host",
+    "peer_id_of",
+    "run_host",
+    "short_id",
+]

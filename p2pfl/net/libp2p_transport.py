@@ -1,0 +1,236 @@
+"""The libp2p :class:`~p2pfl.net.transport.Transport`: host + gossip + transfer + neighbours.
+
+``open_libp2p_transport`` composes, in start-up order:
+
+1. a hardened Noise/Yamux host (``host``), listening on the configured address;
+2. the payload protocol ``/p2pfl/update/1.0.0`` serving a :class:`PayloadStore`
+   (``transfer``) and the peer-exchange protocol (``discovery``);
+3. GossipSub on the network's topic (``gossip``) — before any connection, so identify
+   advertises ``/meshsub/*``;
+4. the neighbour maintenance task, whose first pass (bootstrap dials, bounded by the dial
+   timeout) completes before the transport is handed out.
+
+Every task lives in the nursery the context manager owns; leaving it cancels them all
+and stops the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from multiaddr import Multiaddr
+
+from p2pfl.config import Limits, NetConfig
+from p2pfl.errors import PeerUnreachable
+from p2pfl.net.discovery import Neighbourhood
+from p2pfl.net.gossip import Gossip, open_gossip
+from p2pfl.net.host import connect, listen_addrs, open_host, short_id
+from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
+from p2pfl.net.transport import Announcement, TrafficStats, Validator
+
+logger = logging.getLogger(__name__)
+
+# How many maximal payloads the store may reference at once before evicting the oldest:
+# a node serves its own update and the verified ones it holds for a round or two.
+STORE_PAYLOADS = 16
+
+
+class Libp2pTransport:
+    """A node's network over libp2p (see :class:`~p2pfl.net.transport.Transport`)."""
+
+    def __init__(
+        self,
+        host: IHost,
+        gossip: Gossip,
+        neighbourhood: Neighbourhood,
+        store: PayloadStore,
+        *,
+        limits: Limits,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.host = host
+        self.gossip = gossip
+        self.neighbourhood = neighbourhood
+        self.store = store
+        self.limits = limits
+        self._nursery = nursery
+        self._fetched_bytes = 0
+        self._served_bytes = 0
+
+    @property
+    def peer_id(self) -> str:
+        """This node's PeerId string (``16Uiu2…``)."""
+        return self.host.get_id().to_string()
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs other nodes can bootstrap from."""
+        return listen_addrs(self.host)
+
+    async def publish(self, data: bytes) -> None:
+        """Broadcast a small announcement (see :meth:`Gossip.publish`)."""
+        await self.gossip.publish(data)
+
+    def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
+        """Return the one bounded, lossy stream of validated announcements."""
+        return self.gossip.announcements()
+
+    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> bytes:
+        """Pull the payload named ``digest`` from ``peer`` within ``timeout`` seconds.
+
+        Dials ``peer`` first if it is known but not connected (any holder may serve).
+
+        Raises:
+            PeerUnreachable: ``peer`` is banned, unknown and unconnected, or undialable.
+            TransferError: see :func:`p2pfl.net.transfer.fetch_payload`.
+        """
+        max_size = min(max_size, self.limits.max_payload_bytes)
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{short_id(peer)} is banned")
+        deadline = trio.current_time() + timeout
+        await self._ensure_connected(peer, timeout)
+        remaining = max(0.0, deadline - trio.current_time())
+        payload = await fetch_payload(
+            self.host, peer, digest, max_size=max_size, timeout=remaining
+        )
+        self._fetched_bytes += len(payload)
+        return payload
+
+    async def _ensure_connected(self, peer: str, timeout: float) -> None:
+        if peer in self.neighbourhood.connected():
+            return
+        record = self.neighbourhood.book.peers.get(peer)
+        if record is None or not record.addrs:
+            raise PeerUnreachable(f"{short_id(peer)} is neither connected nor known")
+        with trio.move_on_after(timeout):
+            for address in record.addrs:
+                try:
+                    await connect(self.host, address, timeout=timeout)
+                    return
+                except PeerUnreachable as error:
+                    logger.debug("fetch: %s", error)
+        raise PeerUnreachable(f"cannot dial {short_id(peer)} to fetch from it")
+
+    def serve(self, digest: bytes, payload: bytes) -> None:
+        """Offer ``payload`` (whose sha256 is ``digest``) to every peer."""
+        self.store.put(digest, payload)
+
+    def unserve(self, digest: bytes) -> None:
+        """Stop offering a payload; unknown digests are ignored."""
+        self.store.discard(digest)
+
+    def neighbours(self) -> tuple[str, ...]:
+        """PeerIds currently connected and usable, sorted."""
+        return self.neighbourhood.neighbours()
+
+    def ban(self, peer: str, *, seconds: float) -> None:
+        """Disconnect ``peer``, refuse it for ``seconds`` and graylist it in GossipSub."""
+        self.neighbourhood.ban(peer, seconds)
+        self.gossip.penalise(peer)
+        self._nursery.start_soon(self.neighbourhood.disconnect, peer)
+
+    def stats(self) -> TrafficStats:
+        """Counters since the transport opened."""
+        counters = self.gossip.counters
+        return TrafficStats(
+            bytes_in=counters.bytes_in + self._fetched_bytes,
+            bytes_out=counters.bytes_out + self._served_bytes,
+            announcements_in=counters.delivered,
+            announcements_out=counters.published,
+            rejected_in=counters.rejected + counters.oversize,
+        )
+
+    def _on_served(self, peer: str, size: int) -> None:
+        self._served_bytes += size
+
+    def __repr__(self) -> str:
+        return f"Libp2pTransport({short_id(self.peer_id)})"
+
+
+class _BanGate(INotifee):
+    """Close connections from banned peers as soon as they are established."""
+
+    def __init__(self, neighbourhood: Neighbourhood, nursery: trio.Nursery) -> None:
+        self.neighbourhood = neighbourhood
+        self.nursery = nursery
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id.to_string()
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            logger.info("refusing banned peer %s", short_id(peer))
+            self.nursery.start_soon(self.neighbourhood.disconnect, peer)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def open_libp2p_transport(
+    *, secret: bytes, network_id: str, config: NetConfig, limits: Limits, validator: Validator
+) -> AsyncIterator[Libp2pTransport]:
+    """Start a node's libp2p network; yield its transport; stop everything on exit.
+
+    Args:
+        secret: the node's 32-byte secp256k1 secret (``Identity.secret_bytes()``).
+        network_id: binds gossip topic and peer exchange to one network/task.
+        config: listen address, bootstrap, neighbour and timing settings.
+        limits: caps on announcements and payloads.
+        validator: runs on every announcement, received or published.
+    """
+    async with open_host(
+        secret,
+        listen_host=config.listen_host,
+        port=config.port,
+        dial_timeout=config.dial_timeout,
+        max_inbound_streams_per_peer=config.max_inbound_streams_per_peer,
+    ) as host:
+        store = PayloadStore(max_total_bytes=STORE_PAYLOADS * limits.max_payload_bytes)
+        neighbourhood = Neighbourhood(host, network_id=network_id, config=config)
+        async with (
+            open_gossip(
+                host,
+                network_id=network_id,
+                limits=limits,
+                validator=validator,
+                heartbeat_interval=config.heartbeat_interval,
+                publish_rate=config.publish_rate,
+                buffer=config.announcement_buffer,
+            ) as gossip,
+            trio.open_nursery() as nursery,
+        ):
+            transport = Libp2pTransport(
+                host, gossip, neighbourhood, store, limits=limits, nursery=nursery
+            )
+            install_update_protocol(
+                host,
+                store,
+                limits=limits,
+                serve_timeout=config.transfer_timeout,
+                on_served=transport._on_served,
+            )
+            host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
+            await neighbourhood.maintain()  # bootstrap before handing the transport out
+            nursery.start_soon(neighbourhood.run)
+            try:
+                yield transport
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+__all__ = ["Libp2pTransport", "open_libp2p_transport"]

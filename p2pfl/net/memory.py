@@ -1,0 +1,507 @@
+"""In-process transports over a simulated network: latency, loss, partitions, bans.
+
+:class:`MemoryTransport` keeps the :class:`~p2pfl.net.transport.Transport` contract;
+:class:`MemoryNetwork` is the medium that tests and simulations shape. Used by ``p2pfl sim`` (hundreds of nodes in one trio run) and by the node's tests under
+``MockClock(autojump_threshold=0)``. Nothing here sleeps on the wall clock.
+
+Model, and where it differs from libp2p (GossipSub + ``/p2pfl/update/1.0.0``):
+
+- Topology is an undirected edge graph (:meth:`MemoryNetwork.connect`) that may be laid
+  out before any peer opens. An edge is *usable* when both ends are open, in the same
+  partition group, and neither end bans the other.
+- An announcement reaches every other open peer in the publisher's component of usable
+  edges (GossipSub's multi-hop mesh), each receiver independently: lost with probability
+  ``loss``, else delivered after ``hops * latency + U(0, jitter)`` where ``hops`` is the
+  shortest path length. Routes are taken when the message is published; a message in
+  flight is still delivered after a partition or disconnect (it was already forwarded).
+  Unlike GossipSub, a relay that rejects a message does not stop it reaching peers
+  behind that relay, and invalid messages penalise their origin but never gate delivery.
+- Randomness is keyed by ``(seed, origin, n-th publish)`` and ``(seed, fetcher, peer,
+  digest, time)``, not drawn from one shared stream, so a run on a ``MockClock`` is
+  reproducible even though trio shuffles the order in which ready tasks run.
+- Arrival times of announcements are rounded up to a multiple of ``tick`` (0.1 ms by
+  default; 0 for exact times) so that jittered deliveries share scheduler wake-ups.
+- A fetch needs a usable edge to the serving peer. It takes ``latency + U(0, jitter) +
+  size / bandwidth``; transfers do not share bandwidth. Not-found and too-large answers
+  take ``latency + U(0, jitter)``. The request is decided when it is sent: a partition,
+  ban or ``unserve`` during the transfer does not interrupt it; the serving peer closing
+  does (``ProtocolViolation``, at once).
+- A frozen peer (think SIGSTOP) keeps its edges and still relays and receives
+  announcements, but answers no fetch until thawed.
+- As in ``p2pfl.net.gossip``, a re-announcement (same origin, same bytes) already
+  delivered to a peer is dropped before validation; the memory of that is bounded
+  (``SEEN_CAPACITY`` per peer). Rejected messages are validated again on every arrival.
+- Every peer delivers announcements from one task that sleeps until the earliest due
+  message of its heap: no task per message.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from p2pfl.config import Limits, require
+from p2pfl.errors import (
+    ConfigError,
+    NetworkError,
+    PayloadNotFound,
+    PayloadTooLarge,
+    PeerUnreachable,
+    ProtocolViolation,
+    TransferTimeout,
+)
+from p2pfl.net.transport import Announcement, TrafficStats, Validator, sha256
+
+log = logging.getLogger(__name__)
+
+# Like the libp2p gossip layer, each peer delivers an (origin, bytes) pair once: the node
+# still dedupes, because the memory is bounded. ~120 bytes per entry (the data is shared).
+SEEN_CAPACITY = 1024
+
+ServingHook = Callable[[bytes, bytes | None], bytes | None]
+"""``hook(digest, served_payload_or_None) -> bytes to send, or None for "not found"``."""
+
+
+def short(peer: str) -> str:
+    """Return a short, log-friendly form of a PeerId (PeerIds share long prefixes)."""
+    return peer[-6:]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LinkProfile:
+    """Properties of every link of a :class:`MemoryNetwork`."""
+
+    latency: float = 0.005  # seconds, one way, per hop
+    jitter: float = 0.0  # seconds: uniform extra delay in [0, jitter]
+    loss: float = 0.0  # probability one announcement is lost for one receiver
+    bandwidth: float = 100e6  # bytes/s of one payload transfer (math.inf: instant)
+
+    def __post_init__(self) -> None:
+        require(self.latency >= 0 and math.isfinite(self.latency), "link.latency", "must be >= 0 s")
+        require(self.jitter >= 0 and math.isfinite(self.jitter), "link.jitter", "must be >= 0 s")
+        require(0.0 <= self.loss <= 1.0, "link.loss", "must be a probability in [0, 1]")
+        require(self.bandwidth > 0, "link.bandwidth", "must be > 0 bytes/s")
+
+
+@dataclass(slots=True)
+class _Served:
+    payload: bytes
+    genuine: bool | None = None  # sha256(payload) == digest, computed on first fetch
+
+
+class MemoryNetwork:
+    """The shared medium: topology, partitions, bans, and the open transports."""
+
+    def __init__(
+        self,
+        *,
+        link: LinkProfile = LinkProfile(),
+        seed: int = 0,
+        max_message_bytes: int = Limits().max_message_bytes,
+        tick: float = 1e-4,
+    ) -> None:
+        require(tick >= 0 and math.isfinite(tick), "tick", "must be >= 0 s (0: exact times)")
+        self.link = link
+        self.seed = seed
+        self.max_message_bytes = max_message_bytes
+        # Announcement arrival times are rounded up to a multiple of ``tick`` so that
+        # jittered deliveries share scheduler wake-ups: each distinct arrival time costs
+        # ~50 us of trio overhead, so exact jitter made large simulations ~15x slower.
+        self.tick = tick
+        self._open: dict[str, MemoryTransport] = {}
+        self._edges: dict[str, set[str]] = {}
+        self._group: dict[str, int] | None = None  # peer -> partition group; None: healed
+        self._bans: dict[tuple[str, str], float] = {}  # (banner, banned) -> until
+        self._frozen: set[str] = set()
+        self._hooks: dict[str, ServingHook] = {}
+        self._state_changed: dict[str, trio.Event] = {}  # woken on thaw / close
+        self._routes: dict[str, list[tuple[str, int]]] = {}  # cache, cleared on change
+        self._routes_until = math.inf  # the cache also expires when the next ban does
+
+    @asynccontextmanager
+    async def open_transport(
+        self, peer_id: str, validator: Validator, *, queue_size: int = 256
+    ) -> AsyncIterator[MemoryTransport]:
+        """Join the network as ``peer_id``; leaving the block is the peer vanishing."""
+        if peer_id in self._open:
+            raise ConfigError(f"peer {peer_id!r} is already open on this network")
+        transport = MemoryTransport(self, peer_id, validator, queue_size)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport._deliver_forever)
+            self._open[peer_id] = transport
+            self._changed()
+            try:
+                yield transport
+            finally:
+                del self._open[peer_id]
+                transport._close()
+                self._wake(peer_id)
+                self._changed()
+                nursery.cancel_scope.cancel()
+
+    def connect(self, a: str, b: str) -> None:
+        """Add the undirected edge ``a``-``b`` (peers need not be open yet)."""
+        if a == b:
+            raise ConfigError(f"cannot connect peer {a!r} to itself")
+        self._edges.setdefault(a, set()).add(b)
+        self._edges.setdefault(b, set()).add(a)
+        self._changed()
+
+    def disconnect(self, a: str, b: str) -> None:
+        """Remove the edge ``a``-``b`` if present."""
+        self._edges.get(a, set()).discard(b)
+        self._edges.get(b, set()).discard(a)
+        self._changed()
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut all traffic between groups until :meth:`heal`; unnamed peers form one more group."""
+        group: dict[str, int] = {}
+        for index, members in enumerate(groups):
+            for peer in members:
+                if peer in group:
+                    raise ConfigError(f"peer {peer!r} is in two partition groups")
+                group[peer] = index
+        self._group = group
+        self._changed()
+
+    def heal(self) -> None:
+        """End any partition."""
+        self._group = None
+        self._changed()
+
+    def freeze(self, peer_id: str) -> None:
+        """Make ``peer_id`` stop answering fetches (its fetchers hit their timeout)."""
+        self._frozen.add(peer_id)
+
+    def thaw(self, peer_id: str) -> None:
+        """Let a frozen peer answer again, including the requests it sat on."""
+        self._frozen.discard(peer_id)
+        self._wake(peer_id)
+
+    def set_serving_hook(self, peer_id: str, hook: ServingHook | None) -> None:
+        """Substitute what ``peer_id`` sends for a digest (attack simulations); None removes."""
+        if hook is None:
+            self._hooks.pop(peer_id, None)
+        else:
+            self._hooks[peer_id] = hook
+
+    # -- internals shared with MemoryTransport ---------------------------------------
+
+    def _changed(self) -> None:
+        self._routes.clear()
+        self._routes_until = min(self._bans.values(), default=math.inf)
+
+    def _wake(self, peer_id: str) -> None:
+        event = self._state_changed.pop(peer_id, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_state_change(self, peer_id: str) -> None:
+        await self._state_changed.setdefault(peer_id, trio.Event()).wait()
+
+    def _ban(self, banner: str, banned: str, until: float) -> None:
+        self._bans[banner, banned] = until
+        self._changed()
+
+    def _banned(self, banner: str, banned: str, now: float) -> bool:
+        until = self._bans.get((banner, banned))
+        return until is not None and until > now
+
+    def _usable(self, a: str, b: str, now: float) -> bool:
+        """Return whether traffic flows directly between ``a`` and ``b`` at ``now``."""
+        if a not in self._open or b not in self._open or b not in self._edges.get(a, ()):
+            return False
+        if self._group is not None and self._group.get(a, -1) != self._group.get(b, -1):
+            return False
+        return not (self._banned(a, b, now) or self._banned(b, a, now))
+
+    def _neighbours(self, peer: str) -> tuple[str, ...]:
+        now = trio.current_time()
+        return tuple(sorted(b for b in self._edges.get(peer, ()) if self._usable(peer, b, now)))
+
+    def _routes_from(self, origin: str) -> list[tuple[str, int]]:
+        """Return ``(peer, hops)`` for every peer reachable from ``origin``, in BFS order."""
+        now = trio.current_time()
+        if now >= self._routes_until:
+            self._bans = {key: until for key, until in self._bans.items() if until > now}
+            self._changed()
+        routes = self._routes.get(origin)
+        if routes is None:
+            routes, seen, frontier = [], {origin}, deque([(origin, 0)])
+            while frontier:
+                peer, hops = frontier.popleft()
+                for other in sorted(self._edges.get(peer, ())):
+                    if other not in seen and self._usable(peer, other, now):
+                        seen.add(other)
+                        routes.append((other, hops + 1))
+                        frontier.append((other, hops + 1))
+            self._routes[origin] = routes
+        return routes
+
+    def _rng(self, *key: object) -> random.Random:
+        return random.Random("/".join(map(str, (self.seed, *key))))
+
+    def _broadcast(self, origin: str, count: int, data: bytes) -> None:
+        link, now = self.link, trio.current_time()
+        rng = self._rng("announce", origin, count) if link.loss or link.jitter else None
+        for peer, hops in self._routes_from(origin):
+            extra = 0.0
+            if rng is not None:
+                lost, extra = rng.random() < link.loss, rng.random() * link.jitter
+                if lost:
+                    continue
+            self._open[peer]._schedule(
+                self._round_up(now + hops * link.latency + extra), origin, data
+            )
+
+    def _round_up(self, due: float) -> float:
+        if not self.tick:
+            return due
+        return math.ceil(due / self.tick - 1e-6) * self.tick  # 1e-6: float noise, not a tick
+
+    async def _transfer(
+        self, fetcher: MemoryTransport, peer: str, digest: bytes, max_size: int
+    ) -> bytes:
+        server = self._open.get(peer)
+        if server is None or not self._usable(fetcher.peer_id, peer, trio.current_time()):
+            raise PeerUnreachable(f"{short(peer)} is not a usable neighbour of {fetcher}")
+        while peer in self._frozen and not server.closed:  # the request sits unread
+            await self._wait_state_change(peer)
+        payload, genuine = server._lookup(digest, self._hooks.get(peer))
+        delay = self.link.latency
+        if self.link.jitter:
+            now = trio.current_time()
+            delay += (
+                self._rng("fetch", fetcher.peer_id, peer, digest.hex(), now).random()
+                * self.link.jitter
+            )
+        if payload is None:
+            await server._answer_after(delay)
+            raise PayloadNotFound(f"{short(peer)} does not serve {digest.hex()[:12]}")
+        if len(payload) > max_size:
+            await server._answer_after(delay)
+            raise PayloadTooLarge(f"{short(peer)} offers {len(payload)} bytes > cap {max_size}")
+        await server._answer_after(delay + len(payload) / self.link.bandwidth)
+        fetcher._bytes_in += len(payload)
+        server._bytes_out += len(payload)
+        if not genuine and sha256(payload) != digest:
+            raise ProtocolViolation(
+                f"{short(peer)} sent bytes whose sha256 is not {digest.hex()[:12]}"
+            )
+        return payload
+
+
+class MemoryTransport:
+    """One peer of a :class:`MemoryNetwork`; implements :class:`~p2pfl.net.transport.Transport`.
+
+    Obtain it from :meth:`MemoryNetwork.open_transport`.
+    """
+
+    def __init__(
+        self, network: MemoryNetwork, peer_id: str, validator: Validator, queue_size: int
+    ) -> None:
+        self._network = network
+        self._peer_id = peer_id
+        self._validator = validator
+        self._send, self._receive = trio.open_memory_channel[Announcement](queue_size)
+        self._served: dict[bytes, _Served] = {}
+        self._heap: list[tuple[float, int, str, bytes]] = []  # (due, seq, origin, data)
+        self._seq = 0
+        self._sleeper = trio.CancelScope()  # the delivery task sleeps until its deadline
+        self._closed = trio.Event()
+        self._published = 0
+        self._penalties: Counter[str] = Counter()
+        self._bytes_in = self._bytes_out = 0
+        self._announcements_in = self._announcements_out = self._rejected_in = 0
+        self._overflowed = self._duplicates = 0
+        self._seen: set[tuple[str, bytes]] = set()  # delivered (origin, data), FIFO-bounded
+        self._seen_order: deque[tuple[str, bytes]] = deque()
+
+    def __repr__(self) -> str:
+        return f"MemoryTransport({short(self._peer_id)})"
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's id."""
+        return self._peer_id
+
+    @property
+    def closed(self) -> bool:
+        """Whether the transport's context has exited (the peer is gone)."""
+        return self._closed.is_set()
+
+    @property
+    def overflowed(self) -> int:
+        """Validated announcements dropped because the announcements channel was full."""
+        return self._overflowed
+
+    @property
+    def duplicates(self) -> int:
+        """Re-announcements dropped because the same origin's same bytes were delivered."""
+        return self._duplicates
+
+    def penalties(self, peer: str) -> int:
+        """Return how many announcements originating from ``peer`` this transport rejected."""
+        return self._penalties[peer]
+
+    async def publish(self, data: bytes) -> None:
+        """Validate ``data`` locally, then announce it to every reachable peer.
+
+        Raises:
+            NetworkError: the transport is closed, ``data`` exceeds the network's
+                ``max_message_bytes``, or this peer's own validator rejects it.
+        """
+        self._check_open()
+        data = bytes(data)  # no copy for bytes; freezes a caller's bytearray
+        limit = self._network.max_message_bytes
+        if len(data) > limit:
+            raise NetworkError(f"announcement of {len(data)} bytes exceeds {limit} bytes")
+        try:
+            self._validator(self._peer_id, data)
+        except Exception as exc:  # validators see arbitrary bytes; any error rejects
+            raise NetworkError(f"own validator rejected the announcement: {exc!r}") from exc
+        self._published += 1
+        self._announcements_out += 1
+        self._bytes_out += len(data)
+        self._network._broadcast(self._peer_id, self._published, data)
+        await trio.lowlevel.checkpoint()
+
+    def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
+        """Return the one bounded, lossy stream of validated announcements."""
+        return self._receive
+
+    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> bytes:
+        """Pull the payload named ``digest`` from ``peer`` within ``timeout`` seconds.
+
+        Returns the very bytes object the peer serves (no copy).
+
+        Raises:
+            PeerUnreachable: ``peer`` is not open, not an edge, partitioned off or banned.
+            PayloadNotFound: ``peer`` does not serve ``digest``.
+            PayloadTooLarge: the payload is larger than ``max_size``.
+            TransferTimeout: the deadline passed (e.g. ``peer`` is frozen).
+            ProtocolViolation: ``peer`` closed mid-transfer or sent bytes of another digest.
+        """
+        self._check_open()
+        try:
+            with trio.fail_after(timeout):
+                return await self._network._transfer(self, peer, digest, max_size)
+        except trio.TooSlowError:
+            raise TransferTimeout(
+                f"fetch of {digest.hex()[:12]} from {short(peer)} took over {timeout} s"
+            ) from None
+
+    def serve(self, digest: bytes, payload: bytes) -> None:
+        """Offer ``payload`` (whose sha256 is ``digest``) to every neighbour."""
+        self._served[digest] = _Served(payload)
+
+    def unserve(self, digest: bytes) -> None:
+        """Stop offering a payload; unknown digests are ignored."""
+        self._served.pop(digest, None)
+
+    def neighbours(self) -> tuple[str, ...]:
+        """Return the peers with a usable edge to this one, sorted."""
+        return self._network._neighbours(self._peer_id)
+
+    def ban(self, peer: str, *, seconds: float) -> None:
+        """Cut the edge to ``peer`` both ways and drop its announcements for ``seconds``."""
+        self._network._ban(self._peer_id, peer, trio.current_time() + seconds)
+
+    def stats(self) -> TrafficStats:
+        """Return counters since the transport opened."""
+        return TrafficStats(
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            announcements_in=self._announcements_in,
+            announcements_out=self._announcements_out,
+            rejected_in=self._rejected_in,
+        )
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise NetworkError(f"{self} is closed")
+
+    def _close(self) -> None:
+        self._closed.set()
+        self._served.clear()
+        self._heap.clear()
+        self._send.close()
+
+    def _schedule(self, due: float, origin: str, data: bytes) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, origin, data))
+        if due < self._sleeper.deadline:  # bring the alarm forward; no task switch
+            self._sleeper.deadline = due
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            now = trio.current_time()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, origin, data = heapq.heappop(self._heap)
+                self._accept(origin, data, now)
+            self._sleeper = trio.CancelScope(deadline=self._heap[0][0] if self._heap else math.inf)
+            with self._sleeper:
+                await trio.sleep_forever()
+
+    def _accept(self, origin: str, data: bytes, now: float) -> None:
+        if self._network._banned(self._peer_id, origin, now):
+            return
+        key = (origin, data)  # bytes cache their hash: shared objects hash once per run
+        if key in self._seen:
+            self._duplicates += 1
+            return
+        try:
+            value = self._validator(origin, data)
+        except Exception as exc:  # hostile bytes may raise anything; all of it rejects
+            self._rejected_in += 1
+            self._penalties[origin] += 1
+            log.debug("%s rejected announcement from %s: %r", self, short(origin), exc)
+            return
+        try:
+            self._send.send_nowait(Announcement(origin, data, value))
+        except trio.WouldBlock:
+            self._overflowed += 1
+            return
+        self._remember(key)
+        self._announcements_in += 1
+        self._bytes_in += len(data)
+
+    def _remember(self, key: tuple[str, bytes]) -> None:
+        self._seen.add(key)
+        self._seen_order.append(key)
+        if len(self._seen_order) > SEEN_CAPACITY:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _lookup(self, digest: bytes, hook: ServingHook | None) -> tuple[bytes | None, bool]:
+        """Return what this peer sends for ``digest`` and whether it is known genuine."""
+        entry = self._served.get(digest)
+        payload = entry.payload if entry is not None else None
+        if hook is not None:
+            sent = hook(digest, payload)
+            if sent is not payload:
+                return sent, False
+        if entry is None:
+            return None, False
+        if entry.genuine is None:  # hash once per serve, not once per fetch
+            entry.genuine = sha256(entry.payload) == digest
+        return entry.payload, entry.genuine
+
+    async def _answer_after(self, delay: float) -> None:
+        """Wait ``delay`` for the answer; fail at once if this (serving) peer closes."""
+        with trio.move_on_after(delay):
+            await self._closed.wait()
+        if self.closed:
+            raise ProtocolViolation(f"{self} closed the stream mid-transfer")
+
+
+__all__ = ["LinkProfile", "MemoryNetwork", "MemoryTransport", "ServingHook"]

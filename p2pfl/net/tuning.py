@@ -1,0 +1,183 @@
+"""Start-up tuning of py-libp2p 0.8.1 for the data plane (wire-compatible).
+
+``apply()`` is called by ``p2pfl.net.host`` before a host is created; only the first
+call in a process does anything. Every knob keeps the bytes on the wire valid for stock
+peers (tuned and untuned nodes interoperate); it only changes how this process frames,
+buffers and allocates. Knobs that patch libp2p internals are pinned to
+:data:`PINNED_VERSION` and skipped, with a warning, on any other version.
+
+Knobs (figures: see the KNOB FIGURES block below, measured with
+``benchmarks/bench_transfer.py``):
+
+``yamux_release_on_read``
+    ``PY_YAMUX_RELEASE_ON_READ=0`` (only if unset): credit goes back in batched window
+    updates instead of on every partial read.
+``malloc``
+    glibc ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` and ``mallopt(M_TRIM_THRESHOLD,
+    256 MiB)``: with big frames, buffers just above the dynamic mmap threshold are
+    otherwise mapped and unmapped on every frame (minor page faults, double CPU).
+    Skipped silently where glibc is absent.
+``yamux_frame`` (patch)
+    ``yamux.MAX_MESSAGE_SIZE`` 64 KiB -> 16 x 65,519 bytes. The stock 65,536-byte Yamux
+    frame becomes two Noise messages (65,519 + 17 bytes); a frame of exactly sixteen
+    full Noise messages cuts per-frame overhead 16-fold. Receivers accept any frame
+    within the stream window, so stock peers are unaffected.
+``noise_reader`` (patch)
+    The Noise transport reader does two socket reads per message (length, then body)
+    through a locked reader. Patched to read up to 256 KiB at a time and slice
+    messages out of a buffer. Only the post-handshake reader buffers, so no handshake
+    byte can be swallowed.
+``noise_writer`` (patch)
+    A write larger than one Noise message is encrypted message by message and each is
+    sent with its own locked ``send_all``. Patched to encrypt all messages first and
+    send them with one ``send_all``: same bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PINNED_VERSION = "0.8.1"
+"""The libp2p version whose internals the patches were measured against."""
+
+YAMUX_FRAME_BYTES = 16 * 65_519  # sixteen full Noise messages of plaintext
+NOISE_READ_BYTES = 256 * 1024
+M_TRIM_THRESHOLD = -1  # glibc malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 256 << 20
+
+_state: dict[str, Any] = {"done": False, "applied": []}
+
+
+def apply(knobs: Iterable[str] | None = None) -> None:
+    """Apply the named knobs (default: all of :data:`KNOBS`) once per process."""
+    if _state["done"]:
+        return
+    _state["done"] = True
+    names = list(KNOBS) if knobs is None else list(knobs)
+    unknown = set(names) - set(KNOBS)
+    if unknown:
+        raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(KNOBS)}")
+    version = _libp2p_version()
+    for name in names:
+        if name in PATCHES and version != PINNED_VERSION:
+            logger.warning("libp2p %s is not %s: %s skipped", version, PINNED_VERSION, name)
+            continue
+        if KNOBS[name]():
+            _state["applied"].append(name)
+    logger.debug("data-plane tuning applied: %s", _state["applied"])
+
+
+def disable() -> None:
+    """Make later :func:`apply` calls do nothing (benchmarks measure the stock stack)."""
+    _state["done"] = True
+
+
+def applied() -> tuple[str, ...]:
+    """Return the names of the knobs applied in this process."""
+    return tuple(_state["applied"])
+
+
+def _libp2p_version() -> str:
+    try:
+        return metadata.version("libp2p")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _release_on_read() -> bool:
+    # Read by yamux at call time; an explicit setting by the operator wins.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+    return True
+
+
+def _malloc() -> bool:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
+
+
+def _yamux_frame() -> bool:
+    from libp2p.stream_muxer.yamux import yamux
+
+    yamux.MAX_MESSAGE_SIZE = YAMUX_FRAME_BYTES
+    return True
+
+
+def _noise_reader() -> bool:
+    from libp2p.io.exceptions import IncompleteReadError
+    from libp2p.security.noise.io import NoiseTransportReadWriter
+
+    async def read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
+        rx: bytearray = self.__dict__.setdefault("_p2pfl_rx", bytearray())
+        conn = self.read_writer.read_write_closer
+        while True:
+            if len(rx) >= 2:
+                end = 2 + int.from_bytes(rx[:2], "big")
+                if len(rx) >= end:
+                    encrypted = bytes(rx[2:end])
+                    del rx[:end]
+                    break
+            chunk = await conn.read(NOISE_READ_BYTES)
+            if not chunk:
+                raise IncompleteReadError(
+                    "Connection closed during a Noise message",
+                    expected_bytes=2,
+                    received_bytes=len(rx),
+                )
+            rx += chunk
+        if prefix_encoded:
+            encrypted = encrypted[len(self.prefix) :]
+        return bytes(self.decrypt(encrypted))
+
+    NoiseTransportReadWriter.read_msg = read_msg  # type: ignore[method-assign]
+    return True
+
+
+def _noise_writer() -> bool:
+    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
+
+    async def write_msg(self: Any, msg: bytes, prefix_encoded: bool = False) -> None:
+        view = memoryview(msg)
+        parts: list[bytes] = []
+        for start in range(0, max(len(view), 1), MAX_PLAINTEXT_LENGTH):
+            encrypted = self.encrypt(bytes(view[start : start + MAX_PLAINTEXT_LENGTH]))
+            if prefix_encoded and start == 0:
+                encrypted = self.prefix + encrypted
+            parts.append(len(encrypted).to_bytes(2, "big"))
+            parts.append(encrypted)
+        await self.read_writer.read_write_closer.write(b"".join(parts))
+
+    NoiseTransportReadWriter.write_msg = write_msg  # type: ignore[method-assign]
+    return True
+
+
+KNOBS: dict[str, Callable[[], bool]] = {
+    "yamux_release_on_read": _release_on_read,
+    "malloc": _malloc,
+    "yamux_frame": _yamux_frame,
+    "noise_reader": _noise_reader,
+    "noise_writer": _noise_writer,
+}
+"""Every knob by name, in the order applied."""
+
+PATCHES = frozenset({"yamux_frame", "noise_reader", "noise_writer"})
+"""Knobs that replace libp2p internals (pinned to :data:`PINNED_VERSION`)."""
+
+
+__all__ = ["KNOBS", "PATCHES", "PINNED_VERSION", "applied", "apply", "disable"]

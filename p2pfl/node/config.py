@@ -1,0 +1,84 @@
+"""Configuration of one node: frozen, keyword-only, validated on construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from p2pfl.config import Limits, require
+from p2pfl.core.aggregation import RULES
+from p2pfl.core.reputation import ReputationConfig
+
+
+def _frozen_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(params))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundConfig:
+    """How a node runs its rounds. No global barrier: every bound here is local."""
+
+    local_epochs: int = 1
+    # Seconds to wait for neighbours' updates after announcing our own. A dead or frozen
+    # neighbour costs at most this much per round; honest ones on loopback take ~0.1 s.
+    round_timeout: float = 5.0
+    # Close the round early once this fraction of reputable neighbours has delivered.
+    quorum: float = 1.0
+    # Accept a neighbour's update from up to this many rounds behind ours (slow peers
+    # still count); older ones are stale.
+    max_lag: int = 2
+    # Updates from further ahead than this are not used (a fast peer is buffered; a
+    # peer claiming round 10**9 is ignored).
+    max_lead: int = 2
+    # Re-announce our update this often until the round closes: gossip is lossy.
+    reannounce_interval: float = 0.5
+    # Deadline of one payload transfer.
+    fetch_timeout: float = 10.0
+    # A late joiner adopts the network's round and a robust aggregate of up to this many
+    # neighbours' models when it is this many rounds behind.
+    catch_up_after: int = 2
+    catch_up_sources: int = 3
+
+    def __post_init__(self) -> None:
+        require(self.local_epochs >= 1, "round.local_epochs", "must be >= 1")
+        require(self.round_timeout > 0, "round.round_timeout", "must be > 0 seconds")
+        require(0 < self.quorum <= 1, "round.quorum", "must be a fraction in (0, 1]")
+        require(self.max_lag >= 0, "round.max_lag", "must be >= 0")
+        require(self.max_lead >= 0, "round.max_lead", "must be >= 0")
+        require(self.reannounce_interval > 0, "round.reannounce_interval", "must be > 0")
+        require(self.fetch_timeout > 0, "round.fetch_timeout", "must be > 0 seconds")
+        require(self.catch_up_after >= 1, "round.catch_up_after", "must be >= 1")
+        require(self.catch_up_sources >= 1, "round.catch_up_sources", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeConfig:
+    """Everything a node needs apart from its identity, learner and transport."""
+
+    network_id: str = "p2pfl"
+    rule: str = "clipped_gossip"
+    rule_params: Mapping[str, Any] = field(default_factory=dict)
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    limits: Limits = field(default_factory=Limits)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    # Where checkpoints go; None keeps no checkpoint (embedded use, simulations).
+    data_dir: Path | None = None
+    # Seconds a banned peer stays disconnected.
+    ban_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.network_id, str) and 0 < len(self.network_id) <= 64,
+            "network_id",
+            "must be a non-empty string of at most 64 characters",
+        )
+        require(self.ban_seconds >= 0, "ban_seconds", "must be >= 0")
+        object.__setattr__(self, "rule_params", _frozen_params(self.rule_params))
+        require(
+            self.rule in RULES,
+            "rule",
+            f"unknown rule {self.rule!r}; choose one of {', '.join(sorted(RULES))}",
+        )

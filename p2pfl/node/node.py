@@ -1,0 +1,560 @@
+"""The node: trains locally, gossips signed updates, robustly mixes its neighbours' models.
+
+A round at node *i* (no global barrier)::
+
+    train (worker thread) -> encode, sign, serve, announce (re-announce until closed)
+      -> pull neighbours' updates of this round until quorum or deadline
+      -> aggregate centred on the own model, weights = mixing x reputation
+      -> reputation evidence -> evaluate -> checkpoint
+
+Everything runs in the nursery the node owns (``async with Node(...)``); every network
+wait has a deadline; a misbehaving peer never raises through the node: its input
+becomes reputation evidence and is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any, TypeVar
+
+import torch
+import trio
+
+from p2pfl.core.aggregation import Aggregate, aggregate
+from p2pfl.core.codec import decode_state, encode_state
+from p2pfl.core.crypto import Identity
+from p2pfl.core.envelope import (
+    AnnouncementKind,
+    ParsedAnnouncement,
+    UpdateLedger,
+    VerifiedHeader,
+    check_payload,
+    encode_announcement,
+    parse_announcement,
+    sign_update,
+)
+from p2pfl.core.reputation import Evidence, ReputationBook
+from p2pfl.core.rounds import Decision, Inbox, Received, admit
+from p2pfl.errors import (
+    DecodeError,
+    DigestMismatch,
+    InvalidSignature,
+    NetworkError,
+    P2PFLError,
+    SignerMismatch,
+    UnsupportedVersion,
+    WrongNetwork,
+)
+from p2pfl.learners.base import Learner
+from p2pfl.net.transport import Announcement, Transport, Validator
+from p2pfl.node.behaviour import Behaviour
+from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from p2pfl.node.config import NodeConfig
+from p2pfl.node.stats import NodeStatistics, PeerReputation, RoundRecord
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TransportFactory = Callable[[Validator], AbstractAsyncContextManager[Transport]]
+
+# Verification failures at ingress and the evidence each one is.
+_INGRESS_EVIDENCE: Sequence[tuple[type[P2PFLError], Evidence]] = (
+    (InvalidSignature, Evidence.INVALID_SIGNATURE),
+    (SignerMismatch, Evidence.INVALID_SIGNATURE),
+    (WrongNetwork, Evidence.INVALID_FORMAT),
+    (UnsupportedVersion, Evidence.INVALID_FORMAT),
+    (DecodeError, Evidence.INVALID_FORMAT),
+)
+_MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
+
+
+def short(peer: str) -> str:
+    """Return a short, log-friendly form of a PeerId."""
+    return peer[-8:]
+
+
+class Node:
+    """One participant: ``async with Node(...) as node: await node.run(rounds=10)``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        learner: Learner,
+        *,
+        identity: Identity,
+        transport: TransportFactory,
+        offload: bool = True,
+        behaviour: Behaviour | None = None,
+    ) -> None:
+        """Create a node; nothing runs until ``async with``.
+
+        Args:
+            config: Node settings.
+            learner: Local model, data and training loop (synchronous).
+            identity: The node's key; also its network identity.
+            transport: Opens the network given the node's announcement validator.
+            offload: Run training/encoding in a worker thread (daemon). Simulations
+                under a mock clock run them inline: a thread would let the clock jump.
+            behaviour: How the node presents itself; honest by default. Test networks
+                pass an attack from ``p2pfl.attacks``.
+        """
+        self.config = config
+        self.learner = learner
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self._open_transport = transport
+        self._offload = offload
+        self.behaviour = behaviour or Behaviour()
+        self._book = ReputationBook(config.reputation)
+        self._ledger = UpdateLedger(window=config.rounds.max_lag + config.rounds.max_lead + 2)
+        self._inbox = Inbox()
+        self._round = 0
+        self._rounds_target: int | None = None
+        self._state = "starting"
+        self._history: list[RoundRecord] = []
+        self._metrics: tuple[float, float] | None = None
+        self._accepted = 0
+        self._rejected: Counter[str] = Counter()
+        self._seen_rounds: dict[str, int] = {}
+        self._holders: dict[bytes, set[str]] = {}
+        self._fetching: set[tuple[str, bytes]] = set()
+        self._served: list[bytes] = []
+        self._announced: dict[int, list[VerifiedHeader]] = {}
+        self._delivered = trio.Event()
+        self._fetch_limiter = trio.CapacityLimiter(_MAX_FETCHES)
+        self._compute_limiter = trio.CapacityLimiter(1)
+        self._transport: Transport | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Node:
+        self._restore()
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._transport = await stack.enter_async_context(self._open_transport(self._validate))
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self._nursery.start_soon(self._announcement_loop)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        assert self._stack is not None and self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        if self._state != "done":
+            self._state = "stopped"
+        return await self._stack.__aexit__(*exc_info)
+
+    @property
+    def transport(self) -> Transport:
+        """The open transport (inside ``async with`` only)."""
+        if self._transport is None:
+            raise RuntimeError("the node is not open: use `async with Node(...)`")
+        return self._transport
+
+    @property
+    def round(self) -> int:
+        """The round in progress, or the next one."""
+        return self._round
+
+    # ------------------------------------------------------------------ rounds
+
+    async def run(self, rounds: int | None = None) -> NodeStatistics:
+        """Run rounds until ``rounds`` have finished in total (None: until cancelled)."""
+        self._rounds_target = rounds
+        while rounds is None or self._round < rounds:
+            await self._maybe_catch_up()
+            await self._run_round(self._round)
+        self._state = "done"
+        return self.statistics()
+
+    async def _run_round(self, number: int) -> None:
+        started = trio.current_time()
+        self._state = "training"
+        samples = await self._compute(self.learner.fit, self.config.rounds.local_epochs)
+        own = self.learner.get_state()
+        shared = self.behaviour.craft(self, number, own)
+        await self.behaviour.announce(self, number, shared, samples)
+        self._state = "collecting"
+        await self._collect(number)
+        self._state = "aggregating"
+        used = await self._aggregate(number, own, samples)
+        metrics = await self._compute(self.learner.evaluate)
+        self._metrics = (metrics.accuracy, metrics.loss)
+        self._book.end_round(number)
+        self._enforce_bans(number)
+        stats = self.transport.stats()
+        self._history.append(
+            RoundRecord(
+                round=number,
+                accuracy=metrics.accuracy,
+                loss=metrics.loss,
+                used=used,
+                duration=trio.current_time() - started,
+                bytes_in=stats.bytes_in,
+                bytes_out=stats.bytes_out,
+            )
+        )
+        self._round = number + 1
+        log.info(
+            "round %d: accuracy %.3f loss %.3f, %d neighbour updates, %.2f s",
+            number, metrics.accuracy, metrics.loss, used, self._history[-1].duration,
+        )
+        await self._checkpoint()
+
+    async def announce_state(
+        self, number: int, state: Mapping[str, torch.Tensor], samples: int
+    ) -> VerifiedHeader:
+        """Encode, sign, serve and announce ``state`` as our update of round ``number``."""
+        payload = await self._compute(encode_state, state)
+        update = sign_update(
+            self.identity,
+            network_id=self.config.network_id,
+            round=number,
+            payload=payload,
+            samples=samples,
+            ts_ms=int(time.time() * 1000),
+        )
+        self._serve(update.header.digest, payload)
+        self._announced.setdefault(number, []).append(update)
+        for old in [r for r in self._announced if r < number - self.config.rounds.max_lag]:
+            del self._announced[old]
+        await self._publish(AnnouncementKind.UPDATE, update)
+        return update
+
+    async def reannounce(self, number: int) -> None:
+        """Publish again what we announced for round ``number``."""
+        for update in self._announced.get(number, ()):
+            await self._publish(AnnouncementKind.UPDATE, update)
+
+    def neighbour_states(self) -> dict[str, Mapping[str, torch.Tensor]]:
+        """The freshest verified model held from each peer (what attacks may observe)."""
+        return self._inbox.latest()
+
+    async def _collect(self, number: int) -> None:
+        """Wait for neighbours' updates until quorum or the round deadline, re-announcing."""
+        settings = self.config.rounds
+        deadline = trio.current_time() + settings.round_timeout
+        next_announce = trio.current_time() + settings.reannounce_interval
+        while not self._inbox.ready(self._expected(), number, settings.quorum):
+            now = trio.current_time()
+            if now >= deadline:
+                break
+            if now >= next_announce:
+                await self.behaviour.reannounce(self, number)
+                next_announce = now + settings.reannounce_interval
+            self._delivered = trio.Event()
+            with trio.move_on_at(min(deadline, next_announce)):
+                await self._delivered.wait()
+
+    async def _aggregate(self, number: int, own: dict[str, torch.Tensor], samples: int) -> int:
+        settings = self.config.rounds
+        updates = self._inbox.take(number, max_lag=settings.max_lag, max_lead=settings.max_lead)
+        updates = [u for u in updates if self._book.weight(u.sender) > 0]
+        weights, self_weight = self._mixing(updates, samples)
+        result: Aggregate = await self._compute(
+            aggregate,
+            self.config.rule,
+            own,
+            [u.state for u in updates],
+            weights,
+            self_weight=self_weight,
+            **dict(self.config.rule_params),
+        )
+        self.learner.set_state(result.state)
+        self._record_trust(number, updates, result.trust)
+        delivered = {u.sender for u in updates}
+        for peer in self._expected():
+            if peer not in delivered:
+                self._evidence(peer, Evidence.NO_SHOW, number, "no update this round")
+        return len(updates)
+
+    def _mixing(self, updates: Sequence[Received], samples: int) -> tuple[list[float], float]:
+        """Weights of the neighbours and of the own model for the configured rule."""
+        reputation = [self._book.weight(u.sender) for u in updates]
+        if self.config.rule != "mean":
+            return reputation, 1.0
+        # FedAvg weighs by samples. Claims are capped at 4x our own so that a peer cannot
+        # buy influence by lying about its data.
+        cap = 4 * max(samples, 1)
+        return [r * min(u.samples, cap) for r, u in zip(reputation, updates, strict=True)], float(
+            max(samples, 1)
+        )
+
+    def _record_trust(self, number: int, updates: Sequence[Received], trust: Sequence[float]) -> None:
+        for update, value in zip(updates, trust, strict=True):
+            if value >= 0.999:
+                self._accepted += 1
+                self._evidence(update.sender, Evidence.ACCEPTED, number, "used in full")
+            elif value > 0:
+                self._accepted += 1
+                self._evidence(
+                    update.sender, Evidence.CLIPPED, number, f"clipped to {value:.2f}",
+                    amount=1.0 - value,
+                )
+            else:
+                self._evidence(update.sender, Evidence.OUTLIER, number, "excluded by the rule")
+
+    def _expected(self) -> list[str]:
+        """Neighbours whose updates we wait for: connected and reputable."""
+        return [p for p in self.transport.neighbours() if self._book.weight(p) > 0]
+
+    # ------------------------------------------------------------------ catching up
+
+    async def _maybe_catch_up(self) -> None:
+        """Jump to the network's round from a robust aggregate of neighbours' models."""
+        settings = self.config.rounds
+        ahead = sorted(
+            (r, p)
+            for p, r in self._seen_rounds.items()
+            if r >= self._round + settings.catch_up_after and self._book.weight(p) > 0
+        )
+        reputable = self._expected()
+        # Half the reputable neighbours must be ahead: one liar claiming round 10**9
+        # cannot drag us anywhere, and the median of those ahead is the target.
+        if not ahead or 2 * len(ahead) < len(reputable):
+            return
+        target = ahead[len(ahead) // 2][0]
+        sources = [p for _, p in ahead[-settings.catch_up_sources :]]
+        log.info("catching up from round %d to %d via %d peers", self._round, target, len(sources))
+        self._round = target
+        self._state = "catching-up"
+        deadline = trio.current_time() + settings.round_timeout
+        with trio.move_on_at(deadline):
+            while not self._inbox.ready(sources, target - settings.max_lag, 1.0):
+                self._delivered = trio.Event()
+                await self._delivered.wait()
+        updates = self._inbox.take(target, max_lag=settings.max_lag, max_lead=settings.max_lead)
+        if not updates:
+            return
+        states = [u.state for u in updates]
+        rule = "median" if len(states) >= 3 else "mean"
+        result = await self._compute(
+            aggregate, rule, states[0], states[1:], [1.0] * (len(states) - 1), self_weight=1.0
+        )
+        self.learner.set_state(result.state)
+
+    # ------------------------------------------------------------------ ingress
+
+    def _validate(self, origin: str, data: bytes) -> ParsedAnnouncement:
+        """Gossip validator: runs on every announcement before anyone sees it."""
+        try:
+            return parse_announcement(
+                origin, data, network_id=self.config.network_id, limits=self.config.limits
+            )
+        except P2PFLError as exc:
+            evidence = next((ev for cls, ev in _INGRESS_EVIDENCE if isinstance(exc, cls)), None)
+            if evidence is not None and origin != self.peer_id:
+                self._evidence(origin, evidence, self._round, f"announcement: {exc}")
+            raise
+
+    async def _announcement_loop(self) -> None:
+        async with trio.open_nursery() as fetches:
+            async for announcement in self.transport.announcements():
+                self._on_announcement(announcement, fetches)
+
+    def _on_announcement(self, announcement: Announcement, fetches: trio.Nursery) -> None:
+        parsed: ParsedAnnouncement = announcement.value
+        header = parsed.update.header
+        if header.sender == self.peer_id:
+            return
+        if parsed.kind is AnnouncementKind.HOLDS:
+            self._holders.setdefault(header.digest, set()).add(announcement.origin)
+        observation = self._ledger.observe(header.sender, header.round, header.digest)
+        admission = admit(
+            observation,
+            header.round,
+            self._round,
+            max_lag=self.config.rounds.max_lag,
+            max_lead=self.config.rounds.max_lead,
+        )
+        if admission.evidence is not None:
+            self._evidence(header.sender, admission.evidence, self._round, admission.reason)
+        if admission.decision is Decision.REJECT:
+            self._inbox.forget(header.sender)
+            return
+        if self._book.weight(header.sender) <= 0:
+            return
+        self._seen_rounds[header.sender] = max(header.round, self._seen_rounds.get(header.sender, 0))
+        author = self._inbox.first_author(header.digest, header.sender)
+        if author != header.sender:
+            self._evidence(header.sender, Evidence.DUPLICATE_OF_OTHER, self._round,
+                           f"re-announced {short(author)}'s model as its own")
+            return
+        key = (header.sender, header.digest)
+        wanted = admission.decision is Decision.FETCH and self._inbox.wants(header.sender, header.round)
+        if wanted and key not in self._fetching and header.sender in self.transport.neighbours():
+            self._fetching.add(key)
+            fetches.start_soon(self._fetch, parsed.update)
+
+    async def _fetch(self, update: VerifiedHeader) -> None:
+        header = update.header
+        try:
+            async with self._fetch_limiter:
+                payload = await self._pull(update)
+            if payload is None:
+                return
+            state = await self._decode(update, payload)
+            if state is None:
+                return
+            self._inbox.deliver(
+                Received(header.sender, header.round, header.digest, header.samples, state)
+            )
+            self._serve(header.digest, payload)
+            self._delivered.set()
+        finally:
+            self._fetching.discard((header.sender, header.digest))
+
+    async def _pull(self, update: VerifiedHeader) -> bytes | None:
+        """Fetch the payload from its author, then from other holders."""
+        header = update.header
+        sources = [header.sender, *sorted(self._holders.get(header.digest, set()) - {header.sender})]
+        max_size = min(header.size, self.config.limits.max_payload_bytes)
+        for source in sources[:4]:
+            try:
+                return await self.transport.fetch(
+                    source, header.digest, max_size=max_size, timeout=self.config.rounds.fetch_timeout
+                )
+            except NetworkError as exc:
+                log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short(source), exc)
+        return None
+
+    async def _decode(self, update: VerifiedHeader, payload: bytes) -> dict[str, torch.Tensor] | None:
+        """Check the payload against the signed header and our model; None if unusable."""
+        header = update.header
+        try:
+            check_payload(update, payload)
+            state = await self._compute(decode_state, payload, limits=self.config.limits)
+            self._check_compatible(state)
+        except (DigestMismatch, DecodeError) as exc:
+            self._evidence(header.sender, Evidence.INVALID_FORMAT, self._round, f"payload: {exc}")
+            self._inbox.forget(header.sender)
+            return None
+        return state
+
+    def _check_compatible(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = self.learner.get_state()
+        if own.keys() != state.keys():
+            raise DecodeError("model keys differ from ours")
+        for name, tensor in state.items():
+            mine = own[name]
+            if tensor.shape != mine.shape or tensor.dtype != mine.dtype:
+                raise DecodeError(f"{name}: {tuple(tensor.shape)}/{tensor.dtype} differs from ours")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise DecodeError(f"{name}: non-finite values")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _evidence(
+        self, peer: str, evidence: Evidence, number: int, reason: str, *, amount: float = 1.0
+    ) -> None:
+        if evidence not in (Evidence.ACCEPTED, Evidence.CLIPPED):
+            self._rejected[evidence.value] += 1
+            log.info("peer %s: %s (%s)", short(peer), evidence.value, reason)
+        self._book.record(peer, evidence, round=number, amount=amount, reason=reason)
+
+    def _enforce_bans(self, number: int) -> None:
+        for peer in self._book.peers():
+            if self._book.banned(peer, round=number):
+                self._inbox.forget(peer)
+                if peer in self.transport.neighbours():
+                    log.warning("banning peer %s", short(peer))
+                    self.transport.ban(peer, seconds=self.config.ban_seconds)
+
+    def _serve(self, digest: bytes, payload: bytes) -> None:
+        """Serve a verified payload; keep the last few rounds' worth."""
+        self.transport.serve(digest, payload)
+        self._served.append(digest)
+        keep = 4 * (len(self.transport.neighbours()) + 1)
+        while len(self._served) > keep:
+            self.transport.unserve(self._served.pop(0))
+
+    async def _publish(self, kind: AnnouncementKind, update: VerifiedHeader) -> None:
+        try:
+            await self.transport.publish(encode_announcement(kind, update))
+        except NetworkError as exc:  # lossy by nature; the next re-announce may pass
+            log.warning("announcement not published: %s", exc)
+
+    async def _compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self._offload:
+            return fn(*args, **kwargs)
+        return await trio.to_thread.run_sync(
+            lambda: fn(*args, **kwargs), limiter=self._compute_limiter
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def _restore(self) -> None:
+        if self.config.data_dir is None:
+            return
+        checkpoint = load_checkpoint(self.config.data_dir, limits=self.config.limits)
+        if checkpoint is None:
+            return
+        self.learner.restore_checkpoint_state(checkpoint.learner_state)
+        self._book = ReputationBook.from_record(dict(checkpoint.reputation), self.config.reputation)
+        self._round = checkpoint.round
+        self._history = list(checkpoint.history)
+        if self._history:
+            self._metrics = (self._history[-1].accuracy, self._history[-1].loss)
+        log.info("resumed from checkpoint at round %d", self._round)
+
+    async def _checkpoint(self) -> None:
+        if self.config.data_dir is None:
+            return
+        checkpoint = Checkpoint(
+            round=self._round,
+            learner_state=self.learner.checkpoint_state(),
+            reputation=self._book.to_record(),
+            peers=self.transport.neighbours(),
+            history=tuple(self._history),
+        )
+        await self._compute(save_checkpoint, self.config.data_dir, checkpoint)
+
+    # ------------------------------------------------------------------ reporting
+
+    def statistics(self) -> NodeStatistics:
+        """A frozen snapshot of this node."""
+        neighbours = self._transport.neighbours() if self._transport is not None else ()
+        traffic = self._transport.stats() if self._transport is not None else None
+        return NodeStatistics(
+            peer_id=self.peer_id,
+            network_id=self.config.network_id,
+            state=self._state,
+            round=self._round,
+            rounds_target=self._rounds_target,
+            accuracy=self._metrics[0] if self._metrics else None,
+            loss=self._metrics[1] if self._metrics else None,
+            neighbours=tuple(neighbours),
+            bytes_in=traffic.bytes_in if traffic else 0,
+            bytes_out=traffic.bytes_out if traffic else 0,
+            accepted=self._accepted,
+            rejected=dict(self._rejected),
+            reputation=tuple(self._reputation_rows()),
+            history=tuple(self._history),
+            byzantine=self.behaviour.name,
+        )
+
+    def _reputation_rows(self) -> list[PeerReputation]:
+        rows = []
+        for peer in self._book.peers():
+            history = self._book.history(peer)
+            rows.append(
+                PeerReputation(
+                    peer=peer,
+                    score=round(self._book.score(peer), 4),
+                    weight=round(self._book.weight(peer), 4),
+                    banned=self._book.banned(peer, round=self._round),
+                    last_reason=history[-1].reason if history else "",
+                )
+            )
+        return rows
+

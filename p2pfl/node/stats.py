@@ -1,0 +1,58 @@
+"""What a node reports about itself: a frozen record, rendered by the CLI and HTTP endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReputation:
+    """One peer as this node sees it."""
+
+    peer: str
+    score: float
+    weight: float  # aggregation weight: score above threshold, else 0
+    banned: bool
+    last_reason: str  # the reason of the last reputation change, "" if none
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One finished round."""
+
+    round: int
+    accuracy: float
+    loss: float
+    used: int  # neighbours' updates aggregated this round
+    duration: float  # seconds from round start to checkpoint
+    bytes_in: int  # cumulative, at the end of the round
+    bytes_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatistics:
+    """A snapshot of a node; `to_json()` is the `/status` document."""
+
+    peer_id: str
+    network_id: str
+    state: str  # "starting" | "training" | "collecting" | "aggregating" | "done" | "stopped"
+    round: int  # the round in progress (or the next one when done)
+    rounds_target: int | None
+    accuracy: float | None  # test accuracy after the last finished round
+    loss: float | None
+    neighbours: tuple[str, ...]
+    bytes_in: int
+    bytes_out: int
+    accepted: int
+    rejected: Mapping[str, int]  # reason -> count
+    reputation: tuple[PeerReputation, ...]
+    history: tuple[RoundRecord, ...] = field(default=())
+    byzantine: str | None = None  # attack name when this node is an attacker (test networks)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return plain JSON-able data."""
+        data = asdict(self)
+        data["rejected"] = dict(self.rejected)
+        return data
