@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -92,6 +93,20 @@ def timings() -> None:
           f"{median_ms(learner.evaluate):6.2f} ms")
     print(f"get_state: {median_ms(learner.get_state):.3f} ms; "
           f"set_state: {median_ms(lambda: learner.set_state(learner.get_state())):.3f} ms")
+    nodes = [build(i) for i in range(NODES)]
+    print(f"{NODES} nodes x one epoch, one after another:      "
+          f"{median_ms(lambda: [n.fit(1) for n in nodes], repeat=30):6.2f} ms")
+    print(f"{NODES} nodes x one epoch, one thread per node:    "
+          f"{median_ms(lambda: threaded_fit(nodes), repeat=30):6.2f} ms")
+
+
+def threaded_fit(learners: list[TorchLearner]) -> None:
+    """Run one epoch on every learner at once, each in its own thread (as nodes do)."""
+    threads = [threading.Thread(target=learner.fit, args=(1,)) for learner in learners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def accuracy_tables() -> None:
@@ -110,6 +125,10 @@ def accuracy_tables() -> None:
     print(f"8 isolated IID nodes, 10 epochs, mean accuracy: {mean:.3f}")
     for partition in ("iid", "dirichlet", "shards", "halves"):
         print(f"fedavg {partition:<15} " + fmt(fedavg(partition)))
+    for partition in ("iid", "dirichlet"):
+        finals = [fedavg(partition, seed=seed)[-1] for seed in range(5)]
+        print(f"fedavg {partition}, round {ROUNDS}, seeds 0-4: " + fmt(finals)
+              + f"  (mean {statistics.mean(finals):.3f})")
 
 
 def sweep() -> None:

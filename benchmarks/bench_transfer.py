@@ -36,10 +36,10 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transfer_node import payload_of, set_tuning  # noqa: E402
+from bench_transfer_node import set_tuning
 
-from p2pfl.net.host import connect, open_host  # noqa: E402
-from p2pfl.net.transfer import fetch_payload  # noqa: E402
+from p2pfl.net.host import connect, open_host
+from p2pfl.net.transfer import fetch_payload
 
 NODE = str(Path(__file__).resolve().parent / "bench_transfer_node.py")
 MB = 10**6
@@ -57,6 +57,8 @@ class Proc:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            # Each node applies its own knobs; do not leak ours through the environment.
+            env={k: v for k, v in os.environ.items() if not k.startswith("PY_YAMUX_")},
         )
 
     def read(self) -> dict[str, Any]:

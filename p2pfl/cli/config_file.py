@@ -36,7 +36,7 @@ class TrainConfig:
     seed: int = 0  # same seed on every node: same split, same initial model
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.2  # with momentum 0.9: FedAvg reaches ~0.95 in 10 rounds of 1 epoch
     momentum: float = 0.9
 
     def __post_init__(self) -> None:

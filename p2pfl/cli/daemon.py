@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
 import trio
 
 from p2pfl.cli.config_file import DaemonConfig, load_daemon_config
@@ -106,5 +107,8 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
 def run_command(args: argparse.Namespace) -> int:
     """Entry point of `p2pfl node run --config FILE`."""
     config = load_daemon_config(Path(args.config))
+    # One intra-op thread: several nodes often share a machine, and the digits model is
+    # far too small to gain from more.
+    torch.set_num_threads(1)
     trio.run(run_daemon, config)
     return 0

@@ -174,26 +174,35 @@ def _title(report: Mapping[str, Any]) -> str:
 
 
 def _plot_accuracy(report: Mapping[str, Any], path: Path) -> Path:
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # Figure() renders with Agg; no pyplot global state
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(8, 5), dpi=110)
+    # tab10 without its red (index 3): red means byzantine in every p2pfl picture.
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 3]
+    label_each = len(report["nodes"]) <= 12
+    fig = Figure(figsize=(9.5 if label_each else 8, 5), dpi=110)
     ax = fig.add_subplot()
-    label_each = len(report["nodes"]) <= 10
     for node in report["nodes"]:
         xs, ys = _known(node["rounds"], node["accuracy"])
         name = f"n{node['index']} {node['short_id']}"
         if node["role"] == "byzantine":
-            ax.plot(xs, ys, "--", color="tab:red", linewidth=1.3, label=f"{name} (byzantine)" if label_each else None)
+            ax.plot(xs, ys, "--", color="tab:red", linewidth=1.5, label=f"{name} (byzantine)" if label_each else None)
         else:
-            ax.plot(xs, ys, "-", linewidth=1.0, alpha=0.7, label=name if label_each else None)
+            color = palette[node["index"] % len(palette)]
+            ax.plot(xs, ys, "-", color=color, linewidth=1.0, alpha=0.8, label=name if label_each else None)
     xs, ys = _known([r["round"] for r in report["per_round"]], [r["honest_mean_accuracy"] for r in report["per_round"]])
     ax.plot(xs, ys, "-", color="black", linewidth=3, label="honest mean")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title(f"Accuracy per round ({_title(report)})")
-    ax.legend(loc="lower right", fontsize="small", ncol=2 if label_each and len(report["nodes"]) > 5 else 1)
+    ax.set_title(f"Accuracy per round ({_title(report)})", fontsize="medium")
+    if label_each:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    else:
+        ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -227,6 +236,9 @@ def _plot_reputation(report: Mapping[str, Any], path: Path) -> Path:
     for column, peer in enumerate(rep["peers"]):
         if index[peer]["role"] == "byzantine":
             ax.add_patch(Rectangle((column - 0.5, -0.5), 1, rows, fill=False, edgecolor="tab:red", linewidth=2.5))
+    for row, observer in enumerate(rep["observers"]):
+        if observer in rep["peers"]:
+            ax.text(rep["peers"].index(observer), row, "self", ha="center", va="center", fontsize=7, color="#707070")
     if rows * cols <= 400:
         _annotate(ax, scores, rep["weight"])
     ax.set_xlabel("peer (red: byzantine)")
@@ -240,9 +252,7 @@ def _plot_reputation(report: Mapping[str, Any], path: Path) -> Path:
 def _score_cmap() -> Any:
     from matplotlib import colormaps
 
-    cmap = colormaps["RdYlGn"].copy()
-    cmap.set_bad("#d0d0d0")
-    return cmap
+    return colormaps["RdYlGn"].with_extremes(bad="#d0d0d0")
 
 
 def _label(node: Mapping[str, Any]) -> str:
@@ -280,8 +290,8 @@ def _node_table(nodes: list[Mapping[str, Any]]) -> str:
             fmt_pct(n["final_accuracy"]),
             str(n["rounds_completed"]),
             fmt_float(n["mean_round_seconds"], 2),
-            f"{n['bytes_in'] / MB:.1f}",
-            f"{n['bytes_out'] / MB:.1f}",
+            f"{n['bytes_in'] / MB:.2f}",
+            f"{n['bytes_out'] / MB:.2f}",
         ]
         for n in nodes
     ]
@@ -303,7 +313,7 @@ def _matrix_text(report: Mapping[str, Any]) -> str:
 
 def _cell(score: float | None, weight: float | None) -> str:
     if score is None:
-        return "-"
+        return "- "  # the trailing space keeps it under the digits, not under the marks
     return f"{score:.2f}" + ("!" if weight == 0 else " ")
 
 
@@ -314,7 +324,8 @@ def _verdict(report: Mapping[str, Any]) -> str:
         f"min {fmt_pct(v['honest_min_accuracy'])}"
     )
     if v["attackers"]:
-        text += f"; attackers flagged {v['attackers_flagged']}/{v['attackers']}"
+        share = f"{report['detection']['flag_fraction']:.0%}"
+        text += f"; attackers flagged {v['attackers_flagged']}/{v['attackers']} (zero weight at >= {share} of their honest observers)"
     if v["honest_zeroed"]:
         text += f"; honest peers wrongly zeroed {v['honest_zeroed']}x"
     return text

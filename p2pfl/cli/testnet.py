@@ -480,14 +480,18 @@ def _watch(plan: TestnetPlan, views: list[NodeView], procs: NodeProcesses, start
             progress.show(views)
             honest = [v for v in alive if v.role == "honest"]
             now = time.monotonic()
+            outcome = None
             if not honest:
-                return "failed"
-            if all(v.finished(plan.rounds) for v in honest):
+                outcome = "failed"
+            elif all(v.finished(plan.rounds) for v in honest):
                 honest_done_at = honest_done_at or now
                 if all(v.finished(plan.rounds) for v in alive) or now - honest_done_at >= BYZANTINE_GRACE:
-                    return "done"
-            if now - started >= plan.timeout:
-                return "timeout"
+                    outcome = "done"
+            if outcome is None and now - started >= plan.timeout:
+                outcome = "timeout"
+            if outcome is not None:
+                progress.show(views, final=True)
+                return outcome
             time.sleep(POLL_INTERVAL)
 
 
@@ -529,13 +533,14 @@ class _Progress:
             self.block.clear()
         print(text, flush=True)
 
-    def show(self, views: list[NodeView]) -> None:
+    def show(self, views: list[NodeView], *, final: bool = False) -> None:
         if self.block:
             self.block.update(self.table(views))
             return
         now = time.monotonic()
         key = tuple((v.completed(), v.status is not None, v.exit_code) for v in views)
-        if (key != self.last_key and now - self.last_print >= 1.0) or now - self.last_print >= HEARTBEAT:
+        changed = key != self.last_key
+        if (changed and (final or now - self.last_print >= 1.0)) or now - self.last_print >= HEARTBEAT:
             print(self.line(views), flush=True)
             self.last_key, self.last_print = key, now
 
@@ -544,7 +549,7 @@ class _Progress:
 
     def table(self, views: list[NodeView]) -> str:
         rows = [
-            [f"n{v.index}", short_id(v.peer_id), v.role, _state(v), f"{v.completed()}/{self.plan.rounds}",
+            [f"n{v.index}", short_id(v.peer_id), v.role, _state(v).ljust(11), f"{v.completed()}/{self.plan.rounds}",
              fmt_pct(v.status.get("accuracy") if v.status else None),
              str(len(v.status.get("neighbours") or [])) if v.status else "-"]
             for v in views

@@ -17,13 +17,17 @@ Every rule is a pure function centred on the node's own model::
   model has a float64 tensor, else float32: half the memory and no slower); non-floating
   tensors (BatchNorm's ``num_batches_tracked``) keep the own model's value. Outputs have
   the input dtypes and are new tensors; inputs are never mutated.
-- A neighbour holding NaN/Inf is excluded with trust 0 instead of raising: a peer must not
-  be able to make the node fail. Disagreeing keys/shapes/dtypes, a non-finite own model and
+- A neighbour holding NaN/Inf, or values so large (norm above sqrt(dtype max)/16, about
+  1e18 in float32) that distances would overflow, is excluded with trust 0 instead of
+  raising: a peer must not be able to make the node fail. Disagreeing keys/shapes/dtypes, a non-finite own model and
   bad parameters raise :class:`~p2pfl.errors.AggregationError`.
-- ``Aggregate.trust[j]`` in [0, 1] is how much of neighbour ``j``'s model was used
-  (1 accepted, the clip ratio for clipping rules, 0 excluded); the node turns it into
-  reputation evidence. ``Aggregate.radius`` is the clipping radius or acceptance distance
-  of rules that have one.
+- ``Aggregate.trust[j]`` in [0, 1] says how much of neighbour ``j``'s model was used:
+  1 in full; for clipping rules the clip ratio; for rules that select or cut, the ratio
+  of the rule's cut-off distance to the neighbour's distance, so an honest neighbour just
+  past the cut keeps a trust near 1 and a far outlier gets about 0 (each rule says how);
+  0 for a non-finite model. The node turns it into reputation evidence, so a rule that
+  drops f honest models every round must not call them outliers. ``Aggregate.radius``
+  is the clipping radius or acceptance distance of rules that have one.
 
 ``f``/``trim``/``delta`` defaults assume a Byzantine share of
 :data:`DEFAULT_BYZANTINE_FRACTION`; a count too large for the inputs at hand (neighbours
@@ -159,6 +163,19 @@ def _nonfinite_key(row: torch.Tensor, spec: FlatSpec) -> str | None:
     return None
 
 
+def _unusable_rows(rows: torch.Tensor, spec: FlatSpec) -> list[tuple[int, str]]:
+    """Find rows with NaN/Inf, or so large that squared distances would overflow."""
+    # One fused pass: NaN/Inf make the norm non-finite. Norms below sqrt(max)/16 keep
+    # every squared distance and Gram entry finite, and no trained model comes close.
+    limit = math.sqrt(torch.finfo(rows.dtype).max) / 16
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    found = []
+    for i in torch.nonzero(~(norms <= limit)).flatten().tolist():
+        key = _nonfinite_key(rows[i], spec)
+        found.append((i, f"non-finite values in {key!r}" if key else "values too large"))
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class _Inputs:
     """Own model and neighbours stacked once: row 0 own, row j+1 neighbour j."""
@@ -207,16 +224,13 @@ def _prepare(
     for row, state in zip(rows, (own, *neighbours), strict=True):
         _fill(row, state, spec)
     finite = torch.ones(len(rows), dtype=torch.bool)
-    # A row sum is non-finite whenever an entry is (NaN/Inf propagate); only those rows,
-    # or finite ones whose sum overflowed, need the full element-wise check.
-    for i in torch.nonzero(~torch.isfinite(rows.sum(dim=1))).flatten().tolist():
-        if (key := _nonfinite_key(rows[i], spec)) is not None:
-            if i == 0:
-                raise AggregationError(f"own model has non-finite values in {key!r}")
-            log.debug("neighbour %d excluded: non-finite values in %r", i - 1, key)
-            finite[i] = False
-            ws[i] = 0.0
-            rows[i].zero_()  # keeps NaN out of shared computations (Gram matrix, sorts)
+    for i, problem in _unusable_rows(rows, spec):
+        if i == 0:
+            raise AggregationError(f"own model has {problem}")
+        log.debug("neighbour %d excluded: %s", i - 1, problem)
+        finite[i] = False
+        ws[i] = 0.0
+        rows[i].zero_()  # keeps NaN/Inf out of shared computations (Gram matrix, sorts)
     w = torch.tensor(ws, dtype=rows.dtype)
     return _Inputs(rows, w, finite[1:]), spec
 
@@ -290,8 +304,8 @@ def _count(value: Any, name: str, default: int, cap: int) -> int:
 def _number(value: Any, name: str, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AggregationError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise AggregationError(f"{name} must be in [{low}, {high}], got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise AggregationError(f"{name} must be finite and in [{low}, {high}], got {value!r}")
     return float(value)
 
 
@@ -445,8 +459,10 @@ def _krum(inp: _Inputs, f: int | None, m: int | None) -> tuple[torch.Tensor, tor
         raise AggregationError(f"m must be >= 1, got {m}")
     scores = _krum_scores(inp, f)
     used = _best(inp, scores, m) & inp.taking_part
-    plausible = _best(inp, scores, k - f)
-    return _weighted_mean(inp.rows[used], inp.weights[used]), plausible[1:].to(scores.dtype), None
+    # Distance units (scores are squared): a neighbour just past the cut scores near 1.
+    boundary = torch.sort(scores[inp.taking_part]).values[k - f - 1]
+    trust = torch.where(used, 1.0, _ratio(boundary.sqrt(), scores.sqrt()))
+    return _weighted_mean(inp.rows[used], inp.weights[used]), trust[1:], None
 
 
 @rule("krum")
@@ -457,10 +473,11 @@ def krum(inp: _Inputs, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor
     Byzantine Tolerant Gradient Descent", NeurIPS 2017. Score of a model: sum of squared
     distances to its k - f - 2 nearest other participants (own + weight > 0). ``f``
     (assumed Byzantine count) defaults to, and is capped at, max(0, (k-3)//2). Ties are
-    averaged. Trust: 1 for a neighbour among the k - f best scores (the set multi-Krum
-    averages; a zero-weight neighbour is scored against the participants), else 0. Krum
-    uses one model, but calling every other honest neighbour an outlier would ruin
-    honest reputations; the f worst scores are the ones Krum singles out.
+    averaged. Trust: 1 if selected, else min(1, sqrt(s* / s_j)) with s* the (k - f)-th
+    best score, i.e. 1 for the k - f models multi-Krum would average and a distance-like
+    ratio beyond (a zero-weight neighbour is scored against the participants). Krum uses
+    one model, but calling every other honest neighbour an outlier each round would ruin
+    honest reputations.
     """
     return _krum(inp, f, 1)
 
@@ -471,8 +488,7 @@ def multi_krum(
 ) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Average (weighted) the ``m`` models with the best Krum scores (Blanchard et al. 2017).
 
-    ``m`` defaults to k - f (El Mhamdi et al., ICML 2018); see ``krum`` for ``f`` and trust
-    (the k - f best scores, equal to the averaged set for the default ``m``).
+    ``m`` defaults to k - f (El Mhamdi et al., ICML 2018); see ``krum`` for ``f`` and trust.
     """
     return _krum(inp, f, m)
 
@@ -486,7 +502,8 @@ def geomed(
     Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP
     2022. Starts from the weighted mean; v <- sum_i b_i x_i / sum_i b_i with
     b_i = w_i / max(nu, ||x_i - v||), at most ``iters`` times, stopping when a step is
-    below ``tol`` x max(1, ||v||). Trust: min(1, r / ||x_j - v||) with r the median
+    below ``tol`` (at least 8 machine epsilons) x max(1, ||v||); about 10-20 iterations
+    in practice. Trust: min(1, r / ||x_j - v||) with r the median
     distance of the participants to v, i.e. a neighbour's Weiszfeld weight relative to
     the median participant's.
     """
@@ -497,6 +514,7 @@ def geomed(
     if w.sum() <= 0:
         w = torch.ones_like(w)
     v = _weighted_mean(rows, w)
+    tol = max(tol, 8 * torch.finfo(v.dtype).eps)  # float32 cannot resolve smaller steps
     for _ in range(iters):
         beta = w / _distances(rows, v).clamp_min(max(nu, torch.finfo(v.dtype).tiny))
         step = (beta / beta.sum()) @ rows - v
@@ -552,10 +570,15 @@ def clipped_gossip(
     He, Karimireddy, Jaggi, "Byzantine-Robust Decentralized Learning via ClippedGossip",
     2022 (arXiv:2202.01545). ``w_j`` are the neighbour weights normalised together with
     ``self_weight`` (so sum_j w_j < 1), clip(z, tau) = z min(1, tau/||z||). ``tau`` fixed,
-    or None (default): the adaptive radius of the paper's practical rule, chosen so that
-    neighbours holding at least ``delta`` (assumed Byzantine share) of the neighbour
-    weight lie at or beyond it (see :func:`adaptive_radius`). Whatever the neighbours
-    send, ||x' - x|| <= sum_j w_j x tau. Trust: min(1, tau / ||x_j - x||).
+    or None (default): an adaptive radius chosen so that neighbours holding at least
+    ``delta`` (assumed Byzantine share) of the neighbour weight lie at or beyond it (see
+    :func:`adaptive_radius`). The paper's analysis sets tau_i^2 = sum over honest j of
+    W_ij ||x_i - x_j||^2 / delta_i, which needs the honest set; the authors' released
+    code (epfml/byzantine-robust-decentralized-optimizer) clips to the second-largest
+    neighbour distance, which is this rule with ``delta`` = one neighbour's share. The
+    quantile is scale-free, needs no honest set, and, with Byzantine weight below
+    ``delta``, is at most the farthest honest distance. Whatever the neighbours send,
+    ||x' - x|| <= sum_j w_j x tau. Trust: min(1, tau / ||x_j - x||).
     """
     diffs = inp.neighbours - inp.own  # (n, d)
     dist = torch.linalg.vector_norm(diffs, dim=1)
@@ -577,22 +600,23 @@ def balance(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Accept neighbours close to the own model, then mix them with it (BALANCE).
 
-    Fang, Zhang, Hairi, Khanal, Liu, Gong, "Byzantine-Robust Decentralized Federated
-    Learning" (BALANCE), ACM CCS 2024. Neighbour j is accepted iff
+    Fang, Zhang, Hairi, Khanduri, Liu, Lu, Liu, Gong, "Byzantine-Robust Decentralized
+    Federated Learning" (BALANCE), ACM CCS 2024, arXiv:2406.10416. Neighbour j is accepted iff
     ||x_j - x|| <= gamma exp(-kappa lambda_) ||x||, where ``lambda_`` in [0, 1] is the
     training progress t/T. Result: alpha x + (1 - alpha) (weighted mean of accepted),
     or x when none is accepted. ``alpha=None`` uses the normalised self weight
     self_weight / (self_weight + sum of accepted weights) instead. Defaults are the
-    paper's (gamma 0.3, kappa 1, alpha 0.5). Trust: 1 accepted, 0 rejected; ``radius``
-    is the acceptance distance.
+    paper's (gamma 0.3, kappa 1, alpha 0.5). Trust: 1 accepted, else threshold / distance;
+    ``radius`` is the acceptance distance (the threshold).
     """
     gamma, kappa = _number(gamma, "gamma", 0.0), _number(kappa, "kappa", 0.0)
     lambda_ = _number(lambda_, "lambda_", 0.0, 1.0)
     alpha = None if alpha is None else _number(alpha, "alpha", 0.0, 1.0)
     threshold = gamma * math.exp(-kappa * lambda_) * float(inp.own.norm())
-    accepted = _distances(inp.neighbours, inp.own) <= threshold
+    dist = _distances(inp.neighbours, inp.own)
+    accepted = dist <= threshold
     used = accepted & (inp.weights[1:] > 0)
-    trust = accepted.to(inp.rows.dtype)
+    trust = _ratio(threshold, dist)
     if not bool(used.any()):
         return inp.own.clone(), trust, threshold
     w = inp.weights[1:][used]
@@ -608,8 +632,9 @@ def ios(inp: _Inputs, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
     Robust Aggregation Rules", IEEE TSP 2023. The weighted mean includes the own model
     (``self_weight``), which is never removed. ``f`` defaults to ceil(0.2 n) of the n
     neighbours with weight > 0 and is at most n - 1. A distance tie is broken towards
-    the larger weight. Trust: 1 if kept or no farther from the result than the farthest
-    kept model (duplicates, zero-weight neighbours), else 0.
+    the larger weight. Trust: 1 if kept, else min(1, r / ||x_j - v||) with r the distance
+    of the farthest kept model (own included) to the result v: a removed honest
+    neighbour just past the cut keeps most of its trust, a far outlier gets about 0.
     """
     kept = inp.taking_part
     n = int(kept.sum()) - 1
@@ -624,10 +649,7 @@ def ios(inp: _Inputs, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
         kept[far[torch.argmax(inp.weights[far])]] = False
     v = _weighted_mean(inp.rows[kept], inp.weights[kept])
     dist = _distances(inp.rows, v)
-    # Removed or zero-weight models no farther than a kept one (a duplicate) keep trust 1.
-    trust = kept[1:] | (dist[1:] <= dist[kept].max())
-    return v, trust.to(dist.dtype), None
-    return v, trust, None
+    return v, torch.where(kept[1:], 1.0, _ratio(dist[kept].max(), dist[1:])), None
 
 
 __all__ = [

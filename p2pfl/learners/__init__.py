@@ -1,1 +1,48 @@
-"""Synchronous learning code (torch), no networking: Learner protocol, TorchLearner, data sets."""
+"""Synchronous learning code (torch), no networking: Learner protocol, TorchLearner, data sets.
+
+Map of the package:
+
+- ``base``: the :class:`Learner` protocol the node drives (in a worker thread),
+  ``State`` (named tensors) and :class:`Metrics`.
+- ``torch_learner``: :class:`TorchLearner` for any ``nn.Module`` and batch iterables;
+  :class:`TensorBatches`, a fast in-memory batch iterator; :class:`MomentumSGD`.
+- ``models``: :class:`DigitsMLP` and :func:`digits_model` (deterministic init from a seed).
+- ``datasets``: the bundled digits task (fixed stratified split), partitions across nodes
+  (IID, Dirichlet label skew, shards, class groups) and :func:`make_digits_learner`.
+
+Nothing here changes torch's global thread count or RNG; the CLI sets one intra-op
+thread per process.
+"""
+
+from p2pfl.learners.base import Learner, Metrics, State
+from p2pfl.learners.datasets import (
+    PARTITIONS,
+    Dataset,
+    load_digits_split,
+    make_digits_learner,
+    partition_classes,
+    partition_dirichlet,
+    partition_iid,
+    partition_shards,
+)
+from p2pfl.learners.models import DigitsMLP, digits_model
+from p2pfl.learners.torch_learner import MomentumSGD, TensorBatches, TorchLearner
+
+__all__ = [
+    "PARTITIONS",
+    "Dataset",
+    "DigitsMLP",
+    "Learner",
+    "Metrics",
+    "MomentumSGD",
+    "State",
+    "TensorBatches",
+    "TorchLearner",
+    "digits_model",
+    "load_digits_split",
+    "make_digits_learner",
+    "partition_classes",
+    "partition_dirichlet",
+    "partition_iid",
+    "partition_shards",
+]

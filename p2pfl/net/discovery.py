@@ -11,8 +11,10 @@ Wire format (version 1, UTF-8 text, ``\\n``-separated lines, both sides bounded)
 
 - request (client, then closes its write side; at most 8 KiB): the line
   ``p2pfl-pex/1 <network-id>`` followed by the client's own listen multiaddrs;
-- reply (server, then closes; at most 16 KiB, 32 lines): multiaddrs of peers the server
-  is connected to, its own first. A server of another network resets the stream.
+- reply (server, then closes; at most 16 KiB): the same ``p2pfl-pex/1 <network-id>``
+  line, then up to 32 multiaddrs of peers the server is connected to, its own first. A
+  server of another network resets the stream; a reply without that first line (an
+  empty one included: a reset can read as a clean EOF) is a failed exchange.
 
 Claimed addresses are only dialled, never trusted: Noise authenticates the PeerId at
 the end of each. The address book is bounded (``max_known_peers``); bootstrap entries
@@ -155,9 +157,9 @@ def encode_request(network_id: str, own: list[str]) -> bytes:
     return _encode_lines([f"{MAGIC} {network_id}", *own], MAX_REQUEST_BYTES)
 
 
-def encode_reply(addrs: list[str]) -> bytes:
+def encode_reply(network_id: str, addrs: list[str]) -> bytes:
     """Return a peer-exchange reply (bounded)."""
-    return _encode_lines(addrs[:MAX_REPLY_ADDRS], MAX_REPLY_BYTES)
+    return _encode_lines([f"{MAGIC} {network_id}", *addrs[:MAX_REPLY_ADDRS]], MAX_REPLY_BYTES)
 
 
 def _encode_lines(lines: list[str], limit: int) -> bytes:
@@ -242,7 +244,7 @@ class Neighbourhood:
                 if self.book.is_banned(peer, trio.current_time()):
                     raise NetworkError("banned")
                 self._learn_from(peer, lines[1:], claimed_by=peer)
-                await stream.write(encode_reply(self._shareable()))
+                await stream.write(encode_reply(self.network_id, self._shareable()))
                 await stream.close()
         except Exception as error:  # hostile input or a dead peer: refuse, never raise
             logger.debug("peer exchange from %s refused: %r", short_id(peer), error)
@@ -273,21 +275,27 @@ class Neighbourhood:
         """
         try:
             with trio.fail_after(self.config.dial_timeout):
-                stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
-                try:
-                    await stream.write(encode_request(self.network_id, listen_addrs(self.host)))
-                    await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
-                    reply = await read_bounded(stream, MAX_REPLY_BYTES)
-                finally:
-                    await _reset_quietly(stream)
+                reply = await self._request(peer)
+            lines = decode_lines(reply, max_lines=MAX_REPLY_ADDRS + 1)
         except P2PFLError as error:
             raise NetworkError(f"peer exchange with {short_id(peer)}: {error}") from error
         except Exception as error:  # libp2p stream/mux errors and trio.TooSlowError
             raise NetworkError(f"peer exchange with {short_id(peer)} failed: {error!r}") from error
-        addrs = decode_lines(reply, max_lines=MAX_REPLY_ADDRS)
+        if not lines or lines[0] != f"{MAGIC} {self.network_id}":
+            raise NetworkError(f"{short_id(peer)} does not speak our network's peer exchange")
+        addrs = lines[1:]
         own = [a for a in addrs if parse_p2p_addr(a) == peer]
         self._learn_from(peer, own, claimed_by=peer)
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
+
+    async def _request(self, peer: str) -> bytes:
+        stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
+        try:
+            await stream.write(encode_request(self.network_id, listen_addrs(self.host)))
+            await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
+            return await read_bounded(stream, MAX_REPLY_BYTES)
+        finally:
+            await _reset_quietly(stream)
 
     # -- maintenance -----------------------------------------------------------------
 

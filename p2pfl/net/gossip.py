@@ -223,17 +223,25 @@ class Gossip:
         self.counters.bytes_out += len(data)
 
     def penalise(self, peer: str, *, invalid_messages: float = INVALID_CAP) -> None:
-        """Charge ``peer`` invalid messages in GossipSub scoring (a ban: graylisted)."""
+        """Charge ``peer`` invalid messages in GossipSub scoring (a ban: graylisted).
+
+        The default charge (score -1000) decays below the gates in ~6 minutes.
+        """
         scorer = self.router.scorer
+        try:
+            peer_id = ID.from_base58(peer)
+        except Exception:  # not a PeerId: nothing to penalise
+            logger.warning("cannot penalise %r: not a PeerId", peer)
+            return
         if scorer is not None:
-            scorer.invalid_messages[ID.from_base58(peer)][self.topic] += invalid_messages
+            scorer.invalid_messages[peer_id][self.topic] += invalid_messages
 
     def score(self, peer: str) -> float:
         """Return ``peer``'s GossipSub score on our topic."""
         scorer = self.router.scorer
         return 0.0 if scorer is None else scorer.score(ID.from_base58(peer), [self.topic])
 
-    def mesh_peers(self) -> tuple[str, ...]:
+    def subscribed_peers(self) -> tuple[str, ...]:
         """Return the peers subscribed to our topic that pubsub knows, sorted."""
         peers = self.pubsub.peer_topics.get(self.topic, set())
         return tuple(sorted(p.to_string() for p in peers))

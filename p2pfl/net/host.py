@@ -121,9 +121,14 @@ def _disable_auto_connector(host: IHost) -> None:
 async def run_host(host: IHost, *, listen_host: str, port: int) -> AsyncIterator[IHost]:
     """Start ``host`` listening on ``listen_host:port``, yield it, then stop it."""
     listen = multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{port}")
-    with _quiet_shutdown():
+    body = _BodyOutcome()
+    with _quiet_shutdown(body):
         async with host.run(listen_addrs=[listen]):
-            yield host
+            try:
+                yield host
+            except BaseException:
+                body.failed = True
+                raise
     logger.debug("host %s stopped", short_id(host.get_id()))
 
 
@@ -158,22 +163,28 @@ async def open_host(
         yield host
 
 
+class _BodyOutcome:
+    failed = False
+
+
 @contextlib.contextmanager
-def _quiet_shutdown() -> Any:
+def _quiet_shutdown(body: _BodyOutcome) -> Any:
     """Swallow trap 15's "Nursery is closed to new arrivals" raised while stopping.
 
-    Only an exception group made *entirely* of that RuntimeError is swallowed; anything
-    else (including one mixed with it) propagates.
+    Only when the body of ``open_host`` exited normally (so the error came from the
+    shutdown), and only those RuntimeErrors: anything else in the group propagates.
     """
     try:
         yield
     except BaseExceptionGroup as group:
+        if body.failed:
+            raise
         rest = group.split(_is_nursery_closed)[1]
         if rest is not None:
             raise rest from None
         logger.debug("ignored pubsub shutdown noise: %r", group)
     except RuntimeError as error:
-        if not _is_nursery_closed(error):
+        if body.failed or not _is_nursery_closed(error):
             raise
 
 

@@ -25,7 +25,7 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
 
 from p2pfl.config import Limits, NetConfig
-from p2pfl.errors import PeerUnreachable
+from p2pfl.errors import ConfigError, PeerUnreachable
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host, short_id
@@ -193,6 +193,8 @@ async def open_libp2p_transport(
         limits: caps on announcements and payloads.
         validator: runs on every announcement, received or published.
     """
+    if config.enable_mdns:
+        raise ConfigError("net.enable_mdns: mDNS discovery is not implemented yet; use bootstrap")
     async with open_host(
         secret,
         listen_host=config.listen_host,

@@ -15,7 +15,8 @@ Model, and where it differs from libp2p (GossipSub + ``/p2pfl/update/1.0.0``):
   shortest path length. Routes are taken when the message is published; a message in
   flight is still delivered after a partition or disconnect (it was already forwarded).
   Unlike GossipSub, a relay that rejects a message does not stop it reaching peers
-  behind that relay, and invalid messages penalise their origin but never gate delivery.
+  behind that relay. Invalid messages penalise their *origin* (there are no relays to
+  blame) and, as in ``p2pfl.net.gossip``'s scoring, gate its messages for a while.
 - Randomness is keyed by ``(seed, origin, n-th publish)`` and ``(seed, fetcher, peer,
   digest, time)``, not drawn from one shared stream, so a run on a ``MockClock`` is
   reproducible even though trio shuffles the order in which ready tasks run.
@@ -65,6 +66,13 @@ log = logging.getLogger(__name__)
 # Like the libp2p gossip layer, each peer delivers an (origin, bytes) pair once: the node
 # still dedupes, because the memory is bounded. ~120 bytes per entry (the data is shared).
 SEEN_CAPACITY = 1024
+# GossipSub's invalid-message penalty (P4) as p2pfl.net.gossip configures it, with the
+# origin standing in for the forwarder: each invalid message counts 1, decaying 1% per
+# second; above 2.5 (the 3rd in a row) the origin's messages are dropped unvalidated,
+# for ~18 s after the 3rd. Gated messages do not count again.
+INVALID_DECAY = 0.99
+INVALID_CAP = 100.0
+GATE_ABOVE = 2.5
 
 ServingHook = Callable[[bytes, bytes | None], bytes | None]
 """``hook(digest, served_payload_or_None) -> bytes to send, or None for "not found"``."""
@@ -107,8 +115,14 @@ class MemoryNetwork:
         seed: int = 0,
         max_message_bytes: int = Limits().max_message_bytes,
         tick: float = 1e-4,
+        publish_rate: float = 8.0,
     ) -> None:
         require(tick >= 0 and math.isfinite(tick), "tick", "must be >= 0 s (0: exact times)")
+        require(max_message_bytes > 0, "max_message_bytes", "must be a positive byte count")
+        require(publish_rate > 0, "publish_rate", "must be > 0 messages/s (math.inf: no limit)")
+        # Each peer's own publishes wait for a token bucket of this rate (burst: one
+        # second's worth), as p2pfl.net.gossip does to stay under GossipSub's burst drops.
+        self.publish_rate = publish_rate
         self.link = link
         self.seed = seed
         self.max_message_bytes = max_message_bytes
@@ -318,10 +332,12 @@ class MemoryTransport:
         self._sleeper = trio.CancelScope()  # the delivery task sleeps until its deadline
         self._closed = trio.Event()
         self._published = 0
+        self._tokens, self._stamp = max(1.0, network.publish_rate), trio.current_time()
         self._penalties: Counter[str] = Counter()
         self._bytes_in = self._bytes_out = 0
         self._announcements_in = self._announcements_out = self._rejected_in = 0
-        self._overflowed = self._duplicates = 0
+        self._overflowed = self._duplicates = self._gated = 0
+        self._invalid: dict[str, tuple[float, float]] = {}  # origin -> (decayed count, when)
         self._seen: set[tuple[str, bytes]] = set()  # delivered (origin, data), FIFO-bounded
         self._seen_order: deque[tuple[str, bytes]] = deque()
 
@@ -344,6 +360,11 @@ class MemoryTransport:
         return self._overflowed
 
     @property
+    def gated(self) -> int:
+        """Announcements dropped unvalidated because their origin sent too many invalid ones."""
+        return self._gated
+
+    @property
     def duplicates(self) -> int:
         """Re-announcements dropped because the same origin's same bytes were delivered."""
         return self._duplicates
@@ -353,7 +374,9 @@ class MemoryTransport:
         return self._penalties[peer]
 
     async def publish(self, data: bytes) -> None:
-        """Validate ``data`` locally, then announce it to every reachable peer.
+        """Validate ``data`` locally, wait for the rate limiter, then announce it.
+
+        Delivery to every reachable peer is scheduled; this does not wait for it.
 
         Raises:
             NetworkError: the transport is closed, ``data`` exceeds the network's
@@ -369,10 +392,11 @@ class MemoryTransport:
         except Exception as exc:  # validators see arbitrary bytes; any error rejects
             raise NetworkError(f"own validator rejected the announcement: {exc!r}") from exc
         self._published += 1
+        count = self._published
+        await trio.sleep(self._bucket_delay(trio.current_time()))
         self._announcements_out += 1
         self._bytes_out += len(data)
-        self._network._broadcast(self._peer_id, self._published, data)
-        await trio.lowlevel.checkpoint()
+        self._network._broadcast(self._peer_id, count, data)
 
     def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
         """Return the one bounded, lossy stream of validated announcements."""
@@ -427,6 +451,16 @@ class MemoryTransport:
 
     # -- internals -------------------------------------------------------------------
 
+    def _bucket_delay(self, now: float) -> float:
+        """Take a publish token; return how long to wait for it."""
+        rate = self._network.publish_rate
+        if math.isinf(rate):
+            return 0.0
+        burst = max(1.0, rate)
+        self._tokens = min(burst, self._tokens + (now - self._stamp) * rate) - 1.0
+        self._stamp = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / rate
+
     def _check_open(self) -> None:
         if self.closed:
             raise NetworkError(f"{self} is closed")
@@ -454,7 +488,10 @@ class MemoryTransport:
                 await trio.sleep_forever()
 
     def _accept(self, origin: str, data: bytes, now: float) -> None:
-        if self._network._banned(self._peer_id, origin, now):
+        if self._network._bans and self._network._banned(self._peer_id, origin, now):
+            return
+        if self._invalid and self._invalid_count(origin, now) > GATE_ABOVE:
+            self._gated += 1
             return
         key = (origin, data)  # bytes cache their hash: shared objects hash once per run
         if key in self._seen:
@@ -463,9 +500,7 @@ class MemoryTransport:
         try:
             value = self._validator(origin, data)
         except Exception as exc:  # hostile bytes may raise anything; all of it rejects
-            self._rejected_in += 1
-            self._penalties[origin] += 1
-            log.debug("%s rejected announcement from %s: %r", self, short(origin), exc)
+            self._reject(origin, now, exc)
             return
         try:
             self._send.send_nowait(Announcement(origin, data, value))
@@ -475,6 +510,16 @@ class MemoryTransport:
         self._remember(key)
         self._announcements_in += 1
         self._bytes_in += len(data)
+
+    def _invalid_count(self, origin: str, now: float) -> float:
+        count, stamp = self._invalid.get(origin, (0.0, now))
+        return count * INVALID_DECAY ** (now - stamp)
+
+    def _reject(self, origin: str, now: float, exc: Exception) -> None:
+        self._rejected_in += 1
+        self._penalties[origin] += 1
+        self._invalid[origin] = (min(INVALID_CAP, self._invalid_count(origin, now) + 1), now)
+        log.debug("%s rejected announcement from %s: %r", self, short(origin), exc)
 
     def _remember(self, key: tuple[str, bytes]) -> None:
         self._seen.add(key)

@@ -31,6 +31,10 @@ Knobs (figures: see the KNOB FIGURES block below, measured with
     A write larger than one Noise message is encrypted message by message and each is
     sent with its own locked ``send_all``. Patched to encrypt all messages first and
     send them with one ``send_all``: same bytes on the wire.
+``secure_read`` (patch)
+    ``SecureSession.read(n)`` (Yamux reads each frame body through it) grows a
+    bytearray message by message and copies it once more into ``bytes``. Patched to
+    join the decrypted messages once.
 """
 
 from __future__ import annotations
@@ -124,28 +128,57 @@ def _noise_reader() -> bool:
     from libp2p.security.noise.io import NoiseTransportReadWriter
 
     async def read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
-        rx: bytearray = self.__dict__.setdefault("_p2pfl_rx", bytearray())
+        # State: bytes received but not yet parsed, and the parse offset into them.
+        buf, pos = self.__dict__.get("_p2pfl_rx", (b"", 0))
         conn = self.read_writer.read_write_closer
         while True:
-            if len(rx) >= 2:
-                end = 2 + int.from_bytes(rx[:2], "big")
-                if len(rx) >= end:
-                    encrypted = bytes(rx[2:end])
-                    del rx[:end]
+            if len(buf) - pos >= 2:
+                end = pos + 2 + int.from_bytes(buf[pos : pos + 2], "big")
+                if end <= len(buf):
+                    encrypted, pos = buf[pos + 2 : end], end
                     break
             chunk = await conn.read(NOISE_READ_BYTES)
             if not chunk:
                 raise IncompleteReadError(
                     "Connection closed during a Noise message",
                     expected_bytes=2,
-                    received_bytes=len(rx),
+                    received_bytes=len(buf) - pos,
                 )
-            rx += chunk
+            buf, pos = (buf[pos:] + chunk if pos < len(buf) else chunk), 0
+        self.__dict__["_p2pfl_rx"] = (buf, pos)
         if prefix_encoded:
             encrypted = encrypted[len(self.prefix) :]
         return bytes(self.decrypt(encrypted))
 
     NoiseTransportReadWriter.read_msg = read_msg  # type: ignore[method-assign]
+    return True
+
+
+def _secure_read() -> bool:
+    from libp2p.io.exceptions import ConnectionClosedError
+    from libp2p.security.secure_session import SecureSession
+
+    stock_read = SecureSession.read
+
+    async def read(self: Any, n: int | None = None) -> bytes:
+        if not n:
+            return await stock_read(self, n)
+        first = self._drain(n)
+        parts, got = [first], len(first)
+        while got < n:
+            msg = await self.conn.read_msg()
+            if msg == b"":
+                if got:
+                    return b"".join(parts)
+                raise ConnectionClosedError("Connection closed")
+            if len(msg) > n - got:
+                self._fill(msg[n - got :])
+                msg = msg[: n - got]
+            parts.append(msg)
+            got += len(msg)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    SecureSession.read = read  # type: ignore[method-assign]
     return True
 
 
@@ -173,10 +206,11 @@ KNOBS: dict[str, Callable[[], bool]] = {
     "yamux_frame": _yamux_frame,
     "noise_reader": _noise_reader,
     "noise_writer": _noise_writer,
+    "secure_read": _secure_read,
 }
 """Every knob by name, in the order applied."""
 
-PATCHES = frozenset({"yamux_frame", "noise_reader", "noise_writer"})
+PATCHES = frozenset({"yamux_frame", "noise_reader", "noise_writer", "secure_read"})
 """Knobs that replace libp2p internals (pinned to :data:`PINNED_VERSION`)."""
 
 

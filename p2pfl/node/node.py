@@ -119,7 +119,8 @@ class Node:
         self._metrics: tuple[float, float] | None = None
         self._accepted = 0
         self._rejected: Counter[str] = Counter()
-        self._seen_rounds: dict[str, int] = {}
+        self._freshest: dict[str, VerifiedHeader] = {}  # newest verified header per peer
+        self._fetches: trio.Nursery | None = None
         self._holders: dict[bytes, set[str]] = {}
         self._fetching: set[tuple[str, bytes]] = set()
         self._served: list[bytes] = []
@@ -130,11 +131,14 @@ class Node:
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
+        self._template: dict[str, tuple[torch.Size, torch.dtype]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Node:
         self._restore()
+        # Shapes and dtypes peers' models must have; read once, never mid-training.
+        self._template = {k: (v.shape, v.dtype) for k, v in self.learner.get_state().items()}
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -186,6 +190,8 @@ class Node:
         await self.behaviour.announce(self, number, shared, samples)
         self._state = "collecting"
         await self._collect(number)
+        if self._catch_up_target() is not None:
+            return  # the network is far ahead: abandon this round and catch up
         self._state = "aggregating"
         used = await self._aggregate(number, own, samples)
         metrics = await self._compute(self.learner.evaluate)
@@ -247,7 +253,7 @@ class Node:
         next_announce = trio.current_time() + settings.reannounce_interval
         while not self._inbox.ready(self._expected(), number, settings.quorum):
             now = trio.current_time()
-            if now >= deadline:
+            if now >= deadline or self._catch_up_target() is not None:
                 break
             if now >= next_announce:
                 await self.behaviour.reannounce(self, number)
@@ -310,29 +316,37 @@ class Node:
 
     # ------------------------------------------------------------------ catching up
 
-    async def _maybe_catch_up(self) -> None:
-        """Jump to the network's round from a robust aggregate of neighbours' models."""
+    def _catch_up_target(self) -> tuple[int, list[str]] | None:
+        """The round to jump to and the peers to start from, when we are far behind."""
         settings = self.config.rounds
-        ahead = sorted(
-            (r, p)
-            for p, r in self._seen_rounds.items()
-            if r >= self._round + settings.catch_up_after and self._book.weight(p) > 0
-        )
         reputable = self._expected()
+        ahead = sorted(
+            (update.header.round, peer)
+            for peer, update in self._freshest.items()
+            if peer in reputable and update.header.round >= self._round + settings.catch_up_after
+        )
         # Half the reputable neighbours must be ahead: one liar claiming round 10**9
         # cannot drag us anywhere, and the median of those ahead is the target.
         if not ahead or 2 * len(ahead) < len(reputable):
+            return None
+        return ahead[len(ahead) // 2][0], [peer for _, peer in ahead[-settings.catch_up_sources :]]
+
+    async def _maybe_catch_up(self) -> None:
+        """Jump to the network's round from a robust aggregate of neighbours' models."""
+        found = self._catch_up_target()
+        if found is None:
             return
-        target = ahead[len(ahead) // 2][0]
-        sources = [p for _, p in ahead[-settings.catch_up_sources :]]
+        target, sources = found
         log.info("catching up from round %d to %d via %d peers", self._round, target, len(sources))
         self._round = target
         self._state = "catching-up"
-        deadline = trio.current_time() + settings.round_timeout
-        with trio.move_on_at(deadline):
-            while not self._inbox.ready(sources, target - settings.max_lag, 1.0):
+        for peer in sources:
+            self._start_fetch(self._freshest[peer])
+        with trio.move_on_after(self.config.rounds.round_timeout):
+            while not self._inbox.ready(sources, target, 1.0):
                 self._delivered = trio.Event()
                 await self._delivered.wait()
+        settings = self.config.rounds
         updates = self._inbox.take(target, max_lag=settings.max_lag, max_lead=settings.max_lead)
         if not updates:
             return
@@ -358,11 +372,11 @@ class Node:
             raise
 
     async def _announcement_loop(self) -> None:
-        async with trio.open_nursery() as fetches:
+        async with trio.open_nursery() as self._fetches:
             async for announcement in self.transport.announcements():
-                self._on_announcement(announcement, fetches)
+                self._on_announcement(announcement)
 
-    def _on_announcement(self, announcement: Announcement, fetches: trio.Nursery) -> None:
+    def _on_announcement(self, announcement: Announcement) -> None:
         parsed: ParsedAnnouncement = announcement.value
         header = parsed.update.header
         if header.sender == self.peer_id:
@@ -384,17 +398,30 @@ class Node:
             return
         if self._book.weight(header.sender) <= 0:
             return
-        self._seen_rounds[header.sender] = max(header.round, self._seen_rounds.get(header.sender, 0))
+        freshest = self._freshest.get(header.sender)
+        if freshest is None or header.round > freshest.header.round:
+            self._freshest[header.sender] = parsed.update
         author = self._inbox.first_author(header.digest, header.sender)
         if author != header.sender:
             self._evidence(header.sender, Evidence.DUPLICATE_OF_OTHER, self._round,
                            f"re-announced {short(author)}'s model as its own")
             return
+        if admission.decision is Decision.FETCH:
+            self._start_fetch(parsed.update)
+
+    def _start_fetch(self, update: VerifiedHeader) -> None:
+        """Pull an update from a neighbour unless we hold it or are pulling it already."""
+        header = update.header
         key = (header.sender, header.digest)
-        wanted = admission.decision is Decision.FETCH and self._inbox.wants(header.sender, header.round)
-        if wanted and key not in self._fetching and header.sender in self.transport.neighbours():
-            self._fetching.add(key)
-            fetches.start_soon(self._fetch, parsed.update)
+        if (
+            self._fetches is None
+            or key in self._fetching
+            or not self._inbox.wants(header.sender, header.round)
+            or header.sender not in self.transport.neighbours()
+        ):
+            return
+        self._fetching.add(key)
+        self._fetches.start_soon(self._fetch, update)
 
     async def _fetch(self, update: VerifiedHeader) -> None:
         header = update.header
@@ -442,12 +469,11 @@ class Node:
         return state
 
     def _check_compatible(self, state: Mapping[str, torch.Tensor]) -> None:
-        own = self.learner.get_state()
-        if own.keys() != state.keys():
+        if self._template.keys() != state.keys():
             raise DecodeError("model keys differ from ours")
         for name, tensor in state.items():
-            mine = own[name]
-            if tensor.shape != mine.shape or tensor.dtype != mine.dtype:
+            shape, dtype = self._template[name]
+            if tensor.shape != shape or tensor.dtype != dtype:
                 raise DecodeError(f"{name}: {tuple(tensor.shape)}/{tensor.dtype} differs from ours")
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise DecodeError(f"{name}: non-finite values")

@@ -101,5 +101,5 @@ def test_render_summary_has_table_matrix_and_verdict(statuses: list[dict[str, An
     assert "n2*" in text  # the attacker's column is marked
     assert "0.10!" in text  # zero weight is marked
     assert text.splitlines()[-1] == (
-        "verdict: honest accuracy mean 85.0%, min 80.0%; attackers flagged 1/1; honest peers wrongly zeroed 1x"
+        "verdict: honest accuracy mean 85.0%, min 80.0%; attackers flagged 1/1 (zero weight at >= 50% of their honest observers); honest peers wrongly zeroed 1x"
     )

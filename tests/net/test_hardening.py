@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import pytest
@@ -77,11 +77,8 @@ async def gossiping_host(validator=strict_validator) -> AsyncIterator[Ours]:  # 
 
 
 async def wait_mesh(a: Gossip, b: Gossip) -> None:
-    with trio.fail_after(5):
-        while b.host.get_id().to_string() not in a.mesh_peers() or (
-            a.host.get_id().to_string() not in b.mesh_peers()
-        ):
-            await trio.sleep(0.01)
+    await wait_for(lambda: b.host.get_id().to_string() in a.subscribed_peers()
+                   and a.host.get_id().to_string() in b.subscribed_peers())
 
 
 async def echo_round_trip(client: IHost, server: IHost) -> None:
@@ -108,10 +105,12 @@ async def assert_alive(ours: Ours) -> None:
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (bounded) until ``condition()`` holds; the counters it reads have no events."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.005)
+    """Wait until ``condition()`` holds, bounded in time and count (state has no events)."""
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return
+        await trio.sleep(0.005)
+    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture
@@ -165,15 +164,19 @@ async def test_invalid_protobuf_frame_on_meshsub(ours: Ours, hostile: IHost) -> 
     await assert_alive(ours)
 
 
+async def open_write_read(client: IHost, server: IHost, protocol: TProtocol) -> bytes:
+    stream = await client.new_stream(server.get_id(), [protocol])
+    await stream.write(b"x")
+    return await stream.read(1)
+
+
 @pytest.mark.parametrize("protocol", [RAISE, RAISE_EOF])
 async def test_handler_that_raises(ours: Ours, hostile: IHost, protocol: TProtocol) -> None:
     await connect(hostile, listen_addrs(ours.host)[0], timeout=5)
     for _ in range(3):
         # The reset may race the negotiation ack, so either call may fail.
         with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 - reset or EOF
-            stream = await hostile.new_stream(ours.host.get_id(), [protocol])
-            await stream.write(b"x")
-            await stream.read(1)
+            await open_write_read(hostile, ours.host, protocol)
     assert hardening.host_counters(ours.host).contained_errors == 3
     # The same connection still accepts new streams (a reset/EOF-type error escaping a
     # stock handler ends the connection's accept loop silently).
@@ -188,9 +191,7 @@ async def test_validator_that_raises_and_penalises_the_forger(ours: Ours) -> Non
         for i in range(3):
             await forger.gossip.publish(b"forged %d" % i)
         forger_id = forger.host.get_id().to_string()
-        with trio.fail_after(5):
-            while ours.gossip.counters.rejected < 3:
-                await trio.sleep(0.01)
+        await wait_for(lambda: ours.gossip.counters.rejected >= 3)
         assert ours.gossip.score(forger_id) < PUBLISH_THRESHOLD  # gated and graylisted
         # Gated now: even a valid message from the forger is dropped unvalidated.
         await forger.gossip.publish(b"ok but from a forger")
@@ -214,10 +215,8 @@ async def test_inbound_streams_per_peer_are_capped(ours: Ours, hostile: IHost) -
     opened = []
     with trio.fail_after(10):
         for _ in range(CAP + 3):
-            try:
+            with suppress(Exception):
                 opened.append(await hostile.new_stream(ours.host.get_id(), [HOLD]))
-            except Exception:
-                pass
         peer = hostile.get_id().to_string()
         assert guarded.active[peer] == CAP  # type: ignore[attr-defined]
         assert hardening.host_counters(ours.host).refused_streams == 3

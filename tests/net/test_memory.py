@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -80,6 +81,7 @@ async def test_announcement_reaches_reachable_peers_after_hops_times_latency(
     async with open_peers(net, "abcd") as p:
         start = trio.current_time()
         await p["a"].publish(b"hello")
+        assert trio.current_time() == start  # the publisher does not wait for delivery
         at_b = await p["b"].announcements().receive()
         assert trio.current_time() - start == pytest.approx(LATENCY)
         at_c = await p["c"].announcements().receive()
@@ -106,6 +108,41 @@ async def test_a_nearer_later_message_overtakes_a_farther_one(
         assert arrivals == [(b"near", pytest.approx(LATENCY)), (b"far", pytest.approx(3 * LATENCY))]
 
 
+@pytest.mark.parametrize(("tick", "arrival"), [(0.001, 0.005), (0.0, 0.0042)])
+async def test_arrival_times_round_up_to_the_tick(
+    autojump_clock: trio.testing.MockClock, tick: float, arrival: float
+) -> None:
+    net = MemoryNetwork(link=LinkProfile(latency=0.0042), tick=tick)
+    line(net, "a", "b")
+    async with open_peers(net, "ab") as p:
+        await p["a"].publish(b"x")
+        await p["b"].announcements().receive()
+        assert trio.current_time() == pytest.approx(arrival)
+
+
+@pytest.mark.parametrize(
+    ("rate", "late"), [(8.0, [LATENCY + 0.125, LATENCY + 0.25]), (math.inf, [LATENCY] * 2)]
+)
+async def test_own_publishes_are_rate_limited(
+    autojump_clock: trio.testing.MockClock, rate: float, late: list[float]
+) -> None:
+    net = MemoryNetwork(publish_rate=rate)
+    line(net, "a", "b")
+    arrivals: list[float] = []
+
+    async def collect(transport: MemoryTransport) -> None:
+        async for _ in transport.announcements():
+            arrivals.append(trio.current_time())
+
+    async with open_peers(net, "ab") as p, trio.open_nursery() as nursery:
+        nursery.start_soon(collect, p["b"])
+        for i in range(10):
+            await p["a"].publish(b"%d" % i)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert arrivals == pytest.approx([LATENCY] * 8 + late)
+
+
 async def test_transport_satisfies_protocol(autojump_clock: trio.testing.MockClock) -> None:
     async with open_peers(MemoryNetwork(), ["a"]) as p:
         assert isinstance(p["a"], Transport)
@@ -129,6 +166,26 @@ async def test_receiver_rejection_drops_counts_and_penalises(
         assert b.stats().announcements_in == 1
         assert b.penalties("a") == 1
         assert b.penalties("c") == 0
+
+
+async def test_third_invalid_message_gates_the_origin_for_a_while(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    line(net, "a", "b")
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(net.open_transport("a", accept))
+        b = await stack.enter_async_context(net.open_transport("b", reject_bad))
+        for i in range(3):
+            await a.publish(b"bad %d" % i)
+        await a.publish(b"good 0")  # arrives right after the 3rd invalid one: gated
+        await trio.sleep(15)
+        await a.publish(b"good 1")  # 3 x 0.99**15 = 2.58: still gated
+        await trio.sleep(5)
+        await a.publish(b"good 2")  # 3 x 0.99**20 = 2.45: through
+        await trio.sleep(1)
+        assert pending(b) == [b"good 2"]
+        assert (b.stats().rejected_in, b.gated, b.penalties("a")) == (3, 2, 3)
 
 
 async def test_validator_exceptions_of_any_type_reject(

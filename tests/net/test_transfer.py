@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,6 +30,7 @@ from p2pfl.errors import (
     TransferError,
     TransferTimeout,
 )
+from p2pfl.net import tuning
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.transfer import (
     PROTOCOL_ID,
@@ -351,3 +354,90 @@ async def test_full_queue_answers_busy() -> None:
         with pytest.raises(TransferError, match="BUSY") as caught:
             await fetch_payload(net.client, net.server_id, sha(b"x"), max_size=10, timeout=5)
         assert type(caught.value) is TransferError
+
+
+# ---------------------------------------------------------------------------- tuning
+
+STOCK_PEER = """
+import hashlib, sys, trio
+from p2pfl.config import Limits
+from p2pfl.net import tuning
+tuning.disable()
+from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
+
+async def main():
+    payload = bytes(range(256)) * 40_000  # ~10 MB: many frames and Noise messages
+    store = PayloadStore(max_total_bytes=len(payload))
+    store.put(hashlib.sha256(payload).digest(), payload)
+    async with open_host(bytes([7]) * 32) as host:
+        install_update_protocol(host, store, limits=Limits())
+        knobs = ",".join(tuning.applied()) or "stock"
+        print(listen_addrs(host)[0], hashlib.sha256(payload).hexdigest(), knobs, flush=True)
+        addr, digest, size = (await trio.to_thread.run_sync(sys.stdin.readline)).split()
+        peer = await connect(host, addr, timeout=10)
+        got = await fetch_payload(host, peer, bytes.fromhex(digest), max_size=int(size), timeout=30)
+        print("stock pulled", len(got), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+
+trio.run(main)
+"""
+
+
+async def test_tuned_and_stock_peers_interoperate(net: Net) -> None:
+    # This process runs with every knob (open_host applied them); the child with none.
+    assert set(tuning.applied()) == set(tuning.KNOBS)
+    payload = os.urandom(12 * MiB + 7)
+    net.store.put(sha(payload), payload)
+    child = await trio.lowlevel.open_process(
+        [sys.executable, "-c", STOCK_PEER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PY_YAMUX_")},
+    )
+    try:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        lines = TextLines(child.stdout)
+        with trio.fail_after(30):
+            addr, digest, knobs = (await lines.next()).split()
+            assert knobs == "stock"
+            peer = await connect(net.client, addr, timeout=10)
+            stock_payload = await fetch_payload(
+                net.client, peer, bytes.fromhex(digest), max_size=20 * MiB, timeout=20
+            )
+            assert sha(stock_payload).hex() == digest  # stock writer -> tuned reader
+            await connect(net.server, addr, timeout=10)
+            line = f"{listen_addrs(net.server)[0]} {sha(payload).hex()} {len(payload)}\n"
+            await child.stdin.send_all(line.encode())
+            assert await lines.next() == f"stock pulled {len(payload)}"  # tuned -> stock
+            await child.stdin.send_all(b"bye\n")
+            assert await child.wait() == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            with trio.CancelScope(shield=True):
+                await child.wait()
+
+
+class TextLines:
+    """Read text lines from a trio receive stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.pending = stream, b""
+
+    async def next(self) -> str:
+        while b"\n" not in self.pending:
+            chunk = await self.stream.receive_some()
+            if not chunk:
+                raise EOFError("child exited")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode().strip()
+
+
+def test_tuning_apply_is_idempotent() -> None:
+    before = tuning.applied()
+    tuning.apply()
+    tuning.apply(["malloc"])
+    assert tuning.applied() == before
