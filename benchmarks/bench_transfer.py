@@ -85,9 +85,19 @@ class Proc:
 
 
 @contextlib.contextmanager
-def holders(count: int, sizes: list[int], tuning: str, slots: int) -> Iterator[list[dict[str, Any]]]:
+def holders(
+    count: int, sizes: list[int], tuning: str, slots: int
+) -> Iterator[list[dict[str, Any]]]:
     procs = [
-        Proc("holder", "--tuning", tuning, "--sizes", ",".join(map(str, sizes)), "--slots", str(slots))
+        Proc(
+            "holder",
+            "--tuning",
+            tuning,
+            "--sizes",
+            ",".join(map(str, sizes)),
+            "--slots",
+            str(slots),
+        )
         for _ in range(count)
     ]
     try:
@@ -229,6 +239,14 @@ def child(args: argparse.Namespace, tuning: str, pullers: int, sizes: list[int])
 # ---------------------------------------------------------------------------- report
 
 
+def label(tuning: str) -> str:
+    """Name a mode by its last knob (sweeps add knobs one at a time)."""
+    knobs = tuning.split(",")
+    if len(knobs) == 1 or tuning.startswith("all but"):
+        return tuning
+    return f"+{knobs[-1]} ({len(knobs)} knobs)"
+
+
 def print_single(results: list[dict[str, Any]]) -> None:
     print("\nSingle stream, one holder process -> this process (median of repeats, MB/s)")
     print("(CPU: milliseconds of process CPU per MB moved, client side and holder side)")
@@ -237,7 +255,7 @@ def print_single(results: list[dict[str, Any]]) -> None:
     for r in results:
         for size, row in r["single"].items():
             print(
-                f"{r['tuning']:<28}{size:>8}{row['p2p']:>9.1f}{row['tcp']:>9.1f}"
+                f"{label(r['tuning']):<28}{size:>8}{row['p2p']:>9.1f}{row['tcp']:>9.1f}"
                 f"{row['p2p'] / row['tcp']:>10.1%}{row['cpu_client']:>9.2f}{row['cpu_holder']:>9.2f}"
             )
 
@@ -255,24 +273,36 @@ def print_aggregate(results: list[dict[str, Any]], args: argparse.Namespace) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tuning", default="both", help="both | all | none | knob,knob")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
+    parser.add_argument(
+        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100]
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pullers", type=int, default=7)
     parser.add_argument("--holders", type=int, default=4)
     parser.add_argument("--agg-size", type=int, default=100)
     parser.add_argument("--slots", type=int, default=4, help="concurrent serves per holder")
-    parser.add_argument("--knob-sweep", action="store_true", help="100 MB single stream per knob set")
+    parser.add_argument(
+        "--knob-sweep", action="store_true", help="100 MB single stream per knob set"
+    )
+    parser.add_argument(
+        "--ablation", action="store_true", help="100 MB: all knobs, then all but one"
+    )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.json:
         print(json.dumps(run_mode(args)))
         return
-    if args.knob_sweep:
-        from p2pfl.net.tuning import KNOBS
+    from p2pfl.net.tuning import KNOBS
 
-        names = list(KNOBS)
+    names = list(KNOBS)
+    if args.knob_sweep:
         modes = ["none"] + [",".join(names[: i + 1]) for i in range(len(names))]
         results = [child(args, m, 0, [100]) for m in modes]
+    elif args.ablation:
+        modes = ["all"] + [",".join(n for n in names if n != left) for left in names]
+        results = [child(args, m, 0, [100]) for m in modes]
+        for r, left in zip(results[1:], names, strict=True):
+            r["tuning"] = f"all but {left}"
     else:
         modes = ["none", "all"] if args.tuning == "both" else [args.tuning]
         results = [child(args, m, args.pullers, args.sizes) for m in modes]

@@ -23,7 +23,9 @@ libp2p, trio, cbor2, ecdsa and torch are translated where they enter.
             ├── TransferTimeout     the deadline passed (stalled or frozen peer)
             ├── PayloadTooLarge     declared or actual size above the configured cap
             ├── PayloadNotFound     the peer does not hold that digest
-            └── ProtocolViolation   wrong status, wrong length, garbage, early EOF, reset
+            ├── ProtocolViolation   wrong status, wrong length, garbage, early EOF, reset
+            │   └── TamperedPayload the bytes served do not hash to the requested digest
+            └── PeerBusy            the peer is serving too many others; try another holder
 
 A misbehaving peer never raises through the node: its input becomes reputation
 evidence and is dropped.
@@ -108,6 +110,14 @@ class ProtocolViolation(TransferError):
     """The peer broke the transfer protocol (bad status, wrong length, garbage, EOF)."""
 
 
+class TamperedPayload(ProtocolViolation):
+    """The peer served bytes that do not hash to the requested digest: never an accident."""
+
+
+class PeerBusy(TransferError):
+    """The peer is serving too many others; another holder may answer."""
+
+
 __all__ = [
     "AggregationError",
     "ConfigError",
@@ -121,8 +131,10 @@ __all__ = [
     "PayloadNotFound",
     "PayloadTooLarge",
     "PeerUnreachable",
+    "PeerBusy",
     "ProtocolViolation",
     "SignerMismatch",
+    "TamperedPayload",
     "TransferError",
     "TransferTimeout",
     "UnsupportedVersion",

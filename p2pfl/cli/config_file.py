@@ -40,11 +40,23 @@ class TrainConfig:
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        require(self.task == "digits", "train.task", "only 'digits' is built in; embed a Node for your own task")
-        require(self.partition in ("iid", "dirichlet", "shards"), "train.partition", "choose iid, dirichlet or shards")
+        require(
+            self.task == "digits",
+            "train.task",
+            "only 'digits' is built in; embed a Node for your own task",
+        )
+        require(
+            self.partition in ("iid", "dirichlet", "shards"),
+            "train.partition",
+            "choose iid, dirichlet or shards",
+        )
         require(self.alpha > 0, "train.alpha", "must be > 0")
         require(self.num_nodes >= 1, "train.num_nodes", "must be >= 1")
-        require(0 <= self.node_index < self.num_nodes, "train.node_index", f"must be in [0, {self.num_nodes})")
+        require(
+            0 <= self.node_index < self.num_nodes,
+            "train.node_index",
+            f"must be in [0, {self.num_nodes})",
+        )
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr > 0, "train.lr", "must be > 0")
@@ -82,7 +94,19 @@ def load_daemon_config(path: Path) -> DaemonConfig:
 def _daemon_config(data: Mapping[str, Any], *, base: Path) -> DaemonConfig:
     _check_keys(data, SECTIONS, "the top level")
     node = dict(data.get("node", {}))
-    _check_keys(node, ("network_id", "key_file", "data_dir", "rounds", "http_port", "exit_when_done", "ban_seconds"), "[node]")
+    _check_keys(
+        node,
+        (
+            "network_id",
+            "key_file",
+            "data_dir",
+            "rounds",
+            "http_port",
+            "exit_when_done",
+            "ban_seconds",
+        ),
+        "[node]",
+    )
     if "key_file" not in node:
         raise ConfigError("[node] key_file is required (p2pfl keygen writes one)")
     aggregation = dict(data.get("aggregation", {}))
@@ -104,9 +128,17 @@ def _daemon_config(data: Mapping[str, Any], *, base: Path) -> DaemonConfig:
         "[node]",
     )
     http_port = node.get("http_port", 9100)
-    require(http_port is None or (isinstance(http_port, int) and 0 <= http_port < 65536), "[node] http_port", "must be a TCP port (0 = off)")
+    require(
+        http_port is None or (isinstance(http_port, int) and 0 <= http_port < 65536),
+        "[node] http_port",
+        "must be a TCP port (0 = off)",
+    )
     rounds = node.get("rounds")
-    require(rounds is None or (isinstance(rounds, int) and rounds >= 1), "[node] rounds", "must be a positive integer (omit to run until stopped)")
+    require(
+        rounds is None or (isinstance(rounds, int) and rounds >= 1),
+        "[node] rounds",
+        "must be a positive integer (omit to run until stopped)",
+    )
     return DaemonConfig(
         key_file=_path(node["key_file"], base),
         http_port=http_port or None,

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from p2pfl.cli import status, testnet
 
     parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     keygen = commands.add_parser("keygen", help="create a node key file")

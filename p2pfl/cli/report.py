@@ -64,7 +64,8 @@ def _node_entry(index: int, status: Mapping[str, Any], attacker: bool) -> dict[s
         "role": "byzantine" if attacker else "honest",
         "attack": status.get("byzantine"),
         "state": status.get("state"),
-        "rounds_completed": len(history),
+        "rounds_trained": len(history),  # fewer than round_reached after a catch-up
+        "round_reached": status.get("round", len(history)),
         "final_accuracy": last.get("accuracy", status.get("accuracy")),
         "final_loss": last.get("loss", status.get("loss")),
         "mean_round_seconds": statistics.fmean(durations) if durations else None,
@@ -179,7 +180,7 @@ def _plot_accuracy(report: Mapping[str, Any], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     # tab10 without its red (index 3): red means byzantine in every p2pfl picture.
-    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 3]
+    palette = [colormaps["tab10"](i) for i in range(10) if i != 3]
     label_each = len(report["nodes"]) <= 12
     fig = Figure(figsize=(9.5 if label_each else 8, 5), dpi=110)
     ax = fig.add_subplot()
@@ -187,10 +188,11 @@ def _plot_accuracy(report: Mapping[str, Any], path: Path) -> Path:
         xs, ys = _known(node["rounds"], node["accuracy"])
         name = f"n{node['index']} {node['short_id']}"
         if node["role"] == "byzantine":
-            ax.plot(xs, ys, "--", color="tab:red", linewidth=1.5, label=f"{name} (byzantine)" if label_each else None)
+            ax.plot(xs, ys, "--", marker="o", markersize=3, color="tab:red", linewidth=1.5, label=f"{name} (byzantine)" if label_each else None)
         else:
             color = palette[node["index"] % len(palette)]
-            ax.plot(xs, ys, "-", color=color, linewidth=1.0, alpha=0.8, label=name if label_each else None)
+            # Markers: a node that caught up may have a single point, invisible as a line.
+            ax.plot(xs, ys, "-", marker="o", markersize=3, color=color, linewidth=1.0, alpha=0.8, label=name if label_each else None)
     xs, ys = _known([r["round"] for r in report["per_round"]], [r["honest_mean_accuracy"] for r in report["per_round"]])
     ax.plot(xs, ys, "-", color="black", linewidth=3, label="honest mean")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -275,7 +277,7 @@ def _annotate(ax: Any, scores: Any, weights: list[list[float | None]]) -> None:
 def render_summary(report: Mapping[str, Any]) -> str:
     """Render the report for a terminal: node table, reputation matrix, verdict."""
     sections = [_node_table(report["nodes"])]
-    if report["reputation"]["observers"]:
+    if any(v is not None for row in report["reputation"]["score"] for v in row):
         sections.append(_matrix_text(report))
     sections.append(_verdict(report))
     return "\n\n".join(sections)
@@ -288,15 +290,16 @@ def _node_table(nodes: list[Mapping[str, Any]]) -> str:
             n["short_id"],
             n["role"] + (f" ({n['attack']})" if n.get("attack") else ""),
             fmt_pct(n["final_accuracy"]),
-            str(n["rounds_completed"]),
+            str(n["round_reached"]),
+            str(n["rounds_trained"]),
             fmt_float(n["mean_round_seconds"], 2),
             f"{n['bytes_in'] / MB:.2f}",
             f"{n['bytes_out'] / MB:.2f}",
         ]
         for n in nodes
     ]
-    headers = ["#", "peer", "role", "accuracy", "rounds", "s/round", "MB in", "MB out"]
-    return table(headers, rows, align="lllrrrrr")
+    headers = ["#", "peer", "role", "accuracy", "round", "trained", "s/round", "MB in", "MB out"]
+    return table(headers, rows, align="lllrrrrrr")
 
 
 def _matrix_text(report: Mapping[str, Any]) -> str:

@@ -12,6 +12,7 @@ import argparse
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -107,16 +108,19 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
         batch_size=args.batch_size,
     )
-    _check_rule(plan.rule)
+    _check_names(plan)
     return plan
 
 
-def _check_rule(rule: str) -> None:
-    try:
-        from p2pfl.core.aggregation import RULES
-    except ImportError:  # aggregation not built yet: the node's config loader will judge
-        return
-    require(rule in RULES, "--rule", f"unknown rule {rule!r}; choose one of {', '.join(sorted(RULES))}")
+def _check_names(plan: TestnetPlan) -> None:
+    """Refuse unknown rules and attacks here, not in N node logs a few seconds later."""
+    from p2pfl.attacks import ATTACKS
+    from p2pfl.core.aggregation import RULES
+
+    require(plan.rule in RULES, "--rule", f"unknown rule {plan.rule!r}; choose one of {', '.join(sorted(RULES))}")
+    if plan.attack:
+        require(plan.attack in ATTACKS, "--attack",
+                f"unknown attack {plan.attack!r}; choose one of {', '.join(sorted(ATTACKS))}")
 
 
 def testnet_command(args: argparse.Namespace) -> int:
@@ -260,10 +264,16 @@ def write_configs(plan: TestnetPlan) -> tuple[list[str], list[int], list[Path]]:
     from p2pfl.core.crypto import Identity
 
     peer_ids = []
-    for index in range(plan.nodes):
-        identity = Identity.generate()
-        identity.save(plan.out / "keys" / f"node{index}.pem")
-        peer_ids.append(identity.peer_id)
+    crypto_log = logging.getLogger("p2pfl.core.crypto")
+    level = crypto_log.level
+    crypto_log.setLevel(logging.WARNING)  # one "wrote key file" line per node is noise here
+    try:
+        for index in range(plan.nodes):
+            identity = Identity.generate()
+            identity.save(plan.out / "keys" / f"node{index}.pem")
+            peer_ids.append(identity.peer_id)
+    finally:
+        crypto_log.setLevel(level)
     ports = pick_ports(2 * plan.nodes, plan.base_port)
     paths = []
     for index in range(plan.nodes):
@@ -296,6 +306,7 @@ class NodeProcesses:
         """Stop children with SIGTERM, then SIGKILL after ``grace`` seconds."""
         self.grace = grace
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed = 0  # processes that needed SIGKILL when the context closed
         self._logs: list[IO[bytes]] = []
 
     def __enter__(self) -> NodeProcesses:
@@ -305,7 +316,7 @@ class NodeProcesses:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.stop_all()
+        self.killed = self.stop_all()
         atexit.unregister(self.stop_all)
 
     def spawn(self, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -338,13 +349,18 @@ class NodeProcesses:
             return None
         return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
 
-    def stop_all(self) -> None:
-        """SIGTERM every group, wait up to ``grace`` s, SIGKILL what is left, reap all."""
+    def stop_all(self) -> int:
+        """SIGTERM every group, wait up to ``grace`` s, SIGKILL what is left, reap all.
+
+        Returns:
+            how many processes had to be killed with SIGKILL.
+        """
         live = [p for p in self.procs if p.returncode is None]
         self._signal_groups(live, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline and any(self.exited(p) is None for p in live):
             time.sleep(0.05)
+        stubborn = sum(self.exited(p) is None for p in live)
         # Also kills grandchildren left in a group whose leader already exited.
         self._signal_groups(live, signal.SIGKILL)
         for proc in live:
@@ -353,6 +369,7 @@ class NodeProcesses:
         for log in self._logs:
             log.close()
         self._logs.clear()
+        return stubborn
 
     @staticmethod
     def _signal_groups(procs: Sequence[subprocess.Popen[bytes]], signum: signal.Signals) -> None:
@@ -361,12 +378,21 @@ class NodeProcesses:
                 os.killpg(proc.pid, signum)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: stop like Ctrl-C, exit with 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        """Record which signal asked us to stop."""
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def termination_as_exit() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit so cleanup runs (Python skips it by default)."""
+def termination_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` so cleanup runs (Python skips it by default)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed on the main thread
@@ -427,13 +453,20 @@ class NodeView:
     status: dict[str, Any] | None = None
     exit_code: int | None = None
 
-    def completed(self) -> int:
-        """Return the number of finished rounds this node has reported."""
-        return len(self.status.get("history") or []) if self.status else 0
+    def completed(self, rounds: int) -> int:
+        """Return how many of the ``rounds`` this node is past (caught-up rounds count)."""
+        if self.status is None:
+            return 0
+        if self.status.get("state") == "done":
+            return rounds
+        # `round` is the next round to run (0-based), i.e. the rounds behind the node;
+        # len(history) would undercount a node that caught up and skipped rounds.
+        reached = self.status.get("round")
+        return min(rounds, reached if isinstance(reached, int) else len(self.status.get("history") or []))
 
     def finished(self, rounds: int) -> bool:
-        """Return True once the node reports state "done" or ``rounds`` finished rounds."""
-        return self.status is not None and (self.status.get("state") == "done" or self.completed() >= rounds)
+        """Return True once the node reports state "done" or has reached round ``rounds``."""
+        return self.completed(rounds) >= rounds
 
 
 def run_testnet(plan: TestnetPlan) -> int:
@@ -447,16 +480,22 @@ def run_testnet(plan: TestnetPlan) -> int:
     ]
     print(_banner(plan), flush=True)
     started = time.monotonic()
-    with termination_as_exit(), NodeProcesses() as procs:
+    interrupt_code = 0
+    with termination_as_interrupt(), NodeProcesses() as procs:
         try:
             env = node_env()
             for view, path in zip(views, paths, strict=True):
                 view.proc = procs.spawn(node_argv(path), view.log, env)
             outcome = _watch(plan, views, procs, started)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP via Terminated
             outcome = "interrupted"
+            interrupt_code = 128 + exc.signum if isinstance(exc, Terminated) else 130
         print(f"{outcome}: stopping {plan.nodes} nodes (SIGTERM, SIGKILL after {procs.grace:.0f} s) ...", flush=True)
-    return _finish(plan, views, outcome, time.monotonic() - started)
+        stopping = time.monotonic()
+    killed = f", {procs.killed} needed SIGKILL" if procs.killed else ""
+    print(f"all nodes stopped in {time.monotonic() - stopping:.1f} s{killed}", flush=True)
+    code = _finish(plan, views, outcome, time.monotonic() - started)
+    return interrupt_code or code
 
 
 def _banner(plan: TestnetPlan) -> str:
@@ -538,7 +577,7 @@ class _Progress:
             self.block.update(self.table(views))
             return
         now = time.monotonic()
-        key = tuple((v.completed(), v.status is not None, v.exit_code) for v in views)
+        key = tuple((v.completed(self.plan.rounds), v.status is not None, v.exit_code) for v in views)
         changed = key != self.last_key
         if (changed and (final or now - self.last_print >= 1.0)) or now - self.last_print >= HEARTBEAT:
             print(self.line(views), flush=True)
@@ -549,7 +588,7 @@ class _Progress:
 
     def table(self, views: list[NodeView]) -> str:
         rows = [
-            [f"n{v.index}", short_id(v.peer_id), v.role, _state(v).ljust(11), f"{v.completed()}/{self.plan.rounds}",
+            [f"n{v.index}", short_id(v.peer_id), v.role, _state(v).ljust(11), f"{v.completed(self.plan.rounds)}/{self.plan.rounds}",
              fmt_pct(v.status.get("accuracy") if v.status else None),
              str(len(v.status.get("neighbours") or [])) if v.status else "-"]
             for v in views
@@ -558,7 +597,7 @@ class _Progress:
         return f"elapsed {self.elapsed()}\n{body}\n{_honest_line(views, self.plan.rounds)}"
 
     def line(self, views: list[NodeView]) -> str:
-        done = [v.completed() for v in views if v.exit_code is None]
+        done = [v.completed(self.plan.rounds) for v in views if v.exit_code is None]
         rounds = f"{min(done)}-{max(done)}" if done and min(done) != max(done) else str(done[0] if done else 0)
         up = sum(v.status is not None and v.exit_code is None for v in views)
         return f"[{self.elapsed()}] up {up}/{len(views)}  rounds {rounds}/{self.plan.rounds}  {_honest_line(views, self.plan.rounds)}"
@@ -601,8 +640,6 @@ def _finish(plan: TestnetPlan, views: list[NodeView], outcome: str, wall: float)
     if early:
         print(f"nodes that exited early: {', '.join(f'{k} (code {c})' for k, c in early.items())}")
     print("report: " + "  ".join(str(p) for p in [*written, plan.out / "statuses.json"]))
-    if outcome == "interrupted":
-        return 130
     return 0 if outcome == "done" and not early else 1
 
 __all__ = [

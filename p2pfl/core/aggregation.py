@@ -333,11 +333,55 @@ def _default_trim(k: int) -> int:
     return min(math.ceil(DEFAULT_BYZANTINE_FRACTION * k), (k - 1) // 2)
 
 
-def _relative_distance_trust(inp: _Inputs, v: torch.Tensor) -> torch.Tensor:
-    """Return min(1, r / ||x_j - v||), r the median distance of the participants to v."""
-    dist = _distances(inp.rows, v)
+def _relative_distance_trust(inp: _Inputs, dist: torch.Tensor) -> torch.Tensor:
+    """Return min(1, r / dist_j) for the neighbours, r the participants' median distance."""
     reference = torch.quantile(dist[inp.taking_part], 0.5)
     return _ratio(reference, dist[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Points v = own + c @ D (D: rows centred on own), measured via the Gram matrix.
+
+    Iterative rules (geomed, centered_clip, ios) only form affine combinations of the
+    rows, so with coefficients ``c`` each iteration costs O(n^2) instead of passes over
+    all d parameters, and the vector is built once at the end. Centring on own keeps the
+    Gram entries at the scale of the spread, so the distance formula does not cancel.
+    """
+
+    own: torch.Tensor  # (d,)
+    centred: torch.Tensor  # (n+1, d)
+    gram: torch.Tensor  # (n+1, n+1), float64
+    own_dots: torch.Tensor  # (n+1,) float64: D @ own, for ||v||
+
+    @classmethod
+    def of(cls, inp: _Inputs) -> _Span:
+        centred = inp.rows - inp.own
+        gram = (centred @ centred.T).to(torch.float64)
+        return cls(inp.own, centred, gram, (centred @ inp.own).to(torch.float64))
+
+    def distances(self, c: torch.Tensor) -> torch.Tensor:
+        """Return ||x_i - v|| for every row i, v = own + c @ D."""
+        gc = self.gram @ c
+        return (self.gram.diagonal() - 2 * gc + c @ gc).clamp_min(0).sqrt()
+
+    def norm(self, c: torch.Tensor) -> float:
+        """Return ||c @ D||."""
+        return float((c @ self.gram @ c).clamp_min(0).sqrt())
+
+    def point_norm(self, c: torch.Tensor) -> float:
+        """Return ||own + c @ D||."""
+        own_sq = float(self.own.to(torch.float64).square().sum())
+        return math.sqrt(max(0.0, own_sq + 2 * float(c @ self.own_dots)) + self.norm(c) ** 2)
+
+    def point(self, c: torch.Tensor) -> torch.Tensor:
+        return self.own + c.to(self.centred.dtype) @ self.centred
+
+
+def _mean_coefficients(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return the coefficients of the weighted mean of the masked rows (plain if all 0)."""
+    wm = w * mask
+    return wm / wm.sum() if wm.sum() > 0 else mask.to(w.dtype) / mask.sum()
 
 
 def _band_trust(inp: _Inputs, low: torch.Tensor, high: torch.Tensor, kept: float) -> torch.Tensor:
@@ -409,7 +453,7 @@ def median(inp: _Inputs) -> tuple[torch.Tensor, torch.Tensor, None]:
     k = s.shape[0]
     low, high = s[(k - 1) // 2], s[k // 2]
     v = low + (high - low) / 2
-    return v, _relative_distance_trust(inp, v), None
+    return v, _relative_distance_trust(inp, _distances(inp.rows, v)), None
 
 
 @rule("trimmed_mean")
@@ -432,9 +476,8 @@ def _krum_scores(inp: _Inputs, f: int) -> torch.Tensor:
     mask = inp.taking_part
     k = int(mask.sum())
     if k == 1:
-        return torch.zeros(len(inp.rows), dtype=inp.rows.dtype)
-    centred = inp.rows - inp.own  # centring on own avoids cancellation in the Gram trick
-    gram = centred @ centred.T  # (n+1, n+1)
+        return torch.zeros(len(inp.rows), dtype=torch.float64)
+    gram = _Span.of(inp).gram  # (n+1, n+1)
     sq = gram.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     d2[:, ~mask] = math.inf  # scores count distances to participants only
@@ -447,7 +490,7 @@ def _best(inp: _Inputs, scores: torch.Tensor, m: int) -> torch.Tensor:
     """Mark rows scoring no worse than the m-th best participant (ties all included)."""
     boundary = torch.sort(scores[inp.taking_part]).values[m - 1]
     # Candidates tied with the m-th best are all selected, so neighbour order never matters.
-    tol = boundary.abs() * torch.finfo(scores.dtype).eps * 64
+    tol = boundary.abs() * torch.finfo(inp.rows.dtype).eps * 64  # Gram in the model's dtype
     return (scores <= boundary + tol) & torch.cat([torch.ones(1, dtype=torch.bool), inp.finite])
 
 
@@ -462,7 +505,7 @@ def _krum(inp: _Inputs, f: int | None, m: int | None) -> tuple[torch.Tensor, tor
     # Distance units (scores are squared): a neighbour just past the cut scores near 1.
     boundary = torch.sort(scores[inp.taking_part]).values[k - f - 1]
     trust = torch.where(used, 1.0, _ratio(boundary.sqrt(), scores.sqrt()))
-    return _weighted_mean(inp.rows[used], inp.weights[used]), trust[1:], None
+    return _weighted_mean(inp.rows[used], inp.weights[used]), trust[1:].to(inp.rows.dtype), None
 
 
 @rule("krum")
@@ -508,20 +551,18 @@ def geomed(
     the median participant's.
     """
     nu = _number(nu, "nu", 0.0)
-    tol = _number(tol, "tol", 0.0)
+    tol = max(_number(tol, "tol", 0.0), 8 * torch.finfo(inp.rows.dtype).eps)
     iters = _count(iters, "iters", 100, 10_000)
-    rows, w = inp.participants()
-    if w.sum() <= 0:
-        w = torch.ones_like(w)
-    v = _weighted_mean(rows, w)
-    tol = max(tol, 8 * torch.finfo(v.dtype).eps)  # float32 cannot resolve smaller steps
+    span, mask = _Span.of(inp), inp.taking_part
+    w = inp.weights.to(torch.float64) * mask
+    w = w if w.sum() > 0 else mask.to(torch.float64)
+    c = w / w.sum()  # start from the weighted mean
     for _ in range(iters):
-        beta = w / _distances(rows, v).clamp_min(max(nu, torch.finfo(v.dtype).tiny))
-        step = (beta / beta.sum()) @ rows - v
-        v = v + step
-        if float(torch.linalg.vector_norm(step)) <= tol * max(1.0, float(v.norm())):
+        beta = w / span.distances(c).clamp_min(max(nu, torch.finfo(torch.float64).tiny))
+        step, c = span.norm(beta / beta.sum() - c), beta / beta.sum()
+        if step <= tol * max(1.0, span.point_norm(c)):
             break
-    return v, _relative_distance_trust(inp, v), None
+    return span.point(c), _relative_distance_trust(inp, span.distances(c)), None
 
 
 def _radius(inp: _Inputs, dist: torch.Tensor, tau: float | None, delta: float) -> float:
@@ -549,16 +590,18 @@ def centered_clip(
     iteration.
     """
     iters = _count(iters, "iters", 3, 10_000)
-    rows, w = inp.participants()
-    tau_ = _radius(inp, _distances(inp.neighbours, inp.own), tau, delta)
-    w = w / w.sum() if w.sum() > 0 else torch.zeros_like(w)
-    v, centre = inp.own.clone(), inp.own
+    span = _Span.of(inp)
+    c = torch.zeros(len(inp.rows), dtype=torch.float64)  # v = own
+    tau_ = _radius(inp, span.distances(c)[1:], tau, delta)
+    w = inp.weights.to(torch.float64)
+    w = w / w.sum() if w.sum() > 0 else w
+    centre = c
     for _ in range(iters):
-        centre = v
-        diffs = rows - centre  # (k, d)
-        scale = _ratio(tau_, torch.linalg.vector_norm(diffs, dim=1))
-        v = centre + (w * scale) @ diffs
-    return v, _ratio(tau_, _distances(inp.neighbours, centre)), tau_
+        centre = c
+        # v + sum_i s_i (x_i - v) with x_i - v = (e_i - c) @ D
+        s = w * _ratio(tau_, span.distances(c))
+        c = c * (1 - s.sum()) + s
+    return span.point(c), _ratio(tau_, span.distances(centre)[1:]).to(inp.rows.dtype), tau_
 
 
 @rule("clipped_gossip")
@@ -639,17 +682,19 @@ def ios(inp: _Inputs, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
     kept = inp.taking_part
     n = int(kept.sum()) - 1
     f = _count(f, "f", math.ceil(DEFAULT_BYZANTINE_FRACTION * n), max(0, n - 1))
+    span, w = _Span.of(inp), inp.weights.to(torch.float64)
     for _ in range(f):
-        dist = _distances(inp.rows, _weighted_mean(inp.rows[kept], inp.weights[kept]))
+        dist = span.distances(_mean_coefficients(w, kept))
         dist[~kept] = -math.inf
         dist[0] = -math.inf  # the own model is never removed
         if float(dist.max()) <= 0:
             break  # every candidate sits on the mean: nothing to scissor
         far = torch.nonzero(dist == dist.max()).flatten()
-        kept[far[torch.argmax(inp.weights[far])]] = False
-    v = _weighted_mean(inp.rows[kept], inp.weights[kept])
-    dist = _distances(inp.rows, v)
-    return v, torch.where(kept[1:], 1.0, _ratio(dist[kept].max(), dist[1:])), None
+        kept[far[torch.argmax(w[far])]] = False
+    c = _mean_coefficients(w, kept)
+    dist = span.distances(c)
+    trust = torch.where(kept[1:], 1.0, _ratio(dist[kept].max(), dist[1:]))
+    return span.point(c), trust.to(inp.rows.dtype), None
 
 
 __all__ = [

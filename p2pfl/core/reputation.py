@@ -86,6 +86,10 @@ class ReputationConfig:
     duplicate_strength: float = 1.0
     severe_penalty: float = 10.0  # Beta(1, 11) after a reset: score 0.083
     history_length: int = 64  # events kept per peer for `status`
+    # Robust rules clip or down-weight the farthest honest neighbours every round (the
+    # adaptive radius is a quantile of their distances). Only trust below this fraction
+    # counts against a peer; attackers far outside the honest spread land near 0.
+    clip_tolerance: float = 0.25
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -112,6 +116,15 @@ class ReputationConfig:
         require(self.threshold < 1, "reputation.threshold", "must be in [0, 1)")
         require(self.newcomer_cap <= 1, "reputation.newcomer_cap", "must be in [0, 1]")
         require(self.history_length >= 1, "reputation.history_length", "must be >= 1")
+        require(0 < self.clip_tolerance <= 1, "reputation.clip_tolerance", "must be in (0, 1]")
+
+    def evidence_from_trust(self, trust: float) -> tuple[Evidence, float]:
+        """Turn a rule's trust in one neighbour (``Aggregate.trust``) into evidence."""
+        if trust >= self.clip_tolerance:
+            return Evidence.ACCEPTED, 1.0
+        if trust > 0:
+            return Evidence.CLIPPED, 1.0 - trust / self.clip_tolerance
+        return Evidence.OUTLIER, 1.0
 
     @property
     def prior_good(self) -> float:
@@ -310,13 +323,19 @@ def _tally(value: Any) -> float:
     return float(value)
 
 
+def _unit(value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    _check(ok and 0 <= value <= 1, f"history amount/score {value!r} outside [0, 1]")
+    return float(value)
+
+
 def _event(peer: str, item: Any) -> ReputationEvent:
     _check(isinstance(item, list | tuple) and len(item) == 5, "bad history entry")
     round, evidence, amount, score, reason = item
     _check(isinstance(reason, str), "history reason must be a string")
-    numbers = (float(amount), float(score))
-    _check(all(0 <= x <= 1 for x in numbers), "history amount/score outside [0, 1]")
-    return ReputationEvent(_int(round), peer, Evidence(evidence), *numbers, reason)
+    return ReputationEvent(
+        _int(round), peer, Evidence(evidence), _unit(amount), _unit(score), reason
+    )
 
 
 def _peer_from(name: str, data: Any, config: ReputationConfig) -> _Peer:

@@ -50,8 +50,13 @@ def admit(
         return Admission(Decision.REJECT, Evidence.EQUIVOCATION, "two digests for one round")
     if observation is Observation.REPLAY:
         return Admission(Decision.REJECT, Evidence.REPLAY, "old update re-sent as new")
-    if observation is Observation.STALE or update_round < current_round - max_lag:
-        return Admission(Decision.IGNORE, Evidence.STALE, f"round {update_round} is stale")
+    if observation is Observation.STALE:
+        return Admission(
+            Decision.IGNORE, Evidence.STALE, f"round {update_round} re-sent long after"
+        )
+    if update_round < current_round - max_lag:
+        # Honest peers fall behind (slow machine, late join): not evidence by itself.
+        return Admission(Decision.IGNORE, reason=f"round {update_round} is behind")
     if update_round > current_round + max_lead:
         # A peer far ahead is not misbehaving by itself; the node may catch up instead.
         return Admission(Decision.IGNORE, reason=f"round {update_round} is far ahead")
@@ -71,11 +76,16 @@ class Received:
 
 
 class Inbox:
-    """Freshest verified update per neighbour, each used in at most one aggregation."""
+    """Verified neighbour updates by sender and round; each round of a peer used once.
 
-    def __init__(self, *, max_digests: int = 4096) -> None:
-        self._latest: dict[str, Received] = {}
-        self._used: dict[str, bytes] = {}  # peer -> digest of its update we last used
+    A peer ahead of us may deliver round r+1 before we close round r: we keep both, use
+    round r now and r+1 next time, so being ahead never makes a peer look absent.
+    """
+
+    def __init__(self, *, keep_rounds: int = 8, max_digests: int = 4096) -> None:
+        self._held: dict[str, dict[int, Received]] = {}
+        self._used_through: dict[str, int] = {}  # peer -> last round of it we aggregated
+        self._keep_rounds = keep_rounds
         self._authors: OrderedDict[bytes, str] = OrderedDict()
         self._max_digests = max_digests
 
@@ -88,46 +98,55 @@ class Inbox:
         return author
 
     def deliver(self, update: Received) -> None:
-        """Keep ``update`` if it is the sender's freshest."""
-        held = self._latest.get(update.sender)
-        if held is None or update.round > held.round:
-            self._latest[update.sender] = update
+        """Keep ``update`` unless that round of the peer was used already."""
+        if not self.wants(update.sender, update.round):
+            return
+        held = self._held.setdefault(update.sender, {})
+        held[update.round] = update
+        for old in sorted(held)[: -self._keep_rounds]:
+            del held[old]
 
     def wants(self, sender: str, update_round: int) -> bool:
-        """Whether an update of this round would be fresher than what we hold."""
-        held = self._latest.get(sender)
-        return held is None or update_round > held.round
+        """Whether an update of this round would be new to us."""
+        return update_round > self._used_through.get(
+            sender, -1
+        ) and update_round not in self._held.get(sender, {})
 
     def ready(self, expected: Collection[str], current_round: int, quorum: float) -> bool:
         """Whether enough expected neighbours delivered an unused update of this round or later."""
         if not expected:
             return True
-        fresh = sum(1 for peer in expected if self._fresh(peer, current_round, lag=0))
+        fresh = sum(
+            1 for peer in expected if self._unused(peer, current_round, current_round + 10**9)
+        )
         return fresh >= math.ceil(quorum * len(expected))
 
     def take(self, current_round: int, *, max_lag: int, max_lead: int) -> list[Received]:
-        """Return the unused updates usable in ``current_round`` and mark them used."""
-        chosen = [
-            update
-            for peer, update in sorted(self._latest.items())
-            if self._fresh(peer, current_round, lag=max_lag)
-            and update.round <= current_round + max_lead
-        ]
-        self._used.update((update.sender, update.digest) for update in chosen)
+        """Return one unused update per peer for ``current_round`` and mark them used.
+
+        Per peer: its latest round not after ours, else its earliest one ahead of ours.
+        """
+        chosen = []
+        for peer in sorted(self._held):
+            rounds = self._unused(peer, current_round - max_lag, current_round + max_lead)
+            if not rounds:
+                continue
+            behind = [r for r in rounds if r <= current_round]
+            pick = max(behind) if behind else min(rounds)
+            chosen.append(self._held[peer][pick])
+            self._used_through[peer] = pick
+            for old in [r for r in self._held[peer] if r <= pick]:
+                del self._held[peer][old]
         return chosen
 
     def latest(self) -> dict[str, Mapping[str, torch.Tensor]]:
         """The freshest state held from each peer."""
-        return {peer: update.state for peer, update in self._latest.items()}
+        return {peer: held[max(held)].state for peer, held in self._held.items() if held}
 
     def forget(self, peer: str) -> None:
         """Drop what we hold from ``peer`` (banned)."""
-        self._latest.pop(peer, None)
+        self._held.pop(peer, None)
 
-    def _fresh(self, peer: str, current_round: int, *, lag: int) -> bool:
-        update = self._latest.get(peer)
-        return (
-            update is not None
-            and update.round >= current_round - lag
-            and self._used.get(peer) != update.digest
-        )
+    def _unused(self, peer: str, low: int, high: int) -> list[int]:
+        used = self._used_through.get(peer, -1)
+        return [r for r in self._held.get(peer, {}) if low <= r <= high and r > used]

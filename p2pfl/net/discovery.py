@@ -303,7 +303,10 @@ class Neighbourhood:
         """Maintain neighbours forever (cancel to stop)."""
         while True:
             await trio.sleep(self.config.maintenance_interval)
-            await self.maintain()
+            try:
+                await self.maintain()
+            except Exception:  # a libp2p surprise must not take the node's network down
+                logger.exception("neighbour maintenance pass failed; retrying next interval")
 
     async def maintain(self) -> None:
         """Run one maintenance pass: drop banned/dead/surplus, then top up."""
@@ -333,9 +336,13 @@ class Neighbourhood:
 
     async def _top_up(self) -> None:
         need = self.book.target(self.config.target_neighbours) - len(self.neighbours())
+        # Dials are sequential and each may take dial_timeout: cap one pass's attempts so a
+        # book full of dead (or planted) addresses cannot stall maintenance.
+        attempts = 2 * need + 2
         for peer in self.book.candidates(trio.current_time(), exclude=self.connected()):
-            if need <= 0:
+            if need <= 0 or attempts <= 0:
                 break
+            attempts -= 1
             if await self._dial(peer):
                 need -= 1
 

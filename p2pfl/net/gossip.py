@@ -15,6 +15,8 @@ Topic ``p2pfl/<network-id>/updates/1``. Choices against py-libp2p 0.8.1 (LIBP2P_
 - Own publishes pass a token bucket (default 8 msg/s): GossipSub silently stops
   forwarding a peer's bursts above its per-topic rate (trap 5). Our receive-side limit
   is raised above that because a forwarder relays *everyone's* messages.
+- Own messages are flood-published to every subscribed neighbour (v1.1 ``floodPublish``,
+  see :class:`FloodPublishGossipSub`); forwarded ones follow the mesh.
 - Delivery: validated messages become :class:`~p2pfl.net.transport.Announcement` on a
   bounded memory channel (dropped and counted when full). Exact duplicates are stopped by
   GossipSub's seen-cache; re-announcements (same origin, same bytes, new seqno) by an LRU
@@ -27,7 +29,7 @@ import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,9 +277,40 @@ class Gossip:
         self.counters.bytes_in += len(data)
 
 
+class FloodPublishGossipSub(GossipSub):
+    """GossipSub that flood-publishes our *own* messages (GossipSub v1.1 ``floodPublish``).
+
+    py-libp2p 0.8.1 sends an own message to mesh peers only, so a freshly connected
+    neighbour (not yet GRAFTed, up to one heartbeat) only hears of it through IHAVE
+    gossip a heartbeat or two later. Sending own messages to every subscribed peer above
+    the publish threshold is what go/js-libp2p do by default; forwarding is unchanged.
+    Overrides a private method: pinned with the hardening patches to libp2p 0.8.1.
+    """
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterable[ID]:
+        topics = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if pubsub is None or msg_forwarder != pubsub.my_id:
+            return peers
+        for topic in topics:
+            for peer in pubsub.peer_topics.get(topic, ()):
+                if peer != origin and (
+                    self.scorer is None or self.scorer.allow_publish(peer, [topic])
+                ):
+                    peers.add(peer)
+        return peers
+
+
 def build_router(*, heartbeat_interval: float) -> GossipSub:
     """Return the GossipSub router p2pfl runs with."""
-    return GossipSub(
+    return FloodPublishGossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=6,
         degree_low=4,
@@ -331,6 +364,7 @@ async def open_gossip(
 
 __all__ = [
     "BoundedCache",
+    "FloodPublishGossipSub",
     "Gossip",
     "GossipCounters",
     "TokenBucket",

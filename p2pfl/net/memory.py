@@ -57,6 +57,7 @@ from p2pfl.errors import (
     PayloadTooLarge,
     PeerUnreachable,
     ProtocolViolation,
+    TamperedPayload,
     TransferTimeout,
 )
 from p2pfl.net.transport import Announcement, TrafficStats, Validator, sha256
@@ -307,7 +308,7 @@ class MemoryNetwork:
         fetcher._bytes_in += len(payload)
         server._bytes_out += len(payload)
         if not genuine and sha256(payload) != digest:
-            raise ProtocolViolation(
+            raise TamperedPayload(
                 f"{short(peer)} sent bytes whose sha256 is not {digest.hex()[:12]}"
             )
         return payload

@@ -6,35 +6,41 @@ peers (tuned and untuned nodes interoperate); it only changes how this process f
 buffers and allocates. Knobs that patch libp2p internals are pinned to
 :data:`PINNED_VERSION` and skipped, with a warning, on any other version.
 
-Knobs (figures: see the KNOB FIGURES block below, measured with
-``benchmarks/bench_transfer.py``):
+Figures: 100 MB pulls between two processes on loopback (``benchmarks/bench_transfer.py
+--knob-sweep`` / ``--ablation``, 2 shared, loaded cores), in ms of process CPU per MB,
+client (puller) / holder. Throughput on that machine swings 2-3x with other load, so
+CPU per MB is the figure to compare. Stock 0.8.1: 7.3 / 5.0 ms/MB (25-130 MB/s).
+All knobs: 2.9 / 1.5 ms/MB (130-250 MB/s). "Without" = all knobs but that one.
 
-``yamux_release_on_read``
+``yamux_release_on_read``  (without: 3.1 / 1.6)
     ``PY_YAMUX_RELEASE_ON_READ=0`` (only if unset): credit goes back in batched window
     updates instead of on every partial read.
-``malloc``
+``malloc``  (without: 3.8 / 1.6)
     glibc ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` and ``mallopt(M_TRIM_THRESHOLD,
     256 MiB)``: with big frames, buffers just above the dynamic mmap threshold are
-    otherwise mapped and unmapped on every frame (minor page faults, double CPU).
-    Skipped silently where glibc is absent.
-``yamux_frame`` (patch)
+    otherwise mapped and unmapped on every frame (minor page faults). Skipped silently
+    where glibc is absent.
+``yamux_frame`` (patch; without: 3.9 / 2.3; the largest single gain in the sweep)
     ``yamux.MAX_MESSAGE_SIZE`` 64 KiB -> 16 x 65,519 bytes. The stock 65,536-byte Yamux
     frame becomes two Noise messages (65,519 + 17 bytes); a frame of exactly sixteen
     full Noise messages cuts per-frame overhead 16-fold. Receivers accept any frame
     within the stream window, so stock peers are unaffected.
-``noise_reader`` (patch)
+``noise_reader`` (patch; without: 4.0 / 1.9)
     The Noise transport reader does two socket reads per message (length, then body)
     through a locked reader. Patched to read up to 256 KiB at a time and slice
     messages out of a buffer. Only the post-handshake reader buffers, so no handshake
     byte can be swallowed.
-``noise_writer`` (patch)
+``noise_writer`` (patch; without: 2.8 / 1.7, holder side only)
     A write larger than one Noise message is encrypted message by message and each is
     sent with its own locked ``send_all``. Patched to encrypt all messages first and
     send them with one ``send_all``: same bytes on the wire.
-``secure_read`` (patch)
+``secure_read`` (patch; without: 3.0 / 1.6)
     ``SecureSession.read(n)`` (Yamux reads each frame body through it) grows a
     bytearray message by message and copies it once more into ``bytes``. Patched to
     join the decrypted messages once.
+
+Tried without gain: hashing received chunks in a worker thread (2 cores are already
+busy with the two ends).
 """
 
 from __future__ import annotations
@@ -128,14 +134,17 @@ def _noise_reader() -> bool:
     from libp2p.security.noise.io import NoiseTransportReadWriter
 
     async def read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
-        # State: bytes received but not yet parsed, and the parse offset into them.
-        buf, pos = self.__dict__.get("_p2pfl_rx", (b"", 0))
+        # State kept on the reader (not in locals, so a cancelled read loses nothing):
+        # bytes received but not yet parsed, and the parse offset into them.
+        state = self.__dict__
         conn = self.read_writer.read_write_closer
         while True:
+            buf, pos = state.get("_p2pfl_rx", (b"", 0))
             if len(buf) - pos >= 2:
                 end = pos + 2 + int.from_bytes(buf[pos : pos + 2], "big")
                 if end <= len(buf):
-                    encrypted, pos = buf[pos + 2 : end], end
+                    encrypted = buf[pos + 2 : end]
+                    state["_p2pfl_rx"] = (buf, end)
                     break
             chunk = await conn.read(NOISE_READ_BYTES)
             if not chunk:
@@ -144,8 +153,7 @@ def _noise_reader() -> bool:
                     expected_bytes=2,
                     received_bytes=len(buf) - pos,
                 )
-            buf, pos = (buf[pos:] + chunk if pos < len(buf) else chunk), 0
-        self.__dict__["_p2pfl_rx"] = (buf, pos)
+            state["_p2pfl_rx"] = (buf[pos:] + chunk if pos < len(buf) else chunk), 0
         if prefix_encoded:
             encrypted = encrypted[len(self.prefix) :]
         return bytes(self.decrypt(encrypted))

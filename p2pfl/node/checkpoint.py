@@ -76,7 +76,9 @@ def load_checkpoint(directory: Path, *, limits: Limits) -> Checkpoint | None:
     except DecodeError as exc:
         raise DecodeError(f"checkpoint {path} is corrupt: {exc}") from exc
     except Exception as exc:  # cbor2 and field errors: name the file, keep the cause
-        raise DecodeError(f"checkpoint {path} is corrupt ({exc!r}); move it away to start fresh") from exc
+        raise DecodeError(
+            f"checkpoint {path} is corrupt ({exc!r}); move it away to start fresh"
+        ) from exc
 
 
 def _int(value: object) -> int:

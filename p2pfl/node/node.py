@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
@@ -46,6 +47,7 @@ from p2pfl.errors import (
     NetworkError,
     P2PFLError,
     SignerMismatch,
+    TamperedPayload,
     UnsupportedVersion,
     WrongNetwork,
 )
@@ -126,6 +128,7 @@ class Node:
         self._served: list[bytes] = []
         self._announced: dict[int, list[VerifiedHeader]] = {}
         self._delivered = trio.Event()
+        self._round_finished = trio.Event()
         self._fetch_limiter = trio.CapacityLimiter(_MAX_FETCHES)
         self._compute_limiter = trio.CapacityLimiter(1)
         self._transport: Transport | None = None
@@ -151,12 +154,18 @@ class Node:
         self._nursery.start_soon(self._announcement_loop)
         return self
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
-        assert self._stack is not None and self._nursery is not None
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._stack is not None
+        assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
         if self._state != "done":
             self._state = "stopped"
-        return await self._stack.__aexit__(*exc_info)
+        return await self._stack.__aexit__(exc_type, exc, traceback)
 
     @property
     def transport(self) -> Transport:
@@ -169,6 +178,11 @@ class Node:
     def round(self) -> int:
         """The round in progress, or the next one."""
         return self._round
+
+    async def wait_for_round(self, number: int) -> None:
+        """Return once round ``number`` has finished here (or a later one has)."""
+        while self._round <= number:
+            await self._round_finished.wait()
 
     # ------------------------------------------------------------------ rounds
 
@@ -211,9 +225,15 @@ class Node:
             )
         )
         self._round = number + 1
+        self._round_finished.set()
+        self._round_finished = trio.Event()
         log.info(
             "round %d: accuracy %.3f loss %.3f, %d neighbour updates, %.2f s",
-            number, metrics.accuracy, metrics.loss, used, self._history[-1].duration,
+            number,
+            metrics.accuracy,
+            metrics.loss,
+            used,
+            self._history[-1].duration,
         )
         await self._checkpoint()
 
@@ -265,7 +285,9 @@ class Node:
     async def _aggregate(self, number: int, own: dict[str, torch.Tensor], samples: int) -> int:
         settings = self.config.rounds
         updates = self._inbox.take(number, max_lag=settings.max_lag, max_lead=settings.max_lead)
-        updates = [u for u in updates if self._book.weight(u.sender) > 0]
+        # Peers below threshold still go through the rule, with weight 0: the trust it
+        # reports keeps them out, or lets them earn their way back.
+        updates = [u for u in updates if not self._book.banned(u.sender, round=number)]
         weights, self_weight = self._mixing(updates, samples)
         result: Aggregate = await self._compute(
             aggregate,
@@ -296,19 +318,15 @@ class Node:
             max(samples, 1)
         )
 
-    def _record_trust(self, number: int, updates: Sequence[Received], trust: Sequence[float]) -> None:
+    def _record_trust(
+        self, number: int, updates: Sequence[Received], trust: Sequence[float]
+    ) -> None:
         for update, value in zip(updates, trust, strict=True):
-            if value >= 0.999:
+            evidence, amount = self.config.reputation.evidence_from_trust(value)
+            if evidence is Evidence.ACCEPTED:
                 self._accepted += 1
-                self._evidence(update.sender, Evidence.ACCEPTED, number, "used in full")
-            elif value > 0:
-                self._accepted += 1
-                self._evidence(
-                    update.sender, Evidence.CLIPPED, number, f"clipped to {value:.2f}",
-                    amount=1.0 - value,
-                )
-            else:
-                self._evidence(update.sender, Evidence.OUTLIER, number, "excluded by the rule")
+            reason = f"trust {value:.2f}" if value < 1 else "used in full"
+            self._evidence(update.sender, evidence, number, reason, amount=amount)
 
     def _expected(self) -> list[str]:
         """Neighbours whose updates we wait for: connected and reputable."""
@@ -396,15 +414,19 @@ class Node:
         if admission.decision is Decision.REJECT:
             self._inbox.forget(header.sender)
             return
-        if self._book.weight(header.sender) <= 0:
+        if self._book.banned(header.sender, round=self._round):
             return
         freshest = self._freshest.get(header.sender)
         if freshest is None or header.round > freshest.header.round:
             self._freshest[header.sender] = parsed.update
         author = self._inbox.first_author(header.digest, header.sender)
         if author != header.sender:
-            self._evidence(header.sender, Evidence.DUPLICATE_OF_OTHER, self._round,
-                           f"re-announced {short(author)}'s model as its own")
+            self._evidence(
+                header.sender,
+                Evidence.DUPLICATE_OF_OTHER,
+                self._round,
+                f"re-announced {short(author)}'s model as its own",
+            )
             return
         if admission.decision is Decision.FETCH:
             self._start_fetch(parsed.update)
@@ -444,18 +466,28 @@ class Node:
     async def _pull(self, update: VerifiedHeader) -> bytes | None:
         """Fetch the payload from its author, then from other holders."""
         header = update.header
-        sources = [header.sender, *sorted(self._holders.get(header.digest, set()) - {header.sender})]
+        sources = [
+            header.sender,
+            *sorted(self._holders.get(header.digest, set()) - {header.sender}),
+        ]
         max_size = min(header.size, self.config.limits.max_payload_bytes)
         for source in sources[:4]:
             try:
                 return await self.transport.fetch(
-                    source, header.digest, max_size=max_size, timeout=self.config.rounds.fetch_timeout
+                    source,
+                    header.digest,
+                    max_size=max_size,
+                    timeout=self.config.rounds.fetch_timeout,
                 )
+            except TamperedPayload as exc:
+                self._evidence(source, Evidence.INVALID_FORMAT, self._round, f"served: {exc}")
             except NetworkError as exc:
                 log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short(source), exc)
         return None
 
-    async def _decode(self, update: VerifiedHeader, payload: bytes) -> dict[str, torch.Tensor] | None:
+    async def _decode(
+        self, update: VerifiedHeader, payload: bytes
+    ) -> dict[str, torch.Tensor] | None:
         """Check the payload against the signed header and our model; None if unusable."""
         header = update.header
         try:
@@ -583,4 +615,3 @@ class Node:
                 )
             )
         return rows
-

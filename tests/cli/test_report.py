@@ -55,6 +55,8 @@ def test_honest_mean_min_and_round_times(statuses: list[dict[str, Any]]) -> None
     assert [n["role"] for n in report["nodes"]] == ["honest", "honest", "byzantine"]
     assert report["nodes"][0]["bytes_in_per_round"] == [100, 200]
     assert report["nodes"][0]["final_accuracy"] == 0.8
+    assert report["nodes"][0]["round_reached"] == 3
+    assert report["nodes"][0]["rounds_trained"] == 2
 
 
 def test_detection_counts_honest_observers_with_zero_weight(statuses: list[dict[str, Any]]) -> None:
@@ -97,7 +99,8 @@ def test_write_report_creates_json_and_pngs(statuses: list[dict[str, Any]], tmp_
 def test_render_summary_has_table_matrix_and_verdict(statuses: list[dict[str, Any]]) -> None:
     text = render_summary(build_report(statuses, byzantine=[Z], meta={}))
     assert "byzantine (alie)" in text
-    assert "80.0%" in text and "90.0%" in text
+    assert "80.0%" in text
+    assert "90.0%" in text
     assert "n2*" in text  # the attacker's column is marked
     assert "0.10!" in text  # zero weight is marked
     assert text.splitlines()[-1] == (

@@ -4,6 +4,7 @@ and the whole launch/watch/stop/report cycle against tiny fake node processes.""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -18,8 +19,8 @@ from typing import Any
 import pytest
 
 from p2pfl.cli import testnet
-from p2pfl.cli.testnet import TestnetPlan as Plan
 from p2pfl.cli.testnet import NodeProcesses, add_arguments, dumps_toml, node_config, pick_ports
+from p2pfl.cli.testnet import TestnetPlan as Plan
 from p2pfl.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -74,6 +75,8 @@ def test_toml_strings_survive_a_round_trip(text: str) -> None:
         (["--nodes", "4", "--rounds", "3", "--base-port", "80"], "--base-port"),
         (["--nodes", "4", "--rounds", "3", "--epochs", "0"], "--epochs"),
         (["--nodes", "4", "--rounds", "3", "--batch-size", "0"], "--batch-size"),
+        (["--nodes", "4", "--rounds", "3", "--rule", "nope"], "--rule"),
+        (["--nodes", "4", "--rounds", "3", "--byzantine", "1", "--attack", "nope"], "--attack"),
     ],
 )
 def test_invalid_arguments_name_the_option(argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +84,8 @@ def test_invalid_arguments_name_the_option(argv: list[str], option: str, capsys:
         testnet.plan_from_args(parse(*argv))
     assert testnet.testnet_command(parse(*argv)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("p2pfl testnet: error: ") and option in err
+    assert err.startswith("p2pfl testnet: error: ")
+    assert option in err
 
 
 def test_pick_ports_returns_distinct_bindable_ports() -> None:
@@ -99,6 +103,22 @@ def test_base_port_in_use_is_refused() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port}"):
             pick_ports(2, base=port - 1 if port > 1024 else port)
+
+
+@pytest.mark.parametrize(
+    ("status", "completed"),
+    [
+        (None, 0),
+        ({"state": "training", "round": 2, "history": [{}, {}]}, 2),
+        ({"state": "training", "round": 4, "history": [{}]}, 4),  # caught up: skipped rounds count
+        ({"state": "done", "round": 3, "history": []}, 5),
+        ({"state": "collecting", "round": 9}, 5),
+    ],
+)
+def test_progress_counts_the_round_reached(status: dict[str, Any] | None, completed: int) -> None:
+    view = testnet.NodeView(index=0, peer_id="p", role="honest", http_port=1, log=Path("x"), status=status)
+    assert view.completed(5) == completed
+    assert view.finished(5) is (completed == 5)
 
 
 # --------------------------------------------------------------------------- processes
@@ -120,9 +140,16 @@ def live_members(pgid: int) -> list[int]:
 
 
 def test_cleanup_kills_the_whole_group_on_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), NodeProcesses(grace=5) as procs:
-        proc = procs.spawn(["sh", "-c", "sleep 60 & sleep 60"], tmp_path / "a.log")
-        raise RuntimeError("launcher failed")
+    spawned = []
+
+    def failing_launch() -> None:
+        with NodeProcesses(grace=5) as procs:
+            spawned.append(procs.spawn(["sh", "-c", "sleep 60 & sleep 60"], tmp_path / "a.log"))
+            raise RuntimeError("launcher failed")
+
+    with pytest.raises(RuntimeError, match="launcher failed"):
+        failing_launch()
+    (proc,) = spawned
     assert proc.returncode == -signal.SIGTERM
     assert live_members(proc.pid) == []  # the background sleep is gone too
 
@@ -236,24 +263,47 @@ def test_full_cycle_writes_the_report_and_leaves_no_process(
     assert fake.all_gone()
 
 
+def json_only(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Stand in for write_report where the pictures are not the point (saves ~0.5 s)."""
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report))
+    return [path]
+
+
 def test_early_exit_is_reported_with_the_log_tail(
-    tmp_path: Path, fake: FakeNet, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake: FakeNet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(testnet, "write_report", json_only)
     fake.mode = "crash"
     assert run(tmp_path) == 1
     out = capsys.readouterr().out
-    assert "n1" in out and "exited early with code 3" in out
+    assert "node n1" in out
+    assert "exited early with code 3" in out
     assert "boom: the learner failed" in out
     assert fake.all_gone()
 
 
 def test_timeout_stops_everything_and_exits_1(
-    tmp_path: Path, fake: FakeNet, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake: FakeNet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(testnet, "write_report", json_only)
     fake.mode = "stuck"
-    assert run(tmp_path, "--timeout", "1.5") == 1
+    assert run(tmp_path, "--timeout", "1") == 1
     out = capsys.readouterr().out
     assert "timeout" in out
     assert (tmp_path / "run" / "report.json").exists()
     assert all(p.returncode == 0 for p in fake.spawned)
+    assert fake.all_gone()
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt(), 130), (testnet.Terminated(signal.SIGTERM), 143)])
+def test_interrupt_stops_every_node(
+    tmp_path: Path, fake: FakeNet, monkeypatch: pytest.MonkeyPatch, interrupt: KeyboardInterrupt, code: int
+) -> None:
+    def interrupted(*args: Any) -> str:
+        raise interrupt
+
+    monkeypatch.setattr(testnet, "_watch", interrupted)
+    assert run(tmp_path) == code
+    assert all(p.returncode is not None for p in fake.spawned)
     assert fake.all_gone()

@@ -59,7 +59,7 @@ def test_registry_names_the_default_and_every_documented_rule() -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 7), data=st.data())
 def test_neighbour_order_does_not_matter(name: str, seed: int, n: int, data: st.DataObject) -> None:
     own, nbs, weights = cloud(seed, n)
@@ -72,7 +72,7 @@ def test_neighbour_order_does_not_matter(name: str, seed: int, n: int, data: st.
 
 @pytest.mark.parametrize("name", ALL)
 @given(values=st.lists(st.floats(-1e6, 1e6), min_size=9, max_size=9), n=st.integers(0, 6))
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 def test_equal_inputs_give_that_input(name: str, values: list[float], n: int) -> None:
     own = model(np.array(values))
     result = aggregate(name, own, [model(np.array(values)) for _ in range(n)], [1.0] * n)
@@ -319,7 +319,7 @@ def test_an_outlier_gets_low_trust_and_honest_neighbours_high(name: str) -> None
     own_weight=st.floats(0.0, 4.0),
     delta=st.floats(0.0, 0.9),
 )
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 def test_clipped_gossip_moves_own_by_at_most_weights_times_radius(
     seed: int, n: int, log_scale: float, own_weight: float, delta: float
 ) -> None:
@@ -370,8 +370,8 @@ def test_centered_clip_with_one_iteration_equals_clipped_gossip() -> None:
     gossip = aggregate("clipped_gossip", own, nbs, [*weights, 1.0])
     centred = aggregate("centered_clip", own, nbs, [*weights, 1.0], iters=1)
     assert torch.allclose(vec(gossip.state), vec(centred.state))
-    assert gossip.radius == centred.radius
-    assert gossip.trust == centred.trust
+    assert centred.radius == pytest.approx(gossip.radius)
+    assert centred.trust == pytest.approx(gossip.trust)
 
 
 def test_krum_returns_one_honest_input_and_multi_krum_averages_the_best() -> None:
@@ -435,3 +435,18 @@ def test_float32_model_of_realistic_width_is_order_invariant(name: str) -> None:
     assert before.trust == pytest.approx(after.trust[::-1], abs=1e-5)
     if name != "mean":
         assert before.trust[2] < 0.5  # the attacker
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_weight_honest_neighbour_earns_high_trust(name: str) -> None:
+    own, nbs, weights = cloud(19, 6)
+    kwargs = {"gamma": 10.0} if name == "balance" else {}
+    result = aggregate(name, own, nbs, [*weights[:5], 0.0], **kwargs)
+    assert result.trust[-1] >= 0.5  # an excluded peer that behaves can win its weight back
+
+
+def test_default_self_weight_is_the_mean_positive_neighbour_weight() -> None:
+    own, (a, b, c), _ = cloud(20, 3)
+    result = aggregate("mean", own, [a, b, c], [1.0, 3.0, 0.0])
+    expected = (2.0 * vec(own) + 1.0 * vec(a) + 3.0 * vec(b)) / 6.0
+    assert torch.allclose(vec(result.state), expected)

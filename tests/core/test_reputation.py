@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pfl.core.reputation import (
     SEVERE,
@@ -225,6 +227,8 @@ def test_record_round_trip_through_json_preserves_everything() -> None:
         lambda rec: rec["peers"]["p"]["history"].append([1, "hacked", 1.0, 0.5, ""]),
         lambda rec: rec["peers"]["p"]["history"].append([1, "accepted", 2.0, 0.5, ""]),
         lambda rec: rec["peers"]["p"]["history"].append([1, "accepted", 1.0]),
+        lambda rec: rec["peers"]["p"]["history"].append([1, "accepted", "1.0", 0.5, ""]),
+        lambda rec: rec["peers"]["p"]["history"].append([1, "accepted", 1.0, 0.5, None]),
         lambda rec: rec["peers"].update({7: {}}),
     ],
 )
@@ -262,3 +266,35 @@ def test_from_record_rejects_non_mappings() -> None:
 def test_bad_config_raises_config_error_naming_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         ReputationConfig(**kwargs)
+
+
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(list(Evidence)),
+        st.floats(0.0, 1.0),
+        st.booleans(),  # end the round after this event
+    ),
+    max_size=60,
+)
+
+
+@given(events=EVENTS)
+@settings(max_examples=60, deadline=None)
+def test_scores_and_weights_stay_well_formed_and_survive_a_checkpoint(events) -> None:
+    book, r = ReputationBook(), 0
+    for peer, evidence, amount, close in events:
+        score = book.record(peer, evidence, round=r, amount=amount)
+        assert 0.0 <= score <= 1.0
+        assert score == book.score(peer)
+        weight = book.weight(peer)
+        assert weight == 0.0 or CONFIG.threshold <= weight == score
+        if evidence in SEVERE and amount > 0:
+            assert weight == 0.0
+        if close:
+            book.end_round(r)
+            r += 1
+    again = ReputationBook.from_record(json.loads(json.dumps(book.to_record())), CONFIG)
+    for peer in book.peers():
+        assert again.score(peer) == book.score(peer)
+        assert again.weight(peer) == book.weight(peer)

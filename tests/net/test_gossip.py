@@ -176,6 +176,14 @@ async def test_announcement_is_validated_and_carries_origin_and_value() -> None:
         assert b.counters.published == 1
 
 
+async def test_own_message_reaches_a_subscribed_peer_outside_the_mesh() -> None:
+    async with gossip_pair() as (a, b):
+        b.router.mesh[b.topic] = set()  # as if a had connected but not been GRAFTed yet
+        await b.publish(b"ok flood")
+        with trio.fail_after(0.5):  # well before the next heartbeat's IHAVE would bring it
+            assert (await a.announcements().receive()).data == b"ok flood"
+
+
 async def test_reannouncement_is_not_redelivered_and_validator_runs_once() -> None:
     calls: list[bytes] = []
 

@@ -223,3 +223,27 @@ async def test_inbound_streams_per_peer_are_capped(ours: Ours, hostile: IHost) -
     for stream in opened:
         await stream.reset()
     await assert_alive(ours)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"\xff\xfe not utf-8\n", b"p2pfl-pex/1 other-network\n", b"p2pfl-pex/1 t\n" + b"x" * 20_000],
+)
+async def test_peer_exchange_refuses_garbage(ours: Ours, hostile: IHost, request_bytes: bytes) -> None:
+    from p2pfl.config import NetConfig
+    from p2pfl.net.discovery import PROTOCOL_ID as PEX
+    from p2pfl.net.discovery import Neighbourhood, read_bounded
+
+    neighbourhood = Neighbourhood(ours.host, network_id="t", config=NetConfig())
+    await connect(hostile, listen_addrs(ours.host)[0], timeout=5)
+    stream = await hostile.new_stream(ours.host.get_id(), [PEX])
+    with trio.fail_after(5):
+        try:
+            await stream.write(request_bytes)
+            await stream.close_write()  # type: ignore[attr-defined]
+            reply = await read_bounded(stream, 1 << 16)
+        except Exception:  # reset: the expected refusal
+            reply = b""
+    assert reply == b""  # no peers handed to a stranger
+    assert hostile.get_id().to_string() not in neighbourhood.book.peers
+    await assert_alive(ours)

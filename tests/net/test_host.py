@@ -147,3 +147,11 @@ def test_shutdown_noise_is_swallowed_only_when_the_body_succeeded() -> None:
     with pytest.raises(ExceptionGroup) as caught, _quiet_shutdown(_BodyOutcome()):
         raise ExceptionGroup("shutdown", [noise, KeyError("real")])
     assert [type(e) for e in caught.value.exceptions] == [KeyError]
+
+
+async def test_host_peer_id_is_the_identity_peer_id() -> None:
+    from p2pfl.core.crypto import Identity
+
+    identity = Identity.generate()
+    async with open_host(identity.secret_bytes()) as host:
+        assert host.get_id().to_string() == identity.peer_id

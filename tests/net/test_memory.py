@@ -19,6 +19,7 @@ from p2pfl.errors import (
     PayloadTooLarge,
     PeerUnreachable,
     ProtocolViolation,
+    TamperedPayload,
     TransferTimeout,
 )
 from p2pfl.net.memory import LinkProfile, MemoryNetwork, MemoryTransport
@@ -462,7 +463,7 @@ async def test_tampered_payload_is_a_protocol_violation(
     async with open_peers(net, "ab") as p:
         p["b"].serve(DIGEST, PAYLOAD)
         net.set_serving_hook("b", lambda digest, payload: b"poison" + (payload or b"")[6:])
-        with pytest.raises(ProtocolViolation, match="sha256"):
+        with pytest.raises(TamperedPayload, match="sha256"):
             await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5)
         net.set_serving_hook("b", None)
         assert await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5) is PAYLOAD

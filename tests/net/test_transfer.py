@@ -25,8 +25,10 @@ from p2pfl.config import Limits, MiB
 from p2pfl.errors import (
     PayloadNotFound,
     PayloadTooLarge,
+    PeerBusy,
     PeerUnreachable,
     ProtocolViolation,
+    TamperedPayload,
     TransferError,
     TransferTimeout,
 )
@@ -75,9 +77,7 @@ class Net:
 @contextlib.asynccontextmanager
 async def open_net(**server_options: Any) -> AsyncIterator[Net]:
     async with contextlib.AsyncExitStack() as stack:
-        hosts = [
-            await stack.enter_async_context(open_host(bytes([i + 1]) * 32)) for i in range(3)
-        ]
+        hosts = [await stack.enter_async_context(open_host(bytes([i + 1]) * 32)) for i in range(3)]
         server, client, rogue = hosts
         net = Net(server, client, rogue, PayloadStore(max_total_bytes=256 * MiB))
         options = {"serve_timeout": SERVE_TIMEOUT, **server_options}
@@ -234,7 +234,7 @@ HOSTILE_SERVERS = {
     "header_then_stall": (_server_claiming(len(BODY)), TransferTimeout),
     "reset_mid_body": (_reset_mid_body, ProtocolViolation),
     "garbage_status": (_garbage_status, ProtocolViolation),
-    "sha256_mismatch": (_wrong_body, ProtocolViolation),
+    "sha256_mismatch": (_wrong_body, TamperedPayload),
     "trailing_bytes": (_trailing_bytes, ProtocolViolation),
     "short_header": (_short_header, ProtocolViolation),
     "claims_100_GB": (_server_claiming(100 * 10**9), PayloadTooLarge),
@@ -351,9 +351,46 @@ async def test_reader_that_never_reads_is_freed_by_write_deadline() -> None:
 async def test_full_queue_answers_busy() -> None:
     async with open_net(max_concurrent=1, max_queued=0) as net:
         await _hold_slot_without_reading(net, 24 * MiB)
-        with pytest.raises(TransferError, match="BUSY") as caught:
+        net.store.put(sha(b"x"), b"x")
+        with pytest.raises(PeerBusy):
             await fetch_payload(net.client, net.server_id, sha(b"x"), max_size=10, timeout=5)
-        assert type(caught.value) is TransferError
+        # Answers that move no payload need no slot: still prompt while the slot is held.
+        with trio.fail_after(2), pytest.raises(PayloadNotFound):
+            await fetch_payload(net.client, net.server_id, sha(b"?"), max_size=10, timeout=5)
+
+
+class ExplodingStream:
+    """A stream whose every operation fails the way a broken library might."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.resets = error, 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        raise self.error
+
+    async def reset(self) -> None:
+        self.resets += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("boom"), StreamReset(), UnicodeDecodeError("utf-8", b"", 0, 1, "x")]
+)
+async def test_handler_never_raises_into_libp2p(error: Exception) -> None:
+    # Even without p2pfl.net.hardening, a raising handler would stop a stock host.
+    host = FakeHost()
+    install_update_protocol(host, PayloadStore(max_total_bytes=10), limits=Limits())
+    stream = ExplodingStream(error)
+    await host.handlers[PROTOCOL_ID](stream)  # returns normally
+    assert stream.resets == 1
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def set_stream_handler(self, protocol: str, handler: Handler) -> None:
+        self.handlers[protocol] = handler
 
 
 # ---------------------------------------------------------------------------- tuning

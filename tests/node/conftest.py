@@ -31,7 +31,9 @@ def complete(peers: Iterable[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(list(peers), 2))
 
 
-def make_network(ids: list[Identity], edges: Iterable[tuple[str, str]] | None = None) -> MemoryNetwork:
+def make_network(
+    ids: list[Identity], edges: Iterable[tuple[str, str]] | None = None
+) -> MemoryNetwork:
     network = MemoryNetwork(link=LinkProfile(latency=0.01, bandwidth=50e6), seed=1)
     for a, b in edges if edges is not None else complete(i.peer_id for i in ids):
         network.connect(a, b)

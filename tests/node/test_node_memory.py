@@ -14,9 +14,18 @@ from tests.node.conftest import identities, make_network, make_node
 
 
 async def run_all(nodes: list[Node], rounds: int) -> None:
+    """Run every node; each keeps serving until all are done, as daemons do."""
+    remaining = len(nodes)
+    all_done = trio.Event()
+
     async def one(node: Node) -> None:
+        nonlocal remaining
         async with node:
             await node.run(rounds=rounds)
+            remaining -= 1
+            if remaining == 0:
+                all_done.set()
+            await all_done.wait()
 
     async with trio.open_nursery() as nursery:
         for node in nodes:
@@ -80,8 +89,7 @@ async def test_late_joiner_catches_up(autojump_clock: trio.testing.MockClock) ->
     reached = trio.Event()
 
     async def watch_and_join() -> None:
-        while early[0].round < 4:
-            await trio.sleep(0.05)
+        await early[0].wait_for_round(3)
         reached.set()
         async with late:
             await late.run(rounds=8)
@@ -112,15 +120,21 @@ async def test_forged_and_replayed_updates_lower_reputation(
     async def forge() -> None:
         async with network.open_transport(forger.peer_id, lambda origin, data: data) as transport:
             # Signed by another key than the publisher's: forged authorship.
-            forged = sign_update(stranger, network_id="test-net", round=0, payload=payload, samples=10, ts_ms=0)
+            forged = sign_update(
+                stranger, network_id="test-net", round=0, payload=payload, samples=10, ts_ms=0
+            )
             await transport.publish(encode_announcement(AnnouncementKind.UPDATE, forged))
             await trio.sleep_forever()
 
     async def replay() -> None:
         async with network.open_transport(replayer.peer_id, lambda origin, data: data) as transport:
             # Its own old update, announced again as a later round.
-            old = sign_update(replayer, network_id="test-net", round=0, payload=payload, samples=10, ts_ms=0)
-            again = sign_update(replayer, network_id="test-net", round=1, payload=payload, samples=10, ts_ms=1)
+            old = sign_update(
+                replayer, network_id="test-net", round=0, payload=payload, samples=10, ts_ms=0
+            )
+            again = sign_update(
+                replayer, network_id="test-net", round=1, payload=payload, samples=10, ts_ms=1
+            )
             await transport.publish(encode_announcement(AnnouncementKind.UPDATE, old))
             await trio.sleep(0.5)
             await transport.publish(encode_announcement(AnnouncementKind.UPDATE, again))
@@ -147,7 +161,9 @@ async def test_restart_resumes_from_checkpoint(
 ) -> None:
     ids = identities(3)
     network = make_network(ids)
-    nodes = [make_node(network, ident, i, 3, data_dir=tmp_path / str(i)) for i, ident in enumerate(ids)]
+    nodes = [
+        make_node(network, ident, i, 3, data_dir=tmp_path / str(i)) for i, ident in enumerate(ids)
+    ]
     await run_all(nodes, rounds=2)
     before = nodes[0].learner.get_state()
 

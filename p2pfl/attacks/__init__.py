@@ -1,0 +1,142 @@
+"""Byzantine behaviours, switched on by name in ``p2pfl testnet`` and ``p2pfl sim``.
+
+Each attack is a :class:`~p2pfl.node.behaviour.Behaviour` subclass (its ``name`` shows in
+the node's statistics) built by :func:`make_attack`. None is omniscient: they read only
+``node.neighbour_states()``, what the attacker legitimately receives.
+
+- :mod:`p2pfl.attacks.model` — model poisoning: ``sign_flip``, ``gaussian``,
+  ``label_flip`` (data poisoning through :func:`attack_label_map`), ``alie``, ``ipm``,
+  ``dissensus``, ``sybil`` (with :func:`sybil_identities` and a shared
+  :class:`SybilGroup`).
+- :mod:`p2pfl.attacks.protocol` — protocol abuse: ``free_rider``, ``replay``, ``forge``,
+  ``equivocate``, ``flood``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from p2pfl.attacks.model import (
+    Alie,
+    Dissensus,
+    Gaussian,
+    Ipm,
+    LabelFlip,
+    SignFlip,
+    Sybil,
+    SybilGroup,
+    alie_z,
+    flip_labels,
+    sybil_identities,
+)
+from p2pfl.attacks.protocol import Equivocate, Flood, Forge, FreeRider, Replay
+from p2pfl.errors import ConfigError
+from p2pfl.node.behaviour import Behaviour
+
+LabelMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What the CLI and the simulator need to know about one attack."""
+
+    name: str
+    factory: Callable[..., Behaviour]
+    paper: str
+    omniscient: bool
+    params: Mapping[str, str]  # parameter -> what it does and its default
+    label_map: Callable[..., torch.Tensor] | None = None  # (labels, **params) -> labels
+
+
+def _spec(name: str, factory: Callable[..., Behaviour], paper: str, label_map: Any = None,
+          **params: str) -> AttackSpec:
+    return AttackSpec(name, factory, paper, False, MappingProxyType(params), label_map)
+
+
+_SPECS = [
+    _spec("sign_flip", SignFlip, "sign flipping (e.g. Allen-Zhu et al. 2021), model space",
+          scale="announce m - scale*(own - m), m = mean of observed models (default 10)"),
+    _spec("gaussian", Gaussian, "Blanchard et al. 2017 (Krum paper), Gaussian attack",
+          sigma="noise std added to the observed mean (default 1.0)",
+          seed="noise generator seed (default 0)"),
+    _spec("label_flip", LabelFlip, "label flipping (Biggio et al. 2012; Fang et al. 2020)",
+          flip_labels, classes="number of classes C; labels y -> C-1-y (default 10)"),
+    _spec("alie", Alie, "Baruch, Baruch, Goldberg 2019, A little is enough",
+          n="workers in the paper's formula (default: observed models + 1)",
+          f="Byzantine workers in the formula (default 1)",
+          z="explicit z, overrides n and f (default: the paper's z_max)"),
+    _spec("ipm", Ipm, "Xie, Koyejo, Gupta 2020, inner product manipulation",
+          eps="announce -eps * mean of observed models (default 10)"),
+    _spec("dissensus", Dissensus, "He, Karimireddy, Jaggi 2022, ClippedGossip (dissensus)",
+          eps="push strength; 1 cancels the victim's honest pull (default 1.5)",
+          byzantine="Byzantine neighbours sharing the push (default 1)"),
+    _spec("free_rider", FreeRider, "free riding (Lin et al. 2019, free-rider attacks on FL)",
+          mode="copy (a neighbour's model, re-signed) or stale (own first model + noise)",
+          jitter="stale mode noise std (default 1e-4; 0 repeats the digest)",
+          seed="stale mode noise seed (default 0)"),
+    _spec("replay", Replay, "replay of signed updates (protocol attack)"),
+    _spec("forge", Forge, "forged signer / tampered payloads (protocol attack)",
+          mode="all, signer, payload or malformed (default all)",
+          seed="throwaway key and garbage seed (default 0)"),
+    _spec("equivocate", Equivocate, "equivocation: two signed updates for one round",
+          scale="sign-flip scale of the second update (default 10)"),
+    _spec("sybil", Sybil, "Douceur 2002 (Sybil) colluding with Baruch et al. 2019 (ALIE)",
+          group="a shared SybilGroup object, one per attacker (default: a private one)",
+          z="explicit z (default: alie_z(honest + members, members))",
+          jitter="per-member noise std keeping digests distinct (default 1e-6)"),
+    _spec("flood", Flood, "announcement flooding (protocol attack)",
+          rate="spam headers per round (default 50)", seed="random digests seed (default 0)"),
+]
+ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def _lookup(name: str, params: Mapping[str, object]) -> AttackSpec:
+    spec = ATTACKS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown attack {name!r}; choose one of {', '.join(sorted(ATTACKS))}")
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        valid = ", ".join(spec.params) or "none"
+        raise ConfigError(f"attack {name}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+    return spec
+
+
+def make_attack(name: str, **params: object) -> Behaviour:
+    """Build the named attack; parameter values may be strings (as from the command line).
+
+    Raises:
+        ConfigError: unknown attack (the message lists the valid ones), unknown
+            parameter, or invalid value.
+    """
+    return _lookup(name, params).factory(**params)
+
+
+def attack_label_map(name: str, **params: object) -> LabelMap | None:
+    """Return the training-label rewrite of the named attack (``label_flip``), else None.
+
+    Raises:
+        ConfigError: as :func:`make_attack`.
+    """
+    spec = _lookup(name, params)
+    if spec.label_map is None:
+        return None
+    classes = LabelFlip(**params).classes  # validates, like make_attack
+    label_map = spec.label_map
+    return lambda labels: label_map(labels, classes)
+
+
+__all__ = [
+    "ATTACKS",
+    "AttackSpec",
+    "SybilGroup",
+    "alie_z",
+    "attack_label_map",
+    "flip_labels",
+    "make_attack",
+    "sybil_identities",
+]

@@ -1,0 +1,191 @@
+"""``p2pfl sim``: run a scenario or a grid of scenarios and write their scorecards.
+
+Output directory (``--out``, default ``sim-out/<name>``):
+
+- a scenario: ``<name>-seed<S>.json`` (the scorecard), ``<name>-seed<S>-accuracy.png``
+  and ``<name>-seed<S>-reputation.png`` per seed;
+- a grid: ``runs/<rule>__<attack>__seed<S>.json`` per run, ``grid.json`` (the
+  rules x attacks summary) and ``grid.png`` (its heatmap); ``--plots`` adds the two
+  figures of every run. The summary table is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from p2pfl.config import require
+from p2pfl.sim.scenario import Grid, Scenario, load_grid, load_scenario
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``sim`` options to ``parser``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scenario", metavar="FILE", help="scenario TOML (examples/scenarios)")
+    source.add_argument("--grid", metavar="FILE", help="grid TOML: rules x attacks x seeds")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default sim-out/<name>)")
+    parser.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 instead of the file's")
+    parser.add_argument("--jobs", type=int, default=1, metavar="J",
+                        help="grid runs in parallel processes (default 1; at most the core count)")
+    parser.add_argument("--plots", action="store_true", help="grid: also plot every run")
+
+
+def sim_command(args: argparse.Namespace) -> int:
+    """Run what ``args`` asks for; return the exit code (0 on success)."""
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: threads cost more than they save
+    require(args.jobs >= 1, "--jobs", "must be >= 1")
+    require(args.seeds is None or args.seeds >= 1, "--seeds", "must be >= 1")
+    if args.scenario:
+        scenario = _with_seeds(load_scenario(args.scenario), args.seeds)
+        return run_scenario_files(scenario, _out(args, scenario.name))
+    grid = load_grid(args.grid)
+    grid = replace(grid, base=_with_seeds(grid.base, args.seeds))
+    return run_grid_files(grid, Path(args.grid), _out(args, grid.base.name), jobs=args.jobs,
+                          plots=args.plots)
+
+
+def _with_seeds(scenario: Scenario, seeds: int | None) -> Scenario:
+    return scenario if seeds is None else replace(scenario, seeds=tuple(range(seeds)))
+
+
+def _out(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out) if args.out else Path("sim-out") / name
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def run_scenario_files(scenario: Scenario, out: Path) -> int:
+    """Run every seed of ``scenario``, print progress, write scorecards and figures."""
+    from p2pfl.sim.plots import plot_accuracy, plot_reputation
+    from p2pfl.sim.runner import run_scenario
+    from p2pfl.sim.scorecard import run_line, scorecard
+
+    for seed in scenario.seeds:
+        _say(f"{scenario.name}: {scenario.nodes} nodes, {scenario.label}, seed {seed}, "
+             f"{scenario.rounds} rounds")
+        card = scorecard(run_scenario(scenario, seed, progress=_say))
+        stem = out / f"{scenario.name}-seed{seed}"
+        _write_json(stem.with_suffix(".json"), card)
+        plot_accuracy(card, Path(f"{stem}-accuracy.png"))
+        plot_reputation(card, Path(f"{stem}-reputation.png"))
+        _say(f"{run_line(card)}  [{card['timing']['wall_seconds']:.1f} s]")
+    _say(f"wrote {out}/")
+    return 0
+
+
+def _one_run(path: str, rule: str, attack: str, seed: int) -> str:
+    """Run one grid cell for one seed in a worker process; return its scorecard as JSON."""
+    import torch
+
+    from p2pfl.sim.runner import run_scenario
+    from p2pfl.sim.scorecard import scorecard
+
+    torch.set_num_threads(1)
+    grid = load_grid(path)
+    scenario = grid.cell(rule, attack)
+    return json.dumps(scorecard(run_scenario(scenario, seed)), allow_nan=False)
+
+
+def run_grid_files(
+    grid: Grid, path: Path, out: Path, *, jobs: int = 1, plots: bool = False
+) -> int:
+    """Run every (rule, attack, seed) of ``grid``; write run scorecards and the summary."""
+    from p2pfl.sim.scorecard import grid_summary, grid_table
+
+    tasks = [(s.rule, s.attack, seed) for s in grid.scenarios() for seed in s.seeds]
+    _say(f"{grid.base.name}: {len(grid.rules)} rules x {len(grid.attacks)} attacks x "
+         f"{len(grid.base.seeds)} seeds = {len(tasks)} runs of {grid.base.nodes} nodes, "
+         f"{grid.base.rounds} rounds")
+    started = time.perf_counter()
+    cards = _run_tasks(grid, path, tasks, jobs, out, plots, started)
+    summary = grid_summary(cards)
+    _write_json(out / "grid.json", summary)
+    from p2pfl.sim.plots import plot_grid
+
+    plot_grid(summary, out / "grid.png", title=f"{grid.base.name}: final honest mean accuracy")
+    _say("")
+    _say(grid_table(summary))
+    _say(f"\n{len(tasks)} runs in {time.perf_counter() - started:.0f} s; wrote {out}/")
+    return 0
+
+
+def _run_tasks(
+    grid: Grid,
+    path: Path,
+    tasks: Sequence[tuple[str, str, int]],
+    jobs: int,
+    out: Path,
+    plots: bool,
+    started: float,
+) -> list[dict[str, Any]]:
+    from p2pfl.sim.runner import run_scenario
+    from p2pfl.sim.scorecard import scorecard
+
+    cards: list[dict[str, Any]] = []
+
+    def finished(card: dict[str, Any]) -> None:
+        cards.append(card)
+        _record_run(card, out, plots)
+        s = card["scenario"]
+        acc = card["final"]["honest_mean"]
+        _say(f"run {len(cards)}/{len(tasks)}: {s['rule']}, {s['attack']}, seed {card['seed']}, "
+             f"{time.perf_counter() - started:.0f} s elapsed, honest mean accuracy "
+             f"{'-' if acc is None else f'{acc:.3f}'}")
+
+    if jobs == 1:
+        for rule, attack, seed in tasks:
+            finished(scorecard(run_scenario(grid.cell(rule, attack), seed)))
+        return cards
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_one_run, str(path), *task) for task in tasks]
+        for future in futures:
+            finished(json.loads(future.result()))
+    return cards
+
+
+def _record_run(card: dict[str, Any], out: Path, plots: bool) -> None:
+    s = card["scenario"]
+    stem = out / "runs" / f"{s['rule']}__{s['attack']}__seed{card['seed']}"
+    _write_json(stem.with_suffix(".json"), card)
+    if plots:
+        from p2pfl.sim.plots import plot_accuracy, plot_reputation
+
+        plot_accuracy(card, Path(f"{stem}-accuracy.png"))
+        plot_reputation(card, Path(f"{stem}-reputation.png"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``p2pfl sim`` on its own (``python -m p2pfl.sim.cli``)."""
+    from p2pfl.errors import P2PFLError
+
+    parser = argparse.ArgumentParser(prog="p2pfl sim", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return sim_command(args)
+    except P2PFLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["add_arguments", "main", "sim_command"]

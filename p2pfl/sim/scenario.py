@@ -1,0 +1,344 @@
+"""Scenario and grid files (TOML) -> frozen, validated records.
+
+A scenario file (see ``examples/scenarios/``)::
+
+    name = "attack_grid"       # used in titles and file names
+    nodes = 16
+    rounds = 30
+    seeds = [0, 1, 2]          # or a count: seeds = 3 means 0, 1, 2
+    round_timeout = 5.0        # simulated seconds a node waits for its neighbours
+    local_epochs = 1
+    delivery = "neighbours"    # or "mesh": announcements reach every reachable peer
+
+    [topology]                 # kind + that kind's parameters
+    kind = "regular"
+    degree = 4
+
+    [data]
+    partition = "dirichlet"    # iid | dirichlet | shards | halves
+    alpha = 0.5
+
+    [rule]
+    name = "clipped_gossip"
+    params = {}
+
+    [attack]
+    name = "sign_flip"         # "none" for an honest run
+    params = {}
+    byzantine = 4              # a count, or: fraction = 0.25
+    placement = "random"       # random | bottleneck | degree | last
+
+    [link]                     # p2pfl.net.memory.LinkProfile
+    latency = 0.005
+    loss = 0.0
+
+    [reputation]               # p2pfl.core.reputation.ReputationConfig overrides
+
+A grid file is a scenario file with a ``[grid]`` table; every rule is run against
+every attack and every seed, and the no-attack baseline is added unless
+``baseline = false``::
+
+    [grid]
+    rules = ["mean", "median", "clipped_gossip"]
+    attacks = ["sign_flip", "gaussian"]
+    [grid.rule_params.trimmed_mean]
+    trim = 2
+    [grid.attack_params.gaussian]
+    sigma = 1.0
+
+Any key not listed here raises :class:`~p2pfl.errors.ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from p2pfl.core.aggregation import RULES, aggregate
+from p2pfl.core.reputation import ReputationConfig
+from p2pfl.errors import AggregationError, ConfigError
+from p2pfl.learners.datasets import PARTITIONS
+from p2pfl.net.memory import LinkProfile
+from p2pfl.sim.topology import PLACEMENTS, TOPOLOGIES, TOPOLOGY_PARAMS
+
+NO_ATTACK = "none"
+DELIVERIES = ("neighbours", "mesh")
+Params = Mapping[str, Any]
+
+
+def _frozen(params: Mapping[str, Any]) -> Params:
+    return MappingProxyType(dict(params))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scenario:
+    """One simulated network: who, how connected, what data, which rule and attack."""
+
+    name: str = "scenario"
+    nodes: int = 16
+    rounds: int = 10
+    seeds: tuple[int, ...] = (0,)
+    topology: str = "regular"
+    topology_params: Params = field(default_factory=dict)
+    partition: str = "iid"
+    alpha: float = 0.5
+    rule: str = "clipped_gossip"
+    rule_params: Params = field(default_factory=dict)
+    attack: str = NO_ATTACK
+    attack_params: Params = field(default_factory=dict)
+    byzantine: int = 0  # attacker count; 0 with attack "none"
+    placement: str = "random"
+    link: LinkProfile = field(default_factory=LinkProfile)
+    round_timeout: float = 5.0
+    local_epochs: int = 1
+    # "neighbours" is what nodes use (they pull only from direct neighbours) and is
+    # ~N/d times cheaper to simulate than GossipSub-like multi-hop delivery ("mesh").
+    delivery: str = "neighbours"
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("topology_params", "rule_params", "attack_params"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        _require(isinstance(self.nodes, int) and self.nodes >= 2, "nodes", "must be an integer >= 2")
+        _require(isinstance(self.rounds, int) and self.rounds >= 1, "rounds", "must be an integer >= 1")
+        _require(bool(self.seeds), "seeds", "need at least one seed")
+        _require(self.topology in TOPOLOGIES, "topology.kind", f"choose one of {_names(TOPOLOGIES)}")
+        for key in self.topology_params:
+            _require(key in TOPOLOGY_PARAMS[self.topology], f"topology.{key}",
+                     f"not a parameter of topology {self.topology!r}")
+        _require(self.partition in PARTITIONS, "data.partition", f"choose one of {_names(PARTITIONS)}")
+        _require(self.alpha > 0, "data.alpha", "must be > 0")
+        _require(self.rule in RULES, "rule.name", f"choose one of {_names(RULES)}")
+        check_rule_params(self.rule, self.rule_params)
+        check_attack(self.attack, self.attack_params)
+        _require(0 <= self.byzantine < self.nodes, "attack.byzantine", f"must be in [0, {self.nodes})")
+        _require(self.attack == NO_ATTACK or self.byzantine > 0, "attack.byzantine",
+                 f"attack {self.attack!r} needs at least one Byzantine node")
+        _require(self.placement in PLACEMENTS, "attack.placement", f"choose one of {', '.join(PLACEMENTS)}")
+        _require(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        _require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        _require(self.delivery in DELIVERIES, "delivery", f"choose one of {', '.join(DELIVERIES)}")
+
+    @property
+    def label(self) -> str:
+        """A short description: rule, attack and attacker count."""
+        attack = self.attack if self.attack == NO_ATTACK else f"{self.attack} x{self.byzantine}"
+        return f"{self.rule} / {attack}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Grid:
+    """Rules x attacks x seeds over one base scenario."""
+
+    base: Scenario
+    rules: tuple[str, ...]
+    attacks: tuple[str, ...]  # includes NO_ATTACK when the baseline is on
+    rule_params: Mapping[str, Params] = field(default_factory=dict)
+    attack_params: Mapping[str, Params] = field(default_factory=dict)
+
+    def scenarios(self) -> list[Scenario]:
+        """Return one scenario per (rule, attack) cell, rules outermost."""
+        return [self.cell(rule, attack) for rule in self.rules for attack in self.attacks]
+
+    def cell(self, rule: str, attack: str) -> Scenario:
+        """Return the scenario of one grid cell."""
+        honest = attack == NO_ATTACK
+        return replace(
+            self.base,
+            rule=rule,
+            rule_params=self.rule_params.get(rule, self.base.rule_params if rule == self.base.rule else {}),
+            attack=attack,
+            attack_params=self.attack_params.get(attack, {}),
+            byzantine=0 if honest else self.base.byzantine,
+        )
+
+
+def _names(registry: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(registry))
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_rule_params(rule: str, params: Params) -> None:
+    """Dry-run ``rule`` on a toy model so a bad parameter fails at load, not mid-run."""
+    own = {"w": torch.zeros(3)}
+    try:
+        aggregate(rule, own, [{"w": torch.ones(3)}] * 4, [1.0] * 4, **dict(params))
+    except AggregationError as exc:
+        raise ConfigError(f"rule.params: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"rule.params: {rule}: {exc}") from None
+
+
+def check_attack(name: str, params: Params | None = None) -> None:
+    """Raise ConfigError unless ``name`` is "none" or an attack of ``p2pfl.attacks``.
+
+    ``params`` are checked by building the attack once.
+    """
+    if name == NO_ATTACK:
+        _require(not params, "attack.params", "attack 'none' takes no parameters")
+        return
+    try:
+        from p2pfl.attacks import ATTACKS, make_attack
+    except ImportError:
+        raise ConfigError(f"attack.name: {name!r} needs p2pfl.attacks, which is not installed") from None
+    _require(name in ATTACKS, "attack.name", f"{name!r} is not one of none, {_names(ATTACKS)}")
+    if params:
+        try:
+            make_attack(name, **dict(params))
+        except ConfigError as exc:
+            raise ConfigError(f"attack.params: {exc}") from None
+
+
+# -- TOML ------------------------------------------------------------------------------
+
+_TOP = {"name", "nodes", "rounds", "seeds", "round_timeout", "local_epochs", "delivery",
+        "topology", "data", "rule", "attack", "link", "reputation", "grid"}
+_TABLES = {
+    "topology": {"kind"} | set().union(*TOPOLOGY_PARAMS.values()),
+    "data": {"task", "partition", "alpha"},
+    "rule": {"name", "params"},
+    "attack": {"name", "params", "byzantine", "fraction", "placement"},
+    "link": {f.name for f in fields(LinkProfile)},
+    "reputation": {f.name for f in fields(ReputationConfig)},
+    "grid": {"rules", "attacks", "baseline", "rule_params", "attack_params"},
+}
+
+
+def _table(doc: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    _require(isinstance(value, dict), key, "must be a table")
+    unknown = sorted(set(value) - _TABLES[key])
+    _require(not unknown, f"{key}.{unknown[0] if unknown else ''}", "unknown key")
+    return dict(value)
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        _require(value >= 1, "seeds", "a count must be >= 1")
+        return tuple(range(value))
+    ok = isinstance(value, list) and value and all(isinstance(s, int) for s in value)
+    _require(bool(ok), "seeds", "must be a count or a non-empty list of integers")
+    return tuple(value)
+
+
+def _byzantine(attack: Mapping[str, Any], nodes: int) -> int:
+    _require(not ("byzantine" in attack and "fraction" in attack), "attack.fraction",
+             "give either byzantine (a count) or fraction, not both")
+    if "fraction" in attack:
+        fraction = attack["fraction"]
+        _require(isinstance(fraction, int | float) and 0 <= fraction < 1, "attack.fraction",
+                 "must be in [0, 1)")
+        return math.floor(fraction * nodes + 1e-9)
+    count = attack.get("byzantine", 0)
+    _require(isinstance(count, int) and not isinstance(count, bool), "attack.byzantine", "must be an integer")
+    return int(count)
+
+
+def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
+    """Build a Scenario from a parsed TOML document (the ``[grid]`` table is ignored)."""
+    unknown = sorted(set(doc) - _TOP)
+    _require(not unknown, unknown[0] if unknown else "", "unknown key")
+    topology, data, rule = _table(doc, "topology"), _table(doc, "data"), _table(doc, "rule")
+    attack, link, reputation = _table(doc, "attack"), _table(doc, "link"), _table(doc, "reputation")
+    _require(data.pop("task", "digits") == "digits", "data.task", "only 'digits' is built in")
+    nodes = doc.get("nodes", 16)
+    try:
+        return Scenario(
+            name=str(doc.get("name", "scenario")),
+            nodes=nodes,
+            rounds=doc.get("rounds", 10),
+            seeds=_seeds(doc.get("seeds", 1)),
+            topology=topology.pop("kind", "regular"),
+            topology_params=topology,
+            partition=data.get("partition", "iid"),
+            alpha=float(data.get("alpha", 0.5)),
+            rule=rule.get("name", "clipped_gossip"),
+            rule_params=rule.get("params", {}),
+            attack=attack.get("name", NO_ATTACK),
+            attack_params=attack.get("params", {}),
+            byzantine=_byzantine(attack, nodes if isinstance(nodes, int) else 0),
+            placement=attack.get("placement", "random"),
+            link=LinkProfile(**link),
+            round_timeout=float(doc.get("round_timeout", 5.0)),
+            local_epochs=doc.get("local_epochs", 1),
+            delivery=doc.get("delivery", "neighbours"),
+            reputation=ReputationConfig(**reputation),
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"scenario: {exc}") from None
+
+
+def parse_grid(doc: Mapping[str, Any]) -> Grid:
+    """Build a Grid from a parsed TOML document that has a ``[grid]`` table."""
+    _require("grid" in doc, "grid", "a grid file needs a [grid] table with rules and attacks")
+    table = _table(doc, "grid")
+    base = parse_scenario(doc)
+    rules = tuple(table.get("rules", [base.rule]))
+    attacks = [a for a in table.get("attacks", [base.attack]) if a != NO_ATTACK]
+    if table.get("baseline", True) or not attacks:
+        attacks.insert(0, NO_ATTACK)
+    _require(bool(rules), "grid.rules", "need at least one rule")
+    rule_params = {k: _frozen(v) for k, v in table.get("rule_params", {}).items()}
+    attack_params = {k: _frozen(v) for k, v in table.get("attack_params", {}).items()}
+    for name in rules:
+        _require(name in RULES, "grid.rules", f"{name!r} is not one of {_names(RULES)}")
+        check_rule_params(name, rule_params.get(name, {}))
+    for name in attacks:
+        check_attack(name, attack_params.get(name))
+    for key in rule_params.keys() - set(rules):
+        raise ConfigError(f"grid.rule_params.{key}: {key!r} is not in grid.rules")
+    for key in attack_params.keys() - set(attacks):
+        raise ConfigError(f"grid.attack_params.{key}: {key!r} is not in grid.attacks")
+    _require(base.byzantine > 0 or attacks == [NO_ATTACK], "attack.byzantine",
+             "a grid with attacks needs byzantine > 0 (or fraction) in [attack]")
+    return Grid(base=base, rules=rules, attacks=tuple(attacks),
+                rule_params=rule_params, attack_params=attack_params)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read a scenario file; a file with a ``[grid]`` table must be run as a grid."""
+    doc = _read(Path(path))
+    _require("grid" not in doc, "grid", f"{path} is a grid file: run it with --grid")
+    return parse_scenario(doc)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid file."""
+    return parse_grid(_read(Path(path)))
+
+
+__all__ = [
+    "DELIVERIES",
+    "NO_ATTACK",
+    "Grid",
+    "Scenario",
+    "check_attack",
+    "check_rule_params",
+    "load_grid",
+    "load_scenario",
+    "parse_grid",
+    "parse_scenario",
+]

@@ -1,0 +1,88 @@
+"""Round decisions without a network: admission, quorum, selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2pfl.core.envelope import Observation
+from p2pfl.core.reputation import Evidence
+from p2pfl.core.rounds import Decision, Inbox, Received, admit
+
+
+def update(sender: str, round: int) -> Received:
+    return Received(sender, round, bytes([round]) * 32, 10, {"w": torch.full((2,), float(round))})
+
+
+@pytest.mark.parametrize(
+    ("observation", "update_round", "decision", "evidence"),
+    [
+        (Observation.NEW, 5, Decision.FETCH, None),
+        (Observation.DUPLICATE, 5, Decision.FETCH, None),  # fetched only if not held
+        (Observation.EQUIVOCATION, 5, Decision.REJECT, Evidence.EQUIVOCATION),
+        (Observation.REPLAY, 5, Decision.REJECT, Evidence.REPLAY),
+        (Observation.STALE, 5, Decision.IGNORE, Evidence.STALE),
+        (Observation.NEW, 2, Decision.IGNORE, None),  # behind: slow, not malicious
+        (Observation.NEW, 8, Decision.IGNORE, None),  # far ahead: we may catch up
+        (Observation.NEW, 3, Decision.FETCH, None),  # within lag
+        (Observation.NEW, 7, Decision.FETCH, None),  # within lead
+    ],
+)
+def test_admit(
+    observation: Observation, update_round: int, decision: Decision, evidence: Evidence | None
+) -> None:
+    admission = admit(observation, update_round, 5, max_lag=2, max_lead=2)
+    assert admission.decision is decision
+    assert admission.evidence is evidence
+
+
+def test_quorum_counts_only_expected_fresh_updates() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 4))
+    inbox.deliver(update("b", 5))
+    assert not inbox.ready(["a", "b"], 5, 1.0)  # a is a round behind
+    assert inbox.ready(["a", "b"], 5, 0.5)
+    assert inbox.ready([], 5, 1.0)  # a lonely node never waits
+    inbox.deliver(update("a", 5))
+    assert inbox.ready(["a", "b"], 5, 1.0)
+
+
+def test_each_round_of_a_peer_is_used_once() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 5))
+    assert [u.round for u in inbox.take(5, max_lag=2, max_lead=2)] == [5]
+    assert inbox.take(5, max_lag=2, max_lead=2) == []
+    assert not inbox.wants("a", 5)
+    inbox.deliver(update("a", 5))  # a resend after use is not held again
+    assert not inbox.ready(["a"], 5, 1.0)
+
+
+def test_a_peer_ahead_is_used_round_by_round() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 5))
+    inbox.deliver(update("a", 6))  # a is one round ahead of us
+    assert [u.round for u in inbox.take(5, max_lag=2, max_lead=2)] == [5]
+    assert inbox.ready(["a"], 6, 1.0)  # its round 6 is still there for our round 6
+    assert [u.round for u in inbox.take(6, max_lag=2, max_lead=2)] == [6]
+
+
+def test_take_respects_the_window() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("old", 1))
+    inbox.deliver(update("ahead", 9))
+    inbox.deliver(update("lagging", 4))
+    taken = {u.sender: u.round for u in inbox.take(5, max_lag=2, max_lead=2)}
+    assert taken == {"lagging": 4}
+
+
+def test_first_author_flags_copies() -> None:
+    inbox = Inbox()
+    assert inbox.first_author(b"d" * 32, "alice") == "alice"
+    assert inbox.first_author(b"d" * 32, "mallory") == "alice"
+
+
+def test_forget_drops_a_peer() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 5))
+    inbox.forget("a")
+    assert inbox.latest() == {}
