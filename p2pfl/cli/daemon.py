@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import trio
 
+from p2pfl.attacks import attack_label_map, make_attack
 from p2pfl.cli.config_file import DaemonConfig, load_daemon_config
 from p2pfl.cli.http import serve_status
 from p2pfl.core.crypto import Identity
@@ -59,6 +60,10 @@ def libp2p_transport(config: DaemonConfig, identity: Identity) -> TransportFacto
 def build_node(config: DaemonConfig, identity: Identity) -> Node:
     """Assemble the node a config file describes (digits task, optional attack)."""
     train = config.train
+    behaviour = label_map = None
+    if config.attack is not None:  # a Byzantine node of a test network
+        behaviour = make_attack(config.attack, **config.attack_params)
+        label_map = attack_label_map(config.attack)
     learner = make_digits_learner(
         node_index=train.node_index,
         num_nodes=train.num_nodes,
@@ -68,13 +73,14 @@ def build_node(config: DaemonConfig, identity: Identity) -> Node:
         batch_size=train.batch_size,
         lr=train.lr,
         momentum=train.momentum,
+        label_map=label_map,
     )
     return Node(
         config.node,
         learner,
         identity=identity,
         transport=libp2p_transport(config, identity),
-        behaviour=None,
+        behaviour=behaviour,
     )
 
 

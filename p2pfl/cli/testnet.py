@@ -214,7 +214,10 @@ def _toml_string(text: str) -> str:
 def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: Sequence[int]) -> dict[str, Any]:
     """Return the TOML document of node ``index``; ``ports`` holds libp2p then HTTP ports."""
     libp2p_port, http_port = ports[index], ports[plan.nodes + index]
-    bootstrap = [] if index == 0 else [f"/ip4/{HOST}/tcp/{ports[0]}/p2p/{peer_ids[0]}"]
+    # Node 0 bootstraps everyone; the previous node too, so the graph is no star even
+    # before discovery has found more peers.
+    seeds = sorted({0, index - 1}) if index > 1 else [0] if index == 1 else []
+    bootstrap = [f"/ip4/{HOST}/tcp/{ports[i]}/p2p/{peer_ids[i]}" for i in seeds]
     document: dict[str, dict[str, TomlValue]] = {
         "node": {
             "network_id": NETWORK_ID,
@@ -236,6 +239,9 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "batch_size": plan.batch_size,
         },
         "aggregation": {"rule": plan.rule},
+        # Nodes start over several seconds (torch + libp2p imports); wait for neighbours
+        # so that round 0 is trained together instead of alone.
+        "round": {"min_neighbours": min(3, plan.nodes - 1), "start_timeout": 60.0},
     }
     if plan.is_byzantine(index):
         document["attack"] = {"name": str(plan.attack)}

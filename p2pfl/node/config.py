@@ -25,22 +25,29 @@ class RoundConfig:
     # Seconds to wait for neighbours' updates after announcing our own. A dead or frozen
     # neighbour costs at most this much per round; honest ones on loopback take ~0.1 s.
     round_timeout: float = 5.0
-    # Close the round early once this fraction of reputable neighbours has delivered.
-    quorum: float = 1.0
+    # Close the round once this fraction of reputable neighbours has delivered. Waiting
+    # for all of them makes every node as slow as the slowest in its neighbourhood, and
+    # the delays cascade; a straggler's update is used in our next round instead.
+    quorum: float = 0.6
     # Accept a neighbour's update from up to this many rounds behind ours (slow peers
     # still count); older ones are stale.
     max_lag: int = 2
     # Updates from further ahead than this are not used (a fast peer is buffered; a
     # peer claiming round 10**9 is ignored).
     max_lead: int = 2
-    # Re-announce our update this often until the round closes: gossip is lossy.
-    reannounce_interval: float = 0.5
+    # Re-announce our update this often until the round closes: gossip is lossy, but
+    # every copy costs each peer ~10 ms of CPU in py-libp2p.
+    reannounce_interval: float = 1.0
     # Deadline of one payload transfer.
     fetch_timeout: float = 10.0
     # A late joiner adopts the network's round and a robust aggregate of up to this many
     # neighbours' models when it is this many rounds behind.
     catch_up_after: int = 2
     catch_up_sources: int = 3
+    # Before the first round, wait (at most start_timeout seconds) for this many
+    # neighbours, so that nodes of a network started together train together.
+    min_neighbours: int = 0
+    start_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "round.local_epochs", "must be >= 1")
@@ -52,6 +59,8 @@ class RoundConfig:
         require(self.fetch_timeout > 0, "round.fetch_timeout", "must be > 0 seconds")
         require(self.catch_up_after >= 1, "round.catch_up_after", "must be >= 1")
         require(self.catch_up_sources >= 1, "round.catch_up_sources", "must be >= 1")
+        require(self.min_neighbours >= 0, "round.min_neighbours", "must be >= 0")
+        require(self.start_timeout >= 0, "round.start_timeout", "must be >= 0 seconds")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

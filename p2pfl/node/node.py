@@ -189,11 +189,20 @@ class Node:
     async def run(self, rounds: int | None = None) -> NodeStatistics:
         """Run rounds until ``rounds`` have finished in total (None: until cancelled)."""
         self._rounds_target = rounds
+        await self._wait_for_neighbours()
         while rounds is None or self._round < rounds:
             await self._maybe_catch_up()
             await self._run_round(self._round)
         self._state = "done"
         return self.statistics()
+
+    async def _wait_for_neighbours(self) -> None:
+        """Give a network started together the chance to train together."""
+        settings = self.config.rounds
+        with trio.move_on_after(settings.start_timeout):
+            # Bounded: at most start_timeout / 0.1 polls.
+            while len(self.transport.neighbours()) < settings.min_neighbours:
+                await trio.sleep(0.1)
 
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
@@ -228,7 +237,8 @@ class Node:
         self._round_finished.set()
         self._round_finished = trio.Event()
         log.info(
-            "round %d: accuracy %.3f loss %.3f, %d neighbour updates, %.2f s",
+            "[%s] round %d: accuracy %.3f loss %.3f, %d neighbour updates, %.2f s",
+            short(self.peer_id),
             number,
             metrics.accuracy,
             metrics.loss,
@@ -409,6 +419,12 @@ class Node:
             max_lag=self.config.rounds.max_lag,
             max_lead=self.config.rounds.max_lead,
         )
+        log.debug(
+            "[%s] announcement %s round %d from %s via %s: %s %s",
+            short(self.peer_id),
+            parsed.kind.name, header.round, short(header.sender), short(announcement.origin),
+            admission.decision.value, admission.reason,
+        )
         if admission.evidence is not None:
             self._evidence(header.sender, admission.evidence, self._round, admission.reason)
         if admission.decision is Decision.REJECT:
@@ -443,6 +459,7 @@ class Node:
         ):
             return
         self._fetching.add(key)
+        log.debug("[%s] fetching round %d from %s", short(self.peer_id), header.round, short(header.sender))
         self._fetches.start_soon(self._fetch, update)
 
     async def _fetch(self, update: VerifiedHeader) -> None:

@@ -6,6 +6,7 @@ Map of the package:
   dumbbell, exponential, complete) and Byzantine placement.
 - ``scenario``: scenario and grid TOML files -> frozen :class:`Scenario` / :class:`Grid`.
 - ``runner``: :func:`run_scenario`, one deterministic run on a mock clock.
+- ``network``: neighbour-only delivery and shared verification (the speed-ups).
 - ``scorecard``: accuracy, consensus distance, detection and traffic of a run; grid tables.
 - ``plots``: PNG figures (matplotlib, Agg).
 - ``cli``: ``p2pfl sim --scenario FILE | --grid FILE``.

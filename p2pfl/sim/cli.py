@@ -42,6 +42,7 @@ def sim_command(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # tiny models: threads cost more than they save
+    quiet_nodes(getattr(args, "verbose", 0))
     require(args.jobs >= 1, "--jobs", "must be >= 1")
     require(args.seeds is None or args.seeds >= 1, "--seeds", "must be >= 1")
     if args.scenario:
@@ -51,6 +52,17 @@ def sim_command(args: argparse.Namespace) -> int:
     grid = replace(grid, base=_with_seeds(grid.base, args.seeds))
     return run_grid_files(grid, Path(args.grid), _out(args, grid.base.name), jobs=args.jobs,
                           plots=args.plots)
+
+
+def quiet_nodes(verbosity: int) -> None:
+    """Keep hundreds of nodes' per-round logs off the terminal (-v: warnings, -vv: all)."""
+    import logging
+
+    if verbosity >= 2:
+        return
+    level = logging.WARNING if verbosity == 1 else logging.ERROR
+    for name in ("p2pfl.node", "p2pfl.net", "p2pfl.attacks", "p2pfl.core"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _with_seeds(scenario: Scenario, seeds: int | None) -> Scenario:
@@ -85,8 +97,15 @@ def run_scenario_files(scenario: Scenario, out: Path) -> int:
         plot_accuracy(card, Path(f"{stem}-accuracy.png"))
         plot_reputation(card, Path(f"{stem}-reputation.png"))
         _say(f"{run_line(card)}  [{card['timing']['wall_seconds']:.1f} s]")
-    _say(f"wrote {out}/")
+    _say(f"wrote {out}/ (peak memory {peak_rss_mb():.0f} MB)")
     return 0
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident set size in MB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _one_run(path: str, rule: str, attack: str, seed: int) -> str:
@@ -96,7 +115,7 @@ def _one_run(path: str, rule: str, attack: str, seed: int) -> str:
     from p2pfl.sim.runner import run_scenario
     from p2pfl.sim.scorecard import scorecard
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # log levels come with the fork from sim_command
     grid = load_grid(path)
     scenario = grid.cell(rule, attack)
     return json.dumps(scorecard(run_scenario(scenario, seed)), allow_nan=False)

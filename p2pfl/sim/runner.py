@@ -6,14 +6,8 @@ derived from the run's seed: identities, topology, Byzantine placement, data par
 model initialisation, link loss and jitter. Two runs of one (scenario, seed) give the
 same accuracy histories.
 
-Two measures keep large runs cheap without changing what a node sees from its neighbours:
-
-- :class:`SimNetwork` can deliver announcements to direct neighbours only (nodes pull
-  payloads only from direct neighbours anyway), instead of to every reachable peer.
-- :class:`VerificationCache` shares successful announcement parses between the nodes
-  of a run: the ecdsa check (~2 ms) is done once per distinct announcement, not once
-  per receiver. Only successes are cached, keyed by the exact bytes; an UPDATE hit is
-  re-checked for origin == signer, so every rejection still happens at the receiver.
+The speed-ups (neighbour-only delivery, shared verification) live in
+:mod:`p2pfl.sim.network`.
 """
 
 from __future__ import annotations
@@ -32,67 +26,19 @@ import trio
 import trio.testing
 
 from p2pfl.core.crypto import Identity
-from p2pfl.core.envelope import AnnouncementKind, ParsedAnnouncement
 from p2pfl.learners.base import Learner, Metrics, State
 from p2pfl.learners.datasets import make_digits_learner
-from p2pfl.net.memory import MemoryNetwork
 from p2pfl.net.transport import Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
 from p2pfl.node.node import Node
+from p2pfl.sim.network import SimNetwork, VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
 from p2pfl.sim.topology import Edge, make_topology, place_byzantine
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-class SimNetwork(MemoryNetwork):
-    """A MemoryNetwork that can limit announcement delivery to direct neighbours.
-
-    Why a subclass: MemoryNetwork has no such option yet; this overrides its route
-    computation (one hop to every usable neighbour) and nothing else.
-    """
-
-    def __init__(self, *, neighbours_only: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.neighbours_only = neighbours_only
-
-    def _routes_from(self, origin: str) -> list[tuple[str, int]]:
-        if not self.neighbours_only:
-            return super()._routes_from(origin)
-        return [(peer, 1) for peer in self._neighbours(origin)]
-
-
-class VerificationCache:
-    """Successful announcement parses shared by the nodes of one run (same network id)."""
-
-    def __init__(self, capacity: int = 1 << 16) -> None:
-        self.capacity = capacity
-        self.hits = 0
-        self.misses = 0
-        self._entries: dict[bytes, ParsedAnnouncement] = {}
-
-    def wrap(self, validator: Validator) -> Validator:
-        """Return ``validator`` answering from the cache when the same bytes passed before."""
-
-        def validate(origin: str, data: bytes) -> Any:
-            hit = self._entries.get(data)
-            if hit is not None and (
-                hit.kind is not AnnouncementKind.UPDATE or hit.update.header.sender == origin
-            ):
-                self.hits += 1
-                return ParsedAnnouncement(hit.kind, hit.update, origin)
-            self.misses += 1
-            value = validator(origin, data)  # raises on rejection: nothing is cached
-            if isinstance(value, ParsedAnnouncement) and self.capacity:
-                if len(self._entries) >= self.capacity:
-                    del self._entries[next(iter(self._entries))]  # oldest first
-                self._entries[bytes(data)] = value
-            return value
-
-        return validate
 
 
 # -- observation -----------------------------------------------------------------------
@@ -425,8 +371,6 @@ __all__ = [
     "ProbedLearner",
     "Recorder",
     "RunResult",
-    "SimNetwork",
-    "VerificationCache",
     "attack_params",
     "consensus_distance",
     "identity_for",

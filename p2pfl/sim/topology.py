@@ -96,8 +96,11 @@ def torus(n: int, rows: int | None = None) -> Graph:
     _need(n, 4, "torus")
     if rows is None:
         rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
-    if rows < 1 or n % rows:
-        raise ConfigError(f"topology.rows: {rows} does not divide nodes={n}")
+    if rows < 2 or n % rows or n // rows < 2:
+        raise ConfigError(
+            f"topology.rows: need a divisor of nodes={n} leaving at least 2 rows and 2 "
+            f"columns, got {rows} (a prime node count has none)"
+        )
     cols = n // rows
     pairs = []
     for r in range(rows):

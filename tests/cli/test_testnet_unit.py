@@ -50,7 +50,11 @@ def test_node_configs_round_trip_through_tomllib(tmp_path: Path) -> None:
                               "num_nodes": 4, "seed": 0, "epochs": 1, "batch_size": 32}
     assert first["aggregation"] == {"rule": "clipped_gossip"}
     assert "attack" not in first
-    assert last["net"]["bootstrap"] == ["/ip4/127.0.0.1/tcp/4000/p2p/16Uiu2HAmPeer0"]
+    assert last["net"]["bootstrap"] == [
+        "/ip4/127.0.0.1/tcp/4000/p2p/16Uiu2HAmPeer0",
+        "/ip4/127.0.0.1/tcp/4002/p2p/16Uiu2HAmPeer2",
+    ]
+    assert last["round"] == {"min_neighbours": 3, "start_timeout": 60.0}
     assert last["node"]["http_port"] == 9103
     assert last["attack"] == {"name": "alie"}
 

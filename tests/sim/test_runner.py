@@ -7,7 +7,17 @@ from dataclasses import replace
 
 import pytest
 
-from p2pfl.sim.runner import RunResult, VerificationCache, run_scenario
+from p2pfl.core.envelope import (
+    AnnouncementKind,
+    ParsedAnnouncement,
+    encode_announcement,
+    parse_announcement,
+    sign_update,
+)
+from p2pfl.errors import SignerMismatch
+from p2pfl.net.memory import LinkProfile
+from p2pfl.sim.network import VerificationCache
+from p2pfl.sim.runner import RunResult, identity_for, run_scenario
 from p2pfl.sim.scenario import Scenario
 from p2pfl.sim.scorecard import scorecard
 
@@ -62,21 +72,52 @@ def test_progress_prints_a_line_per_round() -> None:
     assert "honest accuracy mean" in lines[-1]
 
 
-def test_cache_refuses_a_relayed_update_it_has_seen() -> None:
+def _validator(origin: str, data: bytes) -> ParsedAnnouncement:
+    return parse_announcement(origin, data, network_id="net")
+
+
+def test_cache_shares_successes_and_still_refuses_relayed_updates() -> None:
+    author, relay, other = identity_for(0, 0), identity_for(0, 1), identity_for(0, 2)
+    update = sign_update(author, network_id="net", round=1, payload=b"p", samples=1, ts_ms=0)
+    announced = encode_announcement(AnnouncementKind.UPDATE, update)
+    cache = VerificationCache()
+    validate = cache.wrap(_validator)
+
+    assert validate(author.peer_id, announced).origin == author.peer_id
+    assert validate(author.peer_id, announced).update == update
+    assert (cache.hits, cache.misses) == (1, 1)
+    with pytest.raises(SignerMismatch):  # the same bytes relayed by another peer
+        validate(relay.peer_id, announced)
+
+    holds = encode_announcement(AnnouncementKind.HOLDS, update)
+    validate(relay.peer_id, holds)
+    shared = validate(other.peer_id, holds)  # anyone may offer a payload: a hit
+    assert shared.origin == other.peer_id
+    assert shared.kind is AnnouncementKind.HOLDS
+    assert cache.hits == 2
+
+
+def test_cache_never_stores_a_failure() -> None:
     calls: list[str] = []
 
-    class Fake:
-        kind = None
-
-    def validator(origin: str, data: bytes) -> object:
+    def refuse(origin: str, data: bytes) -> object:
         calls.append(origin)
         raise ValueError("rejected")
 
-    cache = VerificationCache()
-    wrapped = cache.wrap(validator)
-    with pytest.raises(ValueError):
-        wrapped("a", b"x")
-    with pytest.raises(ValueError):
-        wrapped("a", b"x")
-    assert calls == ["a", "a"]  # failures are never cached
-    assert cache.hits == 0
+    validate = VerificationCache().wrap(refuse)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="rejected"):
+            validate("a", b"x")
+    assert calls == ["a", "a"]
+
+
+def test_runs_under_attack_on_a_lossy_link_are_reproducible() -> None:
+    scenario = Scenario(
+        nodes=8, rounds=4, topology="regular", topology_params={"degree": 3},
+        partition="dirichlet", attack="alie", byzantine=2, round_timeout=1.0,
+        link=LinkProfile(latency=0.01, jitter=0.005, loss=0.05),
+    )
+    a, b = run_scenario(scenario, 1), run_scenario(scenario, 1)
+    assert a.accuracy == b.accuracy
+    assert a.weights == b.weights
+    assert a.consensus == b.consensus

@@ -45,6 +45,8 @@ def test_torus_has_degree_four_and_wraps() -> None:
 def test_torus_rejects_rows_that_do_not_divide() -> None:
     with pytest.raises(ConfigError, match="rows"):
         torus(16, rows=3)
+    with pytest.raises(ConfigError, match="prime"):
+        torus(13)
 
 
 @pytest.mark.parametrize(("n", "d", "seed"), [(16, 4, 0), (16, 3, 1), (64, 4, 2), (10, 9, 0)])
