@@ -186,7 +186,7 @@ class Forge(_Announcer):
       validator refuses to publish it; see :func:`publish_unchecked`.
     - ``payload`` (``all``, even rounds): announce a correctly signed header of our model
       but serve bytes that differ in one byte (same size): the fetcher's sha256 check
-      fails (transport ProtocolViolation; the node currently records only NO_SHOW).
+      fails (TamperedPayload: INVALID_FORMAT against us, severe).
     - ``malformed`` (``all``, odd rounds): a correctly signed header of bytes that are not
       a model encoding (receivers: DecodeError -> INVALID_FORMAT, severe).
     - ``signer`` alone also announces our honest model.

@@ -85,6 +85,7 @@ class Inbox:
     def __init__(self, *, keep_rounds: int = 8, max_digests: int = 4096) -> None:
         self._held: dict[str, dict[int, Received]] = {}
         self._used_through: dict[str, int] = {}  # peer -> last round of it we aggregated
+        self._freshest: dict[str, Received] = {}  # newest delivered per peer, used or not
         self._keep_rounds = keep_rounds
         self._authors: OrderedDict[bytes, str] = OrderedDict()
         self._max_digests = max_digests
@@ -103,6 +104,9 @@ class Inbox:
             return
         held = self._held.setdefault(update.sender, {})
         held[update.round] = update
+        freshest = self._freshest.get(update.sender)
+        if freshest is None or update.round > freshest.round:
+            self._freshest[update.sender] = update
         for old in sorted(held)[: -self._keep_rounds]:
             del held[old]
 
@@ -140,12 +144,13 @@ class Inbox:
         return chosen
 
     def latest(self) -> dict[str, Mapping[str, torch.Tensor]]:
-        """The freshest state held from each peer."""
-        return {peer: held[max(held)].state for peer, held in self._held.items() if held}
+        """The newest state delivered by each peer, aggregated already or not."""
+        return {peer: update.state for peer, update in self._freshest.items()}
 
     def forget(self, peer: str) -> None:
         """Drop what we hold from ``peer`` (banned)."""
         self._held.pop(peer, None)
+        self._freshest.pop(peer, None)
 
     def _unused(self, peer: str, low: int, high: int) -> list[int]:
         used = self._used_through.get(peer, -1)

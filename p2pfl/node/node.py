@@ -201,7 +201,7 @@ class Node:
         settings = self.config.rounds
         with trio.move_on_after(settings.start_timeout):
             # Bounded: at most start_timeout / 0.1 polls.
-            while len(self.transport.neighbours()) < settings.min_neighbours:
+            while len(self.transport.neighbours()) < settings.min_neighbours:  # noqa: ASYNC110 (no event for neighbour changes)
                 await trio.sleep(0.1)
 
     async def _run_round(self, number: int) -> None:

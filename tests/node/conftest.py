@@ -53,7 +53,7 @@ def make_node(
     config = NodeConfig(
         network_id="test-net",
         rule=rule,
-        rounds=RoundConfig(round_timeout=round_timeout, fetch_timeout=1.0),
+        rounds=RoundConfig(round_timeout=round_timeout, fetch_timeout=1.0, quorum=1.0),
         data_dir=data_dir,
     )
     learner = make_digits_learner(node_index=index, num_nodes=num_nodes, seed=0)
