@@ -2,9 +2,52 @@
 
 Nodes train locally, gossip signed model updates to their neighbours, mix what they
 receive with a robust aggregation rule, and keep a reputation for every peer.
+
+Embedding a node::
+
+    net = p2pfl.NetConfig(port=4001, bootstrap=("/ip4/10.0.0.7/tcp/4001/p2p/16Uiu2...",))
+    async with p2pfl.Node(p2pfl.NodeConfig(network_id="my-task"), learner, net=net) as node:
+        await node.run(rounds=10)
+
+Package map (dependencies point down only)::
+
+    cli        argv/TOML -> config; daemon; testnet; status
+    sim        many nodes in one process over the memory transport
+    attacks    Byzantine behaviours for test networks and simulations
+    node       Node: round loop, ingress, reputation, checkpoints
+    net        Transport: libp2p (gossip + /p2pfl/update/1.0.0) and in-memory
+    learners   Learner protocol, TorchLearner, digits data set and partitions
+    core       pure: codec, crypto, envelope, aggregation, reputation, rounds
+    config, errors
 """
 
 from p2pfl import errors
+from p2pfl.config import Limits, NetConfig
+from p2pfl.core.aggregation import RULES, Aggregate, aggregate
+from p2pfl.core.codec import decode_state, encode_state
+from p2pfl.core.crypto import Identity
+from p2pfl.core.reputation import ReputationConfig
 from p2pfl.errors import P2PFLError
+from p2pfl.learners import Learner, Metrics, TorchLearner
+from p2pfl.node import Node, NodeConfig, NodeStatistics, RoundConfig
 
-__all__ = ["P2PFLError", "errors"]
+__all__ = [
+    "RULES",
+    "Aggregate",
+    "Identity",
+    "Learner",
+    "Limits",
+    "Metrics",
+    "NetConfig",
+    "Node",
+    "NodeConfig",
+    "NodeStatistics",
+    "P2PFLError",
+    "ReputationConfig",
+    "RoundConfig",
+    "TorchLearner",
+    "aggregate",
+    "decode_state",
+    "encode_state",
+    "errors",
+]

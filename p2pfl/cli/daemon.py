@@ -22,9 +22,7 @@ from p2pfl.cli.http import serve_status
 from p2pfl.core.crypto import Identity
 from p2pfl.errors import KeyFileError
 from p2pfl.learners.datasets import make_digits_learner
-from p2pfl.net.libp2p_transport import open_libp2p_transport
-from p2pfl.net.transport import Validator
-from p2pfl.node.node import Node, TransportFactory
+from p2pfl.node.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +38,6 @@ def load_or_create_identity(path: Path) -> Identity:
     identity.save(path)
     log.info("created a new key at %s (peer id %s)", path, identity.peer_id)
     return identity
-
-
-def libp2p_transport(config: DaemonConfig, identity: Identity) -> TransportFactory:
-    """The transport factory of a daemon: real libp2p with the node's own key."""
-
-    def open_transport(validator: Validator):  # type: ignore[no-untyped-def]
-        return open_libp2p_transport(
-            secret=identity.secret_bytes(),
-            network_id=config.node.network_id,
-            config=config.net,
-            limits=config.node.limits,
-            validator=validator,
-        )
-
-    return open_transport
 
 
 def build_node(config: DaemonConfig, identity: Identity) -> Node:
@@ -79,7 +62,7 @@ def build_node(config: DaemonConfig, identity: Identity) -> Node:
         config.node,
         learner,
         identity=identity,
-        transport=libp2p_transport(config, identity),
+        net=config.net,
         behaviour=behaviour,
     )
 

@@ -7,6 +7,7 @@ printed as one line (what is wrong and what to change), exit code 2.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -24,7 +25,12 @@ def keygen_command(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"error: {path} exists; pass --force to overwrite it", file=sys.stderr)
         return 2
-    identity = Identity.generate()
+    if args.insecure_demo_seed is not None:
+        # Public, reproducible keys so that example configs can name their bootstrap peer.
+        secret = hashlib.sha256(f"p2pfl-demo-key/{args.insecure_demo_seed}".encode()).digest()
+        identity = Identity.from_secret(secret)
+    else:
+        identity = Identity.generate()
     identity.save(path)
     print(identity.peer_id)
     return 0
@@ -43,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="create a node key file")
     keygen.add_argument("--out", default="node.pem", help="key file to write (default node.pem)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    keygen.add_argument(
+        "--insecure-demo-seed",
+        type=int,
+        metavar="N",
+        help="derive a PUBLIC key from N (examples/configs only; anyone can impersonate it)",
+    )
     keygen.set_defaults(func=keygen_command)
 
     node = commands.add_parser("node", help="run or inspect a node daemon")

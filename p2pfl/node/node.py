@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import trio
 
+from p2pfl.config import Limits, NetConfig
 from p2pfl.core.aggregation import Aggregate, aggregate
 from p2pfl.core.codec import decode_state, encode_state
 from p2pfl.core.crypto import Identity
@@ -79,6 +80,25 @@ def short(peer: str) -> str:
     return peer[-8:]
 
 
+def libp2p_transport(
+    identity: Identity, net: NetConfig, *, network_id: str, limits: Limits
+) -> TransportFactory:
+    """The real network: libp2p with the node's own key as its identity."""
+
+    def open_transport(validator: Validator) -> AbstractAsyncContextManager[Transport]:
+        from p2pfl.net.libp2p_transport import open_libp2p_transport  # imports libp2p: late
+
+        return open_libp2p_transport(
+            secret=identity.secret_bytes(),
+            network_id=network_id,
+            config=net,
+            limits=limits,
+            validator=validator,
+        )
+
+    return open_transport
+
+
 class Node:
     """One participant: ``async with Node(...) as node: await node.run(rounds=10)``."""
 
@@ -87,8 +107,9 @@ class Node:
         config: NodeConfig,
         learner: Learner,
         *,
-        identity: Identity,
-        transport: TransportFactory,
+        identity: Identity | None = None,
+        transport: TransportFactory | None = None,
+        net: NetConfig | None = None,
         offload: bool = True,
         behaviour: Behaviour | None = None,
     ) -> None:
@@ -97,8 +118,11 @@ class Node:
         Args:
             config: Node settings.
             learner: Local model, data and training loop (synchronous).
-            identity: The node's key; also its network identity.
+            identity: The node's key; also its network identity. Default: a new,
+                ephemeral key (a daemon keeps its key in a file).
             transport: Opens the network given the node's announcement validator.
+                Default: libp2p with ``net``; simulations pass a memory transport.
+            net: libp2p settings (port, bootstrap peers...) for the default transport.
             offload: Run training/encoding in a worker thread (daemon). Simulations
                 under a mock clock run them inline: a thread would let the clock jump.
             behaviour: How the node presents itself; honest by default. Test networks
@@ -106,9 +130,11 @@ class Node:
         """
         self.config = config
         self.learner = learner
-        self.identity = identity
+        self.identity = identity = identity or Identity.generate()
         self.peer_id = identity.peer_id
-        self._open_transport = transport
+        self._open_transport = transport or libp2p_transport(
+            identity, net or NetConfig(), network_id=config.network_id, limits=config.limits
+        )
         self._offload = offload
         self.behaviour = behaviour or Behaviour()
         self._book = ReputationBook(config.reputation)

@@ -13,6 +13,8 @@ Per run (:func:`scorecard`):
   Byzantine; ``*_ever`` count a flag at any round. ``first_flag_round`` is the median
   first round a Byzantine pair was flagged. ``false_positive_peers`` is the share of
   honest peers flagged by at least one honest neighbour at some round.
+- ``exposed_honest``: honest nodes at least half of whose neighbours are Byzantine;
+  no local rule can protect them, so expect them among the honest minimum.
 - ``traffic``: mean bytes in and out per node per round.
 
 Per grid (:func:`grid_summary`): for each rule x attack cell, the final honest mean
@@ -123,6 +125,22 @@ def detection(result: RunResult) -> dict[str, Any]:
     }
 
 
+def exposed_honest(result: RunResult) -> list[int]:
+    """Return honest nodes at least half of whose neighbours are Byzantine.
+
+    No local rule can protect such a node: its neighbourhood has no honest majority.
+    """
+    bad = set(result.byzantine)
+    neighbours: dict[int, list[int]] = {}
+    for a, b in result.edges:
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
+    return [
+        i for i in result.honest
+        if neighbours.get(i) and 2 * sum(p in bad for p in neighbours[i]) >= len(neighbours[i])
+    ]
+
+
 def _ratio(count: int, total: int) -> float | None:
     return count / total if total else None
 
@@ -156,6 +174,7 @@ def scorecard(result: RunResult) -> dict[str, Any]:
             "consensus": result.consensus[-1] if result.consensus else None,
         },
         "detection": detection(result),
+        "exposed_honest": exposed_honest(result),
         "traffic": {
             "bytes_in_per_node_round": _mean(b / rounds for b in result.bytes_in),
             "bytes_out_per_node_round": _mean(b / rounds for b in result.bytes_out),
@@ -238,6 +257,7 @@ def run_line(card: Mapping[str, Any]) -> str:
 
 __all__ = [
     "detection",
+    "exposed_honest",
     "grid_summary",
     "grid_table",
     "observed_pairs",

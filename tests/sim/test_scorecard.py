@@ -12,7 +12,14 @@ import torch
 from p2pfl.sim.plots import plot_accuracy, plot_grid, plot_reputation
 from p2pfl.sim.runner import RunResult, consensus_distance
 from p2pfl.sim.scenario import Scenario
-from p2pfl.sim.scorecard import detection, grid_summary, grid_table, reputation_matrix, scorecard
+from p2pfl.sim.scorecard import (
+    detection,
+    exposed_honest,
+    grid_summary,
+    grid_table,
+    reputation_matrix,
+    scorecard,
+)
 from p2pfl.sim.topology import complete
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +81,14 @@ def test_scorecard_per_round_figures_and_json() -> None:
     assert card["traffic"]["bytes_out_per_node_round"] == pytest.approx(25)
     assert card["reputation"][0] == [None, 0.6, 0.6, 0.0]
     json.dumps(card, allow_nan=False)  # NaN-free
+
+
+def test_exposed_honest_nodes_have_no_honest_majority() -> None:
+    # Path 0 - 1 - 2 - 3 with 1 and 3 Byzantine: 0 sees only 1, 2 sees only 1 and 3.
+    result = synthetic()
+    path = RunResult(**{**result.__dict__, "byzantine": (1, 3), "edges": ((0, 1), (1, 2), (2, 3))})
+    assert exposed_honest(path) == [0, 2]
+    assert exposed_honest(synthetic()) == []  # complete graph of 4, one attacker
 
 
 def test_nan_consensus_becomes_null() -> None:
