@@ -71,6 +71,7 @@ def _node_entry(index: int, status: Mapping[str, Any], attacker: bool) -> dict[s
         "mean_round_seconds": statistics.fmean(durations) if durations else None,
         "bytes_in": status.get("bytes_in", 0),
         "bytes_out": status.get("bytes_out", 0),
+        "peak_rss_bytes": status.get("peak_rss_bytes"),
         "rounds": [r["round"] for r in history],
         "accuracy": [r.get("accuracy") for r in history],
         "loss": [r.get("loss") for r in history],

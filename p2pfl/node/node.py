@@ -15,6 +15,7 @@ becomes reputation evidence and is dropped.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -642,6 +643,7 @@ class Node:
             reputation=tuple(self._reputation_rows()),
             history=tuple(self._history),
             byzantine=self.behaviour.name,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
 
     def _reputation_rows(self) -> list[PeerReputation]:

@@ -50,6 +50,7 @@ class NodeStatistics:
     reputation: tuple[PeerReputation, ...]
     history: tuple[RoundRecord, ...] = field(default=())
     byzantine: str | None = None  # attack name when this node is an attacker (test networks)
+    peak_rss_bytes: int = 0  # of the whole process (a daemon runs one node per process)
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""
