@@ -61,6 +61,7 @@ class TestnetPlan:
     timeout: float = 600.0
     epochs: int = 1
     batch_size: int = 32
+    neighbours: int | None = None  # target neighbours per node; None: the node's default
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -98,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="overall bound in seconds (default 600)")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
+    )
 
 
 def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
@@ -106,7 +110,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         nodes=args.nodes, rounds=args.rounds, partition=args.partition, alpha=args.alpha,
         byzantine=args.byzantine, attack=args.attack, rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, neighbours=args.neighbours,
     )
     _check_names(plan)
     return plan
@@ -227,7 +231,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "http_port": http_port,
             "exit_when_done": False,  # the launcher stops everyone together
         },
-        "net": {"listen_host": HOST, "port": libp2p_port, "bootstrap": bootstrap},
+        "net": {"listen_host": HOST, "port": libp2p_port, "bootstrap": bootstrap}
+        | {"target_neighbours": plan.neighbours or min(plan.nodes - 1, 6)},
         "train": {
             "task": "digits",
             "partition": plan.partition,
