@@ -218,6 +218,7 @@ def _toml_string(text: str) -> str:
 def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: Sequence[int]) -> dict[str, Any]:
     """Return the TOML document of node ``index``; ``ports`` holds libp2p then HTTP ports."""
     libp2p_port, http_port = ports[index], ports[plan.nodes + index]
+    neighbours = plan.neighbours or min(plan.nodes - 1, 6)
     # Node 0 bootstraps everyone; the previous node too, so the graph is no star even
     # before discovery has found more peers.
     seeds = sorted({0, index - 1}) if index > 1 else [0] if index == 1 else []
@@ -236,7 +237,7 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "port": libp2p_port,
             "bootstrap": bootstrap,
             # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
-            "target_neighbours": plan.neighbours or min(plan.nodes - 1, 6),
+            "target_neighbours": neighbours,
         },
         "train": {
             "task": "digits",
@@ -249,9 +250,9 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "batch_size": plan.batch_size,
         },
         "aggregation": {"rule": plan.rule},
-        # Nodes start over several seconds (torch + libp2p imports); wait for neighbours
-        # so that round 0 is trained together instead of alone.
-        "round": {"min_neighbours": min(3, plan.nodes - 1), "start_timeout": 60.0},
+        # Nodes start over several seconds (torch + libp2p imports); wait for the full
+        # neighbourhood so that round 0 is trained together instead of alone.
+        "round": {"min_neighbours": neighbours, "start_timeout": 60.0},
     }
     if plan.is_byzantine(index):
         document["attack"] = {"name": str(plan.attack)}

@@ -258,6 +258,7 @@ class Node:
                 duration=trio.current_time() - started,
                 bytes_in=stats.bytes_in,
                 bytes_out=stats.bytes_out,
+                finished_at=time.time(),
             )
         )
         self._round = number + 1
@@ -449,8 +450,12 @@ class Node:
         log.debug(
             "[%s] announcement %s round %d from %s via %s: %s %s",
             short(self.peer_id),
-            parsed.kind.name, header.round, short(header.sender), short(announcement.origin),
-            admission.decision.value, admission.reason,
+            parsed.kind.name,
+            header.round,
+            short(header.sender),
+            short(announcement.origin),
+            admission.decision.value,
+            admission.reason,
         )
         if admission.evidence is not None:
             self._evidence(header.sender, admission.evidence, self._round, admission.reason)
@@ -486,7 +491,12 @@ class Node:
         ):
             return
         self._fetching.add(key)
-        log.debug("[%s] fetching round %d from %s", short(self.peer_id), header.round, short(header.sender))
+        log.debug(
+            "[%s] fetching round %d from %s",
+            short(self.peer_id),
+            header.round,
+            short(header.sender),
+        )
         self._fetches.start_soon(self._fetch, update)
 
     async def _fetch(self, update: VerifiedHeader) -> None:

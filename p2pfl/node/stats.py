@@ -29,6 +29,7 @@ class RoundRecord:
     duration: float  # seconds from round start to checkpoint
     bytes_in: int  # cumulative, at the end of the round
     bytes_out: int
+    finished_at: float = 0.0  # unix time, for timelines across nodes
 
 
 @dataclass(frozen=True, slots=True)
