@@ -43,7 +43,7 @@ The client checks, in order: status known (else ``ProtocolViolation``); for OK,
 ``length <= max_size`` *before* reading or allocating the body (else
 ``PayloadTooLarge``); exactly ``length`` body bytes followed by end of stream (a short
 body, a reset or trailing bytes are ``ProtocolViolation``); sha256(body) == digest
-(else ``ProtocolViolation``). Every fetch runs under one deadline
+(else ``TamperedPayload``, a ``ProtocolViolation``). Every fetch runs under one deadline
 (``TransferTimeout``).
 
 A stream carries nothing else; either side may reset it at any time, which the other
