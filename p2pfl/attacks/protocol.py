@@ -8,7 +8,6 @@ named in its docstring at honest receivers (see :mod:`p2pfl.core.rounds` and
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import random
 import time
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_raw_counter = itertools.count(1)
 
 
 def _now_ms() -> int:
@@ -51,25 +49,11 @@ async def publish(node: Node, data: bytes) -> bool:
     return True
 
 
-async def publish_unchecked(node: Node, data: bytes) -> bool:
-    """Publish skipping our own validator, as a modified client would.
-
-    The node's transport validates our own publishes with the node's validator, which
-    refuses forged headers. Only the memory transport offers a way around it (its
-    network's broadcast); over libp2p the forged announcement is logged and dropped.
-    """
-    broadcast = getattr(getattr(node.transport, "_network", None), "_broadcast", None)
-    if broadcast is None:
-        return await publish(node, data)
-    broadcast(node.peer_id, -next(_raw_counter), data)  # negative: apart from real counts
-    return True
-
-
 class _Announcer(Behaviour):
     """A behaviour that publishes announcements of its own and repeats them with ours."""
 
     def __init__(self) -> None:
-        self._extra: dict[int, list[tuple[bytes, bool]]] = {}  # round -> (data, unchecked)
+        self._extra: dict[int, list[bytes]] = {}  # round -> announcements to repeat
         self._served: list[bytes] = []
 
     async def announce_payload(
@@ -89,18 +73,18 @@ class _Announcer(Behaviour):
         while len(self._served) > 8:
             node.transport.unserve(self._served.pop(0))
 
-    async def publish_extra(self, node: Node, round: int, data: bytes, *, unchecked: bool = False) -> None:
+    async def publish_extra(self, node: Node, round: int, data: bytes) -> None:
         """Publish ``data`` now and with every re-announcement of ``round``."""
-        self._extra.setdefault(round, []).append((data, unchecked))
+        self._extra.setdefault(round, []).append(data)
         for old in [r for r in self._extra if r < round - 2]:
             del self._extra[old]
-        await (publish_unchecked if unchecked else publish)(node, data)
+        await publish(node, data)
 
     async def reannounce(self, node: Node, round: int) -> None:
         """Repeat what the node announced and our own announcements of ``round``."""
         await node.reannounce(round)
-        for data, unchecked in self._extra.get(round, ()):
-            await (publish_unchecked if unchecked else publish)(node, data)
+        for data in self._extra.get(round, ()):
+            await publish(node, data)
 
 
 class FreeRider(Behaviour):
@@ -183,7 +167,8 @@ class Forge(_Announcer):
 
     - ``signer`` (and ``all``): publish, as ours, an UPDATE signed by a throwaway key
       (receivers: SignerMismatch -> INVALID_SIGNATURE against us, severe). Our own
-      validator refuses to publish it; see :func:`publish_unchecked`.
+      validator would refuse to publish it, but ``publishes_invalid`` lets it through,
+      as a modified client would.
     - ``payload`` (``all``, even rounds): announce a correctly signed header of our model
       but serve bytes that differ in one byte (same size): the fetcher's sha256 check
       fails (TamperedPayload: INVALID_FORMAT against us, severe).
@@ -193,6 +178,7 @@ class Forge(_Announcer):
     """
 
     name = "forge"
+    publishes_invalid = True
 
     def __init__(self, mode: object = "all", seed: object = 0) -> None:
         """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
@@ -209,7 +195,7 @@ class Forge(_Announcer):
             forged = sign_update(self.throwaway, network_id=node.config.network_id, round=round,
                                  payload=payload, samples=samples, ts_ms=_now_ms())
             data = encode_announcement(AnnouncementKind.UPDATE, forged)
-            await self.publish_extra(node, round, data, unchecked=True)
+            await self.publish_extra(node, round, data)
         own = self.mode if self.mode != "all" else ("payload", "malformed")[round % 2]
         if own == "signer":
             await node.announce_state(round, state, samples)

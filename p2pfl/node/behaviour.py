@@ -20,6 +20,9 @@ class Behaviour:
     """The honest behaviour: announce the model we trained."""
 
     name: str | None = None  # attack name shown in statistics; None for honest nodes
+    # A modified client may publish announcements its own validator would refuse (forged
+    # signers); honest nodes never do, so the node rejects its own invalid publishes.
+    publishes_invalid: bool = False
 
     def craft(self, node: Node, round: int, own: State) -> State:
         """Return the state to announce this round, given the honestly trained one."""

@@ -14,6 +14,7 @@ becomes reputation evidence and is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -415,8 +416,15 @@ class Node:
 
     # ------------------------------------------------------------------ ingress
 
-    def _validate(self, origin: str, data: bytes) -> ParsedAnnouncement:
+    def _validate(self, origin: str, data: bytes) -> ParsedAnnouncement | None:
         """Gossip validator: runs on every announcement before anyone sees it."""
+        if origin == self.peer_id and self.behaviour.publishes_invalid:
+            with contextlib.suppress(P2PFLError):
+                return self._parse(origin, data)
+            return None  # an attacker's own forgery: let it out, peers must catch it
+        return self._parse(origin, data)
+
+    def _parse(self, origin: str, data: bytes) -> ParsedAnnouncement:
         try:
             return parse_announcement(
                 origin, data, network_id=self.config.network_id, limits=self.config.limits
@@ -433,7 +441,9 @@ class Node:
                 self._on_announcement(announcement)
 
     def _on_announcement(self, announcement: Announcement) -> None:
-        parsed: ParsedAnnouncement = announcement.value
+        parsed: ParsedAnnouncement | None = announcement.value
+        if parsed is None:
+            return
         header = parsed.update.header
         if header.sender == self.peer_id:
             return
