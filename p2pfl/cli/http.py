@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pfl.cli.term import finite_json
 from p2pfl.errors import ConfigError, NetworkError
 
 if TYPE_CHECKING:  # importing p2pfl.node loads torch: `p2pfl node status` need not wait
@@ -183,7 +184,7 @@ def _route(
     try:
         stats = get_stats()
         if path == "/status":
-            body = json.dumps(_finite(stats.to_json()), separators=(",", ":")).encode()
+            body = json.dumps(finite_json(stats.to_json()), separators=(",", ":")).encode()
             return 200, JSON_TYPE, body
         return 200, PROMETHEUS_TYPE, render_metrics(stats).encode()
     except Exception:
@@ -219,16 +220,6 @@ async def _linger(stream: trio.SocketStream) -> None:
         while drained < LINGER_BYTES and (chunk := await stream.receive_some(4096)):
             drained += len(chunk)
 
-
-def _finite(value: Any) -> Any:
-    """Replace NaN/inf by None: strict JSON parsers reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
 
 
 # --------------------------------------------------------------------------- metrics

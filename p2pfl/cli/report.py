@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2pfl.cli.term import fmt_float, fmt_pct, short_id, table
+from p2pfl.cli.term import finite_json, fmt_float, fmt_pct, short_id, table
 
 # An attacker counts as flagged when at least this fraction of the honest nodes that
 # hold a score for it give it zero aggregation weight.
@@ -151,21 +151,12 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write report.json, accuracy.png and reputation.png into ``out_dir``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "report.json"
-    json_path.write_text(json.dumps(_finite(report), indent=2) + "\n")
+    json_path.write_text(json.dumps(finite_json(report), indent=2) + "\n")
     paths = [json_path, _plot_accuracy(report, out_dir / "accuracy.png")]
     if report["reputation"]["observers"]:
         paths.append(_plot_reputation(report, out_dir / "reputation.png"))
     return paths
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
 
 
 def _title(report: Mapping[str, Any]) -> str:

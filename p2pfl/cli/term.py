@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def short_id(peer_id: str) -> str:
@@ -97,3 +98,14 @@ class LiveBlock:
 
 
 __all__ = ["LiveBlock", "fmt_bytes", "fmt_duration", "fmt_float", "fmt_pct", "short_id", "table"]
+
+
+def finite_json(value: Any) -> Any:
+    """Replace NaN/inf by None, recursively: strict JSON parsers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
