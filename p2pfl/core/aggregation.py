@@ -568,20 +568,25 @@ def geomed(
     return span.point(c), _relative_distance_trust(inp, span.distances(c)), None
 
 
-def median_cap(dist: torch.Tensor, w: torch.Tensor, self_weight: float, kappa: float) -> float:
-    """Return ``kappa`` times the weighted median distance, the own model counted at 0.
+def median_cap(dist: torch.Tensor, w: torch.Tensor, kappa: float) -> float:
+    """Return ``kappa`` times the weighted median distance, the own model voting at 0.
 
     A cap on the quantile radius for neighbourhoods where attackers hold more than
     ``delta`` of the weight (random placement on a sparse graph does that): as long as
-    the honest neighbours and the node itself hold the majority of the weight, the
+    the honest neighbours and the node itself hold the majority of the votes, the
     median distance is an honest one, so a far-away attacker is clipped (and loses
-    trust) however many of the node's neighbours it shares with other attackers.
+    trust) however many of the node's neighbours it shares with other attackers. The
+    own model votes with the mean neighbour weight: with its mixing weight it would
+    often be the median itself, and the radius 0.
     """
+    positive = w[w > 0]
+    if len(positive) == 0:
+        return math.inf
     d = torch.cat([dist.new_zeros(1), dist])
-    weights = torch.cat([w.new_tensor([self_weight]), w])
+    weights = torch.cat([positive.mean().reshape(1), w])
     order = torch.argsort(d)
     cum = torch.cumsum(weights[order], dim=0)
-    index = int(torch.searchsorted(cum, 0.5 * cum[-1]).item())
+    index = int(torch.searchsorted(cum, 0.5 * cum[-1], right=True).item())
     return kappa * float(d[order][min(index, len(d) - 1)])
 
 
@@ -594,7 +599,7 @@ def _radius(inp: _Inputs, dist: torch.Tensor, tau: float | None, delta: float, k
     dist, w = dist[taking], inp.weights[1:][taking]
     radius = adaptive_radius(dist, w, delta)
     if math.isfinite(kappa) and len(dist):
-        radius = min(radius, median_cap(dist, w, float(inp.weights[0]), kappa))
+        radius = min(radius, median_cap(dist, w, kappa))
     return radius
 
 
