@@ -598,7 +598,7 @@ def _radius(inp: _Inputs, dist: torch.Tensor, tau: float | None, delta: float, k
     taking = inp.taking_part[1:]
     dist, w = dist[taking], inp.weights[1:][taking]
     radius = adaptive_radius(dist, w, delta)
-    if math.isfinite(kappa) and len(dist):
+    if len(dist):
         radius = min(radius, median_cap(dist, w, kappa))
     return radius
 
@@ -660,7 +660,7 @@ def clipped_gossip(
     The quantile fails where attackers hold more than ``delta`` of a node's neighbour
     weight: the radius then reaches an attacker's distance. So the radius is also capped
     at ``kappa`` times the weighted median distance counting the own model at distance 0
-    (:func:`median_cap`; ``kappa = inf`` turns the cap off), which stays honest while the
+    (:func:`median_cap`; a huge ``kappa`` turns the cap off), which stays honest while the
     node and its honest neighbours hold the majority of the weight.
     """
     diffs = inp.neighbours - inp.own  # (n, d)

@@ -364,6 +364,22 @@ def test_clipped_gossip_with_honest_majority_radius_is_below_farthest_honest() -
     assert max(result.trust[6:]) < 1e-4
 
 
+def test_clipped_gossip_radius_stays_honest_when_attackers_exceed_delta() -> None:
+    # 2 of 4 neighbours attack: 50% of the neighbour weight, far above delta = 0.2. The
+    # quantile alone would reach an attacker; the median cap (own model voting at 0)
+    # keeps the radius within kappa x the honest distances and the attackers untrusted.
+    own, nbs, _ = cloud(16, 2)
+    byzantine = [model(np.full(9, 1e6)), model(np.full(9, -1e6))]
+    result = aggregate("clipped_gossip", own, [*nbs, *byzantine], [1.0] * 4)
+    honest = max(float(torch.linalg.vector_norm(vec(s) - vec(own))) for s in nbs)
+    assert result.radius is not None
+    assert result.radius <= 2.0 * honest
+    assert max(result.trust[2:]) < 1e-4
+    uncapped = aggregate("clipped_gossip", own, [*nbs, *byzantine], [1.0] * 4, kappa=1e12)
+    assert uncapped.radius is not None
+    assert uncapped.radius > 1e5  # what the cap prevents
+
+
 def test_centered_clip_with_one_iteration_equals_clipped_gossip() -> None:
     own, nbs, weights = cloud(14, 5)
     nbs.append(model(np.full(9, 50.0)))
