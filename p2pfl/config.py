@@ -7,6 +7,8 @@ change.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass
 
 from p2pfl.errors import ConfigError
@@ -55,6 +57,30 @@ class Limits:
                 f"must be a positive integer, got {value!r}",
             )
 
+
+
+def _check_mdns_interface(interface: str | None, listen_host: str) -> None:
+    """Require an IPv4 address of a local interface, one mDNS peers can dial us on."""
+    require(isinstance(interface, str), "net.mdns_interface",
+            "is required with enable_mdns = true: the IPv4 address of the one interface "
+            "to announce on (mDNS would otherwise multicast on every interface)")
+    try:
+        address = ipaddress.IPv4Address(str(interface))
+    except (ipaddress.AddressValueError, ValueError):
+        raise ConfigError(f"net.mdns_interface: must be an IPv4 address such as 192.168.1.10, "
+                          f"got {interface!r}") from None
+    require(not (address.is_unspecified or address.is_multicast), "net.mdns_interface",
+            f"must be one interface's own address, not {interface}")
+    # Binding succeeds only for an address this machine owns (EADDRNOTAVAIL otherwise).
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError as error:
+        raise ConfigError(f"net.mdns_interface: {interface} is not an address of a local "
+                          f"interface ({error.strerror})") from None
+    require(listen_host in (str(address), "0.0.0.0"), "net.listen_host",
+            f"must be net.mdns_interface ({interface}) or 0.0.0.0 with enable_mdns = true, "
+            "so that the address mDNS announces can be dialled")
 
 
 def _positive(value: object) -> bool:
@@ -126,6 +152,8 @@ class NetConfig:
                     f"net.{name}", f"must be a positive integer, got {value!r}")
         require(self.mdns_interface is None or self.enable_mdns, "net.mdns_interface",
                 "is only used with enable_mdns = true")
+        if self.enable_mdns:
+            _check_mdns_interface(self.mdns_interface, self.listen_host)
 
 
 __all__ = ["Limits", "MiB", "NetConfig", "require"]

@@ -209,6 +209,7 @@ class Neighbourhood:
         for address in config.bootstrap:
             self.book.learn(address, bootstrap=True)
         self.changed = trio.Event()  # set whenever neighbours may have changed
+        self._wake = trio.Event()  # set to run the next maintenance pass early
         host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
 
     # -- queries ---------------------------------------------------------------------
@@ -260,6 +261,24 @@ class Neighbourhood:
             self.book.succeeded(claimed_by)
             self._notify()
 
+    def learn_local(self, addrs: list[str]) -> str | None:
+        """Record addresses a LAN announcement (mDNS) claims for one peer; return its id.
+
+        Like bootstrap addresses they are only dialled, never trusted: the peer becomes a
+        neighbour only once it answers our network's peer exchange. A new peer wakes
+        maintenance so it is dialled without waiting a full interval.
+        """
+        claimed = {parse_p2p_addr(a) for a in addrs}
+        if len(claimed) != 1 or None in claimed:
+            return None
+        peer = claimed.pop()
+        is_new = peer not in self.book.peers
+        for address in addrs:
+            self.book.learn(address)
+        if is_new and peer in self.book.peers:
+            self._wake.set()
+        return peer if peer in self.book.peers else None
+
     def _shareable(self) -> list[str]:
         """Our addresses, then one address of each connected confirmed neighbour."""
         out = listen_addrs(self.host)
@@ -302,7 +321,9 @@ class Neighbourhood:
     async def run(self) -> None:
         """Maintain neighbours forever (cancel to stop)."""
         while True:
-            await trio.sleep(self.config.maintenance_interval)
+            with trio.move_on_after(self.config.maintenance_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
             try:
                 await self.maintain()
             except Exception:  # a libp2p surprise must not take the node's network down

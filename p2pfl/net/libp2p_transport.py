@@ -8,7 +8,9 @@
 3. GossipSub on the network's topic (``gossip``) — before any connection, so identify
    advertises ``/meshsub/*``;
 4. the neighbour maintenance task, whose first pass (bootstrap dials, bounded by the dial
-   timeout) completes before the transport is handed out.
+   timeout) completes before the transport is handed out;
+5. if ``enable_mdns``, LAN discovery on ``mdns_interface`` only (``mdns``), feeding the
+   neighbourhood's address book.
 
 Every task lives in the nursery the context manager owns; leaving it cancels them all
 and stops the host.
@@ -17,6 +19,7 @@ and stops the host.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -25,10 +28,11 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
 
 from p2pfl.config import Limits, NetConfig
-from p2pfl.errors import ConfigError, PeerUnreachable
+from p2pfl.errors import PeerUnreachable
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host, short_id
+from p2pfl.net.mdns import advertised_addrs, run_mdns
 from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
@@ -193,8 +197,6 @@ async def open_libp2p_transport(
         limits: caps on announcements and payloads.
         validator: runs on every announcement, received or published.
     """
-    if config.enable_mdns:
-        raise ConfigError("net.enable_mdns: mDNS discovery is not implemented yet; use bootstrap")
     async with open_host(
         secret,
         listen_host=config.listen_host,
@@ -229,6 +231,12 @@ async def open_libp2p_transport(
             host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
             await neighbourhood.maintain()  # bootstrap before handing the transport out
             nursery.start_soon(neighbourhood.run)
+            if config.enable_mdns and config.mdns_interface is not None:
+                nursery.start_soon(functools.partial(
+                    run_mdns, peer_id=transport.peer_id, network_id=network_id,
+                    interface=config.mdns_interface,
+                    addrs=advertised_addrs(transport.listen_addrs, config.mdns_interface),
+                    on_peer=neighbourhood.learn_local))
             try:
                 yield transport
             finally:

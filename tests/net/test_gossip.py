@@ -318,9 +318,6 @@ async def test_peer_of_another_network_is_not_a_neighbour() -> None:
         await eventually(lambda: not two.host.get_connected_peers())
 
 
-async def test_mdns_is_refused_until_implemented() -> None:
-    with pytest.raises(ConfigError, match="mdns"):
-        async with open_libp2p_transport(
-            secret=os.urandom(32), network_id="t", config=NetConfig(enable_mdns=True),
-            limits=Limits(), validator=echo_validator):
-            pass  # pragma: no cover
+def test_mdns_needs_an_interface_to_pin_to() -> None:
+    with pytest.raises(ConfigError, match="mdns_interface"):
+        NetConfig(enable_mdns=True)
