@@ -76,7 +76,10 @@ class ReputationConfig:
     threshold: float = 0.3  # below this score a peer's aggregation weight is 0
     newcomer_cap: float = 0.6  # a newcomer cannot outweigh established peers at once...
     newcomer_rounds: int = 3  # ...until it has had this many good rounds
-    ban_rounds: int = 10  # rounds a peer stays banned after one severe event
+    # Rounds a peer stays banned after one severe event (forged signature, malformed or
+    # tampered payload, equivocation): none is an honest accident, and a short ban only
+    # let forgers back in to strike again (the attack grid showed them back at weight > 0).
+    ban_rounds: int = 100
     accepted_gain: float = 1.0
     clipped_strength: float = 4.0  # 4: clipped by 0.3 each round stays above 0.3, by 0.4 not
     outlier_strength: float = 4.0
