@@ -36,6 +36,7 @@ drop out) is reduced to the largest admissible one rather than raising.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -56,6 +57,8 @@ DEFAULT_BYZANTINE_FRACTION = 0.2
 # Radius cap in units of the weighted median distance (see median_cap): honest
 # neighbours on non-IID data sit within ~2x of each other's distance.
 DEFAULT_MEDIAN_CAP = 2.0
+# Radius cap in units of the node's own last local update (``own_step``), when given.
+STEP_CAP = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,7 @@ class _Inputs:
     rows: torch.Tensor  # (n+1, d)
     weights: torch.Tensor  # (n+1,): self weight, then neighbour weights (0 if excluded)
     finite: torch.Tensor  # (n,) bool: neighbour had only finite values
+    own_step: float | None = None  # length of the node's own last local update, if known
 
     @property
     def own(self) -> torch.Tensor:
@@ -255,6 +259,7 @@ def rule(name: str) -> Callable[[_Core], Rule]:
             weights: Sequence[float],
             *,
             self_weight: float | None = None,
+            own_step: float | None = None,
             **params: Any,
         ) -> Aggregate:
             if unknown := sorted(set(params) - set(allowed)):
@@ -262,6 +267,8 @@ def rule(name: str) -> Callable[[_Core], Rule]:
                     f"{name}: unknown parameter {unknown[0]!r}; accepted: {', '.join(allowed)}"
                 )
             inp, spec = _prepare(own, neighbours, weights, self_weight)
+            if own_step is not None:
+                inp = dataclasses.replace(inp, own_step=_number(own_step, "own_step", 0.0))
             vector, trust, radius = core(inp, **params)
             trust = torch.where(inp.finite, trust.clamp(0.0, 1.0), 0.0)
             return Aggregate(unflatten(vector, spec, own), tuple(trust.tolist()), radius)
@@ -600,6 +607,10 @@ def _radius(inp: _Inputs, dist: torch.Tensor, tau: float | None, delta: float, k
     radius = adaptive_radius(dist, w, delta)
     if len(dist):
         radius = min(radius, median_cap(dist, w, kappa))
+    if inp.own_step:
+        # Self-centred: however many neighbours attack, nobody pulls the model further per
+        # round than a few of its own local updates would (it still mixes, just slower).
+        radius = min(radius, STEP_CAP * inp.own_step)
     return radius
 
 

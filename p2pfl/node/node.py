@@ -101,6 +101,16 @@ def libp2p_transport(
     return open_transport
 
 
+def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+    """Length of the change local training made to the floating-point parameters."""
+    squares = sum(
+        float(torch.sum((after[k].double() - before[k].double()) ** 2))
+        for k in after
+        if after[k].is_floating_point()
+    )
+    return squares**0.5
+
+
 class Node:
     """One participant: ``async with Node(...) as node: await node.run(rounds=10)``."""
 
@@ -163,6 +173,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self._template: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self._own_step: float | None = None  # length of our last local update
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -235,8 +246,10 @@ class Node:
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
         self._state = "training"
+        before = self.learner.get_state()
         samples = await self._compute(self.learner.fit, self.config.rounds.local_epochs)
         own = self.learner.get_state()
+        self._own_step = update_norm(before, own)
         shared = self.behaviour.craft(self, number, own)
         await self.behaviour.announce(self, number, shared, samples)
         self._state = "collecting"
@@ -335,6 +348,7 @@ class Node:
             [u.state for u in updates],
             weights,
             self_weight=self_weight,
+            own_step=self._own_step,
             **dict(self.config.rule_params),
         )
         self.learner.set_state(result.state)

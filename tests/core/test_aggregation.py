@@ -380,6 +380,20 @@ def test_clipped_gossip_radius_stays_honest_when_attackers_exceed_delta() -> Non
     assert uncapped.radius > 1e5  # what the cap prevents
 
 
+def test_own_step_caps_the_radius_even_against_an_attacking_majority() -> None:
+    # 3 of 4 neighbours attack: no neighbour statistic is honest any more; the node's own
+    # last local step still bounds how far it is pulled.
+    own, nbs, _ = cloud(17, 1)
+    byzantine = [model(np.full(9, 1e6)) for _ in range(3)]
+    result = aggregate("clipped_gossip", own, [*nbs, *byzantine], [1.0] * 4, own_step=0.5)
+    assert result.radius is not None
+    assert result.radius <= 4.0 * 0.5
+    moved = float(torch.linalg.vector_norm(vec(result.state) - vec(own)))
+    assert moved <= result.radius  # normalised neighbour weights sum to < 1
+    with pytest.raises(AggregationError, match="own_step"):
+        aggregate("clipped_gossip", own, nbs, [1.0], own_step=-1.0)
+
+
 def test_centered_clip_with_one_iteration_equals_clipped_gossip() -> None:
     own, nbs, weights = cloud(14, 5)
     nbs.append(model(np.full(9, 50.0)))
