@@ -18,7 +18,7 @@ import contextlib
 import logging
 import resource
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
@@ -75,6 +75,7 @@ _INGRESS_EVIDENCE: Sequence[tuple[type[P2PFLError], Evidence]] = (
     (DecodeError, Evidence.INVALID_FORMAT),
 )
 _MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
+_MAX_HOLDER_DIGESTS = 1024
 
 
 def short(peer: str) -> str:
@@ -161,7 +162,7 @@ class Node:
         self._rejected: Counter[str] = Counter()
         self._freshest: dict[str, VerifiedHeader] = {}  # newest verified header per peer
         self._fetches: trio.Nursery | None = None
-        self._holders: dict[bytes, set[str]] = {}
+        self._holders: OrderedDict[bytes, set[str]] = OrderedDict()  # digest -> other sources
         self._fetching: set[tuple[str, bytes]] = set()
         self._served: list[bytes] = []
         self._announced: dict[int, list[VerifiedHeader]] = {}
@@ -459,10 +460,13 @@ class Node:
         if parsed is None:
             return
         header = parsed.update.header
-        if header.sender == self.peer_id:
+        neighbours = self.transport.neighbours()
+        if parsed.kind is AnnouncementKind.HOLDS and announcement.origin in neighbours:
+            self._remember_holder(header.digest, announcement.origin)
+        # We aggregate neighbours only; what everyone else says is gossip's business (and
+        # tracking every sender would let one attacker with many keys grow our memory).
+        if header.sender == self.peer_id or header.sender not in neighbours:
             return
-        if parsed.kind is AnnouncementKind.HOLDS:
-            self._holders.setdefault(header.digest, set()).add(announcement.origin)
         observation = self._ledger.observe(header.sender, header.round, header.digest)
         admission = admit(
             observation,
@@ -502,6 +506,13 @@ class Node:
             return
         if admission.decision is Decision.FETCH:
             self._start_fetch(parsed.update)
+
+    def _remember_holder(self, digest: bytes, holder: str) -> None:
+        """Note another source for ``digest``; only the most recent digests are kept."""
+        self._holders.setdefault(digest, set()).add(holder)
+        self._holders.move_to_end(digest)
+        while len(self._holders) > _MAX_HOLDER_DIGESTS:
+            self._holders.popitem(last=False)
 
     def _start_fetch(self, update: VerifiedHeader) -> None:
         """Pull an update from a neighbour unless we hold it or are pulling it already."""
