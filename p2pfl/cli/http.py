@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pfl.cli.term import finite_json
 from p2pfl.errors import ConfigError, NetworkError
+from p2pfl.node.stats import finite_json
 
 if TYPE_CHECKING:  # importing p2pfl.node loads torch: `p2pfl node status` need not wait
     from p2pfl.node.stats import NodeStatistics

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 
 def short_id(peer_id: str) -> str:
@@ -99,13 +98,3 @@ class LiveBlock:
 
 __all__ = ["LiveBlock", "fmt_bytes", "fmt_duration", "fmt_float", "fmt_pct", "short_id", "table"]
 
-
-def finite_json(value: Any) -> Any:
-    """Replace NaN/inf by None, recursively: strict JSON parsers reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite_json(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_json(item) for item in value]
-    return value

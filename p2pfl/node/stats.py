@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -58,3 +59,14 @@ class NodeStatistics:
         data = asdict(self)
         data["rejected"] = dict(self.rejected)
         return data
+
+
+def finite_json(value: Any) -> Any:
+    """Replace NaN/inf by None, recursively: strict JSON parsers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value

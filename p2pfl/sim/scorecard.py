@@ -28,6 +28,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from p2pfl.node.stats import finite_json
 from p2pfl.sim.runner import RunResult
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
 
@@ -41,16 +42,6 @@ def _min(xs: Iterable[float | None]) -> float | None:
     values = [x for x in xs if x is not None and not math.isnan(x)]
     return min(values) if values else None
 
-
-def _finite(value: Any) -> Any:
-    """Replace NaN/inf by None, recursively: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def scenario_record(scenario: Scenario) -> dict[str, Any]:
@@ -189,7 +180,7 @@ def scorecard(result: RunResult) -> dict[str, Any]:
                    "verifications_shared": result.cache_hits,
                    "verifications_done": result.cache_misses},
     }
-    return _finite(card)
+    return finite_json(card)
 
 
 # -- grids -----------------------------------------------------------------------------
@@ -218,7 +209,7 @@ def grid_summary(cards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "recall_mean": _mean(recalls),
             "false_positive_mean": _mean(c["detection"]["false_positive_peers"] for c in group),
         })
-    return _finite({"rules": rules, "attacks": attacks, "cells": summary})
+    return finite_json({"rules": rules, "attacks": attacks, "cells": summary})
 
 
 def _cell(summary: Mapping[str, Any], rule: str, attack: str) -> Mapping[str, Any] | None:
