@@ -76,6 +76,7 @@ _INGRESS_EVIDENCE: Sequence[tuple[type[P2PFLError], Evidence]] = (
 )
 _MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
 _MAX_HOLDER_DIGESTS = 1024
+_MAX_VERIFIED = 1024  # announcements whose successful parse is remembered
 
 
 def short(peer: str) -> str:
@@ -175,6 +176,7 @@ class Node:
         self._stack: AsyncExitStack | None = None
         self._template: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._own_step: float | None = None  # length of our last local update
+        self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -440,8 +442,14 @@ class Node:
         return self._parse(origin, data)
 
     def _parse(self, origin: str, data: bytes) -> ParsedAnnouncement:
+        # Re-announcements repeat the same bytes every round; an ecdsa check costs ~2 ms.
+        # Only successes are cached, keyed by origin and the exact bytes.
+        key = (origin, data)
+        if (cached := self._verified.get(key)) is not None:
+            self._verified.move_to_end(key)
+            return cached
         try:
-            return parse_announcement(
+            parsed = parse_announcement(
                 origin, data, network_id=self.config.network_id, limits=self.config.limits
             )
         except P2PFLError as exc:
@@ -449,6 +457,10 @@ class Node:
             if evidence is not None and origin != self.peer_id:
                 self._evidence(origin, evidence, self._round, f"announcement: {exc}")
             raise
+        self._verified[key] = parsed
+        while len(self._verified) > _MAX_VERIFIED:
+            self._verified.popitem(last=False)
+        return parsed
 
     async def _announcement_loop(self) -> None:
         async with trio.open_nursery() as self._fetches:
