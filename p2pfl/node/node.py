@@ -266,18 +266,20 @@ class Node:
         self._book.end_round(number)
         self._enforce_bans(number)
         stats = self.transport.stats()
-        self._history.append(
-            RoundRecord(
-                round=number,
-                accuracy=metrics.accuracy,
-                loss=metrics.loss,
-                used=used,
-                duration=trio.current_time() - started,
-                bytes_in=stats.bytes_in,
-                bytes_out=stats.bytes_out,
-                finished_at=time.time(),
-            )
+        record = RoundRecord(
+            round=number,
+            accuracy=metrics.accuracy,
+            loss=metrics.loss,
+            used=used,
+            duration=trio.current_time() - started,
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            finished_at=time.time(),
         )
+        # Durable first: whoever sees the round finished (statistics, /status) may rely on
+        # it surviving a SIGKILL.
+        await self._checkpoint(number + 1, [*self._history, record])
+        self._history.append(record)
         self._round = number + 1
         self._round_finished.set()
         self._round_finished = trio.Event()
@@ -288,9 +290,8 @@ class Node:
             metrics.accuracy,
             metrics.loss,
             used,
-            self._history[-1].duration,
+            record.duration,
         )
-        await self._checkpoint()
 
     async def announce_state(
         self, number: int, state: Mapping[str, torch.Tensor], samples: int
@@ -666,15 +667,15 @@ class Node:
             self._metrics = (self._history[-1].accuracy, self._history[-1].loss)
         log.info("resumed from checkpoint at round %d", self._round)
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, next_round: int, history: Sequence[RoundRecord]) -> None:
         if self.config.data_dir is None:
             return
         checkpoint = Checkpoint(
-            round=self._round,
+            round=next_round,
             learner_state=self.learner.checkpoint_state(),
             reputation=self._book.to_record(),
             peers=self.transport.neighbours(),
-            history=tuple(self._history),
+            history=tuple(history),
         )
         await self._compute(save_checkpoint, self.config.data_dir, checkpoint)
 
