@@ -117,6 +117,7 @@ class MemoryNetwork:
         max_message_bytes: int = Limits().max_message_bytes,
         tick: float = 1e-4,
         publish_rate: float = 8.0,
+        neighbours_only: bool = False,
     ) -> None:
         require(tick >= 0 and math.isfinite(tick), "tick", "must be >= 0 s (0: exact times)")
         require(max_message_bytes > 0, "max_message_bytes", "must be a positive byte count")
@@ -131,6 +132,10 @@ class MemoryNetwork:
         # jittered deliveries share scheduler wake-ups: each distinct arrival time costs
         # ~50 us of trio overhead, so exact jitter made large simulations ~15x slower.
         self.tick = tick
+        # Deliver announcements one hop only, instead of to every reachable peer as
+        # GossipSub's mesh does. Nodes act on their neighbours' announcements only, so
+        # large simulations skip verifying the rest (64 nodes: 92 s -> 20 s).
+        self.neighbours_only = neighbours_only
         self._open: dict[str, MemoryTransport] = {}
         self._edges: dict[str, set[str]] = {}
         self._group: dict[str, int] | None = None  # peer -> partition group; None: healed
@@ -244,6 +249,8 @@ class MemoryNetwork:
 
     def _routes_from(self, origin: str) -> list[tuple[str, int]]:
         """Return ``(peer, hops)`` for every peer reachable from ``origin``, in BFS order."""
+        if self.neighbours_only:
+            return [(peer, 1) for peer in self._neighbours(origin)]
         now = trio.current_time()
         if now >= self._routes_until:
             self._bans = {key: until for key, until in self._bans.items() if until > now}

@@ -1,8 +1,8 @@
 """Two measures that keep large simulations cheap without changing what a node computes.
 
-- :class:`SimNetwork` can deliver announcements to direct neighbours only (nodes pull
-  payloads only from direct neighbours anyway), instead of to every reachable peer as
-  GossipSub's mesh would.
+- ``MemoryNetwork(neighbours_only=True)`` delivers announcements to direct neighbours
+  only (nodes act on their neighbours' announcements only), instead of to every
+  reachable peer as GossipSub's mesh would.
 - :class:`VerificationCache` shares successful announcement parses between the nodes
   of a run: the ecdsa check (~2-5 ms) is done once per distinct announcement, not once
   per receiver. Only successes are cached, keyed by the exact bytes; an UPDATE hit is
@@ -16,25 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from p2pfl.core.envelope import AnnouncementKind, ParsedAnnouncement
-from p2pfl.net.memory import MemoryNetwork
 from p2pfl.net.transport import Validator
-
-
-class SimNetwork(MemoryNetwork):
-    """A MemoryNetwork that can limit announcement delivery to direct neighbours.
-
-    Why a subclass: MemoryNetwork has no such option yet; this overrides its route
-    computation (one hop to every usable neighbour) and nothing else.
-    """
-
-    def __init__(self, *, neighbours_only: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.neighbours_only = neighbours_only
-
-    def _routes_from(self, origin: str) -> list[tuple[str, int]]:
-        if not self.neighbours_only:
-            return super()._routes_from(origin)
-        return [(peer, 1) for peer in self._neighbours(origin)]
 
 
 class VerificationCache:
@@ -67,4 +49,4 @@ class VerificationCache:
         return validate
 
 
-__all__ = ["SimNetwork", "VerificationCache"]
+__all__ = ["VerificationCache"]

@@ -28,11 +28,12 @@ import trio.testing
 from p2pfl.core.crypto import Identity
 from p2pfl.learners.base import Learner, Metrics, State
 from p2pfl.learners.datasets import make_digits_learner
+from p2pfl.net.memory import MemoryNetwork
 from p2pfl.net.transport import Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
 from p2pfl.node.node import Node
-from p2pfl.sim.network import SimNetwork, VerificationCache
+from p2pfl.sim.network import VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
 from p2pfl.sim.topology import Edge, make_topology, place_byzantine
 
@@ -269,7 +270,7 @@ async def _run(
     byzantine = place_byzantine(graph, scenario.byzantine, scenario.placement, seed)
     ids = [identity_for(seed, i) for i in range(scenario.nodes)]
     index_of = {ident.peer_id: i for i, ident in enumerate(ids)}
-    network = SimNetwork(neighbours_only=scenario.delivery == "neighbours", link=scenario.link, seed=seed)
+    network = MemoryNetwork(neighbours_only=scenario.delivery == "neighbours", link=scenario.link, seed=seed)
     for a, b in graph.edges:
         network.connect(ids[a].peer_id, ids[b].peer_id)
     recorder = Recorder(scenario, scenario.nodes - len(byzantine), progress)
@@ -293,7 +294,7 @@ def _make_node(
     index: int,
     byzantine: bool,
     identity: Identity,
-    network: SimNetwork,
+    network: MemoryNetwork,
     cache: VerificationCache,
     recorder: Recorder,
     config: NodeConfig,

@@ -1,4 +1,4 @@
-"""SimNetwork's neighbour-only delivery: one hop, nothing further (guards its override)."""
+"""MemoryNetwork's neighbour-only delivery (used by simulations): one hop, nothing further."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pfl.sim.network import SimNetwork
+from p2pfl.net.memory import MemoryNetwork
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def autojump_clock() -> trio.testing.MockClock:
 
 async def deliveries(neighbours_only: bool) -> dict[str, list[bytes]]:
     """Line a - b - c; a publishes once; return what each peer's validator saw."""
-    network = SimNetwork(neighbours_only=neighbours_only)
+    network = MemoryNetwork(neighbours_only=neighbours_only)
     network.connect("a", "b")
     network.connect("b", "c")
     seen: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
