@@ -609,8 +609,16 @@ def _radius(inp: _Inputs, dist: torch.Tensor, tau: float | None, delta: float, k
         radius = min(radius, median_cap(dist, w, kappa))
     if inp.own_step:
         # Self-centred: however many neighbours attack, nobody pulls the model further per
-        # round than a few of its own local updates would (it still mixes, just slower).
-        radius = min(radius, STEP_CAP * inp.own_step)
+        # round than a few of its own local updates would (it still mixes, just slower)...
+        step_cap = STEP_CAP * inp.own_step
+        reputable = dist[w > 0]
+        if len(reputable):
+            # ...except the nearest reputable neighbour: a node that drifted from the
+            # network (its own steps shrink as it fits its local data) would otherwise
+            # distrust its honest neighbours one by one and end up alone (the attack grid
+            # showed it: an honest node with one honest neighbour of four fell to 0.49).
+            step_cap = max(step_cap, float(reputable.min()))
+        radius = min(radius, step_cap)
     return radius
 
 

@@ -382,16 +382,35 @@ def test_clipped_gossip_radius_stays_honest_when_attackers_exceed_delta() -> Non
 
 def test_own_step_caps_the_radius_even_against_an_attacking_majority() -> None:
     # 3 of 4 neighbours attack: no neighbour statistic is honest any more; the node's own
-    # last local step still bounds how far it is pulled.
+    # last local step (or the nearest neighbour, if farther) still bounds the pull.
     own, nbs, _ = cloud(17, 1)
     byzantine = [model(np.full(9, 1e6)) for _ in range(3)]
     result = aggregate("clipped_gossip", own, [*nbs, *byzantine], [1.0] * 4, own_step=0.5)
+    nearest = float(torch.linalg.vector_norm(vec(nbs[0]) - vec(own)))
     assert result.radius is not None
-    assert result.radius <= 4.0 * 0.5
+    assert result.radius <= max(4.0 * 0.5, nearest)
+    assert max(result.trust[1:]) < 1e-4
     moved = float(torch.linalg.vector_norm(vec(result.state) - vec(own)))
     assert moved <= result.radius  # normalised neighbour weights sum to < 1
     with pytest.raises(AggregationError, match="own_step"):
         aggregate("clipped_gossip", own, nbs, [1.0], own_step=-1.0)
+
+
+def test_a_drifted_node_keeps_trusting_its_nearest_reputable_neighbour() -> None:
+    # The node fits its own data (tiny own step) far from its one honest neighbour; its
+    # three attacking neighbours already have weight 0. The step cap alone would clip the
+    # honest neighbour to 1% and cut the node off from the network.
+    own, nbs, _ = cloud(18, 1, spread=3.0)
+    byzantine = [model(np.full(9, 1e3)) for _ in range(3)]
+    result = aggregate(
+        "clipped_gossip", own, [*nbs, *byzantine], [0.9, 0.0, 0.0, 0.0], own_step=0.01
+    )
+    assert result.trust[0] == 1.0
+    assert max(result.trust[1:]) < 0.25
+    unreputable = aggregate(
+        "clipped_gossip", own, [*nbs, *byzantine], [0.0, 0.0, 0.0, 0.0], own_step=0.01
+    )
+    assert unreputable.trust[0] < 0.25  # the exception is for reputable neighbours only
 
 
 def test_centered_clip_with_one_iteration_equals_clipped_gossip() -> None:
