@@ -17,11 +17,13 @@ from typing import Any, TypeVar
 from p2pfl.config import Limits, NetConfig, require
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.errors import ConfigError
-from p2pfl.node.config import NodeConfig, RoundConfig
+from p2pfl.node.config import HarmCheck, NodeConfig, RoundConfig
 
 T = TypeVar("T")
 
-SECTIONS = ("node", "net", "train", "aggregation", "round", "reputation", "limits", "attack")
+SECTIONS = (
+    "node", "net", "train", "aggregation", "round", "reputation", "harm_check", "limits", "attack"
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,6 +124,7 @@ def _daemon_config(data: Mapping[str, Any], *, base: Path) -> DaemonConfig:
             "rounds": _build(RoundConfig, data.get("round", {}), "[round]"),
             "limits": _build(Limits, data.get("limits", {}), "[limits]"),
             "reputation": _build(ReputationConfig, data.get("reputation", {}), "[reputation]"),
+            "harm_check": _build(HarmCheck, data.get("harm_check", {}), "[harm_check]"),
             "data_dir": _path(data_dir, base) if data_dir else None,
             "ban_seconds": node.get("ban_seconds", 600.0),
         },

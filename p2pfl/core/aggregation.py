@@ -13,6 +13,10 @@ Every rule is a pure function centred on the node's own model::
   then 1/(n+1), the Metropolis-style diagonal. For ``mean`` the node passes its own
   sample count. Rules that ignore weights (``median``, ``trimmed_mean``, Krum selection)
   always include the own model and every neighbour with weight > 0.
+- Two more context keywords every rule accepts: ``own_step``, the length of the node's
+  last local update (clipping rules bound each pull by a few of it), and ``vetted``, one
+  flag per neighbour that the node checked does no harm when mixed at its weight
+  (:mod:`p2pfl.node.harm`): clipping rules use those in full. Other rules ignore both.
 - All floating-point tensors are flattened into one vector per model (float64 if the
   model has a float64 tensor, else float32: half the memory and no slower); non-floating
   tensors (BatchNorm's ``num_batches_tracked``) keep the own model's value. Outputs have
@@ -59,6 +63,8 @@ DEFAULT_BYZANTINE_FRACTION = 0.2
 DEFAULT_MEDIAN_CAP = 2.0
 # Radius cap in units of the node's own last local update (``own_step``), when given.
 STEP_CAP = 4.0
+# Rules with a clipping radius: they use ``own_step`` and ``vetted``.
+CLIPPING_RULES = frozenset({"clipped_gossip", "centered_clip"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +196,7 @@ class _Inputs:
     weights: torch.Tensor  # (n+1,): self weight, then neighbour weights (0 if excluded)
     finite: torch.Tensor  # (n,) bool: neighbour had only finite values
     own_step: float | None = None  # length of the node's own last local update, if known
+    vetted: torch.Tensor | None = None  # (n,) bool: the node checked these pulls are harmless
 
     @property
     def own(self) -> torch.Tensor:
@@ -260,6 +267,7 @@ def rule(name: str) -> Callable[[_Core], Rule]:
             *,
             self_weight: float | None = None,
             own_step: float | None = None,
+            vetted: Sequence[bool] | None = None,
             **params: Any,
         ) -> Aggregate:
             if unknown := sorted(set(params) - set(allowed)):
@@ -269,6 +277,13 @@ def rule(name: str) -> Callable[[_Core], Rule]:
             inp, spec = _prepare(own, neighbours, weights, self_weight)
             if own_step is not None:
                 inp = dataclasses.replace(inp, own_step=_number(own_step, "own_step", 0.0))
+            if vetted is not None:
+                if len(vetted) != len(neighbours):
+                    raise AggregationError(
+                        f"vetted: {len(vetted)} flags for {len(neighbours)} neighbours"
+                    )
+                flags = torch.tensor([bool(v) for v in vetted], dtype=torch.bool)
+                inp = dataclasses.replace(inp, vetted=flags & inp.finite)
             vector, trust, radius = core(inp, **params)
             trust = torch.where(inp.finite, trust.clamp(0.0, 1.0), 0.0)
             return Aggregate(unflatten(vector, spec, own), tuple(trust.tolist()), radius)
@@ -622,6 +637,13 @@ def _radius(inp: _Inputs, dist: torch.Tensor, tau: float | None, delta: float, k
     return radius
 
 
+def _unclipped_if_vetted(inp: _Inputs, ratio: torch.Tensor) -> torch.Tensor:
+    """Clip ratios, with neighbours the node vetted (``vetted``) used in full."""
+    if inp.vetted is None:
+        return ratio
+    return torch.where(inp.vetted, torch.ones_like(ratio), ratio)
+
+
 @rule("centered_clip")
 def centered_clip(
     inp: _Inputs,
@@ -649,9 +671,12 @@ def centered_clip(
     for _ in range(iters):
         centre = c
         # v + sum_i s_i (x_i - v) with x_i - v = (e_i - c) @ D
-        s = w * _ratio(tau_, span.distances(c))
+        ratio = _ratio(tau_, span.distances(c))
+        ratio[1:] = _unclipped_if_vetted(inp, ratio[1:])
+        s = w * ratio
         c = c * (1 - s.sum()) + s
-    return span.point(c), _ratio(tau_, span.distances(centre)[1:]).to(inp.rows.dtype), tau_
+    trust = _unclipped_if_vetted(inp, _ratio(tau_, span.distances(centre)[1:]))
+    return span.point(c), trust.to(inp.rows.dtype), tau_
 
 
 @rule("clipped_gossip")
@@ -686,7 +711,7 @@ def clipped_gossip(
     dist = torch.linalg.vector_norm(diffs, dim=1)
     tau_ = _radius(inp, dist, tau, delta, kappa)
     total = inp.weights.sum()
-    trust = _ratio(tau_, dist)
+    trust = _unclipped_if_vetted(inp, _ratio(tau_, dist))
     if total <= 0:
         return inp.own.clone(), trust, tau_
     return inp.own + (inp.weights[1:] / total * trust) @ diffs, trust, tau_

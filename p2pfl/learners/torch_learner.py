@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, Protocol
 
 import torch
@@ -200,6 +200,7 @@ class TorchLearner:
         momentum: float = 0.9,
         seed: int = 0,
         max_threads: int = 1,
+        probe_samples: int = 256,
     ) -> None:
         self.model = model
         self.train_loader = train_loader
@@ -214,6 +215,10 @@ class TorchLearner:
         self.last_train_loss = float("nan")
         self._num_train_samples: int | None = None
         self._param_names = [name for name, _ in model.named_parameters()]
+        if probe_samples < 1:
+            raise LearnerError(f"probe_samples must be >= 1, got {probe_samples}")
+        self.probe_samples = probe_samples
+        self._probe: Batch | None = None
         self._warn_about_setup()
 
     def _warn_about_setup(self) -> None:
@@ -310,6 +315,43 @@ class TorchLearner:
         if samples == 0:
             raise LearnerError("the test data yielded no samples")
         return Metrics(loss=loss_sum / samples, accuracy=correct / samples, samples=samples)
+
+    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+        """Return the loss of each state on a fixed sample of the training data.
+
+        The sample is the first ``probe_samples`` training samples, drawn once. The model
+        is not modified: ``torch.func.functional_call`` runs it with each state, which
+        must have the model's keys and shapes (the node checks them on receipt).
+        """
+        x, y = self._probe_batch()
+        losses = []
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for state in states:
+                    logits = torch.func.functional_call(self.model, dict(state), (x,))
+                    losses.append(float(self.loss_fn(logits, y)))
+        finally:
+            self.model.train()
+        return losses
+
+    def _probe_batch(self) -> Batch:
+        if self._probe is None:
+            xs: list[torch.Tensor] = []
+            ys: list[torch.Tensor] = []
+            taken = 0
+            # fit() reseeds the loader before every epoch: drawing here does not change
+            # the data order of training.
+            for x, y in self.train_loader:
+                xs.append(x[: self.probe_samples - taken])
+                ys.append(y[: self.probe_samples - taken])
+                taken += len(ys[-1])
+                if taken >= self.probe_samples:
+                    break
+            if taken == 0:
+                raise LearnerError("the training data yielded no samples")
+            self._probe = (torch.cat(xs), torch.cat(ys))
+        return self._probe
 
     # -- checkpoints -------------------------------------------------------------------
 

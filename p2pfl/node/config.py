@@ -64,6 +64,34 @@ class RoundConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class HarmCheck:
+    """Exempt from clipping the neighbours whose model, mixed in at its weight, does not
+    raise the loss on our own data by more than ``absolute + relative x own loss``
+    (:mod:`p2pfl.node.harm`) in each of their last ``streak`` updates. Needs a learner
+    with ``probe_losses`` (TorchLearner)."""
+
+    enabled: bool = True
+    absolute: float = 0.02
+    relative: float = 0.05
+    streak: int = 3
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        for name in ("absolute", "relative"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e6,
+                f"harm_check.{name}",
+                f"must be a number >= 0, got {value!r}",
+            )
+        require(
+            isinstance(self.streak, int) and not isinstance(self.streak, bool) and self.streak >= 1,
+            "harm_check.streak",
+            f"must be an integer >= 1, got {self.streak!r}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NodeConfig:
     """Everything a node needs apart from its identity, learner and transport."""
 
@@ -73,6 +101,7 @@ class NodeConfig:
     rounds: RoundConfig = field(default_factory=RoundConfig)
     limits: Limits = field(default_factory=Limits)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    harm_check: HarmCheck = field(default_factory=HarmCheck)
     # Where checkpoints go; None keeps no checkpoint (embedded use, simulations).
     data_dir: Path | None = None
     # Seconds a banned peer stays disconnected.

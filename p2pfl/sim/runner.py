@@ -32,6 +32,7 @@ from p2pfl.net.memory import MemoryNetwork
 from p2pfl.net.transport import Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
+from p2pfl.node.harm import Prober
 from p2pfl.node.node import Node
 from p2pfl.sim.network import VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
@@ -148,6 +149,12 @@ class ProbedLearner:
         """Delegate to the wrapped learner."""
         return self.inner.num_train_samples
 
+    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+        """Delegate to the wrapped learner (a TorchLearner)."""
+        if not isinstance(self.inner, Prober):
+            raise TypeError(f"{type(self.inner).__name__} cannot probe losses")
+        return self.inner.probe_losses(states)
+
     def checkpoint_state(self) -> State:
         """Delegate to the wrapped learner."""
         return self.inner.checkpoint_state()
@@ -243,6 +250,7 @@ def _config(scenario: Scenario) -> NodeConfig:
             fetch_timeout=min(10.0, scenario.round_timeout),
         ),
         reputation=scenario.reputation,
+        harm_check=scenario.harm_check,
     )
 
 

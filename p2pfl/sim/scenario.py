@@ -33,6 +33,7 @@ A scenario file (see ``examples/scenarios/``)::
     loss = 0.0
 
     [reputation]               # p2pfl.core.reputation.ReputationConfig overrides
+    [harm_check]               # p2pfl.node.config.HarmCheck overrides (enabled = false...)
 
 A grid file is a scenario file with a ``[grid]`` table; every rule is run against
 every attack and every seed, and the no-attack baseline is added unless
@@ -66,6 +67,7 @@ from p2pfl.core.reputation import ReputationConfig
 from p2pfl.errors import AggregationError, ConfigError
 from p2pfl.learners.datasets import PARTITIONS
 from p2pfl.net.memory import LinkProfile
+from p2pfl.node.config import HarmCheck
 from p2pfl.sim.topology import PLACEMENTS, TOPOLOGIES, TOPOLOGY_PARAMS
 
 NO_ATTACK = "none"
@@ -102,6 +104,7 @@ class Scenario:
     # ~N/d times cheaper to simulate than GossipSub-like multi-hop delivery ("mesh").
     delivery: str = "neighbours"
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    harm_check: HarmCheck = field(default_factory=HarmCheck)
 
     def __post_init__(self) -> None:
         for name in ("topology_params", "rule_params", "attack_params"):
@@ -203,7 +206,7 @@ def check_attack(name: str, params: Params | None = None) -> None:
 # -- TOML ------------------------------------------------------------------------------
 
 _TOP = {"name", "nodes", "rounds", "seeds", "round_timeout", "local_epochs", "delivery",
-        "topology", "data", "rule", "attack", "link", "reputation", "grid"}
+        "topology", "data", "rule", "attack", "link", "reputation", "harm_check", "grid"}
 _TABLES = {
     "topology": {"kind"} | set().union(*TOPOLOGY_PARAMS.values()),
     "data": {"task", "partition", "alpha"},
@@ -211,6 +214,7 @@ _TABLES = {
     "attack": {"name", "params", "byzantine", "fraction", "placement"},
     "link": {f.name for f in fields(LinkProfile)},
     "reputation": {f.name for f in fields(ReputationConfig)},
+    "harm_check": {f.name for f in fields(HarmCheck)},
     "grid": {"rules", "attacks", "baseline", "rule_params", "attack_params"},
 }
 
@@ -274,6 +278,7 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
             local_epochs=doc.get("local_epochs", 1),
             delivery=doc.get("delivery", "neighbours"),
             reputation=ReputationConfig(**reputation),
+            harm_check=HarmCheck(**_table(doc, "harm_check")),
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):

@@ -499,3 +499,23 @@ def test_default_self_weight_is_the_mean_positive_neighbour_weight() -> None:
     result = aggregate("mean", own, [a, b, c], [1.0, 3.0, 0.0])
     expected = (2.0 * vec(own) + 1.0 * vec(a) + 3.0 * vec(b)) / 6.0
     assert torch.allclose(vec(result.state), expected)
+
+
+def test_vetted_neighbours_are_used_in_full_by_the_clipping_rules() -> None:
+    # Three close neighbours and one far one (the peer across a bridge): clipped to
+    # nearly nothing, unless the node vetted it (its harm check passed).
+    own, nbs, _ = cloud(19, 3, spread=0.1)
+    far = model(np.full(9, 20.0))
+    for name in ("clipped_gossip", "centered_clip"):
+        clipped = aggregate(name, own, [*nbs, far], [1.0] * 4)
+        assert clipped.trust[3] < 0.1
+        used = aggregate(name, own, [*nbs, far], [1.0] * 4, vetted=[False, False, False, True])
+        assert used.trust[3] == 1.0
+        if name == "clipped_gossip":  # centered_clip judges from its moved centre
+            assert clipped.trust[:3] == used.trust[:3]
+        pulled = float(torch.linalg.vector_norm(vec(used.state) - vec(own)))
+        assert pulled > 10 * float(torch.linalg.vector_norm(vec(clipped.state) - vec(own)))
+    plain = aggregate("mean", own, [*nbs, far], [1.0] * 4, vetted=[True] * 4)
+    assert plain.state.keys() == own.keys()  # rules without a radius ignore it
+    with pytest.raises(AggregationError, match="vetted"):
+        aggregate("clipped_gossip", own, nbs, [1.0] * 3, vetted=[True])

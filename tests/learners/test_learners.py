@@ -247,3 +247,26 @@ def test_metrics_are_frozen() -> None:
     metrics = Metrics(loss=0.1, accuracy=0.9, samples=3)
     with pytest.raises(AttributeError):
         metrics.loss = 0.2  # type: ignore[misc]
+
+
+def test_probe_losses_score_states_without_touching_the_model() -> None:
+    learner = tiny_learner(probe_samples=24)
+    learner.fit(1)
+    before = learner.get_state()
+    trained = learner.get_state()
+    learner.fit(5)
+    better = learner.get_state()
+    learner.set_state(before)
+    flipped = {k: -v if k.endswith("weight") else v for k, v in better.items()}
+    losses = learner.probe_losses([trained, better, flipped])
+    assert_same_state(learner.get_state(), before)
+    assert losses[1] < losses[0] < losses[2]
+    assert learner.probe_losses([trained]) == losses[:1]  # the same fixed sample each time
+    # The probe sample does not change the data order of training.
+    other = tiny_learner(probe_samples=24)
+    other.fit(1)
+    other.probe_losses([other.get_state()])
+    other.fit(5)
+    assert_same_state(other.get_state(), better)
+    with pytest.raises(LearnerError, match="probe_samples"):
+        tiny_learner(probe_samples=0)

@@ -64,3 +64,21 @@ def test_clipped_gossip_with_reputation_holds(
     # The attackers lose their weight at their honest neighbours, no honest peer does.
     assert card["detection"]["recall"] >= 0.75
     assert card["detection"]["false_positive_pairs_final"] == 0.0
+
+
+DUMBBELL = GRID.with_name("dumbbell_noniid.toml")
+
+
+def test_the_default_defence_keeps_the_bridge_open_where_median_cuts_it() -> None:
+    # Two cliques holding different halves of the classes, joined by one edge, no
+    # attack (seeds 0-2, final honest mean: mean 0.70-0.74, clipped_gossip 0.67-0.72 with
+    # its harm check, 0.49 without; median 0.49 = one half of the classes).
+    grid = load_grid(DUMBBELL)
+    runs = {
+        s.rule: scorecard(run_scenario(s, 0))["final"]["honest_mean"]
+        for s in grid.scenarios()
+        if s.rule in ("mean", "median", "clipped_gossip")
+    }
+    assert runs["median"] < 0.55
+    assert runs["mean"] > runs["median"] + 0.15
+    assert runs["clipped_gossip"] > runs["mean"] - 0.08

@@ -1,0 +1,80 @@
+"""The harm check: neighbours whose model does not hurt ours when mixed in are vetted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pytest
+import torch
+
+from p2pfl.errors import ConfigError
+from p2pfl.learners.base import State
+from p2pfl.node.config import HarmCheck
+from p2pfl.node.harm import Prober, mixed, vet
+
+
+class Distance:
+    """Scores a state by its distance to a target: loss 0 at the target."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+        self.probed: list[State] = []
+
+    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+        self.probed.extend(dict(s) for s in states)
+        return [float((s["w"] - self.target).abs().sum()) for s in states]
+
+
+def state(value: float) -> State:
+    return {"w": torch.full((4,), value), "steps": torch.tensor(7)}
+
+
+def test_mixed_moves_floats_by_the_share_and_keeps_our_integers() -> None:
+    result = mixed(state(0.0), {"w": torch.full((4,), 10.0), "steps": torch.tensor(99)}, 0.25)
+    assert torch.equal(result["w"], torch.full((4,), 2.5))
+    assert int(result["steps"]) == 7
+
+
+def test_vet_passes_harmless_neighbours_and_fails_harmful_ones() -> None:
+    prober = Distance(target=0.0)
+    assert isinstance(prober, Prober)
+    check = HarmCheck(absolute=0.1, relative=0.0)
+    # Own at the target (loss 0). Mixed in at 1/5: 0.1 away per coordinate x 4 = 0.4
+    # (fails); 0.02 x 4 = 0.08 (passes); towards... the target itself (passes).
+    verdict = vet(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2] * 3)
+    assert verdict == [False, True, True]
+
+
+def test_vet_tolerance_grows_with_our_own_loss() -> None:
+    prober = Distance(target=0.0)
+    far_own, neighbour = state(1.0), state(1.5)  # own loss 4; mixing at 0.2 adds 0.4
+    assert vet(prober, HarmCheck(absolute=0.0, relative=0.05), far_own, [neighbour], [0.2]) == [False]
+    assert vet(prober, HarmCheck(absolute=0.0, relative=0.15), far_own, [neighbour], [0.2]) == [True]
+
+
+def test_vet_skips_neighbours_with_no_share() -> None:
+    prober = Distance(target=0.0)
+    assert vet(prober, HarmCheck(), state(0.0), [state(0.0), state(0.0)], [0.0, 0.3]) == [False, True]
+    assert len(prober.probed) == 2  # own and the one with a share
+    assert vet(prober, HarmCheck(), state(0.0), [state(0.0)], [0.0]) == [False]
+
+
+def test_vet_fails_everything_when_losses_are_not_finite() -> None:
+    prober = Distance(target=0.0)
+    assert vet(prober, HarmCheck(), state(float("inf")), [state(0.0)], [0.5]) == [False]
+    assert vet(prober, HarmCheck(), state(0.0), [state(float("nan"))], [0.5]) == [False]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"enabled": 1}, "harm_check.enabled"),
+        ({"absolute": -0.1}, "harm_check.absolute"),
+        ({"relative": float("nan")}, "harm_check.relative"),
+        ({"streak": 0}, "harm_check.streak"),
+        ({"streak": True}, "harm_check.streak"),
+    ],
+)
+def test_harm_check_config_is_validated(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        HarmCheck(**kwargs)  # type: ignore[arg-type]
