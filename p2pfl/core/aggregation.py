@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from p2pfl.core.codec import State
+from p2pfl.core.state import mismatch, template_of
 from p2pfl.errors import AggregationError
 
 log = logging.getLogger(__name__)
@@ -140,26 +141,6 @@ def unflatten(vector: torch.Tensor, spec: FlatSpec, like: Model) -> State:
 # --- validation and stacking ------------------------------------------------------------
 
 
-def _check_like(own: Model, other: Model, j: int) -> None:
-    if missing := sorted(set(own) - set(other)):
-        raise AggregationError(f"neighbour {j}: missing key {missing[0]!r}")
-    if extra := sorted(set(other) - set(own)):
-        raise AggregationError(f"neighbour {j}: unexpected key {extra[0]!r}")
-    for name, mine in own.items():
-        theirs = other[name]
-        if not isinstance(theirs, torch.Tensor):
-            raise AggregationError(f"neighbour {j}: {name!r} is not a tensor")
-        if theirs.shape != mine.shape:
-            raise AggregationError(
-                f"neighbour {j}: {name!r} has shape {tuple(theirs.shape)}, "
-                f"own model has {tuple(mine.shape)}"
-            )
-        if theirs.dtype != mine.dtype:
-            raise AggregationError(
-                f"neighbour {j}: {name!r} has dtype {theirs.dtype}, own model has {mine.dtype}"
-            )
-
-
 def _check_weight(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AggregationError(f"{what} must be a number, got {value!r}")
@@ -232,8 +213,10 @@ def _prepare(
         self_weight = sum(positive) / len(positive) if positive else 1.0
     ws.insert(0, _check_weight(self_weight, "self_weight"))
     spec = flat_spec(own)
+    reference = template_of(own)
     for j, other in enumerate(neighbours):
-        _check_like(own, other, j)
+        if problem := mismatch(reference, other):
+            raise AggregationError(f"neighbour {j}: {problem}")
     rows = torch.empty(len(neighbours) + 1, spec.size, dtype=_compute_dtype(spec))
     for row, state in zip(rows, (own, *neighbours), strict=True):
         _fill(row, state, spec)

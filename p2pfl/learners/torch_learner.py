@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from p2pfl.core.state import mismatch, nonfinite, template_of
 from p2pfl.errors import LearnerError
 from p2pfl.learners.base import Metrics, State
 
@@ -412,22 +413,12 @@ class TorchLearner:
 
 
 def check_state_fits(current: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-    """Raise LearnerError unless ``state`` has exactly ``current``'s keys, shapes and kinds."""
-    missing, extra = set(current) - set(state), set(state) - set(current)
-    if missing or extra:
-        raise LearnerError(f"state keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
-    for name, target in current.items():
-        value = state[name]
-        if not isinstance(value, torch.Tensor):
-            raise LearnerError(f"{name}: expected a tensor, got {type(value).__name__}")
-        if value.shape != target.shape:
-            raise LearnerError(f"{name}: shape {tuple(value.shape)} != {tuple(target.shape)}")
-        if value.dtype != target.dtype and not (
-            value.dtype.is_floating_point and target.dtype.is_floating_point
-        ):
-            raise LearnerError(f"{name}: dtype {value.dtype} cannot replace {target.dtype}")
-        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
-            raise LearnerError(f"{name}: holds NaN or infinite values")
+    """Raise LearnerError unless ``state`` has ``current``'s keys and shapes, finite floats."""
+    problem = mismatch(template_of(current), state, cast_floats=True)
+    if problem is None and (name := nonfinite(state)) is not None:
+        problem = f"{name!r} holds NaN or infinite values"
+    if problem is not None:
+        raise LearnerError(f"state does not fit the model: {problem}")
 
 
 __all__ = [

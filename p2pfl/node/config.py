@@ -71,7 +71,7 @@ class HarmCheck:
     with ``probe_losses`` (TorchLearner)."""
 
     enabled: bool = True
-    absolute: float = 0.02
+    absolute: float = 0.05
     relative: float = 0.05
     streak: int = 3
 

@@ -10,14 +10,16 @@ Gradient Descent with Suspicion-based Fault-tolerance", ICML 2019), which scores
 candidate update by the loss decrease it brings on a validation batch, applied to one
 model-mixing step.
 
-Measured on digits (16 nodes, Dirichlet(0.5), 30 rounds; docs/RESULTS.md): honest
-neighbours raise the probe loss by at most ~0.17 in round 0 and ~0.01 from round 10;
-sign_flip, gaussian, ipm and dissensus attackers by a median of 0.15 to 20. A neighbour
-passes when the rise is at most ``absolute + relative x own loss``; clipping rules then
-use it in full (``vetted`` in :mod:`p2pfl.core.aggregation`). Passing only exempts from
-clipping: it never raises reputation by itself, and failing is not evidence (an honest
-neighbour with other classes may fail early on: the rule decides as before). The check
-cannot see harm to classes we do not hold; label flipping mostly passes it.
+Measured on digits (16 nodes, Dirichlet(0.5), 30 rounds; docs/RESULTS.md): mixed in
+at 1/5, honest neighbours raise the probe loss by at most ~0.17 in round 0 and ~0.01
+from round 10; sign_flip, gaussian, ipm and dissensus attackers by a median of 0.15 to
+20. A neighbour passes when the rise is at most ``absolute + relative x own loss``
+(0.05 + 5%); after ``streak`` passes in a row clipping rules use it in full (``vetted``
+in :mod:`p2pfl.core.aggregation`), and a passing neighbour's clipping is not held
+against its reputation. The node probes at the share a neighbour would have at full
+reputation, whatever its reputation now: a distrusted peer's small share would let a
+poor model pass, and an honest peer cut off early must be able to earn its way back.
+The check cannot see harm to classes we do not hold: label flipping mostly passes it.
 """
 
 from __future__ import annotations
@@ -56,21 +58,30 @@ def vet(
     own: Mapping[str, torch.Tensor],
     neighbours: Sequence[Mapping[str, torch.Tensor]],
     shares: Sequence[float],
+    *,
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> list[bool]:
     """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance.
 
+    ``start`` is our model before this round's local training: when training made our
+    loss worse, not better, our own model is no yardstick (anything mixed in improves
+    it, a sign-flipped model included: the attack tests showed it) and nobody is vetted.
     Neighbours with share 0 are not probed (they are not mixed in) and are not vetted.
     """
     probed = [j for j, share in enumerate(shares) if share > 0]
     if not probed:
         return [False] * len(neighbours)
-    losses = prober.probe_losses([own, *(mixed(own, neighbours[j], shares[j]) for j in probed)])
+    references = [own] if start is None else [own, start]
+    mixes = [mixed(own, neighbours[j], shares[j]) for j in probed]
+    losses = prober.probe_losses([*references, *mixes])
     base = losses[0]
     if not math.isfinite(base):
         return [False] * len(neighbours)
     tolerance = check.absolute + check.relative * base
+    if start is not None and not base <= losses[1] + tolerance:
+        return [False] * len(neighbours)
     vetted = [False] * len(neighbours)
-    for j, loss in zip(probed, losses[1:], strict=True):
+    for j, loss in zip(probed, losses[len(references) :], strict=True):
         vetted[j] = math.isfinite(loss) and loss - base <= tolerance
     return vetted
 

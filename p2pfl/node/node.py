@@ -43,6 +43,7 @@ from p2pfl.core.envelope import (
 )
 from p2pfl.core.reputation import Evidence, ReputationBook
 from p2pfl.core.rounds import Decision, Inbox, Received, admit
+from p2pfl.core.state import mismatch, nonfinite, template_of
 from p2pfl.errors import (
     DecodeError,
     DigestMismatch,
@@ -54,7 +55,7 @@ from p2pfl.errors import (
     UnsupportedVersion,
     WrongNetwork,
 )
-from p2pfl.learners.base import Learner
+from p2pfl.learners.base import Learner, State
 from p2pfl.net.transport import Announcement, Transport, Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -177,6 +178,7 @@ class Node:
         self._stack: AsyncExitStack | None = None
         self._template: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._own_step: float | None = None  # length of our last local update
+        self._start: State | None = None  # our model before the last local training
         self._harmless: Counter[str] = Counter()  # consecutive harm checks passed, per peer
         self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
 
@@ -185,7 +187,7 @@ class Node:
     async def __aenter__(self) -> Node:
         self._restore()
         # Shapes and dtypes peers' models must have; read once, never mid-training.
-        self._template = {k: (v.shape, v.dtype) for k, v in self.learner.get_state().items()}
+        self._template = template_of(self.learner.get_state())
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -255,6 +257,7 @@ class Node:
         samples = await self._compute(self.learner.fit, self.config.rounds.local_epochs)
         own = self.learner.get_state()
         self._own_step = update_norm(before, own)
+        self._start = before
         shared = self.behaviour.craft(self, number, own)
         await self.behaviour.announce(self, number, shared, samples)
         self._state = "collecting"
@@ -361,7 +364,9 @@ class Node:
             total = self_weight + sum(weights)
             floor = 1 / (len(updates) + 1)
             shares = [max(w / total, floor) for w in weights]
-            passed = await self._compute(vet, self.learner, self.config.harm_check, own, states, shares)
+            passed = await self._compute(
+                vet, self.learner, self.config.harm_check, own, states, shares, start=self._start
+            )
             # A poor model passes now and then (against a model of ours that is poor
             # too); only a streak of passes exempts a neighbour from clipping.
             for update, ok in zip(updates, passed, strict=True):
@@ -632,14 +637,10 @@ class Node:
         return state
 
     def _check_compatible(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self._template.keys() != state.keys():
-            raise DecodeError("model keys differ from ours")
-        for name, tensor in state.items():
-            shape, dtype = self._template[name]
-            if tensor.shape != shape or tensor.dtype != dtype:
-                raise DecodeError(f"{name}: {tuple(tensor.shape)}/{tensor.dtype} differs from ours")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise DecodeError(f"{name}: non-finite values")
+        if problem := mismatch(self._template, state):
+            raise DecodeError(f"model differs from ours: {problem}")
+        if name := nonfinite(state):
+            raise DecodeError(f"{name}: non-finite values")
 
     # ------------------------------------------------------------------ helpers
 

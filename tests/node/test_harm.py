@@ -78,3 +78,13 @@ def test_vet_fails_everything_when_losses_are_not_finite() -> None:
 def test_harm_check_config_is_validated(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         HarmCheck(**kwargs)  # type: ignore[arg-type]
+
+
+def test_nobody_is_vetted_when_our_own_training_made_us_worse() -> None:
+    # Our model before training sat at the target; training moved it away. Anything
+    # mixed in then "improves" it, the attacker's model included: no yardstick, no pass.
+    prober = Distance(target=0.0)
+    own, neighbours = state(2.0), [state(0.0), state(-2.0)]
+    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2]) == [True, True]
+    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(0.0)) == [False, False]
+    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(3.0)) == [True, True]
