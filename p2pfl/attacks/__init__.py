@@ -116,6 +116,18 @@ def make_attack(name: str, **params: object) -> Behaviour:
     return _lookup(name, params).factory(**params)
 
 
+def with_accomplices(name: str, params: Mapping[str, object], shared: dict[str, Any]) -> dict[str, object]:
+    """Return ``params`` plus what the attackers of one process share (sybils: a group).
+
+    ``shared`` is one dict per process (or simulation run); every attacker built with it
+    colludes with the others.
+    """
+    params = dict(params)
+    if "group" in _lookup(name, params).params and "group" not in params:
+        params["group"] = shared.setdefault("group", SybilGroup())
+    return params
+
+
 def attack_label_map(name: str, **params: object) -> LabelMap | None:
     """Return the training-label rewrite of the named attack (``label_flip``), else None.
 
@@ -139,4 +151,5 @@ __all__ = [
     "flip_labels",
     "make_attack",
     "sybil_identities",
+    "with_accomplices",
 ]

@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     node = commands.add_parser("node", help="run or inspect a node daemon")
     node_commands = node.add_subparsers(dest="node_command", required=True)
     run = node_commands.add_parser("run", help="run a node from a TOML config")
-    run.add_argument("--config", required=True, help="node TOML file (see examples/configs)")
+    run.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="node TOML file (see examples/configs); repeat to run several nodes in one "
+        "process (a test network's colluding sybils)",
+    )
     run.set_defaults(func=_run_node)
     show = node_commands.add_parser("status", help="show a running node's status")
     status.add_arguments(show)

@@ -422,9 +422,10 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(signum, old)
 
 
-def node_argv(config_path: Path) -> list[str]:
-    """Return the command line that runs one node daemon."""
-    return [sys.executable, "-m", "p2pfl.cli.main", "node", "run", "--config", str(config_path)]
+def node_argv(*config_paths: Path) -> list[str]:
+    """Return the command line that runs a node daemon (several nodes: one process)."""
+    configs = [arg for path in config_paths for arg in ("--config", str(path))]
+    return [sys.executable, "-m", "p2pfl.cli.main", "node", "run", *configs]
 
 
 def node_env() -> dict[str, str]:
@@ -501,8 +502,10 @@ def run_testnet(plan: TestnetPlan) -> int:
     with termination_as_interrupt(), NodeProcesses() as procs:
         try:
             env = node_env()
-            for view, path in zip(views, paths, strict=True):
-                view.proc = procs.spawn(node_argv(path), view.log, env)
+            for group in _process_groups(plan):
+                proc = procs.spawn(node_argv(*(paths[i] for i in group)), views[group[0]].log, env)
+                for i in group:
+                    views[i].proc, views[i].log = proc, views[group[0]].log
             outcome = _watch(plan, views, procs, started)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP via Terminated
             outcome = "interrupted"
@@ -513,6 +516,19 @@ def run_testnet(plan: TestnetPlan) -> int:
     print(f"all nodes stopped in {time.monotonic() - stopping:.1f} s{killed}", flush=True)
     code = _finish(plan, views, outcome, time.monotonic() - started)
     return interrupt_code or code
+
+
+def _process_groups(plan: TestnetPlan) -> list[list[int]]:
+    """Return the node indices of each process: one node each, but sybils share one.
+
+    A sybil attack is one attacker running k identities: its nodes run in one process
+    and share one SybilGroup (their ALIE model is computed over everything any of them
+    sees).
+    """
+    byzantine = [i for i in range(plan.nodes) if plan.is_byzantine(i)]
+    if plan.attack == "sybil" and byzantine:
+        return [[i] for i in range(plan.nodes) if i not in byzantine] + [byzantine]
+    return [[i] for i in range(plan.nodes)]
 
 
 def _banner(plan: TestnetPlan) -> str:

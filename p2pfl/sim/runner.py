@@ -205,14 +205,11 @@ def attack_params(scenario: Scenario, seed: int, index: int, shared: dict[str, A
     An attack with a ``seed`` parameter gets one derived from the run seed and the node
     (distinct attackers, reproducible runs); sybils of one run share one group.
     """
-    from p2pfl.attacks import ATTACKS, SybilGroup
+    from p2pfl.attacks import ATTACKS, with_accomplices
 
-    params = dict(scenario.attack_params)
-    spec = ATTACKS[scenario.attack]
-    if "seed" in spec.params and "seed" not in params:
+    params = with_accomplices(scenario.attack, scenario.attack_params, shared)
+    if "seed" in ATTACKS[scenario.attack].params and "seed" not in params:
         params["seed"] = seed * 100_003 + index
-    if "group" in spec.params and "group" not in params:
-        params["group"] = shared.setdefault("group", SybilGroup())
     return params
 
 

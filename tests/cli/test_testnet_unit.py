@@ -323,3 +323,11 @@ def test_interrupt_stops_every_node(
     assert run(tmp_path) == code
     assert all(p.returncode is not None for p in fake.spawned)
     assert fake.all_gone()
+
+
+def test_sybils_share_one_process_and_other_attackers_do_not() -> None:
+    sybil = testnet.TestnetPlan(nodes=5, rounds=1, byzantine=2, attack="sybil", out=Path("x"))
+    assert testnet._process_groups(sybil) == [[0], [1], [2], [3, 4]]
+    alie = testnet.TestnetPlan(nodes=5, rounds=1, byzantine=2, attack="alie", out=Path("x"))
+    assert testnet._process_groups(alie) == [[0], [1], [2], [3], [4]]
+    assert testnet.node_argv(Path("a.toml"), Path("b.toml"))[-4:] == ["--config", "a.toml", "--config", "b.toml"]

@@ -51,6 +51,23 @@ def test_testnet_of_four_nodes_completes(tmp_path: Path) -> None:
     assert "verdict" in done.stdout
 
 
+def test_sybils_of_a_testnet_run_as_one_process(tmp_path: Path) -> None:
+    # One attacker with two identities: both nodes in one process, sharing one group.
+    out = tmp_path / "net"
+    argv = [sys.executable, "-m", "p2pfl.cli.main", "testnet", "--nodes", "4", "--rounds", "2",
+            "--byzantine", "2", "--attack", "sybil", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, check=False)
+
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    sybils = [node for node in report["nodes"] if node["role"] == "byzantine"]
+    assert len(sybils) == 2
+    assert all(node["round_reached"] == 2 for node in report["nodes"])
+    log = (out / "logs" / "node2.log").read_text()
+    assert all(f"node {node['peer_id']} starting" in log for node in sybils)
+    assert not (out / "logs" / "node3.log").exists()
+
+
 def status_or_none(port: int) -> dict[str, Any] | None:
     try:
         return fetch_status(port, timeout=1.0)
