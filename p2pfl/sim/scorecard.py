@@ -10,8 +10,9 @@ Per run (:func:`scorecard`):
   *flagged* when the observer gives the peer aggregation weight 0 (score below the
   reputation threshold, or banned). ``recall`` is the share of (observer, Byzantine)
   pairs flagged at the end, ``precision`` the share of flagged pairs whose peer is
-  Byzantine; ``*_ever`` count a flag at any round. ``first_flag_round`` is the median
-  first round a Byzantine pair was flagged. ``false_positive_peers`` is the share of
+  Byzantine; ``*_ever`` count a flag at any round; ``recall_within_5`` counts the
+  Byzantine pairs flagged by round 4 (the first 5 rounds). ``first_flag_round`` is the
+  median first round a Byzantine pair was flagged. ``false_positive_peers`` is the share of
   honest peers flagged by at least one honest neighbour at some round.
 - ``exposed_honest``: honest nodes at least half of whose neighbours are Byzantine;
   no local rule can protect them, so expect them among the honest minimum.
@@ -80,6 +81,9 @@ def _last_weights(rows: Sequence[Mapping[int, float]]) -> Mapping[int, float]:
     return {}
 
 
+FLAG_DEADLINE = 5  # issue 5: attackers flagged "within 5 rounds"
+
+
 def _first_flag(rows: Sequence[Mapping[int, float]], peer: int) -> int | None:
     return next((r for r, row in enumerate(rows) if row.get(peer) == 0), None)
 
@@ -107,6 +111,10 @@ def detection(result: RunResult) -> dict[str, Any]:
         "recall": _ratio(sum(1 for pair in byz_pairs if pair in final), len(byz_pairs)),
         "precision": _ratio(sum(1 for pair in final if pair[1] in bad), len(final)),
         "recall_ever": _ratio(sum(1 for pair in byz_pairs if pair in ever), len(byz_pairs)),
+        "recall_within_5": _ratio(
+            sum(1 for pair in byz_pairs if (r := first[pair]) is not None and r < FLAG_DEADLINE),
+            len(byz_pairs),
+        ),
         "precision_ever": _ratio(sum(1 for pair in ever if pair[1] in bad), len(ever)),
         "first_flag_round": statistics.median(first_rounds) if first_rounds else None,
         "false_positive_peers": _ratio(len(flagged_honest), len(honest_peers)),
@@ -207,6 +215,9 @@ def grid_summary(cards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "accuracy_min": _min(finals),
             "honest_min_mean": _mean(c["final"]["honest_min"] for c in group),
             "recall_mean": _mean(recalls),
+            "recall_within_5_mean": _mean(
+                r for c in group if (r := c["detection"].get("recall_within_5")) is not None
+            ),
             "false_positive_mean": _mean(c["detection"]["false_positive_peers"] for c in group),
         })
     return finite_json({"rules": rules, "attacks": attacks, "cells": summary})

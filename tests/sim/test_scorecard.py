@@ -55,6 +55,7 @@ def test_detection_counts_pairs_seen_by_honest_observers() -> None:
     assert found["recall"] == pytest.approx(1 / 3)
     assert found["precision"] == 1.0
     assert found["recall_ever"] == pytest.approx(1 / 3)
+    assert found["recall_within_5"] == pytest.approx(1 / 3)  # flagged at round 1
     assert found["precision_ever"] == pytest.approx(1 / 2)  # (0,3) right, (2,1) wrong
     assert found["first_flag_round"] == 1
     assert found["false_positive_peers"] == pytest.approx(1 / 3)  # peer 1 of {0, 1, 2}
