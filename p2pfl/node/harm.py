@@ -25,7 +25,9 @@ The check cannot see harm to classes we do not hold: label flipping mostly passe
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -86,4 +88,46 @@ def vet(
     return vetted
 
 
-__all__ = ["Prober", "mixed", "vet"]
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One round's harm check: who passed now, and who passed ``streak`` times in a row."""
+
+    passed: list[bool]
+    vetted: list[bool]
+
+
+class HarmGate:
+    """The harm check of one node across rounds: shares to probe at, and streaks."""
+
+    def __init__(self, check: HarmCheck) -> None:
+        """Start with no streaks."""
+        self.check = check
+        self._streaks: Counter[str] = Counter()
+
+    def judge(
+        self,
+        prober: Prober,
+        own: Mapping[str, torch.Tensor],
+        start: Mapping[str, torch.Tensor] | None,
+        senders: Sequence[str],
+        states: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        self_weight: float,
+    ) -> Verdict:
+        """Probe every neighbour's model and update the streaks; see the module doc.
+
+        Each is probed at the share it would have at full reputation (or its actual one,
+        if larger), whatever its reputation now: at its reduced share a poor model would
+        pass more easily the less it is trusted, and an honest neighbour cut off early
+        must be able to earn its way back.
+        """
+        total = self_weight + sum(weights)
+        floor = 1 / (len(states) + 1)
+        shares = [max(w / total, floor) if total > 0 else floor for w in weights]
+        passed = vet(prober, self.check, own, states, shares, start=start)
+        for sender, ok in zip(senders, passed, strict=True):
+            self._streaks[sender] = self._streaks[sender] + 1 if ok else 0
+        return Verdict(passed, [self._streaks[s] >= self.check.streak for s in senders])
+
+
+__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "vet"]

@@ -60,7 +60,7 @@ from p2pfl.net.transport import Announcement, Transport, Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import Prober, vet
+from p2pfl.node.harm import HarmGate, Prober
 from p2pfl.node.stats import NodeStatistics, PeerReputation, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,8 @@ class Node:
         self._template: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._own_step: float | None = None  # length of our last local update
         self._start: State | None = None  # our model before the last local training
-        self._harmless: Counter[str] = Counter()  # consecutive harm checks passed, per peer
+        check = config.harm_check
+        self._harm = HarmGate(check) if check.enabled and config.rule in CLIPPING_RULES else None
         self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
@@ -351,27 +352,12 @@ class Node:
         updates = [u for u in updates if not self._book.banned(u.sender, round=number)]
         weights, self_weight = self._mixing(updates, samples)
         states = [u.state for u in updates]
-        vetted = passed = None
-        if (
-            self.config.harm_check.enabled
-            and self.config.rule in CLIPPING_RULES
-            and isinstance(self.learner, Prober)
-        ):
-            # Probe at the share a neighbour would have at full reputation (or its actual
-            # one, if larger), whatever its reputation now: probed at its reduced share, a
-            # poor model would pass more easily the less it is trusted; and an honest one
-            # cut off early must be able to earn its way back.
-            total = self_weight + sum(weights)
-            floor = 1 / (len(updates) + 1)
-            shares = [max(w / total, floor) for w in weights]
-            passed = await self._compute(
-                vet, self.learner, self.config.harm_check, own, states, shares, start=self._start
+        verdict = None
+        if self._harm is not None and isinstance(self.learner, Prober):
+            senders = [u.sender for u in updates]
+            verdict = await self._compute(
+                self._harm.judge, self.learner, own, self._start, senders, states, weights, self_weight
             )
-            # A poor model passes now and then (against a model of ours that is poor
-            # too); only a streak of passes exempts a neighbour from clipping.
-            for update, ok in zip(updates, passed, strict=True):
-                self._harmless[update.sender] = self._harmless[update.sender] + 1 if ok else 0
-            vetted = [self._harmless[u.sender] >= self.config.harm_check.streak for u in updates]
         result: Aggregate = await self._compute(
             aggregate,
             self.config.rule,
@@ -380,16 +366,16 @@ class Node:
             weights,
             self_weight=self_weight,
             own_step=self._own_step,
-            vetted=vetted,
+            vetted=None if verdict is None else verdict.vetted,
             **dict(self.config.rule_params),
         )
         self.learner.set_state(result.state)
         trust = result.trust
-        if passed is not None:
+        if verdict is not None:
             # Clipped but harmless to us is no evidence of malice (the neighbour across
             # a bridge between communities is both); the streak decides the mixing.
             floor = self.config.reputation.clip_tolerance
-            trust = tuple(max(t, floor) if ok else t for t, ok in zip(trust, passed, strict=True))
+            trust = tuple(max(t, floor) if ok else t for t, ok in zip(trust, verdict.passed, strict=True))
         self._record_trust(number, updates, trust)
         delivered = {u.sender for u in updates}
         for peer in self._expected():

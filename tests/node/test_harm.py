@@ -10,7 +10,7 @@ import torch
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import State
 from p2pfl.node.config import HarmCheck
-from p2pfl.node.harm import Prober, mixed, vet
+from p2pfl.node.harm import HarmGate, Prober, mixed, vet
 
 
 class Distance:
@@ -88,3 +88,22 @@ def test_nobody_is_vetted_when_our_own_training_made_us_worse() -> None:
     assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2]) == [True, True]
     assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(0.0)) == [False, False]
     assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(3.0)) == [True, True]
+
+
+def test_the_gate_vets_after_a_streak_and_a_failure_resets_it() -> None:
+    prober = Distance(target=0.0)
+    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, streak=3))
+    good, bad = state(0.02), state(5.0)
+    verdicts = [
+        gate.judge(prober, state(0.0), None, ["a", "b"], [good, bad], [1.0, 0.0], 1.0)
+        for _ in range(3)
+    ]
+    assert [v.passed for v in verdicts] == [[True, False]] * 3
+    assert [v.vetted for v in verdicts] == [[False, False], [False, False], [True, False]]
+    # "b" is probed although its weight is 0: at the share of a neighbour at full
+    # reputation (1/3 here), not at its own (0), or it could never earn its way back.
+    assert gate.judge(prober, state(0.0), None, ["a", "b"], [good, good], [1.0, 0.0], 1.0).passed == [True, True]
+    failed = gate.judge(prober, state(0.0), None, ["a"], [bad], [1.0], 1.0)
+    assert failed.vetted == [False]
+    again = gate.judge(prober, state(0.0), None, ["a"], [good], [1.0], 1.0)
+    assert again.vetted == [False]  # the streak starts over
