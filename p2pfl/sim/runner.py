@@ -25,6 +25,7 @@ import torch
 import trio
 import trio.testing
 
+from p2pfl.core.aggregation import flatten
 from p2pfl.core.crypto import Identity
 from p2pfl.learners.base import Learner, Metrics, State
 from p2pfl.learners.datasets import make_digits_learner
@@ -96,7 +97,7 @@ class Recorder:
         if not honest:
             return
         models = self.rounds.setdefault(number, _RoundModels())
-        models.add(index, _flat(state), metrics.accuracy)
+        models.add(index, flatten(state)[0], metrics.accuracy)
         if len(models.accuracies) < self.honest:
             return
         models.close()
@@ -113,10 +114,6 @@ class Recorder:
         for models in self.rounds.values():
             models.close()
         return tuple(self.rounds[r].distance if r in self.rounds else math.nan for r in range(rounds))
-
-
-def _flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([v.detach().flatten() for v in state.values() if v.is_floating_point()])
 
 
 class ProbedLearner:
