@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from p2pfl.cli import testnet
-from p2pfl.cli.testnet import NodeProcesses, add_arguments, dumps_toml, node_config, pick_ports
+from p2pfl.cli.processes import NodeProcesses, Terminated, node_argv
 from p2pfl.cli.testnet import TestnetPlan as Plan
+from p2pfl.cli.testnet import add_arguments, dumps_toml, node_config, pick_ports
 from p2pfl.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -312,7 +313,7 @@ def test_timeout_stops_everything_and_exits_1(
     assert fake.all_gone()
 
 
-@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt(), 130), (testnet.Terminated(signal.SIGTERM), 143)])
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt(), 130), (Terminated(signal.SIGTERM), 143)])
 def test_interrupt_stops_every_node(
     tmp_path: Path, fake: FakeNet, monkeypatch: pytest.MonkeyPatch, interrupt: KeyboardInterrupt, code: int
 ) -> None:
@@ -330,4 +331,4 @@ def test_sybils_share_one_process_and_other_attackers_do_not() -> None:
     assert testnet._process_groups(sybil) == [[0], [1], [2], [3, 4]]
     alie = testnet.TestnetPlan(nodes=5, rounds=1, byzantine=2, attack="alie", out=Path("x"))
     assert testnet._process_groups(alie) == [[0], [1], [2], [3], [4]]
-    assert testnet.node_argv(Path("a.toml"), Path("b.toml"))[-4:] == ["--config", "a.toml", "--config", "b.toml"]
+    assert node_argv(Path("a.toml"), Path("b.toml"))[-4:] == ["--config", "a.toml", "--config", "b.toml"]

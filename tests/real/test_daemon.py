@@ -20,7 +20,8 @@ import pytest
 
 from p2pfl.cli import testnet
 from p2pfl.cli.http import fetch_status
-from p2pfl.cli.testnet import NodeProcesses, node_argv, node_env, prepare_directory, write_configs
+from p2pfl.cli.processes import NodeProcesses, node_argv, node_env
+from p2pfl.cli.testnet import prepare_directory, write_configs
 from p2pfl.errors import NetworkError
 
 pytestmark = pytest.mark.real
