@@ -179,8 +179,13 @@ class Node:
         self._template: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._own_step: float | None = None  # length of our last local update
         self._start: State | None = None  # our model before the last local training
+        self._harm: HarmGate | None = None
         check = config.harm_check
-        self._harm = HarmGate(check) if check.enabled and config.rule in CLIPPING_RULES else None
+        if check.enabled and config.rule in CLIPPING_RULES:
+            if isinstance(learner, Prober):
+                self._harm = HarmGate(check)
+            else:
+                log.info("harm check off: %s has no probe_losses", type(learner).__name__)
         self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
@@ -353,7 +358,8 @@ class Node:
         weights, self_weight = self._mixing(updates, samples)
         states = [u.state for u in updates]
         verdict = None
-        if self._harm is not None and isinstance(self.learner, Prober):
+        if self._harm is not None:
+            assert isinstance(self.learner, Prober)
             senders = [u.sender for u in updates]
             verdict = await self._compute(
                 self._harm.judge, self.learner, own, self._start, senders, states, weights, self_weight
