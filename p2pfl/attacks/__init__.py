@@ -67,8 +67,9 @@ _SPECS = [
     _spec("label_flip", LabelFlip, "label flipping (Biggio et al. 2012; Fang et al. 2020)",
           flip_labels, classes="number of classes C; labels y -> C-1-y (default 10)"),
     _spec("alie", Alie, "Baruch, Baruch, Goldberg 2019, A little is enough",
-          n="workers in the paper's formula (default: observed models + 1)",
-          f="Byzantine workers in the formula (default 1)",
+          n="workers in the paper's formula (default: observed models + 1; sim and testnet "
+            "pass the network's node count)",
+          f="Byzantine workers in the formula (default 1; sim and testnet: the attacker count)",
           z="explicit z, overrides n and f (default: the paper's z_max)"),
     _spec("ipm", Ipm, "Xie, Koyejo, Gupta 2020, inner product manipulation",
           eps="announce -eps * mean of observed models (default 10)"),
@@ -128,6 +129,23 @@ def with_accomplices(name: str, params: Mapping[str, object], shared: dict[str, 
     return params
 
 
+def network_defaults(name: str, nodes: int, byzantine: int) -> dict[str, int]:
+    """Return the parameters a test network fills in from its size: ALIE's ``n`` and ``f``.
+
+    The paper's z_max is a function of the number of workers and of Byzantine ones; a
+    simulation or test network knows both, where a lone attacker would have to guess.
+    """
+    spec = _lookup(name, {})
+    if not {"n", "f"} <= spec.params.keys():
+        return {}
+    defaults = {"n": nodes, "f": byzantine}
+    try:
+        spec.factory(**defaults)
+    except ConfigError:  # half or more attack: the formula has no answer; keep the default
+        return {}
+    return defaults
+
+
 def attack_label_map(name: str, **params: object) -> LabelMap | None:
     """Return the training-label rewrite of the named attack (``label_flip``), else None.
 
@@ -150,6 +168,7 @@ __all__ = [
     "attack_label_map",
     "flip_labels",
     "make_attack",
+    "network_defaults",
     "sybil_identities",
     "with_accomplices",
 ]

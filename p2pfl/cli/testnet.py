@@ -258,7 +258,10 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         "round": {"min_neighbours": neighbours, "start_timeout": 60.0},
     }
     if plan.is_byzantine(index):
-        document["attack"] = {"name": str(plan.attack)}
+        from p2pfl.attacks import network_defaults
+
+        defaults = network_defaults(str(plan.attack), plan.nodes, plan.byzantine)
+        document["attack"] = {"name": str(plan.attack), **defaults}
     return document
 
 

@@ -202,9 +202,12 @@ def attack_params(scenario: Scenario, seed: int, index: int, shared: dict[str, A
     An attack with a ``seed`` parameter gets one derived from the run seed and the node
     (distinct attackers, reproducible runs); sybils of one run share one group.
     """
-    from p2pfl.attacks import ATTACKS, with_accomplices
+    from p2pfl.attacks import ATTACKS, network_defaults, with_accomplices
 
-    params = with_accomplices(scenario.attack, scenario.attack_params, shared)
+    params = {
+        **network_defaults(scenario.attack, scenario.nodes, scenario.byzantine),
+        **with_accomplices(scenario.attack, scenario.attack_params, shared),
+    }
     if "seed" in ATTACKS[scenario.attack].params and "seed" not in params:
         params["seed"] = seed * 100_003 + index
     return params

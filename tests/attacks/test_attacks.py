@@ -21,6 +21,7 @@ from p2pfl.attacks import (
     alie_z,
     attack_label_map,
     make_attack,
+    network_defaults,
     sybil_identities,
 )
 from p2pfl.core.codec import encode_state
@@ -302,3 +303,10 @@ async def test_flood_does_not_stop_honest_rounds(autojump_clock: trio.testing.Mo
     # The honest nodes never waited out a round deadline for the flooder.
     assert all(sum(r.duration for r in s.history) < 2.0 for s in honest)
     assert statistics.mean(s.accuracy or 0 for s in honest) > 0.8
+
+
+def test_network_defaults_give_alie_the_papers_n_and_f() -> None:
+    assert network_defaults("alie", 16, 4) == {"n": 16, "f": 4}
+    assert alie_z(16, 4) == pytest.approx(0.489, abs=1e-3)  # vs 0.25 from 4 observed + 1
+    assert network_defaults("alie", 4, 3) == {}  # most attack: the formula has no answer
+    assert network_defaults("sign_flip", 16, 4) == {}

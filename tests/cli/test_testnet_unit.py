@@ -58,7 +58,7 @@ def test_node_configs_round_trip_through_tomllib(tmp_path: Path) -> None:
     ]
     assert last["round"] == {"min_neighbours": 3, "start_timeout": 60.0}
     assert last["node"]["http_port"] == 9103
-    assert last["attack"] == {"name": "alie"}
+    assert last["attack"] == {"name": "alie", "n": 4, "f": 1}  # the paper's z from the network
 
 
 @pytest.mark.parametrize("text", ['plain', 'q"uote', "back\\slash", "tab\tnew\nline", "ctl\x01\x7f", "ünï €😀", ""])
