@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, Protocol
 
 import torch
@@ -317,7 +317,7 @@ class TorchLearner:
             raise LearnerError("the test data yielded no samples")
         return Metrics(loss=loss_sum / samples, accuracy=correct / samples, samples=samples)
 
-    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+    def probe_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
         """Return the loss of each state on a fixed sample of the training data.
 
         The sample is the first ``probe_samples`` training samples, drawn once. The model

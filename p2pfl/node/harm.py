@@ -12,8 +12,8 @@ model-mixing step.
 
 Measured on digits (16 nodes, Dirichlet(0.5), 30 rounds; docs/RESULTS.md): mixed in
 at 1/5, honest neighbours raise the probe loss by at most ~0.17 in round 0 and ~0.01
-from round 10; sign_flip, gaussian, ipm and dissensus attackers by a median of 0.15 to
-20. A neighbour passes when the rise is at most ``absolute + relative x own loss``
+from round 10; sign_flip, gaussian, ipm and dissensus attackers by a per-round median
+of 0.09 to 23. A neighbour passes when the rise is at most ``absolute + relative x own loss``
 (0.05 + 5%); after ``streak`` passes in a row clipping rules use it in full (``vetted``
 in :mod:`p2pfl.core.aggregation`), and a passing neighbour's clipping is not held
 against its reputation. The node probes at the share a neighbour would have at full
@@ -24,9 +24,10 @@ The check cannot see harm to classes we do not hold: label flipping mostly passe
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -39,8 +40,11 @@ from p2pfl.node.config import HarmCheck
 class Prober(Protocol):
     """A learner that can score models on its own data (``TorchLearner`` is one)."""
 
-    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
-        """Return each state's loss on a fixed sample of the local training data."""
+    def probe_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
+        """Return each state's loss on a fixed sample of the local training data.
+
+        ``states`` may be a generator: one mixed model exists at a time.
+        """
         ...
 
 
@@ -74,8 +78,8 @@ def vet(
     if not probed:
         return [False] * len(neighbours)
     references = [own] if start is None else [own, start]
-    mixes = [mixed(own, neighbours[j], shares[j]) for j in probed]
-    losses = prober.probe_losses([*references, *mixes])
+    mixes = (mixed(own, neighbours[j], shares[j]) for j in probed)  # one at a time
+    losses = prober.probe_losses(itertools.chain(references, mixes))
     base = losses[0]
     if not math.isfinite(base):
         return [False] * len(neighbours)
@@ -99,14 +103,14 @@ class Verdict:
 class HarmGate:
     """The harm check of one node across rounds: shares to probe at, and streaks."""
 
-    def __init__(self, check: HarmCheck) -> None:
-        """Start with no streaks."""
+    def __init__(self, check: HarmCheck, prober: Prober) -> None:
+        """Probe with ``prober`` (the node's learner); start with no streaks."""
         self.check = check
-        self._streaks: Counter[str] = Counter()
+        self.prober = prober
+        self._streaks: Counter[str] = Counter()  # peers whose last check passed
 
     def judge(
         self,
-        prober: Prober,
         own: Mapping[str, torch.Tensor],
         start: Mapping[str, torch.Tensor] | None,
         senders: Sequence[str],
@@ -124,9 +128,12 @@ class HarmGate:
         total = self_weight + sum(weights)
         floor = 1 / (len(states) + 1)
         shares = [max(w / total, floor) if total > 0 else floor for w in weights]
-        passed = vet(prober, self.check, own, states, shares, start=start)
+        passed = vet(self.prober, self.check, own, states, shares, start=start)
         for sender, ok in zip(senders, passed, strict=True):
-            self._streaks[sender] = self._streaks[sender] + 1 if ok else 0
+            if ok:
+                self._streaks[sender] += 1
+            else:
+                self._streaks.pop(sender, None)
         return Verdict(passed, [self._streaks[s] >= self.check.streak for s in senders])
 
 

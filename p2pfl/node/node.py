@@ -183,7 +183,7 @@ class Node:
         check = config.harm_check
         if check.enabled and config.rule in CLIPPING_RULES:
             if isinstance(learner, Prober):
-                self._harm = HarmGate(check)
+                self._harm = HarmGate(check, learner)
             else:
                 log.info("harm check off: %s has no probe_losses", type(learner).__name__)
         self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
@@ -359,10 +359,9 @@ class Node:
         states = [u.state for u in updates]
         verdict = None
         if self._harm is not None:
-            assert isinstance(self.learner, Prober)
             senders = [u.sender for u in updates]
             verdict = await self._compute(
-                self._harm.judge, self.learner, own, self._start, senders, states, weights, self_weight
+                self._harm.judge, own, self._start, senders, states, weights, self_weight
             )
         result: Aggregate = await self._compute(
             aggregate,

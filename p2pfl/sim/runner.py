@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -146,7 +146,7 @@ class ProbedLearner:
         """Delegate to the wrapped learner."""
         return self.inner.num_train_samples
 
-    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+    def probe_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
         """Delegate to the wrapped learner (a TorchLearner)."""
         if not isinstance(self.inner, Prober):
             raise TypeError(f"{type(self.inner).__name__} cannot probe losses")

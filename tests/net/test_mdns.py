@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
@@ -16,7 +17,7 @@ from zeroconf import ServiceInfo, Zeroconf
 from p2pfl.config import Limits, NetConfig
 from p2pfl.errors import ConfigError
 from p2pfl.net.host import key_pair_from_secret
-from p2pfl.net.libp2p_transport import open_libp2p_transport
+from p2pfl.net.libp2p_transport import Libp2pTransport, open_libp2p_transport
 from p2pfl.net.mdns import (
     SERVICE_TYPE,
     Admission,
@@ -220,22 +221,19 @@ def test_zeroconf_sends_on_the_one_interface_only() -> None:
         zc.close()
 
 
-def mdns_config() -> NetConfig:
-    return NetConfig(enable_mdns=True, mdns_interface="127.0.0.1", maintenance_interval=0.5)
+def mdns_transport(network_id: str = "mdns-demo") -> AbstractAsyncContextManager[Libp2pTransport]:
+    """A fresh node that finds peers by mDNS on loopback only."""
+    config = NetConfig(enable_mdns=True, mdns_interface="127.0.0.1", maintenance_interval=0.5)
+    return open_libp2p_transport(secret=os.urandom(32), network_id=network_id, config=config,
+                                 limits=Limits(), validator=echo_validator)
 
 
 async def test_two_transports_find_each_other_by_mdns_alone() -> None:
     started = time.monotonic()
     async with (
-        open_libp2p_transport(secret=os.urandom(32), network_id="mdns-demo",
-                              config=mdns_config(), limits=Limits(),
-                              validator=echo_validator) as a,
-        open_libp2p_transport(secret=os.urandom(32), network_id="mdns-demo",
-                              config=mdns_config(), limits=Limits(),
-                              validator=echo_validator) as b,
-        open_libp2p_transport(secret=os.urandom(32), network_id="elsewhere",
-                              config=mdns_config(), limits=Limits(),
-                              validator=echo_validator) as other,
+        mdns_transport() as a,
+        mdns_transport() as b,
+        mdns_transport("elsewhere") as other,
     ):
         assert a.neighbours() == ()
         assert b.neighbours() == ()
@@ -269,12 +267,8 @@ async def test_hostile_record_on_the_lan_does_not_disturb_a_node() -> None:
             await trio.to_thread.run_sync(
                 functools.partial(zc.register_service, info, cooperating_responders=True))
         async with (
-            open_libp2p_transport(secret=os.urandom(32), network_id="mdns-demo",
-                                  config=mdns_config(), limits=Limits(),
-                                  validator=echo_validator) as a,
-            open_libp2p_transport(secret=os.urandom(32), network_id="mdns-demo",
-                                  config=mdns_config(), limits=Limits(),
-                                  validator=echo_validator) as b,
+            mdns_transport() as a,
+            mdns_transport() as b,
         ):
             with trio.fail_after(8):
                 while b.peer_id not in a.neighbours():

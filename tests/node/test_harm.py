@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import pytest
 import torch
@@ -20,8 +20,9 @@ class Distance:
         self.target = target
         self.probed: list[State] = []
 
-    def probe_losses(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
-        self.probed.extend(dict(s) for s in states)
+    def probe_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
+        states = [dict(s) for s in states]  # vet passes a generator
+        self.probed.extend(states)
         return [float((s["w"] - self.target).abs().sum()) for s in states]
 
 
@@ -92,18 +93,18 @@ def test_nobody_is_vetted_when_our_own_training_made_us_worse() -> None:
 
 def test_the_gate_vets_after_a_streak_and_a_failure_resets_it() -> None:
     prober = Distance(target=0.0)
-    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, streak=3))
+    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, streak=3), prober)
     good, bad = state(0.02), state(5.0)
     verdicts = [
-        gate.judge(prober, state(0.0), None, ["a", "b"], [good, bad], [1.0, 0.0], 1.0)
+        gate.judge(state(0.0), None, ["a", "b"], [good, bad], [1.0, 0.0], 1.0)
         for _ in range(3)
     ]
     assert [v.passed for v in verdicts] == [[True, False]] * 3
     assert [v.vetted for v in verdicts] == [[False, False], [False, False], [True, False]]
     # "b" is probed although its weight is 0: at the share of a neighbour at full
     # reputation (1/3 here), not at its own (0), or it could never earn its way back.
-    assert gate.judge(prober, state(0.0), None, ["a", "b"], [good, good], [1.0, 0.0], 1.0).passed == [True, True]
-    failed = gate.judge(prober, state(0.0), None, ["a"], [bad], [1.0], 1.0)
+    assert gate.judge(state(0.0), None, ["a", "b"], [good, good], [1.0, 0.0], 1.0).passed == [True, True]
+    failed = gate.judge(state(0.0), None, ["a"], [bad], [1.0], 1.0)
     assert failed.vetted == [False]
-    again = gate.judge(prober, state(0.0), None, ["a"], [good], [1.0], 1.0)
+    again = gate.judge(state(0.0), None, ["a"], [good], [1.0], 1.0)
     assert again.vetted == [False]  # the streak starts over

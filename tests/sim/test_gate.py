@@ -72,7 +72,7 @@ DUMBBELL = GRID.with_name("dumbbell_noniid.toml")
 
 def test_the_default_defence_keeps_the_bridge_open_where_median_cuts_it() -> None:
     # Two cliques holding different halves of the classes, joined by one edge, no
-    # attack (seeds 0-2, final honest mean: mean 0.68-0.74, clipped_gossip 0.68-0.74 with
+    # attack (seeds 0-2, final honest mean: mean 0.68-0.74, clipped_gossip 0.68-0.72 with
     # its harm check, 0.49 without; median 0.49 = one half of the classes).
     grid = load_grid(DUMBBELL)
     runs = {
