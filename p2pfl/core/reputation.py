@@ -27,7 +27,12 @@ weighs exactly as OUTLIER by 1), so an honest neighbour just past a rule's cut-o
 little and a far outlier loses as much as an OUTLIER.
 
 ``weight(peer)`` is the score when it reaches ``threshold`` and the peer is not banned,
-else 0. A newcomer's score is capped at ``newcomer_cap`` until it has had
+else 0. A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds
+in a row at weight 0, each with evidence of something it sent (not NO_SHOW or STALE: a
+crashed or catching-up honest node is late, not hostile), it is banned for ``ban_rounds``
+with its score kept. Below the threshold it already had no influence, but it held a
+neighbour slot and cost a download every round; dropped, the slot goes to someone
+discovery finds (an honest node surrounded by attackers can only be helped so). A newcomer's score is capped at ``newcomer_cap`` until it has had
 ``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
 
 The book is pure: no clock, the caller passes round numbers; the latest round seen is
@@ -63,6 +68,7 @@ class Evidence(enum.Enum):
 
 
 SEVERE = frozenset({Evidence.INVALID_SIGNATURE, Evidence.INVALID_FORMAT, Evidence.EQUIVOCATION})
+LATE = frozenset({Evidence.NO_SHOW, Evidence.STALE})  # honest nodes are late too
 RECORD_VERSION = 1
 
 
@@ -80,6 +86,10 @@ class ReputationConfig:
     # tampered payload, equivocation): none is an honest accident, and a short ban only
     # let forgers back in to strike again (the attack grid showed them back at weight > 0).
     ban_rounds: int = 100
+    # A peer sending updates we discard this many rounds in a row is dropped (banned, score
+    # kept) so that discovery can fill its slot; 0 never drops. Ten rounds: an honest peer
+    # pushed below the threshold by a bad patch climbs back within about five.
+    drop_after: int = 10
     accepted_gain: float = 1.0
     clipped_strength: float = 4.0  # 4: clipped by 0.3 each round stays above 0.3, by 0.4 not
     outlier_strength: float = 4.0
@@ -172,6 +182,8 @@ class _Peer:
     good_rounds: int = 0
     last_good_round: int | None = None
     banned_until: int | None = None  # first round the peer is no longer banned
+    idle_rounds: int = 0  # rounds in a row at weight 0 that it sent us something
+    active_round: int | None = None  # last round with evidence of something it sent
     history: deque[ReputationEvent] = field(default_factory=deque)
 
 
@@ -212,6 +224,8 @@ class ReputationBook:
         else:
             good, bad = c.effect(evidence, amount)
             state.good, state.bad = state.good + good, state.bad + bad
+        if evidence not in LATE:
+            state.active_round = round
         positive = evidence is Evidence.ACCEPTED or (evidence is Evidence.CLIPPED and amount <= 0.5)
         if positive and state.last_good_round != round:
             state.good_rounds += 1
@@ -220,17 +234,37 @@ class ReputationBook:
         state.history.append(ReputationEvent(round, peer, evidence, amount, score, reason))
         return score
 
-    def end_round(self, round: int) -> None:
-        """Decay every tally toward the prior, once per round (skipped rounds included)."""
+    def end_round(self, round: int) -> list[str]:
+        """Close ``round``: decay every tally toward the prior, once per round (skipped
+        rounds included), and drop the peers that keep sending what we discard.
+
+        Returns the peers dropped now (banned for ``ban_rounds``, scores kept).
+        """
         self._see(round)
         steps = 1 if self._decayed_to is None else round - self._decayed_to
         if steps <= 0:
-            return
+            return []
         self._decayed_to = round
         keep, c = self.config.forgetting**steps, self.config
         for state in self._peers.values():
             state.good = c.prior_good + keep * (state.good - c.prior_good)
             state.bad = c.prior_bad + keep * (state.bad - c.prior_bad)
+        return self._drop_idle(round)
+
+    def _drop_idle(self, round: int) -> list[str]:
+        dropped = []
+        for name, state in self._peers.items():
+            idle = (
+                state.active_round == round
+                and self.weight(name) == 0
+                and not self.banned(name, round=round)
+            )
+            state.idle_rounds = state.idle_rounds + 1 if idle else 0
+            if self.config.drop_after and state.idle_rounds >= self.config.drop_after:
+                state.banned_until = max(state.banned_until or 0, round + self.config.ban_rounds)
+                state.idle_rounds = 0
+                dropped.append(name)
+        return dropped
 
     def score(self, peer: str) -> float:
         """Return the score in [0, 1]; an unknown peer has the prior, capped as a newcomer."""
@@ -300,6 +334,8 @@ def _peer_record(state: _Peer) -> dict[str, Any]:
         "good_rounds": state.good_rounds,
         "last_good_round": state.last_good_round,
         "banned_until": state.banned_until,
+        "idle_rounds": state.idle_rounds,
+        "active_round": state.active_round,
         "history": [
             [e.round, e.evidence.value, e.amount, e.score_after, e.reason] for e in state.history
         ],
@@ -347,15 +383,18 @@ def _peer_from(name: str, data: Any, config: ReputationConfig) -> _Peer:
     _check(isinstance(history, list), "history must be a list")
     events = deque((_event(name, e) for e in history), maxlen=config.history_length)
     good_rounds = _int(data["good_rounds"])
-    _check(good_rounds >= 0, "good_rounds must be >= 0")
+    idle_rounds = _int(data.get("idle_rounds", 0))  # absent in session-1 checkpoints
+    _check(good_rounds >= 0 and idle_rounds >= 0, "round counts must be >= 0")
     return _Peer(
         good=_tally(data["good"]),
         bad=_tally(data["bad"]),
         good_rounds=good_rounds,
         last_good_round=_optional_int(data["last_good_round"]),
         banned_until=_optional_int(data["banned_until"]),
+        idle_rounds=idle_rounds,
+        active_round=_optional_int(data.get("active_round")),
         history=events,
     )
 
 
-__all__ = ["SEVERE", "Evidence", "ReputationBook", "ReputationConfig", "ReputationEvent"]
+__all__ = ["LATE", "SEVERE", "Evidence", "ReputationBook", "ReputationConfig", "ReputationEvent"]

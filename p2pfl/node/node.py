@@ -274,7 +274,8 @@ class Node:
         used = await self._aggregate(number, own, samples)
         metrics = await self._compute(self.learner.evaluate)
         self._metrics = (metrics.accuracy, metrics.loss)
-        self._book.end_round(number)
+        for peer in self._book.end_round(number):
+            log.info("peer %s: weight 0 for %d rounds, dropped", short(peer), self.config.reputation.drop_after)
         self._enforce_bans(number)
         stats = self.transport.stats()
         record = RoundRecord(

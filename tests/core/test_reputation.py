@@ -212,6 +212,83 @@ def test_record_round_trip_through_json_preserves_everything() -> None:
     assert again.score("honest") == book.score("honest")
 
 
+def distrusted(
+    book: ReputationBook, peer: str, start: int, rounds: int, evidence: Evidence = Evidence.OUTLIER
+) -> list[str]:
+    """Record ``rounds`` rounds of ``evidence`` for ``peer``; return every peer dropped."""
+    dropped = []
+    for r in range(start, start + rounds):
+        book.record(peer, evidence, round=r, reason="bad")
+        dropped += book.end_round(r)
+    return dropped
+
+
+def test_a_neighbour_at_weight_zero_for_drop_after_rounds_is_dropped_once_score_kept() -> None:
+    book, twin = ReputationBook(ReputationConfig(drop_after=4)), ReputationBook()
+    r = established(book, "p", rounds=3)
+    established(twin, "p", rounds=3)
+    at_zero, dropped_in = 0, None
+    for rr in range(r, r + 20):
+        book.record("p", Evidence.OUTLIER, round=rr, reason="far")
+        twin.record("p", Evidence.OUTLIER, round=rr, reason="far")
+        twin.end_round(rr)
+        if dropped := book.end_round(rr):
+            assert dropped == ["p"]
+            dropped_in = rr
+            break
+        at_zero += book.weight("p") == 0
+    assert at_zero == 3
+    assert dropped_in is not None
+    assert book.score("p") == twin.score("p")  # the drop leaves the score alone
+    assert book.banned("p", round=dropped_in + 1)
+    assert not book.banned("p", round=dropped_in + CONFIG.ban_rounds)
+    assert distrusted(book, "p", dropped_in + 1, 10) == []  # banned: not dropped again
+
+
+@pytest.mark.parametrize("late", [Evidence.NO_SHOW, Evidence.STALE])
+def test_late_or_silent_peers_are_not_dropped(late: Evidence) -> None:
+    # A crashed or catching-up honest node is late, not hostile: it keeps its place.
+    book = ReputationBook(ReputationConfig(drop_after=3))
+    distrusted(book, "p", 0, 2)
+    assert book.weight("p") == 0
+    assert distrusted(book, "p", 2, 20, evidence=late) == []
+    assert not book.banned("p", round=22)
+
+
+def test_recovery_resets_the_count() -> None:
+    book = ReputationBook(ReputationConfig(drop_after=10))
+    assert distrusted(book, "p", 0, 4) == []
+    assert book.weight("p") == 0
+    for r in range(4, 20):  # good behaviour lifts it back over the threshold
+        book.record("p", Evidence.ACCEPTED, round=r)
+        assert book.end_round(r) == [], f"dropped in round {r} while recovering"
+        if book.weight("p") > 0:
+            break
+    assert book.weight("p") > 0
+    assert book.to_record()["peers"]["p"]["idle_rounds"] == 0
+
+
+def test_drop_after_zero_never_drops() -> None:
+    book = ReputationBook(ReputationConfig(drop_after=0))
+    assert distrusted(book, "p", 0, 30) == []
+    assert book.weight("p") == 0
+    assert not book.banned("p", round=30)
+
+
+def test_checkpoint_keeps_the_idle_count_and_loads_records_without_it() -> None:
+    book = ReputationBook(ReputationConfig(drop_after=20))
+    assert distrusted(book, "p", 0, 6) == []
+    record = json.loads(json.dumps(book.to_record()))
+    idle = record["peers"]["p"]["idle_rounds"]
+    assert idle >= 1
+    again = ReputationBook.from_record(record, book.config)
+    assert distrusted(again, "p", 6, 20 - idle - 1) == []
+    assert distrusted(again, "p", 25 - idle, 1) == ["p"]
+    for key in ("idle_rounds", "active_round"):  # a checkpoint written before they existed
+        del record["peers"]["p"][key]
+    assert ReputationBook.from_record(record, book.config).to_record()["peers"]["p"]["idle_rounds"] == 0
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -223,6 +300,8 @@ def test_record_round_trip_through_json_preserves_everything() -> None:
         lambda rec: rec["peers"]["p"].update(bad=math.inf),
         lambda rec: rec["peers"]["p"].update(good_rounds=True),
         lambda rec: rec["peers"]["p"].update(banned_until=1.5),
+        lambda rec: rec["peers"]["p"].update(idle_rounds=-1),
+        lambda rec: rec["peers"]["p"].update(active_round="now"),
         lambda rec: rec["peers"]["p"].update(history="none"),
         lambda rec: rec["peers"]["p"]["history"].append([1, "hacked", 1.0, 0.5, ""]),
         lambda rec: rec["peers"]["p"]["history"].append([1, "accepted", 2.0, 0.5, ""]),

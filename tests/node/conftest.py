@@ -11,8 +11,10 @@ import trio
 import trio.testing
 
 from p2pfl.core.crypto import Identity
+from p2pfl.core.reputation import ReputationConfig
 from p2pfl.learners.datasets import make_digits_learner
 from p2pfl.net.memory import LinkProfile, MemoryNetwork
+from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
 from p2pfl.node.node import Node
 
@@ -49,12 +51,15 @@ def make_node(
     data_dir: Path | None = None,
     rule: str = "clipped_gossip",
     round_timeout: float = 2.0,
+    behaviour: Behaviour | None = None,
+    reputation: ReputationConfig | None = None,
 ) -> Node:
     config = NodeConfig(
         network_id="test-net",
         rule=rule,
         rounds=RoundConfig(round_timeout=round_timeout, fetch_timeout=1.0, quorum=1.0),
         data_dir=data_dir,
+        reputation=reputation or ReputationConfig(),
     )
     learner = make_digits_learner(node_index=index, num_nodes=num_nodes, seed=0)
     return Node(
@@ -63,4 +68,5 @@ def make_node(
         identity=identity,
         transport=lambda validator: network.open_transport(identity.peer_id, validator),
         offload=False,
+        behaviour=behaviour,
     )

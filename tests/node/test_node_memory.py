@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 import trio
 
+from p2pfl.attacks import make_attack
 from p2pfl.core.envelope import AnnouncementKind, encode_announcement, sign_update
+from p2pfl.core.reputation import ReputationConfig
 from p2pfl.node.node import Node
 from tests.node.conftest import identities, make_network, make_node
 
@@ -154,6 +156,29 @@ async def test_forged_and_replayed_updates_lower_reputation(
         assert stats.rejected["invalid_signature"] >= 1
         assert stats.rejected["replay"] + stats.rejected.get("invalid_format", 0) >= 1
         assert all(weights[p.peer_id] > 0 for p in ids[:3] if p.peer_id != node.peer_id)
+
+
+async def test_a_neighbour_sending_discarded_updates_is_dropped_and_honest_ones_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ids = identities(5)
+    network = make_network(ids)
+    reputation = ReputationConfig(drop_after=3)
+    honest = [make_node(network, ident, i, 5, reputation=reputation) for i, ident in enumerate(ids[:4])]
+    attacker = make_node(network, ids[4], 4, 5, behaviour=make_attack("sign_flip"))
+
+    await run_all([*honest, attacker], rounds=12)
+
+    for node in honest:
+        stats = node.statistics()
+        rows = {row.peer: row for row in stats.reputation}
+        assert rows[attacker.peer_id].banned  # dropped (banned, score kept)
+        assert rows[attacker.peer_id].score == min(r.score for r in rows.values())
+        assert all(rows[p.peer_id].weight > 0 for p in ids[:4] if p.peer_id != node.peer_id)
+        # Before the drop the attacker's update came in (and was discarded); after, the edge
+        # is cut and only the honest neighbours' updates arrive.
+        assert stats.history[1].used == 4
+        assert stats.history[-1].used == 3
 
 
 async def test_restart_resumes_from_checkpoint(
