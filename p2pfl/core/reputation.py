@@ -28,9 +28,9 @@ little and a far outlier loses as much as an OUTLIER.
 
 ``weight(peer)`` is the score when it reaches ``threshold`` and the peer is not banned,
 else 0. A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds
-in a row at weight 0, each with evidence of something it sent (not NO_SHOW or STALE: a
-crashed or catching-up honest node is late, not hostile), it is banned for ``ban_rounds``
-with its score kept. Below the threshold it already had no influence, but it held a
+at weight 0 with evidence of something it sent (not NO_SHOW or STALE: a crashed or
+catching-up honest node is late, not hostile; silent rounds neither count nor forgive,
+recovering above the threshold does), it is banned for ``ban_rounds`` with its score kept. Below the threshold it already had no influence, but it held a
 neighbour slot and cost a download every round; dropped, the slot goes to someone
 discovery finds (an honest node surrounded by attackers can only be helped so). A newcomer's score is capped at ``newcomer_cap`` until it has had
 ``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
@@ -86,7 +86,7 @@ class ReputationConfig:
     # tampered payload, equivocation): none is an honest accident, and a short ban only
     # let forgers back in to strike again (the attack grid showed them back at weight > 0).
     ban_rounds: int = 100
-    # A peer sending updates we discard this many rounds in a row is dropped (banned, score
+    # A peer sending updates we discard in this many rounds (at weight 0 throughout) is dropped (banned, score
     # kept) so that discovery can fill its slot; 0 never drops. Ten rounds: an honest peer
     # pushed below the threshold by a bad patch climbs back within about five.
     drop_after: int = 10
@@ -182,7 +182,7 @@ class _Peer:
     good_rounds: int = 0
     last_good_round: int | None = None
     banned_until: int | None = None  # first round the peer is no longer banned
-    idle_rounds: int = 0  # rounds in a row at weight 0 that it sent us something
+    idle_rounds: int = 0  # rounds it sent us something, at weight 0 since the last recovery
     active_round: int | None = None  # last round with evidence of something it sent
     history: deque[ReputationEvent] = field(default_factory=deque)
 
@@ -254,12 +254,10 @@ class ReputationBook:
     def _drop_idle(self, round: int) -> list[str]:
         dropped = []
         for name, state in self._peers.items():
-            idle = (
-                state.active_round == round
-                and self.weight(name) == 0
-                and not self.banned(name, round=round)
-            )
-            state.idle_rounds = state.idle_rounds + 1 if idle else 0
+            if self.weight(name) > 0 or self.banned(name, round=round):
+                state.idle_rounds = 0
+            elif state.active_round == round:  # silent rounds neither count nor forgive
+                state.idle_rounds += 1
             if self.config.drop_after and state.idle_rounds >= self.config.drop_after:
                 state.banned_until = max(state.banned_until or 0, round + self.config.ban_rounds)
                 state.idle_rounds = 0

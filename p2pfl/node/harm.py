@@ -92,6 +92,24 @@ def vet(
     return vetted
 
 
+def plausible(
+    prober: Prober, check: HarmCheck, states: Sequence[Mapping[str, torch.Tensor]]
+) -> list[int]:
+    """Return the indices of ``states`` whose loss on our data is near the best one's.
+
+    For adopting models wholesale (catching up), where no model of ours is a yardstick:
+    "near" is the harm check's tolerance around the lowest loss. A non-finite loss never
+    passes; all non-finite: none does.
+    """
+    losses = prober.probe_losses(states)
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    if not finite:
+        return []
+    best = min(finite)
+    bar = best + check.absolute + check.relative * best
+    return [j for j, loss in enumerate(losses) if math.isfinite(loss) and loss <= bar]
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """One round's harm check: who passed now, and who passed ``streak`` times in a row."""
@@ -137,4 +155,4 @@ class HarmGate:
         return Verdict(passed, [self._streaks[s] >= self.check.streak for s in senders])
 
 
-__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "vet"]
+__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "vet"]

@@ -255,6 +255,19 @@ def test_late_or_silent_peers_are_not_dropped(late: Evidence) -> None:
     assert not book.banned("p", round=22)
 
 
+def test_silent_rounds_between_discarded_ones_do_not_reset_the_count() -> None:
+    # An overloaded observer does not fetch every update in time: gaps are no recovery.
+    book = ReputationBook(ReputationConfig(drop_after=4))
+    dropped = []
+    for r in range(0, 40, 2):
+        book.record("p", Evidence.OUTLIER, round=r, reason="far")
+        dropped += book.end_round(r)
+        dropped += book.end_round(r + 1)  # nothing from it in the odd rounds
+        if dropped:
+            break
+    assert dropped == ["p"]
+
+
 def test_recovery_resets_the_count() -> None:
     book = ReputationBook(ReputationConfig(drop_after=10))
     assert distrusted(book, "p", 0, 4) == []

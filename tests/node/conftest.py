@@ -53,11 +53,14 @@ def make_node(
     round_timeout: float = 2.0,
     behaviour: Behaviour | None = None,
     reputation: ReputationConfig | None = None,
+    **round_settings: int,
 ) -> Node:
     config = NodeConfig(
         network_id="test-net",
         rule=rule,
-        rounds=RoundConfig(round_timeout=round_timeout, fetch_timeout=1.0, quorum=1.0),
+        rounds=RoundConfig(
+            round_timeout=round_timeout, fetch_timeout=1.0, quorum=1.0, **round_settings
+        ),
         data_dir=data_dir,
         reputation=reputation or ReputationConfig(),
     )

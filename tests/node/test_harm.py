@@ -10,7 +10,7 @@ import torch
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import State
 from p2pfl.node.config import HarmCheck
-from p2pfl.node.harm import HarmGate, Prober, mixed, vet
+from p2pfl.node.harm import HarmGate, Prober, mixed, plausible, vet
 
 
 class Distance:
@@ -44,6 +44,16 @@ def test_vet_passes_harmless_neighbours_and_fails_harmful_ones() -> None:
     # (fails); 0.02 x 4 = 0.08 (passes); towards... the target itself (passes).
     verdict = vet(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2] * 3)
     assert verdict == [False, True, True]
+
+
+def test_plausible_keeps_models_near_the_best_loss_on_our_data() -> None:
+    check = HarmCheck(absolute=0.5, relative=0.5)  # bar: best + 0.5 + 0.5 x best
+    # Losses 4 (best), 6.4, 6.6 and 40 (a sign-flipped model): the bar is 6.5.
+    states = [state(1.0), state(1.6), state(1.65), state(-10.0)]
+    assert plausible(Distance(target=0.0), check, states) == [0, 1]
+    nan = {"w": torch.full((4,), float("nan")), "steps": torch.tensor(7)}
+    assert plausible(Distance(target=0.0), check, [nan, state(2.0)]) == [1]
+    assert plausible(Distance(target=0.0), check, [nan]) == []
 
 
 def test_vet_tolerance_grows_with_our_own_loss() -> None:
