@@ -1,0 +1,369 @@
+"""The aggregation framework: validated inputs, the rule registry, shared geometry.
+
+Rules live in :mod:`~p2pfl.core.aggregation.server_rules` and
+:mod:`~p2pfl.core.aggregation.gossip_rules`; the package docstring states the contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from p2pfl.core.aggregation.flat import (
+    FlatSpec,
+    Model,
+    compute_dtype,
+    fill_row,
+    flat_spec,
+    unflatten,
+)
+from p2pfl.core.codec import State
+from p2pfl.core.state import mismatch, template_of
+from p2pfl.errors import AggregationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RULE = "clipped_gossip"
+DEFAULT_BYZANTINE_FRACTION = 0.2
+# Radius cap in units of the weighted median distance (see median_cap): honest
+# neighbours on non-IID data sit within ~2x of each other's distance.
+DEFAULT_MEDIAN_CAP = 2.0
+# Radius cap in units of the node's own last local update (``own_step``), when given.
+STEP_CAP = 4.0
+# Rules with a clipping radius: they use ``own_step`` and ``vetted``.
+CLIPPING_RULES = frozenset({"clipped_gossip", "centered_clip"})
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """The result of one aggregation."""
+
+    state: State  # the new own model (new tensors)
+    trust: tuple[float, ...]  # per neighbour, in [0, 1]: share of its model used
+    radius: float | None = None  # clipping radius / acceptance distance, if the rule has one
+
+
+Rule = Callable[..., Aggregate]
+RULES: dict[str, Rule] = {}
+
+
+# --- validation and stacking ------------------------------------------------------------
+
+
+def _check_weight(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AggregationError(f"{what} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise AggregationError(f"{what} must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+def _nonfinite_key(row: torch.Tensor, spec: FlatSpec) -> str | None:
+    for name, where in spec.slices():
+        if not bool(torch.isfinite(row[where]).all()):
+            return name
+    return None
+
+
+def _unusable_rows(rows: torch.Tensor, spec: FlatSpec) -> list[tuple[int, str]]:
+    """Find rows with NaN/Inf, or so large that squared distances would overflow."""
+    # One fused pass: NaN/Inf make the norm non-finite. Norms below sqrt(max)/16 keep
+    # every squared distance and Gram entry finite, and no trained model comes close.
+    limit = math.sqrt(torch.finfo(rows.dtype).max) / 16
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    found = []
+    for i in torch.nonzero(~(norms <= limit)).flatten().tolist():
+        key = _nonfinite_key(rows[i], spec)
+        found.append((i, f"non-finite values in {key!r}" if key else "values too large"))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Own model and neighbours stacked once: row 0 own, row j+1 neighbour j."""
+
+    rows: torch.Tensor  # (n+1, d)
+    weights: torch.Tensor  # (n+1,): self weight, then neighbour weights (0 if excluded)
+    finite: torch.Tensor  # (n,) bool: neighbour had only finite values
+    own_step: float | None = None  # length of the node's own last local update, if known
+    vetted: torch.Tensor | None = None  # (n,) bool: the node checked these pulls are harmless
+
+    @property
+    def own(self) -> torch.Tensor:
+        return self.rows[0]
+
+    @property
+    def neighbours(self) -> torch.Tensor:
+        return self.rows[1:]
+
+    @property
+    def taking_part(self) -> torch.Tensor:
+        """Return the (n+1,) mask of rows in the aggregate: own and weight > 0."""
+        mask = self.weights > 0
+        mask[0] = True
+        return mask
+
+    def participants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the (k, d) rows and (k,) weights of the models taking part, own first."""
+        mask = self.taking_part
+        if bool(mask.all()):
+            return self.rows, self.weights
+        return self.rows[mask], self.weights[mask]
+
+
+def _prepare(
+    own: Model, neighbours: Sequence[Model], weights: Sequence[float], self_weight: Any
+) -> tuple[Inputs, FlatSpec]:
+    if len(weights) != len(neighbours):
+        raise AggregationError(f"{len(weights)} weights for {len(neighbours)} neighbours")
+    ws = [_check_weight(w, f"weights[{j}]") for j, w in enumerate(weights)]
+    if self_weight is None:
+        positive = [w for w in ws if w > 0]
+        self_weight = sum(positive) / len(positive) if positive else 1.0
+    ws.insert(0, _check_weight(self_weight, "self_weight"))
+    spec = flat_spec(own)
+    reference = template_of(own)
+    for j, other in enumerate(neighbours):
+        if problem := mismatch(reference, other):
+            raise AggregationError(f"neighbour {j}: {problem}")
+    rows = torch.empty(len(neighbours) + 1, spec.size, dtype=compute_dtype(spec))
+    for row, state in zip(rows, (own, *neighbours), strict=True):
+        fill_row(row, state, spec)
+    finite = torch.ones(len(rows), dtype=torch.bool)
+    for i, problem in _unusable_rows(rows, spec):
+        if i == 0:
+            raise AggregationError(f"own model has {problem}")
+        log.debug("neighbour %d excluded: %s", i - 1, problem)
+        finite[i] = False
+        ws[i] = 0.0
+        rows[i].zero_()  # keeps NaN/Inf out of shared computations (Gram matrix, sorts)
+    w = torch.tensor(ws, dtype=rows.dtype)
+    return Inputs(rows, w, finite[1:]), spec
+
+
+# --- registration -------------------------------------------------------------------------
+
+_Core = Callable[..., tuple[torch.Tensor, torch.Tensor, float | None]]
+
+
+def rule(name: str) -> Callable[[_Core], Rule]:
+    """Register a rule core ``(inputs, **params) -> (vector, trust, radius)`` as ``name``."""
+
+    def register(core: _Core) -> Rule:
+        allowed = [p for p in inspect.signature(core).parameters if p != "inp"]
+
+        def apply(
+            own: Model,
+            neighbours: Sequence[Model],
+            weights: Sequence[float],
+            *,
+            self_weight: float | None = None,
+            own_step: float | None = None,
+            vetted: Sequence[bool] | None = None,
+            **params: Any,
+        ) -> Aggregate:
+            if unknown := sorted(set(params) - set(allowed)):
+                raise AggregationError(
+                    f"{name}: unknown parameter {unknown[0]!r}; accepted: {', '.join(allowed)}"
+                )
+            inp, spec = _prepare(own, neighbours, weights, self_weight)
+            if own_step is not None:
+                inp = dataclasses.replace(inp, own_step=checked_number(own_step, "own_step", 0.0))
+            if vetted is not None:
+                if len(vetted) != len(neighbours):
+                    raise AggregationError(
+                        f"vetted: {len(vetted)} flags for {len(neighbours)} neighbours"
+                    )
+                flags = torch.tensor([bool(v) for v in vetted], dtype=torch.bool)
+                inp = dataclasses.replace(inp, vetted=flags & inp.finite)
+            vector, trust, radius = core(inp, **params)
+            trust = torch.where(inp.finite, trust.clamp(0.0, 1.0), 0.0)
+            return Aggregate(unflatten(vector, spec, own), tuple(trust.tolist()), radius)
+
+        # Not functools.wraps: it would advertise the core's (inputs, ...) signature.
+        apply.__name__ = apply.__qualname__ = core.__name__
+        apply.__doc__ = core.__doc__
+        RULES[name] = apply
+        return apply
+
+    return register
+
+
+def aggregate(
+    name: str,
+    own: Model,
+    neighbours: Sequence[Model],
+    weights: Sequence[float],
+    **params: Any,
+) -> Aggregate:
+    """Aggregate with the rule registered as ``name``; see the module docstring."""
+    try:
+        chosen = RULES[name]
+    except KeyError:
+        raise AggregationError(
+            f"unknown rule {name!r}; choose one of {', '.join(sorted(RULES))}"
+        ) from None
+    return chosen(own, neighbours, weights, **params)
+
+
+# --- parameters and shared pieces --------------------------------------------------------
+
+
+def checked_count(value: Any, name: str, default: int, cap: int) -> int:
+    """Validate an optional count parameter, reduced to ``cap`` when inputs are few."""
+    if value is None:
+        return max(0, min(default, cap))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AggregationError(f"{name} must be an integer >= 0, got {value!r}")
+    return max(0, min(value, cap))
+
+
+def checked_number(value: Any, name: str, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AggregationError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise AggregationError(f"{name} must be finite and in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def weighted_mean(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Return sum_i w_i x_i / sum_i w_i, or the plain mean when all weights are 0."""
+    total = w.sum()
+    if total <= 0:
+        return rows.mean(dim=0)
+    return (w / total) @ rows  # (k,) @ (k, d) -> (d,)
+
+
+def clip_ratio(radius: float | torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Return min(1, radius / dist) elementwise (1 where dist <= radius, including 0/0)."""
+    inside = dist <= radius
+    return torch.where(inside, 1.0, radius / dist.clamp_min(torch.finfo(dist.dtype).tiny))
+
+
+def distances_to(rows: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(rows - centre, dim=1)
+
+
+def default_trim(k: int) -> int:
+    # ceil rather than floor: with the usual 3-8 neighbours floor(0.2 k) is often 0, i.e.
+    # no robustness at all.
+    return min(math.ceil(DEFAULT_BYZANTINE_FRACTION * k), (k - 1) // 2)
+
+
+def relative_distance_trust(inp: Inputs, dist: torch.Tensor) -> torch.Tensor:
+    """Return min(1, r / dist_j) for the neighbours, r the participants' median distance."""
+    reference = torch.quantile(dist[inp.taking_part], 0.5)
+    return clip_ratio(reference, dist[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Points v = own + c @ D (D: rows centred on own), measured via the Gram matrix.
+
+    Iterative rules (geomed, centered_clip, ios) only form affine combinations of the
+    rows, so with coefficients ``c`` each iteration costs O(n^2) instead of passes over
+    all d parameters, and the vector is built once at the end. Centring on own keeps the
+    Gram entries at the scale of the spread, so the distance formula does not cancel.
+    """
+
+    own: torch.Tensor  # (d,)
+    centred: torch.Tensor  # (n+1, d)
+    gram: torch.Tensor  # (n+1, n+1), float64
+    own_dots: torch.Tensor  # (n+1,) float64: D @ own, for ||v||
+
+    @classmethod
+    def of(cls, inp: Inputs) -> Span:
+        centred = inp.rows - inp.own
+        gram = (centred @ centred.T).to(torch.float64)
+        return cls(inp.own, centred, gram, (centred @ inp.own).to(torch.float64))
+
+    def distances(self, c: torch.Tensor) -> torch.Tensor:
+        """Return ||x_i - v|| for every row i, v = own + c @ D."""
+        gc = self.gram @ c
+        return (self.gram.diagonal() - 2 * gc + c @ gc).clamp_min(0).sqrt()
+
+    def norm(self, c: torch.Tensor) -> float:
+        """Return ||c @ D||."""
+        return float((c @ self.gram @ c).clamp_min(0).sqrt())
+
+    def point_norm(self, c: torch.Tensor) -> float:
+        """Return ||own + c @ D||."""
+        own_sq = float(self.own.to(torch.float64).square().sum())
+        return math.sqrt(max(0.0, own_sq + 2 * float(c @ self.own_dots)) + self.norm(c) ** 2)
+
+    def point(self, c: torch.Tensor) -> torch.Tensor:
+        return self.own + c.to(self.centred.dtype) @ self.centred
+
+
+def mean_coefficients(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return the coefficients of the weighted mean of the masked rows (plain if all 0)."""
+    wm = w * mask
+    return wm / wm.sum() if wm.sum() > 0 else mask.to(w.dtype) / mask.sum()
+
+
+def band_trust(inp: Inputs, low: torch.Tensor, high: torch.Tensor, kept: float) -> torch.Tensor:
+    """Share of coordinates inside [low, high], relative to the ``kept`` share expected."""
+    if inp.rows.shape[1] == 0:
+        return torch.ones(len(inp.finite), dtype=inp.rows.dtype)
+    inside = ((inp.neighbours >= low) & (inp.neighbours <= high)).sum(dim=1)
+    return inside.to(inp.rows.dtype) / (inp.rows.shape[1] * kept)
+
+
+def adaptive_radius(dist: torch.Tensor, w: torch.Tensor, delta: float) -> float:
+    """Return the clipping radius that leaves at least ``delta`` of the weight outside.
+
+    The radius is the largest neighbour distance ``d`` such that neighbours at distance
+    ``<= d`` hold at most ``1 - delta`` of the (normalised) neighbour weight; when even the
+    closest group holds more, its distance. If the Byzantine weight is below ``delta``,
+    the radius is then at most the farthest honest neighbour's distance, whatever the
+    Byzantine neighbours send. Ties in distance are decided as a group so the result does
+    not depend on neighbour order.
+    """
+    if len(dist) == 0 or w.sum() <= 0:
+        return 0.0
+    order = torch.argsort(dist)
+    d, cum = dist[order], torch.cumsum(w[order] / w.sum(), dim=0)
+    group_end = torch.ones_like(d, dtype=torch.bool)
+    group_end[:-1] = d[:-1] < d[1:]
+    ok = group_end & (cum <= 1.0 - delta + 1e-9)
+    if not bool(ok.any()):
+        return float(d[group_end][0])
+    return float(d[ok][-1])
+
+
+def full_trust(inp: Inputs) -> torch.Tensor:
+    return torch.ones(len(inp.finite), dtype=inp.rows.dtype)
+
+
+__all__ = [
+    "CLIPPING_RULES",
+    "DEFAULT_BYZANTINE_FRACTION",
+    "DEFAULT_MEDIAN_CAP",
+    "DEFAULT_RULE",
+    "RULES",
+    "STEP_CAP",
+    "Aggregate",
+    "Inputs",
+    "Rule",
+    "Span",
+    "adaptive_radius",
+    "aggregate",
+    "band_trust",
+    "checked_count",
+    "checked_number",
+    "clip_ratio",
+    "default_trim",
+    "distances_to",
+    "full_trust",
+    "mean_coefficients",
+    "relative_distance_trust",
+    "rule",
+    "weighted_mean",
+]

@@ -1,0 +1,222 @@
+"""Rules built for decentralized learning: each node aggregates around its own model.
+
+``clipped_gossip`` (the default) and ``centered_clip`` clip every neighbour's pull to a
+radius; ``balance`` accepts neighbours close to the own model; ``ios`` scissors outliers
+off a weighted mean that always keeps the own model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from p2pfl.core.aggregation.base import (
+    DEFAULT_BYZANTINE_FRACTION,
+    DEFAULT_MEDIAN_CAP,
+    STEP_CAP,
+    Inputs,
+    Span,
+    adaptive_radius,
+    checked_count,
+    checked_number,
+    clip_ratio,
+    distances_to,
+    mean_coefficients,
+    rule,
+    weighted_mean,
+)
+
+
+def median_cap(dist: torch.Tensor, w: torch.Tensor, kappa: float) -> float:
+    """Return ``kappa`` times the weighted median distance, the own model voting at 0.
+
+    A cap on the quantile radius for neighbourhoods where attackers hold more than
+    ``delta`` of the weight (random placement on a sparse graph does that): as long as
+    the honest neighbours and the node itself hold the majority of the votes, the
+    median distance is an honest one, so a far-away attacker is clipped (and loses
+    trust) however many of the node's neighbours it shares with other attackers. The
+    own model votes with the mean neighbour weight: with its mixing weight it would
+    often be the median itself, and the radius 0.
+    """
+    positive = w[w > 0]
+    if len(positive) == 0:
+        return math.inf
+    d = torch.cat([dist.new_zeros(1), dist])
+    weights = torch.cat([positive.mean().reshape(1), w])
+    order = torch.argsort(d)
+    cum = torch.cumsum(weights[order], dim=0)
+    index = int(torch.searchsorted(cum, 0.5 * cum[-1], right=True).item())
+    return kappa * float(d[order][min(index, len(d) - 1)])
+
+
+def _radius(inp: Inputs, dist: torch.Tensor, tau: float | None, delta: float, kappa: float) -> float:
+    if tau is not None:
+        return checked_number(tau, "tau", 0.0)
+    delta = checked_number(delta, "delta", 0.0, 1.0)
+    kappa = checked_number(kappa, "kappa", 0.0)
+    taking = inp.taking_part[1:]
+    dist, w = dist[taking], inp.weights[1:][taking]
+    radius = adaptive_radius(dist, w, delta)
+    if len(dist):
+        radius = min(radius, median_cap(dist, w, kappa))
+    if inp.own_step:
+        # Self-centred: however many neighbours attack, nobody pulls the model further per
+        # round than a few of its own local updates would (it still mixes, just slower)...
+        step_cap = STEP_CAP * inp.own_step
+        reputable = dist[w > 0]
+        if len(reputable):
+            # ...except the nearest reputable neighbour: a node that drifted from the
+            # network (its own steps shrink as it fits its local data) would otherwise
+            # distrust its honest neighbours one by one and end up alone (the attack grid
+            # showed it: an honest node with one honest neighbour of four fell to 0.49).
+            step_cap = max(step_cap, float(reputable.min()))
+        radius = min(radius, step_cap)
+    return radius
+
+
+def _unclipped_if_vetted(inp: Inputs, ratio: torch.Tensor) -> torch.Tensor:
+    """Clip ratios, with neighbours the node vetted (``vetted``) used in full."""
+    if inp.vetted is None:
+        return ratio
+    return torch.where(inp.vetted, torch.ones_like(ratio), ratio)
+
+
+@rule("centered_clip")
+def centered_clip(
+    inp: Inputs,
+    tau: float | None = None,
+    iters: int = 3,
+    delta: float = DEFAULT_BYZANTINE_FRACTION,
+    kappa: float = DEFAULT_MEDIAN_CAP,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Centered clipping: v <- v + sum_i w_i clip(x_i - v, tau) / sum_i w_i, from v = own.
+
+    Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021. The sum runs over the own model (``self_weight``) and the neighbours, for
+    ``iters`` (L) iterations. ``tau`` fixed, or None: the adaptive radius of
+    ``clipped_gossip`` (``delta``) measured at the start; one iteration then equals
+    ``clipped_gossip``. Trust: the clip ratio min(1, tau / ||x_j - v||) of the last
+    iteration.
+    """
+    iters = checked_count(iters, "iters", 3, 10_000)
+    span = Span.of(inp)
+    c = torch.zeros(len(inp.rows), dtype=torch.float64)  # v = own
+    tau_ = _radius(inp, span.distances(c)[1:], tau, delta, kappa)
+    w = inp.weights.to(torch.float64)
+    w = w / w.sum() if w.sum() > 0 else w
+    centre = c
+    for _ in range(iters):
+        centre = c
+        # v + sum_i s_i (x_i - v) with x_i - v = (e_i - c) @ D
+        ratio = clip_ratio(tau_, span.distances(c))
+        ratio[1:] = _unclipped_if_vetted(inp, ratio[1:])
+        s = w * ratio
+        c = c * (1 - s.sum()) + s
+    trust = _unclipped_if_vetted(inp, clip_ratio(tau_, span.distances(centre)[1:]))
+    return span.point(c), trust.to(inp.rows.dtype), tau_
+
+
+@rule("clipped_gossip")
+def clipped_gossip(
+    inp: Inputs,
+    tau: float | None = None,
+    delta: float = DEFAULT_BYZANTINE_FRACTION,
+    kappa: float = DEFAULT_MEDIAN_CAP,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Self-centred clipped gossip: x' = x + sum_j w_j clip(x_j - x, tau).
+
+    He, Karimireddy, Jaggi, "Byzantine-Robust Decentralized Learning via ClippedGossip",
+    2022 (arXiv:2202.01545). ``w_j`` are the neighbour weights normalised together with
+    ``self_weight`` (so sum_j w_j < 1), clip(z, tau) = z min(1, tau/||z||). ``tau`` fixed,
+    or None (default): an adaptive radius chosen so that neighbours holding at least
+    ``delta`` (assumed Byzantine share) of the neighbour weight lie at or beyond it (see
+    :func:`adaptive_radius`). The paper's analysis sets tau_i^2 = sum over honest j of
+    W_ij ||x_i - x_j||^2 / delta_i, which needs the honest set; the authors' released
+    code (epfml/byzantine-robust-decentralized-optimizer) clips to the second-largest
+    neighbour distance, which is this rule with ``delta`` = one neighbour's share. The
+    quantile is scale-free, needs no honest set, and, with Byzantine weight below
+    ``delta``, is at most the farthest honest distance. Whatever the neighbours send,
+    ||x' - x|| <= sum_j w_j x tau. Trust: min(1, tau / ||x_j - x||).
+
+    The quantile fails where attackers hold more than ``delta`` of a node's neighbour
+    weight: the radius then reaches an attacker's distance. So the radius is also capped
+    at ``kappa`` times the weighted median distance counting the own model at distance 0
+    (:func:`median_cap`; a huge ``kappa`` turns the cap off), which stays honest while the
+    node and its honest neighbours hold the majority of the weight.
+    """
+    diffs = inp.neighbours - inp.own  # (n, d)
+    dist = torch.linalg.vector_norm(diffs, dim=1)
+    tau_ = _radius(inp, dist, tau, delta, kappa)
+    total = inp.weights.sum()
+    trust = _unclipped_if_vetted(inp, clip_ratio(tau_, dist))
+    if total <= 0:
+        return inp.own.clone(), trust, tau_
+    return inp.own + (inp.weights[1:] / total * trust) @ diffs, trust, tau_
+
+
+@rule("balance")
+def balance(
+    inp: Inputs,
+    gamma: float = 0.3,
+    kappa: float = 1.0,
+    lambda_: float = 0.0,
+    alpha: float | None = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Accept neighbours close to the own model, then mix them with it (BALANCE).
+
+    Fang, Zhang, Hairi, Khanduri, Liu, Lu, Liu, Gong, "Byzantine-Robust Decentralized
+    Federated Learning" (BALANCE), ACM CCS 2024, arXiv:2406.10416. Neighbour j is accepted iff
+    ||x_j - x|| <= gamma exp(-kappa lambda_) ||x||, where ``lambda_`` in [0, 1] is the
+    training progress t/T. Result: alpha x + (1 - alpha) (weighted mean of accepted),
+    or x when none is accepted. ``alpha=None`` uses the normalised self weight
+    self_weight / (self_weight + sum of accepted weights) instead. Defaults are the
+    paper's (gamma 0.3, kappa 1, alpha 0.5). Trust: 1 accepted, else threshold / distance;
+    ``radius`` is the acceptance distance (the threshold).
+    """
+    gamma, kappa = checked_number(gamma, "gamma", 0.0), checked_number(kappa, "kappa", 0.0)
+    lambda_ = checked_number(lambda_, "lambda_", 0.0, 1.0)
+    alpha = None if alpha is None else checked_number(alpha, "alpha", 0.0, 1.0)
+    threshold = gamma * math.exp(-kappa * lambda_) * float(inp.own.norm())
+    dist = distances_to(inp.neighbours, inp.own)
+    accepted = dist <= threshold
+    used = accepted & (inp.weights[1:] > 0)
+    trust = clip_ratio(threshold, dist)
+    if not bool(used.any()):
+        return inp.own.clone(), trust, threshold
+    w = inp.weights[1:][used]
+    a = float(inp.weights[0] / (inp.weights[0] + w.sum())) if alpha is None else alpha
+    return a * inp.own + (1 - a) * weighted_mean(inp.neighbours[used], w), trust, threshold
+
+
+@rule("ios")
+def ios(inp: Inputs, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Iterative outlier scissor: f times drop the neighbour farthest from the weighted mean.
+
+    Wu, Chen, Ling, "Byzantine-Resilient Decentralized Stochastic Optimization with
+    Robust Aggregation Rules", IEEE TSP 2023. The weighted mean includes the own model
+    (``self_weight``), which is never removed. ``f`` defaults to ceil(0.2 n) of the n
+    neighbours with weight > 0 and is at most n - 1. A distance tie is broken towards
+    the larger weight. Trust: 1 if kept, else min(1, r / ||x_j - v||) with r the distance
+    of the farthest kept model (own included) to the result v: a removed honest
+    neighbour just past the cut keeps most of its trust, a far outlier gets about 0.
+    """
+    kept = inp.taking_part
+    n = int(kept.sum()) - 1
+    f = checked_count(f, "f", math.ceil(DEFAULT_BYZANTINE_FRACTION * n), max(0, n - 1))
+    span, w = Span.of(inp), inp.weights.to(torch.float64)
+    for _ in range(f):
+        dist = span.distances(mean_coefficients(w, kept))
+        dist[~kept] = -math.inf
+        dist[0] = -math.inf  # the own model is never removed
+        if float(dist.max()) <= 0:
+            break  # every candidate sits on the mean: nothing to scissor
+        far = torch.nonzero(dist == dist.max()).flatten()
+        kept[far[torch.argmax(w[far])]] = False
+    c = mean_coefficients(w, kept)
+    dist = span.distances(c)
+    trust = torch.where(kept[1:], 1.0, clip_ratio(dist[kept].max(), dist[1:]))
+    return span.point(c), trust.to(inp.rows.dtype), None
+
+
+__all__ = ["balance", "centered_clip", "clipped_gossip", "ios", "median_cap"]
