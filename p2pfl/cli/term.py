@@ -7,11 +7,6 @@ from collections.abc import Sequence
 from typing import TextIO
 
 
-def short_id(peer_id: str) -> str:
-    """Return the short form of a PeerId used in logs and tables (its last 8 characters)."""
-    return peer_id[-8:]
-
-
 def fmt_pct(value: float | None) -> str:
     """Format a fraction in [0, 1] as a percentage; '-' when unknown."""
     return "-" if value is None else f"{100 * value:.1f}%"
@@ -96,5 +91,5 @@ class LiveBlock:
         self._height = 0
 
 
-__all__ = ["LiveBlock", "fmt_bytes", "fmt_duration", "fmt_float", "fmt_pct", "short_id", "table"]
+__all__ = ["LiveBlock", "fmt_bytes", "fmt_duration", "fmt_float", "fmt_pct", "table"]
 

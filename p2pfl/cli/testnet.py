@@ -33,8 +33,9 @@ from p2pfl.cli.processes import (
     termination_as_interrupt,
 )
 from p2pfl.cli.report import build_report, render_summary, write_report
-from p2pfl.cli.term import LiveBlock, fmt_duration, fmt_pct, short_id, table
+from p2pfl.cli.term import LiveBlock, fmt_duration, fmt_pct, table
 from p2pfl.config import require
+from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, P2PFLError
 
 NETWORK_ID = "p2pfl-testnet"

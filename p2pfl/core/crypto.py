@@ -98,6 +98,12 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return _b58encode(_PEER_ID_PREFIX + bytes(public_key))
 
 
+def short_id(peer_id: str) -> str:
+    """Return the short form of a PeerId used in logs and tables: its last 8 characters
+    (PeerIds of one key type share a long prefix)."""
+    return peer_id[-8:]
+
+
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Extract the compressed public key embedded in a secp256k1 PeerId.
 
@@ -315,6 +321,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 __all__ = [
+    "short_id",
     "DIGEST_BYTES",
     "PUBLIC_KEY_BYTES",
     "SECRET_BYTES",

@@ -2,7 +2,8 @@
 
 The node feeds every verified announcement to :func:`admit`, keeps the payloads it
 fetched in an :class:`Inbox`, asks :meth:`Inbox.ready` whether the round can close, and
-takes the updates to aggregate with :meth:`Inbox.take`. No clock, no network: the
+takes the updates to aggregate with :meth:`Inbox.take`; far behind, it asks
+:func:`catch_up_target` where to jump and whom to start from. No clock, no network: the
 deadline is the node's, the decisions are here and tested without either.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,33 @@ def admit(
         return Admission(Decision.IGNORE, reason=f"round {update_round} is far ahead")
     # NEW or a harmless resend (DUPLICATE): the node fetches it unless it already holds it.
     return Admission(Decision.FETCH)
+
+
+def catch_up_target(
+    freshest: Mapping[str, int],
+    reputable: Sequence[str],
+    current_round: int,
+    *,
+    after: int,
+    sources: int,
+) -> tuple[int, list[str]] | None:
+    """Return the round to jump to and the peers to start from, or None to stay.
+
+    ``freshest`` maps each peer to the newest round we saw it announce. Peers at least
+    ``after`` rounds ahead of ``current_round`` count as ahead; at least half the
+    ``reputable`` neighbours must be, so one liar claiming round 10**9 cannot drag us
+    anywhere, and the median of their rounds is the target. The ``sources`` furthest
+    ahead are the peers to start from.
+    """
+    allowed = set(reputable)
+    ahead = sorted(
+        (round_, peer)
+        for peer, round_ in freshest.items()
+        if peer in allowed and round_ >= current_round + after
+    )
+    if not ahead or 2 * len(ahead) < len(allowed):
+        return None
+    return ahead[len(ahead) // 2][0], [peer for _, peer in ahead[-sources:]]
 
 
 @dataclass(frozen=True, slots=True)

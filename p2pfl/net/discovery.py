@@ -43,8 +43,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from p2pfl.config import NetConfig
+from p2pfl.core.crypto import short_id
 from p2pfl.errors import DecodeError, NetworkError, P2PFLError
-from p2pfl.net.host import connect, listen_addrs, short_id
+from p2pfl.net.host import connect, listen_addrs
 
 logger = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, PeerUnreachable
 from p2pfl.net import hardening
 
@@ -129,7 +129,7 @@ async def run_host(host: IHost, *, listen_host: str, port: int) -> AsyncIterator
             except BaseException:
                 body.failed = True
                 raise
-    logger.debug("host %s stopped", short_id(host.get_id()))
+    logger.debug("host %s stopped", short_id(host.get_id().to_string()))
 
 
 @contextlib.asynccontextmanager
@@ -230,16 +230,10 @@ async def connect(host: IHost, address: str, *, timeout: float) -> str:
         try:
             await host.connect(info)
         except Exception as error:
-            raise PeerUnreachable(f"cannot dial {short_id(info.peer_id)}: {error}") from error
+            raise PeerUnreachable(f"cannot dial {short_id(info.peer_id.to_string())}: {error}") from error
     if scope.cancelled_caught:
-        raise PeerUnreachable(f"dialling {short_id(info.peer_id)} took over {timeout} s")
+        raise PeerUnreachable(f"dialling {short_id(info.peer_id.to_string())} took over {timeout} s")
     return info.peer_id.to_string()
-
-
-def short_id(peer: ID | str) -> str:
-    """Return a short, log-friendly form of a PeerId."""
-    text = peer if isinstance(peer, str) else peer.to_string()
-    return text[-8:]
 
 
 __all__ = [
@@ -251,5 +245,4 @@ __all__ = [
     "open_host",
     "peer_id_of",
     "run_host",
-    "short_id",
 ]

@@ -28,10 +28,11 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
 
 from p2pfl.config import Limits, NetConfig
+from p2pfl.core.crypto import short_id
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
-from p2pfl.net.host import connect, listen_addrs, open_host, short_id
+from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.mdns import advertised_addrs, run_mdns
 from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator

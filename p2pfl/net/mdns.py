@@ -34,8 +34,8 @@ from collections.abc import Callable, Mapping
 import trio
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceListener, Zeroconf
 
+from p2pfl.core.crypto import short_id
 from p2pfl.net.discovery import MAX_ADDRS_PER_PEER, parse_p2p_addr
-from p2pfl.net.host import short_id
 
 logger = logging.getLogger(__name__)
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import trio
 
 from p2pfl.config import Limits, require
+from p2pfl.core.crypto import short_id
 from p2pfl.errors import (
     ConfigError,
     NetworkError,
@@ -77,11 +78,6 @@ GATE_ABOVE = 2.5
 
 ServingHook = Callable[[bytes, bytes | None], bytes | None]
 """``hook(digest, served_payload_or_None) -> bytes to send, or None for "not found"``."""
-
-
-def short(peer: str) -> str:
-    """Return a short, log-friendly form of a PeerId (PeerIds share long prefixes)."""
-    return peer[-6:]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -294,7 +290,7 @@ class MemoryNetwork:
     ) -> bytes:
         server = self._open.get(peer)
         if server is None or not self._usable(fetcher.peer_id, peer, trio.current_time()):
-            raise PeerUnreachable(f"{short(peer)} is not a usable neighbour of {fetcher}")
+            raise PeerUnreachable(f"{short_id(peer)} is not a usable neighbour of {fetcher}")
         while peer in self._frozen and not server.closed:  # the request sits unread
             await self._wait_state_change(peer)
         payload, genuine = server._lookup(digest, self._hooks.get(peer))
@@ -307,16 +303,16 @@ class MemoryNetwork:
             )
         if payload is None:
             await server._answer_after(delay)
-            raise PayloadNotFound(f"{short(peer)} does not serve {digest.hex()[:12]}")
+            raise PayloadNotFound(f"{short_id(peer)} does not serve {digest.hex()[:12]}")
         if len(payload) > max_size:
             await server._answer_after(delay)
-            raise PayloadTooLarge(f"{short(peer)} offers {len(payload)} bytes > cap {max_size}")
+            raise PayloadTooLarge(f"{short_id(peer)} offers {len(payload)} bytes > cap {max_size}")
         await server._answer_after(delay + len(payload) / self.link.bandwidth)
         fetcher._bytes_in += len(payload)
         server._bytes_out += len(payload)
         if not genuine and sha256(payload) != digest:
             raise TamperedPayload(
-                f"{short(peer)} sent bytes whose sha256 is not {digest.hex()[:12]}"
+                f"{short_id(peer)} sent bytes whose sha256 is not {digest.hex()[:12]}"
             )
         return payload
 
@@ -350,7 +346,7 @@ class MemoryTransport:
         self._seen_order: deque[tuple[str, bytes]] = deque()
 
     def __repr__(self) -> str:
-        return f"MemoryTransport({short(self._peer_id)})"
+        return f"MemoryTransport({short_id(self._peer_id)})"
 
     @property
     def peer_id(self) -> str:
@@ -428,7 +424,7 @@ class MemoryTransport:
                 return await self._network._transfer(self, peer, digest, max_size)
         except trio.TooSlowError:
             raise TransferTimeout(
-                f"fetch of {digest.hex()[:12]} from {short(peer)} took over {timeout} s"
+                f"fetch of {digest.hex()[:12]} from {short_id(peer)} took over {timeout} s"
             ) from None
 
     def serve(self, digest: bytes, payload: bytes) -> None:
@@ -527,7 +523,7 @@ class MemoryTransport:
         self._rejected_in += 1
         self._penalties[origin] += 1
         self._invalid[origin] = (min(INVALID_CAP, self._invalid_count(origin, now) + 1), now)
-        log.debug("%s rejected announcement from %s: %r", self, short(origin), exc)
+        log.debug("%s rejected announcement from %s: %r", self, short_id(origin), exc)
 
     def _remember(self, key: tuple[str, bytes]) -> None:
         self._seen.add(key)

@@ -9,7 +9,9 @@ A round at node *i* (no global barrier)::
 
 Everything runs in the nursery the node owns (``async with Node(...)``); every network
 wait has a deadline; a misbehaving peer never raises through the node: its input
-becomes reputation evidence and is dropped.
+becomes reputation evidence and is dropped. Verifying announcements and pulling payloads
+is :mod:`p2pfl.node.inbound`'s work; the decisions (admission, quorum, catching up) are
+pure functions in :mod:`p2pfl.core.rounds`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import resource
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
@@ -29,31 +31,22 @@ import trio
 
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.aggregation import CLIPPING_RULES, Aggregate, aggregate
-from p2pfl.core.codec import decode_state, encode_state
-from p2pfl.core.crypto import Identity
+from p2pfl.core.codec import encode_state
+from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.envelope import (
     AnnouncementKind,
     ParsedAnnouncement,
     UpdateLedger,
     VerifiedHeader,
-    check_payload,
     encode_announcement,
-    parse_announcement,
     sign_update,
 )
 from p2pfl.core.reputation import Evidence, ReputationBook
-from p2pfl.core.rounds import Decision, Inbox, Received, admit
-from p2pfl.core.state import mismatch, nonfinite, template_of
+from p2pfl.core.rounds import Decision, Inbox, Received, admit, catch_up_target
+from p2pfl.core.state import template_of
 from p2pfl.errors import (
-    DecodeError,
-    DigestMismatch,
-    InvalidSignature,
     NetworkError,
     P2PFLError,
-    SignerMismatch,
-    TamperedPayload,
-    UnsupportedVersion,
-    WrongNetwork,
 )
 from p2pfl.learners.base import Learner, State
 from p2pfl.net.transport import Announcement, Transport, Validator
@@ -61,29 +54,14 @@ from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.node.config import NodeConfig
 from p2pfl.node.harm import HarmGate, Prober, plausible
-from p2pfl.node.stats import NodeStatistics, PeerReputation, RoundRecord
+from p2pfl.node.inbound import AnnouncementParser, Fetcher
+from p2pfl.node.stats import NodeStatistics, RoundRecord, reputation_rows
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TransportFactory = Callable[[Validator], AbstractAsyncContextManager[Transport]]
 
-# Verification failures at ingress and the evidence each one is.
-_INGRESS_EVIDENCE: Sequence[tuple[type[P2PFLError], Evidence]] = (
-    (InvalidSignature, Evidence.INVALID_SIGNATURE),
-    (SignerMismatch, Evidence.INVALID_SIGNATURE),
-    (WrongNetwork, Evidence.INVALID_FORMAT),
-    (UnsupportedVersion, Evidence.INVALID_FORMAT),
-    (DecodeError, Evidence.INVALID_FORMAT),
-)
-_MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
-_MAX_HOLDER_DIGESTS = 1024
-_MAX_VERIFIED = 1024  # announcements whose successful parse is remembered
-
-
-def short(peer: str) -> str:
-    """Return a short, log-friendly form of a PeerId."""
-    return peer[-8:]
 
 
 def libp2p_transport(
@@ -164,14 +142,10 @@ class Node:
         self._accepted = 0
         self._rejected: Counter[str] = Counter()
         self._freshest: dict[str, VerifiedHeader] = {}  # newest verified header per peer
-        self._fetches: trio.Nursery | None = None
-        self._holders: OrderedDict[bytes, set[str]] = OrderedDict()  # digest -> other sources
-        self._fetching: set[tuple[str, bytes]] = set()
         self._served: list[bytes] = []
         self._announced: dict[int, list[VerifiedHeader]] = {}
         self._delivered = trio.Event()
         self._round_finished = trio.Event()
-        self._fetch_limiter = trio.CapacityLimiter(_MAX_FETCHES)
         self._compute_limiter = trio.CapacityLimiter(1)
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
@@ -186,7 +160,10 @@ class Node:
                 self._harm = HarmGate(check, learner)
             else:
                 log.info("harm check off: %s has no probe_losses", type(learner).__name__)
-        self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
+        self._parser = AnnouncementParser(
+            me=self.peer_id, network_id=config.network_id, limits=config.limits, report=self._report
+        )
+        self._fetcher: Fetcher | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -203,6 +180,17 @@ class Node:
             await stack.__aexit__(None, None, None)
             raise
         self._stack = stack
+        self._fetcher = Fetcher(
+            transport=self._transport,
+            inbox=self._inbox,
+            template=self._template,
+            limits=self.config.limits,
+            fetch_timeout=self.config.rounds.fetch_timeout,
+            compute=self._compute,
+            report=self._report,
+            delivered=self._on_delivered,
+        )
+        await self._nursery.start(self._fetcher.run)
         self._nursery.start_soon(self._announcement_loop)
         return self
 
@@ -225,6 +213,13 @@ class Node:
         if self._transport is None:
             raise RuntimeError("the node is not open: use `async with Node(...)`")
         return self._transport
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The payload fetcher (inside ``async with`` only)."""
+        if self._fetcher is None:
+            raise RuntimeError("the node is not open: use `async with Node(...)`")
+        return self._fetcher
 
     @property
     def round(self) -> int:
@@ -275,7 +270,7 @@ class Node:
         metrics = await self._compute(self.learner.evaluate)
         self._metrics = (metrics.accuracy, metrics.loss)
         for peer in self._book.end_round(number):
-            log.info("peer %s: weight 0 for %d rounds, dropped", short(peer), self.config.reputation.drop_after)
+            log.info("peer %s: weight 0 for %d rounds, dropped", short_id(peer), self.config.reputation.drop_after)
         self._enforce_bans(number)
         stats = self.transport.stats()
         record = RoundRecord(
@@ -297,7 +292,7 @@ class Node:
         self._round_finished = trio.Event()
         log.info(
             "[%s] round %d: accuracy %.3f loss %.3f, %d neighbour updates, %.2f s",
-            short(self.peer_id),
+            short_id(self.peer_id),
             number,
             metrics.accuracy,
             metrics.loss,
@@ -420,17 +415,13 @@ class Node:
     def _catch_up_target(self) -> tuple[int, list[str]] | None:
         """The round to jump to and the peers to start from, when we are far behind."""
         settings = self.config.rounds
-        reputable = self._expected()
-        ahead = sorted(
-            (update.header.round, peer)
-            for peer, update in self._freshest.items()
-            if peer in reputable and update.header.round >= self._round + settings.catch_up_after
+        return catch_up_target(
+            {peer: update.header.round for peer, update in self._freshest.items()},
+            self._expected(),
+            self._round,
+            after=settings.catch_up_after,
+            sources=settings.catch_up_sources,
         )
-        # Half the reputable neighbours must be ahead: one liar claiming round 10**9
-        # cannot drag us anywhere, and the median of those ahead is the target.
-        if not ahead or 2 * len(ahead) < len(reputable):
-            return None
-        return ahead[len(ahead) // 2][0], [peer for _, peer in ahead[-settings.catch_up_sources :]]
 
     async def _maybe_catch_up(self) -> None:
         """Jump to the network's round from a robust aggregate of neighbours' models."""
@@ -442,7 +433,7 @@ class Node:
         self._round = target
         self._state = "catching-up"
         for peer in sources:
-            self._start_fetch(self._freshest[peer])
+            self.fetcher.start(self._freshest[peer])
         with trio.move_on_after(self.config.rounds.round_timeout):
             while not self._inbox.ready(sources, target, 1.0):
                 self._delivered = trio.Event()
@@ -473,35 +464,13 @@ class Node:
         """Gossip validator: runs on every announcement before anyone sees it."""
         if origin == self.peer_id and self.behaviour.publishes_invalid:
             with contextlib.suppress(P2PFLError):
-                return self._parse(origin, data)
+                return self._parser.parse(origin, data)
             return None  # an attacker's own forgery: let it out, peers must catch it
-        return self._parse(origin, data)
-
-    def _parse(self, origin: str, data: bytes) -> ParsedAnnouncement:
-        # Re-announcements repeat the same bytes every round; an ecdsa check costs ~2 ms.
-        # Only successes are cached, keyed by origin and the exact bytes.
-        key = (origin, data)
-        if (cached := self._verified.get(key)) is not None:
-            self._verified.move_to_end(key)
-            return cached
-        try:
-            parsed = parse_announcement(
-                origin, data, network_id=self.config.network_id, limits=self.config.limits
-            )
-        except P2PFLError as exc:
-            evidence = next((ev for cls, ev in _INGRESS_EVIDENCE if isinstance(exc, cls)), None)
-            if evidence is not None and origin != self.peer_id:
-                self._evidence(origin, evidence, self._round, f"announcement: {exc}")
-            raise
-        self._verified[key] = parsed
-        while len(self._verified) > _MAX_VERIFIED:
-            self._verified.popitem(last=False)
-        return parsed
+        return self._parser.parse(origin, data)
 
     async def _announcement_loop(self) -> None:
-        async with trio.open_nursery() as self._fetches:
-            async for announcement in self.transport.announcements():
-                self._on_announcement(announcement)
+        async for announcement in self.transport.announcements():
+            self._on_announcement(announcement)
 
     def _on_announcement(self, announcement: Announcement) -> None:
         parsed: ParsedAnnouncement | None = announcement.value
@@ -510,7 +479,7 @@ class Node:
         header = parsed.update.header
         neighbours = self.transport.neighbours()
         if parsed.kind is AnnouncementKind.HOLDS and announcement.origin in neighbours:
-            self._remember_holder(header.digest, announcement.origin)
+            self.fetcher.remember_holder(header.digest, announcement.origin)
         # We aggregate neighbours only; what everyone else says is gossip's business (and
         # tracking every sender would let one attacker with many keys grow our memory).
         if header.sender == self.peer_id or header.sender not in neighbours:
@@ -525,11 +494,11 @@ class Node:
         )
         log.debug(
             "[%s] announcement %s round %d from %s via %s: %s %s",
-            short(self.peer_id),
+            short_id(self.peer_id),
             parsed.kind.name,
             header.round,
-            short(header.sender),
-            short(announcement.origin),
+            short_id(header.sender),
+            short_id(announcement.origin),
             admission.decision.value,
             admission.reason,
         )
@@ -549,108 +518,28 @@ class Node:
                 header.sender,
                 Evidence.DUPLICATE_OF_OTHER,
                 self._round,
-                f"re-announced {short(author)}'s model as its own",
+                f"re-announced {short_id(author)}'s model as its own",
             )
             return
         if admission.decision is Decision.FETCH:
-            self._start_fetch(parsed.update)
+            self.fetcher.start(parsed.update)
 
-    def _remember_holder(self, digest: bytes, holder: str) -> None:
-        """Note another source for ``digest``; only the most recent digests are kept."""
-        self._holders.setdefault(digest, set()).add(holder)
-        self._holders.move_to_end(digest)
-        while len(self._holders) > _MAX_HOLDER_DIGESTS:
-            self._holders.popitem(last=False)
-
-    def _start_fetch(self, update: VerifiedHeader) -> None:
-        """Pull an update from a neighbour unless we hold it or are pulling it already."""
-        header = update.header
-        key = (header.sender, header.digest)
-        if (
-            self._fetches is None
-            or key in self._fetching
-            or not self._inbox.wants(header.sender, header.round)
-            or header.sender not in self.transport.neighbours()
-        ):
-            return
-        self._fetching.add(key)
-        log.debug(
-            "[%s] fetching round %d from %s",
-            short(self.peer_id),
-            header.round,
-            short(header.sender),
-        )
-        self._fetches.start_soon(self._fetch, update)
-
-    async def _fetch(self, update: VerifiedHeader) -> None:
-        header = update.header
-        try:
-            async with self._fetch_limiter:
-                payload = await self._pull(update)
-            if payload is None:
-                return
-            state = await self._decode(update, payload)
-            if state is None:
-                return
-            self._inbox.deliver(
-                Received(header.sender, header.round, header.digest, header.samples, state)
-            )
-            self._serve(header.digest, payload)
-            self._delivered.set()
-        finally:
-            self._fetching.discard((header.sender, header.digest))
-
-    async def _pull(self, update: VerifiedHeader) -> bytes | None:
-        """Fetch the payload from its author, then from other holders."""
-        header = update.header
-        sources = [
-            header.sender,
-            *sorted(self._holders.get(header.digest, set()) - {header.sender}),
-        ]
-        max_size = min(header.size, self.config.limits.max_payload_bytes)
-        for source in sources[:4]:
-            try:
-                return await self.transport.fetch(
-                    source,
-                    header.digest,
-                    max_size=max_size,
-                    timeout=self.config.rounds.fetch_timeout,
-                )
-            except TamperedPayload as exc:
-                self._evidence(source, Evidence.INVALID_FORMAT, self._round, f"served: {exc}")
-            except NetworkError as exc:
-                log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short(source), exc)
-        return None
-
-    async def _decode(
-        self, update: VerifiedHeader, payload: bytes
-    ) -> dict[str, torch.Tensor] | None:
-        """Check the payload against the signed header and our model; None if unusable."""
-        header = update.header
-        try:
-            check_payload(update, payload)
-            state = await self._compute(decode_state, payload, limits=self.config.limits)
-            self._check_compatible(state)
-        except (DigestMismatch, DecodeError) as exc:
-            self._evidence(header.sender, Evidence.INVALID_FORMAT, self._round, f"payload: {exc}")
-            self._inbox.forget(header.sender)
-            return None
-        return state
-
-    def _check_compatible(self, state: Mapping[str, torch.Tensor]) -> None:
-        if problem := mismatch(self._template, state):
-            raise DecodeError(f"model differs from ours: {problem}")
-        if name := nonfinite(state):
-            raise DecodeError(f"{name}: non-finite values")
+    def _on_delivered(self, digest: bytes, payload: bytes) -> None:
+        self._serve(digest, payload)  # verified: neighbours may pull it from us too
+        self._delivered.set()
 
     # ------------------------------------------------------------------ helpers
+
+    def _report(self, peer: str, evidence: Evidence, reason: str) -> None:
+        """Record evidence found outside the round loop (ingress, fetches) in the current round."""
+        self._evidence(peer, evidence, self._round, reason)
 
     def _evidence(
         self, peer: str, evidence: Evidence, number: int, reason: str, *, amount: float = 1.0
     ) -> None:
         if evidence not in (Evidence.ACCEPTED, Evidence.CLIPPED):
             self._rejected[evidence.value] += 1
-            log.info("peer %s: %s (%s)", short(peer), evidence.value, reason)
+            log.info("peer %s: %s (%s)", short_id(peer), evidence.value, reason)
         self._book.record(peer, evidence, round=number, amount=amount, reason=reason)
 
     def _enforce_bans(self, number: int) -> None:
@@ -658,7 +547,7 @@ class Node:
             if self._book.banned(peer, round=number):
                 self._inbox.forget(peer)
                 if peer in self.transport.neighbours():
-                    log.warning("banning peer %s", short(peer))
+                    log.warning("banning peer %s", short_id(peer))
                     self.transport.ban(peer, seconds=self.config.ban_seconds)
 
     def _serve(self, digest: bytes, payload: bytes) -> None:
@@ -729,23 +618,8 @@ class Node:
             bytes_out=traffic.bytes_out if traffic else 0,
             accepted=self._accepted,
             rejected=dict(self._rejected),
-            reputation=tuple(self._reputation_rows()),
+            reputation=reputation_rows(self._book, self._round),
             history=tuple(self._history),
             byzantine=self.behaviour.name,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
-
-    def _reputation_rows(self) -> list[PeerReputation]:
-        rows = []
-        for peer in self._book.peers():
-            history = self._book.history(peer)
-            rows.append(
-                PeerReputation(
-                    peer=peer,
-                    score=round(self._book.score(peer), 4),
-                    weight=round(self._book.weight(peer), 4),
-                    banned=self._book.banned(peer, round=self._round),
-                    last_reason=history[-1].reason if history else "",
-                )
-            )
-        return rows

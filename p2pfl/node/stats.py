@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from p2pfl.core.reputation import ReputationBook
+
 
 @dataclass(frozen=True, slots=True)
 class PeerReputation:
@@ -70,3 +72,20 @@ def finite_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite_json(item) for item in value]
     return value
+
+
+def reputation_rows(book: ReputationBook, now: int) -> tuple[PeerReputation, ...]:
+    """Return one row per peer in ``book``; bans as of round ``now``."""
+    rows = []
+    for peer in book.peers():
+        history = book.history(peer)
+        rows.append(
+            PeerReputation(
+                peer=peer,
+                score=round(book.score(peer), 4),
+                weight=round(book.weight(peer), 4),
+                banned=book.banned(peer, round=now),
+                last_reason=history[-1].reason if history else "",
+            )
+        )
+    return tuple(rows)

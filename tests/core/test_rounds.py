@@ -7,7 +7,7 @@ import torch
 
 from p2pfl.core.envelope import Observation
 from p2pfl.core.reputation import Evidence
-from p2pfl.core.rounds import Decision, Inbox, Received, admit
+from p2pfl.core.rounds import Decision, Inbox, Received, admit, catch_up_target
 
 
 def update(sender: str, round: int) -> Received:
@@ -86,3 +86,20 @@ def test_forget_drops_a_peer() -> None:
     inbox.deliver(update("a", 5))
     inbox.forget("a")
     assert inbox.latest() == {}
+
+
+def test_catch_up_jumps_to_the_median_of_those_ahead_from_the_furthest() -> None:
+    freshest = {"a": 12, "b": 20, "c": 15, "d": 3}
+    target = catch_up_target(freshest, ["a", "b", "c", "d"], 3, after=2, sources=2)
+    assert target == (15, ["c", "b"])
+
+
+def test_one_liar_far_ahead_does_not_move_us() -> None:
+    freshest = {"liar": 10**9, "a": 4, "b": 5}
+    assert catch_up_target(freshest, ["liar", "a", "b"], 4, after=2, sources=3) is None
+
+
+def test_only_reputable_neighbours_count_for_catching_up() -> None:
+    freshest = {"x": 50, "y": 50, "a": 9}
+    assert catch_up_target(freshest, ["a"], 8, after=2, sources=3) is None
+    assert catch_up_target(freshest, ["a", "x"], 8, after=2, sources=3) == (50, ["x"])

@@ -1,0 +1,199 @@
+"""What reaches a node from the network: announcements verified once, payloads pulled and checked.
+
+Both halves turn a peer's bad input into reputation evidence through ``report`` and never
+raise it into the node: an announcement that fails to verify is rejected at the gossip
+validator; a payload that does not match its signed header or our model is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import trio
+
+from p2pfl.config import Limits
+from p2pfl.core.codec import decode_state
+from p2pfl.core.crypto import short_id
+from p2pfl.core.envelope import (
+    ParsedAnnouncement,
+    VerifiedHeader,
+    check_payload,
+    parse_announcement,
+)
+from p2pfl.core.reputation import Evidence
+from p2pfl.core.rounds import Inbox, Received
+from p2pfl.core.state import mismatch, nonfinite
+from p2pfl.errors import (
+    DecodeError,
+    DigestMismatch,
+    InvalidSignature,
+    NetworkError,
+    P2PFLError,
+    SignerMismatch,
+    TamperedPayload,
+    UnsupportedVersion,
+    WrongNetwork,
+)
+from p2pfl.net.transport import Transport
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str, Evidence, str], None]  # peer, evidence, reason
+Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
+
+# Verification failures at ingress and the evidence each one is.
+_INGRESS_EVIDENCE: Sequence[tuple[type[P2PFLError], Evidence]] = (
+    (InvalidSignature, Evidence.INVALID_SIGNATURE),
+    (SignerMismatch, Evidence.INVALID_SIGNATURE),
+    (WrongNetwork, Evidence.INVALID_FORMAT),
+    (UnsupportedVersion, Evidence.INVALID_FORMAT),
+    (DecodeError, Evidence.INVALID_FORMAT),
+)
+_MAX_VERIFIED = 1024  # announcements whose successful parse is remembered
+_MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
+_MAX_HOLDER_DIGESTS = 1024
+_MAX_SOURCES = 4  # the author, then up to three other holders
+
+
+class AnnouncementParser:
+    """Verify announcements (the gossip validator's work), each distinct one once."""
+
+    def __init__(self, *, me: str, network_id: str, limits: Limits, report: Report) -> None:
+        """Verify for network ``network_id``; report failures of peers other than ``me``."""
+        self._me, self._network_id, self._limits, self._report = me, network_id, limits, report
+        self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
+
+    def parse(self, origin: str, data: bytes) -> ParsedAnnouncement:
+        """Return the verified announcement; raise (after reporting ``origin``) if it is not."""
+        # Re-announcements repeat the same bytes every round; an ecdsa check costs ~2 ms.
+        # Only successes are cached, keyed by origin and the exact bytes.
+        key = (origin, data)
+        if (cached := self._verified.get(key)) is not None:
+            self._verified.move_to_end(key)
+            return cached
+        try:
+            parsed = parse_announcement(origin, data, network_id=self._network_id, limits=self._limits)
+        except P2PFLError as exc:
+            evidence = next((ev for cls, ev in _INGRESS_EVIDENCE if isinstance(exc, cls)), None)
+            if evidence is not None and origin != self._me:
+                self._report(origin, evidence, f"announcement: {exc}")
+            raise
+        self._verified[key] = parsed
+        while len(self._verified) > _MAX_VERIFIED:
+            self._verified.popitem(last=False)
+        return parsed
+
+
+class Fetcher:
+    """Pull announced payloads, check them against their header and our model, deliver them.
+
+    A payload comes from its author or, failing that, from neighbours that announced they
+    hold it; at most ``_MAX_FETCHES`` pulls run at once, each under the fetch deadline.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        inbox: Inbox,
+        template: Mapping[str, tuple[torch.Size, torch.dtype]],
+        limits: Limits,
+        fetch_timeout: float,
+        compute: Compute,
+        report: Report,
+        delivered: Callable[[bytes, bytes], None],
+    ) -> None:
+        """Deliver into ``inbox``; call ``delivered(digest, payload)`` after each delivery."""
+        self._transport, self._inbox, self._template = transport, inbox, template
+        self._limits, self._fetch_timeout = limits, fetch_timeout
+        self._compute, self._report, self._delivered = compute, report, delivered
+        self._holders: OrderedDict[bytes, set[str]] = OrderedDict()  # digest -> other sources
+        self._fetching: set[tuple[str, bytes]] = set()
+        self._limiter = trio.CapacityLimiter(_MAX_FETCHES)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # mypy misses the re-export
+    ) -> None:
+        """Host the pulls until cancelled (``await nursery.start(fetcher.run)``)."""
+        async with trio.open_nursery() as self._nursery:
+            task_status.started()
+            await trio.sleep_forever()
+
+    def remember_holder(self, digest: bytes, holder: str) -> None:
+        """Note that neighbour ``holder`` announced it holds ``digest`` (bounded memory)."""
+        self._holders.setdefault(digest, set()).add(holder)
+        self._holders.move_to_end(digest)
+        while len(self._holders) > _MAX_HOLDER_DIGESTS:
+            self._holders.popitem(last=False)
+
+    def start(self, update: VerifiedHeader) -> None:
+        """Pull ``update`` unless we hold it, are pulling it, or its sender is gone."""
+        header = update.header
+        key = (header.sender, header.digest)
+        if (
+            self._nursery is None
+            or key in self._fetching
+            or not self._inbox.wants(header.sender, header.round)
+            or header.sender not in self._transport.neighbours()
+        ):
+            return
+        self._fetching.add(key)
+        log.debug("fetching round %d from %s", header.round, short_id(header.sender))
+        self._nursery.start_soon(self._fetch, update)
+
+    async def _fetch(self, update: VerifiedHeader) -> None:
+        header = update.header
+        try:
+            async with self._limiter:
+                payload = await self._pull(update)
+            if payload is None:
+                return
+            state = await self._decode(update, payload)
+            if state is None:
+                return
+            self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
+            self._delivered(header.digest, payload)
+        finally:
+            self._fetching.discard((header.sender, header.digest))
+
+    async def _pull(self, update: VerifiedHeader) -> bytes | None:
+        """Fetch the payload from its author, then from other holders."""
+        header = update.header
+        sources = [header.sender, *sorted(self._holders.get(header.digest, set()) - {header.sender})]
+        max_size = min(header.size, self._limits.max_payload_bytes)
+        for source in sources[:_MAX_SOURCES]:
+            try:
+                return await self._transport.fetch(
+                    source, header.digest, max_size=max_size, timeout=self._fetch_timeout
+                )
+            except TamperedPayload as exc:
+                self._report(source, Evidence.INVALID_FORMAT, f"served: {exc}")
+            except NetworkError as exc:
+                log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(source), exc)
+        return None
+
+    async def _decode(self, update: VerifiedHeader, payload: bytes) -> dict[str, torch.Tensor] | None:
+        """Check the payload against the signed header and our model; None if unusable."""
+        header = update.header
+        try:
+            check_payload(update, payload)
+            state = await self._compute(decode_state, payload, limits=self._limits)
+            if problem := mismatch(self._template, state):
+                raise DecodeError(f"model differs from ours: {problem}")
+            if name := nonfinite(state):
+                raise DecodeError(f"{name}: non-finite values")
+        except (DigestMismatch, DecodeError) as exc:
+            self._report(header.sender, Evidence.INVALID_FORMAT, f"payload: {exc}")
+            self._inbox.forget(header.sender)
+            return None
+        return dict(state)
+
+
+__all__ = ["AnnouncementParser", "Fetcher", "Report"]
