@@ -34,6 +34,22 @@ async def run_all(nodes: list[Node], rounds: int) -> None:
             nursery.start_soon(one, node)
 
 
+async def run_with_late_joiner(early: list[Node], late: Node, *, joins_after: int, rounds: int) -> None:
+    """Run ``early``; start ``late`` once the first of them has finished ``joins_after``."""
+    joined = trio.Event()
+
+    async def watch_and_join() -> None:
+        await early[0].wait_for_round(joins_after)
+        joined.set()
+        async with late:
+            await late.run(rounds=rounds)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_all, early, rounds)
+        nursery.start_soon(watch_and_join)
+    assert joined.is_set()
+
+
 def distance(a: Node, b: Node) -> float:
     sa, sb = a.learner.get_state(), b.learner.get_state()
     return float(sum(torch.sum((sa[k] - sb[k]) ** 2) for k in sa) ** 0.5)
@@ -88,20 +104,10 @@ async def test_late_joiner_catches_up(autojump_clock: trio.testing.MockClock) ->
     network = make_network(ids)
     nodes = [make_node(network, ident, i, 4) for i, ident in enumerate(ids)]
     early, late = nodes[:3], nodes[3]
-    reached = trio.Event()
 
-    async def watch_and_join() -> None:
-        await early[0].wait_for_round(3)
-        reached.set()
-        async with late:
-            await late.run(rounds=8)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_all, early, 8)
-        nursery.start_soon(watch_and_join)
+    await run_with_late_joiner(early, late, joins_after=3, rounds=8)
 
     stats = late.statistics()
-    assert reached.is_set()
     # It skipped the rounds it missed instead of replaying them all...
     assert len(stats.history) < 8
     assert stats.history[0].round >= 3
@@ -120,20 +126,10 @@ async def test_catching_up_through_an_attacker_does_not_wreck_the_model(
     early = [make_node(network, ident, i, 5) for i, ident in enumerate(ids[:3])]
     attacker = make_node(network, ids[3], 3, 5, behaviour=make_attack("sign_flip"))
     late = make_node(network, ids[4], 4, 5, catch_up_sources=2)
-    reached = trio.Event()
 
-    async def watch_and_join() -> None:
-        await early[0].wait_for_round(4)
-        reached.set()
-        async with late:
-            await late.run(rounds=8)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_all, [*early, attacker], 8)
-        nursery.start_soon(watch_and_join)
+    await run_with_late_joiner([*early, attacker], late, joins_after=4, rounds=8)
 
     stats = late.statistics()
-    assert reached.is_set()
     assert stats.history[0].round >= 4  # it did catch up...
     # ...to a working model: one round after it, 0.93 / loss 0.22 (from a mean of the two
     # sources, the sign-flipped one included: 0.72 / 0.98).
