@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from p2pfl.cli.testnet import TestnetPlan, run_testnet
+from p2pfl.cli.testnet import run_testnet
+from p2pfl.cli.testnet_plan import TestnetPlan
 
 ANCHORS = [  # (system, seconds per round, accuracy after 10 rounds), same task and machine
     ("P2PFL 0.4.4 (in memory)", 7.7, 0.82),

@@ -38,7 +38,7 @@ def keygen_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    from p2pfl.cli import status, testnet
+    from p2pfl.cli import status, testnet, testnet_plan
     from p2pfl.sim import cli as sim_cli
 
     parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=status.status_command)
 
     net = commands.add_parser("testnet", help="launch a local test network of node processes")
-    testnet.add_arguments(net)
+    testnet_plan.add_arguments(net)
     net.set_defaults(func=testnet.testnet_command)
 
     sim = commands.add_parser("sim", help="simulate many nodes in one process (attack/defence grids)")

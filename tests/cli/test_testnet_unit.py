@@ -21,8 +21,14 @@ import pytest
 
 from p2pfl.cli import testnet
 from p2pfl.cli.processes import NodeProcesses, Terminated, node_argv
-from p2pfl.cli.testnet import TestnetPlan as Plan
-from p2pfl.cli.testnet import add_arguments, dumps_toml, node_config, pick_ports
+from p2pfl.cli.testnet_plan import TestnetPlan as Plan
+from p2pfl.cli.testnet_plan import (
+    add_arguments,
+    dumps_toml,
+    node_config,
+    pick_ports,
+    plan_from_args,
+)
 from p2pfl.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -87,7 +93,7 @@ def test_toml_strings_survive_a_round_trip(text: str) -> None:
 )
 def test_invalid_arguments_name_the_option(argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=option):
-        testnet.plan_from_args(parse(*argv))
+        plan_from_args(parse(*argv))
     assert testnet.testnet_command(parse(*argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith("p2pfl testnet: error: ")
@@ -327,8 +333,8 @@ def test_interrupt_stops_every_node(
 
 
 def test_sybils_share_one_process_and_other_attackers_do_not() -> None:
-    sybil = testnet.TestnetPlan(nodes=5, rounds=1, byzantine=2, attack="sybil", out=Path("x"))
+    sybil = Plan(nodes=5, rounds=1, byzantine=2, attack="sybil", out=Path("x"))
     assert testnet._process_groups(sybil) == [[0], [1], [2], [3, 4]]
-    alie = testnet.TestnetPlan(nodes=5, rounds=1, byzantine=2, attack="alie", out=Path("x"))
+    alie = Plan(nodes=5, rounds=1, byzantine=2, attack="alie", out=Path("x"))
     assert testnet._process_groups(alie) == [[0], [1], [2], [3], [4]]
     assert node_argv(Path("a.toml"), Path("b.toml"))[-4:] == ["--config", "a.toml", "--config", "b.toml"]

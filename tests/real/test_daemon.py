@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from p2pfl.cli import testnet
 from p2pfl.cli.http import fetch_status
 from p2pfl.cli.processes import NodeProcesses, node_argv, node_env
-from p2pfl.cli.testnet import prepare_directory, write_configs
+from p2pfl.cli.testnet_plan import TestnetPlan as Plan
+from p2pfl.cli.testnet_plan import prepare_directory, write_configs
 from p2pfl.errors import NetworkError
 
 pytestmark = pytest.mark.real
@@ -94,7 +94,7 @@ def wait_for(
 def test_killed_daemon_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -> None:
     # Far more rounds than the test waits for: the survivors must still be running
     # (about 0.05 s a round on loopback) when the killed node comes back.
-    plan = testnet.TestnetPlan(nodes=3, rounds=5000, out=tmp_path)
+    plan = Plan(nodes=3, rounds=5000, out=tmp_path)
     prepare_directory(plan)
     _, ports, configs = write_configs(plan)
     http = ports[plan.nodes :]

@@ -1,0 +1,297 @@
+"""What a test network is made of: the plan, its options, ports, keys and node configs.
+
+:func:`write_configs` writes one key and one TOML config per node under the plan's
+output directory; :mod:`p2pfl.cli.testnet` starts and watches the processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from p2pfl.config import require
+from p2pfl.errors import ConfigError
+
+NETWORK_ID = "p2pfl-testnet"
+HOST = "127.0.0.1"
+MAX_NODES = 64  # each node is a Python process with torch loaded (~300 MB)
+PARTITIONS = ("iid", "dirichlet", "shards")
+SUBDIRS = ("keys", "configs", "nodes", "logs")  # the only things a rerun deletes
+REPORT_FILES = ("report.json", "accuracy.png", "reputation.png", "statuses.json")
+
+TomlValue = str | int | float | bool | list[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TestnetPlan:
+    """Validated parameters of one test network."""
+
+    nodes: int
+    rounds: int
+    partition: str = "iid"
+    alpha: float = 0.5
+    byzantine: int = 0
+    attack: str | None = None
+    rule: str = "clipped_gossip"
+    out: Path = Path("runs/testnet")
+    base_port: int | None = None
+    seed: int = 0
+    timeout: float = 600.0
+    epochs: int = 1
+    batch_size: int = 32
+    neighbours: int | None = None  # target neighbours per node; None: the node's default
+
+    def __post_init__(self) -> None:
+        require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
+        require(self.rounds >= 1, "--rounds", f"must be >= 1, got {self.rounds}")
+        require(self.partition in PARTITIONS, "--partition", f"must be one of {', '.join(PARTITIONS)}")
+        require(self.alpha > 0, "--alpha", f"must be > 0, got {self.alpha}")
+        require(0 <= self.byzantine < self.nodes, "--byzantine",
+                f"must be between 0 and --nodes - 1 = {self.nodes - 1} (node 0 is honest), got {self.byzantine}")
+        require(self.byzantine == 0 or bool(self.attack), "--attack", "is required with --byzantine K > 0")
+        require(self.byzantine > 0 or not self.attack, "--attack", "needs --byzantine K > 0 attacker nodes")
+        require(self.timeout > 0, "--timeout", f"must be > 0 seconds, got {self.timeout}")
+        require(self.epochs >= 1, "--epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
+        if self.base_port is not None:
+            top = 65535 - 2 * self.nodes + 1
+            require(1024 <= self.base_port <= top, "--base-port", f"must be between 1024 and {top}")
+
+    def is_byzantine(self, index: int) -> bool:
+        """Attackers are the last K indices; node 0 (bootstrap) is always honest."""
+        return index >= self.nodes - self.byzantine
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``p2pfl testnet`` to ``parser``."""
+    parser.add_argument("--nodes", type=int, required=True, help="number of node processes")
+    parser.add_argument("--rounds", type=int, required=True, help="training rounds per node")
+    parser.add_argument("--partition", choices=PARTITIONS, default="iid", help="data split (default iid)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    parser.add_argument("--byzantine", type=int, default=0, metavar="K", help="make the last K nodes attackers")
+    parser.add_argument("--attack", help="attack run by the Byzantine nodes (e.g. alie)")
+    parser.add_argument("--rule", default="clipped_gossip", help="aggregation rule (default clipped_gossip)")
+    parser.add_argument("--out", type=Path, default=Path("runs/testnet"), help="output directory")
+    parser.add_argument("--base-port", type=int, help="first TCP port (default: free ports)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0, help="overall bound in seconds (default 600)")
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
+    )
+
+
+def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
+    """Validate ``args`` into a plan; raise ConfigError naming the option to change."""
+    plan = TestnetPlan(
+        nodes=args.nodes, rounds=args.rounds, partition=args.partition, alpha=args.alpha,
+        byzantine=args.byzantine, attack=args.attack, rule=args.rule, out=Path(args.out).resolve(),
+        base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
+        batch_size=args.batch_size, neighbours=args.neighbours,
+    )
+    _check_names(plan)
+    return plan
+
+
+def _check_names(plan: TestnetPlan) -> None:
+    """Refuse unknown rules and attacks here, not in N node logs a few seconds later."""
+    from p2pfl.attacks import ATTACKS
+    from p2pfl.core.aggregation import RULES
+
+    require(plan.rule in RULES, "--rule", f"unknown rule {plan.rule!r}; choose one of {', '.join(sorted(RULES))}")
+    if plan.attack:
+        require(plan.attack in ATTACKS, "--attack",
+                f"unknown attack {plan.attack!r}; choose one of {', '.join(sorted(ATTACKS))}")
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def pick_ports(count: int, base: int | None = None, host: str = HOST) -> list[int]:
+    """Return ``count`` distinct TCP ports that are free on ``host`` right now.
+
+    With ``base``, the ports are ``base .. base+count-1`` and each must be free;
+    otherwise the kernel picks them (all sockets are held open together so no port
+    is handed out twice).
+
+    Raises:
+        ConfigError: a requested port is in use.
+    """
+    if base is not None:
+        for port in range(base, base + count):
+            with socket.socket() as probe:
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    raise ConfigError(f"--base-port: port {port} on {host} is in use; pick another base") from None
+        return list(range(base, base + count))
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            probe = stack.enter_context(socket.socket())
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def dumps_toml(document: Mapping[str, Mapping[str, TomlValue]]) -> str:
+    """Write tables of scalars and string lists as TOML (all this launcher needs)."""
+    lines: list[str] = []
+    for name, section in document.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in section.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: TomlValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return "[" + ", ".join(_toml_string(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    escapes = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    out = []
+    for char in text:
+        if char in escapes:
+            out.append(escapes[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:  # TOML forbids raw control characters
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: Sequence[int]) -> dict[str, Any]:
+    """Return the TOML document of node ``index``; ``ports`` holds libp2p then HTTP ports."""
+    libp2p_port, http_port = ports[index], ports[plan.nodes + index]
+    neighbours = plan.neighbours or min(plan.nodes - 1, 6)
+    # Node 0 bootstraps everyone; the previous node too, so the graph is no star even
+    # before discovery has found more peers.
+    seeds = sorted({0, index - 1}) if index > 1 else [0] if index == 1 else []
+    bootstrap = [f"/ip4/{HOST}/tcp/{ports[i]}/p2p/{peer_ids[i]}" for i in seeds]
+    document: dict[str, dict[str, TomlValue]] = {
+        "node": {
+            "network_id": NETWORK_ID,
+            "key_file": str(plan.out / "keys" / f"node{index}.pem"),
+            "data_dir": str(plan.out / "nodes" / f"node{index}"),
+            "rounds": plan.rounds,
+            "http_port": http_port,
+            "exit_when_done": False,  # the launcher stops everyone together
+        },
+        "net": {
+            "listen_host": HOST,
+            "port": libp2p_port,
+            "bootstrap": bootstrap,
+            # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
+            "target_neighbours": neighbours,
+        },
+        "train": {
+            "task": "digits",
+            "partition": plan.partition,
+            "alpha": float(plan.alpha),
+            "node_index": index,
+            "num_nodes": plan.nodes,
+            "seed": plan.seed,
+            "epochs": plan.epochs,
+            "batch_size": plan.batch_size,
+        },
+        "aggregation": {"rule": plan.rule},
+        # Nodes start over several seconds (torch + libp2p imports); wait for the full
+        # neighbourhood so that round 0 is trained together instead of alone.
+        "round": {"min_neighbours": neighbours, "start_timeout": 60.0},
+    }
+    if plan.is_byzantine(index):
+        from p2pfl.attacks import network_defaults
+
+        defaults = network_defaults(str(plan.attack), plan.nodes, plan.byzantine)
+        document["attack"] = {"name": str(plan.attack), **defaults}
+    return document
+
+
+def prepare_directory(plan: TestnetPlan) -> None:
+    """Create the output directory and delete what a previous run left in it."""
+    if plan.out.exists() and not plan.out.is_dir():
+        raise ConfigError(f"--out: {plan.out} exists and is not a directory")
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for name in SUBDIRS:
+        shutil.rmtree(plan.out / name, ignore_errors=True)
+    for name in REPORT_FILES:
+        (plan.out / name).unlink(missing_ok=True)
+    for name in SUBDIRS:
+        (plan.out / name).mkdir(mode=0o700)
+
+
+def write_configs(plan: TestnetPlan) -> tuple[list[str], list[int], list[Path]]:
+    """Generate keys, pick ports and write every node's config.
+
+    Returns:
+        peer ids, ports (libp2p for nodes 0..N-1, then HTTP), config paths.
+    """
+    from p2pfl.core.crypto import Identity
+
+    peer_ids = []
+    crypto_log = logging.getLogger("p2pfl.core.crypto")
+    level = crypto_log.level
+    crypto_log.setLevel(logging.WARNING)  # one "wrote key file" line per node is noise here
+    try:
+        for index in range(plan.nodes):
+            identity = Identity.generate()
+            identity.save(plan.out / "keys" / f"node{index}.pem")
+            peer_ids.append(identity.peer_id)
+    finally:
+        crypto_log.setLevel(level)
+    ports = pick_ports(2 * plan.nodes, plan.base_port)
+    paths = []
+    for index in range(plan.nodes):
+        path = plan.out / "configs" / f"node{index}.toml"
+        path.write_text(dumps_toml(node_config(plan, index, peer_ids, ports)))
+        paths.append(path)
+    return peer_ids, ports, paths
+
+
+def plan_meta(plan: TestnetPlan) -> dict[str, Any]:
+    """Return the plan as JSON-able report metadata."""
+    meta = asdict(plan)
+    meta["out"] = str(plan.out)
+    meta["network_id"] = NETWORK_ID
+    return meta
+
+
+__all__ = [
+    "HOST",
+    "NETWORK_ID",
+    "TestnetPlan",
+    "add_arguments",
+    "dumps_toml",
+    "node_config",
+    "pick_ports",
+    "plan_from_args",
+    "plan_meta",
+    "prepare_directory",
+    "write_configs",
+]
