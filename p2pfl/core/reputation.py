@@ -27,13 +27,16 @@ weighs exactly as OUTLIER by 1), so an honest neighbour just past a rule's cut-o
 little and a far outlier loses as much as an OUTLIER.
 
 ``weight(peer)`` is the score when it reaches ``threshold`` and the peer is not banned,
-else 0. A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds
-at weight 0 with evidence of something it sent (not NO_SHOW or STALE: a crashed or
-catching-up honest node is late, not hostile; silent rounds neither count nor forgive,
-recovering above the threshold does), it is banned for ``ban_rounds`` with its score kept. Below the threshold it already had no influence, but it held a
-neighbour slot and cost a download every round; dropped, the slot goes to someone
-discovery finds (an honest node surrounded by attackers can only be helped so). A newcomer's score is capped at ``newcomer_cap`` until it has had
+else 0. A newcomer's score is capped at ``newcomer_cap`` until it has had
 ``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
+
+A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds at
+weight 0 with evidence of something it sent, it is banned for ``ban_rounds`` with its
+score kept. NO_SHOW and STALE do not count (a crashed or catching-up honest node is
+late, not hostile); silent rounds neither count nor forgive; climbing back over the
+threshold resets the count. Below the threshold the peer had no influence already, but
+it held a neighbour slot and cost a download every round; dropped, the slot goes to
+someone discovery finds (the only help for an honest node surrounded by attackers).
 
 The book is pure: no clock, the caller passes round numbers; the latest round seen is
 the book's "now" for ``weight``.
@@ -86,9 +89,9 @@ class ReputationConfig:
     # tampered payload, equivocation): none is an honest accident, and a short ban only
     # let forgers back in to strike again (the attack grid showed them back at weight > 0).
     ban_rounds: int = 100
-    # A peer sending updates we discard in this many rounds (at weight 0 throughout) is dropped (banned, score
-    # kept) so that discovery can fill its slot; 0 never drops. Ten rounds: an honest peer
-    # pushed below the threshold by a bad patch climbs back within about five.
+    # A peer whose updates we discard in this many rounds (at weight 0 throughout) is
+    # dropped (banned, score kept) so that discovery can fill its slot; 0 never drops.
+    # Ten: an honest peer pushed below the threshold by a bad patch climbs back in ~five.
     drop_after: int = 10
     accepted_gain: float = 1.0
     clipped_strength: float = 4.0  # 4: clipped by 0.3 each round stays above 0.3, by 0.4 not
@@ -381,7 +384,7 @@ def _peer_from(name: str, data: Any, config: ReputationConfig) -> _Peer:
     _check(isinstance(history, list), "history must be a list")
     events = deque((_event(name, e) for e in history), maxlen=config.history_length)
     good_rounds = _int(data["good_rounds"])
-    idle_rounds = _int(data.get("idle_rounds", 0))  # absent in session-1 checkpoints
+    idle_rounds = _int(data.get("idle_rounds", 0))  # absent from older checkpoints
     _check(good_rounds >= 0 and idle_rounds >= 0, "round counts must be >= 0")
     return _Peer(
         good=_tally(data["good"]),

@@ -270,7 +270,8 @@ class Node:
         metrics = await self._compute(self.learner.evaluate)
         self._metrics = (metrics.accuracy, metrics.loss)
         for peer in self._book.end_round(number):
-            log.info("peer %s: weight 0 for %d rounds, dropped", short_id(peer), self.config.reputation.drop_after)
+            after = self.config.reputation.drop_after
+            log.info("peer %s: updates discarded in %d rounds, dropped", short_id(peer), after)
         self._enforce_bans(number)
         stats = self.transport.stats()
         record = RoundRecord(
