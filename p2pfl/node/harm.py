@@ -33,6 +33,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from p2pfl.core.aggregation import aggregate
+from p2pfl.core.codec import State
 from p2pfl.node.config import HarmCheck
 
 
@@ -110,6 +112,30 @@ def plausible(
     return [j for j, loss in enumerate(losses) if math.isfinite(loss) and loss <= bar]
 
 
+def starting_point(
+    own: Mapping[str, torch.Tensor],
+    sources: Sequence[Mapping[str, torch.Tensor]],
+    prober: Prober | None,
+    check: HarmCheck,
+) -> State | None:
+    """Return the model a node far behind restarts from, or None to keep its own.
+
+    We have no evidence about the sources yet and one may be an attacker. With a
+    ``prober`` only the :func:`plausible` sources count; without one, our own model joins
+    two or fewer so that their coordinate-wise median stays between honest values.
+    Median of three or more, else mean.
+    """
+    states = list(sources)
+    if prober is not None:
+        states = [states[j] for j in plausible(prober, check, states)]
+    elif len(states) < 3:
+        states = [own, *states]
+    if not states:
+        return None
+    rule = "median" if len(states) >= 3 else "mean"
+    return aggregate(rule, states[0], states[1:], [1.0] * (len(states) - 1), self_weight=1.0).state
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """One round's harm check: who passed now, and who passed ``streak`` times in a row."""
@@ -155,4 +181,4 @@ class HarmGate:
         return Verdict(passed, [self._streaks[s] >= self.check.streak for s in senders])
 
 
-__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "vet"]
+__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "starting_point", "vet"]

@@ -53,7 +53,7 @@ from p2pfl.net.transport import Announcement, Transport, Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import HarmGate, Prober, plausible
+from p2pfl.node.harm import HarmGate, Prober, starting_point
 from p2pfl.node.inbound import AnnouncementParser, Fetcher
 from p2pfl.node.stats import NodeStatistics, RoundRecord, reputation_rows
 
@@ -443,21 +443,18 @@ class Node:
         updates = self._inbox.take(target, max_lag=settings.max_lag, max_lead=settings.max_lead)
         if not updates:
             return
-        states = [u.state for u in updates]
         # One source may be an attacker we have no evidence about yet: a mean of two
         # sources let one sign-flipper wreck five honest nodes of a 12-node testnet.
-        if isinstance(self.learner, Prober):  # keep models about as good on our data as the best
-            keep = await self._compute(plausible, self.learner, self.config.harm_check, states)
-            states = [states[j] for j in keep]
-        elif len(states) < 3:  # a median bounded by our own model and the honest source
-            states = [self.learner.get_state(), *states]
-        if not states:
-            return
-        rule = "median" if len(states) >= 3 else "mean"
-        result = await self._compute(
-            aggregate, rule, states[0], states[1:], [1.0] * (len(states) - 1), self_weight=1.0
+        prober = self.learner if isinstance(self.learner, Prober) else None
+        start = await self._compute(
+            starting_point,
+            self.learner.get_state(),
+            [u.state for u in updates],
+            prober,
+            self.config.harm_check,
         )
-        self.learner.set_state(result.state)
+        if start is not None:
+            self.learner.set_state(start)
 
     # ------------------------------------------------------------------ ingress
 

@@ -10,7 +10,7 @@ import torch
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import State
 from p2pfl.node.config import HarmCheck
-from p2pfl.node.harm import HarmGate, Prober, mixed, plausible, vet
+from p2pfl.node.harm import HarmGate, Prober, mixed, plausible, starting_point, vet
 
 
 class Distance:
@@ -54,6 +54,30 @@ def test_plausible_keeps_models_near_the_best_loss_on_our_data() -> None:
     nan = {"w": torch.full((4,), float("nan")), "steps": torch.tensor(7)}
     assert plausible(Distance(target=0.0), check, [nan, state(2.0)]) == [1]
     assert plausible(Distance(target=0.0), check, [nan]) == []
+
+
+def test_catching_up_with_a_prober_starts_from_the_plausible_sources_only() -> None:
+    sources = [state(0.1), state(-50.0), state(0.3)]  # a wild one among two near the target
+    start = starting_point(state(5.0), sources, Distance(target=0.0), HarmCheck(absolute=1.0))
+    assert start is not None
+    assert torch.allclose(start["w"], torch.full((4,), 0.2))  # mean of the two kept
+    assert int(start["steps"]) == 7
+
+
+def test_catching_up_without_a_prober_stays_between_honest_values() -> None:
+    # Own model at 0, an honest source at 1, an attacker at 1000: the median is 1.
+    start = starting_point(state(0.0), [state(1.0), state(1000.0)], None, HarmCheck())
+    assert start is not None
+    assert torch.equal(start["w"], torch.full((4,), 1.0))
+    # Three sources or more: their median, our own model left out.
+    start = starting_point(state(0.0), [state(2.0), state(3.0), state(1000.0)], None, HarmCheck())
+    assert start is not None
+    assert torch.equal(start["w"], torch.full((4,), 3.0))
+
+
+def test_catching_up_keeps_our_model_when_no_source_is_usable() -> None:
+    nan = {"w": torch.full((4,), float("nan")), "steps": torch.tensor(7)}
+    assert starting_point(state(0.0), [nan], Distance(target=0.0), HarmCheck()) is None
 
 
 def test_vet_tolerance_grows_with_our_own_loss() -> None:
