@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from p2pfl.learners.base import State
+from p2pfl.learners.batches import TensorBatches
 from p2pfl.learners.datasets import PARTITIONS, load_digits_split
 from p2pfl.learners.models import DEFAULT_HIDDEN, digits_model
-from p2pfl.learners.torch_learner import TensorBatches, TorchLearner
+from p2pfl.learners.torch_learner import TorchLearner
 
 NODES = 8
 ROUNDS = 10

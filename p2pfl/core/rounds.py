@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from p2pfl.core.envelope import Observation
+from p2pfl.core.ledger import Observation
 from p2pfl.core.reputation import Evidence
 
 

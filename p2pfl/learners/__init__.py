@@ -15,6 +15,7 @@ thread per process.
 """
 
 from p2pfl.learners.base import Learner, Metrics, State
+from p2pfl.learners.batches import TensorBatches
 from p2pfl.learners.datasets import (
     PARTITIONS,
     Dataset,
@@ -26,7 +27,8 @@ from p2pfl.learners.datasets import (
     partition_shards,
 )
 from p2pfl.learners.models import DigitsMLP, digits_model
-from p2pfl.learners.torch_learner import MomentumSGD, TensorBatches, TorchLearner
+from p2pfl.learners.optim import MomentumSGD
+from p2pfl.learners.torch_learner import TorchLearner
 
 __all__ = [
     "PARTITIONS",

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from p2pfl.errors import ConfigError
+from p2pfl.learners.batches import TensorBatches
 from p2pfl.learners.models import digits_model
-from p2pfl.learners.torch_learner import TensorBatches, TorchLearner
+from p2pfl.learners.torch_learner import TorchLearner
 
 Partitioner = Callable[..., list[torch.Tensor]]
 LabelMap = Callable[[torch.Tensor], torch.Tensor]

@@ -11,10 +11,9 @@ Threads: the learner never calls ``torch.set_num_threads`` (a process-wide setti
 would fight other nodes in the same process). The CLI sets one intra-op thread per
 process; embedders running many nodes should do the same.
 
-Optimizer: by default :class:`MomentumSGD`, which makes the same updates as
-``torch.optim.SGD(params, lr, momentum)``. Why not torch's own: constructing any
-``torch.optim`` optimizer imports ``torch._dynamo`` (2-5 s and ~800 modules per process;
-a testnet starts 8 processes on 2 cores). Pass a ``torch.optim`` optimizer to use one.
+Optimizer: by default :class:`~p2pfl.learners.optim.MomentumSGD`, which makes the same
+updates as ``torch.optim.SGD(params, lr, momentum)`` without torch's import cost. Pass a
+``torch.optim`` optimizer to use one.
 
 Calls on one learner must not overlap: the node serialises them in its worker thread.
 """
@@ -23,20 +22,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from p2pfl.core.state import mismatch, nonfinite, template_of
 from p2pfl.errors import LearnerError
 from p2pfl.learners.base import Metrics, State
+from p2pfl.learners.batches import Batch, count_samples
+from p2pfl.learners.optim import MomentumSGD, OptimizerLike
 
 logger = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _MODEL = "model."
@@ -46,138 +45,9 @@ _EPOCH = "learner.epoch"
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) over 63 bits
 
 
-class OptimizerLike(Protocol):
-    """What the learner needs of an optimizer (``torch.optim.Optimizer`` has it all)."""
-
-    def zero_grad(self, set_to_none: bool = True) -> None: ...
-
-    def step(self) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
-
-
-class MomentumSGD:
-    """SGD with heavy-ball momentum, update for update the same as ``torch.optim.SGD``.
-
-    ``buf = grad`` on the first step, then ``buf = momentum * buf + grad``;
-    ``param -= lr * buf``. No weight decay, dampening or Nesterov.
-    """
-
-    def __init__(self, params: Iterable[torch.Tensor], *, lr: float, momentum: float = 0.0) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.lr = lr
-        self.momentum = momentum
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients (``set_to_none`` is accepted for torch compatibility)."""
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """Apply one update to every parameter that has a gradient."""
-        for index, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            update = p.grad
-            if self.momentum:
-                buf = self.buffers.get(index)
-                if buf is None:
-                    buf = self.buffers[index] = p.grad.detach().clone()
-                else:
-                    buf.mul_(self.momentum).add_(p.grad)
-                update = buf
-            p.add_(update, alpha=-self.lr)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return ``{"state": {index: {"momentum_buffer": t}}, "param_groups": [...]}``."""
-        return {
-            "state": {i: {"momentum_buffer": b} for i, b in self.buffers.items()},
-            "param_groups": [{"lr": self.lr, "momentum": self.momentum}],
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load momentum buffers (hyperparameters stay as constructed)."""
-        buffers: dict[int, torch.Tensor] = {}
-        for index, entries in state_dict["state"].items():
-            buf = entries["momentum_buffer"]
-            if not 0 <= index < len(self.params) or buf.shape != self.params[index].shape:
-                raise ValueError(f"momentum buffer {index} does not fit its parameter")
-            buffers[index] = buf.detach().clone().to(self.params[index].dtype)
-        self.buffers = buffers
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """Return the data-order seed of ``epoch`` for a learner seeded with ``seed``."""
     return (seed * _SEED_MIX + epoch) % (1 << 63)
-
-
-class TensorBatches:
-    """Iterate over in-memory tensors in (optionally shuffled) mini-batches.
-
-    A few microseconds per batch, where a DataLoader over a TensorDataset spends hundreds
-    collating single samples. The shuffle draws from :attr:`generator` only.
-    """
-
-    def __init__(
-        self,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        batch_size: int,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if features.shape[0] != labels.shape[0]:
-            raise LearnerError(
-                f"features have {features.shape[0]} rows but labels have {labels.shape[0]}"
-            )
-        if batch_size < 1:
-            raise LearnerError(f"batch_size must be >= 1, got {batch_size}")
-        self.features = features
-        self.labels = labels
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.generator = generator if generator is not None else torch.Generator()
-
-    @property
-    def num_samples(self) -> int:
-        """Return how many samples one pass yields."""
-        n = self.labels.shape[0]
-        return n - n % self.batch_size if self.drop_last else n
-
-    def __len__(self) -> int:
-        """Return the number of batches in one pass."""
-        full, rest = divmod(self.labels.shape[0], self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
-
-    def __iter__(self) -> Iterator[Batch]:
-        """Yield ``(features, labels)`` batches; a fresh order each pass when shuffling."""
-        n = self.labels.shape[0]
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
-            features, labels = self.features[order], self.labels[order]
-        else:
-            features, labels = self.features, self.labels
-        for start in range(0, self.num_samples, self.batch_size):
-            yield features[start : start + self.batch_size], labels[start : start + self.batch_size]
-
-
-def count_samples(loader: Iterable[Any]) -> int:
-    """Count the samples one pass over ``loader`` yields, without iterating when possible."""
-    if isinstance(loader, TensorBatches):
-        return loader.num_samples
-    if isinstance(loader, DataLoader) and isinstance(loader.sampler, Sized):
-        n = len(loader.sampler)
-        if loader.drop_last and loader.batch_size:
-            n -= n % loader.batch_size
-        return n
-    return sum(len(batch[1]) for batch in loader)
 
 
 class TorchLearner:
@@ -421,9 +291,4 @@ def check_state_fits(current: Mapping[str, torch.Tensor], state: Mapping[str, to
         raise LearnerError(f"state does not fit the model: {problem}")
 
 
-__all__ = [
-    "MomentumSGD",
-    "OptimizerLike",
-    "TensorBatches", "TorchLearner", "check_state_fits", "count_samples",
-    "epoch_seed",
-]
+__all__ = ["TorchLearner", "check_state_fits", "epoch_seed"]

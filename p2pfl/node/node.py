@@ -36,11 +36,11 @@ from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.envelope import (
     AnnouncementKind,
     ParsedAnnouncement,
-    UpdateLedger,
     VerifiedHeader,
     encode_announcement,
     sign_update,
 )
+from p2pfl.core.ledger import UpdateLedger
 from p2pfl.core.reputation import Evidence, ReputationBook
 from p2pfl.core.rounds import Decision, Inbox, Received, admit, catch_up_target
 from p2pfl.core.state import template_of

@@ -17,9 +17,7 @@ from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import (
     PROTOCOL_VERSION,
     AnnouncementKind,
-    Observation,
     UpdateHeader,
-    UpdateLedger,
     VerifiedHeader,
     check_payload,
     encode_announcement,
@@ -27,6 +25,7 @@ from p2pfl.core.envelope import (
     sign_update,
     verify_header,
 )
+from p2pfl.core.ledger import Observation, UpdateLedger
 from p2pfl.errors import (
     ConfigError,
     DecodeError,

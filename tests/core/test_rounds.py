@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2pfl.core.envelope import Observation
+from p2pfl.core.ledger import Observation
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.rounds import Decision, Inbox, Received, admit, catch_up_target
 

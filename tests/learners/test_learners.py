@@ -9,9 +9,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from p2pfl.errors import LearnerError
 from p2pfl.learners.base import Learner, Metrics
+from p2pfl.learners.batches import TensorBatches
 from p2pfl.learners.datasets import make_digits_learner
 from p2pfl.learners.models import DigitsMLP, digits_model
-from p2pfl.learners.torch_learner import MomentumSGD, TensorBatches, TorchLearner
+from p2pfl.learners.optim import MomentumSGD
+from p2pfl.learners.torch_learner import TorchLearner
 
 
 def blobs(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
