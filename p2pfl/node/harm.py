@@ -122,8 +122,9 @@ def starting_point(
 
     We have no evidence about the sources yet and one may be an attacker. With a
     ``prober`` only the :func:`plausible` sources count; without one, our own model joins
-    two or fewer so that their coordinate-wise median stays between honest values.
-    Median of three or more, else mean.
+    two or fewer: with two sources, one of them an attacker, the coordinate-wise median
+    of the three stays between our model and the honest one; a single source is averaged
+    with ours. Median of three or more models, else mean.
     """
     states = list(sources)
     if prober is not None:
