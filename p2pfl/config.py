@@ -7,13 +7,22 @@ change.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import ipaddress
 import socket
+import types
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from p2pfl.errors import ConfigError
 
 MiB = 1 << 20
+# The aggregation rule of a node that names none (NodeConfig, node files, scenarios, testnet).
+DEFAULT_RULE = "clipped_gossip"
+T = TypeVar("T")
 
 
 def require(condition: bool, field: str, message: str) -> None:
@@ -156,4 +165,111 @@ class NetConfig:
             _check_mdns_interface(self.mdns_interface, self.listen_host)
 
 
-__all__ = ["Limits", "MiB", "NetConfig", "require"]
+# -- records from TOML tables -----------------------------------------------------------
+
+
+def record_from_table(cls: type[T], table: Mapping[str, Any], where: str) -> T:
+    """Build the config record ``cls`` from a TOML table, naming ``where`` in every error.
+
+    The valid keys are the fields of ``cls``; every value is checked against its field's
+    type (``"false"`` is no bool, ``1.5`` no int) before the record validates itself.
+    """
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    check_keys(table, field_names(cls), where)
+    hints = get_type_hints(cls)
+    values = {key: typed(value, hints[key], f"{where} {key}") for key, value in table.items()}
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # "round.quorum: ..." -> "[round] quorum: ..."
+        raise ConfigError(f"{where} {str(exc).removeprefix(where.strip('[]') + '.')}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    """Return the field names of the dataclass ``cls``, in order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def check_keys(table: Iterable[str], valid: Iterable[str], where: str) -> None:
+    """Raise ConfigError for the first key of ``table`` not in ``valid``, with a hint."""
+    valid = tuple(valid)
+    for key in table:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+
+
+def typed(value: Any, hint: Any, key: str) -> Any:
+    """Return ``value`` as type ``hint`` (int -> float, list -> tuple, str -> Path), or raise.
+
+    Raises:
+        ConfigError: ``key``: expected <type>, got <value>.
+    """
+    if hint is Any:
+        return value
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        for arm in args:
+            if arm is not type(None):
+                try:
+                    return typed(value, arm, key)
+                except ConfigError:
+                    continue
+    elif origin is tuple and isinstance(value, list | tuple):
+        return tuple(typed(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+    elif _is_table(value, origin) or _is_record(value, hint):
+        return value
+    elif hint in _SCALARS and _SCALARS[hint](value):
+        return hint(value)
+    raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+
+
+def _is_table(value: object, origin: Any) -> bool:
+    return origin is not None and issubclass(origin, Mapping) and isinstance(value, Mapping)
+
+
+def _is_record(value: object, hint: Any) -> bool:
+    """A nested config record built already (NodeConfig.rounds...)."""
+    return dataclasses.is_dataclass(hint) and isinstance(value, hint)  # type: ignore[arg-type]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_SCALARS: dict[Any, Any] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: _is_number,
+    str: lambda v: isinstance(v, str),
+    Path: lambda v: isinstance(v, str) and bool(v),
+}
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          Path: "a path string"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in args if arm is not type(None))
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is not None and issubclass(origin, Mapping):
+        return "a table"
+    return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+__all__ = [
+    "DEFAULT_RULE",
+    "Limits",
+    "MiB",
+    "NetConfig",
+    "check_keys",
+    "field_names",
+    "record_from_table",
+    "require",
+    "typed",
+]

@@ -11,12 +11,13 @@ import contextlib
 import logging
 import shutil
 import socket
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pfl.config import require
+from p2pfl.config import DEFAULT_RULE, require
 from p2pfl.errors import ConfigError
 
 NETWORK_ID = "p2pfl-testnet"
@@ -39,7 +40,9 @@ class TestnetPlan:
     alpha: float = 0.5
     byzantine: int = 0
     attack: str | None = None
-    rule: str = "clipped_gossip"
+    # --attack-param KEY=VALUE, written into the attackers' [attack] tables.
+    attack_params: tuple[tuple[str, TomlValue], ...] = ()
+    rule: str = DEFAULT_RULE
     out: Path = Path("runs/testnet")
     base_port: int | None = None
     seed: int = 0
@@ -57,6 +60,7 @@ class TestnetPlan:
                 f"must be between 0 and --nodes - 1 = {self.nodes - 1} (node 0 is honest), got {self.byzantine}")
         require(self.byzantine == 0 or bool(self.attack), "--attack", "is required with --byzantine K > 0")
         require(self.byzantine > 0 or not self.attack, "--attack", "needs --byzantine K > 0 attacker nodes")
+        require(bool(self.attack) or not self.attack_params, "--attack-param", "needs --attack")
         require(self.timeout > 0, "--timeout", f"must be > 0 seconds, got {self.timeout}")
         require(self.epochs >= 1, "--epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
@@ -77,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
     parser.add_argument("--byzantine", type=int, default=0, metavar="K", help="make the last K nodes attackers")
     parser.add_argument("--attack", help="attack run by the Byzantine nodes (e.g. alie)")
-    parser.add_argument("--rule", default="clipped_gossip", help="aggregation rule (default clipped_gossip)")
+    parser.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of --attack, e.g. classes=5 (repeatable)")
+    parser.add_argument("--rule", default=DEFAULT_RULE, help=f"aggregation rule (default {DEFAULT_RULE})")
     parser.add_argument("--out", type=Path, default=Path("runs/testnet"), help="output directory")
     parser.add_argument("--base-port", type=int, help="first TCP port (default: free ports)")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +99,8 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
     """Validate ``args`` into a plan; raise ConfigError naming the option to change."""
     plan = TestnetPlan(
         nodes=args.nodes, rounds=args.rounds, partition=args.partition, alpha=args.alpha,
-        byzantine=args.byzantine, attack=args.attack, rule=args.rule, out=Path(args.out).resolve(),
+        byzantine=args.byzantine, attack=args.attack, attack_params=parse_params(args.attack_param),
+        rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
         batch_size=args.batch_size, neighbours=args.neighbours,
     )
@@ -101,15 +108,34 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
     return plan
 
 
+def parse_params(pairs: Sequence[str]) -> tuple[tuple[str, TomlValue], ...]:
+    """Parse ``KEY=VALUE`` options; a value is a TOML scalar (5, 0.5, true) or else a string."""
+    params: dict[str, TomlValue] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        require(bool(sep and key), "--attack-param", f"expected KEY=VALUE, got {pair!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        params[key.strip()] = value if isinstance(value, bool | int | float | str) else raw
+    return tuple(params.items())
+
+
 def _check_names(plan: TestnetPlan) -> None:
     """Refuse unknown rules and attacks here, not in N node logs a few seconds later."""
-    from p2pfl.attacks import ATTACKS
+    from p2pfl.attacks import ATTACKS, attack_label_map, make_attack
     from p2pfl.core.aggregation import RULES
 
     require(plan.rule in RULES, "--rule", f"unknown rule {plan.rule!r}; choose one of {', '.join(sorted(RULES))}")
     if plan.attack:
         require(plan.attack in ATTACKS, "--attack",
                 f"unknown attack {plan.attack!r}; choose one of {', '.join(sorted(ATTACKS))}")
+        try:
+            make_attack(plan.attack, **dict(plan.attack_params))
+            attack_label_map(plan.attack, **dict(plan.attack_params))
+        except ConfigError as exc:
+            raise ConfigError(f"--attack-param: {exc}") from None
 
 
 # --------------------------------------------------------------------------- ports
@@ -210,26 +236,24 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
             "target_neighbours": neighbours,
         },
-        "train": {
-            "task": "digits",
+        "task": {
+            "name": "digits",
             "partition": plan.partition,
             "alpha": float(plan.alpha),
-            "node_index": index,
-            "num_nodes": plan.nodes,
-            "seed": plan.seed,
-            "epochs": plan.epochs,
             "batch_size": plan.batch_size,
         },
+        "train": {"node_index": index, "num_nodes": plan.nodes, "seed": plan.seed},
         "aggregation": {"rule": plan.rule},
         # Nodes start over several seconds (torch + libp2p imports); wait for the full
         # neighbourhood so that round 0 is trained together instead of alone.
-        "round": {"min_neighbours": neighbours, "start_timeout": 60.0},
+        "round": {"local_epochs": plan.epochs, "min_neighbours": neighbours, "start_timeout": 60.0},
     }
     if plan.is_byzantine(index):
         from p2pfl.attacks import network_defaults
 
         defaults = network_defaults(str(plan.attack), plan.nodes, plan.byzantine)
-        document["attack"] = {"name": str(plan.attack), **defaults}
+        # An attack's parameters are keys of [attack] (the one table dumps_toml writes).
+        document["attack"] = {"name": str(plan.attack), **defaults, **dict(plan.attack_params)}
     return document
 
 
@@ -289,6 +313,7 @@ __all__ = [
     "add_arguments",
     "dumps_toml",
     "node_config",
+    "parse_params",
     "pick_ports",
     "plan_from_args",
     "plan_meta",

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from p2pfl.config import Limits, require
+from p2pfl.config import DEFAULT_RULE, Limits, require
 from p2pfl.core.aggregation import RULES
 from p2pfl.core.reputation import ReputationConfig
 
@@ -96,7 +96,7 @@ class NodeConfig:
     """Everything a node needs apart from its identity, learner and transport."""
 
     network_id: str = "p2pfl"
-    rule: str = "clipped_gossip"
+    rule: str = DEFAULT_RULE
     rule_params: Mapping[str, Any] = field(default_factory=dict)
     rounds: RoundConfig = field(default_factory=RoundConfig)
     limits: Limits = field(default_factory=Limits)

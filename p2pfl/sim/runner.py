@@ -25,14 +25,15 @@ import torch
 import trio
 import trio.testing
 
+from p2pfl.assembly import NodeSpec, build_node
+from p2pfl.assembly.build import attack_label_map_of
 from p2pfl.core.aggregation import flatten
 from p2pfl.core.crypto import Identity
 from p2pfl.learners.base import Learner, Metrics, State
-from p2pfl.learners.datasets import make_digits_learner
+from p2pfl.learners.tasks import make_learner
 from p2pfl.net.memory import MemoryNetwork
 from p2pfl.net.transport import Validator
-from p2pfl.node.behaviour import Behaviour
-from p2pfl.node.config import NodeConfig, RoundConfig
+from p2pfl.node.config import NodeConfig
 from p2pfl.node.harm import Prober
 from p2pfl.node.node import Node
 from p2pfl.sim.network import VerificationCache
@@ -213,27 +214,25 @@ def attack_params(scenario: Scenario, seed: int, index: int, shared: dict[str, A
     return params
 
 
-def _behaviour(scenario: Scenario, seed: int, index: int, shared: dict[str, Any]) -> Behaviour:
-    from p2pfl.attacks import make_attack
-
-    return make_attack(scenario.attack, **attack_params(scenario, seed, index, shared))
+def node_spec(scenario: Scenario, seed: int, index: int, attacking: bool, config: NodeConfig,
+              shared: dict[str, Any]) -> NodeSpec:
+    """Return node ``index``'s spec in the run of ``seed``: what the daemon would be given."""
+    return NodeSpec(
+        node=config,
+        task=scenario.task,
+        task_options={"partition": scenario.partition, "alpha": scenario.alpha, **scenario.task_options},
+        node_index=index,
+        num_nodes=scenario.nodes,
+        seed=seed,
+        attack=scenario.attack if attacking else None,
+        attack_params=attack_params(scenario, seed, index, shared) if attacking else {},
+    )
 
 
 def node_learner(scenario: Scenario, seed: int, index: int, attacking: bool) -> Learner:
-    """Return node ``index``'s digits learner; an attacker's labels pass the attack's map."""
-    label_map = None
-    if attacking:
-        from p2pfl.attacks import attack_label_map
-
-        label_map = attack_label_map(scenario.attack, **dict(scenario.attack_params))
-    return make_digits_learner(
-        node_index=index,
-        num_nodes=scenario.nodes,
-        partition=scenario.partition,
-        alpha=scenario.alpha,
-        seed=seed,
-        label_map=label_map,
-    )
+    """Return node ``index``'s learner; an attacker's labels pass the attack's map."""
+    spec = node_spec(scenario, seed, index, attacking, _config(scenario), {})
+    return make_learner(spec.task, spec.task_context(attack_label_map_of(spec)))
 
 
 def _config(scenario: Scenario) -> NodeConfig:
@@ -241,11 +240,8 @@ def _config(scenario: Scenario) -> NodeConfig:
         network_id=f"sim-{scenario.name}"[:64],
         rule=scenario.rule,
         rule_params=scenario.rule_params,
-        rounds=RoundConfig(
-            round_timeout=scenario.round_timeout,
-            local_epochs=scenario.local_epochs,
-            fetch_timeout=min(10.0, scenario.round_timeout),
-        ),
+        rounds=scenario.round_config(),
+        limits=scenario.limits,
         reputation=scenario.reputation,
         harm_check=scenario.harm_check,
     )
@@ -307,22 +303,18 @@ def _make_node(
 ) -> Node:
     attacking = byzantine and scenario.attack != NO_ATTACK
     holder: list[Node] = []
-    learner = ProbedLearner(
-        node_learner(scenario, seed, index, attacking),
-        lambda metrics, state: recorder.observe(index, holder[0], not byzantine, metrics, state),
-    )
+
+    def probed(learner: Learner) -> Learner:
+        return ProbedLearner(
+            learner, lambda metrics, state: recorder.observe(index, holder[0], not byzantine, metrics, state)
+        )
 
     def transport(validator: Validator) -> Any:
         return network.open_transport(identity.peer_id, cache.wrap(validator))
 
-    node = Node(
-        config,
-        learner,
-        identity=identity,
-        transport=transport,
-        offload=False,
-        behaviour=_behaviour(scenario, seed, index, shared) if attacking else None,
-    )
+    spec = node_spec(scenario, seed, index, attacking, config, shared)
+    node = build_node(spec, identity=identity, transport=transport, offload=False, shared=shared,
+                      wrap_learner=probed)
     holder.append(node)
     return node
 

@@ -32,8 +32,15 @@ A scenario file (see ``examples/scenarios/``)::
     latency = 0.005
     loss = 0.0
 
+    [round]                    # p2pfl.node.config.RoundConfig overrides (quorum, max_lag...)
     [reputation]               # p2pfl.core.reputation.ReputationConfig overrides
     [harm_check]               # p2pfl.node.config.HarmCheck overrides (enabled = false...)
+    [limits]                   # p2pfl.config.Limits overrides
+
+The sections shared with node files (``[round] [reputation] [harm_check] [limits]
+[aggregation] [task] [train]``) are read by :mod:`p2pfl.assembly.toml` and mean the same
+there: ``[aggregation] rule/params`` may replace ``[rule] name/params``, ``[task]`` may
+replace ``[data]``, ``[round] round_timeout/local_epochs`` the top-level keys.
 
 A grid file is a scenario file with a ``[grid]`` table; every rule is run against
 every attack and every seed, and the no-attack baseline is added unless
@@ -55,19 +62,22 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from p2pfl.assembly.toml import read_aggregation, read_record, read_task, section
+from p2pfl.config import DEFAULT_RULE, Limits, record_from_table
 from p2pfl.core.aggregation import RULES, aggregate
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.errors import AggregationError, ConfigError
 from p2pfl.learners.datasets import PARTITIONS
+from p2pfl.learners.tasks import DEFAULT_TASK
 from p2pfl.net.memory import LinkProfile
-from p2pfl.node.config import HarmCheck
+from p2pfl.node.config import HarmCheck, RoundConfig
 from p2pfl.sim.topology import PLACEMENTS, TOPOLOGIES, TOPOLOGY_PARAMS
 
 NO_ATTACK = "none"
@@ -91,8 +101,10 @@ class Scenario:
     topology_params: Params = field(default_factory=dict)
     partition: str = "iid"
     alpha: float = 0.5
-    rule: str = "clipped_gossip"
+    rule: str = DEFAULT_RULE
     rule_params: Params = field(default_factory=dict)
+    task: str = DEFAULT_TASK
+    task_options: Params = field(default_factory=dict)  # besides partition and alpha
     attack: str = NO_ATTACK
     attack_params: Params = field(default_factory=dict)
     byzantine: int = 0  # attacker count; 0 with attack "none"
@@ -105,9 +117,12 @@ class Scenario:
     delivery: str = "neighbours"
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     harm_check: HarmCheck = field(default_factory=HarmCheck)
+    # RoundConfig fields besides round_timeout and local_epochs (quorum, max_lag...).
+    round_params: Params = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        for name in ("topology_params", "rule_params", "attack_params"):
+        for name in ("topology_params", "rule_params", "attack_params", "task_options", "round_params"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         _require(isinstance(self.nodes, int) and self.nodes >= 2, "nodes", "must be an integer >= 2")
         _require(isinstance(self.rounds, int) and self.rounds >= 1, "rounds", "must be an integer >= 1")
@@ -128,6 +143,15 @@ class Scenario:
         _require(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
         _require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
         _require(self.delivery in DELIVERIES, "delivery", f"choose one of {', '.join(DELIVERIES)}")
+        self.round_config()  # the [round] overrides are valid together
+
+    def round_config(self) -> RoundConfig:
+        """Return the nodes' RoundConfig: a fetch never outlasts the round unless told to."""
+        values = {"fetch_timeout": min(10.0, self.round_timeout), **self.round_params}
+        try:
+            return RoundConfig(round_timeout=self.round_timeout, local_epochs=self.local_epochs, **values)
+        except TypeError as exc:
+            raise ConfigError(f"round: {exc}") from None
 
     @property
     def label(self) -> str:
@@ -206,17 +230,16 @@ def check_attack(name: str, params: Params | None = None) -> None:
 # -- TOML ------------------------------------------------------------------------------
 
 _TOP = {"name", "nodes", "rounds", "seeds", "round_timeout", "local_epochs", "delivery",
-        "topology", "data", "rule", "attack", "link", "reputation", "harm_check", "grid"}
+        "topology", "data", "rule", "attack", "link", "reputation", "harm_check", "grid",
+        "round", "limits", "aggregation", "task", "train"}
 _TABLES = {
     "topology": {"kind"} | set().union(*TOPOLOGY_PARAMS.values()),
     "data": {"task", "partition", "alpha"},
     "rule": {"name", "params"},
     "attack": {"name", "params", "byzantine", "fraction", "placement"},
-    "link": {f.name for f in fields(LinkProfile)},
-    "reputation": {f.name for f in fields(ReputationConfig)},
-    "harm_check": {f.name for f in fields(HarmCheck)},
     "grid": {"rules", "attacks", "baseline", "rule_params", "attack_params"},
 }
+_ROUND_TOP = ("round_timeout", "local_epochs")  # top-level aliases of [round] keys
 
 
 def _table(doc: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -225,6 +248,40 @@ def _table(doc: Mapping[str, Any], key: str) -> dict[str, Any]:
     unknown = sorted(set(value) - _TABLES[key])
     _require(not unknown, f"{key}.{unknown[0] if unknown else ''}", "unknown key")
     return dict(value)
+
+
+def _rule(doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """``[rule] name/params`` or the node files' ``[aggregation] rule/params``."""
+    rule = _table(doc, "rule")
+    if "aggregation" not in doc:
+        return rule.get("name", DEFAULT_RULE), rule.get("params", {})
+    _require(not rule, "aggregation", "give [aggregation] or [rule], not both")
+    return read_aggregation(section(doc, "aggregation"))
+
+
+def _task(doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``[task]`` (or ``[data]``, where ``task`` is the name) and the task options of ``[train]``."""
+    data = _table(doc, "data")
+    if "task" in data:
+        data["name"] = data.pop("task")
+    _require(not (data and "task" in doc), "data", "give [task] or [data], not both")
+    train = section(doc, "train")
+    _require("epochs" not in train or "local_epochs" not in doc, "train.epochs",
+             "is an alias of local_epochs; give one of them")
+    return read_task({"task": {**data, **section(doc, "task")}, "train": train}, train_keys=())
+
+
+def _round(doc: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
+    """Return round_timeout, local_epochs and the other [round] keys given."""
+    table = section(doc, "round")
+    for key in _ROUND_TOP:
+        if key in doc:
+            _require(key not in table, key, f"is an alias of [round] {key}; give one of them")
+            table[key] = doc[key]
+    train = section(doc, "train")
+    record = read_record({"round": table, "train": train}, "round")
+    given = set(table) - set(_ROUND_TOP)
+    return record.round_timeout, record.local_epochs, {k: getattr(record, k) for k in given}
 
 
 def _seeds(value: Any) -> tuple[int, ...]:
@@ -253,9 +310,10 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
     """Build a Scenario from a parsed TOML document (the ``[grid]`` table is ignored)."""
     unknown = sorted(set(doc) - _TOP)
     _require(not unknown, unknown[0] if unknown else "", "unknown key")
-    topology, data, rule = _table(doc, "topology"), _table(doc, "data"), _table(doc, "rule")
-    attack, link, reputation = _table(doc, "attack"), _table(doc, "link"), _table(doc, "reputation")
-    _require(data.pop("task", "digits") == "digits", "data.task", "only 'digits' is built in")
+    topology, attack = _table(doc, "topology"), _table(doc, "attack")
+    rule, rule_params = _rule(doc)
+    task, options = _task(doc)
+    round_timeout, local_epochs, round_params = _round(doc)
     nodes = doc.get("nodes", 16)
     try:
         return Scenario(
@@ -265,20 +323,24 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
             seeds=_seeds(doc.get("seeds", 1)),
             topology=topology.pop("kind", "regular"),
             topology_params=topology,
-            partition=data.get("partition", "iid"),
-            alpha=float(data.get("alpha", 0.5)),
-            rule=rule.get("name", "clipped_gossip"),
-            rule_params=rule.get("params", {}),
+            partition=options.pop("partition", "iid"),
+            alpha=float(options.pop("alpha", 0.5)),
+            rule=rule,
+            rule_params=rule_params,
+            task=task,
+            task_options=options,
             attack=attack.get("name", NO_ATTACK),
             attack_params=attack.get("params", {}),
             byzantine=_byzantine(attack, nodes if isinstance(nodes, int) else 0),
             placement=attack.get("placement", "random"),
-            link=LinkProfile(**link),
-            round_timeout=float(doc.get("round_timeout", 5.0)),
-            local_epochs=doc.get("local_epochs", 1),
+            link=record_from_table(LinkProfile, section(doc, "link"), "[link]"),
+            round_timeout=round_timeout,
+            local_epochs=local_epochs,
             delivery=doc.get("delivery", "neighbours"),
-            reputation=ReputationConfig(**reputation),
-            harm_check=HarmCheck(**_table(doc, "harm_check")),
+            reputation=read_record(doc, "reputation"),
+            harm_check=read_record(doc, "harm_check"),
+            round_params=round_params,
+            limits=read_record(doc, "limits"),
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):

@@ -54,17 +54,41 @@ def test_node_configs_round_trip_through_tomllib(tmp_path: Path) -> None:
         "data_dir": str(tmp_path / "nodes" / "node0"), "rounds": 5, "http_port": 9100, "exit_when_done": False,
     }
     assert first["net"] == {"listen_host": "127.0.0.1", "port": 4000, "bootstrap": [], "target_neighbours": 3}
-    assert first["train"] == {"task": "digits", "partition": "dirichlet", "alpha": 0.3, "node_index": 0,
-                              "num_nodes": 4, "seed": 0, "epochs": 1, "batch_size": 32}
+    assert first["task"] == {"name": "digits", "partition": "dirichlet", "alpha": 0.3, "batch_size": 32}
+    assert first["train"] == {"node_index": 0, "num_nodes": 4, "seed": 0}
     assert first["aggregation"] == {"rule": "clipped_gossip"}
     assert "attack" not in first
     assert last["net"]["bootstrap"] == [
         "/ip4/127.0.0.1/tcp/4000/p2p/16Uiu2HAmPeer0",
         "/ip4/127.0.0.1/tcp/4002/p2p/16Uiu2HAmPeer2",
     ]
-    assert last["round"] == {"min_neighbours": 3, "start_timeout": 60.0}
+    assert last["round"] == {"local_epochs": 1, "min_neighbours": 3, "start_timeout": 60.0}
     assert last["node"]["http_port"] == 9103
     assert last["attack"] == {"name": "alie", "n": 4, "f": 1}  # the paper's z from the network
+
+
+def test_attack_params_and_epochs_reach_the_node_configs(tmp_path: Path) -> None:
+    argv = ["--nodes", "4", "--rounds", "2", "--byzantine", "1", "--attack", "label_flip",
+            "--attack-param", "classes=5", "--epochs", "3", "--out", str(tmp_path)]
+    plan = plan_from_args(parse(*argv))
+    peers = [f"16Uiu2HAmPeer{i}" for i in range(4)]
+    attacker = tomllib.loads(dumps_toml(node_config(plan, 3, peers, list(range(4000, 4008)))))
+    assert attacker["attack"] == {"name": "label_flip", "classes": 5}
+    assert attacker["round"]["local_epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--attack-param", "classes=5"], "--attack-param: needs --attack"),
+        (["--byzantine", "1", "--attack", "label_flip", "--attack-param", "classes=1"], "--attack-param: .*classes"),
+        (["--byzantine", "1", "--attack", "label_flip", "--attack-param", "clases=5"], "--attack-param: .*clases"),
+        (["--byzantine", "1", "--attack", "label_flip", "--attack-param", "classes"], "KEY=VALUE"),
+    ],
+)
+def test_bad_attack_params_name_the_option(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_from_args(parse("--nodes", "4", "--rounds", "2", *argv))
 
 
 @pytest.mark.parametrize("text", ['plain', 'q"uote', "back\\slash", "tab\tnew\nline", "ctl\x01\x7f", "ünï €😀", ""])
