@@ -11,12 +11,13 @@ Embedding a node::
 
 Package map (dependencies point down only)::
 
-    cli        argv/TOML -> config; daemon; testnet; status
+    cli        argv -> config; daemon; testnet; status
     sim        many nodes in one process over the memory transport
+    assembly   NodeSpec -> build_node (the one way to build a node); the TOML reader
     attacks    Byzantine behaviours for test networks and simulations
     node       Node: round loop, ingress, reputation, checkpoints
     net        Transport: libp2p (gossip + /p2pfl/update/1.0.0) and in-memory
-    learners   Learner protocol, TorchLearner, digits data set and partitions
+    learners   Learner protocol, TorchLearner, tasks by name (TASKS), digits data set
     core       pure: codec, crypto, envelope, aggregation, reputation, rounds
     config, errors
 """

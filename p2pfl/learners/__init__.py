@@ -9,6 +9,8 @@ Map of the package:
 - ``models``: :class:`DigitsMLP` and :func:`digits_model` (deterministic init from a seed).
 - ``datasets``: the bundled digits task (fixed stratified split), partitions across nodes
   (IID, Dirichlet label skew, shards, class groups) and :func:`make_digits_learner`.
+- ``tasks``: :data:`~p2pfl.learners.tasks.TASKS`, tasks by name: a factory
+  ``(TaskContext) -> Learner`` and its options record; ``digits`` is registered there.
 
 Nothing here changes torch's global thread count or RNG; the CLI sets one intra-op
 thread per process.

@@ -29,7 +29,8 @@ def test_label_flip_classes_reach_a_daemon_node_as_they_reach_a_simulated_one() 
     scenario = Scenario(nodes=4, attack="label_flip", attack_params={"classes": 5}, byzantine=1)
     simulated = node_spec(scenario, 0, 3, True, daemon.node, {})
     daemon_map, sim_map = attack_label_map_of(daemon.spec), attack_label_map_of(simulated)
-    assert daemon_map is not None and sim_map is not None
+    assert daemon_map is not None
+    assert sim_map is not None
     assert daemon_map(LABELS).tolist() == sim_map(LABELS).tolist() == [4, 3, 2, 1, 0, -1, -2, -3, -4, -5]
 
 
@@ -51,7 +52,8 @@ def test_the_built_attacker_gets_the_label_map_and_behaviour(monkeypatch: pytest
     node = build_node(spec, identity=Identity.generate(), offload=False)
     assert node.behaviour.name == "label_flip"
     label_map = seen[0].label_map
-    assert label_map is not None and label_map(LABELS).tolist()[:5] == [4, 3, 2, 1, 0]
+    assert label_map is not None
+    assert label_map(LABELS).tolist()[:5] == [4, 3, 2, 1, 0]
     assert (seen[0].node_index, seen[0].num_nodes, seen[0].device) == (3, 4, "cpu")
 
 

@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from p2pfl.assembly.toml import NODE_RECORDS, AGGREGATION, NODE_SCALARS, documented_keys, read_node_file
+from p2pfl.assembly.toml import (
+    AGGREGATION,
+    NODE_RECORDS,
+    NODE_SCALARS,
+    documented_keys,
+    read_node_file,
+)
 from p2pfl.config import field_names
 from p2pfl.errors import ConfigError
 from p2pfl.node.config import NodeConfig
@@ -86,7 +92,8 @@ def test_old_train_keys_are_task_options_and_paths_are_relative_to_the_file() ->
                 "task": {"name": "digits", "partition": "dirichlet", "lr": 0.1},
                 "train": {"node_index": 1, "num_nodes": 2}})
     assert old.spec == new.spec
-    assert old.spec.key_file == Path("/cfg/k.pem") and old.node.data_dir == Path("/cfg/state")
+    assert old.spec.key_file == Path("/cfg/k.pem")
+    assert old.node.data_dir == Path("/cfg/state")
 
 
 def test_rule_params_is_an_alias_of_params() -> None:
