@@ -26,7 +26,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from p2pfl.assembly.spec import NodeSpec, Service
 from p2pfl.config import (
@@ -209,7 +209,7 @@ def documented_keys() -> dict[str, tuple[str, ...]]:
     }
 
 
-_SPEC_HINTS = {"node_index": int, "num_nodes": int, "seed": int, "device": str}
+_SPEC_HINTS = get_type_hints(NodeSpec)
 
 
 def _path(value: Path, base: Path) -> Path:
