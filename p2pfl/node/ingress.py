@@ -23,7 +23,7 @@ from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import AnnouncementKind, ParsedAnnouncement, VerifiedHeader
 from p2pfl.core.ledger import UpdateLedger
 from p2pfl.core.reputation import Evidence
-from p2pfl.core.rounds import Decision, Inbox, Received, admit
+from p2pfl.core.rounds import Decision, Inbox, Received, admit, catch_up_target
 from p2pfl.errors import P2PFLError
 from p2pfl.net.transport import Announcement, Transport
 from p2pfl.node.config import NodeConfig
@@ -141,6 +141,17 @@ class Ingress:
             self.fetcher.start(self._freshest[peer])
         while not self.inbox.ready(peers, round, 1.0):
             await self.next_delivery()
+
+    def behind(self, expected: Sequence[str], round: int) -> tuple[int, list[str]] | None:
+        """The round to jump to and the peers to start from, when ``round`` is far behind."""
+        rounds = self._config.rounds
+        return catch_up_target(
+            {peer: update.header.round for peer, update in self._freshest.items()},
+            expected,
+            round,
+            after=rounds.catch_up_after,
+            sources=rounds.catch_up_sources,
+        )
 
     def take(self, round: int) -> list[Received]:
         """The updates to aggregate in ``round`` (see :meth:`Inbox.take`)."""

@@ -17,7 +17,7 @@ from p2pfl.core.aggregation import CLIPPING_RULES, Aggregate, aggregate
 from p2pfl.core.rounds import Received
 from p2pfl.learners.base import Learner, State
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import HarmGate, Prober
+from p2pfl.node.harm import HarmGate, Prober, starting_point
 from p2pfl.node.inbound import Compute
 from p2pfl.node.standing import Standing
 
@@ -39,7 +39,7 @@ class Mixer:
 
     def __init__(self, config: NodeConfig, learner: Learner, standing: Standing, compute: Compute) -> None:
         """Mix for ``config.rule``; probe harm with ``learner`` when it can and the rule clips."""
-        self._config, self._standing, self._compute = config, standing, compute
+        self._config, self._learner, self._standing, self._compute = config, learner, standing, compute
         self._harm: HarmGate | None = None
         check = config.harm_check
         if check.enabled and config.rule in CLIPPING_RULES:
@@ -94,6 +94,22 @@ class Mixer:
         for update, value in zip(updates, trust, strict=True):
             self._standing.record_trust(update.sender, value, number)
         return result.state
+
+    async def restart(self, updates: Sequence[Received]) -> State | None:
+        """The model to restart from when far behind, from ``updates``; None: keep ours."""
+        if not updates:
+            return None
+        # One source may be an attacker we have no evidence about yet: a mean of two
+        # sources let one sign-flipper wreck five honest nodes of a 12-node testnet.
+        prober = self._learner if isinstance(self._learner, Prober) else None
+        start: State | None = await self._compute(
+            starting_point,
+            self._learner.get_state(),
+            [u.state for u in updates],
+            prober,
+            self._config.harm_check,
+        )
+        return start
 
     def weights(self, updates: Sequence[Received], samples: int) -> tuple[list[float], float]:
         """Weights of the neighbours and of the own model for the configured rule."""

@@ -40,14 +40,12 @@ import trio
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
-from p2pfl.core.rounds import catch_up_target
 from p2pfl.core.state import template_of
 from p2pfl.learners.base import Learner, State
 from p2pfl.net.transport import Transport, Validator
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import Prober, starting_point
 from p2pfl.node.ingress import Ingress
 from p2pfl.node.mixer import Mixer
 from p2pfl.node.outbox import Outbox, Transform
@@ -133,7 +131,7 @@ class Node:
         self._outbox: Outbox | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
-        self._start: State = {}  # our model before the last local training
+        self._start: State = {}  # our model before this round's local training
         self._mixer = Mixer(config, learner, self._standing, self._compute)
         self._ingress = Ingress(
             peer_id=self.peer_id,
@@ -161,12 +159,8 @@ class Node:
             raise
         self._stack, self._transport = stack, transport
         self._outbox = Outbox(
-            transport=transport,
-            identity=self.identity,
-            network_id=self.config.network_id,
-            max_lag=self.config.rounds.max_lag,
-            compute=self._compute,
-            transforms=self._transforms,
+            transport=transport, identity=self.identity, network_id=self.config.network_id,
+            max_lag=self.config.rounds.max_lag, compute=self._compute, transforms=self._transforms,
         )
         await self._nursery.start(self._ingress.run, transport, template, self._outbox.hold)
         return self
@@ -235,10 +229,9 @@ class Node:
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
         self._state = "training"
-        before = self.learner.get_state()
+        self._start = self.learner.get_state()
         samples = await self._compute(self.learner.fit, self.config.rounds.local_epochs)
         own = self.learner.get_state()
-        self._start = before
         shared = self.behaviour.craft(self._ingress, number, own)
         await self.behaviour.announce(self.outbox, number, shared, samples)
         self._state = "collecting"
@@ -302,14 +295,7 @@ class Node:
 
     def _catch_up_target(self) -> tuple[int, list[str]] | None:
         """The round to jump to and the peers to start from, when we are far behind."""
-        settings = self.config.rounds
-        return catch_up_target(
-            {peer: update.header.round for peer, update in self._ingress.freshest.items()},
-            self._expected(),
-            self._round,
-            after=settings.catch_up_after,
-            sources=settings.catch_up_sources,
-        )
+        return self._ingress.behind(self._expected(), self._round)
 
     async def _maybe_catch_up(self) -> None:
         """Jump to the network's round from a robust aggregate of neighbours' models."""
@@ -322,19 +308,7 @@ class Node:
         self._state = "catching-up"
         with trio.move_on_after(self.config.rounds.round_timeout):
             await self._ingress.fetch_freshest(sources, target)
-        updates = self._ingress.take(target)
-        if not updates:
-            return
-        # One source may be an attacker we have no evidence about yet: a mean of two
-        # sources let one sign-flipper wreck five honest nodes of a 12-node testnet.
-        prober = self.learner if isinstance(self.learner, Prober) else None
-        start = await self._compute(
-            starting_point,
-            self.learner.get_state(),
-            [u.state for u in updates],
-            prober,
-            self.config.harm_check,
-        )
+        start = await self._mixer.restart(self._ingress.take(target))
         if start is not None:
             self.learner.set_state(start)
 
