@@ -8,6 +8,7 @@
 - ``mixer``: harm check (``harm``), mixing weights, aggregation, trust -> evidence.
 - ``standing``: the reputation book and evidence tallies.
 - ``behaviour``: Behaviour (honest; attacks subclass it), PeerView.
+- ``transport``: TransportFactory, the default libp2p one.
 - ``checkpoint``: atomic save/load of everything a node needs to resume.
 - ``stats``: the frozen NodeStatistics record the CLI and HTTP endpoint render.
 """

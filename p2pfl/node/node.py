@@ -30,19 +30,19 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
 import trio
 
-from p2pfl.config import Limits, NetConfig
+from p2pfl.config import NetConfig
 from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.state import template_of
 from p2pfl.learners.base import Learner, State
-from p2pfl.net.transport import Transport, Validator
+from p2pfl.net.transport import Transport
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.node.config import NodeConfig
@@ -51,30 +51,11 @@ from p2pfl.node.mixer import Mixer
 from p2pfl.node.outbox import Outbox, Transform
 from p2pfl.node.standing import Standing
 from p2pfl.node.stats import NodeStatistics, RoundRecord, reputation_rows
+from p2pfl.node.transport import TransportFactory, libp2p_transport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TransportFactory = Callable[[Validator], AbstractAsyncContextManager[Transport]]
-
-
-def libp2p_transport(
-    identity: Identity, net: NetConfig, *, network_id: str, limits: Limits
-) -> TransportFactory:
-    """The real network: libp2p with the node's own key as its identity."""
-
-    def open_transport(validator: Validator) -> AbstractAsyncContextManager[Transport]:
-        from p2pfl.net.libp2p_transport import open_libp2p_transport  # imports libp2p: late
-
-        return open_libp2p_transport(
-            secret=identity.secret_bytes(),
-            network_id=network_id,
-            config=net,
-            limits=limits,
-            validator=validator,
-        )
-
-    return open_transport
 
 
 class Node:
