@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -197,3 +199,21 @@ async def test_mix_aggregates_and_records_the_trust_as_evidence() -> None:
     assert float(result["w"]) == pytest.approx(9 * w / (10 + 2 * w))
     assert standing.accepted == 2
     assert [e.evidence for e in standing.book.history("a")] == [Evidence.ACCEPTED]
+
+
+# ---------------------------------------------------------------- seams
+
+
+PARTS = ["node/behaviour", "node/outbox", "node/ingress", "node/mixer", "node/standing",
+         "attacks/_common", "attacks/model", "attacks/protocol"]
+
+
+@pytest.mark.parametrize("module", PARTS)
+def test_the_parts_and_the_attacks_do_not_import_the_node(module: str) -> None:
+    path = Path(__file__).parents[2] / "p2pfl" / f"{module}.py"
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "p2pfl.node.node" not in imported
