@@ -2,7 +2,7 @@
 
 Each attack is a :class:`~p2pfl.node.behaviour.Behaviour` subclass (its ``name`` shows in
 the node's statistics) built by :func:`make_attack`. None is omniscient: they read only
-``node.neighbour_states()``, what the attacker legitimately receives.
+``view.neighbour_states()``, what the attacker legitimately receives.
 
 - :mod:`p2pfl.attacks.model` — model poisoning: ``sign_flip``, ``gaussian``,
   ``label_flip`` (data poisoning through :func:`attack_label_map`), ``alie``, ``ipm``,

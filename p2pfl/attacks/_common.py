@@ -11,15 +11,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from p2pfl.errors import ConfigError
-from p2pfl.node.behaviour import State
-
-if TYPE_CHECKING:
-    from p2pfl.node.node import Node
+from p2pfl.node.behaviour import PeerView, State
 
 StateLike = Mapping[str, torch.Tensor]
 
@@ -117,7 +113,7 @@ def add_noise(state: StateLike, sigma: float, generator: torch.Generator) -> Sta
     return result
 
 
-def observed_states(node: Node, exclude: Collection[str] = ()) -> dict[str, StateLike]:
-    """The freshest verified model per peer that ``node`` holds, minus ``exclude``, by peer."""
-    held = node.neighbour_states()
+def observed_states(view: PeerView, exclude: Collection[str] = ()) -> dict[str, StateLike]:
+    """The freshest verified model per peer that ``view`` holds, minus ``exclude``, by peer."""
+    held = view.neighbour_states()
     return {peer: held[peer] for peer in sorted(held) if peer not in exclude}

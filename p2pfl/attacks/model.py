@@ -1,7 +1,7 @@
 """Model-poisoning attacks: the node follows the protocol but announces a crafted model.
 
 Every attack here is *non-omniscient*: it sees only what the attacker legitimately
-receives, ``node.neighbour_states()`` (the freshest verified model it holds from each
+receives, ``view.neighbour_states()`` (the freshest verified model it holds from each
 peer), plus its own honestly trained model ``own``. The papers define most of these
 attacks on gradients sent to a server; in gossip learning nodes exchange models, so each
 class states the model-space adaptation it uses. ``m`` below is always the
@@ -14,7 +14,6 @@ import hashlib
 import math
 from collections.abc import Mapping
 from statistics import NormalDist
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,10 +29,7 @@ from p2pfl.attacks._common import (
 )
 from p2pfl.core.crypto import Identity
 from p2pfl.errors import ConfigError, KeyFileError
-from p2pfl.node.behaviour import Behaviour, State
-
-if TYPE_CHECKING:
-    from p2pfl.node.node import Node
+from p2pfl.node.behaviour import Behaviour, PeerView, State
 
 
 class SignFlip(Behaviour):
@@ -55,9 +51,9 @@ class SignFlip(Behaviour):
         """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
         self.scale = number(self.name, "scale", scale, low=0.0, strict=True)
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the flipped model."""
-        observed = list(observed_states(node).values())
+        observed = list(observed_states(view).values())
         return flipped(own, observed, self.scale)
 
 
@@ -83,9 +79,9 @@ class Gaussian(Behaviour):
         self.sigma = number(self.name, "sigma", sigma, low=0.0)
         self.generator = seeded_generator("gaussian", integer(self.name, "seed", seed))
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the noisy consensus."""
-        observed = list(observed_states(node).values())
+        observed = list(observed_states(view).values())
         return add_noise(mean_of(own, observed), self.sigma, self.generator)
 
 
@@ -155,9 +151,9 @@ class Alie(Behaviour):
         if self.n is not None and self.z is None:
             alie_z(self.n, self.f)  # fail now, not in round 3
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return ``mean - z * std`` of what we observe."""
-        observed = list(observed_states(node).values())
+        observed = list(observed_states(view).values())
         if not observed:  # nothing to hide among yet
             return {key: tensor.clone() for key, tensor in own.items()}
         z = self.z if self.z is not None else alie_z(self.n or len(observed) + 1, self.f)
@@ -179,9 +175,9 @@ class Ipm(Behaviour):
         """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
         self.eps = number(self.name, "eps", eps, low=0.0, strict=True)
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return ``-eps`` times the observed mean."""
-        observed = list(observed_states(node).values())
+        observed = list(observed_states(view).values())
         return combine(own, observed, lambda _, stack: -self.eps * stack.mean(dim=0))
 
 
@@ -205,9 +201,9 @@ class Dissensus(Behaviour):
         self.eps = number(self.name, "eps", eps, low=0.0)
         self.byzantine = integer(self.name, "byzantine", byzantine, low=1)
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the model that pushes this round's victim away from its neighbours."""
-        observed = observed_states(node)
+        observed = observed_states(view)
         if not observed:
             return {key: tensor.clone() for key, tensor in own.items()}
         peers = list(observed)
@@ -261,13 +257,13 @@ class Sybil(Behaviour):
         self.z = None if z is None else number(self.name, "z", z)
         self.jitter = number(self.name, "jitter", jitter, low=0.0)
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the group's ALIE model plus this member's jitter."""
-        honest = self.group.observe(node.peer_id, node.neighbour_states())
+        honest = self.group.observe(view.peer_id, view.neighbour_states())
         f = len(self.group.members)
         z = self.z if self.z is not None else _sybil_z(len(honest) + f, f)
         crafted = _alie_state(own, honest, z)
-        return add_noise(crafted, self.jitter, seeded_generator("sybil", node.peer_id, round))
+        return add_noise(crafted, self.jitter, seeded_generator("sybil", view.peer_id, round))
 
 
 def _sybil_z(n: int, f: int) -> float:

@@ -8,10 +8,8 @@ named in its docstring at honest receivers (see :mod:`p2pfl.core.rounds` and
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 from p2pfl.attacks._common import (
     add_noise,
@@ -25,28 +23,8 @@ from p2pfl.attacks.model import flipped
 from p2pfl.core.codec import encode_state
 from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announcement, sign_update
-from p2pfl.errors import NetworkError
-from p2pfl.node.behaviour import Behaviour, State
-
-if TYPE_CHECKING:
-    from p2pfl.node.node import Node
-
-log = logging.getLogger(__name__)
-
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-async def publish(node: Node, data: bytes) -> bool:
-    """Publish an announcement through the node's transport; False if it refused."""
-    try:
-        await node.transport.publish(data)
-    except NetworkError as exc:
-        log.info("attack announcement not published: %s", exc)
-        return False
-    return True
+from p2pfl.node.behaviour import Behaviour, PeerView, State
+from p2pfl.node.outbox import Outbox, ServingWindow
 
 
 class _Announcer(Behaviour):
@@ -54,37 +32,35 @@ class _Announcer(Behaviour):
 
     def __init__(self) -> None:
         self._extra: dict[int, list[bytes]] = {}  # round -> announcements to repeat
-        self._served: list[bytes] = []
+        self._window: ServingWindow | None = None  # our extra payloads, apart from the node's
 
     async def announce_payload(
-        self, node: Node, round: int, payload: bytes, samples: int, *, serve: bytes | None = None
+        self, outbox: Outbox, round: int, payload: bytes, samples: int, *, serve: bytes | None = None
     ) -> VerifiedHeader:
         """Sign ``payload`` for ``round``, serve ``serve`` (default: it) under its digest, announce."""
-        update = sign_update(node.identity, network_id=node.config.network_id, round=round,
-                             payload=payload, samples=samples, ts_ms=_now_ms())
-        self.serve(node, update.header.digest, payload if serve is None else serve)
-        await self.publish_extra(node, round, encode_announcement(AnnouncementKind.UPDATE, update))
+        update = outbox.sign(round, payload, samples)
+        self.serve(outbox, update.header.digest, payload if serve is None else serve)
+        await self.publish_extra(outbox, round, encode_announcement(AnnouncementKind.UPDATE, update))
         return update
 
-    def serve(self, node: Node, digest: bytes, payload: bytes) -> None:
+    def serve(self, outbox: Outbox, digest: bytes, payload: bytes) -> None:
         """Serve raw bytes under ``digest``, keeping the last few."""
-        node.transport.serve(digest, payload)
-        self._served.append(digest)
-        while len(self._served) > 8:
-            node.transport.unserve(self._served.pop(0))
+        if self._window is None:
+            self._window = outbox.window(keep=8)
+        self._window.serve(digest, payload)
 
-    async def publish_extra(self, node: Node, round: int, data: bytes) -> None:
+    async def publish_extra(self, outbox: Outbox, round: int, data: bytes) -> None:
         """Publish ``data`` now and with every re-announcement of ``round``."""
         self._extra.setdefault(round, []).append(data)
         for old in [r for r in self._extra if r < round - 2]:
             del self._extra[old]
-        await publish(node, data)
+        await outbox.publish_raw(data)
 
-    async def reannounce(self, node: Node, round: int) -> None:
+    async def reannounce(self, outbox: Outbox, round: int) -> None:
         """Repeat what the node announced and our own announcements of ``round``."""
-        await node.reannounce(round)
+        await outbox.reannounce(round)
         for data in self._extra.get(round, ()):
-            await publish(node, data)
+            await outbox.publish_raw(data)
 
 
 class FreeRider(Behaviour):
@@ -107,10 +83,10 @@ class FreeRider(Behaviour):
         self.generator = seeded_generator("free_rider", integer(self.name, "seed", seed))
         self._stale: State | None = None
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the copied or stale model."""
         if self.mode == "copy":
-            observed = observed_states(node)
+            observed = observed_states(view)
             if not observed:
                 return own
             peers = list(observed)
@@ -138,23 +114,23 @@ class Replay(Behaviour):
         self._first: State | None = None
         self._original: bytes | None = None  # our first announcement
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the model of our first round."""
         if self._first is None:
             self._first = {key: tensor.clone() for key, tensor in own.items()}
         return self._first
 
-    async def announce(self, node: Node, round: int, state: State, samples: int) -> None:
+    async def announce(self, outbox: Outbox, round: int, state: State, samples: int) -> None:
         """Announce (a replay after the first round) and keep the first announcement."""
-        update = await node.announce_state(round, state, samples)
+        update = await outbox.announce(round, state, samples)
         if self._original is None:
             self._original = encode_announcement(AnnouncementKind.UPDATE, update)
 
-    async def reannounce(self, node: Node, round: int) -> None:
+    async def reannounce(self, outbox: Outbox, round: int) -> None:
         """Repeat this round's announcement and the original one."""
-        await node.reannounce(round)
+        await outbox.reannounce(round)
         if self._original is not None:
-            await publish(node, self._original)
+            await outbox.publish_raw(self._original)
 
 
 FORGE_MODES = ("all", "signer", "payload", "malformed")
@@ -188,23 +164,23 @@ class Forge(_Announcer):
         self.rng = random.Random(f"forge/{seed}")
         self.throwaway = Identity.from_secret(hashlib.sha256(f"p2pfl-forge/{seed}".encode()).digest())
 
-    async def announce(self, node: Node, round: int, state: State, samples: int) -> None:
+    async def announce(self, outbox: Outbox, round: int, state: State, samples: int) -> None:
         """Publish this round's forgeries (see the class docstring)."""
         payload = encode_state(state)
         if self.mode in ("all", "signer"):
-            forged = sign_update(self.throwaway, network_id=node.config.network_id, round=round,
-                                 payload=payload, samples=samples, ts_ms=_now_ms())
+            forged = sign_update(self.throwaway, network_id=outbox.network_id, round=round,
+                                 payload=payload, samples=samples, ts_ms=int(time.time() * 1000))
             data = encode_announcement(AnnouncementKind.UPDATE, forged)
-            await self.publish_extra(node, round, data)
+            await self.publish_extra(outbox, round, data)
         own = self.mode if self.mode != "all" else ("payload", "malformed")[round % 2]
         if own == "signer":
-            await node.announce_state(round, state, samples)
+            await outbox.announce(round, state, samples)
         elif own == "payload":
             tampered = bytearray(payload)
             tampered[-1] ^= 0xFF
-            await self.announce_payload(node, round, payload, samples, serve=bytes(tampered))
+            await self.announce_payload(outbox, round, payload, samples, serve=bytes(tampered))
         else:
-            await self.announce_payload(node, round, self.rng.randbytes(256), samples)
+            await self.announce_payload(outbox, round, self.rng.randbytes(256), samples)
 
 
 class Equivocate(Behaviour):
@@ -212,7 +188,7 @@ class Equivocate(Behaviour):
 
     Both are served and announced (and re-announced). Receivers fetch whichever arrives
     first and flag the second digest as EQUIVOCATION (severe: ban). The second model is
-    :func:`~p2pfl.attacks.model.flipped` with ``scale``.
+    :func:`~p2pfl.attacks.model.flipped` with ``scale``, crafted from what we observe.
     """
 
     name = "equivocate"
@@ -220,12 +196,18 @@ class Equivocate(Behaviour):
     def __init__(self, scale: object = 10.0) -> None:
         """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
         self.scale = number(self.name, "scale", scale, low=0.0, strict=True)
+        self._other: State | None = None  # this round's conflicting model
 
-    async def announce(self, node: Node, round: int, state: State, samples: int) -> None:
-        """Announce ``state`` and a conflicting model for the same round."""
-        await node.announce_state(round, state, samples)
-        other = flipped(state, list(observed_states(node).values()), self.scale)
-        await node.announce_state(round, other, samples)
+    def craft(self, view: PeerView, round: int, own: State) -> State:
+        """Return ``own``; keep its flip over what we observe for the second announcement."""
+        self._other = flipped(own, list(observed_states(view).values()), self.scale)
+        return own
+
+    async def announce(self, outbox: Outbox, round: int, state: State, samples: int) -> None:
+        """Announce ``state`` and the conflicting model for the same round."""
+        await outbox.announce(round, state, samples)
+        if self._other is not None:
+            await outbox.announce(round, self._other, samples)
 
 
 class Flood(_Announcer):
@@ -246,11 +228,10 @@ class Flood(_Announcer):
         self.rate = integer(self.name, "rate", rate, low=1)
         self.rng = random.Random(f"flood/{integer(self.name, 'seed', seed)}")
 
-    async def announce(self, node: Node, round: int, state: State, samples: int) -> None:
+    async def announce(self, outbox: Outbox, round: int, state: State, samples: int) -> None:
         """Announce honestly, then flood."""
-        await node.announce_state(round, state, samples)
+        await outbox.announce(round, state, samples)
         for _ in range(self.rate):
-            junk = sign_update(node.identity, network_id=node.config.network_id, round=round,
-                               payload=self.rng.randbytes(32), samples=samples, ts_ms=_now_ms())
-            if not await publish(node, encode_announcement(AnnouncementKind.UPDATE, junk)):
+            junk = outbox.sign(round, self.rng.randbytes(32), samples)
+            if not await outbox.publish_raw(encode_announcement(AnnouncementKind.UPDATE, junk)):
                 return

@@ -1,19 +1,34 @@
 """How a node presents itself to the network: honest by default, replaceable for attacks.
 
 A test network or simulation swaps in a subclass (see ``p2pfl.attacks``) to make a node
-Byzantine while every other part of the Node stays the same code the daemon runs.
+Byzantine while every other part of the Node stays the same code the daemon runs. A
+behaviour never sees the node: it crafts from a :class:`PeerView` (what the node
+legitimately received) and sends through the node's :class:`~p2pfl.node.outbox.Outbox`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from p2pfl.node.node import Node
+from p2pfl.node.outbox import Outbox
 
 State = dict[str, torch.Tensor]
+
+
+class PeerView(Protocol):
+    """Read-only: what a node has legitimately received from its neighbours."""
+
+    @property
+    def peer_id(self) -> str:
+        """The observing node's own id."""
+        ...
+
+    def neighbour_states(self) -> dict[str, Mapping[str, torch.Tensor]]:
+        """The freshest verified model held from each peer, by peer id."""
+        ...
 
 
 class Behaviour:
@@ -24,14 +39,14 @@ class Behaviour:
     # signers); honest nodes never do, so the node rejects its own invalid publishes.
     publishes_invalid: bool = False
 
-    def craft(self, node: Node, round: int, own: State) -> State:
+    def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return the state to announce this round, given the honestly trained one."""
         return own
 
-    async def announce(self, node: Node, round: int, state: State, samples: int) -> None:
+    async def announce(self, outbox: Outbox, round: int, state: State, samples: int) -> None:
         """Sign, serve and announce ``state`` as our update of ``round``."""
-        await node.announce_state(round, state, samples)
+        await outbox.announce(round, state, samples)
 
-    async def reannounce(self, node: Node, round: int) -> None:
+    async def reannounce(self, outbox: Outbox, round: int) -> None:
         """Repeat this round's announcement (gossip is lossy)."""
-        await node.reannounce(round)
+        await outbox.reannounce(round)

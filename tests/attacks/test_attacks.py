@@ -101,14 +101,14 @@ def test_label_map_only_for_label_flip() -> None:
     assert five(torch.tensor([0, 4])).tolist() == [4, 0]
     assert attack_label_map("alie") is None
     trained = own()
-    assert make_attack("label_flip").craft(cast(Node, FakeNode(HELD)), 0, trained) is trained
+    assert make_attack("label_flip").craft(FakeView(HELD), 0, trained) is trained
 
 
 # ------------------------------------------------------------------ crafted states
 
 
-class FakeNode:
-    """What craft() reads from a node: neighbour_states() and peer_id."""
+class FakeView:
+    """A PeerView: what craft() reads, neighbour_states() and peer_id."""
 
     def __init__(self, held: Mapping[str, Mapping[str, Tensor]], peer_id: str = "me") -> None:
         self.held = held
@@ -130,7 +130,7 @@ HELD = {
 
 def craft(name: str, held: Mapping[str, Mapping[str, Tensor]] = HELD, round: int = 0,
           **params: Any) -> dict[str, Tensor]:
-    return make_attack(name, **params).craft(cast(Node, FakeNode(held)), round, own())
+    return make_attack(name, **params).craft(FakeView(held), round, own())
 
 
 @pytest.mark.parametrize(
@@ -157,8 +157,8 @@ def test_with_nothing_observed() -> None:
 
 def test_gaussian_noise_is_seeded_and_has_the_given_sigma() -> None:
     big = {"a": {"w": torch.zeros(20_000)}}
-    first = make_attack("gaussian", sigma=0.5, seed=3).craft(cast(Node, FakeNode(big)), 0, {"w": torch.ones(20_000)})
-    again = make_attack("gaussian", sigma=0.5, seed=3).craft(cast(Node, FakeNode(big)), 0, {"w": torch.ones(20_000)})
+    first = make_attack("gaussian", sigma=0.5, seed=3).craft(FakeView(big), 0, {"w": torch.ones(20_000)})
+    again = make_attack("gaussian", sigma=0.5, seed=3).craft(FakeView(big), 0, {"w": torch.ones(20_000)})
     assert torch.equal(first["w"], again["w"])
     assert abs(float(first["w"].mean())) < 0.02  # centred on the observed mean, not on own
     assert float(first["w"].std()) == pytest.approx(0.5, rel=0.03)
@@ -178,8 +178,8 @@ def test_free_rider_copy_reproduces_the_authors_bytes() -> None:
     copied = craft("free_rider", round=1)  # round-robin: peer "b"
     assert encode_state(copied) == encode_state(HELD["b"])
     stale = make_attack("free_rider", mode="stale", jitter=0)
-    first = stale.craft(cast(Node, FakeNode(HELD)), 0, own())
-    later = stale.craft(cast(Node, FakeNode(HELD)), 5, {"w": torch.zeros(2), "steps": torch.tensor([0])})
+    first = stale.craft(FakeView(HELD), 0, own())
+    later = stale.craft(FakeView(HELD), 5, {"w": torch.zeros(2), "steps": torch.tensor([0])})
     assert encode_state(first) == encode_state(later) == encode_state(own())
 
 
@@ -187,13 +187,13 @@ def test_sybils_share_observations_and_exclude_each_other() -> None:
     group = SybilGroup()
     one, two = (make_attack("sybil", group=group, z=1) for _ in range(2))
     honest = {"h": {"w": torch.tensor([0.0, 0.0])}}
-    first = one.craft(cast(Node, FakeNode(honest, "s1")), 0, {"w": torch.tensor([9.0, 9.0])})
+    first = one.craft(FakeView(honest, "s1"), 0, {"w": torch.tensor([9.0, 9.0])})
     # s2 holds s1's model and a second honest one: the union minus members is {h, k}.
     held = {"s1": first, "k": {"w": torch.tensor([2.0, 4.0])}}
-    second = two.craft(cast(Node, FakeNode(held, "s2")), 0, {"w": torch.tensor([9.0, 9.0])})
+    second = two.craft(FakeView(held, "s2"), 0, {"w": torch.tensor([9.0, 9.0])})
     assert group.members == {"s1", "s2"}
     assert torch.allclose(second["w"], torch.tensor([1 - 2**0.5, 2 - 8**0.5]), atol=1e-4)
-    assert encode_state(second) != encode_state(two.craft(cast(Node, FakeNode(held, "s3")), 0, second))
+    assert encode_state(second) != encode_state(two.craft(FakeView(held, "s3"), 0, second))
 
 
 def test_sybil_identities_are_deterministic_and_distinct() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from p2pfl.net.memory import LinkProfile, MemoryNetwork
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
 from p2pfl.node.node import Node
+from p2pfl.node.outbox import Transform
 
 
 @pytest.fixture
@@ -53,6 +54,7 @@ def make_node(
     round_timeout: float = 2.0,
     behaviour: Behaviour | None = None,
     reputation: ReputationConfig | None = None,
+    transforms: Sequence[Transform] = (),
     **round_settings: int,
 ) -> Node:
     config = NodeConfig(
@@ -72,4 +74,5 @@ def make_node(
         transport=lambda validator: network.open_transport(identity.peer_id, validator),
         offload=False,
         behaviour=behaviour,
+        transforms=transforms,
     )

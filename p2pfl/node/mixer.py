@@ -1,0 +1,124 @@
+"""Mixing the neighbours' updates into the own model: harm check, weights, rule, evidence.
+
+One call per round, :meth:`Mixer.mix`: weigh each update by the sender's reputation (and,
+for ``mean``, by its capped sample count), let the harm gate vet them (clipping rules
+only), run the configured aggregation rule centred on the own model, and turn the trust
+the rule reports into reputation evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from p2pfl.core.aggregation import CLIPPING_RULES, Aggregate, aggregate
+from p2pfl.core.rounds import Received
+from p2pfl.learners.base import Learner, State
+from p2pfl.node.config import NodeConfig
+from p2pfl.node.harm import HarmGate, Prober, starting_point
+from p2pfl.node.inbound import Compute
+from p2pfl.node.standing import Standing
+
+log = logging.getLogger(__name__)
+
+
+def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+    """Length of the change local training made to the floating-point parameters."""
+    squares = sum(
+        float(torch.sum((after[k].double() - before[k].double()) ** 2))
+        for k in after
+        if after[k].is_floating_point()
+    )
+    return squares**0.5
+
+
+class Mixer:
+    """Aggregate a round's updates with the configured rule; record what it says of peers."""
+
+    def __init__(self, config: NodeConfig, learner: Learner, standing: Standing, compute: Compute) -> None:
+        """Mix for ``config.rule``; probe harm with ``learner`` when it can and the rule clips."""
+        self._config, self._learner, self._standing, self._compute = config, learner, standing, compute
+        self._harm: HarmGate | None = None
+        check = config.harm_check
+        if check.enabled and config.rule in CLIPPING_RULES:
+            if isinstance(learner, Prober):
+                self._harm = HarmGate(check, learner)
+            else:
+                log.info("harm check off: %s has no probe_losses", type(learner).__name__)
+
+    async def mix(
+        self,
+        number: int,
+        own: State,
+        start: Mapping[str, torch.Tensor],
+        updates: Sequence[Received],
+        samples: int,
+    ) -> State:
+        """Return round ``number``'s aggregate of ``own`` and ``updates``; record the trust.
+
+        Args:
+            number: The round.
+            own: Our model after local training.
+            start: Our model before local training (the harm check's reference; rules
+                may scale by the length of our step from it).
+            updates: Neighbours' updates (banned peers already out).
+            samples: Our own training samples this round.
+        """
+        weights, self_weight = self.weights(updates, samples)
+        states = [u.state for u in updates]
+        verdict = None
+        if self._harm is not None:
+            senders = [u.sender for u in updates]
+            verdict = await self._compute(
+                self._harm.judge, own, start, senders, states, weights, self_weight
+            )
+        result: Aggregate = await self._compute(
+            aggregate,
+            self._config.rule,
+            own,
+            states,
+            weights,
+            self_weight=self_weight,
+            own_step=update_norm(start, own),
+            vetted=None if verdict is None else verdict.vetted,
+            **dict(self._config.rule_params),
+        )
+        trust = result.trust
+        if verdict is not None:
+            # Clipped but harmless to us is no evidence of malice (the neighbour across
+            # a bridge between communities is both); the streak decides the mixing.
+            floor = self._config.reputation.clip_tolerance
+            trust = tuple(max(t, floor) if ok else t for t, ok in zip(trust, verdict.passed, strict=True))
+        for update, value in zip(updates, trust, strict=True):
+            self._standing.record_trust(update.sender, value, number)
+        return result.state
+
+    async def restart(self, updates: Sequence[Received]) -> State | None:
+        """The model to restart from when far behind, from ``updates``; None: keep ours."""
+        if not updates:
+            return None
+        # One source may be an attacker we have no evidence about yet: a mean of two
+        # sources let one sign-flipper wreck five honest nodes of a 12-node testnet.
+        prober = self._learner if isinstance(self._learner, Prober) else None
+        start: State | None = await self._compute(
+            starting_point,
+            self._learner.get_state(),
+            [u.state for u in updates],
+            prober,
+            self._config.harm_check,
+        )
+        return start
+
+    def weights(self, updates: Sequence[Received], samples: int) -> tuple[list[float], float]:
+        """Weights of the neighbours and of the own model for the configured rule."""
+        reputation = [self._standing.weight(u.sender) for u in updates]
+        if self._config.rule != "mean":
+            return reputation, 1.0
+        # FedAvg weighs by samples. Claims are capped at 4x our own so that a peer cannot
+        # buy influence by lying about its data.
+        cap = 4 * max(samples, 1)
+        return [r * min(u.samples, cap) for r, u in zip(reputation, updates, strict=True)], float(
+            max(samples, 1)
+        )

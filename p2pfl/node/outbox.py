@@ -1,0 +1,168 @@
+"""What leaves the node: the outbound pipeline, the serving window, re-announcements.
+
+An update leaves as::
+
+    state -> transforms (in order) -> encode (codec) -> sign -> serve -> publish
+
+A :class:`Transform` changes the state before it is encoded, so the signed digest is
+that of what peers actually receive; transforms are the seam for differential privacy,
+sparsification and the like, and compose with whichever codec encodes the result (the
+encode step, today ``raw`` via :func:`p2pfl.core.codec.encode_state`). They apply to
+every update the node announces, whatever a behaviour crafted; raw publishes
+(:meth:`Outbox.publish_raw`, for protocol attacks) bypass them.
+
+Behaviours (:mod:`p2pfl.node.behaviour`) get the outbox, never the node: it signs with
+the node's key and publishes through its transport, and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from p2pfl.core.codec import encode_state
+from p2pfl.core.crypto import Identity
+from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announcement, sign_update
+from p2pfl.errors import NetworkError
+from p2pfl.net.transport import Transport
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
+
+
+class Transform(Protocol):
+    """One outbound step: ``apply(round, state) -> state``, before encoding and signing.
+
+    Must not mutate ``state`` (it may be the learner's own tensors or a behaviour's
+    remembered model); runs in the compute thread, so it may be CPU-heavy.
+    """
+
+    def apply(self, round: int, state: State) -> State:
+        """Return the state to send in place of ``state`` for ``round``."""
+        ...
+
+
+def apply_transforms(transforms: Sequence[Transform], round: int, state: State) -> State:
+    """Apply ``transforms`` to ``state`` in order."""
+    for transform in transforms:
+        state = transform.apply(round, state)
+    return state
+
+
+class ServingWindow:
+    """Payloads served under their digest; the oldest are unserved beyond ``keep()``."""
+
+    def __init__(self, transport: Transport, keep: Callable[[], int]) -> None:
+        """Serve on ``transport``; ``keep`` is read on every addition."""
+        self._transport, self._keep = transport, keep
+        self._served: list[bytes] = []
+
+    def serve(self, digest: bytes, payload: bytes) -> None:
+        """Serve ``payload`` under ``digest``, unserving the oldest beyond the window."""
+        self._transport.serve(digest, payload)
+        self._served.append(digest)
+        keep = self._keep()
+        while len(self._served) > keep:
+            self._transport.unserve(self._served.pop(0))
+
+
+class Outbox:
+    """Sign, serve and publish this node's updates; repeat them until the round closes."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        identity: Identity,
+        network_id: str,
+        max_lag: int,
+        compute: Compute,
+        transforms: Sequence[Transform] = (),
+    ) -> None:
+        """Publish on ``transport`` as ``identity``; remember ``max_lag`` rounds to re-announce."""
+        self._transport, self._identity, self._compute = transport, identity, compute
+        self.network_id = network_id
+        self._max_lag = max_lag
+        self._transforms = tuple(transforms)
+        # Our updates and the verified payloads we pulled: the last few rounds' worth.
+        self._window = ServingWindow(transport, lambda: 4 * (len(transport.neighbours()) + 1))
+        self._announced: dict[int, list[VerifiedHeader]] = {}
+
+    @property
+    def peer_id(self) -> str:
+        """The identity updates are signed with."""
+        return self._identity.peer_id
+
+    async def announce(self, round: int, state: State, samples: int) -> VerifiedHeader:
+        """Transform, encode, sign, serve and publish ``state`` as our update of ``round``."""
+        payload = await self._compute(self._encode, round, state)
+        update = self.sign(round, payload, samples)
+        self.serve(update.header.digest, payload)
+        self._announced.setdefault(round, []).append(update)
+        for old in [r for r in self._announced if r < round - self._max_lag]:
+            del self._announced[old]
+        await self.publish(AnnouncementKind.UPDATE, update)
+        return update
+
+    def _encode(self, round: int, state: State) -> bytes:
+        return encode_state(apply_transforms(self._transforms, round, state))
+
+    async def reannounce(self, round: int) -> None:
+        """Publish again what we announced for ``round`` (gossip is lossy)."""
+        for update in self._announced.get(round, ()):
+            await self.publish(AnnouncementKind.UPDATE, update)
+
+    def hold(self, digest: bytes, payload: bytes) -> None:
+        """Serve a verified payload we pulled, so that neighbours may pull it from us too.
+
+        This is where a HOLDS notice would be published; none is sent yet.
+        """
+        self.serve(digest, payload)
+
+    # ---------------------------------------------------------- building blocks
+
+    def sign(self, round: int, payload: bytes, samples: int) -> VerifiedHeader:
+        """Sign ``payload`` (already encoded, not transformed) as our update of ``round``."""
+        return sign_update(
+            self._identity,
+            network_id=self.network_id,
+            round=round,
+            payload=payload,
+            samples=samples,
+            ts_ms=int(time.time() * 1000),
+        )
+
+    def serve(self, digest: bytes, payload: bytes) -> None:
+        """Serve ``payload`` under ``digest`` in the node's window."""
+        self._window.serve(digest, payload)
+
+    def window(self, keep: int) -> ServingWindow:
+        """A separate serving window of ``keep`` payloads (a behaviour's extra bytes)."""
+        return ServingWindow(self._transport, lambda: keep)
+
+    async def publish(self, kind: AnnouncementKind, update: VerifiedHeader) -> bool:
+        """Publish an announcement of ``update``; False if the network refused it."""
+        try:
+            await self._transport.publish(encode_announcement(kind, update))
+        except NetworkError as exc:  # lossy by nature; the next re-announce may pass
+            log.warning("announcement not published: %s", exc)
+            return False
+        return True
+
+    async def publish_raw(self, data: bytes) -> bool:
+        """Publish announcement bytes as they are; False if the network refused them."""
+        try:
+            await self._transport.publish(data)
+        except NetworkError as exc:
+            log.info("announcement not published: %s", exc)
+            return False
+        return True
+
+
+__all__ = ["Outbox", "ServingWindow", "Transform", "apply_transforms"]
