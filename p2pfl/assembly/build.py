@@ -13,7 +13,8 @@ from p2pfl.errors import ConfigError, KeyFileError
 from p2pfl.learners.base import Learner
 from p2pfl.learners.tasks import LabelMap, make_learner
 from p2pfl.node.behaviour import Behaviour
-from p2pfl.node.node import Node, TransportFactory
+from p2pfl.node.node import Node
+from p2pfl.node.transport import TransportFactory
 
 log = logging.getLogger(__name__)
 
