@@ -42,9 +42,8 @@ import numpy as np
 import torch
 
 from p2pfl.config import Limits
+from p2pfl.core.state import State
 from p2pfl.errors import DecodeError
-
-State = dict[str, torch.Tensor]
 
 MAGIC = b"P2FT"
 VERSION = 1
