@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from p2pfl.config import Limits
+from p2pfl.core.cbor import StrictReader
 from p2pfl.core.state import State
 from p2pfl.errors import DecodeError
 
@@ -207,22 +208,9 @@ def _build_tensor(
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
-_MAJOR_NAMES = {
-    0: "unsigned integer",
-    1: "negative integer",
-    2: "byte string",
-    3: "text string",
-    4: "array",
-    5: "map",
-    6: "CBOR tag",
-}
-_SIMPLE_NAMES = {20: "bool", 21: "bool", 22: "null", 23: "undefined", 25: "float",
-                 26: "float", 27: "float", 31: "break"}  # fmt: skip
-
-
 def parse_manifest(manifest: bytes, limits: Limits = _DEFAULT_LIMITS) -> list[Entry]:
     """Parse and check a manifest (the strict canonical CBOR subset in the module docstring)."""
-    reader = _Reader(manifest)
+    reader = StrictReader(manifest, "manifest")
     count = reader.array("manifest", limits.max_tensors, "tensors")
     entries: list[Entry] = []
     for _ in range(count):
@@ -230,12 +218,11 @@ def parse_manifest(manifest: bytes, limits: Limits = _DEFAULT_LIMITS) -> list[En
         if len(entries) > 1 and entries[-1][0] <= entries[-2][0]:
             problem = "duplicate" if entries[-1][0] == entries[-2][0] else "unsorted"
             raise DecodeError(f"manifest: {problem} tensor name {entries[-1][0]!r}")
-    if reader.pos != len(manifest):
-        raise DecodeError(f"manifest: {len(manifest) - reader.pos} trailing bytes after it")
+    reader.finish()
     return entries
 
 
-def _parse_entry(reader: _Reader, limits: Limits) -> Entry:
+def _parse_entry(reader: StrictReader, limits: Limits) -> Entry:
     if (fields := reader.array("manifest entry", 3, "fields")) != 3:
         raise DecodeError(f"manifest entry: expected 3 fields, found {fields}")
     name = reader.text("tensor name", limits.max_name_bytes)
@@ -250,61 +237,6 @@ def _parse_entry(reader: _Reader, limits: Limits) -> Entry:
         if nonzero_product > limits.max_payload_bytes:
             raise DecodeError(f"manifest: shape {shape} of {name!r} is too large")
     return name, DTYPES[dtype_name], shape
-
-
-class _Reader:
-    """Read the heads of the strict CBOR subset, naming whatever is not allowed."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def head(self, what: str, major: int) -> int:
-        """Read a head of the ``major`` type and return its argument."""
-        if self.pos >= len(self.data):
-            raise DecodeError(f"manifest: truncated, expected {what}")
-        initial = self.data[self.pos]
-        found, info = initial >> 5, initial & 31
-        if info == 31 and 2 <= found <= 5:
-            raise DecodeError(f"manifest: indefinite-length {_MAJOR_NAMES[found]} in {what}")
-        if found != major:
-            kind = _MAJOR_NAMES.get(found) or _SIMPLE_NAMES.get(info, "simple value")
-            raise DecodeError(f"manifest: expected {what} ({_MAJOR_NAMES[major]}), found {kind}")
-        self.pos += 1
-        if info < 24:
-            return info
-        if info > 27:
-            raise DecodeError(f"manifest: malformed head (additional info {info}) in {what}")
-        size = 1 << (info - 24)
-        if self.pos + size > len(self.data):
-            raise DecodeError(f"manifest: truncated, expected {what}")
-        value = int.from_bytes(self.data[self.pos : self.pos + size], "big")
-        self.pos += size
-        if value < (24 if size == 1 else 1 << (4 * size)):
-            raise DecodeError(f"manifest: non-canonical (overlong) head in {what}")
-        return value
-
-    def uint(self, what: str) -> int:
-        return self.head(what, 0)
-
-    def array(self, what: str, max_items: int, items: str) -> int:
-        count = self.head(what, 4)
-        if count > max_items:
-            raise DecodeError(f"manifest: too many {items} in {what}: {count} > {max_items}")
-        return count
-
-    def text(self, what: str, max_bytes: int) -> str:
-        length = self.head(what, 3)
-        if length > max_bytes:
-            raise DecodeError(f"manifest: {what} too long: {length} > {max_bytes} bytes")
-        if self.pos + length > len(self.data):
-            raise DecodeError(f"manifest: truncated {what}")
-        raw = self.data[self.pos : self.pos + length]
-        self.pos += length
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DecodeError(f"manifest: {what} is not valid UTF-8") from None
 
 
 __all__ = ["DTYPES", "MAGIC", "VERSION", "State", "decode_state", "encode_state", "parse_manifest"]

@@ -9,9 +9,9 @@ data plane. The header is canonical CBOR (sorted keys, definite lengths, minimal
 and the signature (64 bytes, see :mod:`p2pfl.core.crypto`) is over ``sha256(header)``.
 A gossip announcement is the canonical CBOR map ``{"t": kind, "h": header, "s": sig}``.
 
-Bytes from peers are decoded by a strict reader of the tiny CBOR subset used here (one
-flat map of text keys to unsigned/negative ints, byte strings and text strings); tags,
-floats, simple values, nested containers, indefinite lengths and duplicate keys are
+Bytes from peers are decoded by the strict reader of :mod:`.cbor` (here: one flat map
+of text keys to unsigned/negative ints, byte strings and text strings); tags, floats,
+simple values, nested containers, indefinite lengths and duplicate keys are
 rejected before ``cbor2`` sees anything, and the result must re-encode to the very same
 bytes. So every accepted header has exactly one encoding, and with low-S signatures
 exactly one valid signature: ``(header_bytes, signature)`` is a sound deduplication key.
@@ -30,6 +30,7 @@ from typing import Any
 import cbor2
 
 from p2pfl.config import Limits
+from p2pfl.core.cbor import MAP, Scalar, StrictReader
 from p2pfl.core.crypto import DIGEST_BYTES, Identity, public_key_from_peer_id, verify_by_peer_id
 from p2pfl.errors import (
     DecodeError,
@@ -48,7 +49,7 @@ _HEADER_KEYS = frozenset(
 _ANNOUNCEMENT_KEYS = frozenset({"t", "h", "s"})
 _DEFAULT_LIMITS = Limits()
 
-_Value = int | str | bytes
+_Value = Scalar
 
 
 def _is_uint(value: object) -> bool:
@@ -284,68 +285,21 @@ def check_payload(update: VerifiedHeader, payload: bytes | memoryview) -> None:
         raise DigestMismatch("payload sha256 differs from the signed digest")
 
 
-# --- strict CBOR subset reader -------------------------------------------------------
-
-
-class _Reader:
-    """Read CBOR heads and scalar items from untrusted bytes; DecodeError on anything else."""
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise DecodeError("truncated CBOR")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def head(self) -> tuple[int, int]:
-        initial = self.take(1)[0]
-        major, info = initial >> 5, initial & 0x1F
-        if info < 24:
-            return major, info
-        if info > 27:  # 28-30 reserved, 31 indefinite length / break
-            raise DecodeError("indefinite-length or reserved CBOR item")
-        return major, int.from_bytes(self.take(1 << (info - 24)), "big")
-
-    def scalar(self) -> _Value:
-        major, arg = self.head()
-        if major == 0:
-            return arg
-        if major == 1:
-            return -1 - arg
-        if major == 2:
-            return self.take(arg)
-        if major == 3:
-            try:
-                return self.take(arg).decode("utf-8")
-            except UnicodeDecodeError:
-                raise DecodeError("CBOR text is not valid UTF-8") from None
-        raise DecodeError(f"CBOR major type {major} not allowed (tags, floats, nesting)")
-
-
 def _decode_flat_map(data: bytes, what: str) -> dict[str, _Value]:
     """Decode one canonical CBOR map of text keys to scalars, nothing before or after."""
-    reader = _Reader(data)
-    major, count = reader.head()
-    if major != 5:
-        raise DecodeError(f"{what} is not a CBOR map")
+    reader = StrictReader(data, what)
+    _, count = reader.head(what, MAP)
     if count > len(data):  # each entry takes at least two bytes: refuse before looping
         raise DecodeError(f"{what} declares more entries than it has bytes")
     result: dict[str, _Value] = {}
     for _ in range(count):
-        key = reader.scalar()
+        key = reader.scalar("key")
         if not isinstance(key, str):
             raise DecodeError(f"{what} has a non-text key")
         if key in result:
             raise DecodeError(f"{what} repeats key {key[:32]!r}")
-        result[key] = reader.scalar()
-    if reader.pos != len(data):
-        raise DecodeError(f"{what} has trailing bytes")
+        result[key] = reader.scalar("value")
+    reader.finish()
     if cbor2.dumps(result, canonical=True) != data:
         raise DecodeError(f"{what} is not canonical CBOR")
     return result
