@@ -1,4 +1,16 @@
-"""Encode a model state (name -> tensor) to bytes and back, without pickle.
+"""Encode a model state (name -> tensor) to bytes and back, without pickle; the codec registry.
+
+The signed update header names the payload's codec (its ``codec`` field). :data:`CODECS`
+maps that name to a :class:`Codec`; a header naming any other codec is refused when it is
+parsed (:class:`~p2pfl.errors.UnknownCodec`), and :func:`decode_payload` dispatches on the
+name. Only ``raw`` (the layout below) is registered today. A new codec (fp16, int8, top-k)
+registers a :class:`Codec` whose ``decode`` keeps the contract of :func:`decode_state`:
+every size checked against :class:`~p2pfl.config.Limits` before allocating, fresh
+tensors out, :class:`~p2pfl.errors.DecodeError` and nothing else on bad input
+(``tests/core/test_codec_hostile.py`` fuzzes every registered codec).
+
+The ``raw`` codec
+-----------------
 
 Byte layout, version 1 (all integers little-endian)::
 
@@ -35,7 +47,8 @@ copy for non-contiguous inputs); tensors are detached and must be on the CPU.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import cbor2
 import numpy as np
@@ -44,7 +57,7 @@ import torch
 from p2pfl.config import Limits
 from p2pfl.core.cbor import StrictReader
 from p2pfl.core.state import State
-from p2pfl.errors import DecodeError
+from p2pfl.errors import DecodeError, UnknownCodec
 
 MAGIC = b"P2FT"
 VERSION = 1
@@ -239,4 +252,74 @@ def _parse_entry(reader: StrictReader, limits: Limits) -> Entry:
     return name, DTYPES[dtype_name], shape
 
 
-__all__ = ["DTYPES", "MAGIC", "VERSION", "State", "decode_state", "encode_state", "parse_manifest"]
+# ---------------------------------------------------------------- registry
+
+Encoder = Callable[[Mapping[str, torch.Tensor]], bytes]
+Decoder = Callable[..., State]  # (data, *, limits: Limits) -> State
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """A payload encoding, registered under the name the signed header carries."""
+
+    name: str
+    encode: Encoder  # state -> bytes
+    decode: Decoder  # (bytes, *, limits) -> fresh CPU tensors; DecodeError on bad input
+
+
+CODECS: dict[str, Codec] = {}
+DEFAULT_CODEC = "raw"
+
+
+def register_codec(codec: Codec) -> Codec:
+    """Add ``codec`` to :data:`CODECS` (a name is registered once)."""
+    if codec.name in CODECS:
+        raise ValueError(f"codec {codec.name!r} is already registered")
+    CODECS[codec.name] = codec
+    return codec
+
+
+def codec_named(name: str) -> Codec:
+    """Return the registered codec ``name``.
+
+    Raises:
+        UnknownCodec: no codec of that name (the message names it and the known ones).
+    """
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(CODECS))
+        raise UnknownCodec(f"unknown codec {str(name)[:32]!r}; this node decodes {known}") from None
+
+
+def decode_payload(
+    codec: str, data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS
+) -> State:
+    """Decode ``data`` with the codec its header names.
+
+    Raises:
+        UnknownCodec: ``codec`` is not registered.
+        DecodeError: ``data`` is not a valid encoding within ``limits``.
+    """
+    return codec_named(codec).decode(data, limits=limits)
+
+
+RAW = register_codec(Codec("raw", encode_state, decode_state))
+
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_CODEC",
+    "DTYPES",
+    "MAGIC",
+    "RAW",
+    "VERSION",
+    "Codec",
+    "State",
+    "codec_named",
+    "decode_payload",
+    "decode_state",
+    "encode_state",
+    "parse_manifest",
+    "register_codec",
+]

@@ -31,6 +31,7 @@ import cbor2
 
 from p2pfl.config import Limits
 from p2pfl.core.cbor import MAP, Scalar, StrictReader
+from p2pfl.core.codec import DEFAULT_CODEC, codec_named
 from p2pfl.core.crypto import DIGEST_BYTES, Identity, public_key_from_peer_id, verify_by_peer_id
 from p2pfl.errors import (
     DecodeError,
@@ -66,7 +67,8 @@ class UpdateHeader:
 
     Raises:
         DecodeError: a field has the wrong type or range (from a peer, or from a caller
-            of :func:`sign_update`).
+            of :func:`sign_update`); :class:`~p2pfl.errors.UnknownCodec` if ``codec``
+            is not in :data:`~p2pfl.core.codec.CODECS`.
     """
 
     version: int
@@ -77,7 +79,7 @@ class UpdateHeader:
     size: int  # payload bytes
     samples: int  # claimed number of training samples (a claim, not a fact)
     ts_ms: int  # sender's wall clock in milliseconds; informative only
-    codec: str
+    codec: str  # how the payload is encoded: a name in the codec registry
 
     def __post_init__(self) -> None:
         for name in ("version", "round", "size", "samples", "ts_ms"):
@@ -88,6 +90,7 @@ class UpdateHeader:
                 raise DecodeError(f"header field {name!r} must be a non-empty string")
         if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_BYTES:
             raise DecodeError(f"header field 'digest' must be {DIGEST_BYTES} bytes")
+        codec_named(self.codec)  # UnknownCodec: a payload we could not decode is refused here
         public_key_from_peer_id(self.sender)  # DecodeError unless a secp256k1 PeerId
 
     def encode(self) -> bytes:
@@ -153,7 +156,7 @@ def sign_update(
     payload: bytes | memoryview,
     samples: int,
     ts_ms: int,
-    codec: str = "raw",
+    codec: str = DEFAULT_CODEC,
 ) -> VerifiedHeader:
     """Build and sign the header for ``payload`` (its digest and size are computed here).
 
@@ -183,7 +186,8 @@ def verify_header(header_bytes: bytes, signature: bytes, *, network_id: str) -> 
     Cheap checks run before the signature check so that junk costs little.
 
     Raises:
-        DecodeError: not a canonical header (types, keys, ranges, bad PeerId).
+        DecodeError: not a canonical header (types, keys, ranges, bad PeerId);
+            :class:`~p2pfl.errors.UnknownCodec` if it names a codec not in the registry.
         UnsupportedVersion: the header speaks another protocol version.
         WrongNetwork: the header is bound to another network id.
         InvalidSignature: the signature does not verify under the ``from`` PeerId's key.
@@ -272,16 +276,63 @@ def parse_announcement(
     return ParsedAnnouncement(AnnouncementKind(kind), update, origin)
 
 
-def check_payload(update: VerifiedHeader, payload: bytes | memoryview) -> None:
+@dataclass(frozen=True, slots=True)
+class CheckedPayload:
+    """Payload bytes with their sha256, computed once, where they were received.
+
+    Built only by :func:`hash_payload` and :class:`PayloadHasher`; its type is the proof
+    that ``digest`` is the sha256 of ``data``, so :func:`check_payload` compares digests
+    instead of hashing the payload a second time.
+    """
+
+    data: bytes
+    digest: bytes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def hash_payload(data: bytes) -> CheckedPayload:
+    """Hash a payload that arrived whole (one sha256 pass)."""
+    return CheckedPayload(data, hashlib.sha256(data).digest())
+
+
+class PayloadHasher:
+    """Hash a payload chunk by chunk as it arrives; :meth:`finish` joins the chunks once."""
+
+    __slots__ = ("_chunks", "_sha")
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._chunks: list[bytes] = []
+
+    def add(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        self._chunks.append(chunk)
+
+    def finish(self) -> CheckedPayload:
+        data = b"".join(self._chunks)  # one copy (none for a single chunk)
+        self._chunks = []
+        return CheckedPayload(data, self._sha.digest())
+
+
+def check_payload(update: VerifiedHeader, payload: CheckedPayload | bytes | memoryview) -> None:
     """Check that ``payload`` is the one the header signs.
+
+    A :class:`CheckedPayload` (what a transfer returns) is not hashed again; plain bytes
+    are hashed here, once.
 
     Raises:
         DigestMismatch: the size or the sha256 differs from the header's.
     """
-    view = memoryview(payload)
-    if view.nbytes != update.header.size:
-        raise DigestMismatch(f"payload is {view.nbytes} bytes, header says {update.header.size}")
-    if hashlib.sha256(view).digest() != update.header.digest:
+    if isinstance(payload, CheckedPayload):
+        size, digest = len(payload.data), payload.digest
+    else:
+        view = memoryview(payload)
+        size, digest = view.nbytes, hashlib.sha256(view).digest()
+    if size != update.header.size:
+        raise DigestMismatch(f"payload is {size} bytes, header says {update.header.size}")
+    if digest != update.header.digest:
         raise DigestMismatch("payload sha256 differs from the signed digest")
 
 
@@ -308,11 +359,14 @@ def _decode_flat_map(data: bytes, what: str) -> dict[str, _Value]:
 __all__ = [
     "PROTOCOL_VERSION",
     "AnnouncementKind",
+    "CheckedPayload",
     "ParsedAnnouncement",
+    "PayloadHasher",
     "UpdateHeader",
     "VerifiedHeader",
     "check_payload",
     "encode_announcement",
+    "hash_payload",
     "parse_announcement",
     "sign_update",
     "verify_header",
