@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections import OrderedDict
 from collections.abc import Callable
 from enum import IntEnum
 
@@ -78,6 +77,7 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 
 from p2pfl.config import Limits, MiB
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.envelope import CheckedPayload, PayloadHasher
 from p2pfl.errors import (
     P2PFLError,
@@ -101,6 +101,7 @@ WRITE_CHUNK = 1 * MiB  # ~1 MiB writes from a memoryview: 64 KiB writes cost +50
 READ_CHUNK = 16 * MiB  # large reads: fewer copies and window updates
 REQUEST_TIMEOUT = 10.0  # an honest request is 41 bytes and one FIN: far below this
 RESET_TIMEOUT = 1.0  # a reset writes one frame; a full socket must not hold us
+STORE_MAX_PAYLOADS = 4096  # a count cap beside the byte budget: empty payloads weigh nothing
 
 
 class Status(IntEnum):
@@ -119,39 +120,30 @@ class PayloadStore:
     def __init__(self, *, max_total_bytes: int) -> None:
         if max_total_bytes <= 0:
             raise ValueError(f"max_total_bytes must be positive, got {max_total_bytes}")
-        self._max_total = max_total_bytes
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
-        self._total = 0
+        self._items: BoundedMap[bytes, bytes] = BoundedMap(
+            STORE_MAX_PAYLOADS, weigh=len, max_weight=max_total_bytes
+        )
 
     def put(self, digest: bytes, payload: bytes) -> None:
         """Store ``payload`` under ``digest``, evicting the oldest entries to fit.
 
         A payload larger than the whole budget is not stored.
         """
-        self.discard(digest)
-        if len(payload) > self._max_total:
+        if not self._items.put(digest, payload):
             logger.warning("payload of %d bytes exceeds the store budget", len(payload))
-            return
-        while self._total + len(payload) > self._max_total:
-            _, oldest = self._items.popitem(last=False)
-            self._total -= len(oldest)
-        self._items[digest] = payload
-        self._total += len(payload)
 
     def discard(self, digest: bytes) -> None:
         """Forget ``digest``; unknown digests are ignored."""
-        payload = self._items.pop(digest, None)
-        if payload is not None:
-            self._total -= len(payload)
+        self._items.pop(digest)
 
     def get(self, digest: bytes) -> bytes | None:
         """Return the payload stored under ``digest``, or None."""
-        return self._items.get(digest)
+        return self._items.peek(digest)  # serving does not refresh: the oldest put goes first
 
     @property
     def total_bytes(self) -> int:
         """Sum of the stored payload sizes."""
-        return self._total
+        return self._items.total_weight
 
     def __len__(self) -> int:
         return len(self._items)
