@@ -27,6 +27,7 @@ class BoundedMap(Generic[K, V]):
     and iteration do not. With ``weigh``, an entry heavier than ``max_weight`` on its
     own is not stored. Entries put with ``expires_at`` are absent once ``now`` reaches
     it (``now`` defaults to -inf: no expiry check); :meth:`expire` drops them eagerly.
+    ``in``, ``len`` and iteration see entries not yet dropped, expired or not.
     """
 
     __slots__ = ("_items", "_total", "capacity", "max_weight", "weigh")
