@@ -9,6 +9,7 @@ libp2p, trio, cbor2, ecdsa and torch are translated where they enter.
     ├── ConfigError                 a setting is wrong; the message says what to change
     ├── KeyFileError                a key file is missing, unreadable, malformed or too open
     ├── DecodeError                 bytes from outside are not a valid payload/message
+    │   └── UnknownCodec            a header names a payload codec this node cannot decode
     ├── UpdateRejected              a signed update failed verification at ingress
     │   ├── UnsupportedVersion      header version we do not speak
     │   ├── WrongNetwork            header bound to another network id
@@ -48,6 +49,10 @@ class KeyFileError(P2PFLError):
 
 class DecodeError(P2PFLError, ValueError):
     """Bytes from outside (a peer, a file) are not a valid encoding."""
+
+
+class UnknownCodec(DecodeError):
+    """A signed header names a payload codec that is not in the codec registry."""
 
 
 class UpdateRejected(P2PFLError):
@@ -137,6 +142,7 @@ __all__ = [
     "TamperedPayload",
     "TransferError",
     "TransferTimeout",
+    "UnknownCodec",
     "UnsupportedVersion",
     "UpdateRejected",
     "WrongNetwork",

@@ -1,4 +1,16 @@
-"""Encode a model state (name -> tensor) to bytes and back, without pickle.
+"""Encode a model state (name -> tensor) to bytes and back, without pickle; the codec registry.
+
+The signed update header names the payload's codec (its ``codec`` field). :data:`CODECS`
+maps that name to a :class:`Codec`; a header naming any other codec is refused when it is
+parsed (:class:`~p2pfl.errors.UnknownCodec`), and :func:`decode_payload` dispatches on the
+name. Only ``raw`` (the layout below) is registered today. A new codec (fp16, int8, top-k)
+registers a :class:`Codec` whose ``decode`` keeps the contract of :func:`decode_state`:
+every size checked against :class:`~p2pfl.config.Limits` before allocating, fresh
+tensors out, :class:`~p2pfl.errors.DecodeError` and nothing else on bad input
+(``tests/core/test_codec_hostile.py`` fuzzes every registered codec).
+
+The ``raw`` codec
+-----------------
 
 Byte layout, version 1 (all integers little-endian)::
 
@@ -35,16 +47,17 @@ copy for non-contiguous inputs); tensors are detached and must be on the CPU.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import cbor2
 import numpy as np
 import torch
 
 from p2pfl.config import Limits
-from p2pfl.errors import DecodeError
-
-State = dict[str, torch.Tensor]
+from p2pfl.core.cbor import StrictReader
+from p2pfl.core.state import State
+from p2pfl.errors import DecodeError, UnknownCodec
 
 MAGIC = b"P2FT"
 VERSION = 1
@@ -208,22 +221,9 @@ def _build_tensor(
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
-_MAJOR_NAMES = {
-    0: "unsigned integer",
-    1: "negative integer",
-    2: "byte string",
-    3: "text string",
-    4: "array",
-    5: "map",
-    6: "CBOR tag",
-}
-_SIMPLE_NAMES = {20: "bool", 21: "bool", 22: "null", 23: "undefined", 25: "float",
-                 26: "float", 27: "float", 31: "break"}  # fmt: skip
-
-
 def parse_manifest(manifest: bytes, limits: Limits = _DEFAULT_LIMITS) -> list[Entry]:
     """Parse and check a manifest (the strict canonical CBOR subset in the module docstring)."""
-    reader = _Reader(manifest)
+    reader = StrictReader(manifest, "manifest")
     count = reader.array("manifest", limits.max_tensors, "tensors")
     entries: list[Entry] = []
     for _ in range(count):
@@ -231,12 +231,11 @@ def parse_manifest(manifest: bytes, limits: Limits = _DEFAULT_LIMITS) -> list[En
         if len(entries) > 1 and entries[-1][0] <= entries[-2][0]:
             problem = "duplicate" if entries[-1][0] == entries[-2][0] else "unsorted"
             raise DecodeError(f"manifest: {problem} tensor name {entries[-1][0]!r}")
-    if reader.pos != len(manifest):
-        raise DecodeError(f"manifest: {len(manifest) - reader.pos} trailing bytes after it")
+    reader.finish()
     return entries
 
 
-def _parse_entry(reader: _Reader, limits: Limits) -> Entry:
+def _parse_entry(reader: StrictReader, limits: Limits) -> Entry:
     if (fields := reader.array("manifest entry", 3, "fields")) != 3:
         raise DecodeError(f"manifest entry: expected 3 fields, found {fields}")
     name = reader.text("tensor name", limits.max_name_bytes)
@@ -253,59 +252,74 @@ def _parse_entry(reader: _Reader, limits: Limits) -> Entry:
     return name, DTYPES[dtype_name], shape
 
 
-class _Reader:
-    """Read the heads of the strict CBOR subset, naming whatever is not allowed."""
+# ---------------------------------------------------------------- registry
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def head(self, what: str, major: int) -> int:
-        """Read a head of the ``major`` type and return its argument."""
-        if self.pos >= len(self.data):
-            raise DecodeError(f"manifest: truncated, expected {what}")
-        initial = self.data[self.pos]
-        found, info = initial >> 5, initial & 31
-        if info == 31 and 2 <= found <= 5:
-            raise DecodeError(f"manifest: indefinite-length {_MAJOR_NAMES[found]} in {what}")
-        if found != major:
-            kind = _MAJOR_NAMES.get(found) or _SIMPLE_NAMES.get(info, "simple value")
-            raise DecodeError(f"manifest: expected {what} ({_MAJOR_NAMES[major]}), found {kind}")
-        self.pos += 1
-        if info < 24:
-            return info
-        if info > 27:
-            raise DecodeError(f"manifest: malformed head (additional info {info}) in {what}")
-        size = 1 << (info - 24)
-        if self.pos + size > len(self.data):
-            raise DecodeError(f"manifest: truncated, expected {what}")
-        value = int.from_bytes(self.data[self.pos : self.pos + size], "big")
-        self.pos += size
-        if value < (24 if size == 1 else 1 << (4 * size)):
-            raise DecodeError(f"manifest: non-canonical (overlong) head in {what}")
-        return value
-
-    def uint(self, what: str) -> int:
-        return self.head(what, 0)
-
-    def array(self, what: str, max_items: int, items: str) -> int:
-        count = self.head(what, 4)
-        if count > max_items:
-            raise DecodeError(f"manifest: too many {items} in {what}: {count} > {max_items}")
-        return count
-
-    def text(self, what: str, max_bytes: int) -> str:
-        length = self.head(what, 3)
-        if length > max_bytes:
-            raise DecodeError(f"manifest: {what} too long: {length} > {max_bytes} bytes")
-        if self.pos + length > len(self.data):
-            raise DecodeError(f"manifest: truncated {what}")
-        raw = self.data[self.pos : self.pos + length]
-        self.pos += length
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DecodeError(f"manifest: {what} is not valid UTF-8") from None
+Encoder = Callable[[Mapping[str, torch.Tensor]], bytes]
+Decoder = Callable[..., State]  # (data, *, limits: Limits) -> State
 
 
-__all__ = ["DTYPES", "MAGIC", "VERSION", "State", "decode_state", "encode_state", "parse_manifest"]
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """A payload encoding, registered under the name the signed header carries."""
+
+    name: str
+    encode: Encoder  # state -> bytes
+    decode: Decoder  # (bytes, *, limits) -> fresh CPU tensors; DecodeError on bad input
+
+
+CODECS: dict[str, Codec] = {}
+DEFAULT_CODEC = "raw"
+
+
+def register_codec(codec: Codec) -> Codec:
+    """Add ``codec`` to :data:`CODECS` (a name is registered once)."""
+    if codec.name in CODECS:
+        raise ValueError(f"codec {codec.name!r} is already registered")
+    CODECS[codec.name] = codec
+    return codec
+
+
+def codec_named(name: str) -> Codec:
+    """Return the registered codec ``name``.
+
+    Raises:
+        UnknownCodec: no codec of that name (the message names it and the known ones).
+    """
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(CODECS))
+        raise UnknownCodec(f"unknown codec {str(name)[:32]!r}; this node decodes {known}") from None
+
+
+def decode_payload(
+    codec: str, data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS
+) -> State:
+    """Decode ``data`` with the codec its header names.
+
+    Raises:
+        UnknownCodec: ``codec`` is not registered.
+        DecodeError: ``data`` is not a valid encoding within ``limits``.
+    """
+    return codec_named(codec).decode(data, limits=limits)
+
+
+RAW = register_codec(Codec("raw", encode_state, decode_state))
+
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_CODEC",
+    "DTYPES",
+    "MAGIC",
+    "RAW",
+    "VERSION",
+    "Codec",
+    "State",
+    "codec_named",
+    "decode_payload",
+    "decode_state",
+    "encode_state",
+    "parse_manifest",
+    "register_codec",
+]

@@ -9,9 +9,9 @@ data plane. The header is canonical CBOR (sorted keys, definite lengths, minimal
 and the signature (64 bytes, see :mod:`p2pfl.core.crypto`) is over ``sha256(header)``.
 A gossip announcement is the canonical CBOR map ``{"t": kind, "h": header, "s": sig}``.
 
-Bytes from peers are decoded by a strict reader of the tiny CBOR subset used here (one
-flat map of text keys to unsigned/negative ints, byte strings and text strings); tags,
-floats, simple values, nested containers, indefinite lengths and duplicate keys are
+Bytes from peers are decoded by the strict reader of :mod:`.cbor` (here: one flat map
+of text keys to unsigned/negative ints, byte strings and text strings); tags, floats,
+simple values, nested containers, indefinite lengths and duplicate keys are
 rejected before ``cbor2`` sees anything, and the result must re-encode to the very same
 bytes. So every accepted header has exactly one encoding, and with low-S signatures
 exactly one valid signature: ``(header_bytes, signature)`` is a sound deduplication key.
@@ -30,6 +30,8 @@ from typing import Any
 import cbor2
 
 from p2pfl.config import Limits
+from p2pfl.core.cbor import MAP, Scalar, StrictReader
+from p2pfl.core.codec import DEFAULT_CODEC, codec_named
 from p2pfl.core.crypto import DIGEST_BYTES, Identity, public_key_from_peer_id, verify_by_peer_id
 from p2pfl.errors import (
     DecodeError,
@@ -48,7 +50,7 @@ _HEADER_KEYS = frozenset(
 _ANNOUNCEMENT_KEYS = frozenset({"t", "h", "s"})
 _DEFAULT_LIMITS = Limits()
 
-_Value = int | str | bytes
+_Value = Scalar
 
 
 def _is_uint(value: object) -> bool:
@@ -65,7 +67,8 @@ class UpdateHeader:
 
     Raises:
         DecodeError: a field has the wrong type or range (from a peer, or from a caller
-            of :func:`sign_update`).
+            of :func:`sign_update`); :class:`~p2pfl.errors.UnknownCodec` if ``codec``
+            is not in :data:`~p2pfl.core.codec.CODECS`.
     """
 
     version: int
@@ -76,7 +79,7 @@ class UpdateHeader:
     size: int  # payload bytes
     samples: int  # claimed number of training samples (a claim, not a fact)
     ts_ms: int  # sender's wall clock in milliseconds; informative only
-    codec: str
+    codec: str  # how the payload is encoded: a name in the codec registry
 
     def __post_init__(self) -> None:
         for name in ("version", "round", "size", "samples", "ts_ms"):
@@ -87,6 +90,7 @@ class UpdateHeader:
                 raise DecodeError(f"header field {name!r} must be a non-empty string")
         if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_BYTES:
             raise DecodeError(f"header field 'digest' must be {DIGEST_BYTES} bytes")
+        codec_named(self.codec)  # UnknownCodec: a payload we could not decode is refused here
         public_key_from_peer_id(self.sender)  # DecodeError unless a secp256k1 PeerId
 
     def encode(self) -> bytes:
@@ -152,7 +156,7 @@ def sign_update(
     payload: bytes | memoryview,
     samples: int,
     ts_ms: int,
-    codec: str = "raw",
+    codec: str = DEFAULT_CODEC,
 ) -> VerifiedHeader:
     """Build and sign the header for ``payload`` (its digest and size are computed here).
 
@@ -182,7 +186,8 @@ def verify_header(header_bytes: bytes, signature: bytes, *, network_id: str) -> 
     Cheap checks run before the signature check so that junk costs little.
 
     Raises:
-        DecodeError: not a canonical header (types, keys, ranges, bad PeerId).
+        DecodeError: not a canonical header (types, keys, ranges, bad PeerId);
+            :class:`~p2pfl.errors.UnknownCodec` if it names a codec not in the registry.
         UnsupportedVersion: the header speaks another protocol version.
         WrongNetwork: the header is bound to another network id.
         InvalidSignature: the signature does not verify under the ``from`` PeerId's key.
@@ -271,81 +276,81 @@ def parse_announcement(
     return ParsedAnnouncement(AnnouncementKind(kind), update, origin)
 
 
-def check_payload(update: VerifiedHeader, payload: bytes | memoryview) -> None:
+@dataclass(frozen=True, slots=True)
+class CheckedPayload:
+    """Payload bytes with their sha256, computed once, where they were received.
+
+    Built only by :func:`hash_payload` and :class:`PayloadHasher`; its type is the proof
+    that ``digest`` is the sha256 of ``data``, so :func:`check_payload` compares digests
+    instead of hashing the payload a second time.
+    """
+
+    data: bytes
+    digest: bytes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def hash_payload(data: bytes) -> CheckedPayload:
+    """Hash a payload that arrived whole (one sha256 pass)."""
+    return CheckedPayload(data, hashlib.sha256(data).digest())
+
+
+class PayloadHasher:
+    """Hash a payload chunk by chunk as it arrives; :meth:`finish` joins the chunks once."""
+
+    __slots__ = ("_chunks", "_sha")
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._chunks: list[bytes] = []
+
+    def add(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        self._chunks.append(chunk)
+
+    def finish(self) -> CheckedPayload:
+        data = b"".join(self._chunks)  # one copy (none for a single chunk)
+        self._chunks = []
+        return CheckedPayload(data, self._sha.digest())
+
+
+def check_payload(update: VerifiedHeader, payload: CheckedPayload | bytes | memoryview) -> None:
     """Check that ``payload`` is the one the header signs.
+
+    A :class:`CheckedPayload` (what a transfer returns) is not hashed again; plain bytes
+    are hashed here, once.
 
     Raises:
         DigestMismatch: the size or the sha256 differs from the header's.
     """
-    view = memoryview(payload)
-    if view.nbytes != update.header.size:
-        raise DigestMismatch(f"payload is {view.nbytes} bytes, header says {update.header.size}")
-    if hashlib.sha256(view).digest() != update.header.digest:
+    if isinstance(payload, CheckedPayload):
+        size, digest = len(payload.data), payload.digest
+    else:
+        view = memoryview(payload)
+        size, digest = view.nbytes, hashlib.sha256(view).digest()
+    if size != update.header.size:
+        raise DigestMismatch(f"payload is {size} bytes, header says {update.header.size}")
+    if digest != update.header.digest:
         raise DigestMismatch("payload sha256 differs from the signed digest")
-
-
-# --- strict CBOR subset reader -------------------------------------------------------
-
-
-class _Reader:
-    """Read CBOR heads and scalar items from untrusted bytes; DecodeError on anything else."""
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise DecodeError("truncated CBOR")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def head(self) -> tuple[int, int]:
-        initial = self.take(1)[0]
-        major, info = initial >> 5, initial & 0x1F
-        if info < 24:
-            return major, info
-        if info > 27:  # 28-30 reserved, 31 indefinite length / break
-            raise DecodeError("indefinite-length or reserved CBOR item")
-        return major, int.from_bytes(self.take(1 << (info - 24)), "big")
-
-    def scalar(self) -> _Value:
-        major, arg = self.head()
-        if major == 0:
-            return arg
-        if major == 1:
-            return -1 - arg
-        if major == 2:
-            return self.take(arg)
-        if major == 3:
-            try:
-                return self.take(arg).decode("utf-8")
-            except UnicodeDecodeError:
-                raise DecodeError("CBOR text is not valid UTF-8") from None
-        raise DecodeError(f"CBOR major type {major} not allowed (tags, floats, nesting)")
 
 
 def _decode_flat_map(data: bytes, what: str) -> dict[str, _Value]:
     """Decode one canonical CBOR map of text keys to scalars, nothing before or after."""
-    reader = _Reader(data)
-    major, count = reader.head()
-    if major != 5:
-        raise DecodeError(f"{what} is not a CBOR map")
+    reader = StrictReader(data, what)
+    _, count = reader.head(what, MAP)
     if count > len(data):  # each entry takes at least two bytes: refuse before looping
         raise DecodeError(f"{what} declares more entries than it has bytes")
     result: dict[str, _Value] = {}
     for _ in range(count):
-        key = reader.scalar()
+        key = reader.scalar("key")
         if not isinstance(key, str):
             raise DecodeError(f"{what} has a non-text key")
         if key in result:
             raise DecodeError(f"{what} repeats key {key[:32]!r}")
-        result[key] = reader.scalar()
-    if reader.pos != len(data):
-        raise DecodeError(f"{what} has trailing bytes")
+        result[key] = reader.scalar("value")
+    reader.finish()
     if cbor2.dumps(result, canonical=True) != data:
         raise DecodeError(f"{what} is not canonical CBOR")
     return result
@@ -354,11 +359,14 @@ def _decode_flat_map(data: bytes, what: str) -> dict[str, _Value]:
 __all__ = [
     "PROTOCOL_VERSION",
     "AnnouncementKind",
+    "CheckedPayload",
     "ParsedAnnouncement",
+    "PayloadHasher",
     "UpdateHeader",
     "VerifiedHeader",
     "check_payload",
     "encode_announcement",
+    "hash_payload",
     "parse_announcement",
     "sign_update",
     "verify_header",

@@ -8,10 +8,10 @@ digest re-announced for another round (replay), or too old to judge (stale).
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from p2pfl.config import require
+from p2pfl.core.bounded import BoundedMap
 
 
 class Observation(enum.Enum):
@@ -57,8 +57,7 @@ class UpdateLedger:
             f"must be a positive integer, got {max_senders!r}",
         )
         self._window = window
-        self._max_senders = max_senders
-        self._senders: OrderedDict[str, _SenderMemory] = OrderedDict()
+        self._senders: BoundedMap[str, _SenderMemory] = BoundedMap(max_senders)
 
     def observe(self, sender: str, round: int, digest: bytes) -> Observation:
         """Record one sighting and classify it (see :class:`Observation`)."""
@@ -82,27 +81,24 @@ class UpdateLedger:
 
     def digests(self, sender: str, round: int) -> tuple[bytes, ...]:
         """Return the distinct digests remembered for ``(sender, round)``."""
-        memory = self._senders.get(sender)
+        memory = self._senders.peek(sender)
         if memory is None:
             return ()
         return tuple(memory.rounds.get(round, ()))
 
     def equivocated(self, sender: str) -> bool:
         """Tell whether ``sender`` was caught equivocating while remembered."""
-        memory = self._senders.get(sender)
+        memory = self._senders.peek(sender)
         return memory is not None and memory.equivocated
 
     def __len__(self) -> int:
         return len(self._senders)
 
     def _memory(self, sender: str, round: int) -> _SenderMemory:
-        memory = self._senders.get(sender)
+        memory = self._senders.get(sender)  # the least recently seen sender goes first
         if memory is None:
-            if len(self._senders) >= self._max_senders:
-                self._senders.popitem(last=False)
-            memory = self._senders[sender] = _SenderMemory(newest=round)
-        else:
-            self._senders.move_to_end(sender)
+            memory = _SenderMemory(newest=round)
+            self._senders.put(sender, memory)
         return memory
 
     @staticmethod

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.ledger import Observation
 from p2pfl.core.reputation import Evidence
 
@@ -115,16 +115,11 @@ class Inbox:
         self._used_through: dict[str, int] = {}  # peer -> last round of it we aggregated
         self._freshest: dict[str, Received] = {}  # newest delivered per peer, used or not
         self._keep_rounds = keep_rounds
-        self._authors: OrderedDict[bytes, str] = OrderedDict()
-        self._max_digests = max_digests
+        self._authors: BoundedMap[bytes, str] = BoundedMap(max_digests)
 
     def first_author(self, digest: bytes, sender: str) -> str:
         """Return who first announced ``digest``, remembering ``sender`` if nobody did."""
-        author = self._authors.setdefault(digest, sender)
-        self._authors.move_to_end(digest)
-        while len(self._authors) > self._max_digests:
-            self._authors.popitem(last=False)
-        return author
+        return self._authors.setdefault(digest, sender)
 
     def deliver(self, update: Received) -> None:
         """Keep ``update`` unless that round of the peer was used already."""

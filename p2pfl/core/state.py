@@ -1,4 +1,4 @@
-"""Does a state fit a model? One check for the aggregation, the learner and the node.
+"""What a state is, and does it fit a model? One check for the aggregation, the learner and the node.
 
 A state is ``name -> tensor``. It fits a reference (a state, or a template of shapes and
 dtypes) when it has exactly the reference's keys and, per key, a tensor of the same
@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
+State = dict[str, torch.Tensor]
+"""Named tensors: a model's parameters and buffers (or a checkpoint's). The one definition."""
 
 Template = Mapping[str, tuple[torch.Size, torch.dtype]]
 
@@ -46,4 +49,4 @@ def nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-__all__ = ["Template", "mismatch", "nonfinite", "template_of"]
+__all__ = ["State", "Template", "mismatch", "nonfinite", "template_of"]

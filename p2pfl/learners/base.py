@@ -13,8 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-State = dict[str, torch.Tensor]
-"""Named tensors: a model's parameters and buffers (or a checkpoint's)."""
+from p2pfl.core.state import State
 
 
 @dataclass(frozen=True, slots=True)

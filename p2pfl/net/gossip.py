@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.config import Limits
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.errors import NetworkError
 from p2pfl.net.transport import Announcement, Validator
 
@@ -105,29 +105,8 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
-class BoundedCache:
-    """An LRU map of at most ``capacity`` entries."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """Return the value for ``key`` (refreshing it) or ``default``."""
-        if key not in self._items:
-            return default
-        self._items.move_to_end(key)
-        return self._items[key]
-
-    def put(self, key: Any, value: Any) -> None:
-        """Store ``key``, evicting the least recently used entry when full."""
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._items
+# Deprecated alias (one release): the one bounded map is p2pfl.core.bounded.BoundedMap.
+BoundedCache = BoundedMap
 
 
 @dataclass
@@ -169,8 +148,9 @@ class Gossip:
         self.limits = limits
         self.counters = GossipCounters()
         self._validator = validator
-        self._values = BoundedCache(SEEN_CAPACITY)  # (origin, sha256) -> validator value
-        self._delivered = BoundedCache(SEEN_CAPACITY)  # (origin, sha256) -> True
+        # (origin, sha256) -> validator value; (origin, sha256) -> True once delivered
+        self._values: BoundedMap[tuple[str, bytes], Any] = BoundedMap(SEEN_CAPACITY)
+        self._delivered: BoundedMap[tuple[str, bytes], bool] = BoundedMap(SEEN_CAPACITY)
         self._bucket = TokenBucket(publish_rate, burst=max(1.0, publish_rate), now=trio.current_time())
         self._send, self._receive = trio.open_memory_channel[Announcement](buffer)
 

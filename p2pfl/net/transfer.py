@@ -59,15 +59,14 @@ handler never raises into libp2p (a raising handler takes down a stock 0.8.1 hos
 failure resets the stream. Replies are written in 1 MiB slices of a memoryview.
 
 Client side: the body is read with large reads (up to 16 MiB, never past ``length``),
-hashed chunk by chunk and joined once at the end.
+hashed chunk by chunk and joined once at the end, and returned as a
+:class:`~p2pfl.core.envelope.CheckedPayload`: that hash is the only one on receipt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import struct
-from collections import OrderedDict
 from collections.abc import Callable
 from enum import IntEnum
 
@@ -78,6 +77,8 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 
 from p2pfl.config import Limits, MiB
+from p2pfl.core.bounded import BoundedMap
+from p2pfl.core.envelope import CheckedPayload, PayloadHasher
 from p2pfl.errors import (
     P2PFLError,
     PayloadNotFound,
@@ -100,6 +101,7 @@ WRITE_CHUNK = 1 * MiB  # ~1 MiB writes from a memoryview: 64 KiB writes cost +50
 READ_CHUNK = 16 * MiB  # large reads: fewer copies and window updates
 REQUEST_TIMEOUT = 10.0  # an honest request is 41 bytes and one FIN: far below this
 RESET_TIMEOUT = 1.0  # a reset writes one frame; a full socket must not hold us
+STORE_MAX_PAYLOADS = 4096  # a count cap beside the byte budget: empty payloads weigh nothing
 
 
 class Status(IntEnum):
@@ -118,39 +120,30 @@ class PayloadStore:
     def __init__(self, *, max_total_bytes: int) -> None:
         if max_total_bytes <= 0:
             raise ValueError(f"max_total_bytes must be positive, got {max_total_bytes}")
-        self._max_total = max_total_bytes
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
-        self._total = 0
+        self._items: BoundedMap[bytes, bytes] = BoundedMap(
+            STORE_MAX_PAYLOADS, weigh=len, max_weight=max_total_bytes
+        )
 
     def put(self, digest: bytes, payload: bytes) -> None:
         """Store ``payload`` under ``digest``, evicting the oldest entries to fit.
 
         A payload larger than the whole budget is not stored.
         """
-        self.discard(digest)
-        if len(payload) > self._max_total:
+        if not self._items.put(digest, payload):
             logger.warning("payload of %d bytes exceeds the store budget", len(payload))
-            return
-        while self._total + len(payload) > self._max_total:
-            _, oldest = self._items.popitem(last=False)
-            self._total -= len(oldest)
-        self._items[digest] = payload
-        self._total += len(payload)
 
     def discard(self, digest: bytes) -> None:
         """Forget ``digest``; unknown digests are ignored."""
-        payload = self._items.pop(digest, None)
-        if payload is not None:
-            self._total -= len(payload)
+        self._items.pop(digest)
 
     def get(self, digest: bytes) -> bytes | None:
         """Return the payload stored under ``digest``, or None."""
-        return self._items.get(digest)
+        return self._items.peek(digest)  # serving does not refresh: the oldest put goes first
 
     @property
     def total_bytes(self) -> int:
         """Sum of the stored payload sizes."""
-        return self._total
+        return self._items.total_weight
 
     def __len__(self) -> int:
         return len(self._items)
@@ -311,7 +304,21 @@ def install_update_protocol(
 async def fetch_payload(
     host: IHost, peer_id: str, digest: bytes, *, max_size: int, timeout: float
 ) -> bytes:
-    """Pull the payload whose sha256 is ``digest`` from ``peer_id``.
+    """Pull the payload whose sha256 is ``digest``; its bytes only (see below).
+
+    Kept until the transports return :class:`~p2pfl.core.envelope.CheckedPayload`:
+    prefer :func:`fetch_checked_payload`, whose result the node need not hash again.
+    """
+    checked = await fetch_checked_payload(
+        host, peer_id, digest, max_size=max_size, timeout=timeout
+    )
+    return checked.data
+
+
+async def fetch_checked_payload(
+    host: IHost, peer_id: str, digest: bytes, *, max_size: int, timeout: float
+) -> CheckedPayload:
+    """Pull the payload whose sha256 is ``digest`` from ``peer_id``, hashed once on the way in.
 
     Raises:
         PeerUnreachable: No stream to the peer could be opened.
@@ -336,7 +343,7 @@ async def fetch_payload(
     raise TransferTimeout(f"no payload from {peer_id[-8:]} in {timeout}s")
 
 
-async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> bytes:
+async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> CheckedPayload:
     stream = await _open_stream(host, peer_id)
     try:
         payload = await _pull(stream, digest, max_size)
@@ -362,7 +369,7 @@ async def _close_quietly(stream: INetStream) -> None:
             logger.debug("stream close failed", exc_info=True)
 
 
-async def _pull(stream: INetStream, digest: bytes, max_size: int) -> bytes:
+async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayload:
     """Run one request/reply on ``stream``, translating every library error."""
     try:
         await stream.write(REQUEST.pack(VERSION, digest, max_size))
@@ -403,8 +410,11 @@ async def _read_reply_header(stream: INetStream, max_size: int) -> int:
     raise TransferError(f"peer answered {status.name}")
 
 
-async def _read_body(stream: INetStream, length: int, digest: bytes) -> bytes:
+async def _read_body(stream: INetStream, length: int, digest: bytes) -> CheckedPayload:
     """Read exactly ``length`` bytes with large reads, hashing chunks as they arrive.
+
+    This is the one sha256 pass over a received payload: the result carries the digest
+    to :func:`~p2pfl.core.envelope.check_payload`, which compares instead of rehashing.
 
     Chunks are joined once at the end: one pass over fresh memory. (A preallocated
     buffer filled chunk by chunk and then turned into ``bytes`` costs two passes,
@@ -412,25 +422,25 @@ async def _read_body(stream: INetStream, length: int, digest: bytes) -> bytes:
     Hashing inline costs ~1 ms of loop time per 1 MiB chunk; a hashing thread gave no
     measurable gain on 2 cores.
     """
-    chunks: list[bytes] = []
-    hasher = hashlib.sha256()
+    hasher = PayloadHasher()
     got = 0
     while got < length:
         chunk = await stream.read(min(length - got, READ_CHUNK))
         if not chunk:
             raise _Malformed("empty read")
-        chunks.append(chunk)
-        hasher.update(chunk)
+        hasher.add(chunk)
         got += len(chunk)
-    if hasher.digest() != digest:
+    payload = hasher.finish()
+    if payload.digest != digest:
         raise TamperedPayload("body sha256 differs from the requested digest")
-    return b"".join(chunks)
+    return payload
 
 
 __all__ = [
     "PROTOCOL_ID",
     "PayloadStore",
     "Status",
+    "fetch_checked_payload",
     "fetch_payload",
     "install_update_protocol",
 ]

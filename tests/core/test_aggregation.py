@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.core.aggregation import (
+    CLIPPING_RULES,
     DEFAULT_RULE,
     RULES,
     adaptive_radius,
@@ -56,6 +57,15 @@ def test_registry_names_the_default_and_every_documented_rule() -> None:
         "mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed",
         "centered_clip", "clipped_gossip", "balance", "ios",
     }  # fmt: skip
+
+
+def test_registry_entries_carry_what_each_rule_needs() -> None:
+    clipping = {name for name, entry in RULES.items() if entry.clipping}
+    assert clipping == {"centered_clip", "clipped_gossip"}
+    assert {name for name, entry in RULES.items() if entry.uses_samples} == {"mean"}
+    assert clipping == CLIPPING_RULES  # the deprecated alias is derived, not listed by hand
+    assert RULES["mean"].name == "mean"
+    assert "FedAvg" in (RULES["mean"].__doc__ or "")
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -8,15 +8,21 @@ import torch
 
 from p2pfl.config import Limits
 from p2pfl.core.codec import (
+    CODECS,
+    DEFAULT_CODEC,
     DTYPES,
     MAGIC,
     VERSION,
+    Codec,
+    codec_named,
+    decode_payload,
     decode_state,
     encode_state,
     parse_manifest,
+    register_codec,
     swap_bytes,
 )
-from p2pfl.errors import DecodeError
+from p2pfl.errors import DecodeError, UnknownCodec
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -198,3 +204,28 @@ def test_shape_product_is_bounded_by_the_payload_limit() -> None:
     assert decode_state(data)["e"].shape == (0, 1000, 1000)
     with pytest.raises(DecodeError, match="too large"):
         decode_state(data, limits=Limits(max_payload_bytes=999_999))
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_raw_round_trips_through_the_registry() -> None:
+    state = {"w": torch.randn(3, 2), "n": torch.tensor(7)}
+    data = CODECS[DEFAULT_CODEC].encode(state)
+    assert data == encode_state(state)
+    for decoded in (CODECS["raw"].decode(data, limits=Limits()), decode_payload("raw", data)):
+        assert decoded.keys() == state.keys()
+        assert all(torch.equal(decoded[k], state[k]) for k in state)
+
+
+def test_an_unknown_codec_is_refused_by_name() -> None:
+    with pytest.raises(UnknownCodec, match="unknown codec 'topk'; this node decodes raw"):
+        decode_payload("topk", encode_state({}))
+    with pytest.raises(DecodeError):  # an UnknownCodec is a DecodeError: INVALID_FORMAT evidence
+        codec_named("x" * 1000)
+
+
+def test_a_codec_name_is_registered_once() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_codec(Codec("raw", encode_state, decode_state))
+    assert CODECS["raw"].decode is decode_state

@@ -33,6 +33,7 @@ from p2pfl.errors import (
     InvalidSignature,
     P2PFLError,
     SignerMismatch,
+    UnknownCodec,
     UnsupportedVersion,
     WrongNetwork,
 )
@@ -418,3 +419,21 @@ def test_holds_with_a_bad_signature_is_invalid_signature() -> None:
     data = encode_announcement(AnnouncementKind.HOLDS, forged)
     with pytest.raises(InvalidSignature):
         parse_announcement(BOB.peer_id, data, network_id=NET)
+
+
+# --- the codec named in the header ---------------------------------------------------
+
+
+def test_a_header_naming_an_unknown_codec_is_refused_at_parse_time() -> None:
+    header_bytes, signature = sign_bytes(cbor2.dumps(header_fields(codec="zstd"), canonical=True))
+    with pytest.raises(UnknownCodec, match="'zstd'"):
+        verify_header(header_bytes, signature, network_id=NET)
+    announcement = cbor2.dumps({"t": 1, "h": header_bytes, "s": signature}, canonical=True)
+    with pytest.raises(DecodeError, match="unknown codec 'zstd'"):  # INVALID_FORMAT evidence
+        parse_announcement(ALICE.peer_id, announcement, network_id=NET)
+
+
+def test_an_update_cannot_be_signed_with_an_unknown_codec() -> None:
+    with pytest.raises(UnknownCodec, match="this node decodes raw"):
+        signed(codec="fp8")
+    assert signed(codec="raw").header.codec == "raw"

@@ -5,7 +5,7 @@ Every rule is a pure function centred on the node's own model::
     rule(own, neighbours, weights, *, self_weight=None, **params) -> Aggregate
 
 - ``weights[j] >= 0`` is neighbour ``j``'s relative weight (the node passes mixing
-  weight x reputation, x sample share for ``mean``). Weight 0 ignores the neighbour's
+  weight x reputation, x sample share for rules registered with ``uses_samples``: ``mean``). Weight 0 ignores the neighbour's
   model but it still gets a ``trust`` value, so an excluded peer can earn its way back.
 - ``self_weight >= 0`` weighs the own model; ``None`` (the default for every rule) means
   "as much as an average neighbour": the mean of the positive neighbour weights, or 1.0
@@ -17,6 +17,9 @@ Every rule is a pure function centred on the node's own model::
   last local update (clipping rules bound each pull by a few of it), and ``vetted``, one
   flag per neighbour that the node checked does no harm when mixed at its weight
   (:mod:`p2pfl.node.harm`): clipping rules use those in full. Other rules ignore both.
+- Each entry of :data:`RULES` is a :class:`RegisteredRule` carrying the capabilities the
+  rule declared with ``@rule(name, clipping=..., uses_samples=...)``; the node reads
+  those (``RULES[name].clipping``), never a list of names.
 - All floating-point tensors are flattened into one vector per model (float64 if the
   model has a float64 tensor, else float32: half the memory and no slower); non-floating
   tensors (BatchNorm's ``num_batches_tracked``) keep the own model's value. Outputs have
@@ -43,11 +46,11 @@ vectors), :mod:`.server_rules` (FedAvg and the classic robust rules) and
 """
 
 from p2pfl.core.aggregation.base import (
-    CLIPPING_RULES,
     DEFAULT_BYZANTINE_FRACTION,
     DEFAULT_RULE,
     RULES,
     Aggregate,
+    RegisteredRule,
     Rule,
     adaptive_radius,
     aggregate,
@@ -56,6 +59,9 @@ from p2pfl.core.aggregation.flat import FlatSpec, flat_spec, flatten, unflatten
 from p2pfl.core.aggregation.gossip_rules import balance, centered_clip, clipped_gossip, ios
 from p2pfl.core.aggregation.server_rules import geomed, krum, mean, median, multi_krum, trimmed_mean
 
+# Deprecated (kept for one release): read ``RULES[name].clipping`` instead.
+CLIPPING_RULES = frozenset(name for name, entry in RULES.items() if entry.clipping)
+
 __all__ = [
     "CLIPPING_RULES",
     "DEFAULT_BYZANTINE_FRACTION",
@@ -63,6 +69,7 @@ __all__ = [
     "RULES",
     "Aggregate",
     "FlatSpec",
+    "RegisteredRule",
     "Rule",
     "adaptive_radius",
     "aggregate",

@@ -24,8 +24,7 @@ from p2pfl.core.aggregation.flat import (
     flat_spec,
     unflatten,
 )
-from p2pfl.core.codec import State
-from p2pfl.core.state import mismatch, template_of
+from p2pfl.core.state import State, mismatch, template_of
 from p2pfl.errors import AggregationError
 
 log = logging.getLogger(__name__)
@@ -37,8 +36,6 @@ DEFAULT_BYZANTINE_FRACTION = 0.2
 DEFAULT_MEDIAN_CAP = 2.0
 # Radius cap in units of the node's own last local update (``own_step``), when given.
 STEP_CAP = 4.0
-# Rules with a clipping radius: they use ``own_step`` and ``vetted``.
-CLIPPING_RULES = frozenset({"clipped_gossip", "centered_clip"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +48,39 @@ class Aggregate:
 
 
 Rule = Callable[..., Aggregate]
-RULES: dict[str, Rule] = {}
+
+
+class RegisteredRule:
+    """A rule in :data:`RULES`: called like the function it wraps, it also says what it needs.
+
+    Capabilities (declared with :func:`rule`, read by the node instead of rule names):
+
+    - ``clipping``: the rule has a clipping radius and uses ``own_step`` and ``vetted``,
+      so the node's harm check (which produces ``vetted``) is worth running for it;
+    - ``uses_samples``: the rule expects weights x claimed sample counts and the own
+      sample count as ``self_weight`` (FedAvg), so the node weighs by samples.
+    """
+
+    def __init__(self, name: str, apply: Rule, *, clipping: bool, uses_samples: bool) -> None:
+        self.name = name
+        self.clipping = clipping
+        self.uses_samples = uses_samples
+        self._apply = apply
+        self.__name__ = self.__qualname__ = apply.__name__
+        self.__doc__ = apply.__doc__
+
+    def __call__(
+        self, own: Model, neighbours: Sequence[Model], weights: Sequence[float], **params: Any
+    ) -> Aggregate:
+        return self._apply(own, neighbours, weights, **params)
+
+    def __repr__(self) -> str:
+        return (
+            f"<rule {self.name!r} clipping={self.clipping} uses_samples={self.uses_samples}>"
+        )
+
+
+RULES: dict[str, RegisteredRule] = {}
 
 
 # --- validation and stacking ------------------------------------------------------------
@@ -153,10 +182,15 @@ def _prepare(
 _Core = Callable[..., tuple[torch.Tensor, torch.Tensor, float | None]]
 
 
-def rule(name: str) -> Callable[[_Core], Rule]:
-    """Register a rule core ``(inputs, **params) -> (vector, trust, radius)`` as ``name``."""
+def rule(
+    name: str, *, clipping: bool = False, uses_samples: bool = False
+) -> Callable[[_Core], RegisteredRule]:
+    """Register a rule core ``(inputs, **params) -> (vector, trust, radius)`` as ``name``.
 
-    def register(core: _Core) -> Rule:
+    The keywords are the rule's capabilities, see :class:`RegisteredRule`.
+    """
+
+    def register(core: _Core) -> RegisteredRule:
         allowed = [p for p in inspect.signature(core).parameters if p != "inp"]
 
         def apply(
@@ -190,8 +224,8 @@ def rule(name: str) -> Callable[[_Core], Rule]:
         # Not functools.wraps: it would advertise the core's (inputs, ...) signature.
         apply.__name__ = apply.__qualname__ = core.__name__
         apply.__doc__ = core.__doc__
-        RULES[name] = apply
-        return apply
+        RULES[name] = RegisteredRule(name, apply, clipping=clipping, uses_samples=uses_samples)
+        return RULES[name]
 
     return register
 
@@ -343,7 +377,6 @@ def full_trust(inp: Inputs) -> torch.Tensor:
 
 
 __all__ = [
-    "CLIPPING_RULES",
     "DEFAULT_BYZANTINE_FRACTION",
     "DEFAULT_MEDIAN_CAP",
     "DEFAULT_RULE",
@@ -351,6 +384,7 @@ __all__ = [
     "STEP_CAP",
     "Aggregate",
     "Inputs",
+    "RegisteredRule",
     "Rule",
     "Span",
     "adaptive_radius",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from p2pfl.core.codec import State
+from p2pfl.core.state import State
 from p2pfl.errors import AggregationError
 
 Model = Mapping[str, torch.Tensor]

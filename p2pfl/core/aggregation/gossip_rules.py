@@ -82,7 +82,7 @@ def _unclipped_if_vetted(inp: Inputs, ratio: torch.Tensor) -> torch.Tensor:
     return torch.where(inp.vetted, torch.ones_like(ratio), ratio)
 
 
-@rule("centered_clip")
+@rule("centered_clip", clipping=True)
 def centered_clip(
     inp: Inputs,
     tau: float | None = None,
@@ -117,7 +117,7 @@ def centered_clip(
     return span.point(c), trust.to(inp.rows.dtype), tau_
 
 
-@rule("clipped_gossip")
+@rule("clipped_gossip", clipping=True)
 def clipped_gossip(
     inp: Inputs,
     tau: float | None = None,

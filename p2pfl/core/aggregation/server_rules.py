@@ -27,7 +27,7 @@ from p2pfl.core.aggregation.base import (
 from p2pfl.errors import AggregationError
 
 
-@rule("mean")
+@rule("mean", uses_samples=True)
 def mean(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Weighted average of the own model and the neighbours (FedAvg).
 
