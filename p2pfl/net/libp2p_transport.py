@@ -29,12 +29,13 @@ from multiaddr import Multiaddr
 
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import short_id
+from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.mdns import advertised_addrs, run_mdns
-from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
+from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class Libp2pTransport:
         """Return the one bounded, lossy stream of validated announcements."""
         return self.gossip.announcements()
 
-    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> bytes:
+    async def fetch(
+        self, peer: str, digest: bytes, *, max_size: int, timeout: float
+    ) -> CheckedPayload:
         """Pull the payload named ``digest`` from ``peer`` within ``timeout`` seconds.
 
         Dials ``peer`` first if it is known but not connected (any holder may serve).
@@ -99,7 +102,7 @@ class Libp2pTransport:
         deadline = trio.current_time() + timeout
         await self._ensure_connected(peer, timeout)
         remaining = max(0.0, deadline - trio.current_time())
-        payload = await fetch_payload(
+        payload = await fetch_checked_payload(
             self.host, peer, digest, max_size=max_size, timeout=remaining
         )
         self._fetched_bytes += len(payload)

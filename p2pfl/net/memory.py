@@ -51,6 +51,7 @@ import trio
 
 from p2pfl.config import Limits, require
 from p2pfl.core.crypto import short_id
+from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import (
     ConfigError,
     NetworkError,
@@ -287,7 +288,7 @@ class MemoryNetwork:
 
     async def _transfer(
         self, fetcher: MemoryTransport, peer: str, digest: bytes, max_size: int
-    ) -> bytes:
+    ) -> CheckedPayload:
         server = self._open.get(peer)
         if server is None or not self._usable(fetcher.peer_id, peer, trio.current_time()):
             raise PeerUnreachable(f"{short_id(peer)} is not a usable neighbour of {fetcher}")
@@ -314,7 +315,7 @@ class MemoryNetwork:
             raise TamperedPayload(
                 f"{short_id(peer)} sent bytes whose sha256 is not {digest.hex()[:12]}"
             )
-        return payload
+        return CheckedPayload(payload, digest)
 
 
 class MemoryTransport:
@@ -406,10 +407,13 @@ class MemoryTransport:
         """Return the one bounded, lossy stream of validated announcements."""
         return self._receive
 
-    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> bytes:
+    async def fetch(
+        self, peer: str, digest: bytes, *, max_size: int, timeout: float
+    ) -> CheckedPayload:
         """Pull the payload named ``digest`` from ``peer`` within ``timeout`` seconds.
 
-        Returns the very bytes object the peer serves (no copy).
+        Returns the very bytes object the peer serves (no copy), with its digest (hashed
+        once per serve, not once per fetch).
 
         Raises:
             PeerUnreachable: ``peer`` is not open, not an edge, partitioned off or banned.

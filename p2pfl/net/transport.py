@@ -21,7 +21,8 @@ Contract, identical in both:
   Any exception counts as a rejection: validators see hostile bytes.
 - Announcements may be lost, duplicated or reordered. Publishers re-announce; receivers
   dedupe.
-- ``fetch`` returns exactly the bytes whose sha256 is ``digest`` or raises a
+- ``fetch`` returns exactly the bytes whose sha256 is ``digest``, as a
+  :class:`~p2pfl.core.envelope.CheckedPayload` (so nobody hashes them again), or raises a
   :class:`~p2pfl.errors.TransferError` subclass (or ``PeerUnreachable``) within
   ``timeout`` seconds. It never reads more than ``max_size`` bytes from the peer.
 - ``serve`` makes a payload available to every peer until ``unserve``.
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import trio
+
+from p2pfl.core.envelope import CheckedPayload
 
 Validator = Callable[[str, bytes], Any]
 """``validate(origin_peer_id, data) -> value``; raise to reject the message."""
@@ -77,8 +80,10 @@ class Transport(Protocol):
         """The one stream of validated announcements from other peers (bounded; lossy)."""
         ...
 
-    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> bytes:
-        """Pull the payload with this sha256 ``digest`` from ``peer``."""
+    async def fetch(
+        self, peer: str, digest: bytes, *, max_size: int, timeout: float
+    ) -> CheckedPayload:
+        """Pull the payload with this sha256 ``digest`` from ``peer``, hashed once on receipt."""
         ...
 
     def serve(self, digest: bytes, payload: bytes) -> None:

@@ -13,9 +13,8 @@ from typing import Protocol
 
 import torch
 
+from p2pfl.core.state import State
 from p2pfl.node.outbox import Outbox
-
-State = dict[str, torch.Tensor]
 
 
 class PeerView(Protocol):

@@ -16,9 +16,10 @@ import torch
 import trio
 
 from p2pfl.config import Limits
-from p2pfl.core.codec import decode_state
+from p2pfl.core.codec import decode_payload
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import (
+    CheckedPayload,
     ParsedAnnouncement,
     VerifiedHeader,
     check_payload,
@@ -159,11 +160,11 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            self._delivered(header.digest, payload)
+            self._delivered(header.digest, payload.data)
         finally:
             self._fetching.discard((header.sender, header.digest))
 
-    async def _pull(self, update: VerifiedHeader) -> bytes | None:
+    async def _pull(self, update: VerifiedHeader) -> CheckedPayload | None:
         """Fetch the payload from its author, then from other holders."""
         header = update.header
         sources = [header.sender, *sorted(self._holders.get(header.digest, set()) - {header.sender})]
@@ -179,12 +180,14 @@ class Fetcher:
                 log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(source), exc)
         return None
 
-    async def _decode(self, update: VerifiedHeader, payload: bytes) -> dict[str, torch.Tensor] | None:
+    async def _decode(
+        self, update: VerifiedHeader, payload: CheckedPayload
+    ) -> dict[str, torch.Tensor] | None:
         """Check the payload against the signed header and our model; None if unusable."""
         header = update.header
         try:
             check_payload(update, payload)
-            state = await self._compute(decode_state, payload, limits=self._limits)
+            state = await self._compute(decode_payload, header.codec, payload.data, limits=self._limits)
             if problem := mismatch(self._template, state):
                 raise DecodeError(f"model differs from ours: {problem}")
             if name := nonfinite(state):

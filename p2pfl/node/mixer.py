@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from p2pfl.core.aggregation import CLIPPING_RULES, Aggregate, aggregate
+from p2pfl.core.aggregation import RULES, Aggregate, aggregate
 from p2pfl.core.rounds import Received
 from p2pfl.learners.base import Learner, State
 from p2pfl.node.config import NodeConfig
@@ -42,7 +42,7 @@ class Mixer:
         self._config, self._learner, self._standing, self._compute = config, learner, standing, compute
         self._harm: HarmGate | None = None
         check = config.harm_check
-        if check.enabled and config.rule in CLIPPING_RULES:
+        if check.enabled and RULES[config.rule].clipping:
             if isinstance(learner, Prober):
                 self._harm = HarmGate(check, learner)
             else:
@@ -114,7 +114,7 @@ class Mixer:
     def weights(self, updates: Sequence[Received], samples: int) -> tuple[list[float], float]:
         """Weights of the neighbours and of the own model for the configured rule."""
         reputation = [self._standing.weight(u.sender) for u in updates]
-        if self._config.rule != "mean":
+        if not RULES[self._config.rule].uses_samples:
             return reputation, 1.0
         # FedAvg weighs by samples. Claims are capped at 4x our own so that a peer cannot
         # buy influence by lying about its data.

@@ -22,17 +22,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-import torch
-
 from p2pfl.core.codec import encode_state
 from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announcement, sign_update
+from p2pfl.core.state import State
 from p2pfl.errors import NetworkError
 from p2pfl.net.transport import Transport
 
 log = logging.getLogger(__name__)
 
-State = dict[str, torch.Tensor]
 Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
 
 

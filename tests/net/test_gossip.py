@@ -284,7 +284,7 @@ async def test_transport_forms_neighbours_gossips_and_fetches() -> None:
             with trio.fail_after(5):
                 assert (await node.announcements().receive()).origin == nodes[1].peer_id
         got = await nodes[3].fetch(nodes[1].peer_id, digest, max_size=2 << 20, timeout=10)
-        assert got == payload
+        assert got.data == payload
         assert nodes[3].stats().bytes_in >= len(payload)
         assert nodes[1].stats().bytes_out >= len(payload)
 

@@ -329,7 +329,7 @@ async def test_partition_cuts_traffic_until_heal(autojump_clock: trio.testing.Mo
         await p["a"].publish(b"two")
         await trio.sleep(1)
         assert pending(p["c"]) == [b"two"]
-        assert await p["b"].fetch("c", DIGEST, max_size=len(PAYLOAD), timeout=5) is PAYLOAD
+        assert (await p["b"].fetch("c", DIGEST, max_size=len(PAYLOAD), timeout=5)).data is PAYLOAD
 
 
 async def test_unnamed_peers_form_their_own_partition_group(
@@ -393,7 +393,8 @@ async def test_fetch_returns_the_served_object_after_latency_plus_size_over_band
         p["b"].serve(DIGEST, PAYLOAD)
         start = trio.current_time()
         got = await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5)
-        assert got is PAYLOAD  # shared, not copied
+        assert got.data is PAYLOAD  # shared, not copied
+        assert got.digest == DIGEST
         assert trio.current_time() - start == pytest.approx(0.01 + len(PAYLOAD) / 1e6)
 
 
@@ -440,7 +441,7 @@ async def test_fetch_from_frozen_peer_times_out_then_works_after_thaw(
             await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=3)
         assert trio.current_time() - start == pytest.approx(3)
         net.thaw("b")
-        assert await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=3) is PAYLOAD
+        assert (await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=3)).data is PAYLOAD
 
 
 async def test_fetch_short_deadline_times_out_mid_transfer(
@@ -466,7 +467,7 @@ async def test_tampered_payload_is_a_protocol_violation(
         with pytest.raises(TamperedPayload, match="sha256"):
             await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5)
         net.set_serving_hook("b", None)
-        assert await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5) is PAYLOAD
+        assert (await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5)).data is PAYLOAD
         p["b"].serve(sha256(b"claimed"), b"other bytes")  # serving under a false digest
         with pytest.raises(ProtocolViolation):
             await p["a"].fetch("b", sha256(b"claimed"), max_size=100, timeout=5)
@@ -479,7 +480,7 @@ async def test_serving_hook_can_forge_an_unserved_digest(
     line(net, "a", "b")
     async with open_peers(net, "ab") as p:
         net.set_serving_hook("b", lambda digest, payload: PAYLOAD)
-        assert await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5) is PAYLOAD
+        assert (await p["a"].fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5)).data is PAYLOAD
 
 
 async def test_peer_closing_mid_transfer_fails_before_deadline(

@@ -57,7 +57,8 @@ async def test_outbox_signs_what_the_transforms_made_in_order(
                         compute=inline, transforms=transforms)
         update = await outbox.announce(3, own, samples=10)
         header = update.header
-        payload = await theirs.fetch(me.peer_id, header.digest, max_size=header.size, timeout=1.0)
+        fetched = await theirs.fetch(me.peer_id, header.digest, max_size=header.size, timeout=1.0)
+        payload = fetched.data
         with trio.fail_after(1):
             announcement: Announcement = await theirs.announcements().receive()
     assert calls == [("add", 3), ("double", 3)]

@@ -90,7 +90,7 @@ async def fetch(transport: Libp2pTransport, request: dict[str, Any]) -> dict[str
     except P2PFLError as error:
         return {"error": type(error).__name__, "message": str(error),
                 "seconds": time.perf_counter() - start}
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+    return {"size": len(data), "sha256": hashlib.sha256(data.data).hexdigest(),
             "seconds": time.perf_counter() - start}
 
 
