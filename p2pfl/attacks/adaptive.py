@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from p2pfl.attacks._common import StateLike, choice, integer, number
+from p2pfl.attacks.model import Ipm
 from p2pfl.core.aggregation import flatten, unflatten
 from p2pfl.errors import ConfigError
 from p2pfl.node.behaviour import Behaviour, State
@@ -298,6 +299,35 @@ class BoilingFrog(_Adaptive):
         return _announce(centre + bias * self.pool.direction, own)
 
 
+class IpmUpdate(_Adaptive):
+    """Inner product manipulation on the update (Xie, Koyejo, Gupta, UAI 2020).
+
+    The paper's Byzantine update is ``-eps`` times the honest mean update. Honest models
+    moved from ``m_prev`` by ``d`` on average, so announce ``m_prev - eps d`` =
+    ``m - (1 + eps) d``. Built by ``ipm`` with ``space="update"`` (see :func:`ipm`).
+    """
+
+    name = "ipm"
+
+    def __init__(self, eps: object = 10.0, pool: object = None) -> None:
+        """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
+        super().__init__(pool)
+        self.eps = number(self.name, "eps", eps, low=0.0, strict=True)
+
+    def craft(self, node: Node, round: int, own: State) -> State:
+        """Return ``m - (1 + eps) d``."""
+        honest, _ = self.honest(node, own)
+        centre = honest.mean(dim=0)
+        return _announce(centre - (1 + self.eps) * self.mean_update(centre, own), own)
+
+
+def ipm(eps: object = 10.0, space: object = "model", pool: object = None) -> Behaviour:
+    """Build ``ipm``: on the model (:class:`~p2pfl.attacks.model.Ipm`) or on the update."""
+    if choice("ipm", "space", space, ("model", "update")) == "update":
+        return IpmUpdate(eps, pool)
+    return Ipm(eps)
+
+
 class TargetedFlip(Behaviour):
     """Train honestly on labels with one class relabelled: ``source -> target``.
 
@@ -320,11 +350,13 @@ __all__ = [
     "PERTURBATIONS",
     "BoilingFrog",
     "ClipAware",
+    "IpmUpdate",
     "MinMax",
     "MinSum",
     "Pool",
     "TargetedFlip",
     "clip_aware_step",
+    "ipm",
     "largest_fitting",
     "min_max_gamma",
     "min_sum_gamma",

@@ -226,3 +226,17 @@ def test_targeted_flip_relabels_only_the_source_class() -> None:
     assert three(torch.tensor([3, 7, 8])).tolist() == [8, 7, 8]
     trained = {"w": torch.ones(2)}
     assert make_attack("targeted_flip").craft(cast(Node, FakeNode({})), 0, trained) is trained
+
+
+def test_ipm_on_the_update_pushes_minus_eps_times_the_honest_move_from_the_start() -> None:
+    honest = honest_models(n=4, seed=10).float()
+    attack = make_attack("ipm", eps=0.5, space="update")
+    assert attack.name == "ipm"
+    craft(attack, states(honest), round=0)
+    moved = honest + torch.linspace(0, 1, 40)
+    announced = craft(attack, states(moved), round=1)["w"]
+    # m_prev - 0.5 (m - m_prev)
+    expected = honest.mean(dim=0) - 0.5 * torch.linspace(0, 1, 40)
+    assert torch.allclose(announced, expected, atol=1e-5)
+    model_space = craft(make_attack("ipm", eps=0.5), states(moved))["w"]
+    assert torch.allclose(model_space, -0.5 * moved.mean(dim=0), atol=1e-5)
