@@ -37,6 +37,7 @@ from p2pfl.node.harm import Prober
 from p2pfl.node.node import Node
 from p2pfl.sim.network import VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
+from p2pfl.sim.schedule import deterministic_scheduling
 from p2pfl.sim.topology import Edge, make_topology, place_byzantine
 
 log = logging.getLogger(__name__)
@@ -265,9 +266,10 @@ def run_scenario(
     clock = trio.testing.MockClock(autojump_threshold=0)
     started = time.perf_counter()
     cache = VerificationCache(capacity=1 << 16 if share_verification else 0)
-    result: RunResult = trio.run(
-        functools.partial(_run, scenario, seed, progress, cache), clock=clock
-    )
+    with deterministic_scheduling(seed):
+        result: RunResult = trio.run(
+            functools.partial(_run, scenario, seed, progress, cache), clock=clock
+        )
     return replace(result, wall_seconds=time.perf_counter() - started)
 
 
