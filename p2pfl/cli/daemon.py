@@ -27,6 +27,7 @@ from p2pfl.cli.http import serve_status
 from p2pfl.core.crypto import Identity
 from p2pfl.errors import KeyFileError
 from p2pfl.learners.datasets import make_digits_learner
+from p2pfl.net.patches import apply_process_tweaks
 from p2pfl.node.node import Node
 
 log = logging.getLogger(__name__)
@@ -117,5 +118,6 @@ def run_command(args: argparse.Namespace) -> int:
     # One intra-op thread: several nodes often share a machine, and the digits model is
     # far too small to gain from more.
     torch.set_num_threads(1)
+    apply_process_tweaks()  # malloc thresholds, Yamux credit batching: the process is ours
     trio.run(run_daemon, configs)
     return 0

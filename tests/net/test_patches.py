@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +29,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.upgrader import TransportUpgrader
 
 from p2pfl.net import patches
-from p2pfl.net.host import connect, key_pair_from_secret, listen_addrs, open_host
+from p2pfl.net.host import build_host, connect, key_pair_from_secret, listen_addrs, open_host
+from p2pfl.net.patches import process
 
 ROOT = Path(__file__).resolve().parents[2]
 PING = TProtocol("/ipfs/ping/1.0.0")
@@ -64,16 +63,13 @@ def test_another_version_warns_in_one_line_and_runs_stock(
     assert "\n" not in record.getMessage()
 
 
-def test_process_tweaks_are_opt_in() -> None:
-    code = (
-        "import os\nfrom p2pfl.net.host import build_host\nbuild_host(bytes([7]) * 32)\n"
-        "print(os.environ.get('PY_YAMUX_RELEASE_ON_READ'))\n"
-        "from p2pfl.net.patches import apply_process_tweaks\napply_process_tweaks()\n"
-        "print(os.environ.get('PY_YAMUX_RELEASE_ON_READ'))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PY_YAMUX_")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["None", "0"], done.stderr[-2000:]
+def test_process_tweaks_are_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PY_YAMUX_RELEASE_ON_READ", raising=False)
+    monkeypatch.setattr(process, "_applied", [])
+    build_host(bytes([7]) * 32)
+    assert "PY_YAMUX_RELEASE_ON_READ" not in os.environ
+    assert "yamux_release_on_read" in patches.apply_process_tweaks()
+    assert os.environ["PY_YAMUX_RELEASE_ON_READ"] == "0"
 
 
 @asynccontextmanager

@@ -119,3 +119,9 @@ def noise_writer() -> None:
         await self.read_writer.read_write_closer.write(b"".join(parts))
 
     NoiseTransportReadWriter.write_msg = write_msg  # type: ignore[method-assign]
+
+
+KNOBS = ("yamux_frame", "noise_reader", "noise_writer", "secure_read")
+"""The registry names of these patches (``benchmarks/bench_transfer.py`` sweeps them)."""
+
+__all__ = ["KNOBS", "noise_reader", "noise_writer", "secure_read", "yamux_frame"]

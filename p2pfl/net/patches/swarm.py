@@ -45,7 +45,7 @@ async def _wait_closed(swarm: Any, muxed: IMuxedConn) -> None:
 
 def inbound_slot_release() -> None:
     """Hold an inbound slot for the life of the connection, not of the swarm."""
-    stock = Swarm._do_handle_inbound_connection
+    stock: Any = Swarm._do_handle_inbound_connection
 
     @functools.wraps(stock)
     async def handle(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
