@@ -35,6 +35,9 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"p2pfl.node.node", "p2pfl.node.behaviour"}),
 }
 
+MAX_LINES = 450
+KNOWN_LONG = {"p2pfl.node.node"}  # removed by the node split
+
 THIRD_PARTY_BANS = {
     "core": {"trio", "libp2p", "socket", "time", "tempfile", "shutil", "pathlib", "io"},
     "config": {"socket", "trio", "libp2p"},
@@ -210,3 +213,8 @@ def test_core_does_no_file_io() -> None:
                   and isinstance(func.value, ast.Name) and func.value.id in {"os", "Path", "path"}):
                 found.append(f"{module}:{node.lineno} {func.value.id}.{func.attr}()")
     assert found == []
+
+
+def test_no_module_over_450_lines() -> None:
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert set(long) <= KNOWN_LONG, long

@@ -132,12 +132,11 @@ def patch_host(host: Any, *, max_streams_per_peer: int, auto_connect: bool) -> t
     """Apply the per-host patches to ``host`` (idempotent); return the names applied."""
     if _state["disabled"] or not version_ok():
         return ()
-    done = ["guard_dispatcher"]
-    streams.guard_dispatcher(host, max_streams_per_peer=max_streams_per_peer)
-    if not auto_connect:
-        swarm.no_auto_connector(host)
-        done.append("no_auto_connector")
-    return tuple(done)
+    PATCHES["guard_dispatcher"].apply(host, max_streams_per_peer=max_streams_per_peer)
+    if auto_connect:
+        return ("guard_dispatcher",)
+    PATCHES["no_auto_connector"].apply(host)
+    return ("guard_dispatcher", "no_auto_connector")
 
 
 def disable() -> None:
