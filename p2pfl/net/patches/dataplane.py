@@ -40,12 +40,14 @@ NOISE_READ_BYTES = 256 * 1024
 
 
 def yamux_frame() -> None:
+    """Send Yamux frames of sixteen full Noise messages."""
     from libp2p.stream_muxer.yamux import yamux
 
     yamux.MAX_MESSAGE_SIZE = YAMUX_FRAME_BYTES
 
 
 def noise_reader() -> None:
+    """Read Noise messages out of 256 KiB socket reads."""
     from libp2p.io.exceptions import IncompleteReadError
     from libp2p.security.noise.io import NoiseTransportReadWriter
 
@@ -78,6 +80,7 @@ def noise_reader() -> None:
 
 
 def secure_read() -> None:
+    """Join the decrypted messages of one ``SecureSession.read`` once."""
     from libp2p.io.exceptions import ConnectionClosedError
     from libp2p.security.secure_session import SecureSession
 
@@ -105,6 +108,7 @@ def secure_read() -> None:
 
 
 def noise_writer() -> None:
+    """Encrypt a whole write, then send it with one ``send_all``."""
     from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 
     async def write_msg(self: Any, msg: bytes, prefix_encoded: bool = False) -> None:
