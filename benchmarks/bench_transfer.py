@@ -14,8 +14,9 @@ Measures, on loopback, in this process (the client) against a holder process:
 2. aggregate throughput when ``--pullers`` processes pull one ``--agg-size`` MB update
    (a) all from one holder, (b) spread round-robin over ``--holders`` holders.
 
-Tuning modes: ``all`` (p2pfl.net.tuning as shipped), ``none`` (stock py-libp2p), or a
-comma list of knob names. Every process of a run uses the same mode. MB = 10^6 bytes.
+Tuning modes: ``all`` (every data-plane knob of ``p2pfl.net.patches``, as the daemon runs),
+``none`` (stock data plane; the hostile-input patches stay on), or a comma list of knob
+names. Every process of a run uses the same mode. MB = 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(run_mode(args)))
         return
-    from p2pfl.net.tuning import KNOBS
+    from bench_transfer_node import KNOBS
 
     names = list(KNOBS)
     if args.knob_sweep:

@@ -25,8 +25,9 @@ from typing import Any
 import trio
 
 from p2pfl.config import Limits
-from p2pfl.net import tuning
+from p2pfl.net import patches
 from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.patches import dataplane
 from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
 
 SIZE = struct.Struct(">Q")
@@ -37,14 +38,22 @@ def payload_of(size: int) -> bytes:
     return random.Random(size).randbytes(size)
 
 
+KNOBS = (*patches.TWEAKS, *dataplane.KNOBS)
+"""Data-plane knobs: process tweaks and data-plane patches (the others always apply)."""
+
+
 def set_tuning(knobs: str) -> None:
     """Apply the named knobs ("all", "none" or a comma list) before any host exists."""
-    if knobs == "all":
-        tuning.apply()
-    elif knobs == "none":
-        tuning.disable()
-    else:
-        tuning.apply(knobs.split(","))
+    names = list(KNOBS) if knobs == "all" else [] if knobs == "none" else knobs.split(",")
+    base = [n for n, p in patches.PATCHES.items() if not p.per_host and n not in dataplane.KNOBS]
+    patches.apply(base + [n for n in names if n in dataplane.KNOBS])
+    patches.apply_process_tweaks([n for n in names if n in patches.TWEAKS])
+
+
+def applied_knobs() -> list[str]:
+    """Return the data-plane knobs in effect in this process."""
+    tweaks = patches.apply_process_tweaks([])
+    return [n for n in KNOBS if n in tweaks or patches.active(n)]
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -82,7 +91,7 @@ async def holder(args: argparse.Namespace) -> None:
                 "addr": listen_addrs(host)[0],
                 "tcp_port": port,
                 "digests": {s: hashlib.sha256(p).digest().hex() for s, p in payloads.items()},
-                "tuning": list(tuning.applied()),
+                "tuning": applied_knobs(),
             }
         )
         await stdin_line()  # the driver closes stdin to stop us

@@ -23,6 +23,7 @@ import trio
 
 from p2pfl.assembly import NodeFile, build_node, load_node_file
 from p2pfl.cli.http import serve_status
+from p2pfl.net.patches import apply_process_tweaks
 
 log = logging.getLogger(__name__)
 
@@ -68,5 +69,6 @@ def run_command(args: argparse.Namespace) -> int:
     # One intra-op thread: several nodes often share a machine, and the digits model is
     # far too small to gain from more.
     torch.set_num_threads(1)
+    apply_process_tweaks()  # malloc thresholds, Yamux credit batching: the process is ours
     trio.run(run_daemon, configs)
     return 0

@@ -14,9 +14,9 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2pfl.cli.term import fmt_float, fmt_pct, table
 from p2pfl.core.crypto import short_id
 from p2pfl.node.stats import finite_json
+from p2pfl.term import fmt_float, fmt_pct, table
 
 # An attacker counts as flagged when at least this fraction of the honest nodes that
 # hold a score for it give it zero aggregation weight.

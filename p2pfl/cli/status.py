@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.cli.http import fetch_status
-from p2pfl.cli.term import fmt_bytes, fmt_float, fmt_pct, table
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, NetworkError
+from p2pfl.term import fmt_bytes, fmt_float, fmt_pct, table
 
 DEFAULT_HTTP_PORT = 9100
 RECENT_ROUNDS = 5  # rounds shown in the history table

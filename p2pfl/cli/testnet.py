@@ -29,7 +29,6 @@ from p2pfl.cli.processes import (
     termination_as_interrupt,
 )
 from p2pfl.cli.report import build_report, render_summary, write_report
-from p2pfl.cli.term import LiveBlock, fmt_duration, fmt_pct, table
 from p2pfl.cli.testnet_plan import (
     HOST,
     TestnetPlan,
@@ -40,6 +39,7 @@ from p2pfl.cli.testnet_plan import (
 )
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, P2PFLError
+from p2pfl.term import LiveBlock, fmt_duration, fmt_pct, table
 
 
 def testnet_command(args: argparse.Namespace) -> int:

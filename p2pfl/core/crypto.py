@@ -9,25 +9,23 @@ Signatures are over 32-byte digests, 64 bytes ``r || s``, deterministic (RFC 697
 SHA-256) and low-S normalised; a high-S signature is rejected so that every message has
 exactly one valid signature per key (no malleability for deduplication to trip on).
 
-The only I/O here is the key file (:meth:`Identity.save`, :meth:`Identity.load`).
+No I/O here: :meth:`Identity.save` and :meth:`Identity.load` hand PEM bytes to
+:mod:`p2pfl.keyfile`, which owns the key file (mode checks, atomic writes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import stat
-import tempfile
 from collections.abc import Callable
 from functools import lru_cache
-from pathlib import Path
 
 import ecdsa
 from ecdsa.util import sigdecode_string, sigencode_string_canonize
 
 from p2pfl.errors import DecodeError, InvalidSignature, KeyFileError
+from p2pfl.keyfile import read_key_file, write_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +44,6 @@ _PEER_ID_PREFIX = bytes([0x00, 0x25, 0x08, 0x02, 0x12, 0x21])
 _PEER_ID_BYTES = len(_PEER_ID_PREFIX) + PUBLIC_KEY_BYTES
 # A 39-byte id is 53 base58 characters; anything much longer is not worth decoding.
 _MAX_PEER_ID_CHARS = 64
-# A PEM secp256k1 key is ~230 bytes; cap reads so a wrong path cannot make us slurp a disk.
-_MAX_KEY_FILE_BYTES = 64 * 1024
 # Verifying keys for the peers we hear from; parsing a compressed point costs a square root.
 _VERIFYING_KEY_CACHE = 4096
 
@@ -212,112 +208,42 @@ class Identity:
             bytes(digest), hashfunc=hashlib.sha256, sigencode=sigencode_string_canonize
         )
 
-    def save(self, path: str | Path) -> None:
-        """Write the key as PEM with mode 0600, atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        pem = self._signing_key.to_pem(format="pkcs8")
+    def to_pem(self) -> bytes:
+        """Return the key as PKCS#8 PEM (what :meth:`save` writes). Never log it."""
+        return bytes(self._signing_key.to_pem(format="pkcs8"))
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, source: str = "key") -> Identity:
+        """Parse a secp256k1 PEM private key; ``source`` names it in errors.
+
+        Raises:
+            KeyFileError: not a PEM private key, or not on secp256k1.
+        """
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_atomically(path, pem)
-        except OSError as exc:
-            raise KeyFileError(f"{path}: cannot write key file ({exc.strerror or exc})") from None
-        _fsync_directory(path.parent)
+            signing_key = ecdsa.SigningKey.from_pem(pem.decode("ascii"), hashfunc=hashlib.sha256)
+        except Exception as exc:  # ecdsa raises many unrelated types on malformed DER/PEM
+            raise KeyFileError(f"{source}: not a PEM private key ({type(exc).__name__})") from None
+        if signing_key.curve != _CURVE:
+            raise KeyFileError(f"{source}: key is on {signing_key.curve.name}, expected secp256k1")
+        return cls(signing_key)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key file (PEM, mode 0600, atomic): :func:`p2pfl.keyfile.write_key_file`."""
+        write_key_file(path, self.to_pem())
         logger.info("wrote key file %s for peer %s", path, self._peer_id)
 
     @classmethod
-    def load(cls, path: str | Path) -> Identity:
-        """Read a PEM key file written by :meth:`save` (or any secp256k1 PEM key).
+    def load(cls, path: str | os.PathLike[str]) -> Identity:
+        """Read a key file written by :meth:`save` (or any secp256k1 PEM key).
 
         Raises:
             KeyFileError: the file is missing, unreadable, malformed, not secp256k1, or
                 readable by group/others (the message names the ``chmod`` that fixes it).
         """
-        pem = _read_private_file(Path(path))
-        try:
-            signing_key = ecdsa.SigningKey.from_pem(pem.decode("ascii"), hashfunc=hashlib.sha256)
-        except Exception as exc:  # ecdsa raises many unrelated types on malformed DER/PEM
-            raise KeyFileError(f"{path}: not a PEM private key ({type(exc).__name__})") from None
-        if signing_key.curve != _CURVE:
-            raise KeyFileError(f"{path}: key is on {signing_key.curve.name}, expected secp256k1")
-        return cls(signing_key)
+        return cls.from_pem(read_key_file(path), source=str(path))
 
     def __repr__(self) -> str:
         return f"Identity(peer_id={self._peer_id!r})"
-
-
-def _read_private_file(path: Path) -> bytes:
-    """Read a small file that only its owner may read; raise KeyFileError otherwise."""
-    try:
-        # O_NONBLOCK: a FIFO planted at the key path must not hang the node at start-up.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file does not exist") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot open key file ({exc.strerror})") from None
-    try:
-        # fstat on the open descriptor: the mode we check is that of the file we read.
-        _check_private(path, os.fstat(fd))
-        data = _read_at_most(fd, _MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read key file ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: too large to be a key file")
-    if not data.isascii():
-        raise KeyFileError(f"{path}: not a PEM private key (binary data)")
-    return data
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Read up to ``limit`` bytes from ``fd``, stopping early at end of file."""
-    chunks: list[bytes] = []
-    while limit > 0 and (chunk := os.read(fd, limit)):
-        chunks.append(chunk)
-        limit -= len(chunk)
-    return b"".join(chunks)
-
-
-def _check_private(path: Path, info: os.stat_result) -> None:
-    """Raise KeyFileError unless ``info`` is a regular file only its owner can access."""
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: key file is not a regular file")
-    if info.st_mode & 0o077:
-        raise KeyFileError(
-            f"{path}: key file is accessible by group/others (mode "
-            f"{stat.S_IMODE(info.st_mode):04o}); fix it with `chmod 600 {path}`"
-        )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` via a 0600 temp file, fsync and rename."""
-    # mkstemp opens with O_CREAT | O_EXCL and mode 0o600: the secret is never readable by
-    # others, not even for an instant, and a crash leaves the old file or the new one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = [

@@ -2,6 +2,6 @@
 
 - ``transport``: the ``Transport`` interface the node uses.
 - ``memory``: in-process transports with latency, loss and partitions.
-- ``host``, ``hardening``, ``gossip``, ``transfer``, ``discovery``, ``libp2p_transport``:
-  the libp2p implementation.
+- ``host``, ``gossip``, ``transfer``, ``discovery``, ``libp2p_transport``: the libp2p
+  implementation; ``patches``: every override of py-libp2p internals, in one registry.
 """

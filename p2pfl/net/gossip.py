@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from p2pfl.config import Limits
 from p2pfl.core.bounded import BoundedMap
 from p2pfl.errors import NetworkError
+from p2pfl.net.patches.pubsub import FloodPublishGossipSub
 from p2pfl.net.transport import Announcement, Validator
 
 logger = logging.getLogger(__name__)
@@ -255,37 +256,6 @@ class Gossip:
         self._delivered.put(key, True)
         self.counters.delivered += 1
         self.counters.bytes_in += len(data)
-
-
-class FloodPublishGossipSub(GossipSub):
-    """GossipSub that flood-publishes our *own* messages (GossipSub v1.1 ``floodPublish``).
-
-    py-libp2p 0.8.1 sends an own message to mesh peers only, so a freshly connected
-    neighbour (not yet GRAFTed, up to one heartbeat) only hears of it through IHAVE
-    gossip a heartbeat or two later. Sending own messages to every subscribed peer above
-    the publish threshold is what go/js-libp2p do by default; forwarding is unchanged.
-    Overrides a private method: pinned with the hardening patches to libp2p 0.8.1.
-    """
-
-    def _get_peers_to_send(
-        self,
-        topic_ids: Iterable[str],
-        msg_forwarder: ID,
-        origin: ID,
-        msg_id: bytes | None = None,
-    ) -> Iterable[ID]:
-        topics = list(topic_ids)
-        peers = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
-        pubsub = self.pubsub
-        if pubsub is None or msg_forwarder != pubsub.my_id:
-            return peers
-        for topic in topics:
-            for peer in pubsub.peer_topics.get(topic, ()):
-                if peer != origin and (
-                    self.scorer is None or self.scorer.allow_publish(peer, [topic])
-                ):
-                    peers.add(peer)
-        return peers
 
 
 def build_router(*, heartbeat_interval: float) -> GossipSub:

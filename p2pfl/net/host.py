@@ -1,6 +1,6 @@
 """The libp2p host: TCP + Noise + Yamux only, identity from the node's secp256k1 secret.
 
-``open_host`` starts a host listening, hardens it (``p2pfl.net.hardening``), yields it
+``open_host`` starts a host listening, patches it (``p2pfl.net.patches``), yields it
 and shuts it down. Deliberate choices against py-libp2p 0.8.1 defaults (see
 LIBP2P_NOTES):
 
@@ -10,13 +10,13 @@ LIBP2P_NOTES):
 - ``max_connections_per_peer=1``: otherwise every ``connect`` waits a fixed 250 ms
   (trap 2). One connection per peer is also what neighbour bookkeeping assumes.
 - The background auto-connector is off (trap 3) unless asked: neighbour selection is
-  ours (``p2pfl.net.discovery``), not a full mesh of everything in the peerstore.
+  ours (``p2pfl.net.discovery``), not a full mesh of everything in the peerstore
+  (patch ``no_auto_connector``: the settings alone do not stop it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,7 +38,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, PeerUnreachable
-from p2pfl.net import hardening
+from p2pfl.net import patches
+from p2pfl.net.patches.streams import DEFAULT_MAX_INBOUND_STREAMS_PER_PEER
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +70,15 @@ def connection_config(*, dial_timeout: float, auto_connect: bool) -> ConnectionC
     )
 
 
-def _apply_tuning() -> None:
-    """Apply the data plane's start-up tuning if that module exists (written separately)."""
-    try:
-        tuning = importlib.import_module("p2pfl.net.tuning")
-    except ModuleNotFoundError:
-        return
-    tuning.apply()
-
-
 def build_host(
     secret: bytes,
     *,
     dial_timeout: float = 5.0,
     auto_connect: bool = False,
-    max_inbound_streams_per_peer: int = hardening.DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+    max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
 ) -> IHost:
     """Create (but do not start) a Noise-only, Yamux-only host for ``secret``."""
-    _apply_tuning()
+    patches.apply()
     key_pair = key_pair_from_secret(secret)
     noise = NoiseTransport(key_pair, noise_privkey=x25519.create_new_key_pair().private_key)
     host = new_host(
@@ -95,26 +87,8 @@ def build_host(
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         connection_config=connection_config(dial_timeout=dial_timeout, auto_connect=auto_connect),
     )
-    hardening.harden(host, max_streams_per_peer=max_inbound_streams_per_peer)
-    if not auto_connect:
-        _disable_auto_connector(host)
+    patches.patch_host(host, max_streams_per_peer=max_inbound_streams_per_peer, auto_connect=auto_connect)
     return host
-
-
-def _disable_auto_connector(host: IHost) -> None:
-    """Keep libp2p's auto-connector from dialling the peerstore at all.
-
-    ``min_connections=0`` and a huge interval are not enough in 0.8.1: it still runs one
-    pass at start-up and one after *every* disconnect (aiming for 200 connections,
-    dialling whatever the peerstore holds, banned peers included).
-    """
-    connector = getattr(host.get_network(), "auto_connector", None)
-    if connector is not None:
-
-        async def _no_dials() -> None:
-            return None
-
-        connector.maybe_connect = _no_dials
 
 
 @contextlib.asynccontextmanager
@@ -140,7 +114,7 @@ async def open_host(
     port: int = 0,
     dial_timeout: float = 5.0,
     auto_connect: bool = False,
-    max_inbound_streams_per_peer: int = hardening.DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
+    max_inbound_streams_per_peer: int = DEFAULT_MAX_INBOUND_STREAMS_PER_PEER,
 ) -> AsyncIterator[IHost]:
     """Start a hardened host for ``secret`` on ``listen_host:port`` (0 = ephemeral).
 

@@ -34,7 +34,7 @@ from p2pfl.errors import PeerUnreachable
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
-from p2pfl.net.mdns import advertised_addrs, run_mdns
+from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
@@ -200,7 +200,12 @@ async def open_libp2p_transport(
         config: listen address, bootstrap, neighbour and timing settings.
         limits: caps on announcements and payloads.
         validator: runs on every announcement, received or published.
+
+    Raises:
+        ConfigError: ``config.mdns_interface`` is not an address of this machine.
     """
+    if config.enable_mdns and config.mdns_interface is not None:
+        require_local_interface(config.mdns_interface)  # before anything starts
     async with open_host(
         secret,
         listen_host=config.listen_host,

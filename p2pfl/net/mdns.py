@@ -35,6 +35,7 @@ import trio
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceListener, Zeroconf
 
 from p2pfl.core.crypto import short_id
+from p2pfl.errors import ConfigError
 from p2pfl.net.discovery import MAX_ADDRS_PER_PEER, parse_p2p_addr
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,17 @@ def service_info(peer_id: str, network_id: str, addrs: list[str], interface: str
     )
 
 
+def require_local_interface(interface: str) -> None:
+    """Raise a one-line ConfigError unless ``interface`` is an IPv4 address of this machine."""
+    # Binding succeeds only for an address this machine owns (EADDRNOTAVAIL otherwise).
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((interface, 0))
+    except OSError as error:
+        raise ConfigError(f"net.mdns_interface: {interface} is not an address of a local "
+                          f"interface ({error.strerror})") from None
+
+
 def pinned_zeroconf(interface: str) -> Zeroconf:
     """Return zeroconf sending and listening on ``interface`` only, IPv4 only (trap 13)."""
     return Zeroconf(interfaces=[interface], ip_version=IPVersion.V4Only)
@@ -301,6 +313,7 @@ __all__ = [
     "network_tag",
     "parse_record",
     "pinned_zeroconf",
+    "require_local_interface",
     "run_mdns",
     "service_info",
 ]

@@ -1,39 +1,14 @@
 """In-process transports over a simulated network: latency, loss, partitions, bans.
 
 :class:`MemoryTransport` keeps the :class:`~p2pfl.net.transport.Transport` contract;
-:class:`MemoryNetwork` is the medium that tests and simulations shape. Used by ``p2pfl sim`` (hundreds of nodes in one trio run) and by the node's tests under
+:class:`MemoryNetwork` is the medium that tests and simulations shape. Used by ``p2pfl
+sim`` (hundreds of nodes in one trio run) and by the node's tests under
 ``MockClock(autojump_threshold=0)``. Nothing here sleeps on the wall clock.
 
-Model, and where it differs from libp2p (GossipSub + ``/p2pfl/update/1.0.0``):
-
-- Topology is an undirected edge graph (:meth:`MemoryNetwork.connect`) that may be laid
-  out before any peer opens. An edge is *usable* when both ends are open, in the same
-  partition group, and neither end bans the other.
-- An announcement reaches every other open peer in the publisher's component of usable
-  edges (GossipSub's multi-hop mesh), each receiver independently: lost with probability
-  ``loss``, else delivered after ``hops * latency + U(0, jitter)`` where ``hops`` is the
-  shortest path length. Routes are taken when the message is published; a message in
-  flight is still delivered after a partition or disconnect (it was already forwarded).
-  Unlike GossipSub, a relay that rejects a message does not stop it reaching peers
-  behind that relay. Invalid messages penalise their *origin* (there are no relays to
-  blame) and, as in ``p2pfl.net.gossip``'s scoring, gate its messages for a while.
-- Randomness is keyed by ``(seed, origin, n-th publish)`` and ``(seed, fetcher, peer,
-  digest, time)``, not drawn from one shared stream, so a run on a ``MockClock`` is
-  reproducible even though trio shuffles the order in which ready tasks run.
-- Arrival times of announcements are rounded up to a multiple of ``tick`` (0.1 ms by
-  default; 0 for exact times) so that jittered deliveries share scheduler wake-ups.
-- A fetch needs a usable edge to the serving peer. It takes ``latency + U(0, jitter) +
-  size / bandwidth``; transfers do not share bandwidth. Not-found and too-large answers
-  take ``latency + U(0, jitter)``. The request is decided when it is sent: a partition,
-  ban or ``unserve`` during the transfer does not interrupt it; the serving peer closing
-  does (``ProtocolViolation``, at once).
-- A frozen peer (think SIGSTOP) keeps its edges and still relays and receives
-  announcements, but answers no fetch until thawed.
-- As in ``p2pfl.net.gossip``, a re-announcement (same origin, same bytes) already
-  delivered to a peer is dropped before validation; the memory of that is bounded
-  (``SEEN_CAPACITY`` per peer). Rejected messages are validated again on every arrival.
-- Every peer delivers announcements from one task that sleeps until the earliest due
-  message of its heap: no task per message.
+The model (topology, delivery, fetches, and where it differs from libp2p) is described
+in :mod:`p2pfl.net.memory_model`, which holds its pure parts: :class:`LinkProfile`,
+the :class:`~p2pfl.net.memory_model.Topology` and each peer's
+:class:`~p2pfl.net.memory_model.ReceiveFilter`.
 """
 
 from __future__ import annotations
@@ -42,7 +17,7 @@ import heapq
 import logging
 import math
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -62,39 +37,15 @@ from p2pfl.errors import (
     TamperedPayload,
     TransferTimeout,
 )
+from p2pfl.net.memory_model import LinkProfile, ReceiveFilter, Topology
 from p2pfl.net.transport import Announcement, TrafficStats, Validator, sha256
 
 log = logging.getLogger(__name__)
 
-# Like the libp2p gossip layer, each peer delivers an (origin, bytes) pair once: the node
-# still dedupes, because the memory is bounded. ~120 bytes per entry (the data is shared).
-SEEN_CAPACITY = 1024
-# GossipSub's invalid-message penalty (P4) as p2pfl.net.gossip configures it, with the
-# origin standing in for the forwarder: each invalid message counts 1, decaying 1% per
-# second; above 2.5 (the 3rd in a row) the origin's messages are dropped unvalidated,
-# for ~18 s after the 3rd. Gated messages do not count again.
-INVALID_DECAY = 0.99
-INVALID_CAP = 100.0
-GATE_ABOVE = 2.5
+_DEFAULT_LINK = LinkProfile()
 
 ServingHook = Callable[[bytes, bytes | None], bytes | None]
 """``hook(digest, served_payload_or_None) -> bytes to send, or None for "not found"``."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LinkProfile:
-    """Properties of every link of a :class:`MemoryNetwork`."""
-
-    latency: float = 0.005  # seconds, one way, per hop
-    jitter: float = 0.0  # seconds: uniform extra delay in [0, jitter]
-    loss: float = 0.0  # probability one announcement is lost for one receiver
-    bandwidth: float = 100e6  # bytes/s of one payload transfer (math.inf: instant)
-
-    def __post_init__(self) -> None:
-        require(self.latency >= 0 and math.isfinite(self.latency), "link.latency", "must be >= 0 s")
-        require(self.jitter >= 0 and math.isfinite(self.jitter), "link.jitter", "must be >= 0 s")
-        require(0.0 <= self.loss <= 1.0, "link.loss", "must be a probability in [0, 1]")
-        require(self.bandwidth > 0, "link.bandwidth", "must be > 0 bytes/s")
 
 
 @dataclass(slots=True)
@@ -109,7 +60,7 @@ class MemoryNetwork:
     def __init__(
         self,
         *,
-        link: LinkProfile = LinkProfile(),
+        link: LinkProfile = _DEFAULT_LINK,
         seed: int = 0,
         max_message_bytes: int = Limits().max_message_bytes,
         tick: float = 1e-4,
@@ -133,15 +84,11 @@ class MemoryNetwork:
         # GossipSub's mesh does. Nodes act on their neighbours' announcements only, so
         # large simulations skip verifying the rest (64 nodes: 92 s -> 20 s).
         self.neighbours_only = neighbours_only
+        self.topology = Topology()
         self._open: dict[str, MemoryTransport] = {}
-        self._edges: dict[str, set[str]] = {}
-        self._group: dict[str, int] | None = None  # peer -> partition group; None: healed
-        self._bans: dict[tuple[str, str], float] = {}  # (banner, banned) -> until
         self._frozen: set[str] = set()
         self._hooks: dict[str, ServingHook] = {}
         self._state_changed: dict[str, trio.Event] = {}  # woken on thaw / close
-        self._routes: dict[str, list[tuple[str, int]]] = {}  # cache, cleared on change
-        self._routes_until = math.inf  # the cache also expires when the next ban does
 
     @asynccontextmanager
     async def open_transport(
@@ -154,45 +101,31 @@ class MemoryNetwork:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(transport._deliver_forever)
             self._open[peer_id] = transport
-            self._changed()
+            self.topology.open(peer_id)
             try:
                 yield transport
             finally:
                 del self._open[peer_id]
+                self.topology.close(peer_id)
                 transport._close()
                 self._wake(peer_id)
-                self._changed()
                 nursery.cancel_scope.cancel()
 
     def connect(self, a: str, b: str) -> None:
         """Add the undirected edge ``a``-``b`` (peers need not be open yet)."""
-        if a == b:
-            raise ConfigError(f"cannot connect peer {a!r} to itself")
-        self._edges.setdefault(a, set()).add(b)
-        self._edges.setdefault(b, set()).add(a)
-        self._changed()
+        self.topology.connect(a, b)
 
     def disconnect(self, a: str, b: str) -> None:
         """Remove the edge ``a``-``b`` if present."""
-        self._edges.get(a, set()).discard(b)
-        self._edges.get(b, set()).discard(a)
-        self._changed()
+        self.topology.disconnect(a, b)
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Cut all traffic between groups until :meth:`heal`; unnamed peers form one more group."""
-        group: dict[str, int] = {}
-        for index, members in enumerate(groups):
-            for peer in members:
-                if peer in group:
-                    raise ConfigError(f"peer {peer!r} is in two partition groups")
-                group[peer] = index
-        self._group = group
-        self._changed()
+        self.topology.partition(*groups)
 
     def heal(self) -> None:
         """End any partition."""
-        self._group = None
-        self._changed()
+        self.topology.heal()
 
     def freeze(self, peer_id: str) -> None:
         """Make ``peer_id`` stop answering fetches (its fetchers hit their timeout)."""
@@ -212,10 +145,6 @@ class MemoryNetwork:
 
     # -- internals shared with MemoryTransport ---------------------------------------
 
-    def _changed(self) -> None:
-        self._routes.clear()
-        self._routes_until = min(self._bans.values(), default=math.inf)
-
     def _wake(self, peer_id: str) -> None:
         event = self._state_changed.pop(peer_id, None)
         if event is not None:
@@ -224,46 +153,11 @@ class MemoryNetwork:
     async def _wait_state_change(self, peer_id: str) -> None:
         await self._state_changed.setdefault(peer_id, trio.Event()).wait()
 
-    def _ban(self, banner: str, banned: str, until: float) -> None:
-        self._bans[banner, banned] = until
-        self._changed()
-
-    def _banned(self, banner: str, banned: str, now: float) -> bool:
-        until = self._bans.get((banner, banned))
-        return until is not None and until > now
-
-    def _usable(self, a: str, b: str, now: float) -> bool:
-        """Return whether traffic flows directly between ``a`` and ``b`` at ``now``."""
-        if a not in self._open or b not in self._open or b not in self._edges.get(a, ()):
-            return False
-        if self._group is not None and self._group.get(a, -1) != self._group.get(b, -1):
-            return False
-        return not (self._banned(a, b, now) or self._banned(b, a, now))
-
-    def _neighbours(self, peer: str) -> tuple[str, ...]:
-        now = trio.current_time()
-        return tuple(sorted(b for b in self._edges.get(peer, ()) if self._usable(peer, b, now)))
-
     def _routes_from(self, origin: str) -> list[tuple[str, int]]:
-        """Return ``(peer, hops)`` for every peer reachable from ``origin``, in BFS order."""
-        if self.neighbours_only:
-            return [(peer, 1) for peer in self._neighbours(origin)]
         now = trio.current_time()
-        if now >= self._routes_until:
-            self._bans = {key: until for key, until in self._bans.items() if until > now}
-            self._changed()
-        routes = self._routes.get(origin)
-        if routes is None:
-            routes, seen, frontier = [], {origin}, deque([(origin, 0)])
-            while frontier:
-                peer, hops = frontier.popleft()
-                for other in sorted(self._edges.get(peer, ())):
-                    if other not in seen and self._usable(peer, other, now):
-                        seen.add(other)
-                        routes.append((other, hops + 1))
-                        frontier.append((other, hops + 1))
-            self._routes[origin] = routes
-        return routes
+        if self.neighbours_only:
+            return [(peer, 1) for peer in self.topology.neighbours(origin, now)]
+        return self.topology.routes_from(origin, now)
 
     def _rng(self, *key: object) -> random.Random:
         return random.Random("/".join(map(str, (self.seed, *key))))
@@ -290,7 +184,7 @@ class MemoryNetwork:
         self, fetcher: MemoryTransport, peer: str, digest: bytes, max_size: int
     ) -> CheckedPayload:
         server = self._open.get(peer)
-        if server is None or not self._usable(fetcher.peer_id, peer, trio.current_time()):
+        if server is None or not self.topology.usable(fetcher.peer_id, peer, trio.current_time()):
             raise PeerUnreachable(f"{short_id(peer)} is not a usable neighbour of {fetcher}")
         while peer in self._frozen and not server.closed:  # the request sits unread
             await self._wait_state_change(peer)
@@ -342,9 +236,7 @@ class MemoryTransport:
         self._bytes_in = self._bytes_out = 0
         self._announcements_in = self._announcements_out = self._rejected_in = 0
         self._overflowed = self._duplicates = self._gated = 0
-        self._invalid: dict[str, tuple[float, float]] = {}  # origin -> (decayed count, when)
-        self._seen: set[tuple[str, bytes]] = set()  # delivered (origin, data), FIFO-bounded
-        self._seen_order: deque[tuple[str, bytes]] = deque()
+        self._filter = ReceiveFilter()
 
     def __repr__(self) -> str:
         return f"MemoryTransport({short_id(self._peer_id)})"
@@ -441,11 +333,11 @@ class MemoryTransport:
 
     def neighbours(self) -> tuple[str, ...]:
         """Return the peers with a usable edge to this one, sorted."""
-        return self._network._neighbours(self._peer_id)
+        return self._network.topology.neighbours(self._peer_id, trio.current_time())
 
     def ban(self, peer: str, *, seconds: float) -> None:
         """Cut the edge to ``peer`` both ways and drop its announcements for ``seconds``."""
-        self._network._ban(self._peer_id, peer, trio.current_time() + seconds)
+        self._network.topology.ban(self._peer_id, peer, trio.current_time() + seconds)
 
     def stats(self) -> TrafficStats:
         """Return counters since the transport opened."""
@@ -496,44 +388,31 @@ class MemoryTransport:
                 await trio.sleep_forever()
 
     def _accept(self, origin: str, data: bytes, now: float) -> None:
-        if self._network._bans and self._network._banned(self._peer_id, origin, now):
+        if self._network.topology.banned(self._peer_id, origin, now):
             return
-        if self._invalid and self._invalid_count(origin, now) > GATE_ABOVE:
+        if self._filter.gated(origin, now):
             self._gated += 1
             return
         key = (origin, data)  # bytes cache their hash: shared objects hash once per run
-        if key in self._seen:
+        if self._filter.seen(key):
             self._duplicates += 1
             return
         try:
             value = self._validator(origin, data)
         except Exception as exc:  # hostile bytes may raise anything; all of it rejects
-            self._reject(origin, now, exc)
+            self._rejected_in += 1
+            self._penalties[origin] += 1
+            self._filter.penalise(origin, now)
+            log.debug("%s rejected announcement from %s: %r", self, short_id(origin), exc)
             return
         try:
             self._send.send_nowait(Announcement(origin, data, value))
         except trio.WouldBlock:
             self._overflowed += 1
             return
-        self._remember(key)
+        self._filter.remember(key)
         self._announcements_in += 1
         self._bytes_in += len(data)
-
-    def _invalid_count(self, origin: str, now: float) -> float:
-        count, stamp = self._invalid.get(origin, (0.0, now))
-        return count * INVALID_DECAY ** (now - stamp)
-
-    def _reject(self, origin: str, now: float, exc: Exception) -> None:
-        self._rejected_in += 1
-        self._penalties[origin] += 1
-        self._invalid[origin] = (min(INVALID_CAP, self._invalid_count(origin, now) + 1), now)
-        log.debug("%s rejected announcement from %s: %r", self, short_id(origin), exc)
-
-    def _remember(self, key: tuple[str, bytes]) -> None:
-        self._seen.add(key)
-        self._seen_order.append(key)
-        if len(self._seen_order) > SEEN_CAPACITY:
-            self._seen.discard(self._seen_order.popleft())
 
     def _lookup(self, digest: bytes, hook: ServingHook | None) -> tuple[bytes | None, bool]:
         """Return what this peer sends for ``digest`` and whether it is known genuine."""

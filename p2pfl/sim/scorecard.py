@@ -266,7 +266,7 @@ def _cell(summary: Mapping[str, Any], rule: str, attack: str) -> Mapping[str, An
 
 def grid_table(summary: Mapping[str, Any]) -> str:
     """Render rules x attacks as text: final honest mean accuracy, mean +/- spread over seeds."""
-    from p2pfl.cli.term import table
+    from p2pfl.term import table
 
     attacks = summary["attacks"]
     rows = []

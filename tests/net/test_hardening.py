@@ -21,9 +21,10 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12
 from libp2p.utils.varint import encode_delim, encode_varint_prefixed
 
 from p2pfl.config import Limits
-from p2pfl.net import hardening
+from p2pfl.net import patches
 from p2pfl.net.gossip import PUBLISH_THRESHOLD, Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.patches import streams
 
 ECHO = TProtocol("/test/echo/1.0.0")
 RAISE = TProtocol("/test/raise/1.0.0")
@@ -126,41 +127,41 @@ async def hostile() -> AsyncIterator[IHost]:
 
 
 async def test_patches_are_named_idempotent_and_pinned(ours: Ours) -> None:
-    assert hardening.apply_global_patches() == {"multistream_utf8", "pubsub_decode_error"}
+    assert {"multistream_utf8", "pubsub_decode_error"} <= set(patches.apply())
     guarded = ours.host.get_network().common_stream_handler
-    hardening.harden(ours.host)
+    streams.guard_dispatcher(ours.host)
     assert ours.host.get_network().common_stream_handler is guarded
-    assert hardening.check_version()
+    assert patches.version_ok()
 
 
 async def test_non_utf8_protocol_id_on_a_stream(ours: Ours, hostile: IHost) -> None:
     await connect(hostile, listen_addrs(ours.host)[0], timeout=5)
     stream = await hostile.get_network().new_stream(ours.host.get_id())  # no negotiation
-    before = hardening.COUNTERS.bad_protocol_ids
+    before = streams.COUNTERS.bad_protocol_ids
     await stream.write(encode_delim(b"/multistream/1.0.0") + encode_delim(NON_UTF8))
-    await wait_for(lambda: hardening.COUNTERS.bad_protocol_ids > before)
+    await wait_for(lambda: streams.COUNTERS.bad_protocol_ids > before)
     await assert_alive(ours)
     await echo_round_trip(hostile, ours.host)  # the hostile connection itself still works
 
 
 async def test_non_utf8_protocol_id_on_a_raw_tcp_connection(ours: Ours) -> None:
     port = int(ours.host.get_addrs()[0].value_for_protocol("tcp"))
-    before = hardening.COUNTERS.bad_protocol_ids
+    before = streams.COUNTERS.bad_protocol_ids
     with trio.fail_after(5):
         sock = await trio.open_tcp_stream("127.0.0.1", port)
         async with sock:
             await sock.send_all(encode_delim(b"/multistream/1.0.0") + encode_delim(NON_UTF8))
-            await wait_for(lambda: hardening.COUNTERS.bad_protocol_ids > before)
+            await wait_for(lambda: streams.COUNTERS.bad_protocol_ids > before)
     await assert_alive(ours)
 
 
 async def test_invalid_protobuf_frame_on_meshsub(ours: Ours, hostile: IHost) -> None:
     await connect(hostile, listen_addrs(ours.host)[0], timeout=5)
     stream = await hostile.new_stream(ours.host.get_id(), [PROTOCOL_ID_V12])
-    before = hardening.COUNTERS.bad_pubsub_frames
+    before = streams.COUNTERS.bad_pubsub_frames
     # Field 1 (subscriptions), length-delimited, declaring far more bytes than follow.
     await stream.write(encode_varint_prefixed(b"\x0a\xff\xff\xff\x0f\x01"))
-    await wait_for(lambda: hardening.COUNTERS.bad_pubsub_frames > before)
+    await wait_for(lambda: streams.COUNTERS.bad_pubsub_frames > before)
     await assert_alive(ours)
 
 
@@ -177,7 +178,7 @@ async def test_handler_that_raises(ours: Ours, hostile: IHost, protocol: TProtoc
         # The reset may race the negotiation ack, so either call may fail.
         with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 - reset or EOF
             await open_write_read(hostile, ours.host, protocol)
-    assert hardening.host_counters(ours.host).contained_errors == 3
+    assert streams.host_counters(ours.host).contained_errors == 3
     # The same connection still accepts new streams (a reset/EOF-type error escaping a
     # stock handler ends the connection's accept loop silently).
     await echo_round_trip(hostile, ours.host)
@@ -219,7 +220,7 @@ async def test_inbound_streams_per_peer_are_capped(ours: Ours, hostile: IHost) -
                 opened.append(await hostile.new_stream(ours.host.get_id(), [HOLD]))
         peer = hostile.get_id().to_string()
         assert guarded.active[peer] == CAP  # type: ignore[attr-defined]
-        assert hardening.host_counters(ours.host).refused_streams == 3
+        assert streams.host_counters(ours.host).refused_streams == 3
     for stream in opened:
         await stream.reset()
     await assert_alive(ours)

@@ -19,7 +19,6 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2pfl.errors import ConfigError, PeerUnreachable
-from p2pfl.net import hardening
 from p2pfl.net.host import (
     connect,
     connection_config,
@@ -29,6 +28,7 @@ from p2pfl.net.host import (
     peer_id_of,
     run_host,
 )
+from p2pfl.net.patches import streams
 
 SECRET = bytes(range(1, 33))
 
@@ -52,7 +52,7 @@ async def test_host_listens_is_hardened_and_peer_id_is_secp256k1() -> None:
         assert address.startswith("/ip4/127.0.0.1/tcp/")
         assert peer_id_of(address) == host.get_id().to_string()
         assert host.get_id().to_string().startswith("16Uiu2")
-        assert hardening.is_hardened(host)
+        assert streams.is_guarded(host)
 
 
 async def test_two_hosts_connect_both_ways_see_each_other() -> None:

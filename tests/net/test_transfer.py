@@ -32,7 +32,7 @@ from p2pfl.errors import (
     TransferError,
     TransferTimeout,
 )
-from p2pfl.net import tuning
+from p2pfl.net import patches
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.transfer import (
     PROTOCOL_ID,
@@ -398,8 +398,8 @@ class FakeHost:
 STOCK_PEER = """
 import hashlib, sys, trio
 from p2pfl.config import Limits
-from p2pfl.net import tuning
-tuning.disable()
+from p2pfl.net import patches
+patches.disable()
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
 
@@ -409,7 +409,7 @@ async def main():
     store.put(hashlib.sha256(payload).digest(), payload)
     async with open_host(bytes([7]) * 32) as host:
         install_update_protocol(host, store, limits=Limits())
-        knobs = ",".join(tuning.applied()) or "stock"
+        knobs = ",".join(patches.applied()) or "stock"
         print(listen_addrs(host)[0], hashlib.sha256(payload).hexdigest(), knobs, flush=True)
         addr, digest, size = (await trio.to_thread.run_sync(sys.stdin.readline)).split()
         peer = await connect(host, addr, timeout=10)
@@ -422,8 +422,8 @@ trio.run(main)
 
 
 async def test_tuned_and_stock_peers_interoperate(net: Net) -> None:
-    # This process runs with every knob (open_host applied them); the child with none.
-    assert set(tuning.applied()) == set(tuning.KNOBS)
+    # This process runs with every patch (open_host applied them); the child with none.
+    assert set(patches.applied()) == {n for n, p in patches.PATCHES.items() if not p.per_host}
     payload = os.urandom(12 * MiB + 7)
     net.store.put(sha(payload), payload)
     child = await trio.lowlevel.open_process(
@@ -473,8 +473,8 @@ class TextLines:
         return line.decode().strip()
 
 
-def test_tuning_apply_is_idempotent() -> None:
-    before = tuning.applied()
-    tuning.apply()
-    tuning.apply(["malloc"])
-    assert tuning.applied() == before
+def test_patches_apply_is_idempotent() -> None:
+    before = patches.applied()
+    patches.apply()
+    patches.apply(["yamux_frame"])
+    assert patches.applied() == before

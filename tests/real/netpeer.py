@@ -28,6 +28,7 @@ import trio
 from p2pfl.config import Limits, NetConfig
 from p2pfl.errors import P2PFLError
 from p2pfl.net.libp2p_transport import Libp2pTransport, open_libp2p_transport
+from p2pfl.net.patches import apply_process_tweaks
 
 
 def honest(origin: str, data: bytes) -> str:
@@ -135,4 +136,5 @@ async def main(options: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    apply_process_tweaks()  # a node process of a test network, as the daemon does
     trio.run(main, json.loads(sys.argv[1]))

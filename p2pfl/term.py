@@ -1,4 +1,7 @@
-"""Terminal helpers: value formatting, plain-text tables, and a block redrawn in place."""
+"""Terminal helpers: value formatting, plain-text tables, and a block redrawn in place.
+
+A leaf (no p2pfl imports) so that both `sim` and `cli` render with it.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,169 @@
+"""Every override of py-libp2p internals, in one registry with one version policy.
+
+Each entry of :data:`PATCHES` names the upstream bug or limit it works around and the
+test that proves it. Policy: the patches are applied only on :data:`PINNED_VERSION`, the
+libp2p release they were written and measured against. On any other version one warning
+line is logged and libp2p runs stock (no patch at all, not a subset).
+
+- :func:`apply` applies the process-wide patches (class and module attributes), once.
+- :func:`patch_host` applies the per-host ones; ``p2pfl.net.host.build_host`` calls both.
+- :func:`apply_process_tweaks` (``p2pfl.net.patches.process``) changes the process, not
+  libp2p (glibc ``mallopt``, an environment variable): opt-in for embedders, switched on
+  by the daemon and the test network's node processes.
+
+Bodies live beside this file: ``dataplane`` (transfer speed), ``streams`` (hostile
+protocol ids and handlers), ``pubsub`` (hostile frames, flood publish), ``swarm``
+(connection slots, the auto-connector).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from p2pfl.net.patches import dataplane, pubsub, streams, swarm
+from p2pfl.net.patches.process import TWEAKS, apply_process_tweaks
+
+logger = logging.getLogger(__name__)
+
+PINNED_VERSION = "0.8.1"
+"""The only libp2p version the patches are applied on."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One override of py-libp2p internals.
+
+    Attributes:
+        name: registry key.
+        upstream: the upstream bug or limit it works around.
+        test: the test that proves it (``path::name``).
+        apply: process-wide patch (no argument) or, if ``per_host``, ``apply(host, **opts)``.
+        per_host: applied to each host by :func:`patch_host`, not once per process.
+    """
+
+    name: str
+    upstream: str
+    test: str
+    apply: Callable[..., Any]
+    per_host: bool = False
+
+
+_T = "tests/net/"
+PATCHES: dict[str, Patch] = {
+    p.name: p
+    for p in (
+        Patch("yamux_frame", "64 KiB Yamux frames split into 2 Noise messages each (CPU per MB)",
+              _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.yamux_frame),
+        Patch("noise_reader", "Noise reads each message with two locked socket reads",
+              _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.noise_reader),
+        Patch("noise_writer", "Noise sends each 64 KiB message with its own locked send_all",
+              _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.noise_writer),
+        Patch("secure_read", "SecureSession.read copies every frame body twice",
+              _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.secure_read),
+        Patch("multistream_utf8", "a non-UTF-8 protocol id raises UnicodeDecodeError: host stops",
+              _T + "test_hardening.py::test_non_utf8_protocol_id_on_a_raw_tcp_connection",
+              streams.multistream_utf8),
+        Patch("pubsub_decode_error", "one invalid protobuf frame on /meshsub/* stops the host",
+              _T + "test_hardening.py::test_invalid_protobuf_frame_on_meshsub", pubsub.decode_error),
+        Patch("flood_publish", "own messages go to mesh peers only (no GossipSub v1.1 floodPublish)",
+              _T + "test_gossip.py::test_own_message_reaches_a_subscribed_peer_outside_the_mesh",
+              pubsub.flood_publish),
+        Patch("inbound_slot_release", "an inbound connection keeps its limiter slot until the "
+              "swarm stops: after 300 inbound connections every new one is reset",
+              _T + "test_patches.py::test_1000_inbound_connections_then_a_fresh_peer_connects",
+              swarm.inbound_slot_release),
+        Patch("guard_dispatcher", "a raising stream handler stops the host; inbound streams "
+              "per peer are unbounded (Yamux buffers up to 8 MiB each)",
+              _T + "test_hardening.py::test_handler_that_raises", streams.guard_dispatcher, per_host=True),
+        Patch("no_auto_connector", "the auto-connector dials the whole peerstore (banned peers "
+              "too) at start and after every disconnect, whatever min_connections says",
+              _T + "test_patches.py::test_a_disconnect_dials_nobody_from_the_peerstore",
+              swarm.no_auto_connector, per_host=True),
+    )
+}
+"""Every libp2p patch by name, in the order applied."""
+
+_state: dict[str, Any] = {"checked": None, "done": False, "disabled": False, "applied": []}
+
+
+def version_ok() -> bool:
+    """Return whether the installed libp2p is :data:`PINNED_VERSION` (warn once if not)."""
+    if _state["checked"] is None:
+        try:
+            installed = metadata.version("libp2p")
+        except metadata.PackageNotFoundError:
+            installed = "unknown"
+        _state["checked"] = installed == PINNED_VERSION
+        if not _state["checked"]:
+            logger.warning(
+                "libp2p %s is not the pinned %s: p2pfl's libp2p patches are OFF (hostile peers "
+                "can stop this node, inbound slots leak); pin libp2p==%s",
+                installed, PINNED_VERSION, PINNED_VERSION,
+            )
+    return bool(_state["checked"])
+
+
+def apply(names: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Apply the named process-wide patches (default: all); only the first call acts.
+
+    Later calls (every ``build_host``) return what the first one applied, so a benchmark
+    that applies a subset before any host exists keeps that subset.
+    """
+    wanted = [n for n in PATCHES if not PATCHES[n].per_host] if names is None else list(names)
+    unknown = set(wanted) - set(PATCHES)
+    if unknown:
+        raise ValueError(f"unknown libp2p patches {sorted(unknown)}; known: {sorted(PATCHES)}")
+    if _state["done"] or _state["disabled"] or not version_ok():
+        return applied()
+    _state["done"] = True
+    for name in wanted:
+        patch = PATCHES[name]
+        if name not in _state["applied"] and not patch.per_host:
+            patch.apply()
+            _state["applied"].append(name)
+    return applied()
+
+
+def patch_host(host: Any, *, max_streams_per_peer: int, auto_connect: bool) -> tuple[str, ...]:
+    """Apply the per-host patches to ``host`` (idempotent); return the names applied."""
+    if _state["disabled"] or not version_ok():
+        return ()
+    PATCHES["guard_dispatcher"].apply(host, max_streams_per_peer=max_streams_per_peer)
+    if auto_connect:
+        return ("guard_dispatcher",)
+    PATCHES["no_auto_connector"].apply(host)
+    return ("guard_dispatcher", "no_auto_connector")
+
+
+def disable() -> None:
+    """Run libp2p stock in this process from now on (benchmarks and interop tests)."""
+    _state["disabled"] = True
+
+
+def applied() -> tuple[str, ...]:
+    """Return the names of the process-wide patches applied so far."""
+    return tuple(_state["applied"])
+
+
+def active(name: str) -> bool:
+    """Return whether the process-wide patch ``name`` is in effect."""
+    return name in _state["applied"]
+
+
+__all__ = [
+    "PATCHES",
+    "PINNED_VERSION",
+    "TWEAKS",
+    "Patch",
+    "active",
+    "applied",
+    "apply",
+    "apply_process_tweaks",
+    "disable",
+    "patch_host",
+    "version_ok",
+]

@@ -1,0 +1,83 @@
+"""Swarm patches: inbound connection slots and the auto-connector.
+
+``inbound_slot_release``
+    ``Swarm._handle_inbound_connection`` takes a slot of its inbound limiter
+    (``max_connections - min_connections``, 300 by default) and, after a successful
+    upgrade, waits for the *swarm* to stop inside that slot
+    (``_do_handle_inbound_connection``: ``await self.manager.wait_finished()``). After 300
+    lifetime inbound connections every new one is reset, from anyone, until restart.
+    Patched: the inner handler waits for *this connection* to close instead, so the
+    stock outer handler releases the slot then. Connections that arrive already
+    multiplexed (QUIC; p2pfl listens on TCP only) keep the stock path.
+``no_auto_connector`` (per host)
+    ``min_connections=0`` and a huge interval do not stop 0.8.1's auto-connector: it
+    still runs one pass at start-up and one after *every* disconnect (aiming for 200
+    connections, dialling whatever the peerstore holds, banned peers included).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from libp2p.abc import IHost, IMuxedConn
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.swarm import Swarm
+
+logger = logging.getLogger(__name__)
+
+
+async def _close_quietly(conn: Any) -> None:
+    try:
+        await conn.close()
+    except Exception as error:  # already gone
+        logger.debug("close failed: %r", error)
+
+
+async def _wait_closed(swarm: Any, muxed: IMuxedConn) -> None:
+    """Wait until the swarm connection carrying ``muxed`` closes (now if it is not there)."""
+    for conn in list(swarm.connections.get(muxed.peer_id, ())):
+        if conn.muxed_conn is muxed:
+            await conn.event_closed.wait()
+            return
+
+
+def inbound_slot_release() -> None:
+    """Hold an inbound slot for the life of the connection, not of the swarm."""
+    stock: Any = Swarm._do_handle_inbound_connection
+
+    @functools.wraps(stock)
+    async def handle(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+        if isinstance(read_write_closer, IMuxedConn):
+            await stock(self, read_write_closer, maddr, failure_event)
+            return
+        remote = self._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await self.connection_gate.is_allowed(remote):
+            logger.debug("inbound connection from %s denied by the connection gate", remote)
+            await _close_quietly(read_write_closer)
+            return
+        raw_conn = RawConnection(read_write_closer, False)
+        try:
+            muxed = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        except Exception as error:
+            logger.debug("inbound upgrade failed: %r", error)
+            await _close_quietly(raw_conn)
+            return
+        await _wait_closed(self, muxed)
+
+    Swarm._do_handle_inbound_connection = handle  # type: ignore[method-assign]
+
+
+def no_auto_connector(host: IHost) -> None:
+    """Make ``host``'s auto-connector dial nobody."""
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is not None:
+
+        async def _no_dials() -> None:
+            return None
+
+        connector.maybe_connect = _no_dials
+
+
+__all__ = ["inbound_slot_release", "no_auto_connector"]

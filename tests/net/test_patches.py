@@ -1,0 +1,153 @@
+"""The libp2p patch registry: one version policy, each patch proved by a named test."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import pytest
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto import x25519
+from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.swarm import Swarm
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.upgrader import TransportUpgrader
+
+from p2pfl.net import patches
+from p2pfl.net.host import build_host, connect, key_pair_from_secret, listen_addrs, open_host
+from p2pfl.net.patches import process
+
+ROOT = Path(__file__).resolve().parents[2]
+PING = TProtocol("/ipfs/ping/1.0.0")
+
+
+def test_every_patch_names_its_upstream_bug_and_an_existing_test() -> None:
+    for patch in patches.PATCHES.values():
+        path, name = patch.test.split("::")
+        tree = ast.parse((ROOT / path).read_text())
+        tests = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+        assert name in tests, f"{patch.name}: {patch.test} does not exist"
+        assert len(patch.upstream) > 20, patch.name
+
+
+def test_hosts_run_with_every_patch_on_the_pinned_version() -> None:
+    assert patches.version_ok()
+    assert set(patches.apply()) == {n for n, p in patches.PATCHES.items() if not p.per_host}
+
+
+def test_another_version_warns_in_one_line_and_runs_stock(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(patches, "_state", {"checked": None, "done": False, "disabled": False, "applied": []})
+    monkeypatch.setattr(patches.metadata, "version", lambda _: "0.9.0")
+    with caplog.at_level(logging.WARNING, logger="p2pfl.net.patches"):
+        assert patches.apply() == ()
+        assert patches.patch_host(object(), max_streams_per_peer=4, auto_connect=False) == ()
+    [record] = caplog.records
+    assert "0.9.0" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+def test_process_tweaks_are_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PY_YAMUX_RELEASE_ON_READ", raising=False)
+    monkeypatch.setattr(process, "_applied", [])
+    build_host(bytes([7]) * 32)
+    assert "PY_YAMUX_RELEASE_ON_READ" not in os.environ
+    assert "yamux_release_on_read" in patches.apply_process_tweaks()
+    assert os.environ["PY_YAMUX_RELEASE_ON_READ"] == "0"
+
+
+@asynccontextmanager
+async def bare_dialer(server: IHost) -> AsyncIterator[trio.abc.AsyncResource]:
+    """Yield a function that opens one real Noise+Yamux connection to ``server`` and drops it.
+
+    No host on this side (no identify, no peerstore): ~20 ms a cycle instead of ~200 ms.
+    The connection is established on the server once a stream is negotiated on it. Each
+    cycle signs with a fresh key: with one PeerId, libp2p's one-connection-per-peer trim
+    races the server noticing the previous close (and waiting for that costs ~240 ms).
+    """
+    port = int(server.get_addrs()[0].value_for_protocol("tcp"))
+
+    async def cycle() -> None:
+        key_pair = key_pair_from_secret(os.urandom(32))
+        noise = NoiseTransport(key_pair, noise_privkey=x25519.create_new_key_pair().private_key)
+        upgrader = TransportUpgrader({NOISE_PROTOCOL_ID: noise}, {TProtocol(YAMUX_PROTOCOL_ID): Yamux})
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            raw = RawConnection(TrioTCPStream(stream), True)
+            secured = await upgrader.upgrade_security(raw, True, server.get_id())
+            muxed = await upgrader.upgrade_connection(secured, server.get_id())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(muxed.start)
+                muxed_stream = await muxed.open_stream()
+                await MultiselectClient().select_one_of([PING], MultiselectCommunicator(muxed_stream))
+                nursery.cancel_scope.cancel()
+        finally:
+            await stream.aclose()
+
+    yield cycle  # type: ignore[misc]
+
+
+async def cycles(server: IHost, count: int) -> int:
+    """Connect and disconnect ``count`` times; return how many succeeded before the first failure."""
+    async with bare_dialer(server) as cycle:
+        for done in range(count):
+            try:
+                with trio.fail_after(5):
+                    await cycle()  # type: ignore[operator]
+            except Exception:
+                return done
+    return count
+
+
+async def fresh_peer_connects(server: IHost) -> None:
+    async with open_host(os.urandom(32)) as fresh:
+        await connect(fresh, listen_addrs(server)[0], timeout=5)
+
+
+async def test_1000_inbound_connections_then_a_fresh_peer_connects() -> None:
+    # Stock 0.8.1 resets every inbound connection after the 300th (its slot count).
+    async with open_host(os.urandom(32)) as server:
+        assert await cycles(server, 1000) == 1000
+        await fresh_peer_connects(server)
+        swarm: Any = server.get_network()
+        assert swarm._inbound_limiter.borrowed_tokens < 10  # stock: all 300 held
+
+
+async def test_without_the_patch_slots_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stock handler, with 3 slots instead of 300, to keep the proof cheap.
+    stock = Swarm._do_handle_inbound_connection.__wrapped__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Swarm, "_do_handle_inbound_connection", stock)
+    async with open_host(os.urandom(32)) as server:
+        server.get_network()._inbound_limiter = trio.CapacityLimiter(3)  # type: ignore[attr-defined]
+        assert await cycles(server, 10) == 3
+
+
+@pytest.mark.parametrize("auto_connect", [False, True])
+async def test_a_disconnect_dials_nobody_from_the_peerstore(auto_connect: bool) -> None:
+    # With auto_connect=True the patch is off: the control that the connector does dial.
+    async with (
+        open_host(os.urandom(32), auto_connect=auto_connect) as ours,
+        open_host(os.urandom(32)) as known,
+    ):
+        info = info_from_p2p_addr(multiaddr.Multiaddr(listen_addrs(known)[0]))
+        ours.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+        swarm: Any = ours.get_network()
+        with trio.fail_after(10):
+            await swarm.auto_connector.maybe_connect()  # what every disconnect schedules
+        assert bool(swarm.get_connections(info.peer_id)) is auto_connect
