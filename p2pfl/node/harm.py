@@ -95,21 +95,30 @@ def vet(
 
 
 def plausible(
-    prober: Prober, check: HarmCheck, states: Sequence[Mapping[str, torch.Tensor]]
+    prober: Prober,
+    check: HarmCheck,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    yardstick: Mapping[str, torch.Tensor] | None = None,
 ) -> list[int]:
     """Return the indices of ``states`` whose loss on our data is near the best one's.
 
-    For adopting models wholesale (catching up), where no model of ours is a yardstick:
-    "near" is the harm check's tolerance around the lowest loss. A non-finite loss never
+    For adopting models wholesale (catching up): "near" is the harm check's tolerance
+    around the lowest loss among ``states`` and ``yardstick`` (our own model, if given:
+    a lone source must then be about as good as what we have). A non-finite loss never
     passes; all non-finite: none does.
     """
-    losses = prober.probe_losses(states)
+    candidates = list(states) if yardstick is None else [yardstick, *states]
+    losses = prober.probe_losses(candidates)
     finite = [loss for loss in losses if math.isfinite(loss)]
     if not finite:
         return []
     best = min(finite)
     bar = best + check.absolute + check.relative * best
-    return [j for j, loss in enumerate(losses) if math.isfinite(loss) and loss <= bar]
+    offset = len(candidates) - len(states)
+    return [
+        j for j, loss in enumerate(losses[offset:]) if math.isfinite(loss) and loss <= bar
+    ]
 
 
 def starting_point(
@@ -121,14 +130,17 @@ def starting_point(
     """Return the model a node far behind restarts from, or None to keep its own.
 
     We have no evidence about the sources yet and one may be an attacker. With a
-    ``prober`` only the :func:`plausible` sources count; without one, our own model joins
-    two or fewer: with two sources, one of them an attacker, the coordinate-wise median
-    of the three stays between our model and the honest one; a single source is averaged
-    with ours. Median of three or more models, else mean.
+    ``prober`` only the :func:`plausible` sources count, and a lone source (say our one
+    reachable neighbour) must also do about as well as our own model on our data.
+    Without one, our own model joins two or fewer: with two sources, one of them an
+    attacker, the coordinate-wise median of the three stays between our model and the
+    honest one; a single source is averaged with ours. Median of three or more models,
+    else mean.
     """
     states = list(sources)
     if prober is not None:
-        states = [states[j] for j in plausible(prober, check, states)]
+        lone = own if len(states) == 1 else None
+        states = [states[j] for j in plausible(prober, check, states, yardstick=lone)]
     elif len(states) < 3:
         states = [own, *states]
     if not states:

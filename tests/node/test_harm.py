@@ -142,3 +142,14 @@ def test_the_gate_vets_after_a_streak_and_a_failure_resets_it() -> None:
     assert failed.vetted == [False]
     again = gate.judge(state(0.0), None, ["a"], [good], [1.0], 1.0)
     assert again.vetted == [False]  # the streak starts over
+
+
+def test_a_lone_source_must_do_about_as_well_as_our_own_model() -> None:
+    check = HarmCheck(absolute=0.1, relative=0.0)
+    # Our model at 1 (loss 4 against target 0): a lone source at 3 (loss 12) is refused...
+    assert starting_point(state(1.0), [state(3.0)], Distance(target=0.0), check) is None
+    # ...one at 0.5 (loss 2) is adopted; two sources are judged among themselves only.
+    lone = starting_point(state(1.0), [state(0.5)], Distance(target=0.0), check)
+    assert lone is not None and torch.equal(lone["w"], torch.full((4,), 0.5))
+    pair = starting_point(state(1.0), [state(3.0), state(3.1)], Distance(target=0.0), check)
+    assert pair is not None

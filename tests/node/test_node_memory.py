@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 from pathlib import Path
 
@@ -226,3 +227,33 @@ async def test_restart_resumes_from_checkpoint(
         assert again.round == 2
         assert all(torch.equal(before[k], v) for k, v in again.learner.get_state().items())
         assert len(again.statistics().history) == 2
+
+
+async def test_catching_up_into_the_last_round_does_not_train_it_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ids = identities(4)
+    network = make_network(ids)
+    nodes = [make_node(network, ident, i, 4) for i, ident in enumerate(ids)]
+    early, late = nodes[:3], nodes[3]
+    done = trio.Event()
+
+    async def serve_until_done(node: Node, *, after: Node | None = None) -> None:
+        if after is not None:  # join once the network is in its last round
+            await after.wait_for_round(6)
+        async with node:
+            await node.run(rounds=8)
+            if node is late:
+                done.set()
+            await done.wait()  # everyone keeps serving, as daemons do
+
+    async with trio.open_nursery() as nursery:
+        for node in early:
+            nursery.start_soon(serve_until_done, node)
+        nursery.start_soon(functools.partial(serve_until_done, late, after=early[0]))
+
+    stats = late.statistics()
+    assert stats.round == 8 and stats.history[0].round == 7  # it caught up into round 7...
+    assert all(record.used > 0 for record in stats.history)  # ...and never trained alone
+    assert stats.accuracy is not None
+    assert stats.accuracy > statistics.mean(n.statistics().accuracy or 0 for n in early) - 0.05
