@@ -150,6 +150,7 @@ def test_a_lone_source_must_do_about_as_well_as_our_own_model() -> None:
     assert starting_point(state(1.0), [state(3.0)], Distance(target=0.0), check) is None
     # ...one at 0.5 (loss 2) is adopted; two sources are judged among themselves only.
     lone = starting_point(state(1.0), [state(0.5)], Distance(target=0.0), check)
-    assert lone is not None and torch.equal(lone["w"], torch.full((4,), 0.5))
+    assert lone is not None
+    assert torch.equal(lone["w"], torch.full((4,), 0.5))
     pair = starting_point(state(1.0), [state(3.0), state(3.1)], Distance(target=0.0), check)
     assert pair is not None

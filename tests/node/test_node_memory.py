@@ -253,7 +253,8 @@ async def test_catching_up_into_the_last_round_does_not_train_it_alone(
         nursery.start_soon(functools.partial(serve_until_done, late, after=early[0]))
 
     stats = late.statistics()
-    assert stats.round == 8 and stats.history[0].round == 7  # it caught up into round 7...
+    assert stats.round == 8
+    assert stats.history[0].round == 7
     assert all(record.used > 0 for record in stats.history)  # ...and never trained alone
     assert stats.accuracy is not None
     assert stats.accuracy > statistics.mean(n.statistics().accuracy or 0 for n in early) - 0.05
