@@ -158,6 +158,38 @@ class NetConfig:
             _check_mdns_interface(self.mdns_interface, self.listen_host)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrivacyConfig:
+    """Sample-level differential privacy of one node's training (DP-SGD, docs/PRIVACY.md).
+
+    The Gaussian noise is calibrated so that ``rounds`` x local epochs of training spend
+    at most ``(epsilon, delta)`` (Opacus' RDP accountant); then the node stops training.
+    """
+
+    epsilon: float = 8.0
+    # Well below 1/n for a few hundred local samples: the chance the guarantee fails.
+    delta: float = 1e-5
+    # Each sample's gradient is clipped to this L2 norm: its most influence on a step.
+    max_grad_norm: float = 1.0
+    # Rounds the budget is planned for; None: the node's rounds ([node] rounds, --rounds).
+    rounds: int | None = None
+    # Seeds the noise and the batch sampling. None: from the OS, as privacy needs; set it
+    # only for reproducible experiments (whoever knows it can subtract the noise).
+    noise_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        require(_positive(self.epsilon) and self.epsilon < 1e4, "privacy.epsilon",
+                f"must be a positive number, got {self.epsilon!r}")
+        require(_positive(self.delta) and self.delta < 1, "privacy.delta",
+                f"must be in (0, 1), e.g. 1e-5, got {self.delta!r}")
+        require(_positive(self.max_grad_norm), "privacy.max_grad_norm",
+                f"must be a positive number, got {self.max_grad_norm!r}")
+        require(self.rounds is None or (isinstance(self.rounds, int) and self.rounds >= 1),
+                "privacy.rounds", "must be an integer >= 1 (omit: the node's rounds)")
+        require(self.noise_seed is None or isinstance(self.noise_seed, int), "privacy.noise_seed",
+                "must be an integer (omit: from the OS)")
+
+
 # -- records from TOML tables -----------------------------------------------------------
 
 
@@ -260,6 +292,7 @@ __all__ = [
     "Limits",
     "MiB",
     "NetConfig",
+    "PrivacyConfig",
     "check_keys",
     "field_names",
     "record_from_table",

@@ -40,10 +40,13 @@ def build_node(
         wrap_learner: Wraps the task's learner (the simulator records evaluations).
 
     Raises:
-        ConfigError: unknown task or attack, bad options, no key.
+        ConfigError: unknown task or attack, bad options, no key, a model DP-SGD cannot
+            train ([privacy]).
     """
     label_map, behaviour = _attack(spec, {} if shared is None else shared)
     learner = make_learner(spec.task, spec.task_context(label_map))
+    if spec.privacy is not None:
+        make_private(learner, spec)
     return Node(
         spec.node,
         wrap_learner(learner) if wrap_learner else learner,
@@ -53,6 +56,21 @@ def build_node(
         offload=offload,
         behaviour=behaviour,
     )
+
+
+def make_private(learner: Learner, spec: NodeSpec) -> None:
+    """Switch ``learner`` to DP-SGD for ``spec``'s planned rounds; ConfigError if it cannot."""
+    from p2pfl.learners.torch_learner import TorchLearner
+
+    privacy = spec.privacy
+    assert privacy is not None
+    if not isinstance(learner, TorchLearner):
+        raise ConfigError(f"[privacy]: DP-SGD needs a learner built on TorchLearner; task "
+                          f"{spec.task!r} built a {type(learner).__name__}")
+    if privacy.rounds is None:
+        raise ConfigError("[privacy] rounds: the noise is planned for a number of rounds; "
+                          "set [node] rounds or [privacy] rounds")
+    learner.make_private(privacy, epochs=privacy.rounds * spec.node.rounds.local_epochs)
 
 
 def _attack(spec: NodeSpec, shared: dict[str, Any]) -> tuple[LabelMap | None, Behaviour | None]:
@@ -93,4 +111,4 @@ def load_or_create_identity(path: Path) -> Identity:
     return identity
 
 
-__all__ = ["attack_label_map_of", "build_node", "load_or_create_identity"]
+__all__ = ["attack_label_map_of", "build_node", "load_or_create_identity", "make_private"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from p2pfl.config import NetConfig, require
+from p2pfl.config import NetConfig, PrivacyConfig, require
 from p2pfl.learners.tasks import DEFAULT_TASK, LabelMap, TaskContext
 from p2pfl.node.config import NodeConfig
 
@@ -31,6 +31,8 @@ class NodeSpec:
     attack_params: Mapping[str, Any] = field(default_factory=dict)
     # The node's key (created on first start); None: the caller passes an identity.
     key_file: Path | None = None
+    # DP-SGD within a budget (docs/PRIVACY.md); None: training is not private.
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         require(self.attack is not None or not self.attack_params, "attack",

@@ -13,6 +13,7 @@ and every value is checked against its field's type::
     [task]         name, then the task's options (digits: DigitsOptions)
     [train]        node_index, num_nodes, seed, device: the node's place in the task
     [attack]       name, params = {...}
+    [privacy]      PrivacyConfig (DP-SGD; rounds default to [node] rounds)
 
 Aliases kept from earlier releases (README "Changelog"): ``[train] epochs`` is
 ``[round] local_epochs``; ``[train] task`` is ``[task] name`` and the task's options
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -33,6 +34,7 @@ from p2pfl.config import (
     DEFAULT_RULE,
     Limits,
     NetConfig,
+    PrivacyConfig,
     check_keys,
     field_names,
     record_from_table,
@@ -59,7 +61,7 @@ NODE_SCALARS = tuple(name for name in field_names(NodeConfig)
 NODE_KEYS = (*NODE_SCALARS, *field_names(Service), "key_file")
 TRAIN_KEYS = ("node_index", "num_nodes", "seed", "device")  # NodeSpec fields in [train]
 SECTIONS = ("node", "net", "train", "task", "aggregation", "round", "reputation", "harm_check",
-            "limits", "attack")
+            "limits", "attack", "privacy")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,8 +113,16 @@ def read_node_file(data: Mapping[str, Any], *, base: Path) -> NodeFile:
         **train,
     )
     spec.task_context()  # node_index in range, device known: fail before the network starts
-    service = {k: node[k] for k in field_names(Service) if k in node}
-    return NodeFile(spec=spec, service=record_from_table(Service, service, "[node]"))
+    service = record_from_table(Service, {k: node[k] for k in field_names(Service) if k in node}, "[node]")
+    return NodeFile(spec=replace(spec, privacy=read_privacy(data, rounds=service.rounds)), service=service)
+
+
+def read_privacy(data: Mapping[str, Any], *, rounds: int | None) -> PrivacyConfig | None:
+    """Return ``[privacy]`` (None when absent), planned for ``rounds`` unless it says otherwise."""
+    if "privacy" not in data:
+        return None
+    privacy = record_from_table(PrivacyConfig, section(data, "privacy"), "[privacy]")
+    return privacy if privacy.rounds is not None else replace(privacy, rounds=rounds)
 
 
 def read_node_config(data: Mapping[str, Any], *, base: Path | None = None) -> NodeConfig:
@@ -206,6 +216,7 @@ def documented_keys() -> dict[str, tuple[str, ...]]:
         "task": ("name", *(field_names(options) if options else ())),
         "train": TRAIN_KEYS,
         "attack": ("name", "params"),
+        "privacy": field_names(PrivacyConfig),
     }
 
 
@@ -226,6 +237,7 @@ __all__ = [
     "read_attack",
     "read_node_config",
     "read_node_file",
+    "read_privacy",
     "read_record",
     "read_task",
     "section",

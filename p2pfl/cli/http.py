@@ -235,6 +235,9 @@ def render_metrics(stats: NodeStatistics) -> str:
         _metric(out, "p2pfl_rounds_target", "gauge", "Rounds this node runs.", [({}, stats.rounds_target)])
     _metric(out, "p2pfl_accuracy", "gauge", "Test accuracy after the last finished round.", [({}, stats.accuracy)])
     _metric(out, "p2pfl_loss", "gauge", "Test loss after the last finished round.", [({}, stats.loss)])
+    if stats.epsilon_target is not None:
+        _metric(out, "p2pfl_epsilon_spent", "gauge", "Differential privacy spent (epsilon).", [({}, stats.epsilon_spent)])
+        _metric(out, "p2pfl_epsilon_target", "gauge", "Differential privacy budget (epsilon).", [({}, stats.epsilon_target)])
     _metric(out, "p2pfl_neighbours", "gauge", "Connected neighbours.", [({}, len(stats.neighbours))])
     _metric(out, "p2pfl_bytes_in_total", "counter", "Bytes received from peers.", [({}, stats.bytes_in)])
     _metric(out, "p2pfl_bytes_out_total", "counter", "Bytes sent to peers.", [({}, stats.bytes_out)])

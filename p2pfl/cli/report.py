@@ -39,6 +39,7 @@ def build_report(statuses: list[dict], *, byzantine: Collection[str], meta: dict
     detection = _detection(reputation, nodes)
     finals = [n["final_accuracy"] for n in honest if n["final_accuracy"] is not None]
     flagged = sum(d["flagged"] for d in detection["attackers"].values())
+    spent = [n["epsilon_spent"] for n in honest if n["epsilon_spent"] is not None]
     return {
         "meta": dict(meta),
         "nodes": nodes,
@@ -51,6 +52,9 @@ def build_report(statuses: list[dict], *, byzantine: Collection[str], meta: dict
             "attackers": len(detection["attackers"]),
             "attackers_flagged": flagged,
             "honest_zeroed": len(detection["honest_zeroed"]),
+            # Differential privacy: the budget and the most any honest node spent.
+            "epsilon_target": next((n["epsilon_target"] for n in honest if n["epsilon_target"]), None),
+            "epsilon_spent_max": max(spent) if spent else None,
         },
     }
 
@@ -74,6 +78,8 @@ def _node_entry(index: int, status: Mapping[str, Any], attacker: bool) -> dict[s
         "bytes_in": status.get("bytes_in", 0),
         "bytes_out": status.get("bytes_out", 0),
         "peak_rss_bytes": status.get("peak_rss_bytes"),
+        "epsilon_spent": status.get("epsilon_spent"),  # None: not private
+        "epsilon_target": status.get("epsilon_target"),
         "rounds": [r["round"] for r in history],
         "accuracy": [r.get("accuracy") for r in history],
         "loss": [r.get("loss") for r in history],
@@ -325,6 +331,8 @@ def _verdict(report: Mapping[str, Any]) -> str:
         text += f"; attackers flagged {v['attackers_flagged']}/{v['attackers']} (zero weight at >= {share} of their honest observers)"
     if v["honest_zeroed"]:
         text += f"; honest peers wrongly zeroed {v['honest_zeroed']}x"
+    if v.get("epsilon_target") is not None:
+        text += f"; privacy spent epsilon <= {fmt_float(v['epsilon_spent_max'], 2)} of {v['epsilon_target']:g}"
     return text
 
 

@@ -50,6 +50,7 @@ class TestnetPlan:
     epochs: int = 1
     batch_size: int = 32
     neighbours: int | None = None  # target neighbours per node; None: the node's default
+    dp_epsilon: float | None = None  # honest nodes train with DP-SGD within this budget
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -64,6 +65,7 @@ class TestnetPlan:
         require(self.timeout > 0, "--timeout", f"must be > 0 seconds, got {self.timeout}")
         require(self.epochs >= 1, "--epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
+        require(self.dp_epsilon is None or self.dp_epsilon > 0, "--dp-epsilon", "must be > 0")
         if self.base_port is not None:
             top = 65535 - 2 * self.nodes + 1
             require(1024 <= self.base_port <= top, "--base-port", f"must be between 1024 and {top}")
@@ -93,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
+    parser.add_argument("--dp-epsilon", type=float, metavar="E",
+                        help="honest nodes train with DP-SGD spending at most E (docs/PRIVACY.md)")
 
 
 def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
@@ -102,7 +106,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         byzantine=args.byzantine, attack=args.attack, attack_params=parse_params(args.attack_param),
         rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
-        batch_size=args.batch_size, neighbours=args.neighbours,
+        batch_size=args.batch_size, neighbours=args.neighbours, dp_epsilon=args.dp_epsilon,
     )
     _check_names(plan)
     return plan
@@ -248,6 +252,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         # neighbourhood so that round 0 is trained together instead of alone.
         "round": {"local_epochs": plan.epochs, "min_neighbours": neighbours, "start_timeout": 60.0},
     }
+    if plan.dp_epsilon is not None and not plan.is_byzantine(index):
+        document["privacy"] = {"epsilon": float(plan.dp_epsilon)}  # for [node] rounds
     if plan.is_byzantine(index):
         from p2pfl.attacks import network_defaults
 

@@ -15,6 +15,10 @@ Optimizer: by default :class:`~p2pfl.learners.optim.MomentumSGD`, which makes th
 updates as ``torch.optim.SGD(params, lr, momentum)`` without torch's import cost. Pass a
 ``torch.optim`` optimizer to use one.
 
+Privacy: :meth:`TorchLearner.make_private` switches training to DP-SGD
+(:mod:`~p2pfl.learners.privacy`) within a budget; the accountant's history is part of
+the checkpoint.
+
 Calls on one learner must not overlap: the node serialises them in its worker thread.
 """
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +38,10 @@ from p2pfl.learners.base import Metrics, State
 from p2pfl.learners.batches import Batch, count_samples
 from p2pfl.learners.optim import MomentumSGD, OptimizerLike
 
+if TYPE_CHECKING:
+    from p2pfl.config import PrivacyConfig
+    from p2pfl.learners.privacy import PrivacySpent, PrivateTraining
+
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,6 +50,10 @@ _MODEL = "model."
 _OPTIM = "optim."
 _OPTIM_NUMBER = "optim_number."  # Python numbers in optimizer state, stored as 0-d tensors
 _EPOCH = "learner.epoch"
+_PRIVACY = "privacy.history"  # p2pfl.learners.privacy.HISTORY (imported only when private)
+# What a private learner announces as its sample count (the FedAvg weight): the true
+# count would tell peers whether one more sample is in the data, which DP must hide.
+PRIVATE_WEIGHT = 1
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) over 63 bits
 
 
@@ -99,6 +111,7 @@ class TorchLearner:
             raise LearnerError(f"probe_samples must be >= 1, got {probe_samples}")
         self.probe_samples = probe_samples
         self._probe: Batch | None = None
+        self.privacy: PrivateTraining | None = None  # DP-SGD, after make_private()
         self._warn_about_setup()
 
     def _warn_about_setup(self) -> None:
@@ -143,10 +156,33 @@ class TorchLearner:
 
     # -- training ----------------------------------------------------------------------
 
+    def make_private(self, config: PrivacyConfig, *, epochs: int) -> None:
+        """Train with DP-SGD from now on, ``epochs`` epochs at most within ``config``'s budget.
+
+        Raises:
+            ConfigError: a layer DP-SGD cannot train (named, with the fix), or a train
+                loader it cannot sample from.
+        """
+        from p2pfl.learners.privacy import PrivateTraining, dry_run
+
+        self.privacy = PrivateTraining(config, self.model, self.train_loader, epochs=epochs)
+        dry_run(self.privacy, self.loss_fn)
+        self._probe = None  # probes come from the test split from now on
+
+    def privacy_spent(self) -> PrivacySpent | None:
+        """Return the privacy account; None when training is not private."""
+        return None if self.privacy is None else self.privacy.spent()
+
     def fit(self, epochs: int) -> int:
-        """Train for ``epochs`` epochs; return the number of samples seen per epoch."""
+        """Train for ``epochs`` epochs; return the number of samples seen per epoch.
+
+        A private learner returns :data:`PRIVATE_WEIGHT`, and once its budget is spent
+        it trains no more (the model stays as aggregated).
+        """
         if epochs < 1:
             raise LearnerError(f"epochs must be >= 1, got {epochs}")
+        if self.privacy is not None:
+            return self._fit_private(self.privacy, epochs)
         seen = 0
         self.model.train()
         for _ in range(epochs):
@@ -160,6 +196,19 @@ class TorchLearner:
                 raise LearnerError(f"training diverged: mean loss {self.last_train_loss}")
         self._num_train_samples = seen
         return seen
+
+    def _fit_private(self, privacy: PrivateTraining, epochs: int) -> int:
+        self.model.train()
+        for _ in range(epochs):
+            if privacy.remaining_steps == 0:
+                logger.info("privacy budget spent (%d steps): not training any more", privacy.steps_taken)
+                break
+            seen, loss_sum = privacy.train_epoch(self.loss_fn, self.optimizer, self.epoch)
+            self.epoch += 1
+            self.last_train_loss = loss_sum / max(seen, 1)
+            if not math.isfinite(self.last_train_loss):
+                raise LearnerError(f"training diverged: mean loss {self.last_train_loss}")
+        return PRIVATE_WEIGHT
 
     def _reseed_loader(self) -> None:
         generator = getattr(self.train_loader, "generator", None)
@@ -205,7 +254,9 @@ class TorchLearner:
     def probe_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
         """Return the loss of each state on a fixed sample of the training data.
 
-        The sample is the first ``probe_samples`` training samples, drawn once. The model
+        The sample is the first ``probe_samples`` training samples, drawn once (test
+        samples when private: what decides whom we trust must not read the protected
+        training data outside DP-SGD). The model
         is not modified: ``torch.func.functional_call`` runs it with each state, which
         must have the model's keys and shapes (the node checks them on receipt).
         """
@@ -228,7 +279,7 @@ class TorchLearner:
             taken = 0
             # fit() reseeds the loader before every epoch: drawing here does not change
             # the data order of training.
-            for x, y in self.train_loader:
+            for x, y in self.test_loader if self.privacy is not None else self.train_loader:
                 xs.append(x[: self.probe_samples - taken])
                 ys.append(y[: self.probe_samples - taken])
                 taken += len(ys[-1])
@@ -246,8 +297,9 @@ class TorchLearner:
 
         Names: ``model.<key>``; ``optim.<param_index>.<buffer>`` for optimizer tensors;
         ``optim_number.<param_index>.<key>`` for Python numbers (e.g. step counters) as
-        0-d tensors; ``learner.epoch``. Hyperparameters are not stored: they come from
-        the learner's construction.
+        0-d tensors; ``learner.epoch``; ``privacy.history``, the accountant's history as
+        a ``(rows, 3)`` table, when private. Hyperparameters are not stored: they come
+        from the learner's construction.
         """
         out: State = {_MODEL + k: v for k, v in self.get_state().items()}
         for index, entries in self.optimizer.state_dict()["state"].items():
@@ -259,6 +311,8 @@ class TorchLearner:
                 elif value is not None:
                     raise LearnerError(f"cannot checkpoint optimizer state {key}={value!r}")
         out[_EPOCH] = torch.tensor(self.epoch, dtype=torch.int64)
+        if self.privacy is not None:
+            out[_PRIVACY] = self.privacy.history_tensor()
         return out
 
     def restore_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -268,9 +322,14 @@ class TorchLearner:
         if _EPOCH not in state or state[_EPOCH].numel() != 1:
             raise LearnerError(f"checkpoint lacks a scalar {_EPOCH!r}")
         known = (_MODEL, _OPTIM, _OPTIM_NUMBER)
-        unknown = sorted(k for k in state if k != _EPOCH and not k.startswith(known))
+        unknown = sorted(k for k in state if k not in (_EPOCH, _PRIVACY) and not k.startswith(known))
         if unknown:
             raise LearnerError(f"checkpoint has unknown entries: {unknown}")
+        if _PRIVACY in state:
+            if self.privacy is None:
+                raise LearnerError("the checkpoint was trained with [privacy]: turn it on again "
+                                   "(its budget continues) or move the checkpoint away")
+            self.privacy.restore_history(state[_PRIVACY])
         self.set_state(model_state)
         current = self.optimizer.state_dict()
         try:

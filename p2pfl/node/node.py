@@ -42,6 +42,7 @@ from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.state import template_of
 from p2pfl.learners.base import Learner, State
+from p2pfl.learners.privacy import PrivacySpent
 from p2pfl.net.transport import Transport
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -106,6 +107,7 @@ class Node:
         self._state = "starting"
         self._history: list[RoundRecord] = []
         self._metrics: tuple[float, float] | None = None
+        self._privacy = self._privacy_spent()  # as of the last finished round; None: not private
         self._round_finished = trio.Event()
         self._compute_limiter = trio.CapacityLimiter(1)
         self._transport: Transport | None = None
@@ -128,6 +130,7 @@ class Node:
 
     async def __aenter__(self) -> Node:
         self._restore()
+        self._privacy = self._privacy_spent()  # a restored account keeps what it spent
         # Shapes and dtypes peers' models must have; read once, never mid-training.
         template = template_of(self.learner.get_state())
         stack = AsyncExitStack()
@@ -227,6 +230,7 @@ class Node:
         """Evaluate, settle reputation, checkpoint, and move on to round ``number + 1``."""
         metrics = await self._compute(self.learner.evaluate)
         self._metrics = (metrics.accuracy, metrics.loss)
+        self._privacy = await self._compute(self._privacy_spent)
         self._standing.end_round(number)
         self._enforce_bans(number)
         traffic = self.transport.stats()
@@ -234,6 +238,7 @@ class Node:
             round=number, accuracy=metrics.accuracy, loss=metrics.loss, used=used,
             duration=trio.current_time() - started, bytes_in=traffic.bytes_in,
             bytes_out=traffic.bytes_out, finished_at=time.time(),
+            epsilon_spent=self._privacy.epsilon if self._privacy else None,
         )
         # Durable first: whoever sees the round finished (statistics, /status) may rely on
         # it surviving a SIGKILL.
@@ -310,6 +315,11 @@ class Node:
 
     # ------------------------------------------------------------------ helpers
 
+    def _privacy_spent(self) -> PrivacySpent | None:
+        """The learner's privacy account (TorchLearner.privacy_spent); None: not private."""
+        spent = getattr(self.learner, "privacy_spent", None)
+        return spent() if callable(spent) else None
+
     def _report(self, peer: str, evidence: Evidence, reason: str) -> None:
         """Record evidence found outside the round loop (ingress, fetches) in the current round."""
         self._standing.record(peer, evidence, self._round, reason)
@@ -379,4 +389,6 @@ class Node:
             history=tuple(self._history),
             byzantine=self.behaviour.name,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            epsilon_spent=self._privacy.epsilon if self._privacy else None,
+            epsilon_target=self._privacy.target if self._privacy else None,
         )

@@ -33,6 +33,7 @@ class RoundRecord:
     bytes_in: int  # cumulative, at the end of the round
     bytes_out: int
     finished_at: float = 0.0  # unix time, for timelines across nodes
+    epsilon_spent: float | None = None  # privacy spent so far (DP-SGD); None: not private
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,9 @@ class NodeStatistics:
     history: tuple[RoundRecord, ...] = field(default=())
     byzantine: str | None = None  # attack name when this node is an attacker (test networks)
     peak_rss_bytes: int = 0  # of the whole process (a daemon runs one node per process)
+    # Differential privacy (docs/PRIVACY.md): budget spent so far and the target; None: off.
+    epsilon_spent: float | None = None
+    epsilon_target: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

@@ -27,6 +27,7 @@ import trio.testing
 
 from p2pfl.assembly import NodeSpec, build_node
 from p2pfl.assembly.build import attack_label_map_of
+from p2pfl.config import PrivacyConfig
 from p2pfl.core.aggregation import flatten
 from p2pfl.core.crypto import Identity
 from p2pfl.learners.base import Learner, Metrics, State
@@ -156,6 +157,11 @@ class ProbedLearner:
             raise TypeError(f"{type(self.inner).__name__} cannot probe losses")
         return self.inner.probe_losses(states)
 
+    def privacy_spent(self) -> Any:
+        """Delegate to the wrapped learner (None: not private)."""
+        spent = getattr(self.inner, "privacy_spent", None)
+        return spent() if spent is not None else None
+
     def checkpoint_state(self) -> State:
         """Delegate to the wrapped learner."""
         return self.inner.checkpoint_state()
@@ -230,7 +236,16 @@ def node_spec(scenario: Scenario, seed: int, index: int, attacking: bool, config
         seed=seed,
         attack=scenario.attack if attacking else None,
         attack_params=attack_params(scenario, seed, index, shared) if attacking else {},
+        privacy=None if attacking else _privacy(scenario, seed, index),
     )
+
+
+def _privacy(scenario: Scenario, seed: int, index: int) -> PrivacyConfig | None:
+    """The scenario's privacy, with a noise seed of its own per run and node."""
+    privacy = scenario.privacy
+    if privacy is None or privacy.noise_seed is not None:
+        return privacy
+    return replace(privacy, noise_seed=seed * 100_003 + index)
 
 
 def node_learner(scenario: Scenario, seed: int, index: int, attacking: bool) -> Learner:

@@ -36,9 +36,10 @@ A scenario file (see ``examples/scenarios/``)::
     [reputation]               # p2pfl.core.reputation.ReputationConfig overrides
     [harm_check]               # p2pfl.node.config.HarmCheck overrides (enabled = false...)
     [limits]                   # p2pfl.config.Limits overrides
+    [privacy]                  # p2pfl.config.PrivacyConfig: honest nodes train with DP-SGD
 
 The sections shared with node files (``[round] [reputation] [harm_check] [limits]
-[aggregation] [task] [train]``) are read by :mod:`p2pfl.assembly.toml` and mean the same
+[aggregation] [task] [train] [privacy]``) are read by :mod:`p2pfl.assembly.toml` and mean the same
 there: ``[aggregation] rule/params`` may replace ``[rule] name/params``, ``[task]`` may
 replace ``[data]``, ``[round] round_timeout/local_epochs`` the top-level keys.
 
@@ -69,8 +70,8 @@ from typing import Any
 
 import torch
 
-from p2pfl.assembly.toml import read_aggregation, read_record, read_task, section
-from p2pfl.config import DEFAULT_RULE, Limits, record_from_table
+from p2pfl.assembly.toml import read_aggregation, read_privacy, read_record, read_task, section
+from p2pfl.config import DEFAULT_RULE, Limits, PrivacyConfig, record_from_table
 from p2pfl.core.aggregation import RULES, aggregate
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.errors import AggregationError, ConfigError
@@ -120,6 +121,9 @@ class Scenario:
     # RoundConfig fields besides round_timeout and local_epochs (quorum, max_lag...).
     round_params: Params = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    # Honest nodes train with DP-SGD (attackers do not bother); noise seeded per node
+    # from the run seed unless noise_seed is given, so that runs stay reproducible.
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("topology_params", "rule_params", "attack_params", "task_options", "round_params"):
@@ -231,7 +235,7 @@ def check_attack(name: str, params: Params | None = None) -> None:
 
 _TOP = {"name", "nodes", "rounds", "seeds", "round_timeout", "local_epochs", "delivery",
         "topology", "data", "rule", "attack", "link", "reputation", "harm_check", "grid",
-        "round", "limits", "aggregation", "task", "train"}
+        "round", "limits", "aggregation", "task", "train", "privacy"}
 _TABLES = {
     "topology": {"kind"} | set().union(*TOPOLOGY_PARAMS.values()),
     "data": {"task", "partition", "alpha"},
@@ -341,6 +345,7 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
             harm_check=read_record(doc, "harm_check"),
             round_params=round_params,
             limits=read_record(doc, "limits"),
+            privacy=read_privacy(doc, rounds=doc.get("rounds", 10)),
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from p2pfl.node.stats import finite_json
@@ -66,6 +67,7 @@ def scenario_record(scenario: Scenario) -> dict[str, Any]:
                  "loss": scenario.link.loss, "bandwidth": scenario.link.bandwidth},
         "round_timeout": scenario.round_timeout,
         "delivery": scenario.delivery,
+        "privacy": None if scenario.privacy is None else asdict(scenario.privacy),
     }
 
 
