@@ -3,7 +3,6 @@ influence, the budget is never overspent (nor reset by a restart), and nothing p
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -160,9 +159,8 @@ def test_no_dp_path_touches_pickle(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("pickle used on the DP path")
 
-    for name in ("dumps", "loads", "dump", "load"):
-        monkeypatch.setattr(pickle, name, refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    for name in ("dumps", "loads", "dump", "load", "Unpickler"):
+        monkeypatch.setattr(f"pickle.{name}", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     learner = private_digits(epochs=2)
     learner.fit(1)
