@@ -159,6 +159,8 @@ def test_no_dp_path_touches_pickle(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("pickle used on the DP path")
 
+    private_digits(epochs=1).fit(1)  # imports done first: torch.func subclasses pickle's classes
+
     for name in ("dumps", "loads", "dump", "load", "Unpickler"):
         monkeypatch.setattr(f"pickle.{name}", refuse)
     monkeypatch.setattr(torch, "load", refuse)
