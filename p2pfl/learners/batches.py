@@ -11,6 +11,12 @@ from torch.utils.data import DataLoader
 from p2pfl.errors import LearnerError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) over 63 bits
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Return the data-order seed of ``epoch`` for a learner seeded with ``seed``."""
+    return (seed * _SEED_MIX + epoch) % (1 << 63)
 
 
 class TensorBatches:
@@ -78,4 +84,4 @@ def count_samples(loader: Iterable[Any]) -> int:
     return sum(len(batch[1]) for batch in loader)
 
 
-__all__ = ["Batch", "TensorBatches", "count_samples"]
+__all__ = ["Batch", "TensorBatches", "count_samples", "epoch_seed"]

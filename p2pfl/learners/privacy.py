@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from p2pfl.config import PrivacyConfig
 from p2pfl.errors import ConfigError, LearnerError
-from p2pfl.learners.batches import Batch, TensorBatches
+from p2pfl.learners.batches import Batch, TensorBatches, epoch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,6 @@ class PrivateTraining:
 
     def generator(self, epoch: int) -> torch.Generator:
         """Return the noise and sampling generator of ``epoch`` (secret unless seeded)."""
-        from p2pfl.learners.torch_learner import epoch_seed
-
         seed = self.config.noise_seed
         return torch.Generator().manual_seed(
             secrets.randbits(63) if seed is None else epoch_seed(seed, epoch))

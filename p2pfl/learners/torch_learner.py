@@ -35,7 +35,7 @@ from torch import nn
 from p2pfl.core.state import mismatch, nonfinite, template_of
 from p2pfl.errors import LearnerError
 from p2pfl.learners.base import Metrics, State
-from p2pfl.learners.batches import Batch, count_samples
+from p2pfl.learners.batches import Batch, count_samples, epoch_seed
 from p2pfl.learners.optim import MomentumSGD, OptimizerLike
 
 if TYPE_CHECKING:
@@ -54,13 +54,6 @@ _PRIVACY = "privacy.history"  # p2pfl.learners.privacy.HISTORY (imported only wh
 # What a private learner announces as its sample count (the FedAvg weight): the true
 # count would tell peers whether one more sample is in the data, which DP must hide.
 PRIVATE_WEIGHT = 1
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) over 63 bits
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Return the data-order seed of ``epoch`` for a learner seeded with ``seed``."""
-    return (seed * _SEED_MIX + epoch) % (1 << 63)
-
 
 def _add_counts(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Add two per-class count vectors of possibly different lengths."""

@@ -69,9 +69,12 @@ def test_training_spends_at_most_the_budget_then_stops() -> None:
 
 
 def test_clipping_bounds_each_samples_influence_on_a_step() -> None:
-    features = torch.randn(4, 3) * 1000  # huge gradients
+    features = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 1000
     labels = torch.tensor([0, 1, 0, 1])
     model = nn.Linear(3, 2)
+    with torch.no_grad():  # uniform predictions: every sample's gradient is ~1000 long
+        model.weight.zero_()
+        model.bias.zero_()
     batches = TensorBatches(features, labels, batch_size=4)  # q = 1: every sample, every step
     learner = TorchLearner(model, train_loader=batches, test_loader=batches,
                            optimizer=MomentumSGD(model.parameters(), lr=1.0, momentum=0.0))
