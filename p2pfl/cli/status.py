@@ -104,6 +104,8 @@ def _header(status: Mapping[str, Any]) -> str:
          + (f" ({reasons})" if reasons else "")),
         ("neighbours", f"{len(neighbours)}" + (": " + " ".join(short_id(n) for n in neighbours) if neighbours else "")),
     ]
+    if status.get("epsilon_target") is not None:
+        rows.append(("privacy", f"epsilon {fmt_float(status.get('epsilon_spent'), 2)} of {status['epsilon_target']:g} spent"))
     if status.get("byzantine"):
         rows.append(("byzantine", f"this node runs the {status['byzantine']!r} attack"))
     return "\n".join(f"{label:<11} {value}" for label, value in rows)
