@@ -23,7 +23,7 @@ Package map (dependencies point down only)::
 """
 
 from p2pfl import errors
-from p2pfl.config import Limits, NetConfig
+from p2pfl.config import Limits, NetConfig, PrivacyConfig
 from p2pfl.core.aggregation import RULES, Aggregate, aggregate
 from p2pfl.core.codec import decode_state, encode_state
 from p2pfl.core.crypto import Identity
@@ -44,6 +44,7 @@ __all__ = [
     "NodeConfig",
     "NodeStatistics",
     "P2PFLError",
+    "PrivacyConfig",
     "ReputationConfig",
     "RoundConfig",
     "TorchLearner",

@@ -18,6 +18,7 @@ def test_top_level_names_are_pinned() -> None:
             "NodeConfig",
             "NodeStatistics",
             "P2PFLError",
+            "PrivacyConfig",
             "ReputationConfig",
             "RoundConfig",
             "TorchLearner",
