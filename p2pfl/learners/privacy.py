@@ -135,11 +135,14 @@ class PoissonBatches:
         x, y = self._gather(indices)
         return x, y
 
-    def draw(self, steps: int, generator: torch.Generator) -> Iterator[Batch]:
-        """Yield ``steps`` batches, each sample included with probability ``sample_rate``."""
+    def draw(self, steps: int, generator: torch.Generator) -> Iterator[Batch | None]:
+        """Yield ``steps`` batches, each sample included with probability ``sample_rate``.
+
+        None is an empty batch: the step still adds its noise (and is accounted).
+        """
         for _ in range(steps):
-            chosen = torch.rand(self.size, generator=generator) < self.sample_rate
-            yield self.gather(chosen.nonzero().flatten())
+            chosen = (torch.rand(self.size, generator=generator) < self.sample_rate).nonzero().flatten()
+            yield self.gather(chosen) if len(chosen) else None
 
 
 class PrivateTraining:
@@ -184,29 +187,35 @@ class PrivateTraining:
         steps = min(self.batches.steps_per_epoch, self.remaining_steps)
         generator = self.generator(epoch)
         seen, loss_sum = 0, 0.0
-        for x, y in self.batches.draw(steps, generator):
-            loss_sum += self.step(x, y, loss_fn, optimizer, generator)
-            seen += len(y)
+        for batch in self.batches.draw(steps, generator):
+            loss_sum += self.step(batch, loss_fn, optimizer, generator)
+            seen += 0 if batch is None else len(batch[1])
         return seen, loss_sum
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Any, optimizer: Any,
-             generator: torch.Generator) -> float:
+    def step(self, batch: Batch | None, loss_fn: Any, optimizer: Any, generator: torch.Generator) -> float:
         """Apply one noisy clipped step to the model; return the batch's loss sum."""
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        grads, losses = per_sample_gradients(self.model, params, x, y, loss_fn)
-        clip = self.config.max_grad_norm
-        if len(y):
-            norms = torch.stack([g.reshape(len(y), -1).norm(dim=1) for g in grads.values()]).norm(dim=0)  # (B,)
-            scale = (clip / (norms + 1e-6)).clamp(max=1.0)  # (B,)
+        clipped, loss_sum = self._clipped_sum(params, batch, loss_fn)
         expected = self.batches.size * self.batches.sample_rate
+        std = self.noise_multiplier * self.config.max_grad_norm
         optimizer.zero_grad(set_to_none=True)
         for name, p in params.items():
-            total = torch.einsum("b,b...->...", scale, grads[name]) if len(y) else torch.zeros_like(p)
-            noise = torch.normal(0.0, self.noise_multiplier * clip, size=p.shape, generator=generator)
-            p.grad = ((total + noise) / expected).to(p.dtype)
+            noise = torch.normal(0.0, std, size=p.shape, generator=generator)
+            p.grad = ((clipped.get(name, 0.0) + noise) / expected).to(p.dtype)
         optimizer.step()
         self._account(1)
-        return float(losses.sum())
+        return loss_sum
+
+    def _clipped_sum(self, params: Mapping[str, torch.Tensor], batch: Batch | None,
+                     loss_fn: Any) -> tuple[dict[str, torch.Tensor], float]:
+        """Return the sum of the batch's per-sample gradients, each clipped; and its loss sum."""
+        if batch is None:
+            return {}, 0.0
+        x, y = batch
+        grads, losses = per_sample_gradients(self.model, params, x, y, loss_fn)
+        norms = torch.stack([g.reshape(len(y), -1).norm(dim=1) for g in grads.values()]).norm(dim=0)  # (B,)
+        scale = (self.config.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # (B,)
+        return {n: torch.einsum("b,b...->...", scale, g) for n, g in grads.items()}, float(losses.sum())
 
     def _account(self, steps: int) -> None:
         entry = (self.noise_multiplier, self.batches.sample_rate)
@@ -233,8 +242,6 @@ class PrivateTraining:
 def per_sample_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
                          y: torch.Tensor, loss_fn: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Return each sample's gradient ``{name: (B, *shape)}`` and loss ``(B,)``."""
-    if len(y) == 0:
-        return {}, torch.zeros(0)
     from torch.func import functional_call, grad_and_value, vmap
 
     buffers = {n: b for n, b in model.named_buffers()}

@@ -117,6 +117,18 @@ def test_a_dataloader_task_trains_privately() -> None:
     assert spent.epsilon <= 4.0
 
 
+def test_an_empty_poisson_batch_is_a_noise_only_step() -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(3, 4), torch.tensor([0, 1, 0]))
+    loader = torch.utils.data.DataLoader(data, batch_size=1, generator=torch.Generator())
+    learner = TorchLearner(nn.Linear(4, 2), train_loader=loader, test_loader=loader)
+    learner.make_private(PrivacyConfig(noise_seed=0), epochs=4)
+    assert learner.privacy is not None
+    batches = list(learner.privacy.batches.draw(12, learner.privacy.generator(0)))
+    assert None in batches  # q = 1/3 over 3 samples: (2/3)^3 of the steps are empty
+    learner.fit(4)
+    assert learner.privacy.steps_taken == 12
+
+
 def test_the_spent_budget_survives_a_restart_from_a_checkpoint(tmp_path: Path) -> None:
     first = private_digits(epochs=4)
     first.fit(2)
