@@ -55,6 +55,7 @@ _PRIVACY = "privacy.history"  # p2pfl.learners.privacy.HISTORY (imported only wh
 # count would tell peers whether one more sample is in the data, which DP must hide.
 PRIVATE_WEIGHT = 1
 
+
 def _add_counts(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Add two per-class count vectors of possibly different lengths."""
     size = max(len(total), len(counts))
