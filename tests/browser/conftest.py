@@ -8,6 +8,7 @@ skip, except under CI, where a missing browser is a failure. Screenshots are wri
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -42,8 +43,18 @@ def _missing() -> str | None:
     return None
 
 
+@pytest.fixture
+def browser(chromium: Any) -> Iterator[Any]:
+    """The session's Chromium, on a blank page with an empty console log, left that way."""
+    chromium.get("about:blank")
+    console_errors(chromium)
+    yield chromium
+    chromium.get("about:blank")  # a page left open would keep polling a server that is gone
+    console_errors(chromium)
+
+
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+def chromium() -> Iterator[Any]:
     """One headless Chromium for the session, with a fresh profile and the console log on."""
     missing = _missing()
     if missing:
@@ -75,13 +86,18 @@ def console_errors(driver: Any) -> list[str]:
 
 
 def screenshot(driver: Any, name: str, *, size: tuple[int, int] = DESKTOP, file: str = "dashboard.png") -> Path:
-    """Save a full-page screenshot at ``size``'s width; return its path."""
+    """Save a full-page screenshot at ``size``'s width (a phone is emulated as one); return its path."""
     folder = RUNS / name
     folder.mkdir(parents=True, exist_ok=True)
-    driver.set_window_size(*size)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(size[0], max(size[1], int(height) + 20))
+    metrics = {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": size[0] < 600}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        driver.execute_script("window.dispatchEvent(new Event('resize'))")  # charts are sized in pixels
+        height = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"]
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics | {"height": max(size[1], int(height) + 1)})
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     path = folder / file
-    driver.save_screenshot(str(path))
-    driver.set_window_size(*DESKTOP)
+    path.write_bytes(base64.b64decode(shot["data"]))
     return path

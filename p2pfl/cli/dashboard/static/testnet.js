@@ -35,16 +35,16 @@ function reasonsBy(statuses) {
 function renderVerdict(doc, report) {
   const v = report.verdict || {};
   const flagged = v.attackers ? `${v.attackers_flagged}/${v.attackers}` : "no attackers";
-  const head = doc.final ? `Verdict: ${doc.outcome}` : "So far";
   fill("verdict",
-    el("h2", {}, head, doc.final ? null : el("span", { class: "muted", text: " (the verdict comes when every node is done)" })),
+    el("h2", {}, doc.final ? "Verdict " : "So far",
+      doc.final ? el("span", { id: "outcome", class: `badge outcome ${doc.outcome}`, text: doc.outcome })
+        : el("span", { class: "muted", text: " (the verdict comes when every node is done)" })),
     el("div", { class: "tiles" },
       verdictTile("honest accuracy, mean", pct(v.honest_mean_accuracy), "verdict-mean"),
       verdictTile("honest accuracy, min", pct(v.honest_min_accuracy), "verdict-min"),
       verdictTile("attackers ignored", flagged, "verdict-flagged",
         v.attackers && v.attackers_flagged === v.attackers ? "good" : v.attackers ? "bad" : ""),
-      verdictTile("honest peers wrongly ignored", String(v.honest_zeroed ?? 0), "verdict-zeroed", v.honest_zeroed ? "bad" : "good")),
-    doc.final ? el("p", { id: "outcome", class: `outcome ${doc.outcome}`, text: doc.outcome }) : null);
+      verdictTile("honest peers wrongly ignored", String(v.honest_zeroed ?? 0), "verdict-zeroed", v.honest_zeroed ? "bad" : "good")));
 }
 
 function verdictTile(label, value, id, cls = "") {
