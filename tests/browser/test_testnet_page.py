@@ -73,7 +73,8 @@ def network(chromium: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         deadline = time.monotonic() + 30
         while not (out / "configs" / f"node{NODES - 1}.toml").exists():  # bounded: 30 s, 10 polls a second
-            assert proc.poll() is None and time.monotonic() < deadline, "testnet did not start"
+            assert proc.poll() is None, "testnet exited before it started its nodes"
+            assert time.monotonic() < deadline, "testnet did not write its configs in 30 s"
             time.sleep(0.1)
         yield net
     finally:
@@ -90,12 +91,14 @@ def test_an_honest_node_page_shows_the_attacker_ignored_with_its_reason(browser:
     forger = attacker(network)
     browser.get(network.node_url(0))
 
-    row = WebDriverWait(browser, RUN_DEADLINE / 2, poll_frequency=0.25).until(
-        lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, f'#peers tr.peer.banned[data-peer="{forger}"]')), None)
-    )
+    def banned_and_trusted(driver: Any) -> Any:
+        banned = driver.find_elements(By.CSS_SELECTOR, f'#peers tr.peer.banned[data-peer="{forger}"]')
+        trusted = driver.find_elements(By.CSS_SELECTOR, "#peers tr.peer.trusted")
+        return banned and trusted and banned[0]
+
+    row = WebDriverWait(browser, RUN_DEADLINE / 2, poll_frequency=0.25).until(banned_and_trusted)
     assert row.find_element(By.CSS_SELECTOR, ".badge").text == "banned"
     assert "announced by a peer other than its signer" in row.find_element(By.CSS_SELECTOR, "td.reason").text
-    assert browser.find_element(By.CSS_SELECTOR, "#peers tr.peer.trusted") is not None
     assert console_errors(browser) == []
     screenshot(browser, "testnet-node0")
 
