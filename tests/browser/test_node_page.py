@@ -123,3 +123,16 @@ def test_the_page_fits_a_phone(browser: Any, node_url: str) -> None:
         assert overflow <= width  # no sideways scrolling of the page (tables scroll inside their card)
     finally:
         browser.set_window_size(1280, 900)
+
+
+def test_a_malformed_status_renders_without_a_script_error(browser: Any) -> None:
+    class Odd:
+        def to_json(self) -> dict[str, Any]:
+            return {"peer_id": "<i>odd</i>", "history": "nope", "reputation": 5, "neighbours": None,
+                    "rejected": [], "accuracy": "0.9", "round": {"x": 1}}
+
+    with serve_in_thread(0, status_route(lambda: Odd())) as port:  # type: ignore[arg-type, return-value]
+        rendered(browser, f"http://127.0.0.1:{port}/")
+        assert browser.find_element(By.ID, "accuracy").text == "–"
+        assert "<i>odd</i>" in browser.find_element(By.ID, "subtitle").text
+        assert console_errors(browser) == []

@@ -40,6 +40,8 @@ export function fill(id, ...children) {
 
 // --------------------------------------------------------------------- formatting
 
+export const list = (v) => (Array.isArray(v) ? v : []);
+export const record = (v) => (v && typeof v === "object" && !Array.isArray(v) ? v : {});
 export const known = (v) => typeof v === "number" && Number.isFinite(v);
 export const pct = (v) => (known(v) ? `${(100 * v).toFixed(1)}%` : "–");
 export const num = (v, digits = 2) => (known(v) ? v.toFixed(digits) : "–");
@@ -147,19 +149,26 @@ export function poll(path, render, interval = 1000) {
   let data = null;
   window.addEventListener("resize", () => data && render(data)); // charts are sized in pixels
   async function tick() {
+    let fresh = null;
     try {
       const response = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      data = await response.json();
-      last = Date.now();
-      stopped = render(data) === false;
-      live.className = stopped ? "live final" : "live ok";
-      live.textContent = stopped ? "final" : "live";
+      fresh = await response.json();
     } catch (error) {
       live.className = "live down";
       live.textContent = last ? `disconnected (last update ${new Date(last).toLocaleTimeString()})` : "waiting for the node…";
     }
-    if (!stopped) setTimeout(tick, interval);
+    try {
+      if (fresh !== null) {
+        data = fresh;
+        last = Date.now();
+        stopped = render(data) === false; // a bug here reaches the console, not the indicator
+        live.className = stopped ? "live final" : "live ok";
+        live.textContent = stopped ? "final" : "live";
+      }
+    } finally {
+      if (!stopped) setTimeout(tick, interval);
+    }
   }
   tick();
 }

@@ -1,10 +1,10 @@
 // The daemon's page: this node's /status, polled every second.
-import { badge, bytes, cell, deltas, el, fill, known, lineChart, num, pct, poll, shortId, table, tile } from "./common.js";
+import { badge, bytes, cell, deltas, el, fill, known, lineChart, list, num, pct, poll, record, shortId, table, tile } from "./common.js";
 
 const RECENT = 10; // rounds in the table
 
 function render(status) {
-  const history = Array.isArray(status.history) ? status.history : [];
+  const history = list(status.history).filter((r) => r && typeof r === "object");
   const target = known(status.rounds_target) ? `/${status.rounds_target}` : "";
   document.getElementById("short-id").textContent = shortId(status.peer_id);
   document.getElementById("subtitle").textContent = `${status.peer_id ?? "?"} · network ${status.network_id ?? "?"}`;
@@ -12,19 +12,19 @@ function render(status) {
   renderTiles(status, target);
   renderCharts(history);
   renderPeers(status);
-  renderRejected(status.rejected || {});
+  renderRejected(record(status.rejected));
   renderRounds(history);
   return true;
 }
 
 function renderTiles(status, target) {
-  const rejected = Object.values(status.rejected || {}).reduce((a, b) => a + b, 0);
+  const rejected = Object.values(record(status.rejected)).reduce((a, b) => a + b, 0);
   const tiles = [
     tile("state", status.state ?? "–", { id: "state", cls: `state-${status.state}` }),
     tile("round", `${status.round ?? "–"}${target}`, { id: "round" }),
     tile("accuracy", pct(status.accuracy), { id: "accuracy", note: "after the last round" }),
     tile("loss", num(status.loss, 4), { id: "loss" }),
-    tile("neighbours", String((status.neighbours || []).length), { id: "neighbours" }),
+    tile("neighbours", String(list(status.neighbours).length), { id: "neighbours" }),
     tile("traffic", `↓ ${bytes(status.bytes_in)}`, { id: "traffic", note: `↑ ${bytes(status.bytes_out)}` }),
     tile("updates", `${status.accepted ?? 0} used`, { id: "updates", note: `${rejected} rejected` }),
   ];
@@ -63,8 +63,8 @@ export function standing(peer, connected) {
 }
 
 function renderPeers(status) {
-  const connected = new Set((status.neighbours || []).map(String));
-  const scored = (status.reputation || []).slice().sort((a, b) => (b.score ?? 0) - (a.score ?? 0));
+  const connected = new Set(list(status.neighbours).map(String));
+  const scored = list(status.reputation).filter((p) => p && typeof p === "object").sort((a, b) => (b.score ?? 0) - (a.score ?? 0));
   const rows = scored.map((p) => {
     const [kind, text] = standing(p, connected.has(String(p.peer)));
     const peer = el("span", { class: "mono", title: String(p.peer), text: shortId(p.peer) });

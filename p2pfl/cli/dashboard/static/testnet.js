@@ -1,21 +1,21 @@
 // The test network's page: /network (every node's last /status plus the live report),
 // polled every second until the launcher says the run is over.
-import { PALETTE, badge, bytes, cell, duration, el, fill, known, lineChart, num, pct, poll, shortId, table } from "./common.js";
+import { PALETTE, badge, bytes, cell, duration, el, fill, known, lineChart, list, num, pct, poll, record, shortId, table } from "./common.js";
 
 const nodeName = (node) => `n${node.index}`;
 
 function render(doc) {
-  const report = doc.report || {};
-  const nodes = report.nodes || [];
-  const statuses = doc.statuses || [];
-  const meta = doc.meta || {};
+  const report = record(doc.report);
+  const nodes = list(report.nodes);
+  const statuses = list(doc.statuses);
+  const meta = record(doc.meta);
   const attack = meta.attack ? ` · ${meta.byzantine} × ${meta.attack}` : "";
   document.getElementById("subtitle").textContent =
     `${nodes.length} nodes · ${meta.rounds} rounds · ${meta.rule} · ${meta.partition}${attack} · ` +
     `${duration(doc.elapsed)} of ${duration(meta.timeout)}`;
   renderVerdict(doc, report);
   renderChart(nodes, report.per_round || []);
-  renderNodes(nodes, statuses, doc.processes || [], meta.rounds);
+  renderNodes(nodes, statuses, list(doc.processes), meta.rounds);
   const reasons = reasonsBy(statuses);
   renderMatrix(nodes, report.reputation || {}, reasons);
   renderIgnored(nodes, report.reputation || {}, report.detection || {}, reasons);
@@ -27,7 +27,7 @@ function reasonsBy(statuses) {
   const by = new Map();
   for (const status of statuses) {
     if (!status) continue;
-    by.set(String(status.peer_id), new Map((status.reputation || []).map((p) => [String(p.peer), p])));
+    by.set(String(status.peer_id), new Map(list(status.reputation).map((p) => [String(p.peer), p])));
   }
   return by;
 }
@@ -78,7 +78,7 @@ function renderNodes(nodes, statuses, processes, rounds) {
     return el("tr", { class: `node ${n.role}`, "data-peer": String(n.peer_id), "data-index": String(n.index) },
       cell(nodeName(n)), cell(el("span", { class: "mono", title: String(n.peer_id), text: n.short_id })), cell(role),
       cell(state, "state"), cell(`${Math.min(rounds, status.round ?? 0)}/${rounds}`, "num"), accuracy,
-      cell(num(status.loss, 3), "num"), cell(String((status.neighbours || []).length), "num"),
+      cell(num(status.loss, 3), "num"), cell(String(list(status.neighbours).length), "num"),
       cell(bytes(status.bytes_in), "num"), cell(bytes(status.bytes_out), "num"),
       withEps ? cell(num(status.epsilon_spent, 2), "num") : null);
   });
