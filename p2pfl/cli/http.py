@@ -120,7 +120,7 @@ async def serve_http(
     async def handler(stream: trio.SocketStream) -> None:
         await _handle(stream, route, limiter)
 
-    logger.info("status endpoint and dashboard on http://%s:%d/", host, actual_port)
+    logger.info("read-only HTTP endpoint on http://%s:%d/", host, actual_port)
     task_status.started(actual_port)
     await trio.serve_listeners(handler, listeners)
 
