@@ -50,6 +50,7 @@ class TestnetPlan:
     epochs: int = 1
     batch_size: int = 32
     neighbours: int | None = None  # target neighbours per node; None: the node's default
+    dashboard: int | None = None  # serve the live page on 127.0.0.1:PORT (0: any free port)
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -67,6 +68,8 @@ class TestnetPlan:
         if self.base_port is not None:
             top = 65535 - 2 * self.nodes + 1
             require(1024 <= self.base_port <= top, "--base-port", f"must be between 1024 and {top}")
+        if self.dashboard is not None:
+            require(0 <= self.dashboard <= 65535, "--dashboard", f"must be a TCP port (0: any free), got {self.dashboard}")
 
     def is_byzantine(self, index: int) -> bool:
         """Attackers are the last K indices; node 0 (bootstrap) is always honest."""
@@ -93,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
+    parser.add_argument("--dashboard", type=int, metavar="PORT",
+                        help="serve a live page of the whole network on http://127.0.0.1:PORT/ (0: any free port)")
 
 
 def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
@@ -102,7 +107,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         byzantine=args.byzantine, attack=args.attack, attack_params=parse_params(args.attack_param),
         rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
-        batch_size=args.batch_size, neighbours=args.neighbours,
+        batch_size=args.batch_size, neighbours=args.neighbours, dashboard=getattr(args, "dashboard", None),
     )
     _check_names(plan)
     return plan
