@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from p2pfl.cli.main import main
 from p2pfl.learners import TorchLearner
