@@ -78,7 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
     # One intra-op thread: several nodes often share a machine, and the digits model is
     # far too small to gain from more.
     torch.set_num_threads(1)
+    nodes = build_nodes(configs)  # a task's config error: one line, before the network starts
     apply_process_tweaks()  # malloc thresholds, Yamux credit batching: the process is ours
-    nodes = build_nodes(configs)
     trio.run(run_daemon, configs, nodes)
     return 0

@@ -177,3 +177,18 @@ def test_learner_states_leave_on_the_cpu_whatever_the_device() -> None:
     assert isinstance(learner, TorchLearner)
     assert learner.device == torch.device("cpu")
     assert all(t.device.type == "cpu" for t in learner.checkpoint_state().values())
+
+
+def test_the_daemon_reports_a_broken_table_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pfl.cli.main import main
+
+    write_csv(tmp_path / "t.csv")
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nkey_file = "k.pem"\n[task]\nname = "table"\npath = "t.csv"\nlabel = "species"\n')
+
+    assert main(["node", "run", "--config", str(config)]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("error: [task] label: ")
+    assert "has no column 'species'" in err
+    assert err.count("\n") == 1
