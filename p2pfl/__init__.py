@@ -9,6 +9,9 @@ Embedding a node::
     async with p2pfl.Node(p2pfl.NodeConfig(network_id="my-task"), learner, net=net) as node:
         await node.run(rounds=10)
 
+The API is trio-based (``trio.run``, not ``asyncio.run``); from code that is not async,
+``stats = p2pfl.run_node(config, learner, net=net, rounds=10)`` blocks until done.
+
 Package map (dependencies point down only)::
 
     cli        argv -> config; daemon; testnet; status
