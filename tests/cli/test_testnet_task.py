@@ -48,3 +48,14 @@ def test_a_scenario_names_a_factory_in_its_task_table() -> None:
 
     assert scenario.task == "p2pfl.learners.tasks:make_learner"
     assert scenario.task_options == {"width": 3}
+
+
+def test_the_report_records_the_local_epochs_the_nodes_use() -> None:
+    from p2pfl.assembly import read_node_file
+    from p2pfl.cli.testnet_plan import plan_meta
+
+    chosen = plan("--epochs", "3")
+    document = tomllib.loads(dumps_toml(node_config(chosen, 0, ["a", "b"], [1, 2, 3, 4])))
+    used = read_node_file(document, base=chosen.out).node.rounds.local_epochs
+
+    assert plan_meta(chosen)["epochs"] == used == 3
