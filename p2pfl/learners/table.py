@@ -99,7 +99,8 @@ def _read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"[task] path: {path} is empty; a CSV needs a header row")
     header, body = [name.strip() for name in rows[0]], rows[1:]
     if label not in header:
-        raise ConfigError(f"[task] label: {path} has no column {label!r}; its columns: {', '.join(header)}")
+        shown = ", ".join(header[:8]) + (f", ... ({len(header)} in all)" if len(header) > 8 else "")
+        raise ConfigError(f"[task] label: {path} has no column {label!r}; its columns: {shown}")
     target = header.index(label)
     features = np.empty((len(body), len(header) - 1), dtype=np.float64)
     for line, row in enumerate(body, start=2):
