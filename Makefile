@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: testnet test lint typecheck pytest bench clean
+.PHONY: testnet test lint typecheck pytest browser-deps bench clean
 
 # torch is installed first, pinned, so no resolver step can ever pick a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,8 +24,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+# The suite includes the browser tests (marker `browser`, about 40 s): Chromium first.
+pytest: $(STAMP) browser-deps
 	$(BIN)/pytest -q
+
+browser-deps:
+	.ci/browser-deps
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

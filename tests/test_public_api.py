@@ -26,6 +26,7 @@ def test_top_level_names_are_pinned() -> None:
             "decode_state",
             "encode_state",
             "errors",
+            "run_node",  # issue 11: a blocking entry point for programs that are not async
         ]
     )
     assert all(hasattr(p2pfl, name) for name in p2pfl.__all__)

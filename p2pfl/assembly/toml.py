@@ -10,7 +10,8 @@ and every value is checked against its field's type::
     [net]          NetConfig                       [round]       RoundConfig
     [reputation]   ReputationConfig                [harm_check]  HarmCheck
     [limits]       Limits                          [aggregation] rule, params
-    [task]         name, then the task's options (digits: DigitsOptions)
+    [task]         name (or factory = "package.module:function"), then the task's
+                   options (digits: DigitsOptions, table: TableOptions)
     [train]        node_index, num_nodes, seed, device: the node's place in the task
     [attack]       name, params = {...}
     [privacy]      PrivacyConfig (DP-SGD; rounds default to [node] rounds)
@@ -110,6 +111,7 @@ def read_node_file(data: Mapping[str, Any], *, base: Path) -> NodeFile:
         attack=attack,
         attack_params=params,
         key_file=_path(typed(node["key_file"], Path, "[node] key_file"), base),
+        data_dir=base,  # a task's relative data paths are relative to the node file
         **train,
     )
     spec.task_context()  # node_index in range, device known: fail before the network starts
@@ -168,6 +170,12 @@ def read_task(data: Mapping[str, Any], *, train_keys: tuple[str, ...] = TRAIN_KE
     came from; ``train_keys`` are the ``[train]`` keys that are no task option.
     """
     task, train = section(data, "task"), section(data, "train")
+    if "factory" in task:
+        if "name" in task:
+            raise ConfigError("[task] factory: give name (a bundled task) or factory, not both")
+        task["name"] = typed(task.pop("factory"), str, "[task] factory")
+        if ":" not in task["name"]:
+            raise ConfigError(f'[task] factory: {task["name"]!r} is not "package.module:function"')
     if "task" in train and "name" in task and train["task"] != task["name"]:
         raise ConfigError("[train] task: is an alias of [task] name; give one of them")
     name = typed(task.pop("name", train.pop("task", DEFAULT_TASK)), str, "[task] name")
@@ -175,14 +183,15 @@ def read_task(data: Mapping[str, Any], *, train_keys: tuple[str, ...] = TRAIN_KE
     train.pop("epochs", None)  # [round] local_epochs
     options_record = task_named(name).options
     legacy = {k: v for k, v in train.items() if k not in train_keys}
-    if options_record is not None:
-        valid = field_names(options_record)
-        check_keys(legacy, (*train_keys, "task", "epochs", *valid), "[train]")
-        record_from_table(options_record, legacy, "[train]")
-        record_from_table(options_record, task, "[task]")
     clash = sorted(legacy.keys() & task.keys())
     if clash:
         raise ConfigError(f"[train] {clash[0]}: also given in [task]; give it once, in [task]")
+    if options_record is not None:
+        check_keys(legacy, (*train_keys, "task", "epochs", *field_names(options_record)), "[train]")
+        hints = get_type_hints(options_record)
+        for key, value in legacy.items():
+            typed(value, hints[key], f"[train] {key}")
+        record_from_table(options_record, {**legacy, **task}, "[task]")  # required keys may sit in either
     return name, {**legacy, **task}
 
 
@@ -213,7 +222,7 @@ def documented_keys() -> dict[str, tuple[str, ...]]:
         "node": NODE_KEYS,
         **{name: field_names(record) for name, record in RECORDS.items()},
         "aggregation": tuple(AGGREGATION),
-        "task": ("name", *(field_names(options) if options else ())),
+        "task": ("name", "factory", *(field_names(options) if options else ())),
         "train": TRAIN_KEYS,
         "attack": ("name", "params"),
         "privacy": field_names(PrivacyConfig),

@@ -24,24 +24,33 @@ import trio
 from p2pfl.assembly import NodeFile, build_node, load_node_file
 from p2pfl.cli.http import serve_status
 from p2pfl.net.patches import apply_process_tweaks
+from p2pfl.node import Node
 
 log = logging.getLogger(__name__)
 
 
-async def run_daemon(configs: Sequence[NodeFile]) -> None:
-    """Run the nodes until their rounds are done (and, unless told to exit, until a signal)."""
-    shared: dict[str, Any] = {}
+async def run_daemon(configs: Sequence[NodeFile], nodes: Sequence[Node] | None = None) -> None:
+    """Run the nodes until their rounds are done (and, unless told to exit, until a signal).
+
+    ``nodes`` are the configs' nodes built already (:func:`build_nodes`); default: built here.
+    """
+    built = build_nodes(configs) if nodes is None else nodes
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
-            async with trio.open_nursery() as nodes:
-                for config in configs:
-                    nodes.start_soon(_run_node, config, shared)
+            async with trio.open_nursery() as running:
+                for config, node in zip(configs, built, strict=True):
+                    running.start_soon(_run_node, config, node)
             nursery.cancel_scope.cancel()  # every node exited when done
 
 
-async def _run_node(config: NodeFile, shared: dict[str, Any]) -> None:
-    node = build_node(config.spec, shared=shared)  # its key: [node] key_file
+def build_nodes(configs: Sequence[NodeFile]) -> list[Node]:
+    """Build every node (task data read, key loaded): a config error stops us before the network."""
+    shared: dict[str, Any] = {}  # sybils of one process share one group
+    return [build_node(config.spec, shared=shared) for config in configs]  # keys: [node] key_file
+
+
+async def _run_node(config: NodeFile, node: Node) -> None:
     service = config.service
     log.info("node %s starting on network %r", node.peer_id, config.node.network_id)
     async with node, trio.open_nursery() as nursery:
@@ -69,6 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
     # One intra-op thread: several nodes often share a machine, and the digits model is
     # far too small to gain from more.
     torch.set_num_threads(1)
+    nodes = build_nodes(configs)  # a task's config error: one line, before the network starts
     apply_process_tweaks()  # malloc thresholds, Yamux credit batching: the process is ours
-    trio.run(run_daemon, configs)
+    trio.run(run_daemon, configs, nodes)
     return 0

@@ -1,9 +1,13 @@
-"""The node's local HTTP endpoint: ``/status`` (JSON) and ``/metrics`` (Prometheus).
+"""The node's local HTTP endpoint: ``/status`` (JSON), ``/metrics`` (Prometheus), ``/`` (dashboard).
 
-A deliberately tiny HTTP/1.0 server on trio, bound to loopback only: it carries no
-authentication and shows who this node trusts, so it is never exposed. Every client is
+A deliberately tiny, read-only HTTP/1.0 server on trio, bound to loopback only: it carries
+no authentication and shows who this node trusts, so it is never exposed. Every client is
 treated as hostile: the request head is capped, reading it has a deadline, connections are
-bounded, and no client can make the server raise.
+bounded, and no client can make the server raise. Only GET and HEAD exist (anything else is
+405); a request naming a non-loopback ``Host`` is refused (403), so a web page that rebinds
+its DNS name to 127.0.0.1 cannot read the node; every answer carries a strict
+Content-Security-Policy. :func:`serve_http` is the server, :func:`serve_status` the node's
+routes on it; the test-network launcher serves its own routes with the same server.
 
 :func:`fetch_status` is the matching synchronous client used by ``p2pfl node status`` and
 the testnet launcher.
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pfl.cli.dashboard.assets import asset
 from p2pfl.errors import ConfigError, NetworkError
 from p2pfl.node.stats import finite_json
 
@@ -42,11 +47,27 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+# Scripts, styles, images and fetches from this origin only; nothing inline, no plugins,
+# no <base>, no forms, not framed by another site.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = (
+    f"Content-Security-Policy: {CONTENT_SECURITY_POLICY}\r\n"
+    "X-Content-Type-Options: nosniff\r\n"
+    "X-Frame-Options: DENY\r\n"
+    "Referrer-Policy: no-referrer\r\n"
+)
+
+Response = tuple[int, str, bytes]  # status, content type, body
+Route = Callable[[str], Response]  # the answer to a GET of a path (query string removed)
+NOT_FOUND: Response = (404, "text/plain", b"not found; try /, /status or /metrics\n")
 
 
 class BadRequest(Exception):
@@ -60,7 +81,7 @@ async def serve_status(
     host: str = "127.0.0.1",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # mypy 2.4 misses this re-export
 ) -> None:
-    """Serve ``/status`` and ``/metrics`` on ``host:port`` until cancelled.
+    """Serve ``/status``, ``/metrics`` and the dashboard on ``host:port`` until cancelled.
 
     Args:
         port: TCP port; 0 picks a free one (reported through ``task_status``).
@@ -72,18 +93,34 @@ async def serve_status(
         ConfigError: ``host`` is not a loopback address.
         NetworkError: the port cannot be bound (in use, no permission).
     """
+    await serve_http(port, status_route(get_stats), host=host, task_status=task_status)
+
+
+async def serve_http(
+    port: int,
+    route: Route,
+    *,
+    host: str = "127.0.0.1",
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]
+) -> None:
+    """Answer GET/HEAD requests with ``route(path)`` on ``host:port`` until cancelled.
+
+    Raises:
+        ConfigError: ``host`` is not a loopback address.
+        NetworkError: the port cannot be bound (in use, no permission).
+    """
     _require_loopback(host)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise NetworkError(f"cannot listen on {host}:{port} for /status: {exc.strerror or exc}") from None
+        raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     actual_port = listeners[0].socket.getsockname()[1]
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, get_stats, limiter)
+        await _handle(stream, route, limiter)
 
-    logger.info("status endpoint on http://%s:%d/status", host, actual_port)
+    logger.info("read-only HTTP endpoint on http://%s:%d/", host, actual_port)
     task_status.started(actual_port)
     await trio.serve_listeners(handler, listeners)
 
@@ -99,9 +136,7 @@ def _require_loopback(host: str) -> None:
         raise ConfigError(f"http host: {host!r} is not a loopback address; use 127.0.0.1")
 
 
-async def _handle(
-    stream: trio.SocketStream, get_stats: Callable[[], NodeStatistics], limiter: trio.CapacityLimiter
-) -> None:
+async def _handle(stream: trio.SocketStream, route: Route, limiter: trio.CapacityLimiter) -> None:
     """Answer one connection; swallow everything a client can cause."""
     try:
         try:
@@ -110,7 +145,7 @@ async def _handle(
             await _send(stream, 503, "text/plain", b"too many connections\n")
             return
         try:
-            await _serve_one(stream, get_stats)
+            await _serve_one(stream, route)
         finally:
             limiter.release()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -121,7 +156,7 @@ async def _handle(
         await trio.aclose_forcefully(stream)
 
 
-async def _serve_one(stream: trio.SocketStream, get_stats: Callable[[], NodeStatistics]) -> None:
+async def _serve_one(stream: trio.SocketStream, route: Route) -> None:
     with trio.move_on_after(READ_DEADLINE) as scope:
         try:
             head = await _read_head(stream)
@@ -135,7 +170,7 @@ async def _serve_one(stream: trio.SocketStream, get_stats: Callable[[], NodeStat
     except BadRequest as exc:
         await _send(stream, 400, "text/plain", f"bad request: {exc}\n".encode())
         return
-    status, content_type, body = _route(method, path, get_stats)
+    status, content_type, body = _answer(method, path, head, route)
     await _send(stream, status, content_type, body, head_only=method == "HEAD")
 
 
@@ -174,22 +209,51 @@ def _parse_request_line(head: bytes) -> tuple[str, str]:
     return parts[0], parts[1].split("?", 1)[0]
 
 
-def _route(
-    method: str, path: str, get_stats: Callable[[], NodeStatistics]
-) -> tuple[int, str, bytes]:
-    if path not in ("/status", "/metrics"):
-        return 404, "text/plain", b"not found; try /status or /metrics\n"
+def _answer(method: str, path: str, head: bytes, route: Route) -> Response:
     if method not in ("GET", "HEAD"):
-        return 405, "text/plain", b"only GET and HEAD\n"
+        return 405, "text/plain", b"read-only: only GET and HEAD\n"
+    if not _loopback_host(head):
+        return 403, "text/plain", b"Host must be 127.0.0.1, localhost or [::1] (use an SSH tunnel)\n"
     try:
-        stats = get_stats()
-        if path == "/status":
-            body = json.dumps(finite_json(stats.to_json()), separators=(",", ":")).encode()
-            return 200, JSON_TYPE, body
-        return 200, PROMETHEUS_TYPE, render_metrics(stats).encode()
+        return route(path)
     except Exception:
         logger.exception("status endpoint: building %s failed", path)
         return 500, "text/plain", b"internal error\n"
+
+
+def _loopback_host(head: bytes) -> bool:
+    """Whether the request's Host header (if any) names this machine.
+
+    A browser always sends one; a page whose DNS name was rebound to 127.0.0.1 sends its
+    own name, which must not get an answer.
+    """
+    for line in head.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"host":
+            host = value.strip().decode("ascii", "replace").lower()
+            host = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if host == "localhost":
+                return True
+            try:
+                return ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                return False
+    return True
+
+
+def status_route(get_stats: Callable[[], NodeStatistics]) -> Route:
+    """Return the node's routes: ``/status``, ``/metrics`` and the dashboard's files."""
+
+    def route(path: str) -> Response:
+        if path == "/status":
+            body = json.dumps(finite_json(get_stats().to_json()), separators=(",", ":")).encode()
+            return 200, JSON_TYPE, body
+        if path == "/metrics":
+            return 200, PROMETHEUS_TYPE, render_metrics(get_stats()).encode()
+        found = asset(path, index="node.html")
+        return NOT_FOUND if found is None else (200, *found)
+
+    return route
 
 
 async def _send(
@@ -199,7 +263,9 @@ async def _send(
         f"HTTP/1.0 {status} {REASONS[status]}\r\n"
         f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-store\r\n"
+        + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+        + SECURITY_HEADERS
+        + "Cache-Control: no-store\r\n"
         "Connection: close\r\n\r\n"
     ).encode("ascii")
     # A client that never reads must not hold the connection (and a limiter slot) forever.
@@ -336,4 +402,4 @@ def fetch_status(port: int, *, host: str = "127.0.0.1", timeout: float = 2.0) ->
     return document
 
 
-__all__ = ["fetch_status", "render_metrics", "serve_status"]
+__all__ = ["Response", "Route", "fetch_status", "render_metrics", "serve_http", "serve_status", "status_route"]

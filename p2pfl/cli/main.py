@@ -1,7 +1,10 @@
-"""`p2pfl` command line: keygen, node run/status, testnet.
+"""`p2pfl` command line: keygen, node run/status, testnet, sim, export.
 
 The only place that reads argv and configures logging. Errors of the p2pfl tree are
 printed as one line (what is wrong and what to change), exit code 2.
+
+Fast start: ``p2pfl --help``, ``keygen`` and ``node status`` import neither torch nor
+libp2p (tests/cli/test_fast_cli.py); each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from p2pfl.errors import P2PFLError
 
@@ -36,10 +40,9 @@ def keygen_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
-    from p2pfl.cli import status, testnet, testnet_plan
-    from p2pfl.sim import cli as sim_cli
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (``sim``'s options only when ``command`` is sim)."""
+    from p2pfl.cli import export, status, testnet_plan
 
     parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -75,12 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     net = commands.add_parser("testnet", help="launch a local test network of node processes")
     testnet_plan.add_arguments(net)
-    net.set_defaults(func=testnet.testnet_command)
+    net.set_defaults(func=_later("p2pfl.cli.testnet", "testnet_command"))
 
     sim = commands.add_parser("sim", help="simulate many nodes in one process (attack/defence grids)")
-    sim_cli.add_arguments(sim)
-    sim.set_defaults(func=sim_cli.sim_command)
+    if command == "sim":  # importing the simulator costs torch: only when it runs
+        from p2pfl.sim import cli as sim_cli
+
+        sim_cli.add_arguments(sim)
+        sim.set_defaults(func=sim_cli.sim_command)
+
+    out = commands.add_parser("export", help="write a node's model to a .safetensors file")
+    export.add_arguments(out)
+    out.set_defaults(func=export.export_command)
     return parser
+
+
+def _later(module: str, name: str) -> Callable[[argparse.Namespace], Any]:
+    """Return a command that imports ``module`` only when it runs."""
+
+    def command(args: argparse.Namespace) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return command
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """Return the sub-command named in ``argv`` (the first word that is no option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _run_node(args: argparse.Namespace) -> int:
@@ -104,7 +130,8 @@ def configure_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     configure_logging(args.verbose)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

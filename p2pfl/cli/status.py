@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from p2pfl.cli.http import fetch_status
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, NetworkError
 from p2pfl.term import fmt_bytes, fmt_float, fmt_pct, table
@@ -29,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def status_command(args: argparse.Namespace) -> int:
     """Fetch and print a local node's status; return the process exit code."""
+    from p2pfl.cli.http import fetch_status  # trio: not for `p2pfl --help`
+
     try:
         port = _resolve_port(getattr(args, "port", None), getattr(args, "config", None))
         document = fetch_status(port)

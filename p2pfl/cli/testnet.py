@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from p2pfl.cli.dashboard.network import NetworkBoard, dashboard_for
 from p2pfl.cli.http import fetch_status
 from p2pfl.cli.processes import (
     NodeProcesses,
@@ -103,6 +104,12 @@ def run_testnet(plan: TestnetPlan) -> int:
                  http_port=ports[plan.nodes + i], log=plan.out / "logs" / f"node{i}.log")
         for i in range(plan.nodes)
     ]
+    board = NetworkBoard(plan_meta(plan), views, time.monotonic())
+    with dashboard_for(plan.dashboard, board, HOST):  # --dashboard PORT
+        return _run(plan, views, paths, board)
+
+
+def _run(plan: TestnetPlan, views: list[NodeView], paths: list[Path], board: NetworkBoard) -> int:
     print(_banner(plan), flush=True)
     started = time.monotonic()
     interrupt_code = 0
@@ -121,7 +128,7 @@ def run_testnet(plan: TestnetPlan) -> int:
         stopping = time.monotonic()
     killed = f", {procs.killed} needed SIGKILL" if procs.killed else ""
     print(f"all nodes stopped in {time.monotonic() - stopping:.1f} s{killed}", flush=True)
-    code = _finish(plan, views, outcome, time.monotonic() - started)
+    code = _finish(plan, views, outcome, time.monotonic() - started, board)
     return interrupt_code or code
 
 
@@ -256,8 +263,8 @@ def _honest_line(views: list[NodeView], rounds: int) -> str:
     return f"{acc}  finished {finished}/{len(views)}"
 
 
-def _finish(plan: TestnetPlan, views: list[NodeView], outcome: str, wall: float) -> int:
-    """Write and print the report; return the exit code for ``outcome``."""
+def _finish(plan: TestnetPlan, views: list[NodeView], outcome: str, wall: float, board: NetworkBoard) -> int:
+    """Write and print the report (and show it on the dashboard); return the exit code."""
     early = {f"n{v.index}": v.exit_code for v in views if v.exit_code is not None}
     meta = plan_meta(plan) | {
         "outcome": outcome, "wall_seconds": round(wall, 2), "exited_early": early,
@@ -265,12 +272,14 @@ def _finish(plan: TestnetPlan, views: list[NodeView], outcome: str, wall: float)
         "missing_status": [f"n{v.index}" for v in views if v.status is None],
     }
     statuses = [v.status for v in views if v.status is not None]
+    board.finish(outcome, None)
     if not statuses:
         print(f"no node ever answered on /status; see the logs in {plan.out / 'logs'}", file=sys.stderr)
         return 1
     (plan.out / "statuses.json").write_text(json.dumps(statuses, indent=1) + "\n")
     byzantine = [v.peer_id for v in views if v.role == "byzantine"]
     report = build_report(statuses, byzantine=byzantine, meta=meta)
+    board.finish(outcome, report)
     written = write_report(report, plan.out)
     print()
     print(render_summary(report))

@@ -51,6 +51,10 @@ class TestnetPlan:
     batch_size: int = 32
     neighbours: int | None = None  # target neighbours per node; None: the node's default
     dp_epsilon: float | None = None  # honest nodes train with DP-SGD within this budget
+    dashboard: int | None = None  # serve the live page on 127.0.0.1:PORT (0: any free port)
+    # A bundled task's name or a factory "package.module:function"; it gets partition,
+    # alpha and batch_size as [task] keys.
+    task: str = "digits"
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -69,6 +73,8 @@ class TestnetPlan:
         if self.base_port is not None:
             top = 65535 - 2 * self.nodes + 1
             require(1024 <= self.base_port <= top, "--base-port", f"must be between 1024 and {top}")
+        if self.dashboard is not None:
+            require(0 <= self.dashboard <= 65535, "--dashboard", f"must be a TCP port (0: any free), got {self.dashboard}")
 
     def is_byzantine(self, index: int) -> bool:
         """Attackers are the last K indices; node 0 (bootstrap) is always honest."""
@@ -79,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``p2pfl testnet`` to ``parser``."""
     parser.add_argument("--nodes", type=int, required=True, help="number of node processes")
     parser.add_argument("--rounds", type=int, required=True, help="training rounds per node")
+    parser.add_argument("--task", default="digits", metavar="NAME|MODULE:FUNCTION",
+                        help="a bundled task (default digits) or your factory, e.g. my_tasks:make_learner")
     parser.add_argument("--partition", choices=PARTITIONS, default="iid", help="data split (default iid)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
     parser.add_argument("--byzantine", type=int, default=0, metavar="K", help="make the last K nodes attackers")
@@ -97,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dp-epsilon", type=float, metavar="E",
                         help="honest nodes train with DP-SGD spending at most E (docs/PRIVACY.md)")
+    parser.add_argument("--dashboard", type=int, metavar="PORT",
+                        help="serve a live page of the whole network on http://127.0.0.1:PORT/ (0: any free port)")
 
 
 def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
@@ -106,7 +116,8 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         byzantine=args.byzantine, attack=args.attack, attack_params=parse_params(args.attack_param),
         rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
-        batch_size=args.batch_size, neighbours=args.neighbours, dp_epsilon=args.dp_epsilon,
+        batch_size=args.batch_size, neighbours=args.neighbours, task=args.task, dp_epsilon=args.dp_epsilon,
+        dashboard=getattr(args, "dashboard", None),
     )
     _check_names(plan)
     return plan
@@ -129,7 +140,16 @@ def parse_params(pairs: Sequence[str]) -> tuple[tuple[str, TomlValue], ...]:
 def _check_names(plan: TestnetPlan) -> None:
     """Refuse unknown rules and attacks here, not in N node logs a few seconds later."""
     from p2pfl.attacks import ATTACKS, attack_label_map, make_attack
+    from p2pfl.config import record_from_table
     from p2pfl.core.aggregation import RULES
+    from p2pfl.learners.tasks import task_named
+
+    try:
+        options = task_named(plan.task).options  # a factory: imported here, once
+        if options is not None:
+            record_from_table(options, _task_options(plan), "[task]")
+    except ConfigError as exc:
+        raise ConfigError(f"--task: {exc}") from None
 
     require(plan.rule in RULES, "--rule", f"unknown rule {plan.rule!r}; choose one of {', '.join(sorted(RULES))}")
     if plan.attack:
@@ -240,12 +260,7 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
             "target_neighbours": neighbours,
         },
-        "task": {
-            "name": "digits",
-            "partition": plan.partition,
-            "alpha": float(plan.alpha),
-            "batch_size": plan.batch_size,
-        },
+        "task": {"factory" if ":" in plan.task else "name": plan.task, **_task_options(plan)},
         "train": {"node_index": index, "num_nodes": plan.nodes, "seed": plan.seed},
         "aggregation": {"rule": plan.rule},
         # Nodes start over several seconds (torch + libp2p imports); wait for the full
@@ -261,6 +276,10 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         # An attack's parameters are keys of [attack] (the one table dumps_toml writes).
         document["attack"] = {"name": str(plan.attack), **defaults, **dict(plan.attack_params)}
     return document
+
+
+def _task_options(plan: TestnetPlan) -> dict[str, TomlValue]:
+    return {"partition": plan.partition, "alpha": float(plan.alpha), "batch_size": plan.batch_size}
 
 
 def prepare_directory(plan: TestnetPlan) -> None:

@@ -10,7 +10,10 @@ Map of the package:
 - ``datasets``: the bundled digits task (fixed stratified split), partitions across nodes
   (IID, Dirichlet label skew, shards, class groups) and :func:`make_digits_learner`.
 - ``tasks``: :data:`~p2pfl.learners.tasks.TASKS`, tasks by name: a factory
-  ``(TaskContext) -> Learner`` and its options record; ``digits`` is registered there.
+  ``(TaskContext) -> Learner`` and its options record; ``digits`` and ``table`` are
+  registered there, and ``"package.module:function"`` names a factory outside p2pfl.
+- ``table``: the ``table`` task, a CSV or ``.npz`` file learned by a small MLP.
+- ``device``: ``[train] device`` (auto, cpu, cuda, cuda:N, mps) resolved against what torch sees.
 
 Nothing here changes torch's global thread count or RNG; the CLI sets one intra-op
 thread per process.

@@ -276,6 +276,7 @@ def make_digits_learner(
     lr: float = 0.2,
     momentum: float = 0.9,
     label_map: LabelMap | None = None,
+    device: str = "cpu",
 ) -> TorchLearner:
     """Build node ``node_index``'s learner for the digits task.
 
@@ -294,7 +295,7 @@ def make_digits_learner(
         raise ConfigError(f"node_index: {node_index} is not in [0, {num_nodes})")
     train, test, parts = _digits_parts(partition, num_nodes, alpha, seed)
     local = train.subset(parts[node_index])
-    labels = _mapped_labels(local, label_map) if label_map else local.labels
+    labels = mapped_labels(local, label_map) if label_map else local.labels
     return TorchLearner(
         digits_model(seed),
         train_loader=TensorBatches(local.features, labels, batch_size=batch_size),
@@ -304,10 +305,11 @@ def make_digits_learner(
         lr=lr,
         momentum=momentum,
         seed=seed * 1_000_003 + node_index,  # distinct data order per node
+        device=device,
     )
 
 
-def _mapped_labels(data: Dataset, label_map: LabelMap) -> torch.Tensor:
+def mapped_labels(data: Dataset, label_map: LabelMap) -> torch.Tensor:
     mapped = torch.as_tensor(label_map(data.labels.clone()))
     if mapped.shape != data.labels.shape or mapped.dtype.is_floating_point:
         raise ConfigError("label_map: must return integer labels of the same shape")
@@ -321,6 +323,7 @@ __all__ = [
     "Dataset",
     "make_digits_learner",
     "load_digits_split",
+    "mapped_labels",
     "partition_classes",
     "partition_dirichlet",
     "partition_iid",

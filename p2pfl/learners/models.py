@@ -45,13 +45,18 @@ class DigitsMLP(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialise like ``nn.Linear`` (Kaiming-uniform), drawing from ``generator``."""
         for layer in (self.hidden, self.out):
-            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-            bound = 1.0 / math.sqrt(layer.in_features)
-            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+            init_linear(layer, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a batch ``(B, 64)`` to logits ``(B, num_classes)``."""
         return self.out(torch.relu(self.hidden(x)))
+
+
+def init_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
+    """Initialise ``layer`` like ``nn.Linear`` does (Kaiming-uniform), drawing from ``generator``."""
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(layer.in_features)
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
 
 def digits_model(seed: int, *, hidden: int = DEFAULT_HIDDEN) -> nn.Module:
@@ -63,4 +68,20 @@ def digits_model(seed: int, *, hidden: int = DEFAULT_HIDDEN) -> nn.Module:
     return DigitsMLP(hidden, generator=generator)
 
 
-__all__ = ["DEFAULT_HIDDEN", "DigitsMLP", "digits_model"]
+def mlp(in_features: int, hidden: tuple[int, ...], num_classes: int, *, seed: int) -> nn.Sequential:
+    """Build ``Linear, ReLU, ..., Linear`` whose initial weights depend only on ``seed``.
+
+    A plain ``nn.Sequential``: an exported state dict loads into the same
+    ``nn.Sequential(nn.Linear(...), nn.ReLU(), ...)`` written by hand, without p2pfl.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sizes = (in_features, *hidden, num_classes)
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        linear = _UninitialisedLinear(fan_in, fan_out)
+        init_linear(linear, generator)
+        layers += [linear, nn.ReLU()]
+    return nn.Sequential(*layers[:-1])  # no ReLU after the logits
+
+
+__all__ = ["DEFAULT_HIDDEN", "DigitsMLP", "digits_model", "init_linear", "mlp"]

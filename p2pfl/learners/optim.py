@@ -73,7 +73,8 @@ class MomentumSGD:
             buf = entries["momentum_buffer"]
             if not 0 <= index < len(self.params) or buf.shape != self.params[index].shape:
                 raise ValueError(f"momentum buffer {index} does not fit its parameter")
-            buffers[index] = buf.detach().clone().to(self.params[index].dtype)
+            param = self.params[index]
+            buffers[index] = buf.detach().to(param.device, param.dtype, copy=True)
         self.buffers = buffers
 
 

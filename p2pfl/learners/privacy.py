@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,13 +182,17 @@ class PrivateTraining:
         return torch.Generator().manual_seed(
             secrets.randbits(63) if seed is None else epoch_seed(seed, epoch))
 
-    def train_epoch(self, loss_fn: Any, optimizer: Any, epoch: int) -> tuple[int, float]:
-        """Run one epoch of DP-SGD steps (fewer when the budget runs out); return samples, loss sum."""
+    def train_epoch(self, loss_fn: Any, optimizer: Any, epoch: int,
+                    on_device: Callable[[Batch], Batch] = lambda batch: batch) -> tuple[int, float]:
+        """Run one epoch of DP-SGD steps (fewer when the budget runs out); return samples, loss sum.
+
+        Batches are drawn on the CPU and moved by ``on_device``; so is the noise.
+        """
         steps = min(self.batches.steps_per_epoch, self.remaining_steps)
         generator = self.generator(epoch)
         seen, loss_sum = 0, 0.0
         for batch in self.batches.draw(steps, generator):
-            loss_sum += self.step(batch, loss_fn, optimizer, generator)
+            loss_sum += self.step(None if batch is None else on_device(batch), loss_fn, optimizer, generator)
             seen += 0 if batch is None else len(batch[1])
         return seen, loss_sum
 
@@ -200,7 +204,7 @@ class PrivateTraining:
         std = self.noise_multiplier * self.config.max_grad_norm
         optimizer.zero_grad(set_to_none=True)
         for name, p in params.items():
-            noise = torch.normal(0.0, std, size=p.shape, generator=generator)
+            noise = torch.normal(0.0, std, size=p.shape, generator=generator).to(p.device)
             p.grad = ((clipped.get(name, 0.0) + noise) / expected).to(p.dtype)
         optimizer.step()
         self._account(1)
@@ -256,9 +260,10 @@ def per_sample_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], x
     return grads, losses.detach()
 
 
-def dry_run(training: PrivateTraining, loss_fn: Any) -> None:
+def dry_run(training: PrivateTraining, loss_fn: Any,
+            on_device: Callable[[Batch], Batch] = lambda batch: batch) -> None:
     """Compute two samples' gradients once, so a model torch.func cannot handle fails at start."""
-    x, y = training.batches.gather(torch.arange(min(2, training.batches.size)))
+    x, y = on_device(training.batches.gather(torch.arange(min(2, training.batches.size))))
     params = {n: p for n, p in training.model.named_parameters() if p.requires_grad}
     try:
         per_sample_gradients(training.model, params, x, y, loss_fn)

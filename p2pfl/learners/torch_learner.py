@@ -15,6 +15,10 @@ Optimizer: by default :class:`~p2pfl.learners.optim.MomentumSGD`, which makes th
 updates as ``torch.optim.SGD(params, lr, momentum)`` without torch's import cost. Pass a
 ``torch.optim`` optimizer to use one.
 
+Device: the model and every batch live on ``device`` (default: where the model's
+parameters are); states handed out (:meth:`get_state`, :meth:`checkpoint_state`) are
+always CPU copies, so what goes on the wire and to disk does not depend on the device.
+
 Privacy: :meth:`TorchLearner.make_private` switches training to DP-SGD
 (:mod:`~p2pfl.learners.privacy`) within a budget; the accountant's history is part of
 the checkpoint.
@@ -87,8 +91,12 @@ class TorchLearner:
         seed: int = 0,
         max_threads: int = 1,
         probe_samples: int = 256,
+        device: str | torch.device | None = None,
     ) -> None:
-        self.model = model
+        first = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (
+            first.device if first is not None else torch.device("cpu"))
+        self.model = model.to(self.device)
         self.train_loader = train_loader
         self.test_loader = test_loader
         self.optimizer: OptimizerLike = optimizer or MomentumSGD(
@@ -134,7 +142,7 @@ class TorchLearner:
 
     def get_state(self) -> State:
         """Return detached copies of the model's parameters and buffers."""
-        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
 
     def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy ``state`` into the model; raise LearnerError if it does not fit exactly.
@@ -160,7 +168,7 @@ class TorchLearner:
         from p2pfl.learners.privacy import PrivateTraining, dry_run
 
         self.privacy = PrivateTraining(config, self.model, self.train_loader, epochs=epochs)
-        dry_run(self.privacy, self.loss_fn)
+        dry_run(self.privacy, self.loss_fn, self._on_device)
         self._probe = None  # probes come from the test split from now on
 
     def privacy_spent(self) -> PrivacySpent | None:
@@ -197,7 +205,7 @@ class TorchLearner:
             if privacy.remaining_steps == 0:
                 logger.info("privacy budget spent (%d steps): not training any more", privacy.steps_taken)
                 break
-            seen, loss_sum = privacy.train_epoch(self.loss_fn, self.optimizer, self.epoch)
+            seen, loss_sum = privacy.train_epoch(self.loss_fn, self.optimizer, self.epoch, self._on_device)
             self.epoch += 1
             self.last_train_loss = loss_sum / max(seen, 1)
             if not math.isfinite(self.last_train_loss):
@@ -211,8 +219,9 @@ class TorchLearner:
 
     def _train_one_epoch(self) -> tuple[int, float]:
         seen = 0
-        loss_sum = torch.zeros(())
-        for x, y in self.train_loader:
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in self.train_loader:
+            x, y = self._on_device(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model(x), y)
             loss.backward()
@@ -220,6 +229,12 @@ class TorchLearner:
             seen += len(y)
             loss_sum += loss.detach() * len(y)
         return seen, float(loss_sum)
+
+    def _on_device(self, batch: Any) -> Batch:
+        x, y = batch
+        if self.device.type == "cpu":
+            return x, y
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def evaluate(self) -> Metrics:
         """Return loss, accuracy and per-class accuracy on the local test split."""
@@ -229,14 +244,15 @@ class TorchLearner:
         self.model.eval()
         try:
             with torch.inference_mode():
-                for x, y in self.test_loader:
+                for batch in self.test_loader:
+                    x, y = self._on_device(batch)
                     logits = self.model(x)  # (batch, classes)
                     loss_sum += float(self.loss_fn(logits, y)) * len(y)
                     right = logits.argmax(dim=1) == y
                     correct += int(right.sum())
                     samples += len(y)
-                    seen = _add_counts(seen, torch.bincount(y, minlength=logits.shape[1]))
-                    hits = _add_counts(hits, torch.bincount(y[right], minlength=logits.shape[1]))
+                    seen = _add_counts(seen, torch.bincount(y, minlength=logits.shape[1]).cpu())
+                    hits = _add_counts(hits, torch.bincount(y[right], minlength=logits.shape[1]).cpu())
         finally:
             self.model.train()
         if samples == 0:
@@ -260,7 +276,8 @@ class TorchLearner:
         try:
             with torch.inference_mode():
                 for state in states:
-                    logits = torch.func.functional_call(self.model, dict(state), (x,))
+                    on_device = {k: v.to(self.device) for k, v in state.items()}
+                    logits = torch.func.functional_call(self.model, on_device, (x,))
                     losses.append(float(self.loss_fn(logits, y)))
         finally:
             self.model.train()
@@ -281,7 +298,7 @@ class TorchLearner:
                     break
             if taken == 0:
                 raise LearnerError("the training data yielded no samples")
-            self._probe = (torch.cat(xs), torch.cat(ys))
+            self._probe = self._on_device((torch.cat(xs), torch.cat(ys)))
         return self._probe
 
     # -- checkpoints -------------------------------------------------------------------
@@ -299,7 +316,7 @@ class TorchLearner:
         for index, entries in self.optimizer.state_dict()["state"].items():
             for key, value in entries.items():
                 if isinstance(value, torch.Tensor):
-                    out[f"{_OPTIM}{index}.{key}"] = value.detach().clone()
+                    out[f"{_OPTIM}{index}.{key}"] = value.detach().to("cpu", copy=True)
                 elif isinstance(value, int | float):
                     out[f"{_OPTIM_NUMBER}{index}.{key}"] = torch.tensor(value)
                 elif value is not None:

@@ -13,8 +13,28 @@
 - ``stats``: the frozen NodeStatistics record the CLI and HTTP endpoint render.
 """
 
-from p2pfl.node.config import NodeConfig, RoundConfig
-from p2pfl.node.node import Node
-from p2pfl.node.stats import NodeStatistics
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from p2pfl.node.config import NodeConfig, RoundConfig
+    from p2pfl.node.node import Node
+    from p2pfl.node.stats import NodeStatistics
+
+# Imported on first use: `p2pfl node status` reads node.stats without importing torch.
+_LAZY = {"NodeConfig": "p2pfl.node.config", "RoundConfig": "p2pfl.node.config",
+         "Node": "p2pfl.node.node", "NodeStatistics": "p2pfl.node.stats"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module of a public name on first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'p2pfl.node' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["Node", "NodeConfig", "NodeStatistics", "RoundConfig"]

@@ -19,6 +19,7 @@ from p2pfl.attacks.adaptive import (
 )
 from p2pfl.errors import ConfigError
 from p2pfl.node.behaviour import PeerView
+from tests.attacks.fakes import FakeView
 
 Tensor = torch.Tensor
 
@@ -111,15 +112,6 @@ def test_spread_is_the_rms_distance_to_the_mean() -> None:
 # ------------------------------------------------------------------ craft()
 
 
-class FakeView:
-    """What craft() reads from a node: neighbour_states() and peer_id."""
-
-    def __init__(self, held: Mapping[str, Mapping[str, Tensor]], peer_id: str = "me") -> None:
-        self.held = held
-        self.peer_id = peer_id
-
-    def neighbour_states(self) -> dict[str, Mapping[str, Tensor]]:
-        return dict(self.held)
 
 
 def states(rows: Tensor, prefix: str = "h") -> dict[str, dict[str, Tensor]]:

@@ -32,6 +32,7 @@ from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
 from p2pfl.node.node import Node
 from p2pfl.node.stats import NodeStatistics
+from tests.attacks.fakes import FakeView
 from tests.node.conftest import identities, make_network
 
 Tensor = torch.Tensor
@@ -107,15 +108,6 @@ def test_label_map_only_for_label_flip() -> None:
 # ------------------------------------------------------------------ crafted states
 
 
-class FakeView:
-    """A PeerView: what craft() reads, neighbour_states() and peer_id."""
-
-    def __init__(self, held: Mapping[str, Mapping[str, Tensor]], peer_id: str = "me") -> None:
-        self.held = held
-        self.peer_id = peer_id
-
-    def neighbour_states(self) -> dict[str, Mapping[str, Tensor]]:
-        return dict(self.held)
 
 
 def own() -> dict[str, Tensor]:
