@@ -30,9 +30,13 @@ class RoundRecord:
     loss: float
     used: int  # neighbours' updates aggregated this round
     duration: float  # seconds from round start to checkpoint
-    bytes_in: int  # cumulative, at the end of the round
+    bytes_in: int  # cumulative, at the end of the round: payloads + announcements
     bytes_out: int
     finished_at: float = 0.0  # unix time, for timelines across nodes
+    payload_in: int = 0  # cumulative, the data plane alone (the rest is control)
+    payload_out: int = 0
+    cpu_seconds: float = 0.0  # cumulative CPU of the process (all threads)
+    learning_cpu_seconds: float = 0.0  # this round's training + evaluation CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,8 @@ class NodeStatistics:
     history: tuple[RoundRecord, ...] = field(default=())
     byzantine: str | None = None  # attack name when this node is an attacker (test networks)
     peak_rss_bytes: int = 0  # of the whole process (a daemon runs one node per process)
+    payload_in: int = 0  # of bytes_in/bytes_out, the data plane; the rest is control
+    payload_out: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""
