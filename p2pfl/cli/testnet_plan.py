@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.config import DEFAULT_RULE, require
+from p2pfl.core.codec import CODECS
 from p2pfl.errors import ConfigError
 
 NETWORK_ID = "p2pfl-testnet"
@@ -50,6 +51,8 @@ class TestnetPlan:
     epochs: int = 1
     batch_size: int = 32
     neighbours: int | None = None  # target neighbours per node; None: the node's default
+    codec: str | None = None  # [net] codec of every node; None: the node's default (raw)
+    codec_k: float | None = None  # [net] codec_k (topk)
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -64,6 +67,8 @@ class TestnetPlan:
         require(self.timeout > 0, "--timeout", f"must be > 0 seconds, got {self.timeout}")
         require(self.epochs >= 1, "--epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
+        require(self.codec is None or self.codec in CODECS, "--codec", f"must be one of {', '.join(sorted(CODECS))}")
+        require(self.codec_k is None or 0 < self.codec_k <= 1, "--codec-k", "must be a fraction in (0, 1]")
         if self.base_port is not None:
             top = 65535 - 2 * self.nodes + 1
             require(1024 <= self.base_port <= top, "--base-port", f"must be between 1024 and {top}")
@@ -90,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="overall bound in seconds (default 600)")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--codec", help="update codec of every node: raw, fp16, bf16, int8, topk (default raw)")
+    parser.add_argument("--codec-k", type=float, help="topk: fraction of changes sent (default 0.1)")
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
@@ -102,7 +109,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         byzantine=args.byzantine, attack=args.attack, attack_params=parse_params(args.attack_param),
         rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
-        batch_size=args.batch_size, neighbours=args.neighbours,
+        batch_size=args.batch_size, neighbours=args.neighbours, codec=args.codec, codec_k=args.codec_k,
     )
     _check_names(plan)
     return plan
@@ -235,6 +242,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "bootstrap": bootstrap,
             # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
             "target_neighbours": neighbours,
+            **({"codec": plan.codec} if plan.codec else {}),
+            **({"codec_k": float(plan.codec_k)} if plan.codec_k is not None else {}),
         },
         "task": {
             "name": "digits",

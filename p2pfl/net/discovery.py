@@ -29,6 +29,7 @@ exponentially (0.5 s doubling, capped at ``max_backoff``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -147,6 +148,11 @@ def parse_p2p_addr(address: str) -> str | None:
     """Return the PeerId of a ``/ip4|ip6|dns…/tcp/N/p2p/<id>`` multiaddr, or None."""
     if not isinstance(address, str) or len(address) > MAX_ADDR_CHARS or "/tcp/" not in address:
         return None
+    return _peer_of(address)
+
+
+@functools.lru_cache(maxsize=4096)  # every probe re-reads the same addresses: parse each once
+def _peer_of(address: str) -> str | None:
     try:
         return info_from_p2p_addr(multiaddr.Multiaddr(address)).peer_id.to_string()
     except Exception:  # hostile text: any parse failure means "not an address"

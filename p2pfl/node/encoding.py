@@ -10,8 +10,9 @@ not in the pure codec:
   and the reference advances by exactly what was sent (so what was not sent stays in the
   next difference: the error feedback);
 - the full model is sent instead of a delta on the first update, every
-  ``codec_full_every`` rounds, and whenever a current neighbour has not pulled the
-  payload the delta would be based on (a new neighbour, one that missed a round): a
+  ``codec_full_every`` rounds, and whenever a current neighbour does not hold the model
+  the delta would be based on (it did not pull our last payload, or missed one delta of
+  the chain since the last full model: a new neighbour, one that missed a round): a
   receiver can only apply a delta to the base it holds, and refuses it otherwise
   (:class:`~p2pfl.errors.MissingBase`, not evidence against us).
 """
@@ -43,6 +44,11 @@ class Encoder:
         """The payload digest the next update would be a delta against (None: no deltas)."""
         return None
 
+    @property
+    def base_is_delta(self) -> bool:
+        """Whether the payload named by :attr:`base` was itself a delta."""
+        return False
+
     def encode(self, round: int, state: Mapping[str, torch.Tensor], *, base_held: bool) -> bytes:
         """Encode ``state`` as our update of ``round``."""
         if self.codec == "int8":
@@ -58,19 +64,25 @@ class TopKEncoder(Encoder):
         self._fraction, self._full_every = fraction, full_every
         self._reference: State | None = None
         self._base: bytes | None = None
+        self._base_is_delta = False
         self._last_full = 0
 
     @property
     def base(self) -> bytes | None:
         return self._base
 
+    @property
+    def base_is_delta(self) -> bool:
+        return self._base_is_delta
+
     def encode(self, round: int, state: Mapping[str, torch.Tensor], *, base_held: bool) -> bytes:
         """Encode a delta if every neighbour holds the base, else the full model."""
         if self._reference is None or not base_held or round - self._last_full >= self._full_every:
             payload = encode_state(state)
             self._reference = {key: t.detach().clone() for key, t in state.items()}
-            self._last_full = round
+            self._last_full, self._base_is_delta = round, False
         else:
+            self._base_is_delta = True
             parts, self._reference = topk_delta(state, self._reference, self._fraction)
             digest = torch.frombuffer(bytearray(self._base or b""), dtype=torch.uint8)
             payload = encode_state({**parts, BASE: digest})

@@ -47,7 +47,20 @@ async def test_topk_sends_a_delta_only_when_every_neighbour_holds_its_base() -> 
     # 0: first, full; 1: delta; 2: n1 lacks round 1's payload, full; 3: delta (full_every
     # counts from round 2); 4: delta.
     assert kinds == ["full", "delta", "full", "delta", "delta"]
-    assert parse_announcement(outbox.peer_id, recorder.published[-1], network_id=NET).update.header.codec == "topk"
+
+
+async def test_topk_sends_the_full_model_to_a_neighbour_that_joined_mid_chain() -> None:
+    recorder = Recorder(neighbours=1)
+    outbox = topk_outbox(recorder)
+    kinds = []
+    for number in range(3):
+        update = await outbox.announce(number, {"w": torch.arange(8.0) * number}, samples=1)
+        kinds.append("delta" if BASE in decode_state(recorder.served[update.header.digest]) else "full")
+        recorder.pulled[update.header.digest] = {"n0", "n1"} if number else {"n0"}
+        if number == 1:
+            recorder._neighbours = ("n0", "n1")  # n1 joins and pulls round 1's delta
+    # n1 pulled round 1's delta but could not apply it (it never held round 0's model).
+    assert kinds == ["full", "delta", "full"]
 
 
 def test_an_unknown_codec_is_a_config_error_naming_the_choices() -> None:
