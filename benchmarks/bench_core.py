@@ -120,7 +120,12 @@ def bench_signatures(data: bytes, memcpy: float, repeat: int) -> None:
 
 def bench_announcements(identity: Any, count: int = 5000) -> None:
     """Verify distinct signed announcements (what every subscriber does): count per second."""
-    from p2pfl.core.envelope import AnnouncementKind, encode_announcement, parse_announcement, sign_update
+    from p2pfl.core.envelope import (
+        AnnouncementKind,
+        encode_announcement,
+        parse_announcement,
+        sign_update,
+    )
 
     messages = [
         encode_announcement(AnnouncementKind.UPDATE, sign_update(

@@ -11,7 +11,6 @@ import trio
 
 from p2pfl.config import NetConfig
 from p2pfl.core.codec import decode_state
-from p2pfl.core.envelope import parse_announcement
 from p2pfl.core.lossy import BASE
 from p2pfl.errors import ConfigError
 from p2pfl.net.transport import Transport
