@@ -107,6 +107,7 @@ class Libp2pTransport:
             self.host, peer, digest, max_size=max_size, timeout=remaining
         )
         self._fetched_bytes += len(payload)
+        self.neighbourhood.seen_alive(peer)
         return payload
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
@@ -163,6 +164,7 @@ class Libp2pTransport:
 
     def _on_served(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size
+        self.neighbourhood.seen_alive(peer)
         if (pullers := self._pulled.get(digest)) is not None:  # bounded: served digests x peers
             pullers.add(peer)
 

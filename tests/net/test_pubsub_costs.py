@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,7 +17,7 @@ from p2pfl.config import Limits
 from p2pfl.net import patches
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
-from tests.net.test_gossip import accept_ok, eventually
+from tests.net.test_gossip import accept_ok, eventually, network
 
 
 @asynccontextmanager
@@ -83,3 +84,24 @@ def test_a_refused_signed_record_is_not_remembered() -> None:
     assert not consume(message, None, ID(b"\x00\x01p"))
     assert not consume(message, None, ID(b"\x00\x01p"))
     assert len(calls) == 2
+
+
+async def test_a_neighbour_that_just_moved_a_payload_is_not_probed() -> None:
+    async with network(2) as (a, b):
+        await eventually(lambda: len(a.neighbours()) == 1 and len(b.neighbours()) == 1)
+        probed: list[str] = []
+
+        async def record(peer: str) -> None:
+            probed.append(peer)
+
+        a.neighbourhood._probe = record  # type: ignore[method-assign]
+        payload = b"p" * 1000
+        digest = hashlib.sha256(payload).digest()
+        b.serve(digest, payload)
+        await a.fetch(b.peer_id, digest, max_size=2000, timeout=10)
+        assert a.pulled_by(digest) == frozenset() and b.pulled_by(digest) == {a.peer_id}
+        await a.neighbourhood.maintain()
+        assert probed == []
+        a.neighbourhood._alive.clear()  # nothing moved since: probed again
+        await a.neighbourhood.maintain()
+        assert probed == [b.peer_id]
