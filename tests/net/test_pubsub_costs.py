@@ -99,7 +99,8 @@ async def test_a_neighbour_that_just_moved_a_payload_is_not_probed() -> None:
         digest = hashlib.sha256(payload).digest()
         b.serve(digest, payload)
         await a.fetch(b.peer_id, digest, max_size=2000, timeout=10)
-        assert a.pulled_by(digest) == frozenset() and b.pulled_by(digest) == {a.peer_id}
+        assert a.pulled_by(digest) == frozenset()
+        assert b.pulled_by(digest) == {a.peer_id}
         await a.neighbourhood.maintain()
         assert probed == []
         a.neighbourhood._alive.clear()  # nothing moved since: probed again
