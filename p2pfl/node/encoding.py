@@ -5,22 +5,24 @@ header with that name. Stateless codecs (``raw``, ``fp16``, ``bf16``, ``int8``) 
 update alone. ``topk`` is a delta codec with error feedback, and its state lives here,
 not in the pure codec:
 
-- ``reference``: the model receivers reconstructed from our previous payload; each delta
-  is ``state - reference``, of which the ``codec_k`` largest changes per tensor are sent,
-  and the reference advances by exactly what was sent (so what was not sent stays in the
-  next difference: the error feedback);
-- the full model is sent instead of a delta on the first update, every
-  ``codec_full_every`` rounds, and whenever a current neighbour does not hold the model
-  the delta would be based on (it did not pull our last payload, or missed one delta of
-  the chain since the last full model: a new neighbour, one that missed a round): a
-  receiver can only apply a delta to the base it holds, and refuses it otherwise
-  (:class:`~p2pfl.errors.MissingBase`, not evidence against us).
+- the references: the models receivers rebuild from our last ``KEEP_BASES`` payloads.
+  A delta is ``state - reference`` against the newest of them that every current
+  neighbour holds; the ``codec_k`` largest changes per tensor are sent and the new
+  reference is exactly the base plus what was sent (so what was not sent stays in the
+  next difference: the error feedback). A neighbour holds a payload's model if it pulled
+  the payload and held its base's (one missed delta breaks the chain);
+- the full model is sent instead on the first update, every ``codec_full_every``
+  rounds, and whenever some current neighbour holds none of the references (a new
+  neighbour, one that missed rounds): a receiver can only apply a delta to a base it
+  holds, and refuses it otherwise (:class:`~p2pfl.errors.MissingBase`, not evidence).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -29,6 +31,17 @@ from p2pfl.core.codec import CODECS, codec_named, encode_state
 from p2pfl.core.lossy import BASE, encode_int8, topk_delta
 from p2pfl.core.state import State
 from p2pfl.errors import ConfigError, UnknownCodec
+
+KEEP_BASES = 2
+"""Our last payloads a delta may be taken against (receivers keep as many per sender)."""
+
+
+class Holding(Protocol):
+    """What the encoder asks the transport: who is there, who pulled which payload."""
+
+    def neighbours(self) -> tuple[str, ...]: ...
+
+    def pulled_by(self, digest: bytes) -> frozenset[str]: ...
 
 
 class Encoder:
@@ -39,21 +52,22 @@ class Encoder:
         self._encode = codec_named(codec).encode
         self._per_channel = per_channel
 
-    @property
-    def base(self) -> bytes | None:
-        """The payload digest the next update would be a delta against (None: no deltas)."""
-        return None
+    def held_bases(self, transport: Holding) -> frozenset[bytes]:
+        """Our payloads every current neighbour holds the model of (run on the event loop)."""
+        return frozenset()
 
-    @property
-    def base_is_delta(self) -> bool:
-        """Whether the payload named by :attr:`base` was itself a delta."""
-        return False
-
-    def encode(self, round: int, state: Mapping[str, torch.Tensor], *, base_held: bool) -> bytes:
-        """Encode ``state`` as our update of ``round``."""
+    def encode(self, round: int, state: Mapping[str, torch.Tensor], *, held: frozenset[bytes]) -> bytes:
+        """Encode ``state`` as our update of ``round``; ``held`` is :meth:`held_bases`."""
         if self.codec == "int8":
             return encode_int8(state, per_channel=self._per_channel)
         return self._encode(state)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    digest: bytes  # sha256 of the payload
+    reference: State  # the model receivers rebuild from it
+    base: bytes | None  # the payload it was a delta against; None: a full model
 
 
 class TopKEncoder(Encoder):
@@ -62,31 +76,35 @@ class TopKEncoder(Encoder):
     def __init__(self, *, fraction: float, full_every: int) -> None:
         super().__init__("topk")
         self._fraction, self._full_every = fraction, full_every
-        self._reference: State | None = None
-        self._base: bytes | None = None
-        self._base_is_delta = False
+        self._sent: list[_Sent] = []  # the last KEEP_BASES payloads, oldest first
+        self._holders: dict[bytes, frozenset[str]] = {}  # digest -> peers holding its model
         self._last_full = 0
 
-    @property
-    def base(self) -> bytes | None:
-        return self._base
+    def held_bases(self, transport: Holding) -> frozenset[bytes]:
+        """A peer holds a payload's model if it pulled it and held the model of its base."""
+        holders: dict[bytes, frozenset[str]] = {}
+        for sent in self._sent:  # oldest first: a base's holders are known before its delta's
+            pulled = transport.pulled_by(sent.digest)
+            if sent.base is not None:
+                pulled &= holders.get(sent.base, self._holders.get(sent.base, frozenset()))
+            holders[sent.digest] = pulled
+        self._holders = holders
+        neighbours = set(transport.neighbours())
+        return frozenset(digest for digest, peers in holders.items() if neighbours <= peers)
 
-    @property
-    def base_is_delta(self) -> bool:
-        return self._base_is_delta
-
-    def encode(self, round: int, state: Mapping[str, torch.Tensor], *, base_held: bool) -> bytes:
-        """Encode a delta if every neighbour holds the base, else the full model."""
-        if self._reference is None or not base_held or round - self._last_full >= self._full_every:
+    def encode(self, round: int, state: Mapping[str, torch.Tensor], *, held: frozenset[bytes]) -> bytes:
+        """A delta against our newest payload every neighbour holds, else the full model."""
+        bases = [sent for sent in self._sent if sent.digest in held]
+        if not bases or round - self._last_full >= self._full_every:
             payload = encode_state(state)
-            self._reference = {key: t.detach().clone() for key, t in state.items()}
-            self._last_full, self._base_is_delta = round, False
+            sent = _Sent(b"", {key: t.detach().clone() for key, t in state.items()}, None)
+            self._last_full = round
         else:
-            self._base_is_delta = True
-            parts, self._reference = topk_delta(state, self._reference, self._fraction)
-            digest = torch.frombuffer(bytearray(self._base or b""), dtype=torch.uint8)
+            parts, rebuilt = topk_delta(state, bases[-1].reference, self._fraction)
+            digest = torch.frombuffer(bytearray(bases[-1].digest), dtype=torch.uint8)
             payload = encode_state({**parts, BASE: digest})
-        self._base = hashlib.sha256(payload).digest()
+            sent = _Sent(b"", rebuilt, bases[-1].digest)
+        self._sent = [*self._sent, replace(sent, digest=hashlib.sha256(payload).digest())][-KEEP_BASES:]
         return payload
 
 

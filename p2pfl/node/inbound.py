@@ -42,6 +42,7 @@ from p2pfl.errors import (
     WrongNetwork,
 )
 from p2pfl.net.transport import Transport
+from p2pfl.node.encoding import KEEP_BASES
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class Fetcher:
         self._compute, self._report, self._delivered = compute, report, delivered
         self._holders: OrderedDict[bytes, set[str]] = OrderedDict()  # digest -> other sources
         self._fetching: set[tuple[str, bytes]] = set()
-        # Each sender's last delivered model under its payload digest: a delta codec's base.
-        self._bases: BoundedMap[str, tuple[bytes, Mapping[str, torch.Tensor]]] = BoundedMap(_MAX_BASES)
+        # Each sender's last delivered models by payload digest: a delta codec's bases.
+        self._bases: BoundedMap[str, dict[bytes, Mapping[str, torch.Tensor]]] = BoundedMap(_MAX_BASES)
         self._limiter = trio.CapacityLimiter(_MAX_FETCHES)
         self._nursery: trio.Nursery | None = None
 
@@ -165,7 +166,9 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            self._bases.put(header.sender, (header.digest, state))
+            kept = self._bases.peek(header.sender) or {}
+            recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
+            self._bases.put(header.sender, {**dict(recent), header.digest: state})
             self._delivered(header.digest, payload.data)
         finally:
             self._fetching.discard((header.sender, header.digest))
@@ -193,8 +196,8 @@ class Fetcher:
         header = update.header
 
         def base(digest: bytes) -> Mapping[str, torch.Tensor] | None:
-            held = self._bases.peek(header.sender)  # only the sender's own previous model
-            return held[1] if held is not None and held[0] == digest else None
+            held = self._bases.peek(header.sender)  # only the sender's own previous models
+            return held.get(digest) if held is not None else None
 
         try:
             check_payload(update, payload)

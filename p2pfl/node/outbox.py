@@ -91,7 +91,6 @@ class Outbox:
         """
         self._transport, self._identity, self._compute = transport, identity, compute
         self._encoder = encoder or Encoder("raw")
-        self._holders: frozenset[str] = frozenset()  # peers holding the model of our last payload
         self.network_id = network_id
         self._max_lag = max_lag
         self._transforms = tuple(transforms)
@@ -106,8 +105,8 @@ class Outbox:
 
     async def announce(self, round: int, state: State, samples: int) -> VerifiedHeader:
         """Transform, encode, sign, serve and publish ``state`` as our update of ``round``."""
-        base_held = set(self._transport.neighbours()) <= self._base_holders()
-        payload = await self._compute(self._encode, round, state, base_held)
+        held = self._encoder.held_bases(self._transport)
+        payload = await self._compute(self._encode, round, state, held)
         update = self.sign(round, payload, samples)
         self.serve(update.header.digest, payload)
         self._announced.setdefault(round, []).append(update)
@@ -116,24 +115,9 @@ class Outbox:
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
 
-    def _base_holders(self) -> frozenset[str]:
-        """Peers that hold the model our next delta would be taken against.
-
-        A peer holds it if it pulled our last payload and, when that was itself a delta,
-        held the model before it (one missed delta breaks the chain until a full model).
-        """
-        base = self._encoder.base
-        if base is None:
-            return frozenset()
-        holders = self._transport.pulled_by(base)
-        if self._encoder.base_is_delta:
-            holders &= self._holders
-        self._holders = holders
-        return holders
-
-    def _encode(self, round: int, state: State, base_held: bool) -> bytes:
+    def _encode(self, round: int, state: State, held: frozenset[bytes]) -> bytes:
         state = apply_transforms(self._transforms, round, state)
-        return self._encoder.encode(round, state, base_held=base_held)
+        return self._encoder.encode(round, state, held=held)
 
     async def reannounce(self, round: int) -> None:
         """Publish again what we announced for ``round`` while a neighbour has not pulled it.

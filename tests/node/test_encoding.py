@@ -28,7 +28,7 @@ def topk_outbox(recorder: Recorder) -> Outbox:
                   compute=inline, encoder=encoder)
 
 
-async def test_topk_sends_a_delta_only_when_every_neighbour_holds_its_base() -> None:
+async def test_topk_deltas_go_against_the_newest_model_every_neighbour_holds() -> None:
     recorder = Recorder(neighbours=2)
     outbox = topk_outbox(recorder)
     model = {"w": torch.arange(8.0)}
@@ -43,9 +43,11 @@ async def test_topk_sends_a_delta_only_when_every_neighbour_holds_its_base() -> 
             recorder.pulled[update.header.digest] = {"n0", "n1"}
         else:
             recorder.pulled[update.header.digest] = {"n0"}
-    # 0: first, full; 1: delta; 2: n1 lacks round 1's payload, full; 3: delta (full_every
-    # counts from round 2); 4: delta.
-    assert kinds == ["full", "delta", "full", "delta", "delta"]
+    # 0: first, full; 1: delta; 2: n1 lacks round 1's payload but holds round 0's: a delta
+    # against round 0; 3: full (full_every = 3 rounds after the full round 0); 4: delta.
+    assert kinds == ["full", "delta", "delta", "full", "delta"]
+    bases = [decode_state(recorder.served[d]).get(BASE) for d in digests]
+    assert bytes(bases[2].numpy().tobytes()) == digests[0]  # type: ignore[union-attr]
 
 
 async def test_topk_sends_the_full_model_to_a_neighbour_that_joined_mid_chain() -> None:
