@@ -319,10 +319,6 @@ def decode_payload(
 
 RAW = register_codec(Codec("raw", encode_state, decode_state))
 
-# The lossy codecs (fp16, bf16, int8, topk) frame their parts with the raw layout above;
-# importing them here registers them wherever headers are checked.
-from p2pfl.core import lossy as _lossy  # noqa: E402,F401  (registers on import)
-
 __all__ = [
     "CODECS",
     "DEFAULT_CODEC",
