@@ -187,7 +187,7 @@ async def test_forged_announcement_is_rejected_everywhere_and_penalised(tmp_path
                                   bootstrap=peers[0].addrs)
         try:
             await wait_neighbours([forger], 3)
-            await publish_until_meshed(forger, peers)
+            await publish_until_meshed(forger, await neighbours_of(forger, peers))
             for i in range(3):
                 await forger.call("publish", data=(b"forged %d" % i).hex())
             # An honest announcement published after the forgeries still reaches the
