@@ -1,17 +1,24 @@
 """Benchmark the product: `p2pfl testnet` with real node processes over libp2p on loopback.
 
     .venv/bin/python benchmarks/bench_testnet.py [--nodes 8] [--rounds 10] [--out runs/bench_testnet]
+        [--partitions iid,dirichlet] [--codec raw] [--codec-k 0.1]
 
 Runs the digits task twice (IID, then Dirichlet(0.5)), 1 local epoch, batch 32, and
 prints per round the honest mean and minimum test accuracy and the median round time,
-then per run: wall time per round, bytes per node per round and peak memory per node,
-beside the anchors measured on this machine with the same 8-node digits task.
+then per run: wall time per round, bytes per node per round (payload and control), CPU
+seconds per node-round (whole process, and outside training + evaluation, from the nodes'
+own round records, first round excluded; plus all node processes' CPU as the OS counts
+it, start-up included, which also works for versions without round CPU records) and
+peak memory per node, beside the anchors measured on this machine with the same 8-node
+digits task. Report the machine's load (``uptime``) beside the figures: it is shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -30,15 +37,28 @@ TARGETS = (
 )
 
 
-def run(nodes: int, rounds: int, partition: str, out: Path) -> dict[str, Any]:
-    """Run one test network and return its report."""
+def run(nodes: int, rounds: int, partition: str, out: Path, **extra: Any) -> dict[str, Any]:
+    """Run one test network and return its report (plus the node processes' OS CPU)."""
     plan = TestnetPlan(
-        nodes=nodes, rounds=rounds, partition=partition, alpha=0.5, out=out.resolve()
+        nodes=nodes, rounds=rounds, partition=partition, alpha=0.5, out=out.resolve(), **extra
     )
+    before = _children_cpu()
     if run_testnet(plan) != 0:
         sys.exit(f"test network {partition} failed; see {out}/logs")
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    report["os_cpu_seconds"] = _children_cpu() - before
+    report["load"] = os.getloadavg()[0]
     return report
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mean_after_first(rows: list[list[float]]) -> float | None:
+    values = [v for row in rows for v in row[1:]]
+    return statistics.fmean(values) if values else None
 
 
 def summary(report: dict[str, Any]) -> dict[str, float]:
@@ -57,7 +77,18 @@ def summary(report: dict[str, Any]) -> dict[str, float]:
         if s["history"]
     ]
     ends = [s["history"][-1]["finished_at"] for s in statuses if s["history"]]
+    payload = [
+        statistics.fmean(n.get("payload_in_per_round") or [0]) + statistics.fmean(n.get("payload_out_per_round") or [0])
+        for n in nodes
+    ]
+    cpu = _mean_after_first([n.get("cpu_per_round") or [] for n in nodes])
+    learning = _mean_after_first([n.get("learning_cpu_per_round") or [] for n in nodes])
     return {
+        "cpu_node_round": cpu if cpu is not None else float("nan"),
+        "cpu_outside_learning": cpu - learning if cpu is not None and learning is not None else float("nan"),
+        "os_cpu_node_round": report["os_cpu_seconds"] / (len(nodes) * rounds),
+        "payload_per_node_round": statistics.fmean(payload),
+        "load": report["load"],
         "wall_per_round": report["meta"]["wall_seconds"] / rounds,
         "training_per_round": (max(ends) - min(starts)) / rounds,
         "median_round": statistics.median(r["median_round_seconds"] for r in report["per_round"]),
@@ -83,10 +114,14 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_testnet"))
+    parser.add_argument("--partitions", default="iid,dirichlet")
+    parser.add_argument("--codec", default=None, help="update codec (default: the node's)")
+    parser.add_argument("--codec-k", type=float, default=None, help="topk fraction")
     args = parser.parse_args()
+    extra = {k: v for k, v in (("codec", args.codec), ("codec_k", args.codec_k)) if v is not None}
     results = {}
-    for partition in ("iid", "dirichlet"):
-        report = run(args.nodes, args.rounds, partition, args.out / partition)
+    for partition in args.partitions.split(","):
+        report = run(args.nodes, args.rounds, partition, args.out / partition, **extra)
         results[partition] = summary(report)
         print_rounds(partition, report)
 
@@ -98,11 +133,20 @@ def main() -> None:
             f"{'p2pfl ' + name:<28} {s['wall_per_round']:>14.2f} {s['training_per_round']:>13.2f} {s['median_round']:>14.2f} {s['final_mean']:>10.3f}"
             f" {s['final_min']:>9.3f} {s['bytes_per_node_round'] / 1e3:>13.1f} {s['peak_rss_mb']:>11.0f}"
         )
+    print(f"\n{'run':<28} {'CPU s/node-round':>16} {'outside learning':>16} {'OS CPU (+start)':>15} {'payload KB':>10} {'control KB':>10} {'load':>5}")
+    for name, s in results.items():
+        control = s["bytes_per_node_round"] - s["payload_per_node_round"]
+        print(
+            f"{'p2pfl ' + name:<28} {s['cpu_node_round']:>16.3f} {s['cpu_outside_learning']:>16.3f} {s['os_cpu_node_round']:>15.3f}"
+            f" {s['payload_per_node_round'] / 1e3:>10.1f} {control / 1e3:>10.1f} {s['load']:>5.1f}"
+        )
     for name, seconds, accuracy in ANCHORS:
         secs = f"{seconds:.2f}" if seconds else "-"
         print(
             f"{name:<28} {secs:>14} {'-':>13} {'-':>14} {accuracy:>10.3f} {'-':>9} {'-':>13} {'-':>11}"
         )
+    if "iid" not in results or "dirichlet" not in results:
+        return
     iid, dirichlet = results["iid"], results["dirichlet"]
     print(
         f"\nratios: P2PFL s/round / p2pfl s/round = {7.7 / iid['wall_per_round']:.1f}x (wall), "

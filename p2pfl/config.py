@@ -126,8 +126,22 @@ class NetConfig:
     # mDNS multicasts on every interface unless pinned (trap 13): opt-in for LAN demos.
     enable_mdns: bool = False
     mdns_interface: str | None = None
+    # How our updates are encoded (p2pfl.core.codec.CODECS): raw | fp16 | bf16 | int8 | topk.
+    codec: str = "raw"
+    # int8: one scale per output channel (dim 0) rather than one per tensor.
+    codec_per_channel: bool = True
+    # topk: the fraction of each tensor's changes sent per update.
+    codec_k: float = 0.1
+    # topk: the full model every this many rounds (and whenever a neighbour lacks the base).
+    codec_full_every: int = 10
 
     def __post_init__(self) -> None:
+        require(isinstance(self.codec, str) and bool(self.codec), "net.codec",
+                "must be a codec name: raw, fp16, bf16, int8 or topk")
+        require(isinstance(self.codec_k, int | float) and 0 < self.codec_k <= 1, "net.codec_k",
+                f"must be a fraction in (0, 1], got {self.codec_k!r}")
+        require(isinstance(self.codec_full_every, int) and self.codec_full_every >= 1,
+                "net.codec_full_every", f"must be an integer >= 1, got {self.codec_full_every!r}")
         require(isinstance(self.listen_host, str) and bool(self.listen_host), "net.listen_host",
                 "must be an IPv4 address such as 127.0.0.1")
         require(isinstance(self.port, int) and 0 <= self.port <= 65535, "net.port",

@@ -9,7 +9,8 @@ libp2p, trio, cbor2, ecdsa and torch are translated where they enter.
     ├── ConfigError                 a setting is wrong; the message says what to change
     ├── KeyFileError                a key file is missing, unreadable, malformed or too open
     ├── DecodeError                 bytes from outside are not a valid payload/message
-    │   └── UnknownCodec            a header names a payload codec this node cannot decode
+    │   ├── UnknownCodec            a header names a payload codec this node cannot decode
+    │   └── MissingBase             a delta payload's base model is not held here
     ├── UpdateRejected              a signed update failed verification at ingress
     │   ├── UnsupportedVersion      header version we do not speak
     │   ├── WrongNetwork            header bound to another network id
@@ -53,6 +54,10 @@ class DecodeError(P2PFLError, ValueError):
 
 class UnknownCodec(DecodeError):
     """A signed header names a payload codec that is not in the codec registry."""
+
+
+class MissingBase(DecodeError):
+    """A delta payload names a base model this node does not hold (not the sender's fault)."""
 
 
 class UpdateRejected(P2PFLError):

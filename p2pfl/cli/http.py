@@ -307,6 +307,11 @@ def render_metrics(stats: NodeStatistics) -> str:
     _metric(out, "p2pfl_neighbours", "gauge", "Connected neighbours.", [({}, len(stats.neighbours))])
     _metric(out, "p2pfl_bytes_in_total", "counter", "Bytes received from peers.", [({}, stats.bytes_in)])
     _metric(out, "p2pfl_bytes_out_total", "counter", "Bytes sent to peers.", [({}, stats.bytes_out)])
+    _metric(out, "p2pfl_payload_bytes_total", "counter", "Of those, model payload bytes (data plane).",
+            [({"direction": "in"}, stats.payload_in), ({"direction": "out"}, stats.payload_out)])
+    _metric(out, "p2pfl_control_bytes_total", "counter", "Of those, announcement bytes (control).",
+            [({"direction": "in"}, stats.bytes_in - stats.payload_in),
+             ({"direction": "out"}, stats.bytes_out - stats.payload_out)])
     _metric(out, "p2pfl_updates_accepted_total", "counter", "Neighbour updates accepted.", [({}, stats.accepted)])
     _metric(
         out,

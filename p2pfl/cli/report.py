@@ -88,10 +88,16 @@ def _node_entry(index: int, status: Mapping[str, Any], attacker: bool) -> dict[s
         # RoundRecord bytes are cumulative; the report shows what each round cost.
         "bytes_in_per_round": _deltas([r.get("bytes_in", 0) for r in history]),
         "bytes_out_per_round": _deltas([r.get("bytes_out", 0) for r in history]),
+        # Of those, the data plane (payloads); control = bytes - payload (announcements).
+        "payload_in_per_round": _deltas([r.get("payload_in", 0) for r in history]),
+        "payload_out_per_round": _deltas([r.get("payload_out", 0) for r in history]),
+        # CPU seconds of the whole process per round; the first round includes start-up.
+        "cpu_per_round": _deltas([r.get("cpu_seconds", 0.0) for r in history]),
+        "learning_cpu_per_round": [r.get("learning_cpu_seconds", 0.0) for r in history],
     }
 
 
-def _deltas(cumulative: Sequence[int]) -> list[int]:
+def _deltas(cumulative: Sequence[float]) -> list[float]:
     return [value - previous for previous, value in zip([0, *cumulative], cumulative, strict=False)]
 
 

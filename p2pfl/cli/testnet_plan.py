@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.config import DEFAULT_RULE, require
+from p2pfl.core.codec import CODECS
 from p2pfl.errors import ConfigError
 
 NETWORK_ID = "p2pfl-testnet"
@@ -55,6 +56,8 @@ class TestnetPlan:
     # A bundled task's name or a factory "package.module:function"; it gets partition,
     # alpha and batch_size as [task] keys.
     task: str = "digits"
+    codec: str | None = None  # [net] codec of every node; None: the node's default (raw)
+    codec_k: float | None = None  # [net] codec_k (topk)
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -70,6 +73,8 @@ class TestnetPlan:
         require(self.epochs >= 1, "--epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         require(self.dp_epsilon is None or self.dp_epsilon > 0, "--dp-epsilon", "must be > 0")
+        require(self.codec is None or self.codec in CODECS, "--codec", f"must be one of {', '.join(sorted(CODECS))}")
+        require(self.codec_k is None or 0 < self.codec_k <= 1, "--codec-k", "must be a fraction in (0, 1]")
         if self.base_port is not None:
             top = 65535 - 2 * self.nodes + 1
             require(1024 <= self.base_port <= top, "--base-port", f"must be between 1024 and {top}")
@@ -100,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="overall bound in seconds (default 600)")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--codec", help="update codec of every node: raw, fp16, bf16, int8, topk (default raw)")
+    parser.add_argument("--codec-k", type=float, help="topk: fraction of changes sent (default 0.1)")
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
@@ -118,6 +125,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
         batch_size=args.batch_size, neighbours=args.neighbours, task=args.task, dp_epsilon=args.dp_epsilon,
         dashboard=getattr(args, "dashboard", None),
+        codec=args.codec, codec_k=args.codec_k,
     )
     _check_names(plan)
     return plan
@@ -259,6 +267,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "bootstrap": bootstrap,
             # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
             "target_neighbours": neighbours,
+            **({"codec": plan.codec} if plan.codec else {}),
+            **({"codec_k": float(plan.codec_k)} if plan.codec_k is not None else {}),
         },
         "task": {"factory" if ":" in plan.task else "name": plan.task, **_task_options(plan)},
         "train": {"node_index": index, "num_nodes": plan.nodes, "seed": plan.seed},

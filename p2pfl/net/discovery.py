@@ -21,7 +21,8 @@ the end of each. The address book is bounded (``max_known_peers``); bootstrap en
 are never evicted.
 
 Neighbour maintenance (one task): every ``maintenance_interval`` it exchanges peers
-with each neighbour (a failed exchange = dead: disconnect, back off), drops banned and
+with each neighbour that moved no payload with us since the last pass (a failed
+exchange = dead: disconnect, back off), drops banned and
 surplus peers, and dials candidates until ``target_neighbours``; failed dials back off
 exponentially (0.5 s doubling, capped at ``max_backoff``).
 """
@@ -29,6 +30,7 @@ exponentially (0.5 s doubling, capped at ``max_backoff``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -147,6 +149,11 @@ def parse_p2p_addr(address: str) -> str | None:
     """Return the PeerId of a ``/ip4|ip6|dns…/tcp/N/p2p/<id>`` multiaddr, or None."""
     if not isinstance(address, str) or len(address) > MAX_ADDR_CHARS or "/tcp/" not in address:
         return None
+    return _peer_of(address)
+
+
+@functools.lru_cache(maxsize=4096)  # every probe re-reads the same addresses: parse each once
+def _peer_of(address: str) -> str | None:
     try:
         return info_from_p2p_addr(multiaddr.Multiaddr(address)).peer_id.to_string()
     except Exception:  # hostile text: any parse failure means "not an address"
@@ -211,7 +218,13 @@ class Neighbourhood:
             self.book.learn(address, bootstrap=True)
         self.changed = trio.Event()  # set whenever neighbours may have changed
         self._wake = trio.Event()  # set to run the next maintenance pass early
+        self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
         host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
+
+    def seen_alive(self, peer: str) -> None:
+        """Note that a payload just moved between us and ``peer``: no probe needed for a while."""
+        if peer in self.connected():  # bounded by our connections
+            self._alive[peer] = trio.current_time()
 
     # -- queries ---------------------------------------------------------------------
 
@@ -337,8 +350,12 @@ class Neighbourhood:
         for peer in connected:
             if self.book.is_banned(peer, now):
                 await self.disconnect(peer)
+        # A neighbour that served or pulled a payload since the last pass is alive: its
+        # probe (a stream, a peer exchange) is what a busy network would pay every pass.
+        recent = {p for p, t in self._alive.items() if now - t < self.config.maintenance_interval}
+        self._alive = {p: t for p, t in self._alive.items() if p in recent}
         async with trio.open_nursery() as nursery:
-            for peer in connected - {p for p in connected if self.book.is_banned(p, now)}:
+            for peer in connected - recent - {p for p in connected if self.book.is_banned(p, now)}:
                 nursery.start_soon(self._probe, peer)
         await self._trim()
         await self._top_up()

@@ -66,6 +66,7 @@ class Libp2pTransport:
         self._nursery = nursery
         self._fetched_bytes = 0
         self._served_bytes = 0
+        self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
 
     @property
     def peer_id(self) -> str:
@@ -106,6 +107,7 @@ class Libp2pTransport:
             self.host, peer, digest, max_size=max_size, timeout=remaining
         )
         self._fetched_bytes += len(payload)
+        self.neighbourhood.seen_alive(peer)
         return payload
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
@@ -126,10 +128,16 @@ class Libp2pTransport:
     def serve(self, digest: bytes, payload: bytes) -> None:
         """Offer ``payload`` (whose sha256 is ``digest``) to every peer."""
         self.store.put(digest, payload)
+        self._pulled.setdefault(digest, set())
 
     def unserve(self, digest: bytes) -> None:
         """Stop offering a payload; unknown digests are ignored."""
         self.store.discard(digest)
+        self._pulled.pop(digest, None)
+
+    def pulled_by(self, digest: bytes) -> frozenset[str]:
+        """Peers that pulled ``digest`` from us in full while we served it."""
+        return frozenset(self._pulled.get(digest, ()))
 
     def neighbours(self) -> tuple[str, ...]:
         """PeerIds currently connected and usable, sorted."""
@@ -147,13 +155,18 @@ class Libp2pTransport:
         return TrafficStats(
             bytes_in=counters.bytes_in + self._fetched_bytes,
             bytes_out=counters.bytes_out + self._served_bytes,
+            payload_in=self._fetched_bytes,
+            payload_out=self._served_bytes,
             announcements_in=counters.delivered,
             announcements_out=counters.published,
             rejected_in=counters.rejected + counters.oversize,
         )
 
-    def _on_served(self, peer: str, size: int) -> None:
+    def _on_served(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size
+        self.neighbourhood.seen_alive(peer)
+        if (pullers := self._pulled.get(digest)) is not None:  # bounded: served digests x peers
+            pullers.add(peer)
 
     def __repr__(self) -> str:
         return f"Libp2pTransport({short_id(self.peer_id)})"

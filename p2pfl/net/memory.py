@@ -203,12 +203,14 @@ class MemoryNetwork:
             await server._answer_after(delay)
             raise PayloadTooLarge(f"{short_id(peer)} offers {len(payload)} bytes > cap {max_size}")
         await server._answer_after(delay + len(payload) / self.link.bandwidth)
-        fetcher._bytes_in += len(payload)
-        server._bytes_out += len(payload)
+        fetcher._bytes_in, fetcher._payload_in = fetcher._bytes_in + len(payload), fetcher._payload_in + len(payload)
+        server._bytes_out, server._payload_out = server._bytes_out + len(payload), server._payload_out + len(payload)
         if not genuine and sha256(payload) != digest:
             raise TamperedPayload(
                 f"{short_id(peer)} sent bytes whose sha256 is not {digest.hex()[:12]}"
             )
+        if (pullers := server._pulled.get(digest)) is not None:
+            pullers.add(fetcher.peer_id)
         return CheckedPayload(payload, digest)
 
 
@@ -233,7 +235,8 @@ class MemoryTransport:
         self._published = 0
         self._tokens, self._stamp = max(1.0, network.publish_rate), trio.current_time()
         self._penalties: Counter[str] = Counter()
-        self._bytes_in = self._bytes_out = 0
+        self._bytes_in = self._bytes_out = self._payload_in = self._payload_out = 0
+        self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
         self._announcements_in = self._announcements_out = self._rejected_in = 0
         self._overflowed = self._duplicates = self._gated = 0
         self._filter = ReceiveFilter()
@@ -326,10 +329,16 @@ class MemoryTransport:
     def serve(self, digest: bytes, payload: bytes) -> None:
         """Offer ``payload`` (whose sha256 is ``digest``) to every neighbour."""
         self._served[digest] = _Served(payload)
+        self._pulled.setdefault(digest, set())
 
     def unserve(self, digest: bytes) -> None:
         """Stop offering a payload; unknown digests are ignored."""
         self._served.pop(digest, None)
+        self._pulled.pop(digest, None)
+
+    def pulled_by(self, digest: bytes) -> frozenset[str]:
+        """Peers that pulled ``digest`` from us in full while we served it."""
+        return frozenset(self._pulled.get(digest, ()))
 
     def neighbours(self) -> tuple[str, ...]:
         """Return the peers with a usable edge to this one, sorted."""
@@ -343,7 +352,7 @@ class MemoryTransport:
         """Return counters since the transport opened."""
         return TrafficStats(
             bytes_in=self._bytes_in,
-            bytes_out=self._bytes_out,
+            bytes_out=self._bytes_out, payload_in=self._payload_in, payload_out=self._payload_out,
             announcements_in=self._announcements_in,
             announcements_out=self._announcements_out,
             rejected_in=self._rejected_in,

@@ -198,7 +198,7 @@ class _Server:
         store: PayloadStore,
         limits: Limits,
         serve_timeout: float,
-        on_served: Callable[[str, int], None] | None,
+        on_served: Callable[[str, bytes, int], None] | None,
         max_concurrent: int,
         max_queued: int,
     ) -> None:
@@ -245,7 +245,7 @@ class _Server:
             finally:
                 self.pending -= 1
             if self.on_served is not None:
-                self.on_served(peer, len(payload))
+                self.on_served(peer, digest, len(payload))
 
     async def _send_in_slot(self, stream: INetStream, payload: bytes) -> None:
         with trio.fail_after(self.serve_timeout):
@@ -279,7 +279,7 @@ def install_update_protocol(
     *,
     limits: Limits,
     serve_timeout: float = 60.0,
-    on_served: Callable[[str, int], None] | None = None,
+    on_served: Callable[[str, bytes, int], None] | None = None,
     max_concurrent: int = 4,
     max_queued: int = 16,
 ) -> None:
@@ -290,7 +290,7 @@ def install_update_protocol(
         store: The payloads to serve (read at request time).
         limits: Payloads above ``limits.max_payload_bytes`` are never served.
         serve_timeout: Deadline for waiting for a slot, and again for writing one reply.
-        on_served: Called with (peer id, bytes) after each payload fully written.
+        on_served: Called with (peer id, digest, bytes) after each payload fully written.
         max_concurrent: Replies written at the same time (serving is CPU-bound).
         max_queued: Requests waiting for a slot beyond which peers get BUSY.
     """

@@ -25,7 +25,8 @@ Contract, identical in both:
   :class:`~p2pfl.core.envelope.CheckedPayload` (so nobody hashes them again), or raises a
   :class:`~p2pfl.errors.TransferError` subclass (or ``PeerUnreachable``) within
   ``timeout`` seconds. It never reads more than ``max_size`` bytes from the peer.
-- ``serve`` makes a payload available to every peer until ``unserve``.
+- ``serve`` makes a payload available to every peer until ``unserve``; ``pulled_by``
+  names the peers that pulled it in full meanwhile (re-announce only for the others).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class Announcement:
 class TrafficStats:
     """Byte and message counters of one transport since it opened."""
 
-    bytes_in: int = 0
+    bytes_in: int = 0  # everything: payloads + announcements
     bytes_out: int = 0
+    payload_in: int = 0  # the data plane alone (bytes of payloads pulled / served)
+    payload_out: int = 0
     announcements_in: int = 0
     announcements_out: int = 0
     rejected_in: int = 0
@@ -92,6 +95,10 @@ class Transport(Protocol):
 
     def unserve(self, digest: bytes) -> None:
         """Stop offering a payload; unknown digests are ignored."""
+        ...
+
+    def pulled_by(self, digest: bytes) -> frozenset[str]:
+        """Peers that pulled ``digest`` from us in full while we served it."""
         ...
 
     def neighbours(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import torch
 import trio
 
 from p2pfl.config import Limits
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.codec import decode_payload
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import (
@@ -32,6 +33,7 @@ from p2pfl.errors import (
     DecodeError,
     DigestMismatch,
     InvalidSignature,
+    MissingBase,
     NetworkError,
     P2PFLError,
     SignerMismatch,
@@ -40,6 +42,7 @@ from p2pfl.errors import (
     WrongNetwork,
 )
 from p2pfl.net.transport import Transport
+from p2pfl.node.encoding import KEEP_BASES
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ _MAX_VERIFIED = 1024  # announcements whose successful parse is remembered
 _MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
 _MAX_HOLDER_DIGESTS = 1024
 _MAX_SOURCES = 4  # the author, then up to three other holders
+_MAX_BASES = 256  # senders whose last model is kept as a delta base (shared with the inbox)
 
 
 class AnnouncementParser:
@@ -114,6 +118,8 @@ class Fetcher:
         self._compute, self._report, self._delivered = compute, report, delivered
         self._holders: OrderedDict[bytes, set[str]] = OrderedDict()  # digest -> other sources
         self._fetching: set[tuple[str, bytes]] = set()
+        # Each sender's last delivered models by payload digest: a delta codec's bases.
+        self._bases: BoundedMap[str, dict[bytes, Mapping[str, torch.Tensor]]] = BoundedMap(_MAX_BASES)
         self._limiter = trio.CapacityLimiter(_MAX_FETCHES)
         self._nursery: trio.Nursery | None = None
 
@@ -160,6 +166,9 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
+            kept = self._bases.peek(header.sender) or {}
+            recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
+            self._bases.put(header.sender, {**dict(recent), header.digest: state})
             self._delivered(header.digest, payload.data)
         finally:
             self._fetching.discard((header.sender, header.digest))
@@ -185,13 +194,23 @@ class Fetcher:
     ) -> dict[str, torch.Tensor] | None:
         """Check the payload against the signed header and our model; None if unusable."""
         header = update.header
+
+        def base(digest: bytes) -> Mapping[str, torch.Tensor] | None:
+            held = self._bases.peek(header.sender)  # only the sender's own previous models
+            return held.get(digest) if held is not None else None
+
         try:
             check_payload(update, payload)
-            state = await self._compute(decode_payload, header.codec, payload.data, limits=self._limits)
+            state = await self._compute(
+                decode_payload, header.codec, payload.data, limits=self._limits, base=base
+            )
             if problem := mismatch(self._template, state):
                 raise DecodeError(f"model differs from ours: {problem}")
             if name := nonfinite(state):
                 raise DecodeError(f"{name}: non-finite values")
+        except MissingBase as exc:  # we missed its previous update: not the sender's fault
+            log.info("payload of %s not usable: %s", short_id(header.sender), exc)
+            return None
         except (DigestMismatch, DecodeError) as exc:
             self._report(header.sender, Evidence.INVALID_FORMAT, f"payload: {exc}")
             self._inbox.forget(header.sender)

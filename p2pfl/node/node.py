@@ -47,6 +47,7 @@ from p2pfl.net.transport import Transport
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.node.config import NodeConfig
+from p2pfl.node.encoding import make_encoder
 from p2pfl.node.ingress import Ingress
 from p2pfl.node.mixer import Mixer
 from p2pfl.node.outbox import Outbox, Transform
@@ -98,6 +99,7 @@ class Node:
         self._open_transport = transport or libp2p_transport(
             identity, net or NetConfig(), network_id=config.network_id, limits=config.limits
         )
+        self._encoder = make_encoder(net or NetConfig())
         self._offload = offload
         self.behaviour = behaviour or Behaviour()
         self._transforms = tuple(transforms)
@@ -110,6 +112,7 @@ class Node:
         self._privacy = self._privacy_spent()  # as of the last finished round; None: not private
         self._round_finished = trio.Event()
         self._compute_limiter = trio.CapacityLimiter(1)
+        self._learning_cpu = 0.0  # CPU seconds of training and evaluation this round
         self._transport: Transport | None = None
         self._outbox: Outbox | None = None
         self._nursery: trio.Nursery | None = None
@@ -145,6 +148,7 @@ class Node:
         self._outbox = Outbox(
             transport=transport, identity=self.identity, network_id=self.config.network_id,
             max_lag=self.config.rounds.max_lag, compute=self._compute, transforms=self._transforms,
+            encoder=self._encoder,
         )
         await self._nursery.start(self._ingress.run, transport, template, self._outbox.hold)
         return self
@@ -214,7 +218,7 @@ class Node:
         started = trio.current_time()
         self._state = "training"
         self._start = self.learner.get_state()
-        samples = await self._compute(self.learner.fit, self.config.rounds.local_epochs)
+        samples = await self._compute(self._timed, self.learner.fit, self.config.rounds.local_epochs)
         own = self.learner.get_state()
         shared = self.behaviour.craft(self._ingress, number, own)
         await self.behaviour.announce(self.outbox, number, shared, samples)
@@ -228,7 +232,7 @@ class Node:
 
     async def _finish_round(self, number: int, used: int, started: float) -> None:
         """Evaluate, settle reputation, checkpoint, and move on to round ``number + 1``."""
-        metrics = await self._compute(self.learner.evaluate)
+        metrics = await self._compute(self._timed, self.learner.evaluate)
         self._metrics = (metrics.accuracy, metrics.loss)
         self._privacy = await self._compute(self._privacy_spent)
         self._standing.end_round(number)
@@ -237,9 +241,12 @@ class Node:
         record = RoundRecord(
             round=number, accuracy=metrics.accuracy, loss=metrics.loss, used=used,
             duration=trio.current_time() - started, bytes_in=traffic.bytes_in,
-            bytes_out=traffic.bytes_out, finished_at=time.time(),
+            bytes_out=traffic.bytes_out, finished_at=time.time(), payload_in=traffic.payload_in,
+            payload_out=traffic.payload_out, cpu_seconds=time.process_time(),
+            learning_cpu_seconds=self._learning_cpu,
             epsilon_spent=self._privacy.epsilon if self._privacy else None,
         )
+        self._learning_cpu = 0.0
         # Durable first: whoever sees the round finished (statistics, /status) may rely on
         # it surviving a SIGKILL.
         await self._checkpoint(number + 1, [*self._history, record])
@@ -331,6 +338,14 @@ class Node:
                 log.warning("banning peer %s", short_id(peer))
                 self.transport.ban(peer, seconds=self.config.ban_seconds)
 
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` (learning) and add its CPU time (of this thread) to the round's."""
+        started = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            self._learning_cpu += time.thread_time() - started
+
     async def _compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self._offload:
             return fn(*args, **kwargs)
@@ -391,4 +406,6 @@ class Node:
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             epsilon_spent=self._privacy.epsilon if self._privacy else None,
             epsilon_target=self._privacy.target if self._privacy else None,
+            payload_in=traffic.payload_in if traffic else 0,
+            payload_out=traffic.payload_out if traffic else 0,
         )

@@ -7,7 +7,8 @@ An update leaves as::
 A :class:`Transform` changes the state before it is encoded, so the signed digest is
 that of what peers actually receive; transforms are the seam for differential privacy,
 sparsification and the like, and compose with whichever codec encodes the result (the
-encode step, today ``raw`` via :func:`p2pfl.core.codec.encode_state`). They apply to
+encode step: ``[net] codec``, see :mod:`p2pfl.node.encoding`; the header is signed with
+the codec's name). They apply to
 every update the node announces, whatever a behaviour crafted; raw publishes
 (:meth:`Outbox.publish_raw`, for protocol attacks) bypass them.
 
@@ -22,12 +23,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from p2pfl.core.codec import encode_state
 from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announcement, sign_update
 from p2pfl.core.state import State
 from p2pfl.errors import NetworkError
 from p2pfl.net.transport import Transport
+from p2pfl.node.encoding import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,14 @@ class Outbox:
         max_lag: int,
         compute: Compute,
         transforms: Sequence[Transform] = (),
+        encoder: Encoder | None = None,
     ) -> None:
-        """Publish on ``transport`` as ``identity``; remember ``max_lag`` rounds to re-announce."""
+        """Publish on ``transport`` as ``identity``; remember ``max_lag`` rounds to re-announce.
+
+        ``encoder`` is the encode step (default ``raw``, see :mod:`p2pfl.node.encoding`).
+        """
         self._transport, self._identity, self._compute = transport, identity, compute
+        self._encoder = encoder or Encoder("raw")
         self.network_id = network_id
         self._max_lag = max_lag
         self._transforms = tuple(transforms)
@@ -99,7 +105,8 @@ class Outbox:
 
     async def announce(self, round: int, state: State, samples: int) -> VerifiedHeader:
         """Transform, encode, sign, serve and publish ``state`` as our update of ``round``."""
-        payload = await self._compute(self._encode, round, state)
+        held = self._encoder.held_bases(self._transport)
+        payload = await self._compute(self._encode, round, state, held)
         update = self.sign(round, payload, samples)
         self.serve(update.header.digest, payload)
         self._announced.setdefault(round, []).append(update)
@@ -108,13 +115,21 @@ class Outbox:
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
 
-    def _encode(self, round: int, state: State) -> bytes:
-        return encode_state(apply_transforms(self._transforms, round, state))
+    def _encode(self, round: int, state: State, held: frozenset[bytes]) -> bytes:
+        state = apply_transforms(self._transforms, round, state)
+        return self._encoder.encode(round, state, held=held)
 
     async def reannounce(self, round: int) -> None:
-        """Publish again what we announced for ``round`` (gossip is lossy)."""
+        """Publish again what we announced for ``round`` while a neighbour has not pulled it.
+
+        Gossip is lossy, so an announcement is repeated; but each one costs every
+        subscriber a pubsub message, so only while some current neighbour (a new one
+        too) has yet to pull the payload from us.
+        """
+        neighbours = set(self._transport.neighbours())
         for update in self._announced.get(round, ()):
-            await self.publish(AnnouncementKind.UPDATE, update)
+            if neighbours - self._transport.pulled_by(update.header.digest):
+                await self.publish(AnnouncementKind.UPDATE, update)
 
     def hold(self, digest: bytes, payload: bytes) -> None:
         """Serve a verified payload we pulled, so that neighbours may pull it from us too.
@@ -134,6 +149,7 @@ class Outbox:
             payload=payload,
             samples=samples,
             ts_ms=int(time.time() * 1000),
+            codec=self._encoder.codec,
         )
 
     def serve(self, digest: bytes, payload: bytes) -> None:

@@ -30,10 +30,14 @@ class RoundRecord:
     loss: float
     used: int  # neighbours' updates aggregated this round
     duration: float  # seconds from round start to checkpoint
-    bytes_in: int  # cumulative, at the end of the round
+    bytes_in: int  # cumulative, at the end of the round: payloads + announcements
     bytes_out: int
     finished_at: float = 0.0  # unix time, for timelines across nodes
     epsilon_spent: float | None = None  # privacy spent so far (DP-SGD); None: not private
+    payload_in: int = 0  # cumulative, the data plane alone (the rest is control)
+    payload_out: int = 0
+    cpu_seconds: float = 0.0  # cumulative CPU of the process (all threads)
+    learning_cpu_seconds: float = 0.0  # this round's training + evaluation CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ class NodeStatistics:
     # Differential privacy (docs/PRIVACY.md): budget spent so far and the target; None: off.
     epsilon_spent: float | None = None
     epsilon_target: float | None = None
+    payload_in: int = 0  # of bytes_in/bytes_out, the data plane; the rest is control
+    payload_out: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

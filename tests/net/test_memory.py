@@ -581,9 +581,12 @@ async def test_stats_count_announcements_and_payload_bytes(
         b.serve(DIGEST, PAYLOAD)
         await a.fetch("b", DIGEST, max_size=len(PAYLOAD), timeout=5)
         await trio.sleep(1)
-        assert a.stats() == TrafficStats(bytes_in=len(PAYLOAD), bytes_out=8, announcements_out=2)
+        assert a.stats() == TrafficStats(
+            bytes_in=len(PAYLOAD), bytes_out=8, payload_in=len(PAYLOAD), announcements_out=2
+        )
         assert b.stats() == TrafficStats(
-            bytes_in=5, bytes_out=len(PAYLOAD), announcements_in=1, rejected_in=1
+            bytes_in=5, bytes_out=len(PAYLOAD), payload_out=len(PAYLOAD), announcements_in=1,
+            rejected_in=1,
         )
 
 

@@ -85,7 +85,7 @@ async def open_net(**server_options: Any) -> AsyncIterator[Net]:
             server,
             net.store,
             limits=Limits(),
-            on_served=lambda peer, n: net.served.append((peer, n)),
+            on_served=lambda peer, digest, n: net.served.append((peer, n)),
             **options,
         )
         for target in (server, rogue):

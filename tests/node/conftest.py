@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from p2pfl.config import NetConfig
 from p2pfl.core.crypto import Identity
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.learners.datasets import make_digits_learner
@@ -55,6 +56,7 @@ def make_node(
     behaviour: Behaviour | None = None,
     reputation: ReputationConfig | None = None,
     transforms: Sequence[Transform] = (),
+    net: NetConfig | None = None,
     **round_settings: int,
 ) -> Node:
     config = NodeConfig(
@@ -75,4 +77,5 @@ def make_node(
         offload=False,
         behaviour=behaviour,
         transforms=transforms,
+        net=net,
     )

@@ -89,6 +89,7 @@ class Recorder:
     def __init__(self, neighbours: int = 0) -> None:
         self.published: list[bytes] = []
         self.served: dict[bytes, bytes] = {}
+        self.pulled: dict[bytes, set[str]] = {}
         self._neighbours = tuple(f"n{i}" for i in range(neighbours))
 
     async def publish(self, data: bytes) -> None:
@@ -103,6 +104,9 @@ class Recorder:
     def neighbours(self) -> tuple[str, ...]:
         return self._neighbours
 
+    def pulled_by(self, digest: bytes) -> frozenset[str]:
+        return frozenset(self.pulled.get(digest, ()))
+
 
 def recording_outbox(recorder: Recorder, max_lag: int = 1) -> Outbox:
     (me,) = identities(1)
@@ -116,7 +120,7 @@ def rounds_of(published: list[bytes]) -> list[int]:
 
 
 async def test_outbox_reannounces_only_the_rounds_it_remembers() -> None:
-    recorder = Recorder()
+    recorder = Recorder(neighbours=1)
     outbox = recording_outbox(recorder, max_lag=1)
     for number in range(3):
         await outbox.announce(number, {"w": torch.tensor([float(number)])}, samples=1)
@@ -124,6 +128,19 @@ async def test_outbox_reannounces_only_the_rounds_it_remembers() -> None:
     await outbox.reannounce(2)
     assert rounds_of(recorder.published) == [0, 1, 2, 2]
     assert recorder.published[3] == recorder.published[2]
+
+
+async def test_outbox_reannounces_only_while_a_neighbour_has_not_pulled() -> None:
+    recorder = Recorder(neighbours=2)
+    outbox = recording_outbox(recorder)
+    digest = (await outbox.announce(0, {"w": torch.tensor([1.0])}, samples=1)).header.digest
+    recorder.pulled[digest] = {"n0"}
+    await outbox.reannounce(0)  # n1 still misses it
+    recorder.pulled[digest] = {"n0", "n1"}
+    await outbox.reannounce(0)  # everyone has it: silence
+    recorder._neighbours = ("n0", "n1", "n2")
+    await outbox.reannounce(0)  # a new neighbour misses it
+    assert rounds_of(recorder.published) == [0, 0, 0]
 
 
 async def test_outbox_serves_a_window_that_grows_with_the_neighbours() -> None:

@@ -12,7 +12,8 @@ line is logged and libp2p runs stock (no patch at all, not a subset).
   by the daemon and the test network's node processes.
 
 Bodies live beside this file: ``dataplane`` (transfer speed), ``streams`` (hostile
-protocol ids and handlers), ``pubsub`` (hostile frames, flood publish), ``swarm``
+protocol ids and handlers), ``pubsub`` (hostile frames, flood publish, neighbour-only
+forwarding, signed-record costs), ``swarm``
 (connection slots, the auto-connector).
 """
 
@@ -72,6 +73,14 @@ PATCHES: dict[str, Patch] = {
         Patch("flood_publish", "own messages go to mesh peers only (no GossipSub v1.1 floodPublish)",
               _T + "test_gossip.py::test_own_message_reaches_a_subscribed_peer_outside_the_mesh",
               pubsub.flood_publish),
+        Patch("neighbour_only", "GossipSub forwards every announcement to D mesh peers: each "
+              "node pays for every announcement of the network several times over",
+              _T + "test_pubsub_costs.py::test_announcements_reach_neighbours_and_go_no_further",
+              pubsub.neighbour_only),
+        Patch("signed_records", "every pubsub RPC's signed peer record is parsed, verified and "
+              "stored on receipt, and our own rebuilt on every send",
+              _T + "test_pubsub_costs.py::test_an_unchanged_signed_record_is_consumed_once",
+              pubsub.signed_records),
         Patch("inbound_slot_release", "an inbound connection keeps its limiter slot until the "
               "swarm stops: after 300 inbound connections every new one is reset",
               _T + "test_patches.py::test_1000_inbound_connections_then_a_fresh_peer_connects",

@@ -1,0 +1,273 @@
+"""Lossy update codecs: ``fp16``, ``bf16``, ``int8`` and ``topk``, registered in :data:`.codec.CODECS`.
+
+Every one of them frames its payload with the ``raw`` layout (:func:`.codec.encode_state`),
+whose hardened decoder parses it first; the parts of a model tensor ``name`` travel as
+tensors named ``name#<part>``, and tensors without a part (integer buffers such as a
+batch-norm counter) travel as they are::
+
+    fp16   name#h  float16                       -> float32
+    bf16   name#b  bfloat16                      -> float32
+    int8   name#q  int8 (the tensor's shape)     -> float32 q * scale
+           name#s  float32 [1] (per tensor) or [shape[0]] (per channel, along dim 0)
+    topk   full:   the raw model (every name as it is)
+           delta:  #base  uint8 [32]   sha256 of the sender's previous payload
+                   name#m uint8 [ceil(numel / 8)]  bitmask of changed elements, row-major,
+                          bit i of byte j is element 8 j + i; padding bits are 0
+                   name#v float16 [popcount]       the changes, in element order
+                   -> base[name] + changes
+
+Floating tensors (float32, float64, float16, bfloat16) are the lossy ones; they decode to
+float32. Decoders check every part against the others (shapes, counts, padding) and
+against :class:`~p2pfl.config.Limits`, allocate nothing larger than the dequantised model,
+and raise :class:`~p2pfl.errors.DecodeError` (or its subclass
+:class:`~p2pfl.errors.MissingBase`) on anything else.
+
+``topk`` deltas are taken against a *base* that sender and receiver share: the model the
+receivers reconstructed from the sender's previous payload (so quantisation of the
+changes is fed back: what was not sent stays in the next difference). A receiver that
+does not hold the base refuses the payload with ``MissingBase`` — not the sender's fault,
+not evidence; the sending side (:mod:`p2pfl.node.encoding`) sends the full model whenever
+a neighbour did not pull the base, and every ``full_every`` rounds anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from p2pfl.config import Limits
+from p2pfl.core.codec import Codec, decode_state, encode_state, register_codec
+from p2pfl.core.state import State
+from p2pfl.errors import DecodeError, MissingBase
+
+BaseLookup = Callable[[bytes], Mapping[str, torch.Tensor] | None]  # payload digest -> model
+BASE = "#base"
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DEFAULT_LIMITS = Limits()
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _is_float(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in _FLOATS
+
+
+def _split(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group ``name#part`` tensors by name (part "" for plain tensors); refuse clashes."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, sep, part = key.rpartition("#")
+        if not sep:
+            name, part = key, ""
+        group = groups.setdefault(name, {})
+        if "" in group or (part == "" and group):  # a plain tensor has no parts
+            raise DecodeError(f"payload: tensor {name[:64]!r} is sent twice")
+        group[part] = tensor
+    return groups
+
+
+def _checked(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Refuse model tensor names with ``#`` (it separates a name from its part)."""
+    for key in state:
+        if "#" in key:
+            raise ValueError(f"tensor name {key!r} contains '#', which lossy codecs reserve")
+    return state
+
+
+# ---------------------------------------------------------------- fp16 / bf16
+
+
+def _cast_codec(name: str, part: str, dtype: torch.dtype) -> Codec:
+    def encode(state: Mapping[str, torch.Tensor]) -> bytes:
+        return encode_state({
+            (f"{key}#{part}" if _is_float(t) else key): (t.detach().to(dtype) if _is_float(t) else t)
+            for key, t in _checked(state).items()
+        })
+
+    def decode(data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS) -> State:
+        out: State = {}
+        for key, parts in _split(decode_state(data, limits=limits)).items():
+            out[key] = parts[""] if "" in parts else _one_part(key, parts, part, dtype).float()
+        return out
+
+    return Codec(name, encode, decode)
+
+
+def _one_part(key: str, parts: Mapping[str, torch.Tensor], part: str, dtype: torch.dtype) -> torch.Tensor:
+    if set(parts) != {part} or parts[part].dtype != dtype:
+        raise DecodeError(f"payload: {key[:64]!r} must be one {dtype} tensor #{part}")
+    return parts[part]
+
+
+# ---------------------------------------------------------------- int8
+
+
+def quantize_int8(tensor: torch.Tensor, *, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (int8 q, float32 scale) with ``q * scale`` ~ ``tensor`` (symmetric, round to nearest)."""
+    values = tensor.detach().float()
+    if per_channel and values.dim() >= 1 and values.shape[0] > 0:
+        peak = values.abs().reshape(values.shape[0], -1).amax(dim=1)  # (channels,)
+        shape = (values.shape[0],) + (1,) * (values.dim() - 1)
+    else:
+        peak = values.abs().amax().reshape(1) if values.numel() else torch.zeros(1)
+        shape = (1,) * values.dim()
+    scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+    q = torch.round(values / scale.reshape(shape)).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def encode_int8(state: Mapping[str, torch.Tensor], *, per_channel: bool = True) -> bytes:
+    """Encode ``state`` with int8 values and float32 scales (per output channel by default)."""
+    parts: dict[str, torch.Tensor] = {}
+    for key, tensor in _checked(state).items():
+        if not _is_float(tensor):
+            parts[key] = tensor
+            continue
+        parts[f"{key}#q"], parts[f"{key}#s"] = quantize_int8(tensor, per_channel=per_channel)
+    return encode_state(parts)
+
+
+def decode_int8(data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS) -> State:
+    """Decode an ``int8`` payload to float32 tensors."""
+    out: State = {}
+    for key, parts in _split(decode_state(data, limits=limits)).items():
+        if "" in parts:
+            out[key] = parts[""]
+            continue
+        q, scale = parts.get("q"), parts.get("s")
+        if set(parts) != {"q", "s"} or q is None or scale is None:
+            raise DecodeError(f"payload: {key[:64]!r} needs exactly #q and #s")
+        if q.dtype != torch.int8 or scale.dtype != torch.float32 or scale.dim() != 1:
+            raise DecodeError(f"payload: {key[:64]!r} must be int8 #q with a float32 vector #s")
+        channels = q.shape[0] if q.dim() >= 1 else 1
+        if scale.shape[0] not in {1, channels}:
+            raise DecodeError(f"payload: {key[:64]!r} has {scale.shape[0]} scales for {channels} channels")
+        shape = (scale.shape[0],) + (1,) * (q.dim() - 1) if q.dim() else ()
+        out[key] = q.float() * scale.reshape(shape)
+    return out
+
+
+# ---------------------------------------------------------------- topk
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a flat bool tensor into uint8 bytes, element 8 j + i in bit i of byte j."""
+    padded = torch.zeros((mask.numel() + 7) // 8 * 8, dtype=torch.uint8)
+    padded[: mask.numel()] = mask.to(torch.uint8)
+    return (padded.reshape(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)  # (bytes, 8) -> bytes
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Invert :func:`pack_bits` for ``count`` elements; DecodeError if padding bits are set."""
+    if packed.dim() != 1 or packed.dtype != torch.uint8 or packed.numel() != (count + 7) // 8:
+        raise DecodeError(f"payload: a bitmask of {count} elements must be {(count + 7) // 8} uint8 bytes")
+    bits = (packed.reshape(-1, 1) & _BITS).ne(0).reshape(-1)  # (bytes, 8) -> bits
+    if bool(bits[count:].any()):
+        raise DecodeError("payload: bitmask padding bits are set")
+    return bits[:count]
+
+
+def topk_delta(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], fraction: float
+) -> tuple[dict[str, torch.Tensor], State]:
+    """Return (delta parts without #base, the model receivers will reconstruct).
+
+    For each floating tensor the ``fraction`` largest changes against ``reference`` (at
+    least one element) are sent as float16; the reconstruction applies exactly those, so
+    sender and receivers hold the same bits and the rest of the change is fed back.
+    """
+    parts: dict[str, torch.Tensor] = {}
+    rebuilt: State = {}
+    for key, tensor in _checked(state).items():
+        if not _is_float(tensor):
+            parts[key] = rebuilt[key] = tensor
+            continue
+        change = (tensor.detach().float() - reference[key].float()).reshape(-1)
+        keep = min(change.numel(), max(1, round(fraction * change.numel())))
+        mask = torch.zeros(change.numel(), dtype=torch.bool)
+        if keep:
+            mask[change.abs().topk(keep).indices] = True
+        values = change[mask].to(torch.float16)
+        parts[f"{key}#m"], parts[f"{key}#v"] = pack_bits(mask), values
+        rebuilt[key] = apply_changes(reference[key], mask, values)
+    return parts, rebuilt
+
+
+def apply_changes(base: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return ``base`` (its dtype) with ``values`` added where ``mask`` is set."""
+    flat = base.detach().reshape(-1).clone()
+    flat[mask] += values.to(flat.dtype)
+    return flat.reshape(base.shape)
+
+
+def encode_topk_full(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The ``topk`` codec's full mode: the raw model (what the pure codec encodes alone)."""
+    return encode_state(_checked(state))
+
+
+def decode_topk(
+    data: bytes | bytearray | memoryview,
+    *,
+    limits: Limits = _DEFAULT_LIMITS,
+    base: BaseLookup | None = None,
+) -> State:
+    """Decode a ``topk`` payload; a delta needs ``base(digest)`` to return the base model.
+
+    Raises:
+        MissingBase: a delta whose base this node does not hold.
+        DecodeError: anything malformed, or parts that do not fit the base.
+    """
+    parts = decode_state(data, limits=limits)
+    if BASE not in parts:
+        if any("#" in key for key in parts):
+            raise DecodeError("payload: a full topk model has no #parts")
+        return parts
+    digest = parts.pop(BASE)
+    if digest.dtype != torch.uint8 or digest.shape != (32,):
+        raise DecodeError("payload: #base must be 32 uint8 bytes")
+    held = base(bytes(digest.numpy().tobytes())) if base is not None else None
+    if held is None:
+        raise MissingBase(f"delta against base {bytes(digest.numpy().tobytes()).hex()[:12]} we do not hold")
+    return _rebuild(_split(parts), held)
+
+
+def _rebuild(groups: Mapping[str, Mapping[str, torch.Tensor]], held: Mapping[str, torch.Tensor]) -> State:
+    if set(groups) != set(held):
+        raise DecodeError("payload: delta names differ from its base's")
+    out: State = {}
+    for key, parts in groups.items():
+        if "" in parts:
+            out[key] = parts[""]
+            continue
+        mask_bytes, values = parts.get("m"), parts.get("v")
+        if set(parts) != {"m", "v"} or mask_bytes is None or values is None:
+            raise DecodeError(f"payload: {key[:64]!r} needs exactly #m and #v")
+        mask = unpack_bits(mask_bytes, held[key].numel())
+        if values.dtype != torch.float16 or values.dim() != 1 or values.numel() != int(mask.sum()):
+            raise DecodeError(f"payload: {key[:64]!r} needs one float16 value per mask bit")
+        out[key] = apply_changes(held[key], mask, values)
+    return out
+
+
+FP16 = register_codec(_cast_codec("fp16", "h", torch.float16))
+BF16 = register_codec(_cast_codec("bf16", "b", torch.bfloat16))
+INT8 = register_codec(Codec("int8", encode_int8, decode_int8))
+TOPK = register_codec(Codec("topk", encode_topk_full, decode_topk, delta=True))
+
+__all__ = [
+    "BASE",
+    "BF16",
+    "FP16",
+    "INT8",
+    "TOPK",
+    "BaseLookup",
+    "apply_changes",
+    "decode_int8",
+    "decode_topk",
+    "encode_int8",
+    "encode_topk_full",
+    "pack_bits",
+    "quantize_int8",
+    "topk_delta",
+    "unpack_bits",
+]

@@ -1,0 +1,126 @@
+"""Lossy codecs: sizes and errors bounded, topk deltas exact on both sides, hostile parts refused."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfl.config import Limits
+from p2pfl.core.codec import CODECS, decode_payload, encode_state
+from p2pfl.core.lossy import BASE, encode_int8, pack_bits, topk_delta, unpack_bits
+from p2pfl.errors import DecodeError, MissingBase
+
+STATE = {"w": torch.randn(64, 32), "b": torch.randn(32), "steps": torch.tensor(7)}
+RAW_BYTES = len(encode_state(STATE))
+
+
+@pytest.mark.parametrize(("codec", "ratio", "error"), [("fp16", 0.51, 1e-3), ("bf16", 0.51, 1e-2), ("int8", 0.31, 0.02)])
+def test_quantising_codecs_shrink_and_stay_close(codec: str, ratio: float, error: float) -> None:
+    data = CODECS[codec].encode(STATE)
+    decoded = decode_payload(codec, data)
+    assert len(data) <= ratio * RAW_BYTES
+    assert decoded.keys() == STATE.keys()
+    assert torch.equal(decoded["steps"], STATE["steps"])  # integers travel as they are
+    assert decoded["w"].dtype == torch.float32
+    assert all(float((decoded[k] - STATE[k]).abs().max()) <= error * float(STATE[k].abs().max()) for k in ("w", "b"))
+
+
+def test_int8_per_tensor_sends_one_scale() -> None:
+    per_tensor, per_channel = encode_int8(STATE, per_channel=False), encode_int8(STATE)
+    assert len(per_tensor) < len(per_channel)
+    assert torch.allclose(decode_payload("int8", per_tensor)["w"], STATE["w"], atol=0.05)
+
+
+def with_base(parts: dict[str, torch.Tensor], digest: bytes) -> bytes:
+    return encode_state({**parts, BASE: torch.frombuffer(bytearray(digest), dtype=torch.uint8)})
+
+
+BASE_DIGEST = hashlib.sha256(b"base").digest()
+
+
+def lookup(digest: bytes) -> dict[str, torch.Tensor] | None:
+    return STATE if digest == BASE_DIGEST else None
+
+
+def test_topk_delta_rebuilds_exactly_what_the_sender_expects_and_feeds_back_the_rest() -> None:
+    target = {**STATE, "w": STATE["w"] + torch.randn(64, 32)}
+    parts, rebuilt = topk_delta(target, STATE, 0.1)
+    data = with_base(parts, BASE_DIGEST)
+    assert len(data) <= RAW_BYTES / 8
+    decoded = decode_payload("topk", data, base=lookup)
+    assert all(torch.equal(decoded[k], rebuilt[k]) for k in STATE)
+    # Error feedback: repeating the delta against the rebuilt model converges on the target.
+    reference = rebuilt
+    for _ in range(30):
+        _, reference = topk_delta(target, reference, 0.1)
+    assert float((reference["w"] - target["w"]).abs().max()) < 0.01
+
+
+def test_topk_without_the_base_is_a_missing_base_not_junk() -> None:
+    parts, _ = topk_delta(STATE, STATE, 0.1)
+    with pytest.raises(MissingBase):
+        decode_payload("topk", with_base(parts, hashlib.sha256(b"other").digest()), base=lookup)
+    with pytest.raises(MissingBase):
+        decode_payload("topk", with_base(parts, BASE_DIGEST))  # no lookup at all
+
+
+def test_bitmask_round_trips_and_refuses_padding() -> None:
+    mask = torch.tensor([True, False, True] * 5)
+    assert torch.equal(unpack_bits(pack_bits(mask), 15), mask)
+    with pytest.raises(DecodeError, match="padding"):
+        unpack_bits(torch.tensor([0, 0x80], dtype=torch.uint8), 15)
+    with pytest.raises(DecodeError, match="bitmask"):
+        unpack_bits(torch.tensor([0], dtype=torch.uint8), 15)
+
+
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        (lambda p: {**p, "w#v": p["w#v"][:-1]}, "value per mask bit"),
+        (lambda p: {**p, "w#v": p["w#v"].float()}, "float16"),
+        (lambda p: {k: v for k, v in p.items() if k != "b#m"}, "#m and #v"),
+        (lambda p: {**p, "extra#m": p["b#m"], "extra#v": p["b#v"]}, "names differ"),
+        (lambda p: {**p, "w#m": p["w#m"][:-1]}, "bitmask"),
+        (lambda p: {**p, "w": torch.zeros(2)}, "twice"),
+    ],
+)
+def test_hostile_topk_parts_are_refused(change, word: str) -> None:  # type: ignore[no-untyped-def]
+    parts, _ = topk_delta({**STATE, "w": STATE["w"] + 1}, STATE, 0.1)
+    with pytest.raises(DecodeError, match=word):
+        decode_payload("topk", with_base(change(parts), BASE_DIGEST), base=lookup)
+
+
+@pytest.mark.parametrize(
+    ("parts", "word"),
+    [
+        ({"w#q": torch.zeros(4, 2, dtype=torch.int8), "w#s": torch.ones(3)}, "scales"),
+        ({"w#q": torch.zeros(4, dtype=torch.int16), "w#s": torch.ones(1)}, "int8"),
+        ({"w#q": torch.zeros(4, dtype=torch.int8)}, "#q and #s"),
+        ({"w#q": torch.zeros(4, dtype=torch.int8), "w#s": torch.ones(1), "w#x": torch.ones(1)}, "#q and #s"),
+    ],
+)
+def test_hostile_int8_parts_are_refused(parts: dict[str, torch.Tensor], word: str) -> None:
+    with pytest.raises(DecodeError, match=word):
+        decode_payload("int8", encode_state(parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_mutated_topk_deltas_decode_or_raise_decode_error(data: st.DataObject) -> None:
+    parts, _ = topk_delta({**STATE, "w": STATE["w"] * 2}, STATE, 0.1)
+    blob = bytearray(with_base(parts, BASE_DIGEST))
+    at = data.draw(st.integers(0, len(blob) - 1))
+    if data.draw(st.booleans()):
+        del blob[at:]
+    else:
+        blob[at] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        state = decode_payload("topk", bytes(blob), limits=Limits(max_payload_bytes=1 << 16), base=lookup)
+    except DecodeError:
+        return
+    assert state.keys() == STATE.keys()
+    assert all(state[k].shape == STATE[k].shape for k in STATE)

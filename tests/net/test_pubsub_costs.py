@@ -1,0 +1,108 @@
+"""What a node pays per announcement in pubsub: first-hand delivery only, records consumed once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub import gossipsub
+from libp2p.pubsub.pb import rpc_pb2
+
+from p2pfl.config import Limits
+from p2pfl.net import patches
+from p2pfl.net.gossip import Gossip, open_gossip
+from p2pfl.net.host import connect, listen_addrs, open_host
+from tests.net.test_gossip import accept_ok, eventually, network
+
+
+@asynccontextmanager
+async def gossip_line(count: int) -> AsyncIterator[list[Gossip]]:
+    """``count`` gossip instances connected in a line: 0 - 1 - ... - count-1."""
+    async with AsyncExitStack() as stack:
+        hosts = [await stack.enter_async_context(open_host(os.urandom(32))) for _ in range(count)]
+        nodes = [
+            await stack.enter_async_context(
+                open_gossip(host, network_id="t", limits=Limits(), validator=accept_ok)
+            )
+            for host in hosts
+        ]
+        for left, right in zip(hosts, hosts[1:], strict=False):
+            await connect(right, listen_addrs(left)[0], timeout=5)
+        await eventually(lambda: all(len(n.subscribed_peers()) >= 1 for n in nodes))
+        await eventually(lambda: len(nodes[1].subscribed_peers()) == 2)
+        yield nodes
+
+
+async def test_announcements_reach_neighbours_and_go_no_further() -> None:
+    async with gossip_line(3) as (a, b, c):
+        assert patches.active("neighbour_only")
+        await c.publish(b"ok from c")
+        with trio.fail_after(5):
+            assert (await b.announcements().receive()).data == b"ok from c"
+        # b would have forwarded c's message to a before handing it to us; a's next message
+        # from b on the same stream is b's own, so nothing of c's came before it.
+        await b.publish(b"ok from b")
+        with trio.fail_after(5):
+            got = await a.announcements().receive()
+        assert got.data == b"ok from b"
+        assert a.counters.delivered == 1
+
+
+def test_an_unchanged_signed_record_is_consumed_once() -> None:
+    patches.apply()
+    assert gossipsub.maybe_consume_signed_record.__name__ == "maybe_consume_signed_record"
+    assert patches.active("signed_records")
+    consumed: list[bytes] = []
+
+    def counting(msg: Any, host: Any, peer_id: ID) -> bool:
+        consumed.append(bytes(msg.senderRecord))
+        return True
+
+    consume = patches.pubsub._cached_consume(counting)
+    peer = ID(b"\x00\x01p")
+    first, second = rpc_pb2.RPC(senderRecord=b"record-1"), rpc_pb2.RPC(senderRecord=b"record-2")
+    assert all(consume(first, None, peer) for _ in range(5))
+    assert consume(second, None, peer)
+    assert consume(rpc_pb2.RPC(), None, peer)  # no record: nothing to consume
+    assert consumed == [b"record-1", b"record-2"]
+
+
+def test_a_refused_signed_record_is_not_remembered() -> None:
+    calls: list[int] = []
+
+    def refuse(msg: Any, host: Any, peer_id: ID) -> bool:
+        calls.append(1)
+        return False
+
+    consume = patches.pubsub._cached_consume(refuse)
+    message = rpc_pb2.RPC(senderRecord=b"forged")
+    assert not consume(message, None, ID(b"\x00\x01p"))
+    assert not consume(message, None, ID(b"\x00\x01p"))
+    assert len(calls) == 2
+
+
+async def test_a_neighbour_that_just_moved_a_payload_is_not_probed() -> None:
+    async with network(2) as (a, b):
+        await eventually(lambda: len(a.neighbours()) == 1 and len(b.neighbours()) == 1)
+        probed: list[str] = []
+
+        async def record(peer: str) -> None:
+            probed.append(peer)
+
+        a.neighbourhood._probe = record  # type: ignore[method-assign]
+        payload = b"p" * 1000
+        digest = hashlib.sha256(payload).digest()
+        b.serve(digest, payload)
+        await a.fetch(b.peer_id, digest, max_size=2000, timeout=10)
+        assert a.pulled_by(digest) == frozenset()
+        assert b.pulled_by(digest) == {a.peer_id}
+        await a.neighbourhood.maintain()
+        assert probed == []
+        a.neighbourhood._alive.clear()  # nothing moved since: probed again
+        await a.neighbourhood.maintain()
+        assert probed == [b.peer_id]
