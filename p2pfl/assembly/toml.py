@@ -22,6 +22,7 @@ parameters may be keys of ``[attack]`` itself.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ NODE_SCALARS = tuple(name for name in field_names(NodeConfig)
                      if name not in NODE_RECORDS.values() and name not in AGGREGATION.values())
 NODE_KEYS = (*NODE_SCALARS, *field_names(Service), "key_file")
 TRAIN_KEYS = ("node_index", "num_nodes", "seed", "device")  # NodeSpec fields in [train]
+DAEMON_MIN_NEIGHBOURS = 1  # a node file without [round] min_neighbours never trains alone
 SECTIONS = ("node", "net", "train", "task", "aggregation", "round", "reputation", "harm_check",
             "limits", "attack")
 
@@ -101,7 +103,7 @@ def read_node_file(data: Mapping[str, Any], *, base: Path) -> NodeFile:
     train = {k: typed(v, _SPEC_HINTS[k], f"[train] {k}") for k, v in train.items()}
     attack, params = read_attack(section(data, "attack"), flat=True)
     spec = NodeSpec(
-        node=read_node_config(data, base=base),
+        node=_daemon_defaults(read_node_config(data, base=base), section(data, "round")),
         net=record_from_table(NetConfig, section(data, "net"), "[net]"),
         task=task,
         task_options=options,
@@ -113,6 +115,17 @@ def read_node_file(data: Mapping[str, Any], *, base: Path) -> NodeFile:
     spec.task_context()  # node_index in range, device known: fail before the network starts
     service = {k: node[k] for k in field_names(Service) if k in node}
     return NodeFile(spec=spec, service=record_from_table(Service, service, "[node]"))
+
+
+def _daemon_defaults(config: NodeConfig, round_table: Mapping[str, Any]) -> NodeConfig:
+    """A daemon waits for one neighbour unless ``[round] min_neighbours`` says otherwise.
+
+    (RoundConfig's own default, 0, suits embedded and simulated nodes.)
+    """
+    if "min_neighbours" in round_table:
+        return config
+    rounds = dataclasses.replace(config.rounds, min_neighbours=DAEMON_MIN_NEIGHBOURS)
+    return dataclasses.replace(config, rounds=rounds)
 
 
 def read_node_config(data: Mapping[str, Any], *, base: Path | None = None) -> NodeConfig:

@@ -41,6 +41,7 @@ from p2pfl.config import NetConfig
 from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.state import template_of
+from p2pfl.errors import NoNeighbours
 from p2pfl.learners.base import Learner, State
 from p2pfl.net.transport import Transport
 from p2pfl.node.behaviour import Behaviour
@@ -56,6 +57,8 @@ from p2pfl.node.transport import TransportFactory, libp2p_transport
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+WAIT_LOG_INTERVAL = 10.0  # seconds between "waiting for neighbours" lines
 
 
 class Node:
@@ -192,20 +195,46 @@ class Node:
     async def run(self, rounds: int | None = None) -> NodeStatistics:
         """Run rounds until ``rounds`` have finished in total (None: until cancelled)."""
         self._rounds_target = rounds
-        await self._wait_for_neighbours()
+        settings = self.config.rounds
+        await self._wait_for_neighbours(settings.min_neighbours, settings.start_timeout)
         while rounds is None or self._round < rounds:
+            # Never a round alone unless the config allows it: a lone round looks like success.
+            await self._wait_for_neighbours(min(1, settings.min_neighbours), None)
             if not await self._maybe_catch_up():
                 await self._run_round(self._round)
         self._state = "done"
         return self.statistics()
 
-    async def _wait_for_neighbours(self) -> None:
-        """Give a network started together the chance to train together."""
-        settings = self.config.rounds
-        with trio.move_on_after(settings.start_timeout):
-            # Bounded: at most start_timeout / 0.1 polls.
-            while len(self.transport.neighbours()) < settings.min_neighbours:  # noqa: ASYNC110 (no event for neighbour changes)
-                await trio.sleep(0.1)
+    async def _wait_for_neighbours(self, need: int, timeout: float | None) -> None:
+        """Wait until ``need`` neighbours are connected, saying every 10 s what for.
+
+        Raises:
+            NoNeighbours: ``timeout`` seconds passed first (None: wait for ever); the
+                message names each bootstrap peer and what it answered.
+        """
+        if len(self.transport.neighbours()) >= need:
+            return
+        state, self._state = self._state, "waiting"
+        started = trio.current_time()
+        next_log = started + WAIT_LOG_INTERVAL
+        while len(self.transport.neighbours()) < need:
+            now = trio.current_time()
+            if timeout is not None and now - started >= timeout:
+                raise NoNeighbours(f"{len(self.transport.neighbours())} of {need} neighbour(s) "
+                                   f"after start_timeout = {timeout:g} s; {self._tried()}")
+            if now >= next_log:
+                log.info("[%s] waiting for %d neighbour(s), have %d, %.0f s so far; %s",
+                         short_id(self.peer_id), need, len(self.transport.neighbours()),
+                         now - started, self._tried())
+                next_log = now + WAIT_LOG_INTERVAL
+            await trio.sleep(0.1)
+        self._state = state
+
+    def _tried(self) -> str:
+        report = self.transport.bootstrap_report()
+        if not report:
+            return "no [net] bootstrap peers configured and no peer of this network dialled in"
+        return "bootstrap peers: " + "; ".join(report)
 
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()

@@ -55,6 +55,7 @@ class NodeStatistics:
     history: tuple[RoundRecord, ...] = field(default=())
     byzantine: str | None = None  # attack name when this node is an attacker (test networks)
     peak_rss_bytes: int = 0  # of the whole process (a daemon runs one node per process)
+    addrs: tuple[str, ...] = ()  # full multiaddrs peers can dial (bootstrap entries for others)
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""
