@@ -43,7 +43,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
 
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
@@ -352,8 +352,11 @@ class OtherNetwork(NetworkError):
 
 
 def _protocol_unsupported(error: BaseException | None) -> bool:
+    """Whether a failed ``new_stream`` was the peer answering ``na`` (py-libp2p 0.8.1)."""
     while error is not None:
-        if isinstance(error, ProtocolNotSupportedError):
+        if isinstance(error, ProtocolNotSupportedError) or (
+            isinstance(error, MultiselectClientError) and str(error).startswith("protocols not supported")
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False

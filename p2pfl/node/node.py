@@ -408,4 +408,5 @@ class Node:
             history=tuple(self._history),
             byzantine=self.behaviour.name,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            addrs=tuple(self._transport.listen_addrs) if self._transport is not None else (),
         )
