@@ -301,7 +301,7 @@ class Neighbourhood:
 
     async def _dial(self, peer: str) -> bool:
         record = self.book.peers[peer]
-        reason = "no address"
+        reason = f"{short_id(peer)} has no address"
         for address in list(record.addrs):
             try:
                 await connect(self.host, address, timeout=self.config.dial_timeout)
@@ -317,7 +317,7 @@ class Neighbourhood:
         delay = self.book.failed(peer, trio.current_time(), reason)
         level = logging.WARNING if "is on network" in reason else logging.INFO
         if record.bootstrap or level == logging.WARNING:
-            logger.log(level, "%s: %s; retrying in %.1f s", short_id(peer), reason, delay)
+            logger.log(level, "%s; retrying in %.1f s", reason, delay)  # each reason names the peer
         await self.disconnect(peer)
         return False
 
