@@ -110,6 +110,7 @@ class Node:
         self._history: list[RoundRecord] = []
         self._metrics: tuple[float, float] | None = None
         self._round_finished = trio.Event()
+        self._silent: set[str] = set()  # neighbours that published nothing in a whole round
         self._compute_limiter = trio.CapacityLimiter(1)
         self._transport: Transport | None = None
         self._outbox: Outbox | None = None
@@ -197,6 +198,8 @@ class Node:
         self._rounds_target = rounds
         settings = self.config.rounds
         await self._wait_for_neighbours(settings.min_neighbours, settings.start_timeout)
+        if self.config.role == "observer":
+            await self._observe(rounds)
         while rounds is None or self._round < rounds:
             # Never a round alone unless the config allows it: a lone round looks like success.
             await self._wait_for_neighbours(min(1, settings.min_neighbours), None)
@@ -235,6 +238,15 @@ class Node:
         if not report:
             return "no [net] bootstrap peers configured and no peer of this network dialled in"
         return "bootstrap peers: " + "; ".join(report)
+
+    async def _observe(self, rounds: int | None) -> None:
+        """Receive and verify neighbours' updates, never train or publish, until ``rounds``."""
+        self._state = "observing"
+        while rounds is None or self._round < rounds:
+            await self._ingress.next_delivery()
+            newest = max((u.header.round for u in self._ingress.freshest.values()), default=-1)
+            self._round = max(self._round, newest + 1)  # the rounds the network has finished
+            self._ingress.take(self._round)  # verified and counted; free what is held
 
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
@@ -299,11 +311,16 @@ class Node:
         for peer in self._expected():
             if peer not in delivered:
                 self._standing.record(peer, Evidence.NO_SHOW, number, "no update this round")
+        # A neighbour that has published nothing through a whole round (a monitor, an
+        # observer) stops counting toward the quorum until it publishes.
+        self._silent = {p for p in self.transport.neighbours() if p not in self._ingress.freshest}
         return len(updates)
 
     def _expected(self) -> list[str]:
-        """Neighbours whose updates we wait for: connected and reputable."""
-        return [p for p in self.transport.neighbours() if self._standing.weight(p) > 0]
+        """Neighbours whose updates we wait for: connected, reputable, not known silent."""
+        published = self._ingress.freshest
+        return [p for p in self.transport.neighbours()
+                if self._standing.weight(p) > 0 and (p in published or p not in self._silent)]
 
     # ------------------------------------------------------------------ catching up
 
@@ -403,7 +420,7 @@ class Node:
             bytes_in=traffic.bytes_in if traffic else 0,
             bytes_out=traffic.bytes_out if traffic else 0,
             accepted=self._standing.accepted,
-            rejected=dict(self._standing.rejected),
+            rejected={**self._standing.rejected, **self._ingress.mismatches},
             reputation=reputation_rows(self._standing.book, self._round),
             history=tuple(self._history),
             byzantine=self.behaviour.name,
