@@ -23,6 +23,7 @@ import trio
 
 from p2pfl.assembly import NodeFile, build_node, load_node_file
 from p2pfl.cli.http import serve_status
+from p2pfl.cli.main import route_libp2p_logs
 from p2pfl.net.host import require_listenable
 from p2pfl.net.patches import apply_process_tweaks
 
@@ -76,5 +77,6 @@ def run_command(args: argparse.Namespace) -> int:
     # far too small to gain from more.
     torch.set_num_threads(1)
     apply_process_tweaks()  # malloc thresholds, Yamux credit batching: the process is ours
+    route_libp2p_logs()
     trio.run(run_daemon, configs)
     return 0

@@ -173,8 +173,12 @@ class Neighbourhood:
             await _reset_quietly(stream)
 
     def _learn_from(self, peer: str, addrs: list[str], *, claimed_by: str | None) -> None:
-        """Record addresses; those claimed by ``peer`` for itself must carry its id."""
-        for address in addrs:
+        """Record addresses; those claimed by ``peer`` for itself must carry its id.
+
+        The book puts the newest address first: learn in reverse so the peer's own
+        order (its preferred address first) is kept.
+        """
+        for address in reversed(addrs):
             if claimed_by is not None and parse_p2p_addr(address) != claimed_by:
                 continue
             self.book.learn(address)

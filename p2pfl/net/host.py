@@ -199,7 +199,8 @@ def listen_addrs(host: IHost, announce: tuple[str, ...] = ()) -> list[str]:
 
     ``announce`` (``[net] announce_addrs``) replaces the listen addresses; otherwise a
     listener on 0.0.0.0 is expanded into this machine's IPv4 addresses (0.0.0.0 itself
-    is not dialable), loopback last.
+    is not dialable) other than loopback, which is only given when it is the only one:
+    a peer elsewhere that dials our 127.0.0.1 reaches itself (found off loopback).
     """
     peer = host.get_id().to_string()
     bare = list(announce) or [a for addr in host.get_addrs() for a in _expanded(str(addr))]
@@ -209,7 +210,8 @@ def listen_addrs(host: IHost, announce: tuple[str, ...] = ()) -> list[str]:
 def _expanded(address: str) -> list[str]:
     if not address.startswith("/ip4/0.0.0.0/"):
         return [address]
-    local = sorted(local_ipv4_addresses(), key=lambda ip: ip.startswith("127."))
+    local = local_ipv4_addresses()
+    local = [ip for ip in local if not ip.startswith("127.")] or local
     return [address.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in local] or [address]
 
 
