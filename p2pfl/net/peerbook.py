@@ -36,8 +36,12 @@ class PeerRecord:
 class PeerBook:
     """A bounded address book with backoff and bans; time comes in as an argument."""
 
-    def __init__(self, *, me: str, capacity: int, max_backoff: float) -> None:
+    def __init__(self, *, me: str, capacity: int, max_backoff: float, jitter: float = 0.5) -> None:
+        """``jitter``: each backoff is shortened by up to this fraction, at random, so two
+        peers dialling each other do not retry in lockstep (their simultaneous dials
+        kept failing each other's handshakes off loopback)."""
         self.me = me
+        self.jitter = jitter
         self.capacity = capacity
         self.max_backoff = max_backoff
         self.peers: dict[str, PeerRecord] = {}
@@ -74,6 +78,7 @@ class PeerBook:
         record.failures += 1
         record.last_error = reason or record.last_error
         delay = min(self.max_backoff, BASE_BACKOFF * 2 ** (record.failures - 1))
+        delay *= 1.0 - self.jitter * random.random()
         record.retry_at = now + delay
         return delay
 

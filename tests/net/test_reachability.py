@@ -48,7 +48,7 @@ async def test_a_plain_libp2p_bootstrap_is_kept_as_a_relay_not_redialled() -> No
 
 
 def test_bootstrap_backoff_doubles_to_the_cap_and_reports_the_last_answer() -> None:
-    book = PeerBook(me="me", capacity=8, max_backoff=30.0)
+    book = PeerBook(me="me", capacity=8, max_backoff=30.0, jitter=0.0)
     peer = book.learn(f"/ip4/192.0.2.1/tcp/7351/p2p/{PEER}", bootstrap=True)
     assert peer == PEER
     assert book.bootstrap_report(set()) == [f"/ip4/192.0.2.1/tcp/7351/p2p/{PEER}: not tried yet"]
@@ -57,6 +57,9 @@ def test_bootstrap_backoff_doubles_to_the_cap_and_reports_the_last_answer() -> N
     assert book.candidates(29.0, exclude=set()) == []
     assert book.candidates(30.0, exclude=set()) == [PEER]  # retried, never dropped
     assert book.bootstrap_report(set()) == [f"/ip4/192.0.2.1/tcp/7351/p2p/{PEER}: connection refused"]
+    jittered = PeerBook(me="me", capacity=8, max_backoff=30.0)
+    jittered.learn(f"/ip4/192.0.2.1/tcp/7351/p2p/{PEER}", bootstrap=True)
+    assert 0.25 <= jittered.failed(PEER, 0.0) <= 0.5
 
 
 async def test_addresses_announce_and_unspecified_listeners() -> None:
