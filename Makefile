@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: testnet test lint typecheck pytest bench clean
+.PHONY: testnet test lint typecheck pytest netns bench clean
 
 # torch is installed first, pinned, so no resolver step can ever pick a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -26,6 +26,11 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+
+# Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL
+# (root only; part of `make pytest` too, skipped with the reason when not root). ~3 min.
+netns: $(STAMP)
+	$(BIN)/pytest -q -s tests/netns
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -41,7 +41,9 @@ class NodeStatistics:
 
     peer_id: str
     network_id: str
-    state: str  # "starting" | "training" | "collecting" | "aggregating" | "done" | "stopped"
+    # "starting" | "waiting" (for neighbours) | "training" | "collecting" | "aggregating" |
+    # "catching-up" | "observing" (role observer) | "done" | "stopped"
+    state: str
     round: int  # the round in progress (or the next one when done)
     rounds_target: int | None
     accuracy: float | None  # test accuracy after the last finished round

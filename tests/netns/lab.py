@@ -134,3 +134,8 @@ class Lab:
                     daemon.process.wait()
         for ns in (*self.nodes, self.hub):  # veths and bridges go with their namespaces
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        keep = Path(os.environ.get("P2PFL_NETNS_LOGS", "/tmp/p2pfl-netns-logs"))
+        keep.mkdir(parents=True, exist_ok=True)  # pytest rotates tmp dirs; logs outlive them
+        for daemon in self.daemons:
+            if daemon.log.exists():
+                shutil.copy(daemon.log, keep / daemon.log.name)
