@@ -44,7 +44,8 @@ class Daemon:
     config: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
-    rounds: list[tuple[float, int, float, int]] = field(default_factory=list)  # t, round, acc, used
+    # (seen at, round, accuracy, neighbour updates used, round duration in s)
+    rounds: list[tuple[float, int, float, int, float]] = field(default_factory=list)
     _read: int = 0
 
     def poll(self) -> None:
@@ -58,7 +59,8 @@ class Daemon:
         self._read += cut
         for line in data[:cut].decode(errors="replace").splitlines():
             if (match := ROUND_LINE.search(line)) is not None:
-                self.rounds.append((time.monotonic(), int(match[1]), float(match[2]), int(match[3])))
+                self.rounds.append((time.monotonic(), int(match[1]), float(match[2]), int(match[3]),
+                                    float(match[4])))
 
     @property
     def round(self) -> int:
