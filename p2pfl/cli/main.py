@@ -104,7 +104,8 @@ def configure_logging(verbosity: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # Failed dials and streams, as errors (some multi-line, once per attempt): p2pfl
         # logs its own one line per peer with the retry delay (net.discovery).
-        for chatty in ("libp2p.transport.tcp", "libp2p.host.basic_host",
+        # (An unreachable peer cost ~5 lines per second off loopback.)
+        for chatty in ("libp2p.transport.tcp", "libp2p.host.basic_host", "libp2p.network.swarm",
                        "libp2p.protocol_muxer.multiselect_client"):
             logging.getLogger(chatty).setLevel(logging.CRITICAL)
 
