@@ -23,8 +23,7 @@ import trio
 
 from p2pfl.assembly import NodeFile, build_node, load_node_file
 from p2pfl.cli.http import serve_status
-from p2pfl.cli.main import route_libp2p_logs
-from p2pfl.net.host import require_listenable
+from p2pfl.net.host import require_listenable, route_libp2p_logs
 from p2pfl.net.patches import apply_process_tweaks
 
 log = logging.getLogger(__name__)

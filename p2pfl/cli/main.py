@@ -110,17 +110,6 @@ def configure_logging(verbosity: int) -> None:
             logging.getLogger(chatty).setLevel(logging.CRITICAL)
 
 
-def route_libp2p_logs() -> None:
-    """Send libp2p's warnings through our handler, in our one format.
-
-    Importing libp2p detaches its logger (no handler, no propagation), so its warnings
-    reach stderr bare through logging's last resort; call this after the import.
-    """
-    import libp2p  # noqa: F401  (its import is what detaches the logger)
-
-    logging.getLogger("libp2p").propagate = True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)

@@ -179,6 +179,15 @@ def _is_nursery_closed(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "Nursery is closed" in str(error)
 
 
+def route_libp2p_logs() -> None:
+    """Let libp2p's warnings reach the handlers the CLI configured, in their one format.
+
+    Importing libp2p detaches its logger (no handler, no propagation), so its warnings
+    reach stderr bare through logging's last resort. (Configures no handler itself.)
+    """
+    logging.getLogger("libp2p").propagate = True
+
+
 def require_listenable(listen_host: str, port: int, field: str = "[net] port") -> None:
     """Raise a one-line ConfigError (naming ``field``) unless TCP can listen on ``listen_host:port``."""
     if port == 0:
@@ -291,5 +300,6 @@ __all__ = [
     "local_ipv4_addresses",
     "peer_id_of",
     "require_listenable",
+    "route_libp2p_logs",
     "run_host",
 ]
