@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: testnet test lint typecheck pytest browser-deps bench clean
+.PHONY: testnet test lint typecheck pytest browser-deps netns bench clean
 
 # torch is installed first, pinned, so no resolver step can ever pick a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -30,6 +30,11 @@ pytest: $(STAMP) browser-deps
 
 browser-deps:
 	.ci/browser-deps
+
+# Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL
+# (root only; part of `make pytest` too, skipped with the reason when not root). ~3 min.
+netns: $(STAMP)
+	$(BIN)/pytest -q -s tests/netns
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -6,7 +6,7 @@ breast-cancer data set, learn a shared classifier over real libp2p on 127.0.0.1:
     .venv/bin/python examples/embed_node.py [--rounds 10]
 
 In a real deployment each node is its own process on its own machine: give it
-``NetConfig(listen_host="0.0.0.0", port=4001, bootstrap=(<a peer's multiaddr>,))``.
+``NetConfig(listen_host="0.0.0.0", port=7351, bootstrap=(<a peer's multiaddr>,))``.
 """
 
 from __future__ import annotations

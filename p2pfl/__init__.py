@@ -5,7 +5,7 @@ receive with a robust aggregation rule, and keep a reputation for every peer.
 
 Embedding a node::
 
-    net = p2pfl.NetConfig(port=4001, bootstrap=("/ip4/10.0.0.7/tcp/4001/p2p/16Uiu2...",))
+    net = p2pfl.NetConfig(port=7351, bootstrap=("/ip4/10.0.0.7/tcp/7351/p2p/16Uiu2...",))
     async with p2pfl.Node(p2pfl.NodeConfig(network_id="my-task"), learner, net=net) as node:
         await node.run(rounds=10)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+import multiaddr
+
 from p2pfl.errors import ConfigError
 
 MiB = 1 << 20
@@ -85,6 +87,36 @@ def _check_mdns_interface(interface: str | None, listen_host: str) -> None:
             "so that the address mDNS announces can be dialled")
 
 
+def check_peer_addr(address: object, field: str) -> None:
+    """Require a dialable ``/ip4|ip6|dns…/tcp/N/p2p/<PeerId>`` multiaddr with a decodable PeerId."""
+    example = "/ip4/192.0.2.7/tcp/7351/p2p/16Uiu2HAm…"
+    require(isinstance(address, str), field, f"must be a multiaddr string such as {example}")
+    try:
+        parsed = multiaddr.Multiaddr(str(address))  # decodes the PeerId (base58 multihash)
+    except Exception:  # any parse failure: a bad host, port or PeerId
+        raise ConfigError(f"{field}: {address!r} is not a multiaddr with a decodable PeerId; "
+                          f"expected {example}") from None
+    names = [p.name for p in parsed.protocols()]
+    require(len(names) == 3 and names[0] in _HOST_PROTOCOLS and names[1:] == ["tcp", "p2p"], field,
+            f"{address!r} must be <host>/tcp/<port>/p2p/<PeerId>, such as {example}")
+
+
+_HOST_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
+
+
+def _check_announce_addr(address: object) -> None:
+    """Require ``/ip4|ip6|dns…/tcp/N`` (the PeerId is appended when announcing)."""
+    example = "/ip4/203.0.113.5/tcp/7351"
+    try:
+        names = [p.name for p in multiaddr.Multiaddr(str(address)).protocols()]
+    except Exception:
+        raise ConfigError(f"net.announce_addrs: {address!r} is not a valid multiaddr; "
+                          f"expected {example}") from None
+    require(isinstance(address, str) and len(names) == 2 and names[0] in _HOST_PROTOCOLS
+            and names[1] == "tcp", "net.announce_addrs",
+            f"{address!r} must be <host>/tcp/<port> (no /p2p/ part), such as {example}")
+
+
 def _positive(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
@@ -98,6 +130,9 @@ class NetConfig:
     port: int = 0
     # Full multiaddrs ``/ip4/…/tcp/N/p2p/<PeerId>``; none means this node is the first.
     bootstrap: tuple[str, ...] = ()
+    # What peers should dial instead of the listen address (behind NAT, in a container):
+    # ``/ip4/<public address>/tcp/<forwarded port>``, our PeerId appended. None: listen address.
+    announce_addrs: tuple[str, ...] = ()
     # None = max(3, ceil(log2(known peers))): enough for gossip to reach everyone in a
     # few hops, few enough that each node serves only a handful of pullers.
     target_neighbours: int | None = None
@@ -146,9 +181,14 @@ class NetConfig:
                 "must be an IPv4 address such as 127.0.0.1")
         require(isinstance(self.port, int) and 0 <= self.port <= 65535, "net.port",
                 f"must be 0 (ephemeral) or a TCP port 1-65535, got {self.port!r}")
-        require(isinstance(self.bootstrap, tuple)
-                and all(isinstance(a, str) and "/p2p/" in a for a in self.bootstrap),
-                "net.bootstrap", "must be a tuple of /ip4/…/tcp/N/p2p/<PeerId> strings")
+        require(isinstance(self.bootstrap, tuple), "net.bootstrap",
+                "must be a tuple of /ip4/…/tcp/N/p2p/<PeerId> strings")
+        for index, address in enumerate(self.bootstrap):
+            check_peer_addr(address, f"net.bootstrap[{index}]")
+        require(isinstance(self.announce_addrs, tuple), "net.announce_addrs",
+                "must be a tuple of /ip4/…/tcp/N strings")
+        for address in self.announce_addrs:
+            _check_announce_addr(address)
         require(self.target_neighbours is None
                 or (isinstance(self.target_neighbours, int) and self.target_neighbours >= 1),
                 "net.target_neighbours", "must be None (auto) or an integer >= 1")
@@ -308,6 +348,7 @@ __all__ = [
     "NetConfig",
     "PrivacyConfig",
     "check_keys",
+    "check_peer_addr",
     "field_names",
     "record_from_table",
     "require",

@@ -21,6 +21,7 @@ libp2p, trio, cbor2, ecdsa and torch are translated where they enter.
     ├── LearnerError                the local learner failed (bad data, bad model)
     └── NetworkError                anything on the wire that is not the payload itself
         ├── PeerUnreachable         cannot dial / open a stream to a peer
+        ├── NoNeighbours            start_timeout passed before min_neighbours connected
         └── TransferError           one payload transfer failed; the node carries on
             ├── TransferTimeout     the deadline passed (stalled or frozen peer)
             ├── PayloadTooLarge     declared or actual size above the configured cap
@@ -96,6 +97,13 @@ class NetworkError(P2PFLError):
     """A network operation failed."""
 
 
+class NoNeighbours(NetworkError):
+    """``[round] start_timeout`` passed before ``min_neighbours`` neighbours connected.
+
+    The daemon exits with status 3 on it: training alone would look like success.
+    """
+
+
 class PeerUnreachable(NetworkError):
     """A peer could not be dialled or would not open a stream."""
 
@@ -137,6 +145,7 @@ __all__ = [
     "KeyFileError",
     "LearnerError",
     "NetworkError",
+    "NoNeighbours",
     "P2PFLError",
     "PayloadNotFound",
     "PayloadTooLarge",

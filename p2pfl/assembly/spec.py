@@ -52,7 +52,8 @@ class Service:
     """What `p2pfl node run` adds around a node: how long it runs and its status port."""
 
     rounds: int | None = None  # stop after this many rounds; None: run until stopped
-    http_port: int = 9100  # /status and /metrics on 127.0.0.1; 0: off
+    # /status and /metrics on 127.0.0.1; 0: off. Not 9100 (Prometheus node_exporter's).
+    http_port: int = 7352
     exit_when_done: bool = False  # after `rounds`, keep serving peers until a signal
 
     def __post_init__(self) -> None:

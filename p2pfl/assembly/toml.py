@@ -24,6 +24,7 @@ parameters may be keys of ``[attack]`` itself.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -61,6 +62,7 @@ NODE_SCALARS = tuple(name for name in field_names(NodeConfig)
                      if name not in NODE_RECORDS.values() and name not in AGGREGATION.values())
 NODE_KEYS = (*NODE_SCALARS, *field_names(Service), "key_file")
 TRAIN_KEYS = ("node_index", "num_nodes", "seed", "device")  # NodeSpec fields in [train]
+DAEMON_MIN_NEIGHBOURS = 1  # a node file without [round] min_neighbours never trains alone
 SECTIONS = ("node", "net", "train", "task", "aggregation", "round", "reputation", "harm_check",
             "limits", "attack", "privacy")
 
@@ -104,7 +106,7 @@ def read_node_file(data: Mapping[str, Any], *, base: Path) -> NodeFile:
     train = {k: typed(v, _SPEC_HINTS[k], f"[train] {k}") for k, v in train.items()}
     attack, params = read_attack(section(data, "attack"), flat=True)
     spec = NodeSpec(
-        node=read_node_config(data, base=base),
+        node=_daemon_defaults(read_node_config(data, base=base), section(data, "round")),
         net=record_from_table(NetConfig, section(data, "net"), "[net]"),
         task=task,
         task_options=options,
@@ -125,6 +127,17 @@ def read_privacy(data: Mapping[str, Any], *, rounds: int | None) -> PrivacyConfi
         return None
     privacy = record_from_table(PrivacyConfig, section(data, "privacy"), "[privacy]")
     return privacy if privacy.rounds is not None else replace(privacy, rounds=rounds)
+
+
+def _daemon_defaults(config: NodeConfig, round_table: Mapping[str, Any]) -> NodeConfig:
+    """A daemon waits for one neighbour unless ``[round] min_neighbours`` says otherwise.
+
+    (RoundConfig's own default, 0, suits embedded and simulated nodes.)
+    """
+    if "min_neighbours" in round_table:
+        return config
+    rounds = dataclasses.replace(config.rounds, min_neighbours=DAEMON_MIN_NEIGHBOURS)
+    return dataclasses.replace(config, rounds=rounds)
 
 
 def read_node_config(data: Mapping[str, Any], *, base: Path | None = None) -> NodeConfig:

@@ -103,8 +103,8 @@ class Replay(Behaviour):
     model again: same payload, same digest, signed for the new round; receivers see a
     digest this sender already used for another round (REPLAY, strong evidence). The
     original round-``r0`` announcement is also re-published with every re-announcement
-    (STALE once ``r0`` is older than the receivers' ``max_lag``; gossip layers drop exact
-    repeats they still remember).
+    (STALE once ``r0`` is older than the receivers' ``max_lag``: neutral, since gossip
+    forwarders replay old messages too; gossip layers drop exact repeats they remember).
     """
 
     name = "replay"

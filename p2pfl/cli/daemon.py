@@ -23,6 +23,7 @@ import trio
 
 from p2pfl.assembly import NodeFile, build_node, load_node_file
 from p2pfl.cli.http import serve_status
+from p2pfl.net.host import require_listenable, route_libp2p_logs
 from p2pfl.net.patches import apply_process_tweaks
 from p2pfl.node import Node
 
@@ -52,7 +53,9 @@ def build_nodes(configs: Sequence[NodeFile]) -> list[Node]:
 
 async def _run_node(config: NodeFile, node: Node) -> None:
     service = config.service
-    log.info("node %s starting on network %r", node.peer_id, config.node.network_id)
+    log.info("node %s starting on network %r (waits for %d neighbour(s), at most %g s)",
+             node.peer_id, config.node.network_id, config.node.rounds.min_neighbours,
+             config.node.rounds.start_timeout)
     async with node, trio.open_nursery() as nursery:
         if service.http_port:
             await nursery.start(serve_status, service.http_port, node.statistics)
@@ -75,10 +78,14 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
 def run_command(args: argparse.Namespace) -> int:
     """Entry point of `p2pfl node run --config FILE [--config FILE ...]`."""
     configs = [load_node_file(Path(path)) for path in args.config]
+    for config in configs:  # one line now rather than a half-started node later
+        require_listenable(config.spec.net.listen_host, config.spec.net.port)
+        require_listenable("127.0.0.1", config.service.http_port, "[node] http_port")
     # One intra-op thread: several nodes often share a machine, and the digits model is
     # far too small to gain from more.
     torch.set_num_threads(1)
     nodes = build_nodes(configs)  # a task's config error: one line, before the network starts
     apply_process_tweaks()  # malloc thresholds, Yamux credit batching: the process is ours
+    route_libp2p_logs()
     trio.run(run_daemon, configs, nodes)
     return 0

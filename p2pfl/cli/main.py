@@ -1,7 +1,9 @@
 """`p2pfl` command line: keygen, node run/status, testnet, sim, export.
 
 The only place that reads argv and configures logging. Errors of the p2pfl tree are
-printed as one line (what is wrong and what to change), exit code 2.
+printed as one line (what is wrong and what to change), exit code 2 -- also when trio
+wraps them in exception groups, at any point of start-up. Exit code 3: no neighbour
+connected within ``[round] start_timeout`` (:class:`~p2pfl.errors.NoNeighbours`).
 
 Fast start: ``p2pfl --help``, ``keygen`` and ``node status`` import neither torch nor
 libp2p (tests/cli/test_fast_cli.py); each command imports what it needs when it runs.
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2pfl.errors import P2PFLError
+from p2pfl.errors import NoNeighbours, P2PFLError
 
 
 def keygen_command(args: argparse.Namespace) -> int:
@@ -126,6 +128,12 @@ def configure_logging(verbosity: int) -> None:
     if verbosity < 2:
         for noisy in ("libp2p", "multiaddr", "async_service", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Failed dials and streams, as errors (some multi-line, once per attempt): p2pfl
+        # logs its own one line per peer with the retry delay (net.discovery).
+        # (An unreachable peer cost ~5 lines per second off loopback.)
+        for chatty in ("libp2p.transport.tcp", "libp2p.host.basic_host", "libp2p.network.swarm",
+                       "libp2p.protocol_muxer.multiselect_client"):
+            logging.getLogger(chatty).setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,11 +144,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         return int(args.func(args))
-    except P2PFLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        error = first_error(exc)
+        if isinstance(error, P2PFLError):
+            print(f"error: {error}", file=sys.stderr)
+            return 3 if isinstance(error, NoNeighbours) else 2
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        raise
+
+
+def first_error(error: BaseException) -> BaseException:
+    """Return the first P2PFLError (or KeyboardInterrupt) inside nested exception groups.
+
+    Trio nurseries wrap a failing task's error in groups, which print as 40-150 lines of
+    traceback; the one line inside is what the user needs. Anything else comes back as is.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = first_error(inner)
+            if isinstance(found, P2PFLError | KeyboardInterrupt):
+                return found
+    return error
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, NetworkError
 from p2pfl.term import fmt_bytes, fmt_float, fmt_pct, table
 
-DEFAULT_HTTP_PORT = 9100
+DEFAULT_HTTP_PORT = 7352  # [node] http_port's default
 RECENT_ROUNDS = 5  # rounds shown in the history table
 
 

@@ -52,9 +52,9 @@ def admit(
     if observation is Observation.REPLAY:
         return Admission(Decision.REJECT, Evidence.REPLAY, "old update re-sent as new")
     if observation is Observation.STALE:
-        return Admission(
-            Decision.IGNORE, Evidence.STALE, f"round {update_round} re-sent long after"
-        )
+        # Neutral: any forwarder can replay an old signed announcement (GossipSub replays
+        # its message cache to every newcomer), so it says nothing about the author.
+        return Admission(Decision.IGNORE, reason=f"round {update_round} is older than remembered (a replay)")
     if update_round < current_round - max_lag:
         # Honest peers fall behind (slow machine, late join): not evidence by itself.
         return Admission(Decision.IGNORE, reason=f"round {update_round} is behind")

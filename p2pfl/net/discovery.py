@@ -13,8 +13,14 @@ Wire format (version 1, UTF-8 text, ``\\n``-separated lines, both sides bounded)
   ``p2pfl-pex/1 <network-id>`` followed by the client's own listen multiaddrs;
 - reply (server, then closes; at most 16 KiB): the same ``p2pfl-pex/1 <network-id>``
   line, then up to 32 multiaddrs of peers the server is connected to, its own first. A
-  server of another network resets the stream; a reply without that first line (an
-  empty one included: a reset can read as a clean EOF) is a failed exchange.
+  server of another network answers its own first line only (so both sides can log
+  both network ids) and closes; a reply without that first line (an empty one included:
+  a reset can read as a clean EOF) is a failed exchange. A peer of our network must
+  answer: one that does not is probed as dead.
+
+A peer that does not speak ``/p2pfl/peers/1.0.0`` at all (a plain libp2p node used as
+bootstrap or relay) is kept connected as a GossipSub relay: never a neighbour, never
+probed, never redialled while connected.
 
 Claimed addresses are only dialled, never trusted: Noise authenticates the PeerId at
 the end of each. The address book is bounded (``max_known_peers``); bootstrap entries
@@ -30,24 +36,28 @@ exponentially (0.5 s doubling, capped at ``max_backoff``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 import random
-from dataclasses import dataclass
 
-import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
 
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import DecodeError, NetworkError, P2PFLError
 from p2pfl.net.host import connect, listen_addrs
+from p2pfl.net.peerbook import (  # re-exported: discovery's public names
+    BASE_BACKOFF,
+    MAX_ADDR_CHARS,
+    MAX_ADDRS_PER_PEER,
+    PeerBook,
+    PeerRecord,
+    parse_p2p_addr,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,108 +66,6 @@ MAGIC = "p2pfl-pex/1"
 MAX_REQUEST_BYTES = 8 * 1024
 MAX_REPLY_BYTES = 16 * 1024
 MAX_REPLY_ADDRS = 32
-MAX_ADDR_CHARS = 256
-MAX_ADDRS_PER_PEER = 4
-BASE_BACKOFF = 0.5
-
-
-@dataclass
-class PeerRecord:
-    """What we know about one peer."""
-
-    addrs: list[str]
-    bootstrap: bool = False
-    confirmed: bool = False  # spoke our network's peer exchange
-    failures: int = 0
-    retry_at: float = 0.0
-    banned_until: float = 0.0
-
-
-class PeerBook:
-    """A bounded address book with backoff and bans; time comes in as an argument."""
-
-    def __init__(self, *, me: str, capacity: int, max_backoff: float) -> None:
-        self.me = me
-        self.capacity = capacity
-        self.max_backoff = max_backoff
-        self.peers: dict[str, PeerRecord] = {}
-
-    def learn(self, address: str, *, bootstrap: bool = False) -> str | None:
-        """Record ``address``; return its PeerId, or None if invalid, ours, or no room."""
-        peer = parse_p2p_addr(address)
-        if peer is None or peer == self.me:
-            return None
-        record = self.peers.get(peer)
-        if record is None:
-            if len(self.peers) >= self.capacity and not self._evict_one():
-                return None
-            record = self.peers[peer] = PeerRecord(addrs=[], bootstrap=bootstrap)
-        record.bootstrap |= bootstrap
-        if address not in record.addrs:
-            record.addrs.insert(0, address)
-            del record.addrs[MAX_ADDRS_PER_PEER:]
-        return peer
-
-    def _evict_one(self) -> bool:
-        """Forget the most-failed non-bootstrap, unconfirmed peer; False if none may go."""
-        victims = [p for p, r in self.peers.items() if not r.bootstrap and not r.confirmed]
-        if not victims:
-            return False
-        del self.peers[max(victims, key=lambda p: self.peers[p].failures)]
-        return True
-
-    def failed(self, peer: str, now: float) -> None:
-        """Count a failed dial or exchange and push the next attempt back."""
-        record = self.peers.get(peer)
-        if record is not None:
-            record.failures += 1
-            record.retry_at = now + min(self.max_backoff, BASE_BACKOFF * 2 ** (record.failures - 1))
-
-    def succeeded(self, peer: str) -> None:
-        """Mark ``peer`` as a confirmed member of our network; reset its backoff."""
-        record = self.peers.get(peer)
-        if record is not None:
-            record.confirmed, record.failures, record.retry_at = True, 0, 0.0
-
-    def ban(self, peer: str, until: float) -> None:
-        """Refuse ``peer`` until ``until``."""
-        record = self.peers.setdefault(peer, PeerRecord(addrs=[]))
-        record.banned_until = max(record.banned_until, until)
-
-    def is_banned(self, peer: str, now: float) -> bool:
-        """Return whether ``peer`` is banned at ``now``."""
-        record = self.peers.get(peer)
-        return record is not None and record.banned_until > now
-
-    def candidates(self, now: float, exclude: set[str]) -> list[str]:
-        """Return dialable peers not in ``exclude``: confirmed first, then shuffled."""
-        ready = [
-            p for p, r in self.peers.items()
-            if p not in exclude and r.addrs and r.retry_at <= now and r.banned_until <= now
-        ]
-        random.shuffle(ready)
-        return sorted(ready, key=lambda p: not self.peers[p].confirmed)
-
-    def target(self, configured: int | None) -> int:
-        """Return how many neighbours to keep: configured, or max(3, ceil(log2 N))."""
-        if configured is not None:
-            return configured
-        return max(3, math.ceil(math.log2(len(self.peers) + 1)))
-
-
-def parse_p2p_addr(address: str) -> str | None:
-    """Return the PeerId of a ``/ip4|ip6|dns…/tcp/N/p2p/<id>`` multiaddr, or None."""
-    if not isinstance(address, str) or len(address) > MAX_ADDR_CHARS or "/tcp/" not in address:
-        return None
-    return _peer_of(address)
-
-
-@functools.lru_cache(maxsize=4096)  # every probe re-reads the same addresses: parse each once
-def _peer_of(address: str) -> str | None:
-    try:
-        return info_from_p2p_addr(multiaddr.Multiaddr(address)).peer_id.to_string()
-    except Exception:  # hostile text: any parse failure means "not an address"
-        return None
 
 
 def encode_request(network_id: str, own: list[str]) -> bytes:
@@ -216,6 +124,7 @@ class Neighbourhood:
                              max_backoff=config.max_backoff)
         for address in config.bootstrap:
             self.book.learn(address, bootstrap=True)
+        self._magic = f"{MAGIC} {network_id}"
         self.changed = trio.Event()  # set whenever neighbours may have changed
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
@@ -254,7 +163,12 @@ class Neighbourhood:
             with trio.fail_after(self.config.dial_timeout):
                 lines = decode_lines(await read_bounded(stream, MAX_REQUEST_BYTES),
                                      max_lines=MAX_REPLY_ADDRS + 1)
-                if not lines or lines[0] != f"{MAGIC} {self.network_id}":
+                if lines and lines[0].startswith(f"{MAGIC} ") and lines[0] != self._magic:
+                    _log_other_network(peer, lines[0], self.network_id)
+                    await stream.write(encode_reply(self.network_id, []))  # name ours, share none
+                    await stream.close()
+                    return
+                if not lines or lines[0] != self._magic:
                     raise DecodeError(f"not our network's peer exchange: {lines[:1]!r}")
                 if self.book.is_banned(peer, trio.current_time()):
                     raise NetworkError("banned")
@@ -266,8 +180,12 @@ class Neighbourhood:
             await _reset_quietly(stream)
 
     def _learn_from(self, peer: str, addrs: list[str], *, claimed_by: str | None) -> None:
-        """Record addresses; those claimed by ``peer`` for itself must carry its id."""
-        for address in addrs:
+        """Record addresses; those claimed by ``peer`` for itself must carry its id.
+
+        The book puts the newest address first: learn in reverse so the peer's own
+        order (its preferred address first) is kept.
+        """
+        for address in reversed(addrs):
             if claimed_by is not None and parse_p2p_addr(address) != claimed_by:
                 continue
             self.book.learn(address)
@@ -295,7 +213,7 @@ class Neighbourhood:
 
     def _shareable(self) -> list[str]:
         """Our addresses, then one address of each connected confirmed neighbour."""
-        out = listen_addrs(self.host)
+        out = listen_addrs(self.host, self.config.announce_addrs)
         for peer in self.neighbours():
             out.extend(self.book.peers[peer].addrs[:1])
         return out
@@ -304,6 +222,8 @@ class Neighbourhood:
         """Swap addresses with a connected ``peer`` (also its liveness probe).
 
         Raises:
+            NoPeerExchange: ``peer`` does not speak ``/p2pfl/peers/1.0.0`` (plain libp2p).
+            OtherNetwork: ``peer`` answered for another network id.
             NetworkError: no stream, a reset, a timeout or a malformed reply.
         """
         try:
@@ -313,8 +233,15 @@ class Neighbourhood:
         except P2PFLError as error:
             raise NetworkError(f"peer exchange with {short_id(peer)}: {error}") from error
         except Exception as error:  # libp2p stream/mux errors and trio.TooSlowError
+            if _protocol_unsupported(error):
+                raise NoPeerExchange(f"{short_id(peer)} does not speak {PROTOCOL_ID} "
+                                     "(a plain libp2p node)") from error
             raise NetworkError(f"peer exchange with {short_id(peer)} failed: {error!r}") from error
-        if not lines or lines[0] != f"{MAGIC} {self.network_id}":
+        if lines and lines[0].startswith(f"{MAGIC} ") and lines[0] != self._magic:
+            theirs = lines[0].removeprefix(f"{MAGIC} ")[:64]
+            raise OtherNetwork(f"{short_id(peer)} is on network {theirs!r}, "
+                               f"this node on {self.network_id!r}")
+        if not lines or lines[0] != self._magic:
             raise NetworkError(f"{short_id(peer)} does not speak our network's peer exchange")
         addrs = lines[1:]
         own = [a for a in addrs if parse_p2p_addr(a) == peer]
@@ -324,7 +251,8 @@ class Neighbourhood:
     async def _request(self, peer: str) -> bytes:
         stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
         try:
-            await stream.write(encode_request(self.network_id, listen_addrs(self.host)))
+            await stream.write(encode_request(self.network_id,
+                                              listen_addrs(self.host, self.config.announce_addrs)))
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:
@@ -354,8 +282,9 @@ class Neighbourhood:
         # probe (a stream, a peer exchange) is what a busy network would pay every pass.
         recent = {p for p, t in self._alive.items() if now - t < self.config.maintenance_interval}
         self._alive = {p: t for p, t in self._alive.items() if p in recent}
+        relays = {p for p in connected if p in self.book.peers and self.book.peers[p].relay_only}
         async with trio.open_nursery() as nursery:
-            for peer in connected - recent - {p for p in connected if self.book.is_banned(p, now)}:
+            for peer in connected - recent - relays - {p for p in connected if self.book.is_banned(p, now)}:
                 nursery.start_soon(self._probe, peer)
         await self._trim()
         await self._top_up()
@@ -365,7 +294,7 @@ class Neighbourhood:
             await self.exchange(peer)
         except NetworkError as error:
             logger.info("neighbour %s failed its probe: %s", short_id(peer), error)
-            self.book.failed(peer, trio.current_time())
+            self.book.failed(peer, trio.current_time(), str(error))
             await self.disconnect(peer)
 
     async def _trim(self) -> None:
@@ -387,17 +316,33 @@ class Neighbourhood:
 
     async def _dial(self, peer: str) -> bool:
         record = self.book.peers[peer]
+        reason = f"{short_id(peer)} has no address"
         for address in list(record.addrs):
             try:
                 await connect(self.host, address, timeout=self.config.dial_timeout)
                 await self.exchange(peer)
+            except NoPeerExchange as error:
+                self._keep_as_relay(peer, str(error))
+                return False
             except P2PFLError as error:
                 logger.debug("dial %s via %s failed: %s", short_id(peer), address, error)
+                reason = str(error)
                 continue
             return True
-        self.book.failed(peer, trio.current_time())
+        delay = self.book.failed(peer, trio.current_time(), reason)
+        level = logging.WARNING if "is on network" in reason else logging.INFO
+        if record.bootstrap or level == logging.WARNING:
+            logger.log(level, "%s; retrying in %.1f s", reason, delay)  # each reason names the peer
         await self.disconnect(peer)
         return False
+
+    def _keep_as_relay(self, peer: str, reason: str) -> None:
+        """Keep a peer without our peer exchange connected as a GossipSub relay only."""
+        record = self.book.peers[peer]
+        if not record.relay_only:
+            logger.warning("%s; kept connected as a gossip relay only (it cannot introduce "
+                           "peers; give a p2pfl node as bootstrap too)", reason)
+        record.relay_only, record.last_error = True, reason
 
     async def disconnect(self, peer: str) -> None:
         """Close every connection to ``peer`` (bounded, never raises)."""
@@ -413,6 +358,30 @@ class Neighbourhood:
         self.book.ban(peer, trio.current_time() + seconds)
 
 
+class NoPeerExchange(NetworkError):
+    """The peer negotiated ``na`` for ``/p2pfl/peers/1.0.0``: a plain libp2p node."""
+
+
+class OtherNetwork(NetworkError):
+    """The peer answered peer exchange for another network id."""
+
+
+def _protocol_unsupported(error: BaseException | None) -> bool:
+    """Whether a failed ``new_stream`` was the peer answering ``na`` (py-libp2p 0.8.1)."""
+    while error is not None:
+        if isinstance(error, ProtocolNotSupportedError) or (
+            isinstance(error, MultiselectClientError) and str(error).startswith("protocols not supported")
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _log_other_network(peer: str, line: str, ours: str) -> None:
+    theirs = line.removeprefix(f"{MAGIC} ")[:64]
+    logger.warning("peer %s is on network %r, this node on %r: refused", short_id(peer), theirs, ours)
+
+
 async def _reset_quietly(stream: INetStream) -> None:
     # The stream or connection may already be gone; a full socket must not hold us.
     with trio.move_on_after(1.0), contextlib.suppress(Exception):
@@ -420,8 +389,13 @@ async def _reset_quietly(stream: INetStream) -> None:
 
 
 __all__ = [
+    "BASE_BACKOFF",
+    "MAX_ADDRS_PER_PEER",
+    "MAX_ADDR_CHARS",
     "PROTOCOL_ID",
     "Neighbourhood",
+    "NoPeerExchange",
+    "OtherNetwork",
     "PeerBook",
     "PeerRecord",
     "decode_lines",

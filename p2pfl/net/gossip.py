@@ -54,8 +54,10 @@ logger = logging.getLogger(__name__)
 INVALID_WEIGHT = 10.0
 INVALID_CAP = 100.0
 INVALID_DECAY = 0.99
-# Thresholds on the P4-only topic score. One invalid message is tolerated (a bug, a
-# version skew); the 2nd stops IHAVE gossip with the peer; the 3rd (score -30) drops its
+# Thresholds on the P4-only topic score: the rate limit of the ban policy (docs/PROTOCOL.md).
+# At this layer one invalid message is tolerated (a bug, a version skew); forgery is
+# also banned at once by the node's reputation (node/inbound.py), network/version/format
+# mismatches only counted there. The 2nd stops IHAVE gossip with the peer; the 3rd (score -30) drops its
 # messages before validation (publish gate) and graylists it (its GRAFTs are refused and
 # it gets no gossip). Gated messages are not counted again, so the score then only
 # decays: ~18 s to climb back above -25, after which one more invalid message re-gates.

@@ -17,7 +17,11 @@ LIBP2P_NOTES):
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,11 +97,20 @@ def build_host(
 
 @contextlib.asynccontextmanager
 async def run_host(host: IHost, *, listen_host: str, port: int) -> AsyncIterator[IHost]:
-    """Start ``host`` listening on ``listen_host:port``, yield it, then stop it."""
+    """Start ``host`` listening on ``listen_host:port``, yield it, then stop it.
+
+    Raises:
+        ConfigError: the address cannot be listened on (port in use, address not ours);
+            py-libp2p only logs that and runs without a listener.
+    """
     listen = multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{port}")
+    require_listenable(listen_host, port)
     body = _BodyOutcome()
     with _quiet_shutdown(body):
         async with host.run(listen_addrs=[listen]):
+            if not host.get_addrs():  # lost a race for the port since the probe
+                raise ConfigError(f"[net] port: cannot listen on {listen_host}:{port}; "
+                                  "choose another [net] port")
             try:
                 yield host
             except BaseException:
@@ -166,13 +179,62 @@ def _is_nursery_closed(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "Nursery is closed" in str(error)
 
 
-def listen_addrs(host: IHost) -> list[str]:
-    """Return the host's full dialable multiaddrs (``/ip4/…/tcp/N/p2p/<id>``)."""
+def route_libp2p_logs() -> None:
+    """Let libp2p's warnings reach the handlers the CLI configured, in their one format.
+
+    Importing libp2p detaches its logger (no handler, no propagation), so its warnings
+    reach stderr bare through logging's last resort. (Configures no handler itself.)
+    """
+    logging.getLogger("libp2p").propagate = True
+
+
+def require_listenable(listen_host: str, port: int, field: str = "[net] port") -> None:
+    """Raise a one-line ConfigError (naming ``field``) unless TCP can listen on ``listen_host:port``."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as trio's listener
+            probe.bind((listen_host, port))
+    except OSError as error:
+        hint = (f"another program (or p2pfl node) has it; choose another {field}"
+                if error.errno == errno.EADDRINUSE else f"check {field} and the listen address")
+        raise ConfigError(f"{field}: cannot listen on {listen_host}:{port}: "
+                          f"{error.strerror}; {hint}") from None
+
+
+def listen_addrs(host: IHost, announce: tuple[str, ...] = ()) -> list[str]:
+    """Return the full multiaddrs peers can dial us at (``/ip4/…/tcp/N/p2p/<id>``).
+
+    ``announce`` (``[net] announce_addrs``) replaces the listen addresses; otherwise a
+    listener on 0.0.0.0 is expanded into this machine's IPv4 addresses (0.0.0.0 itself
+    is not dialable) other than loopback, which is only given when it is the only one:
+    a peer elsewhere that dials our 127.0.0.1 reaches itself (found off loopback).
+    """
     peer = host.get_id().to_string()
+    bare = list(announce) or [a for addr in host.get_addrs() for a in _expanded(str(addr))]
+    return [text if "/p2p/" in text else f"{text}/p2p/{peer}" for text in bare]
+
+
+def _expanded(address: str) -> list[str]:
+    if not address.startswith("/ip4/0.0.0.0/"):
+        return [address]
+    local = local_ipv4_addresses()
+    local = [ip for ip in local if not ip.startswith("127.")] or local
+    return [address.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in local] or [address]
+
+
+def local_ipv4_addresses() -> list[str]:
+    """Return the IPv4 address of every up interface (Linux ioctl; [] elsewhere)."""
     out = []
-    for addr in host.get_addrs():
-        text = str(addr)
-        out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                request = struct.pack("256s", name.encode()[:15])
+                reply = fcntl.ioctl(probe.fileno(), 0x8915, request)  # SIOCGIFADDR
+            except OSError:  # no IPv4 address on this interface (or not Linux)
+                continue
+            out.append(socket.inet_ntoa(reply[20:24]))
     return out
 
 
@@ -204,19 +266,40 @@ async def connect(host: IHost, address: str, *, timeout: float) -> str:
         try:
             await host.connect(info)
         except Exception as error:
-            raise PeerUnreachable(f"cannot dial {short_id(info.peer_id.to_string())}: {error}") from error
+            raise PeerUnreachable(f"cannot dial {short_id(info.peer_id.to_string())}: "
+                                  f"{dial_failure(error)}") from error
     if scope.cancelled_caught:
         raise PeerUnreachable(f"dialling {short_id(info.peer_id.to_string())} took over {timeout} s")
     return info.peer_id.to_string()
 
 
+def dial_failure(error: BaseException) -> str:
+    """Return the root cause of a failed dial in a few words ("connection refused")."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror.lower()
+        pending.extend(getattr(current, "exceptions", ()) or getattr(current, "errors", ()) or ())
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return str(error)
+
+
 __all__ = [
+    "dial_failure",
     "build_host",
     "connect",
     "connection_config",
     "key_pair_from_secret",
     "listen_addrs",
     "open_host",
+    "local_ipv4_addresses",
     "peer_id_of",
+    "require_listenable",
+    "route_libp2p_logs",
     "run_host",
 ]

@@ -75,8 +75,12 @@ class Libp2pTransport:
 
     @property
     def listen_addrs(self) -> list[str]:
-        """Full multiaddrs other nodes can bootstrap from."""
-        return listen_addrs(self.host)
+        """Full multiaddrs other nodes can bootstrap from (``[net] announce_addrs`` if set)."""
+        return listen_addrs(self.host, self.neighbourhood.config.announce_addrs)
+
+    def bootstrap_report(self) -> list[str]:
+        """One ``<address>: <what it answered last>`` line per bootstrap peer."""
+        return self.neighbourhood.book.bootstrap_report(self.neighbourhood.connected())
 
     async def publish(self, data: bytes) -> None:
         """Broadcast a small announcement (see :meth:`Gossip.publish`)."""
@@ -251,6 +255,8 @@ async def open_libp2p_transport(
                 on_served=transport._on_served,
             )
             host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
+            logger.info("%s listening; peers can dial %s", short_id(transport.peer_id),
+                        " ".join(transport.listen_addrs))
             await neighbourhood.maintain()  # bootstrap before handing the transport out
             nursery.start_soon(neighbourhood.run)
             if config.enable_mdns and config.mdns_interface is not None:

@@ -344,6 +344,15 @@ class MemoryTransport:
         """Return the peers with a usable edge to this one, sorted."""
         return self._network.topology.neighbours(self._peer_id, trio.current_time())
 
+    @property
+    def listen_addrs(self) -> list[str]:
+        """None: memory peers are reached by id."""
+        return []
+
+    def bootstrap_report(self) -> list[str]:
+        """None: a memory network has no bootstrap peers."""
+        return []
+
     def ban(self, peer: str, *, seconds: float) -> None:
         """Cut the edge to ``peer`` both ways and drop its announcements for ``seconds``."""
         self._network.topology.ban(self._peer_id, peer, trio.current_time() + seconds)

@@ -105,6 +105,15 @@ class Transport(Protocol):
         """PeerIds currently connected and usable, sorted."""
         ...
 
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs other nodes can dial (``/ip4/…/tcp/N/p2p/<id>``)."""
+        ...
+
+    def bootstrap_report(self) -> list[str]:
+        """One ``<address>: <what it answered last>`` line per bootstrap peer."""
+        ...
+
     def ban(self, peer: str, *, seconds: float) -> None:
         """Refuse and disconnect ``peer`` for a while (reputation fell below threshold)."""
         ...

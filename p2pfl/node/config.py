@@ -17,6 +17,9 @@ def _frozen_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(params))
 
 
+ROLES = ("trainer", "observer")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RoundConfig:
     """How a node runs its rounds. No global barrier: every bound here is local."""
@@ -106,6 +109,9 @@ class NodeConfig:
     data_dir: Path | None = None
     # Seconds a banned peer stays disconnected.
     ban_seconds: float = 600.0
+    # "trainer", or "observer": receives and verifies updates, serves /status and
+    # /metrics, never trains or publishes (a monitor). Peers never wait for an observer.
+    role: str = "trainer"
 
     def __post_init__(self) -> None:
         require(
@@ -114,6 +120,7 @@ class NodeConfig:
             "must be a non-empty string of at most 64 characters",
         )
         require(self.ban_seconds >= 0, "ban_seconds", "must be >= 0")
+        require(self.role in ROLES, "role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
         object.__setattr__(self, "rule_params", _frozen_params(self.rule_params))
         require(
             self.rule in RULES,

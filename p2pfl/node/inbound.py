@@ -8,7 +8,7 @@ validator; a payload that does not match its signed header or our model is dropp
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,14 +49,22 @@ log = logging.getLogger(__name__)
 Report = Callable[[str, Evidence, str], None]  # peer, evidence, reason
 Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
 
-# Verification failures at ingress and the evidence each one is.
+# The ban policy (docs/PROTOCOL.md "Ban policy"). Forgery is severe evidence: one
+# announcement signed by the wrong key or not verifying bans its origin at once. A
+# mismatch (another network, protocol version or format) is no proof of malice (version
+# skew, a misconfigured node): it is counted and logged, never reputation evidence; the
+# rejection itself feeds GossipSub's invalid-message score, which rate-limits the peer
+# (gossip.py: tolerated once, gated from the third until it decays).
 _INGRESS_EVIDENCE: Sequence[tuple[type[P2PFLError], Evidence]] = (
     (InvalidSignature, Evidence.INVALID_SIGNATURE),
     (SignerMismatch, Evidence.INVALID_SIGNATURE),
-    (WrongNetwork, Evidence.INVALID_FORMAT),
-    (UnsupportedVersion, Evidence.INVALID_FORMAT),
-    (DecodeError, Evidence.INVALID_FORMAT),
 )
+_MISMATCHES: Sequence[tuple[type[P2PFLError], str]] = (
+    (WrongNetwork, "wrong_network"),
+    (UnsupportedVersion, "unsupported_version"),
+    (DecodeError, "invalid_format"),
+)
+_MAX_LOGGED_MISMATCHES = 1024  # (peer, kind) pairs logged once each
 _MAX_VERIFIED = 1024  # announcements whose successful parse is remembered
 _MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
 _MAX_HOLDER_DIGESTS = 1024
@@ -71,6 +79,8 @@ class AnnouncementParser:
         """Verify for network ``network_id``; report failures of peers other than ``me``."""
         self._me, self._network_id, self._limits, self._report = me, network_id, limits, report
         self._verified: OrderedDict[tuple[str, bytes], ParsedAnnouncement] = OrderedDict()
+        self.mismatches: Counter[str] = Counter()  # kind -> count (statistics' "rejected")
+        self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def parse(self, origin: str, data: bytes) -> ParsedAnnouncement:
         """Return the verified announcement; raise (after reporting ``origin``) if it is not."""
@@ -83,14 +93,31 @@ class AnnouncementParser:
         try:
             parsed = parse_announcement(origin, data, network_id=self._network_id, limits=self._limits)
         except P2PFLError as exc:
-            evidence = next((ev for cls, ev in _INGRESS_EVIDENCE if isinstance(exc, cls)), None)
-            if evidence is not None and origin != self._me:
-                self._report(origin, evidence, f"announcement: {exc}")
+            if origin != self._me:
+                self._judge(origin, exc)
             raise
         self._verified[key] = parsed
         while len(self._verified) > _MAX_VERIFIED:
             self._verified.popitem(last=False)
         return parsed
+
+
+    def _judge(self, origin: str, error: P2PFLError) -> None:
+        """Ban a forger at once; count (and log once per peer) a mismatch."""
+        evidence = next((ev for cls, ev in _INGRESS_EVIDENCE if isinstance(error, cls)), None)
+        if evidence is not None:
+            self._report(origin, evidence, f"announcement: {error}")
+            return
+        kind = next((name for cls, name in _MISMATCHES if isinstance(error, cls)), None)
+        if kind is None:
+            return
+        self.mismatches[kind] += 1
+        if (origin, kind) not in self._logged:
+            self._logged[(origin, kind)] = None
+            if len(self._logged) > _MAX_LOGGED_MISMATCHES:
+                self._logged.popitem(last=False)
+            log.warning("announcement from %s refused (%s; counted, not banned): %s",
+                        short_id(origin), kind, error)
 
 
 class Fetcher:

@@ -78,6 +78,11 @@ class Ingress:
         return self._freshest
 
     @property
+    def mismatches(self) -> Mapping[str, int]:
+        """Announcements refused for another network, version or format, by kind."""
+        return self._parser.mismatches
+
+    @property
     def fetcher(self) -> Fetcher:
         """The payload fetcher (once :meth:`run` has started)."""
         if self._fetcher is None:

@@ -41,6 +41,7 @@ from p2pfl.config import NetConfig
 from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.state import template_of
+from p2pfl.errors import NoNeighbours
 from p2pfl.learners.base import Learner, State
 from p2pfl.learners.privacy import PrivacySpent
 from p2pfl.net.transport import Transport
@@ -58,6 +59,8 @@ from p2pfl.node.transport import TransportFactory, libp2p_transport
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+WAIT_LOG_INTERVAL = 10.0  # seconds between "waiting for neighbours" lines
 
 
 class Node:
@@ -111,6 +114,7 @@ class Node:
         self._metrics: tuple[float, float] | None = None
         self._privacy = self._privacy_spent()  # as of the last finished round; None: not private
         self._round_finished = trio.Event()
+        self._silent: set[str] = set()  # neighbours that published nothing in a whole round
         self._compute_limiter = trio.CapacityLimiter(1)
         self._learning_cpu = 0.0  # CPU seconds of training and evaluation this round
         self._transport: Transport | None = None
@@ -199,20 +203,57 @@ class Node:
     async def run(self, rounds: int | None = None) -> NodeStatistics:
         """Run rounds until ``rounds`` have finished in total (None: until cancelled)."""
         self._rounds_target = rounds
-        await self._wait_for_neighbours()
+        settings = self.config.rounds
+        await self._wait_for_neighbours(settings.min_neighbours, settings.start_timeout)
+        if self.config.role == "observer":
+            await self._observe(rounds)
         while rounds is None or self._round < rounds:
+            # Never a round alone unless the config allows it: a lone round looks like success.
+            await self._wait_for_neighbours(min(1, settings.min_neighbours), None)
             if not await self._maybe_catch_up():
                 await self._run_round(self._round)
         self._state = "done"
         return self.statistics()
 
-    async def _wait_for_neighbours(self) -> None:
-        """Give a network started together the chance to train together."""
-        settings = self.config.rounds
-        with trio.move_on_after(settings.start_timeout):
-            # Bounded: at most start_timeout / 0.1 polls.
-            while len(self.transport.neighbours()) < settings.min_neighbours:  # noqa: ASYNC110 (no event for neighbour changes)
-                await trio.sleep(0.1)
+    async def _wait_for_neighbours(self, need: int, timeout: float | None) -> None:
+        """Wait until ``need`` neighbours are connected, saying every 10 s what for.
+
+        Raises:
+            NoNeighbours: ``timeout`` seconds passed first (None: wait for ever); the
+                message names each bootstrap peer and what it answered.
+        """
+        if len(self.transport.neighbours()) >= need:
+            return
+        state, self._state = self._state, "waiting"
+        started = trio.current_time()
+        next_log = started + WAIT_LOG_INTERVAL
+        while len(self.transport.neighbours()) < need:
+            now = trio.current_time()
+            if timeout is not None and now - started >= timeout:
+                raise NoNeighbours(f"{len(self.transport.neighbours())} of {need} neighbour(s) "
+                                   f"after start_timeout = {timeout:g} s; {self._tried()}")
+            if now >= next_log:
+                log.info("[%s] waiting for %d neighbour(s), have %d, %.0f s so far; %s",
+                         short_id(self.peer_id), need, len(self.transport.neighbours()),
+                         now - started, self._tried())
+                next_log = now + WAIT_LOG_INTERVAL
+            await trio.sleep(0.1)
+        self._state = state
+
+    def _tried(self) -> str:
+        report = self.transport.bootstrap_report()
+        if not report:
+            return "no [net] bootstrap peers configured and no peer of this network dialled in"
+        return "bootstrap peers: " + "; ".join(report)
+
+    async def _observe(self, rounds: int | None) -> None:
+        """Receive and verify neighbours' updates, never train or publish, until ``rounds``."""
+        self._state = "observing"
+        while rounds is None or self._round < rounds:
+            await self._ingress.next_delivery()
+            newest = max((u.header.round for u in self._ingress.freshest.values()), default=-1)
+            self._round = max(self._round, newest + 1)  # the rounds the network has finished
+            self._ingress.take(self._round)  # verified and counted; free what is held
 
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
@@ -282,11 +323,16 @@ class Node:
         for peer in self._expected():
             if peer not in delivered:
                 self._standing.record(peer, Evidence.NO_SHOW, number, "no update this round")
+        # A neighbour that has published nothing through a whole round (a monitor, an
+        # observer) stops counting toward the quorum until it publishes.
+        self._silent = {p for p in self.transport.neighbours() if p not in self._ingress.freshest}
         return len(updates)
 
     def _expected(self) -> list[str]:
-        """Neighbours whose updates we wait for: connected and reputable."""
-        return [p for p in self.transport.neighbours() if self._standing.weight(p) > 0]
+        """Neighbours whose updates we wait for: connected, reputable, not known silent."""
+        published = self._ingress.freshest
+        return [p for p in self.transport.neighbours()
+                if self._standing.weight(p) > 0 and (p in published or p not in self._silent)]
 
     # ------------------------------------------------------------------ catching up
 
@@ -399,7 +445,7 @@ class Node:
             bytes_in=traffic.bytes_in if traffic else 0,
             bytes_out=traffic.bytes_out if traffic else 0,
             accepted=self._standing.accepted,
-            rejected=dict(self._standing.rejected),
+            rejected={**self._standing.rejected, **self._ingress.mismatches},
             reputation=reputation_rows(self._standing.book, self._round),
             history=tuple(self._history),
             byzantine=self.behaviour.name,
@@ -408,4 +454,5 @@ class Node:
             epsilon_target=self._privacy.target if self._privacy else None,
             payload_in=traffic.payload_in if traffic else 0,
             payload_out=traffic.payload_out if traffic else 0,
+            addrs=tuple(self._transport.listen_addrs) if self._transport is not None else (),
         )

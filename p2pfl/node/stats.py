@@ -46,7 +46,9 @@ class NodeStatistics:
 
     peer_id: str
     network_id: str
-    state: str  # "starting" | "training" | "collecting" | "aggregating" | "done" | "stopped"
+    # "starting" | "waiting" (for neighbours) | "training" | "collecting" | "aggregating" |
+    # "catching-up" | "observing" (role observer) | "done" | "stopped"
+    state: str
     round: int  # the round in progress (or the next one when done)
     rounds_target: int | None
     accuracy: float | None  # test accuracy after the last finished round
@@ -65,6 +67,7 @@ class NodeStatistics:
     epsilon_target: float | None = None
     payload_in: int = 0  # of bytes_in/bytes_out, the data plane; the rest is control
     payload_out: int = 0
+    addrs: tuple[str, ...] = ()  # full multiaddrs peers can dial (bootstrap entries for others)
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

@@ -106,4 +106,4 @@ def test_status_command_unreachable_node_exits_2(capsys: pytest.CaptureFixture[s
 
 def test_default_port() -> None:
     assert parse().port is None
-    assert DEFAULT_HTTP_PORT == 9100
+    assert DEFAULT_HTTP_PORT == 7352

@@ -21,7 +21,7 @@ def update(sender: str, round: int) -> Received:
         (Observation.DUPLICATE, 5, Decision.FETCH, None),  # fetched only if not held
         (Observation.EQUIVOCATION, 5, Decision.REJECT, Evidence.EQUIVOCATION),
         (Observation.REPLAY, 5, Decision.REJECT, Evidence.REPLAY),
-        (Observation.STALE, 5, Decision.IGNORE, Evidence.STALE),
+        (Observation.STALE, 5, Decision.IGNORE, None),  # gossip replays old messages: neutral
         (Observation.NEW, 2, Decision.IGNORE, None),  # behind: slow, not malicious
         (Observation.NEW, 8, Decision.IGNORE, None),  # far ahead: we may catch up
         (Observation.NEW, 3, Decision.FETCH, None),  # within lag

@@ -72,7 +72,7 @@ def test_bounded_cache_evicts_least_recently_used() -> None:
 
 
 def test_peer_book_backoff_doubles_and_is_capped() -> None:
-    book = PeerBook(me="me", capacity=8, max_backoff=2.0)
+    book = PeerBook(me="me", capacity=8, max_backoff=2.0, jitter=0.0)
     address = peer_addr()
     peer = book.learn(address, bootstrap=True)
     assert peer is not None

@@ -1,0 +1,143 @@
+"""A private network of Linux namespaces for daemons: a hub namespace with bridges, one
+namespace per node, veth links rate-limited with ``tc tbf``. Everything is created by
+:class:`Lab` and removed by :meth:`Lab.close`; nothing is bound in the root namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUND_LINE = re.compile(r"round (\d+): accuracy ([\d.]+) loss [\d.na]+, (\d+) neighbour updates, ([\d.]+) s")
+SUBNET = "10.77.0"
+PORT = 7351
+
+
+def why_not() -> str | None:
+    """Return why namespaces cannot be used here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, bridges, tc); CI runs as root"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc)"
+    probe = f"p2pflprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "cannot create a network namespace here (container without CAP_SYS_ADMIN?)"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+@dataclass
+class Daemon:
+    index: int
+    config: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    # (seen at, round, accuracy, neighbour updates used, round duration in s)
+    rounds: list[tuple[float, int, float, int, float]] = field(default_factory=list)
+    _read: int = 0
+
+    def poll(self) -> None:
+        """Read new round lines from the log."""
+        if not self.log.exists():
+            return
+        with self.log.open("rb") as handle:
+            handle.seek(self._read)
+            data = handle.read()
+        cut = data.rfind(b"\n") + 1
+        self._read += cut
+        for line in data[:cut].decode(errors="replace").splitlines():
+            if (match := ROUND_LINE.search(line)) is not None:
+                self.rounds.append((time.monotonic(), int(match[1]), float(match[2]), int(match[3]),
+                                    float(match[4])))
+
+    @property
+    def round(self) -> int:
+        """Rounds finished (as logged)."""
+        self.poll()
+        return self.rounds[-1][1] + 1 if self.rounds else 0
+
+
+class Lab:
+    """``n`` nodes, node ``i`` at 10.77.0.(i+1) in its own namespace, on bridge br0 of a hub."""
+
+    def __init__(self, n: int, work: Path, *, rate: str = "20mbit") -> None:
+        self.prefix = f"p2pfl{os.getpid() % 100000}"
+        self.hub = f"{self.prefix}h"
+        self.nodes = [f"{self.prefix}n{i}" for i in range(n)]
+        self.work = work
+        self.daemons: list[Daemon] = []
+        sh("ip", "netns", "add", self.hub)
+        for bridge in ("br0", "br1"):  # br1: the far side of a partition
+            sh("ip", "-n", self.hub, "link", "add", bridge, "type", "bridge")
+            sh("ip", "-n", self.hub, "link", "set", bridge, "up")
+        for i, ns in enumerate(self.nodes):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", self.hub, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", self.hub, "link", "set", f"v{i}", "master", "br0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            for where, dev in ((ns, "eth0"), (self.hub, f"v{i}")):  # both directions
+                sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                   "rate", rate, "burst", "64kb", "latency", "100ms")
+
+    @staticmethod
+    def address(i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def start(self, i: int, config: Path) -> Daemon:
+        """Start (or restart) node ``i``'s daemon inside its namespace."""
+        daemon = next((d for d in self.daemons if d.index == i), None)
+        if daemon is None:
+            daemon = Daemon(i, config, self.work / f"node{i}.log")
+            self.daemons.append(daemon)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        code = "import sys; from p2pfl.cli.main import main; sys.exit(main())"
+        daemon.process = subprocess.Popen(
+            ["ip", "netns", "exec", self.nodes[i], sys.executable, "-c", code, "node", "run",
+             "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=daemon.log.open("ab"), env=env, cwd=self.work)
+        return daemon
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        process = self.daemons[i].process
+        assert process is not None
+        process.send_signal(sig)
+        process.wait(timeout=30)
+
+    def link(self, i: int, up: bool) -> None:
+        sh("ip", "-n", self.hub, "link", "set", f"v{i}", "up" if up else "down")
+
+    def bridge(self, i: int, name: str) -> None:
+        sh("ip", "-n", self.hub, "link", "set", f"v{i}", "master", name)
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+        for daemon in self.daemons:
+            if daemon.process is not None:
+                try:
+                    daemon.process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    daemon.process.kill()
+                    daemon.process.wait()
+        for ns in (*self.nodes, self.hub):  # veths and bridges go with their namespaces
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        keep = Path(os.environ.get("P2PFL_NETNS_LOGS", "/tmp/p2pfl-netns-logs"))
+        keep.mkdir(parents=True, exist_ok=True)  # pytest rotates tmp dirs; logs outlive them
+        for daemon in self.daemons:
+            if daemon.log.exists():
+                shutil.copy(daemon.log, keep / daemon.log.name)
