@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.config import DEFAULT_RULE, require
-from p2pfl.core.codec import CODECS
 from p2pfl.errors import ConfigError
 
 NETWORK_ID = "p2pfl-testnet"
@@ -73,7 +72,11 @@ class TestnetPlan:
         require(self.epochs >= 1, "--epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         require(self.dp_epsilon is None or self.dp_epsilon > 0, "--dp-epsilon", "must be > 0")
-        require(self.codec is None or self.codec in CODECS, "--codec", f"must be one of {', '.join(sorted(CODECS))}")
+        if self.codec is not None:
+            from p2pfl.core import lossy  # noqa: F401  (registers the lossy codecs)
+            from p2pfl.core.codec import CODECS  # late: torch; `p2pfl --help` stays light
+
+            require(self.codec in CODECS, "--codec", f"must be one of {', '.join(sorted(CODECS))}")
         require(self.codec_k is None or 0 < self.codec_k <= 1, "--codec-k", "must be a fraction in (0, 1]")
         if self.base_port is not None:
             top = 65535 - 2 * self.nodes + 1

@@ -10,8 +10,8 @@
 - ``aggregation``: robust aggregation rules registered by name in ``RULES``, each entry
   carrying its capabilities (``RULES[name].clipping``, ``.uses_samples``).
 - ``reputation``: per-peer scores from typed evidence.
-- ``lossy``: the lossy codecs (fp16, bf16, int8, topk), registered in ``CODECS`` here, on
-  import of the package, so every header check knows them.
+- ``lossy``: the lossy codecs (fp16, bf16, int8, topk), registered in ``CODECS`` when
+  imported: the node layer (``node/encoding.py``) does, so every node's header check knows
+  them; importing the package alone does not (``p2pfl --help`` must not load torch).
 """
 
-from p2pfl.core import lossy as _lossy  # noqa: F401  (registers the lossy codecs)

@@ -58,6 +58,12 @@ class PrivacySpent:
     exhausted: bool  # the planned steps are spent: the node trains no more
 
 
+def privacy_spent(learner: object) -> PrivacySpent | None:
+    """A learner's privacy account (``TorchLearner.privacy_spent``); None: not private."""
+    spent = getattr(learner, "privacy_spent", None)
+    return spent() if callable(spent) else None
+
+
 def check_model(model: nn.Module) -> None:
     """Raise ConfigError naming the first layer DP-SGD cannot train, and the fix."""
     for name, module in model.named_modules():
@@ -272,4 +278,4 @@ def dry_run(training: PrivateTraining, loss_fn: Any,
 
 
 __all__ = ["HISTORY", "PoissonBatches", "PrivacySpent", "PrivateTraining", "calibrate", "check_model",
-           "dry_run", "epsilon_of", "per_sample_gradients"]
+           "dry_run", "epsilon_of", "per_sample_gradients", "privacy_spent"]

@@ -18,9 +18,8 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 
@@ -37,22 +36,12 @@ from p2pfl.errors import (
     TamperedPayload,
     TransferTimeout,
 )
-from p2pfl.net.memory_model import LinkProfile, ReceiveFilter, Topology
+from p2pfl.net.memory_model import LinkProfile, ReceiveFilter, ServingHook, Topology, _Served
 from p2pfl.net.transport import Announcement, TrafficStats, Validator, sha256
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_LINK = LinkProfile()
-
-ServingHook = Callable[[bytes, bytes | None], bytes | None]
-"""``hook(digest, served_payload_or_None) -> bytes to send, or None for "not found"``."""
-
-
-@dataclass(slots=True)
-class _Served:
-    payload: bytes
-    genuine: bool | None = None  # sha256(payload) == digest, computed on first fetch
-
 
 class MemoryNetwork:
     """The shared medium: topology, partitions, bans, and the open transports."""

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from p2pfl.config import require
@@ -204,3 +204,15 @@ class ReceiveFilter:
 
 
 __all__ = ["GATE_ABOVE", "SEEN_CAPACITY", "LinkProfile", "ReceiveFilter", "Topology"]
+
+
+ServingHook = Callable[[bytes, bytes | None], bytes | None]
+"""``hook(digest, served_payload_or_None) -> bytes to send, or None for "not found"``."""
+
+
+@dataclass(slots=True)
+class _Served:
+    """A payload a memory transport serves."""
+
+    payload: bytes
+    genuine: bool | None = None  # sha256(payload) == digest, computed on first fetch

@@ -9,7 +9,7 @@ Written to a temporary file, fsynced, renamed over the old one, directory fsynce
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ import torch
 from p2pfl.config import Limits
 from p2pfl.core.codec import decode_state, encode_state
 from p2pfl.errors import DecodeError
+from p2pfl.learners.base import Learner
+from p2pfl.node.standing import Standing
 from p2pfl.node.stats import RoundRecord
 
 FILE_NAME = "checkpoint.cbor"
@@ -79,6 +81,32 @@ def load_checkpoint(directory: Path, *, limits: Limits) -> Checkpoint | None:
         raise DecodeError(
             f"checkpoint {path} is corrupt ({exc!r}); move it away to start fresh"
         ) from exc
+
+
+def resume(
+    directory: Path, limits: Limits, learner: Learner, standing: Standing
+) -> tuple[int, list[RoundRecord]] | None:
+    """Restore ``learner`` and ``standing`` from the checkpoint in ``directory``.
+
+    Return the round to run next and the history, or None when there is no checkpoint.
+    """
+    checkpoint = load_checkpoint(directory, limits=limits)
+    if checkpoint is None:
+        return None
+    learner.restore_checkpoint_state(checkpoint.learner_state)
+    standing.restore(checkpoint.reputation)
+    return checkpoint.round, list(checkpoint.history)
+
+
+def snapshot(
+    next_round: int, learner: Learner, standing: Standing, peers: Sequence[str],
+    history: Sequence[RoundRecord],
+) -> Checkpoint:
+    """Return what a node must keep to resume at ``next_round``."""
+    return Checkpoint(
+        round=next_round, learner_state=learner.checkpoint_state(),
+        reputation=standing.book.to_record(), peers=tuple(peers), history=tuple(history),
+    )
 
 
 def _int(value: object) -> int:

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from p2pfl.config import NetConfig
+from p2pfl.core import lossy as _lossy  # noqa: F401  (registers fp16, bf16, int8, topk)
 from p2pfl.core.codec import CODECS, codec_named, encode_state
 from p2pfl.core.lossy import BASE, encode_int8, topk_delta
 from p2pfl.core.state import State

@@ -29,10 +29,9 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, TypeVar
 
 import torch
 import trio
@@ -41,12 +40,11 @@ from p2pfl.config import NetConfig
 from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.state import template_of
-from p2pfl.errors import NoNeighbours
 from p2pfl.learners.base import Learner, State
-from p2pfl.learners.privacy import PrivacySpent
+from p2pfl.learners.privacy import privacy_spent
 from p2pfl.net.transport import Transport
 from p2pfl.node.behaviour import Behaviour
-from p2pfl.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from p2pfl.node.checkpoint import resume, save_checkpoint, snapshot
 from p2pfl.node.config import NodeConfig
 from p2pfl.node.encoding import make_encoder
 from p2pfl.node.ingress import Ingress
@@ -55,12 +53,10 @@ from p2pfl.node.outbox import Outbox, Transform
 from p2pfl.node.standing import Standing
 from p2pfl.node.stats import NodeStatistics, RoundRecord, reputation_rows
 from p2pfl.node.transport import TransportFactory, libp2p_transport
+from p2pfl.node.waiting import observe, wait_for_neighbours
+from p2pfl.node.worker import Worker
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-WAIT_LOG_INTERVAL = 10.0  # seconds between "waiting for neighbours" lines
 
 
 class Node:
@@ -103,7 +99,8 @@ class Node:
             identity, net or NetConfig(), network_id=config.network_id, limits=config.limits
         )
         self._encoder = make_encoder(net or NetConfig())
-        self._offload = offload
+        self._worker = Worker(offload=offload)
+        self._compute = self._worker.run
         self.behaviour = behaviour or Behaviour()
         self._transforms = tuple(transforms)
         self._standing = Standing(config.reputation)
@@ -112,11 +109,9 @@ class Node:
         self._state = "starting"
         self._history: list[RoundRecord] = []
         self._metrics: tuple[float, float] | None = None
-        self._privacy = self._privacy_spent()  # as of the last finished round; None: not private
+        self._privacy = privacy_spent(self.learner)  # as of the last finished round; None: not private
         self._round_finished = trio.Event()
         self._silent: set[str] = set()  # neighbours that published nothing in a whole round
-        self._compute_limiter = trio.CapacityLimiter(1)
-        self._learning_cpu = 0.0  # CPU seconds of training and evaluation this round
         self._transport: Transport | None = None
         self._outbox: Outbox | None = None
         self._nursery: trio.Nursery | None = None
@@ -137,7 +132,7 @@ class Node:
 
     async def __aenter__(self) -> Node:
         self._restore()
-        self._privacy = self._privacy_spent()  # a restored account keeps what it spent
+        self._privacy = privacy_spent(self.learner)  # a restored account keeps what it spent
         # Shapes and dtypes peers' models must have; read once, never mid-training.
         template = template_of(self.learner.get_state())
         stack = AsyncExitStack()
@@ -216,50 +211,24 @@ class Node:
         return self.statistics()
 
     async def _wait_for_neighbours(self, need: int, timeout: float | None) -> None:
-        """Wait until ``need`` neighbours are connected, saying every 10 s what for.
-
-        Raises:
-            NoNeighbours: ``timeout`` seconds passed first (None: wait for ever); the
-                message names each bootstrap peer and what it answered.
-        """
+        """Wait until ``need`` neighbours are connected (see :func:`wait_for_neighbours`)."""
         if len(self.transport.neighbours()) >= need:
             return
         state, self._state = self._state, "waiting"
-        started = trio.current_time()
-        next_log = started + WAIT_LOG_INTERVAL
-        while len(self.transport.neighbours()) < need:
-            now = trio.current_time()
-            if timeout is not None and now - started >= timeout:
-                raise NoNeighbours(f"{len(self.transport.neighbours())} of {need} neighbour(s) "
-                                   f"after start_timeout = {timeout:g} s; {self._tried()}")
-            if now >= next_log:
-                log.info("[%s] waiting for %d neighbour(s), have %d, %.0f s so far; %s",
-                         short_id(self.peer_id), need, len(self.transport.neighbours()),
-                         now - started, self._tried())
-                next_log = now + WAIT_LOG_INTERVAL
-            await trio.sleep(0.1)
+        await wait_for_neighbours(self.transport, self.peer_id, need, timeout)
         self._state = state
-
-    def _tried(self) -> str:
-        report = self.transport.bootstrap_report()
-        if not report:
-            return "no [net] bootstrap peers configured and no peer of this network dialled in"
-        return "bootstrap peers: " + "; ".join(report)
 
     async def _observe(self, rounds: int | None) -> None:
         """Receive and verify neighbours' updates, never train or publish, until ``rounds``."""
         self._state = "observing"
-        while rounds is None or self._round < rounds:
-            await self._ingress.next_delivery()
-            newest = max((u.header.round for u in self._ingress.freshest.values()), default=-1)
-            self._round = max(self._round, newest + 1)  # the rounds the network has finished
-            self._ingress.take(self._round)  # verified and counted; free what is held
+        async for finished in observe(self._ingress, self._round, rounds):
+            self._round = finished  # the rounds the network has finished
 
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
         self._state = "training"
         self._start = self.learner.get_state()
-        samples = await self._compute(self._timed, self.learner.fit, self.config.rounds.local_epochs)
+        samples = await self._compute(self._worker.timed, self.learner.fit, self.config.rounds.local_epochs)
         own = self.learner.get_state()
         shared = self.behaviour.craft(self._ingress, number, own)
         await self.behaviour.announce(self.outbox, number, shared, samples)
@@ -273,9 +242,9 @@ class Node:
 
     async def _finish_round(self, number: int, used: int, started: float) -> None:
         """Evaluate, settle reputation, checkpoint, and move on to round ``number + 1``."""
-        metrics = await self._compute(self._timed, self.learner.evaluate)
+        metrics = await self._compute(self._worker.timed, self.learner.evaluate)
         self._metrics = (metrics.accuracy, metrics.loss)
-        self._privacy = await self._compute(self._privacy_spent)
+        self._privacy = await self._compute(privacy_spent, self.learner)
         self._standing.end_round(number)
         self._enforce_bans(number)
         traffic = self.transport.stats()
@@ -284,10 +253,9 @@ class Node:
             duration=trio.current_time() - started, bytes_in=traffic.bytes_in,
             bytes_out=traffic.bytes_out, finished_at=time.time(), payload_in=traffic.payload_in,
             payload_out=traffic.payload_out, cpu_seconds=time.process_time(),
-            learning_cpu_seconds=self._learning_cpu,
+            learning_cpu_seconds=self._worker.take_learning_cpu(),
             epsilon_spent=self._privacy.epsilon if self._privacy else None,
         )
-        self._learning_cpu = 0.0
         # Durable first: whoever sees the round finished (statistics, /status) may rely on
         # it surviving a SIGKILL.
         await self._checkpoint(number + 1, [*self._history, record])
@@ -368,11 +336,6 @@ class Node:
 
     # ------------------------------------------------------------------ helpers
 
-    def _privacy_spent(self) -> PrivacySpent | None:
-        """The learner's privacy account (TorchLearner.privacy_spent); None: not private."""
-        spent = getattr(self.learner, "privacy_spent", None)
-        return spent() if callable(spent) else None
-
     def _report(self, peer: str, evidence: Evidence, reason: str) -> None:
         """Record evidence found outside the round loop (ingress, fetches) in the current round."""
         self._standing.record(peer, evidence, self._round, reason)
@@ -384,48 +347,23 @@ class Node:
                 log.warning("banning peer %s", short_id(peer))
                 self.transport.ban(peer, seconds=self.config.ban_seconds)
 
-    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` (learning) and add its CPU time (of this thread) to the round's."""
-        started = time.thread_time()
-        try:
-            return fn(*args)
-        finally:
-            self._learning_cpu += time.thread_time() - started
-
-    async def _compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if not self._offload:
-            return fn(*args, **kwargs)
-        return await trio.to_thread.run_sync(
-            lambda: fn(*args, **kwargs), limiter=self._compute_limiter
-        )
-
     # ------------------------------------------------------------------ persistence
 
     def _restore(self) -> None:
         if self.config.data_dir is None:
             return
-        checkpoint = load_checkpoint(self.config.data_dir, limits=self.config.limits)
-        if checkpoint is None:
-            return
-        self.learner.restore_checkpoint_state(checkpoint.learner_state)
-        self._standing.restore(checkpoint.reputation)
-        self._round = checkpoint.round
-        self._history = list(checkpoint.history)
-        if self._history:
-            self._metrics = (self._history[-1].accuracy, self._history[-1].loss)
-        log.info("resumed from checkpoint at round %d", self._round)
+        resumed = resume(self.config.data_dir, self.config.limits, self.learner, self._standing)
+        if resumed is not None:
+            self._round, self._history = resumed
+            if self._history:
+                self._metrics = (self._history[-1].accuracy, self._history[-1].loss)
+            log.info("resumed from checkpoint at round %d", self._round)
 
     async def _checkpoint(self, next_round: int, history: Sequence[RoundRecord]) -> None:
-        if self.config.data_dir is None:
-            return
-        checkpoint = Checkpoint(
-            round=next_round,
-            learner_state=self.learner.checkpoint_state(),
-            reputation=self._standing.book.to_record(),
-            peers=self.transport.neighbours(),
-            history=tuple(history),
-        )
-        await self._compute(save_checkpoint, self.config.data_dir, checkpoint)
+        if self.config.data_dir is not None:
+            checkpoint = snapshot(next_round, self.learner, self._standing,
+                                  self.transport.neighbours(), history)
+            await self._compute(save_checkpoint, self.config.data_dir, checkpoint)
 
     # ------------------------------------------------------------------ reporting
 

@@ -18,7 +18,7 @@ async def test_a_lone_node_waits_logs_and_raises_at_start_timeout(
     (me,) = identities(1)
     network = make_network([me], edges=[])
     node = make_node(network, me, 0, 1, min_neighbours=1, start_timeout=35.0)
-    caplog.set_level(logging.INFO, logger="p2pfl.node.node")
+    caplog.set_level(logging.INFO, logger="p2pfl.node.waiting")
     async with node:
         started = trio.current_time()
         with pytest.raises(NoNeighbours, match=r"0 of 1 neighbour\(s\) after start_timeout = 35 s; "
