@@ -74,9 +74,19 @@ class HarmCheck:
     absolute: float = 0.05
     relative: float = 0.05
     streak: int = 3
+    # Probe at this multiple of the share a neighbour would have at full reputation.
+    probe_scale: float = 1.0
+    # Whose clipping is not held against its reputation: "passed" (this round's check),
+    # "vetted" (``streak`` passes in a row), or "none".
+    forgive: str = "passed"
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        require(self.forgive in ("passed", "vetted", "none"), "harm_check.forgive",
+                f"must be passed, vetted or none, got {self.forgive!r}")
+        require(isinstance(self.probe_scale, int | float) and not isinstance(self.probe_scale, bool)
+                and 1 <= self.probe_scale <= 1e3, "harm_check.probe_scale",
+                f"must be a number in [1, 1000], got {self.probe_scale!r}")
         for name in ("absolute", "relative"):
             value = getattr(self, name)
             require(

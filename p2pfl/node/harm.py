@@ -143,6 +143,14 @@ class Verdict:
 
     passed: list[bool]
     vetted: list[bool]
+    forgive: str = "passed"
+
+    def forgiven(self, trust: Sequence[float], floor: float) -> tuple[float, ...]:
+        """Raise to ``floor`` the trust of the neighbours whose clipping is forgiven."""
+        spared = {"passed": self.passed, "vetted": self.vetted}.get(self.forgive)
+        if spared is None:
+            return tuple(trust)
+        return tuple(max(t, floor) if ok else t for t, ok in zip(trust, spared, strict=True))
 
 
 class HarmGate:
@@ -173,13 +181,15 @@ class HarmGate:
         total = self_weight + sum(weights)
         floor = 1 / (len(states) + 1)
         shares = [max(w / total, floor) if total > 0 else floor for w in weights]
+        shares = [min(1.0, self.check.probe_scale * share) for share in shares]
         passed = vet(self.prober, self.check, own, states, shares, start=start)
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
-        return Verdict(passed, [self._streaks[s] >= self.check.streak for s in senders])
+        vetted = [self._streaks[s] >= self.check.streak for s in senders]
+        return Verdict(passed, vetted, self.check.forgive)
 
 
 __all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "starting_point", "vet"]

@@ -376,8 +376,7 @@ class Node:
         if verdict is not None:
             # Clipped but harmless to us is no evidence of malice (the neighbour across
             # a bridge between communities is both); the streak decides the mixing.
-            floor = self.config.reputation.clip_tolerance
-            trust = tuple(max(t, floor) if ok else t for t, ok in zip(trust, verdict.passed, strict=True))
+            trust = verdict.forgiven(trust, self.config.reputation.clip_tolerance)
         self._record_trust(number, updates, trust)
         delivered = {u.sender for u in updates}
         for peer in self._expected():
