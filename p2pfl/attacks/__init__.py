@@ -10,6 +10,9 @@ the node's statistics) built by :func:`make_attack`. None is omniscient: they re
   :class:`SybilGroup`).
 - :mod:`p2pfl.attacks.protocol` — protocol abuse: ``free_rider``, ``replay``, ``forge``,
   ``equivocate``, ``flood``.
+- :mod:`p2pfl.attacks.adaptive` — attacks that adapt to distance and clipping defences:
+  ``min_max``, ``min_sum``, ``clip_aware``, ``boiling_frog`` (colluders share a
+  :class:`Pool`), and ``targeted_flip`` (data poisoning of one class).
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ from typing import Any
 
 import torch
 
+from p2pfl.attacks.adaptive import (
+    BoilingFrog,
+    ClipAware,
+    MinMax,
+    MinSum,
+    Pool,
+    TargetedFlip,
+    ipm,
+    retarget,
+)
 from p2pfl.attacks.model import (
     Alie,
     Dissensus,
     Gaussian,
-    Ipm,
     LabelFlip,
     SignFlip,
     Sybil,
@@ -71,8 +83,10 @@ _SPECS = [
             "pass the network's node count)",
           f="Byzantine workers in the formula (default 1; sim and testnet: the attacker count)",
           z="explicit z, overrides n and f (default: the paper's z_max)"),
-    _spec("ipm", Ipm, "Xie, Koyejo, Gupta 2020, inner product manipulation",
-          eps="announce -eps * mean of observed models (default 10)"),
+    _spec("ipm", ipm, "Xie, Koyejo, Gupta 2020, inner product manipulation",
+          eps="announce -eps * mean of observed models (default 10)",
+          space="model (as above, default) or update: -eps * the honest mean update",
+          pool="update space: a shared Pool of colluders' observations"),
     _spec("dissensus", Dissensus, "He, Karimireddy, Jaggi 2022, ClippedGossip (dissensus)",
           eps="push strength; 1 cancels the victim's honest pull (default 1.5)",
           byzantine="Byzantine neighbours sharing the push (default 1)"),
@@ -92,6 +106,27 @@ _SPECS = [
           jitter="per-member noise std keeping digests distinct (default 1e-6)"),
     _spec("flood", Flood, "announcement flooding (protocol attack)",
           rate="spam headers per round (default 50)", seed="random digests seed (default 0)"),
+    _spec("min_max", MinMax, "Shejwalkar & Houmansadr, NDSS 2021, min-max (AGR-agnostic)",
+          perturbation="std, unit or sign: -std of honest models, -unit or -sign of their "
+                       "mean update (default std)",
+          gamma="explicit gamma (default: the largest keeping the max distance to the honest "
+                "models within their own max pairwise distance)",
+          pool="a shared Pool of colluders' observations (default: a private one)"),
+    _spec("min_sum", MinSum, "Shejwalkar & Houmansadr, NDSS 2021, min-sum (AGR-agnostic)",
+          perturbation="std, unit or sign (default std)",
+          gamma="explicit gamma (default: the largest keeping the summed squared distance "
+                "within the largest honest one)",
+          pool="a shared Pool of colluders' observations (default: a private one)"),
+    _spec("clip_aware", ClipAware, "clipping-aware push along minus the honest mean update",
+          margin="distance to each honest neighbour, as a fraction of its median honest "
+                 "distance (default 0.95)",
+          pool="a shared Pool of colluders' observations (default: a private one)"),
+    _spec("boiling_frog", BoilingFrog, "slow drift: honest, then a growing consistent bias",
+          start="honest rounds before the drift (default 10)",
+          step="bias growth per round, in honest spreads (default 0.3)",
+          pool="a shared Pool of colluders' observations (default: a private one)"),
+    _spec("targeted_flip", TargetedFlip, "targeted label flipping (Tolpegin et al. 2020)",
+          retarget, source="class relabelled (default 7)", target="label it gets (default 1)"),
 ]
 ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -126,6 +161,8 @@ def with_accomplices(name: str, params: Mapping[str, object], shared: dict[str, 
     params = dict(params)
     if "group" in _lookup(name, params).params and "group" not in params:
         params["group"] = shared.setdefault("group", SybilGroup())
+    if "pool" in _lookup(name, params).params and "pool" not in params:
+        params["pool"] = shared.setdefault("pool", Pool())
     return params
 
 
@@ -147,7 +184,7 @@ def network_defaults(name: str, nodes: int, byzantine: int) -> dict[str, int]:
 
 
 def attack_label_map(name: str, **params: object) -> LabelMap | None:
-    """Return the training-label rewrite of the named attack (``label_flip``), else None.
+    """Return the training-label rewrite of the named attack (data poisoning), else None.
 
     Raises:
         ConfigError: as :func:`make_attack`.
@@ -155,14 +192,16 @@ def attack_label_map(name: str, **params: object) -> LabelMap | None:
     spec = _lookup(name, params)
     if spec.label_map is None:
         return None
-    classes = LabelFlip(**params).classes  # validates, like make_attack
+    behaviour = spec.factory(**params)  # validates, like make_attack
+    values = {key: getattr(behaviour, key) for key in spec.params}
     label_map = spec.label_map
-    return lambda labels: label_map(labels, classes)
+    return lambda labels: label_map(labels, **values)
 
 
 __all__ = [
     "ATTACKS",
     "AttackSpec",
+    "Pool",
     "SybilGroup",
     "alie_z",
     "attack_label_map",

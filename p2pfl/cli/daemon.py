@@ -55,7 +55,7 @@ def build_node(config: DaemonConfig, identity: Identity, shared: dict[str, Any] 
     if config.attack is not None:  # a Byzantine node of a test network
         params = with_accomplices(config.attack, config.attack_params, {} if shared is None else shared)
         behaviour = make_attack(config.attack, **params)
-        label_map = attack_label_map(config.attack)
+        label_map = attack_label_map(config.attack, **dict(config.attack_params))
     learner = make_digits_learner(
         node_index=train.node_index,
         num_nodes=train.num_nodes,

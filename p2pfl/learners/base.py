@@ -24,6 +24,9 @@ class Metrics:
     loss: float
     accuracy: float
     samples: int
+    # Accuracy on each class's test samples, by class index (NaN: no test sample of that
+    # class); None when the learner does not report it. Shows targeted attacks the mean hides.
+    per_class: tuple[float, ...] | None = None
 
 
 @runtime_checkable

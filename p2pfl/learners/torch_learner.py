@@ -50,6 +50,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * _SEED_MIX + epoch) % (1 << 63)
 
 
+def _add_counts(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Add two per-class count vectors of possibly different lengths."""
+    size = max(len(total), len(counts))
+    out = torch.zeros(size, dtype=torch.int64)
+    out[: len(total)] += total
+    out[: len(counts)] += counts
+    return out
+
+
 class TorchLearner:
     """Train and evaluate a torch model on local data (implements :class:`Learner`).
 
@@ -170,22 +179,28 @@ class TorchLearner:
         return seen, float(loss_sum)
 
     def evaluate(self) -> Metrics:
-        """Return loss and accuracy on the local test split."""
+        """Return loss, accuracy and per-class accuracy on the local test split."""
         samples, correct = 0, 0
         loss_sum = 0.0
+        seen = hits = torch.zeros(0, dtype=torch.int64)  # per class
         self.model.eval()
         try:
             with torch.inference_mode():
                 for x, y in self.test_loader:
-                    logits = self.model(x)
+                    logits = self.model(x)  # (batch, classes)
                     loss_sum += float(self.loss_fn(logits, y)) * len(y)
-                    correct += int((logits.argmax(dim=1) == y).sum())
+                    right = logits.argmax(dim=1) == y
+                    correct += int(right.sum())
                     samples += len(y)
+                    seen = _add_counts(seen, torch.bincount(y, minlength=logits.shape[1]))
+                    hits = _add_counts(hits, torch.bincount(y[right], minlength=logits.shape[1]))
         finally:
             self.model.train()
         if samples == 0:
             raise LearnerError("the test data yielded no samples")
-        return Metrics(loss=loss_sum / samples, accuracy=correct / samples, samples=samples)
+        per_class = tuple(int(h) / int(n) if n else math.nan for h, n in zip(hits, seen, strict=True))
+        return Metrics(loss=loss_sum / samples, accuracy=correct / samples, samples=samples,
+                       per_class=per_class)
 
     def probe_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
         """Return the loss of each state on a fixed sample of the training data.

@@ -37,6 +37,7 @@ from p2pfl.node.harm import Prober
 from p2pfl.node.node import Node
 from p2pfl.sim.network import VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
+from p2pfl.sim.schedule import deterministic_scheduling
 from p2pfl.sim.topology import Edge, make_topology, place_byzantine
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Recorder:
         self.started = time.perf_counter()
         self.rounds: dict[int, _RoundModels] = {}
         self.weights: dict[int, dict[int, dict[str, float]]] = {}  # observer -> round -> peer -> w
+        self.per_class: dict[int, dict[int, tuple[float, ...] | None]] = {}  # node -> round -> accs
 
     def observe(self, index: int, node: Node, honest: bool, metrics: Metrics, state: State) -> None:
         """Record node ``index`` after its evaluation of the round in progress."""
@@ -94,6 +96,7 @@ class Recorder:
         self.weights.setdefault(index, {})[number] = {
             row.peer: row.weight for row in node.statistics().reputation
         }
+        self.per_class.setdefault(index, {})[number] = metrics.per_class
         if not honest:
             return
         models = self.rounds.setdefault(number, _RoundModels())
@@ -178,6 +181,7 @@ class RunResult:
     bytes_in: tuple[int, ...]  # [node], whole run
     bytes_out: tuple[int, ...]
     rejected: tuple[Mapping[str, int], ...]  # [node]: evidence counts by reason
+    per_class: tuple[tuple[tuple[float, ...] | None, ...], ...] = ()  # [node][round] -> by class
     wall_seconds: float = 0.0
     sim_seconds: float = 0.0
     cache_hits: int = 0
@@ -262,9 +266,10 @@ def run_scenario(
     clock = trio.testing.MockClock(autojump_threshold=0)
     started = time.perf_counter()
     cache = VerificationCache(capacity=1 << 16 if share_verification else 0)
-    result: RunResult = trio.run(
-        functools.partial(_run, scenario, seed, progress, cache), clock=clock
-    )
+    with deterministic_scheduling(seed):
+        result: RunResult = trio.run(
+            functools.partial(_run, scenario, seed, progress, cache), clock=clock
+        )
     return replace(result, wall_seconds=time.perf_counter() - started)
 
 
@@ -367,6 +372,10 @@ def _collect(
         bytes_in=tuple(s.bytes_in for s in stats),
         bytes_out=tuple(s.bytes_out for s in stats),
         rejected=tuple(dict(s.rejected) for s in stats),
+        per_class=tuple(
+            tuple(recorder.per_class.get(i, {}).get(r) for r in range(scenario.rounds))
+            for i in range(scenario.nodes)
+        ),
         sim_seconds=sim_seconds,
         cache_hits=cache.hits,
         cache_misses=cache.misses,

@@ -2,10 +2,12 @@
 
 Per run (:func:`scorecard`):
 
-- ``accuracy``: per round, the honest nodes' mean and minimum test accuracy, and the
-  Byzantine nodes' mean (their local models, for reference).
+- ``accuracy``: per round, the honest nodes' mean and minimum test accuracy, the
+  Byzantine nodes' mean (their local models, for reference), and each class's accuracy
+  averaged over honest nodes (``honest_class_mean``).
 - ``consensus``: per round, the honest models' mean squared distance to their average
-  (0 = all equal); ``final`` repeats the last round's figures.
+  (0 = all equal); ``final`` repeats the last round's figures and adds the worst class
+  (:func:`worst_class`): by honest mean, and the worst (honest node, class) pair.
 - ``detection``: over the (honest observer, neighbour) pairs of the graph, a pair is
   *flagged* when the observer gives the peer aggregation weight 0 (score below the
   reputation threshold, or banned). ``recall`` is the share of (observer, Byzantine)
@@ -72,6 +74,30 @@ def _per_round(result: RunResult, members: Sequence[int]) -> tuple[list[Any], li
     means = [_mean(result.accuracy[i][r] for i in members) for r in rounds]
     mins = [_min(result.accuracy[i][r] for i in members) for r in rounds]
     return means, mins
+
+
+def class_means(result: RunResult, members: Sequence[int]) -> list[list[float | None] | None]:
+    """Return, per round, each class's test accuracy averaged over ``members`` (None: unknown)."""
+    rows: list[list[float | None] | None] = []
+    for r in range(result.scenario.rounds):
+        known = [acc for i in members if i < len(result.per_class) and (acc := result.per_class[i][r])]
+        width = max((len(acc) for acc in known), default=0)
+        rows.append([_mean(acc[c] for acc in known if c < len(acc)) for c in range(width)] or None)
+    return rows
+
+
+def worst_class(result: RunResult) -> dict[str, Any]:
+    """The final round's worst class: by honest mean, and over single honest nodes."""
+    final = class_means(result, result.honest)[-1] or []
+    by_mean = [(acc, c) for c, acc in enumerate(final) if acc is not None]
+    by_node = [
+        (acc, c, i) for i in result.honest
+        for c, acc in enumerate(_final_classes(result, i) or []) if not math.isnan(acc)
+    ]
+    mean_acc, mean_class = min(by_mean) if by_mean else (None, None)
+    node_acc, node_class, node = min(by_node) if by_node else (None, None, None)
+    return {"worst_class": mean_acc, "worst_class_index": mean_class,
+            "worst_node_class": node_acc, "worst_node_class_index": node_class, "worst_node": node}
 
 
 def _last_weights(rows: Sequence[Mapping[int, float]]) -> Mapping[int, float]:
@@ -154,6 +180,11 @@ def reputation_matrix(result: RunResult) -> list[list[float | None]]:
     return matrix
 
 
+def _final_classes(result: RunResult, index: int) -> list[float] | None:
+    rows = result.per_class[index] if index < len(result.per_class) else ()
+    return list(rows[-1]) if rows and rows[-1] else None
+
+
 def scorecard(result: RunResult) -> dict[str, Any]:
     """Return the scorecard of one run as JSON-able data."""
     scenario, honest = result.scenario, result.honest
@@ -165,12 +196,14 @@ def scorecard(result: RunResult) -> dict[str, Any]:
         "seed": result.seed,
         "byzantine": list(result.byzantine),
         "edges": [list(e) for e in result.edges],
-        "accuracy": {"honest_mean": means, "honest_min": mins, "byzantine_mean": byz_means},
+        "accuracy": {"honest_mean": means, "honest_min": mins, "byzantine_mean": byz_means,
+                     "honest_class_mean": class_means(result, honest)},
         "consensus": list(result.consensus),
         "final": {
             "honest_mean": means[-1],
             "honest_min": mins[-1],
             "consensus": result.consensus[-1] if result.consensus else None,
+            **worst_class(result),
         },
         "detection": detection(result),
         "exposed_honest": exposed_honest(result),
@@ -180,7 +213,7 @@ def scorecard(result: RunResult) -> dict[str, Any]:
         },
         "nodes": [
             {"index": i, "byzantine": i in result.byzantine, "accuracy": list(result.accuracy[i]),
-             "rejected": dict(result.rejected[i])}
+             "class_accuracy": _final_classes(result, i), "rejected": dict(result.rejected[i])}
             for i in range(scenario.nodes)
         ],
         "reputation": reputation_matrix(result),
@@ -214,6 +247,8 @@ def grid_summary(cards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "accuracy_spread": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
             "accuracy_min": _min(finals),
             "honest_min_mean": _mean(c["final"]["honest_min"] for c in group),
+            "worst_class_mean": _mean(c["final"].get("worst_class") for c in group),
+            "worst_node_class_mean": _mean(c["final"].get("worst_node_class") for c in group),
             "recall_mean": _mean(recalls),
             "recall_within_5_mean": _mean(
                 r for c in group if (r := c["detection"].get("recall_within_5")) is not None
@@ -254,10 +289,14 @@ def run_line(card: Mapping[str, Any]) -> str:
     acc = "-" if final["honest_mean"] is None else f"{final['honest_mean']:.3f}"
     low = "-" if final["honest_min"] is None else f"{final['honest_min']:.3f}"
     recall = "" if det["recall"] is None else f", detected {det['recall']:.0%}"
-    return f"{s['rule']} / {attack} / seed {card['seed']}: honest accuracy {acc} (min {low}){recall}"
+    worst = final.get("worst_class")
+    klass = "" if worst is None else f", worst class {final['worst_class_index']} {worst:.3f}"
+    return (f"{s['rule']} / {attack} / seed {card['seed']}: honest accuracy {acc} (min {low})"
+            f"{klass}{recall}")
 
 
 __all__ = [
+    "class_means",
     "detection",
     "exposed_honest",
     "grid_summary",
@@ -267,4 +306,5 @@ __all__ = [
     "run_line",
     "scenario_record",
     "scorecard",
+    "worst_class",
 ]

@@ -131,6 +131,9 @@ def test_evaluate_matches_a_direct_computation() -> None:
     assert metrics.accuracy == pytest.approx(float((logits.argmax(1) == y).float().mean()))
     assert metrics.loss == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
     assert learner.model.training  # evaluation leaves the model in training mode
+    right = logits.argmax(1) == y
+    expected = [float(right[y == c].float().mean()) for c in range(10)]
+    assert metrics.per_class == pytest.approx(expected)
 
 
 def test_training_is_deterministic_for_a_seed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,19 @@ def synthetic(seed: int = 0, final: float = 0.9, attack: str = "sign_flip") -> R
         bytes_out=(50, 50, 50, 50),
         rejected=({}, {}, {}, {}),
     )
+
+
+def test_worst_class_is_reported_by_honest_mean_and_by_single_node() -> None:
+    classes = ((None, (1.0, 0.8)), (None, (1.0, 0.2)), (None, (0.9, math.nan)), (None, (0.0, 0.0)))
+    run = replace(synthetic(), per_class=classes)  # node 3 (Byzantine) does not count
+    card = scorecard(run)
+    assert card["accuracy"]["honest_class_mean"] == [None, [pytest.approx(29 / 30), pytest.approx(0.5)]]
+    final = card["final"]
+    assert (final["worst_class_index"], final["worst_class"]) == (1, pytest.approx(0.5))
+    assert (final["worst_node"], final["worst_node_class_index"], final["worst_node_class"]) == (1, 1, 0.2)
+    assert card["nodes"][1]["class_accuracy"] == [1.0, 0.2]
+    summary = grid_summary([card])
+    assert summary["cells"][0]["worst_class_mean"] == pytest.approx(0.5)
 
 
 def test_detection_counts_pairs_seen_by_honest_observers() -> None:
