@@ -79,14 +79,24 @@ class HarmCheck:
     # Whose clipping is not held against its reputation: "passed" (this round's check),
     # "vetted" (``streak`` passes in a row), or "none".
     forgive: str = "passed"
+    # A neighbour whose check fails counts as trusted at most this much (1: no evidence).
+    fail_trust: float = 1.0
+    # What a neighbour's mixed loss is compared with: "own" (our model's loss) or
+    # "median" (the lower of that and the median neighbour's mixed loss).
+    reference: str = "own"
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        require(self.reference in ("own", "median"), "harm_check.reference",
+                f"must be own or median, got {self.reference!r}")
         require(self.forgive in ("passed", "vetted", "none"), "harm_check.forgive",
                 f"must be passed, vetted or none, got {self.forgive!r}")
         require(isinstance(self.probe_scale, int | float) and not isinstance(self.probe_scale, bool)
                 and 1 <= self.probe_scale <= 1e3, "harm_check.probe_scale",
                 f"must be a number in [1, 1000], got {self.probe_scale!r}")
+        require(isinstance(self.fail_trust, int | float) and not isinstance(self.fail_trust, bool)
+                and 0 <= self.fail_trust <= 1, "harm_check.fail_trust",
+                f"must be a number in [0, 1], got {self.fail_trust!r}")
         for name in ("absolute", "relative"):
             value = getattr(self, name)
             require(

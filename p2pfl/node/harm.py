@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -60,6 +61,50 @@ def mixed(
     }
 
 
+def probe(
+    prober: Prober,
+    check: HarmCheck,
+    own: Mapping[str, torch.Tensor],
+    neighbours: Sequence[Mapping[str, torch.Tensor]],
+    shares: Sequence[float],
+    *,
+    start: Mapping[str, torch.Tensor] | None = None,
+) -> list[float | None]:
+    """Return, per neighbour, how far mixing it in at its share raises our loss beyond the
+    tolerance (<= 0: harmless; inf: a non-finite loss), or None where nothing was judged.
+
+    ``start`` is our model before this round's local training: when training made our
+    loss worse, not better, our own model is no yardstick (anything mixed in improves
+    it, a sign-flipped model included: the attack tests showed it) and nobody is judged.
+    Neighbours with share 0 are not probed (they are not mixed in) and are not judged.
+    """
+    probed = [j for j, share in enumerate(shares) if share > 0]
+    unjudged: list[float | None] = [None] * len(neighbours)
+    if not probed:
+        return unjudged
+    references = [own] if start is None else [own, start]
+    mixes = (mixed(own, neighbours[j], shares[j]) for j in probed)  # one at a time
+    losses = prober.probe_losses(itertools.chain(references, mixes))
+    base = losses[0]
+    if not math.isfinite(base):
+        return unjudged
+    tolerance = check.absolute + check.relative * base
+    if start is not None and not base <= losses[1] + tolerance:
+        return unjudged
+    mixes_losses = losses[len(references) :]
+    reference = base
+    finite = [loss for loss in mixes_losses if math.isfinite(loss)]
+    if check.reference == "median" and finite:
+        # Zeno-style: when our neighbours typically improve our loss, "no worse than our
+        # own model" is too lax a bar; compare with the typical neighbour instead (never
+        # looser than our own loss; the median is honest while most neighbours are).
+        reference = min(base, statistics.median(finite))
+    excess = list(unjudged)
+    for j, loss in zip(probed, mixes_losses, strict=True):
+        excess[j] = loss - reference - tolerance if math.isfinite(loss) else math.inf
+    return excess
+
+
 def vet(
     prober: Prober,
     check: HarmCheck,
@@ -69,29 +114,9 @@ def vet(
     *,
     start: Mapping[str, torch.Tensor] | None = None,
 ) -> list[bool]:
-    """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance.
-
-    ``start`` is our model before this round's local training: when training made our
-    loss worse, not better, our own model is no yardstick (anything mixed in improves
-    it, a sign-flipped model included: the attack tests showed it) and nobody is vetted.
-    Neighbours with share 0 are not probed (they are not mixed in) and are not vetted.
-    """
-    probed = [j for j, share in enumerate(shares) if share > 0]
-    if not probed:
-        return [False] * len(neighbours)
-    references = [own] if start is None else [own, start]
-    mixes = (mixed(own, neighbours[j], shares[j]) for j in probed)  # one at a time
-    losses = prober.probe_losses(itertools.chain(references, mixes))
-    base = losses[0]
-    if not math.isfinite(base):
-        return [False] * len(neighbours)
-    tolerance = check.absolute + check.relative * base
-    if start is not None and not base <= losses[1] + tolerance:
-        return [False] * len(neighbours)
-    vetted = [False] * len(neighbours)
-    for j, loss in zip(probed, losses[len(references) :], strict=True):
-        vetted[j] = math.isfinite(loss) and loss - base <= tolerance
-    return vetted
+    """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance
+    (:func:`probe` <= 0; not judged: False)."""
+    return [e is not None and e <= 0 for e in probe(prober, check, own, neighbours, shares, start=start)]
 
 
 def plausible(
@@ -143,14 +168,20 @@ class Verdict:
 
     passed: list[bool]
     vetted: list[bool]
+    failed: list[bool] = field(default_factory=list)  # judged, and raised our loss too much
     forgive: str = "passed"
+    fail_trust: float = 1.0
 
     def forgiven(self, trust: Sequence[float], floor: float) -> tuple[float, ...]:
-        """Raise to ``floor`` the trust of the neighbours whose clipping is forgiven."""
+        """Return the trust that becomes evidence: raised to ``floor`` where clipping is
+        forgiven, capped at ``fail_trust`` where the check failed."""
         spared = {"passed": self.passed, "vetted": self.vetted}.get(self.forgive)
-        if spared is None:
-            return tuple(trust)
-        return tuple(max(t, floor) if ok else t for t, ok in zip(trust, spared, strict=True))
+        out = list(trust)
+        if spared is not None:
+            out = [max(t, floor) if ok else t for t, ok in zip(out, spared, strict=True)]
+        if self.failed:
+            out = [min(t, self.fail_trust) if bad else t for t, bad in zip(out, self.failed, strict=True)]
+        return tuple(out)
 
 
 class HarmGate:
@@ -182,14 +213,16 @@ class HarmGate:
         floor = 1 / (len(states) + 1)
         shares = [max(w / total, floor) if total > 0 else floor for w in weights]
         shares = [min(1.0, self.check.probe_scale * share) for share in shares]
-        passed = vet(self.prober, self.check, own, states, shares, start=start)
+        excess = probe(self.prober, self.check, own, states, shares, start=start)
+        passed = [e is not None and e <= 0 for e in excess]
+        failed = [e is not None and e > 0 for e in excess]
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
         vetted = [self._streaks[s] >= self.check.streak for s in senders]
-        return Verdict(passed, vetted, self.check.forgive)
+        return Verdict(passed, vetted, failed, self.check.forgive, self.check.fail_trust)
 
 
-__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "starting_point", "vet"]
+__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "probe", "starting_point", "vet"]
