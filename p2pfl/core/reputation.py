@@ -105,7 +105,7 @@ class ReputationConfig:
     # Robust rules clip or down-weight the farthest honest neighbours every round (the
     # adaptive radius is a quantile of their distances). Only trust below this fraction
     # counts against a peer; attackers far outside the honest spread land near 0.
-    clip_tolerance: float = 0.25
+    clip_tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -80,13 +80,18 @@ class HarmCheck:
     # "vetted" (``streak`` passes in a row), or "none".
     forgive: str = "passed"
     # A neighbour whose check fails counts as trusted at most this much (1: no evidence).
-    fail_trust: float = 1.0
+    fail_trust: float = 0.5
     # What a neighbour's mixed loss is compared with: "own" (our model's loss) or
     # "median" (the lower of that and the median neighbour's mixed loss).
-    reference: str = "own"
+    reference: str = "median"
+    # How losses on our sample weigh classes: "pooled" (every sample alike), "balanced"
+    # (each class present alike) or "worst" (the worst class); needs probe_class_losses.
+    classes: str = "pooled"
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        require(self.classes in ("pooled", "balanced", "worst"), "harm_check.classes",
+                f"must be pooled, balanced or worst, got {self.classes!r}")
         require(self.reference in ("own", "median"), "harm_check.reference",
                 f"must be own or median, got {self.reference!r}")
         require(self.forgive in ("passed", "vetted", "none"), "harm_check.forgive",

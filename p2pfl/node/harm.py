@@ -51,6 +51,26 @@ class Prober(Protocol):
         ...
 
 
+@runtime_checkable
+class ClassProber(Prober, Protocol):
+    """A prober that also reports per-class losses (``TorchLearner`` is one)."""
+
+    def probe_class_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[list[float]]:
+        """Return, per state, the loss of each class in the probe sample, in a fixed order."""
+        ...
+
+
+def probe_losses(
+    prober: Prober, check: HarmCheck, states: Iterable[Mapping[str, torch.Tensor]]
+) -> list[float]:
+    """Losses as the check weighs classes: ``pooled`` (every sample alike), ``balanced``
+    (mean over classes) or ``worst`` (the worst class); pooled if the prober cannot tell."""
+    if check.classes == "pooled" or not isinstance(prober, ClassProber):
+        return prober.probe_losses(states)
+    combine = max if check.classes == "worst" else statistics.fmean
+    return [combine(per_class) if per_class else math.nan for per_class in prober.probe_class_losses(states)]
+
+
 def mixed(
     own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], share: float
 ) -> dict[str, torch.Tensor]:
@@ -61,6 +81,14 @@ def mixed(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Excess:
+    """How far one neighbour's mix raised our loss beyond the tolerance (<= 0: within)."""
+
+    over_own: float  # above our own model's loss: harm in absolute terms
+    over_reference: float  # above the check's reference (``own`` or ``median``)
+
+
 def probe(
     prober: Prober,
     check: HarmCheck,
@@ -69,9 +97,9 @@ def probe(
     shares: Sequence[float],
     *,
     start: Mapping[str, torch.Tensor] | None = None,
-) -> list[float | None]:
+) -> list[Excess | None]:
     """Return, per neighbour, how far mixing it in at its share raises our loss beyond the
-    tolerance (<= 0: harmless; inf: a non-finite loss), or None where nothing was judged.
+    tolerance (inf: a non-finite loss), or None where nothing was judged.
 
     ``start`` is our model before this round's local training: when training made our
     loss worse, not better, our own model is no yardstick (anything mixed in improves
@@ -79,12 +107,12 @@ def probe(
     Neighbours with share 0 are not probed (they are not mixed in) and are not judged.
     """
     probed = [j for j, share in enumerate(shares) if share > 0]
-    unjudged: list[float | None] = [None] * len(neighbours)
+    unjudged: list[Excess | None] = [None] * len(neighbours)
     if not probed:
         return unjudged
     references = [own] if start is None else [own, start]
     mixes = (mixed(own, neighbours[j], shares[j]) for j in probed)  # one at a time
-    losses = prober.probe_losses(itertools.chain(references, mixes))
+    losses = probe_losses(prober, check, itertools.chain(references, mixes))
     base = losses[0]
     if not math.isfinite(base):
         return unjudged
@@ -101,7 +129,10 @@ def probe(
         reference = min(base, statistics.median(finite))
     excess = list(unjudged)
     for j, loss in zip(probed, mixes_losses, strict=True):
-        excess[j] = loss - reference - tolerance if math.isfinite(loss) else math.inf
+        if not math.isfinite(loss):
+            excess[j] = Excess(math.inf, math.inf)
+        else:
+            excess[j] = Excess(loss - base - tolerance, loss - reference - tolerance)
     return excess
 
 
@@ -115,8 +146,9 @@ def vet(
     start: Mapping[str, torch.Tensor] | None = None,
 ) -> list[bool]:
     """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance
-    (:func:`probe` <= 0; not judged: False)."""
-    return [e is not None and e <= 0 for e in probe(prober, check, own, neighbours, shares, start=start)]
+    (:func:`probe`'s ``over_reference`` <= 0; not judged: False)."""
+    judged = probe(prober, check, own, neighbours, shares, start=start)
+    return [e is not None and e.over_reference <= 0 for e in judged]
 
 
 def plausible(
@@ -214,8 +246,10 @@ class HarmGate:
         shares = [max(w / total, floor) if total > 0 else floor for w in weights]
         shares = [min(1.0, self.check.probe_scale * share) for share in shares]
         excess = probe(self.prober, self.check, own, states, shares, start=start)
-        passed = [e is not None and e <= 0 for e in excess]
-        failed = [e is not None and e > 0 for e in excess]
+        passed = [e is not None and e.over_reference <= 0 for e in excess]
+        # Evidence only for harm in absolute terms: a neighbour that helps us less than
+        # the others do is not vetted, but it is no sign of malice.
+        failed = [e is not None and e.over_own > 0 for e in excess]
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
@@ -225,4 +259,4 @@ class HarmGate:
         return Verdict(passed, vetted, failed, self.check.forgive, self.check.fail_trust)
 
 
-__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "probe", "starting_point", "vet"]
+__all__ = ["ClassProber", "Excess", "HarmGate", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]

@@ -11,7 +11,17 @@ import torch
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import State
 from p2pfl.node.config import HarmCheck
-from p2pfl.node.harm import HarmGate, Prober, Verdict, mixed, plausible, probe, starting_point, vet
+from p2pfl.node.harm import (
+    Excess,
+    HarmGate,
+    Prober,
+    Verdict,
+    mixed,
+    plausible,
+    probe,
+    starting_point,
+    vet,
+)
 
 
 class Distance:
@@ -121,9 +131,10 @@ def test_nobody_is_vetted_when_our_own_training_made_us_worse() -> None:
     # mixed in then "improves" it, the attacker's model included: no yardstick, no pass.
     prober = Distance(target=0.0)
     own, neighbours = state(2.0), [state(0.0), state(-2.0)]
-    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2]) == [True, True]
-    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(0.0)) == [False, False]
-    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(3.0)) == [True, True]
+    check = HarmCheck(reference="own")  # both improve our loss; by the median one does less
+    assert vet(prober, check, own, neighbours, [0.2, 0.2]) == [True, True]
+    assert vet(prober, check, own, neighbours, [0.2, 0.2], start=state(0.0)) == [False, False]
+    assert vet(prober, check, own, neighbours, [0.2, 0.2], start=state(3.0)) == [True, True]
 
 
 def test_the_gate_vets_after_a_streak_and_a_failure_resets_it() -> None:
@@ -149,11 +160,11 @@ def test_probe_reports_the_excess_over_the_tolerance_and_none_when_unjudged() ->
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own")
     excess = probe(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2, 0.2, 0.0])
-    assert excess[0] == pytest.approx(0.4 - 0.1)
-    assert excess[1] == pytest.approx(0.08 - 0.1)
+    assert excess[0] == Excess(pytest.approx(0.4 - 0.1), pytest.approx(0.4 - 0.1))
+    assert excess[1] == Excess(pytest.approx(0.08 - 0.1), pytest.approx(0.08 - 0.1))
     assert excess[2] is None  # share 0: not mixed in, not judged
     inf = {"w": torch.full((4,), float("inf")), "steps": torch.tensor(7)}
-    assert probe(prober, check, state(0.0), [inf], [0.5]) == [math.inf]
+    assert probe(prober, check, state(0.0), [inf], [0.5]) == [Excess(math.inf, math.inf)]
     assert probe(prober, check, state(2.0), [state(0.0)], [0.2], start=state(0.0)) == [None]
 
 

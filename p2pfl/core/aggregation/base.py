@@ -37,7 +37,7 @@ DEFAULT_BYZANTINE_FRACTION = 0.2
 DEFAULT_MEDIAN_CAP = 2.0
 # Radius of a neighbour the harm check vetted, in units of the clipping radius
 # (math.inf: vetted neighbours are used in full, the behaviour before issue 17).
-DEFAULT_VETTED_SCALE = math.inf
+DEFAULT_VETTED_SCALE = 4.0
 # Radius cap in units of the node's own last local update (``own_step``), when given.
 STEP_CAP = 4.0
 # Rules with a clipping radius: they use ``own_step`` and ``vetted``.

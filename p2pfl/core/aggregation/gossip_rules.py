@@ -88,7 +88,8 @@ def _vetted_ratio(
     ratio = clip_ratio(tau, dist)
     if inp.vetted is None:
         return ratio
-    return torch.where(inp.vetted, clip_ratio(vetted_scale * tau, dist), ratio)
+    wide = torch.ones_like(ratio) if math.isinf(vetted_scale) else clip_ratio(vetted_scale * tau, dist)
+    return torch.where(inp.vetted, wide, ratio)
 
 
 @rule("centered_clip")
