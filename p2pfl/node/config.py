@@ -77,8 +77,9 @@ class HarmCheck:
     # Probe at this multiple of the share a neighbour would have at full reputation.
     probe_scale: float = 1.0
     # Whose clipping is not held against its reputation: "passed" (this round's check),
-    # "vetted" (``streak`` passes in a row), or "none".
-    forgive: str = "passed"
+    # "harmless" (no worse than our own model, whatever the reference), "vetted"
+    # (``streak`` passes in a row), or "none".
+    forgive: str = "harmless"
     # A neighbour whose check fails counts as trusted at most this much (1: no evidence).
     fail_trust: float = 0.5
     # What a neighbour's mixed loss is compared with: "own" (our model's loss) or
@@ -94,8 +95,8 @@ class HarmCheck:
                 f"must be pooled, balanced or worst, got {self.classes!r}")
         require(self.reference in ("own", "median"), "harm_check.reference",
                 f"must be own or median, got {self.reference!r}")
-        require(self.forgive in ("passed", "vetted", "none"), "harm_check.forgive",
-                f"must be passed, vetted or none, got {self.forgive!r}")
+        require(self.forgive in ("passed", "harmless", "vetted", "none"), "harm_check.forgive",
+                f"must be passed, harmless, vetted or none, got {self.forgive!r}")
         require(isinstance(self.probe_scale, int | float) and not isinstance(self.probe_scale, bool)
                 and 1 <= self.probe_scale <= 1e3, "harm_check.probe_scale",
                 f"must be a number in [1, 1000], got {self.probe_scale!r}")

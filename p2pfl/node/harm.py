@@ -201,13 +201,16 @@ class Verdict:
     passed: list[bool]
     vetted: list[bool]
     failed: list[bool] = field(default_factory=list)  # judged, and raised our loss too much
+    harmless: list[bool] = field(default_factory=list)  # judged, within tolerance of our loss
     forgive: str = "passed"
     fail_trust: float = 1.0
 
     def forgiven(self, trust: Sequence[float], floor: float) -> tuple[float, ...]:
         """Return the trust that becomes evidence: raised to ``floor`` where clipping is
         forgiven, capped at ``fail_trust`` where the check failed."""
-        spared = {"passed": self.passed, "vetted": self.vetted}.get(self.forgive)
+        spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless}.get(
+            self.forgive
+        )
         out = list(trust)
         if spared is not None:
             out = [max(t, floor) if ok else t for t, ok in zip(out, spared, strict=True)]
@@ -250,13 +253,14 @@ class HarmGate:
         # Evidence only for harm in absolute terms: a neighbour that helps us less than
         # the others do is not vetted, but it is no sign of malice.
         failed = [e is not None and e.over_own > 0 for e in excess]
+        harmless = [e is not None and e.over_own <= 0 for e in excess]
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
         vetted = [self._streaks[s] >= self.check.streak for s in senders]
-        return Verdict(passed, vetted, failed, self.check.forgive, self.check.fail_trust)
+        return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust)
 
 
 __all__ = ["ClassProber", "Excess", "HarmGate", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]
