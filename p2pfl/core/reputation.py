@@ -102,10 +102,10 @@ class ReputationConfig:
     duplicate_strength: float = 1.0
     severe_penalty: float = 10.0  # Beta(1, 11) after a reset: score 0.083
     history_length: int = 64  # events kept per peer for `status`
-    # Robust rules clip or down-weight the farthest honest neighbours every round (the
-    # adaptive radius is a quantile of their distances). Only trust below this fraction
-    # counts against a peer; attackers far outside the honest spread land near 0.
-    clip_tolerance: float = 0.25
+    # Only trust below this fraction counts against a peer, in proportion. 1.0 (issue 17):
+    # every clipped share is evidence; the harm check forgives honest far neighbours.
+    # 0.25 (before) let an attacker clipped to a quarter keep full reputation.
+    clip_tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

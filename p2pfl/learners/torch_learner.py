@@ -283,6 +283,26 @@ class TorchLearner:
             self.model.train()
         return losses
 
+    def probe_class_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[list[float]]:
+        """Return, per state, the loss of each class present in the probe sample (by class).
+
+        Same sample and same guarantees as :meth:`probe_losses`; the harm check weighs
+        classes equally with it, so that a neighbour that knows our rare classes better is
+        not judged by our common ones alone.
+        """
+        x, y = self._probe_batch()
+        masks = [y == c for c in torch.unique(y)]
+        losses = []
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for state in states:
+                    logits = torch.func.functional_call(self.model, dict(state), (x,))
+                    losses.append([float(self.loss_fn(logits[m], y[m])) for m in masks])
+        finally:
+            self.model.train()
+        return losses
+
     def _probe_batch(self) -> Batch:
         if self._probe is None:
             xs: list[torch.Tensor] = []

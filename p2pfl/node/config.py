@@ -77,9 +77,41 @@ class HarmCheck:
     absolute: float = 0.05
     relative: float = 0.05
     streak: int = 3
+    # Probe at this multiple of the share a neighbour would have at full reputation.
+    probe_scale: float = 1.0
+    # Whose clipping is not held against its reputation: "passed" (this round's check),
+    # "harmless" (no worse than our own model, whatever the reference), "vetted"
+    # (``streak`` passes in a row), or "none".
+    forgive: str = "harmless"
+    # A neighbour whose check fails counts as trusted at most this much (1: no evidence).
+    fail_trust: float = 0.5
+    # What a neighbour's mixed loss is compared with: "own" (our model's loss) or
+    # "median" (the lower of that and the median neighbour's mixed loss).
+    reference: str = "median"
+    # How losses on our sample weigh classes: "pooled" (every sample alike), "balanced"
+    # (each class present alike) or "worst" (the worst class); needs probe_class_losses.
+    classes: str = "pooled"
+    # Our first rounds in which a failed check is no evidence: models trained from different
+    # starting points are far apart at first, honest or not (a 6-node ring flagged an honest
+    # neighbour in round 2 without it).
+    grace: int = 3
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        require(self.classes in ("pooled", "balanced", "worst"), "harm_check.classes",
+                f"must be pooled, balanced or worst, got {self.classes!r}")
+        require(isinstance(self.grace, int) and not isinstance(self.grace, bool) and self.grace >= 0,
+                "harm_check.grace", f"must be an integer >= 0, got {self.grace!r}")
+        require(self.reference in ("own", "median"), "harm_check.reference",
+                f"must be own or median, got {self.reference!r}")
+        require(self.forgive in ("passed", "harmless", "vetted", "none"), "harm_check.forgive",
+                f"must be passed, harmless, vetted or none, got {self.forgive!r}")
+        require(isinstance(self.probe_scale, int | float) and not isinstance(self.probe_scale, bool)
+                and 1 <= self.probe_scale <= 1e3, "harm_check.probe_scale",
+                f"must be a number in [1, 1000], got {self.probe_scale!r}")
+        require(isinstance(self.fail_trust, int | float) and not isinstance(self.fail_trust, bool)
+                and 0 <= self.fail_trust <= 1, "harm_check.fail_trust",
+                f"must be a number in [0, 1], got {self.fail_trust!r}")
         for name in ("absolute", "relative"):
             value = getattr(self, name)
             require(

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -50,6 +51,26 @@ class Prober(Protocol):
         ...
 
 
+@runtime_checkable
+class ClassProber(Prober, Protocol):
+    """A prober that also reports per-class losses (``TorchLearner`` is one)."""
+
+    def probe_class_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[list[float]]:
+        """Return, per state, the loss of each class in the probe sample, in a fixed order."""
+        ...
+
+
+def probe_losses(
+    prober: Prober, check: HarmCheck, states: Iterable[Mapping[str, torch.Tensor]]
+) -> list[float]:
+    """Losses as the check weighs classes: ``pooled`` (every sample alike), ``balanced``
+    (mean over classes) or ``worst`` (the worst class); pooled if the prober cannot tell."""
+    if check.classes == "pooled" or not isinstance(prober, ClassProber):
+        return prober.probe_losses(states)
+    combine = max if check.classes == "worst" else statistics.fmean
+    return [combine(per_class) if per_class else math.nan for per_class in prober.probe_class_losses(states)]
+
+
 def mixed(
     own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], share: float
 ) -> dict[str, torch.Tensor]:
@@ -58,6 +79,61 @@ def mixed(
         name: tensor + share * (other[name] - tensor) if tensor.is_floating_point() else tensor
         for name, tensor in own.items()
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Excess:
+    """How far one neighbour's mix raised our loss beyond the tolerance (<= 0: within)."""
+
+    over_own: float  # above our own model's loss: harm in absolute terms
+    over_reference: float  # above the check's reference (``own`` or ``median``)
+
+
+def probe(
+    prober: Prober,
+    check: HarmCheck,
+    own: Mapping[str, torch.Tensor],
+    neighbours: Sequence[Mapping[str, torch.Tensor]],
+    shares: Sequence[float],
+    *,
+    start: Mapping[str, torch.Tensor] | None = None,
+) -> list[Excess | None]:
+    """Return, per neighbour, how far mixing it in at its share raises our loss beyond the
+    tolerance (inf: a non-finite loss), or None where nothing was judged.
+
+    ``start`` is our model before this round's local training: when training made our
+    loss worse, not better, our own model is no yardstick (anything mixed in improves
+    it, a sign-flipped model included: the attack tests showed it) and nobody is judged.
+    Neighbours with share 0 are not probed (they are not mixed in) and are not judged.
+    """
+    probed = [j for j, share in enumerate(shares) if share > 0]
+    unjudged: list[Excess | None] = [None] * len(neighbours)
+    if not probed:
+        return unjudged
+    references = [own] if start is None else [own, start]
+    mixes = (mixed(own, neighbours[j], shares[j]) for j in probed)  # one at a time
+    losses = probe_losses(prober, check, itertools.chain(references, mixes))
+    base = losses[0]
+    if not math.isfinite(base):
+        return unjudged
+    tolerance = check.absolute + check.relative * base
+    if start is not None and not base <= losses[1] + tolerance:
+        return unjudged
+    mixes_losses = losses[len(references) :]
+    reference = base
+    finite = [loss for loss in mixes_losses if math.isfinite(loss)]
+    if check.reference == "median" and finite:
+        # Zeno-style: when our neighbours typically improve our loss, "no worse than our
+        # own model" is too lax a bar; compare with the typical neighbour instead (never
+        # looser than our own loss; the median is honest while most neighbours are).
+        reference = min(base, statistics.median(finite))
+    excess = list(unjudged)
+    for j, loss in zip(probed, mixes_losses, strict=True):
+        if not math.isfinite(loss):
+            excess[j] = Excess(math.inf, math.inf)
+        else:
+            excess[j] = Excess(loss - base - tolerance, loss - reference - tolerance)
+    return excess
 
 
 def vet(
@@ -69,29 +145,10 @@ def vet(
     *,
     start: Mapping[str, torch.Tensor] | None = None,
 ) -> list[bool]:
-    """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance.
-
-    ``start`` is our model before this round's local training: when training made our
-    loss worse, not better, our own model is no yardstick (anything mixed in improves
-    it, a sign-flipped model included: the attack tests showed it) and nobody is vetted.
-    Neighbours with share 0 are not probed (they are not mixed in) and are not vetted.
-    """
-    probed = [j for j, share in enumerate(shares) if share > 0]
-    if not probed:
-        return [False] * len(neighbours)
-    references = [own] if start is None else [own, start]
-    mixes = (mixed(own, neighbours[j], shares[j]) for j in probed)  # one at a time
-    losses = prober.probe_losses(itertools.chain(references, mixes))
-    base = losses[0]
-    if not math.isfinite(base):
-        return [False] * len(neighbours)
-    tolerance = check.absolute + check.relative * base
-    if start is not None and not base <= losses[1] + tolerance:
-        return [False] * len(neighbours)
-    vetted = [False] * len(neighbours)
-    for j, loss in zip(probed, losses[len(references) :], strict=True):
-        vetted[j] = math.isfinite(loss) and loss - base <= tolerance
-    return vetted
+    """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance
+    (:func:`probe`'s ``over_reference`` <= 0; not judged: False)."""
+    judged = probe(prober, check, own, neighbours, shares, start=start)
+    return [e is not None and e.over_reference <= 0 for e in judged]
 
 
 def plausible(
@@ -155,6 +212,25 @@ class Verdict:
 
     passed: list[bool]
     vetted: list[bool]
+    failed: list[bool] = field(default_factory=list)  # judged, and raised our loss too much
+    harmless: list[bool] = field(default_factory=list)  # judged, within tolerance of our loss
+    forgive: str = "passed"
+    fail_trust: float = 1.0
+
+    def forgiven(
+        self, trust: Sequence[float], floor: float, *, failures: bool = True
+    ) -> tuple[float, ...]:
+        """Return the trust that becomes evidence: raised to ``floor`` where clipping is
+        forgiven, capped at ``fail_trust`` where the check failed (unless not ``failures``)."""
+        spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless}.get(
+            self.forgive
+        )
+        out = list(trust)
+        if spared is not None:
+            out = [max(t, floor) if ok else t for t, ok in zip(out, spared, strict=True)]
+        if self.failed and failures:
+            out = [min(t, self.fail_trust) if bad else t for t, bad in zip(out, self.failed, strict=True)]
+        return tuple(out)
 
 
 class HarmGate:
@@ -185,13 +261,20 @@ class HarmGate:
         total = self_weight + sum(weights)
         floor = 1 / (len(states) + 1)
         shares = [max(w / total, floor) if total > 0 else floor for w in weights]
-        passed = vet(self.prober, self.check, own, states, shares, start=start)
+        shares = [min(1.0, self.check.probe_scale * share) for share in shares]
+        excess = probe(self.prober, self.check, own, states, shares, start=start)
+        passed = [e is not None and e.over_reference <= 0 for e in excess]
+        # Evidence only for harm in absolute terms: a neighbour that helps us less than
+        # the others do is not vetted, but it is no sign of malice.
+        failed = [e is not None and e.over_own > 0 for e in excess]
+        harmless = [e is not None and e.over_own <= 0 for e in excess]
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
-        return Verdict(passed, [self._streaks[s] >= self.check.streak for s in senders])
+        vetted = [self._streaks[s] >= self.check.streak for s in senders]
+        return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust)
 
 
-__all__ = ["HarmGate", "Prober", "Verdict", "mixed", "plausible", "starting_point", "vet"]
+__all__ = ["ClassProber", "Excess", "HarmGate", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]

@@ -89,8 +89,8 @@ class Mixer:
         if verdict is not None:
             # Clipped but harmless to us is no evidence of malice (the neighbour across
             # a bridge between communities is both); the streak decides the mixing.
-            floor = self._config.reputation.clip_tolerance
-            trust = tuple(max(t, floor) if ok else t for t, ok in zip(trust, verdict.passed, strict=True))
+            trust = verdict.forgiven(trust, self._config.reputation.clip_tolerance,
+                                     failures=number >= self._config.harm_check.grace)
         for update, value in zip(updates, trust, strict=True):
             self._standing.record_trust(update.sender, value, number)
         return result.state

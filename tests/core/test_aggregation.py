@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from p2pfl.core.aggregation import (
     CLIPPING_RULES,
     DEFAULT_RULE,
+    DEFAULT_VETTED_SCALE,
     RULES,
     adaptive_radius,
     aggregate,
@@ -511,18 +512,22 @@ def test_default_self_weight_is_the_mean_positive_neighbour_weight() -> None:
     assert torch.allclose(vec(result.state), expected)
 
 
-def test_vetted_neighbours_are_used_in_full_by_the_clipping_rules() -> None:
+def test_vetted_neighbours_get_a_wider_radius_in_the_clipping_rules() -> None:
     # Three close neighbours and one far one (the peer across a bridge): clipped to
-    # nearly nothing, unless the node vetted it (its harm check passed).
+    # nearly nothing, unless the node vetted it (its harm check passed): then its radius
+    # is vetted_scale times wider (default 4), or unbounded with math.inf.
     own, nbs, _ = cloud(19, 3, spread=0.1)
     far = model(np.full(9, 20.0))
     for name in ("clipped_gossip", "centered_clip"):
         clipped = aggregate(name, own, [*nbs, far], [1.0] * 4)
         assert clipped.trust[3] < 0.1
-        used = aggregate(name, own, [*nbs, far], [1.0] * 4, vetted=[False, False, False, True])
+        flags = [False, False, False, True]
+        wider = aggregate(name, own, [*nbs, far], [1.0] * 4, vetted=flags)
+        used = aggregate(name, own, [*nbs, far], [1.0] * 4, vetted=flags, vetted_scale=math.inf)
         assert used.trust[3] == 1.0
         if name == "clipped_gossip":  # centered_clip judges from its moved centre
-            assert clipped.trust[:3] == used.trust[:3]
+            assert wider.trust[3] == pytest.approx(DEFAULT_VETTED_SCALE * clipped.trust[3])
+            assert clipped.trust[:3] == used.trust[:3] == wider.trust[:3]
         pulled = float(torch.linalg.vector_norm(vec(used.state) - vec(own)))
         assert pulled > 10 * float(torch.linalg.vector_norm(vec(clipped.state) - vec(own)))
     plain = aggregate("mean", own, [*nbs, far], [1.0] * 4, vetted=[True] * 4)
@@ -530,3 +535,42 @@ def test_vetted_neighbours_are_used_in_full_by_the_clipping_rules() -> None:
     assert torch.equal(vec(plain.state), vec(unvetted.state))  # rules without a radius ignore it
     with pytest.raises(AggregationError, match="vetted"):
         aggregate("clipped_gossip", own, nbs, [1.0] * 3, vetted=[True])
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 8),
+    log_scale=st.floats(-3, 8),
+    scale=st.floats(1.0, 16.0),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_vetted_neighbour_pulls_at_most_vetted_scale_radii(
+    seed: int, n: int, log_scale: float, scale: float
+) -> None:
+    # Whatever the neighbours send and whoever the harm check vetted, no neighbour moves
+    # us further than its share times vetted_scale radii (the unvetted: one radius).
+    rng = np.random.default_rng(seed)
+    own = model(rng.normal(size=9))
+    nbs = [model(10**log_scale * rng.standard_cauchy(size=9)) for _ in range(n)]
+    vetted = [bool(v) for v in rng.uniform(size=n) > 0.5]
+    weights = [1.0] * n
+    result = aggregate("clipped_gossip", own, nbs, weights, vetted=vetted, vetted_scale=scale)
+    assert result.radius is not None
+    moved = float(torch.linalg.vector_norm(vec(result.state) - vec(own)))
+    bound = sum((scale if v else 1.0) * result.radius for v in vetted) / (1.0 + n)
+    assert moved <= bound * (1 + 1e-9) + 1e-9
+    for t, v, s in zip(result.trust, vetted, nbs, strict=True):
+        d = float(torch.linalg.vector_norm(vec(s) - vec(own)))
+        limit = (scale if v else 1.0) * result.radius
+        assert t == pytest.approx(min(1.0, limit / d) if d > 0 else 1.0)
+
+
+def test_vetted_scale_is_validated_and_equal_inputs_stay_put() -> None:
+    own = model(np.arange(9.0))
+    same = aggregate("clipped_gossip", own, [own, own], [1.0, 1.0], vetted=[True, False], vetted_scale=4.0)
+    assert torch.equal(vec(same.state), vec(own))
+    assert same.trust == (1.0, 1.0)
+    with pytest.raises(AggregationError, match="vetted_scale"):
+        aggregate("clipped_gossip", own, [own], [1.0], vetted_scale=0.5)
+    unbounded = aggregate("clipped_gossip", own, [own], [1.0], vetted=[True], vetted_scale=math.inf)
+    assert unbounded.trust == (1.0,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -10,7 +11,17 @@ import torch
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import State
 from p2pfl.node.config import HarmCheck
-from p2pfl.node.harm import HarmGate, Prober, mixed, plausible, starting_point, vet
+from p2pfl.node.harm import (
+    Excess,
+    HarmGate,
+    Prober,
+    Verdict,
+    mixed,
+    plausible,
+    probe,
+    starting_point,
+    vet,
+)
 
 
 class Distance:
@@ -120,9 +131,10 @@ def test_nobody_is_vetted_when_our_own_training_made_us_worse() -> None:
     # mixed in then "improves" it, the attacker's model included: no yardstick, no pass.
     prober = Distance(target=0.0)
     own, neighbours = state(2.0), [state(0.0), state(-2.0)]
-    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2]) == [True, True]
-    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(0.0)) == [False, False]
-    assert vet(prober, HarmCheck(), own, neighbours, [0.2, 0.2], start=state(3.0)) == [True, True]
+    check = HarmCheck(reference="own")  # both improve our loss; by the median one does less
+    assert vet(prober, check, own, neighbours, [0.2, 0.2]) == [True, True]
+    assert vet(prober, check, own, neighbours, [0.2, 0.2], start=state(0.0)) == [False, False]
+    assert vet(prober, check, own, neighbours, [0.2, 0.2], start=state(3.0)) == [True, True]
 
 
 def test_the_gate_vets_after_a_streak_and_a_failure_resets_it() -> None:
@@ -154,3 +166,66 @@ def test_a_lone_source_must_do_about_as_well_as_our_own_model() -> None:
     assert torch.equal(lone["w"], torch.full((4,), 0.5))
     pair = starting_point(state(1.0), [state(3.0), state(3.1)], Distance(target=0.0), check)
     assert pair is not None
+
+
+def test_probe_reports_the_excess_over_the_tolerance_and_none_when_unjudged() -> None:
+    prober = Distance(target=0.0)
+    check = HarmCheck(absolute=0.1, relative=0.0, reference="own")
+    excess = probe(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2, 0.2, 0.0])
+    assert excess[0] == Excess(pytest.approx(0.4 - 0.1), pytest.approx(0.4 - 0.1))
+    assert excess[1] == Excess(pytest.approx(0.08 - 0.1), pytest.approx(0.08 - 0.1))
+    assert excess[2] is None  # share 0: not mixed in, not judged
+    inf = {"w": torch.full((4,), float("inf")), "steps": torch.tensor(7)}
+    assert probe(prober, check, state(0.0), [inf], [0.5]) == [Excess(math.inf, math.inf)]
+    assert probe(prober, check, state(2.0), [state(0.0)], [0.2], start=state(0.0)) == [None]
+
+
+def test_median_reference_is_never_looser_than_our_own_loss() -> None:
+    # Own loss 4 (w = 1). Two neighbours pull us near the target (mixed loss 0.8), a third
+    # scales us down a little (mixed loss 3.84: it "helps" by the own-loss yardstick).
+    # Against the median neighbour it is 3.04 worse: harmful relative to its peers.
+    prober = Distance(target=0.0)
+    nbs, shares = [state(-3.0), state(-3.0), state(0.8)], [0.2] * 3
+    own_ref = HarmCheck(absolute=0.1, relative=0.0, reference="own")
+    median_ref = HarmCheck(absolute=0.1, relative=0.0, reference="median")
+    assert vet(prober, own_ref, state(1.0), nbs, shares) == [True, True, True]
+    assert vet(prober, median_ref, state(1.0), nbs, shares) == [True, True, False]
+    # Neighbours that all make us worse do not loosen the bar: it stays our own loss.
+    worse = [state(2.0), state(2.0), state(1.1)]
+    assert vet(prober, median_ref, state(1.0), worse, shares) == vet(prober, own_ref, state(1.0), worse, shares)
+
+
+def test_a_failed_check_caps_the_trust_and_a_pass_forgives_clipping() -> None:
+    verdict = Verdict(passed=[True, False, False], vetted=[False, False, False],
+                      failed=[False, True, False], forgive="passed", fail_trust=0.5)
+    # Passed: raised to the floor; failed: capped at fail_trust; unjudged: unchanged.
+    assert verdict.forgiven([0.2, 0.9, 0.3], floor=1.0) == (1.0, 0.5, 0.3)
+    vetted_only = Verdict([True, True], [False, True], [False, False], forgive="vetted")
+    assert vetted_only.forgiven([0.2, 0.2], floor=1.0) == (0.2, 1.0)
+    nothing = Verdict([True], [True], [False], forgive="none")
+    assert nothing.forgiven([0.2], floor=1.0) == (0.2,)
+
+
+def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
+    prober = Distance(target=0.0)
+    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, probe_scale=2.0, fail_trust=0.25), prober)
+    verdict = gate.judge(state(0.0), None, ["a", "b"], [state(0.02), state(5.0)], [1.0, 1.0], 1.0)
+    assert verdict.passed == [True, False]
+    assert verdict.failed == [False, True]
+    assert verdict.fail_trust == 0.25
+    # Shares 1/3 at full reputation, probed at twice that: 2/3 of the way to "a".
+    assert torch.allclose(prober.probed[1]["w"], torch.full((4,), 0.02 * 2 / 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"forgive": "always"}, "harm_check.forgive"),
+        ({"reference": "mean"}, "harm_check.reference"),
+        ({"fail_trust": 1.5}, "harm_check.fail_trust"),
+        ({"probe_scale": 0.5}, "harm_check.probe_scale"),
+    ],
+)
+def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        HarmCheck(**kwargs)  # type: ignore[arg-type]

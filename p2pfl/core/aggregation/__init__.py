@@ -48,6 +48,7 @@ vectors), :mod:`.server_rules` (FedAvg and the classic robust rules) and
 from p2pfl.core.aggregation.base import (
     DEFAULT_BYZANTINE_FRACTION,
     DEFAULT_RULE,
+    DEFAULT_VETTED_SCALE,
     RULES,
     Aggregate,
     RegisteredRule,
@@ -66,6 +67,7 @@ __all__ = [
     "CLIPPING_RULES",
     "DEFAULT_BYZANTINE_FRACTION",
     "DEFAULT_RULE",
+    "DEFAULT_VETTED_SCALE",
     "RULES",
     "Aggregate",
     "FlatSpec",

@@ -34,6 +34,9 @@ DEFAULT_BYZANTINE_FRACTION = 0.2
 # Radius cap in units of the weighted median distance (see median_cap): honest
 # neighbours on non-IID data sit within ~2x of each other's distance.
 DEFAULT_MEDIAN_CAP = 2.0
+# Radius of a neighbour the harm check vetted, in units of the clipping radius
+# (math.inf: vetted neighbours are used in full, the behaviour before issue 17).
+DEFAULT_VETTED_SCALE = 4.0
 # Radius cap in units of the node's own last local update (``own_step``), when given.
 STEP_CAP = 4.0
 
@@ -380,6 +383,7 @@ __all__ = [
     "DEFAULT_BYZANTINE_FRACTION",
     "DEFAULT_MEDIAN_CAP",
     "DEFAULT_RULE",
+    "DEFAULT_VETTED_SCALE",
     "RULES",
     "STEP_CAP",
     "Aggregate",

@@ -14,6 +14,7 @@ import torch
 from p2pfl.core.aggregation.base import (
     DEFAULT_BYZANTINE_FRACTION,
     DEFAULT_MEDIAN_CAP,
+    DEFAULT_VETTED_SCALE,
     STEP_CAP,
     Inputs,
     Span,
@@ -75,11 +76,20 @@ def _radius(inp: Inputs, dist: torch.Tensor, tau: float | None, delta: float, ka
     return radius
 
 
-def _unclipped_if_vetted(inp: Inputs, ratio: torch.Tensor) -> torch.Tensor:
-    """Clip ratios, with neighbours the node vetted (``vetted``) used in full."""
+def _checked_scale(value: float) -> float:
+    """Validate ``vetted_scale``: a number >= 1, or math.inf (vetted used in full)."""
+    return math.inf if value == math.inf else checked_number(value, "vetted_scale", 1.0)
+
+
+def _vetted_ratio(
+    inp: Inputs, tau: float, dist: torch.Tensor, vetted_scale: float
+) -> torch.Tensor:
+    """Clip ratios min(1, tau / dist); neighbours the node vetted get ``vetted_scale`` x tau."""
+    ratio = clip_ratio(tau, dist)
     if inp.vetted is None:
         return ratio
-    return torch.where(inp.vetted, torch.ones_like(ratio), ratio)
+    wide = torch.ones_like(ratio) if math.isinf(vetted_scale) else clip_ratio(vetted_scale * tau, dist)
+    return torch.where(inp.vetted, wide, ratio)
 
 
 @rule("centered_clip", clipping=True)
@@ -89,6 +99,7 @@ def centered_clip(
     iters: int = 3,
     delta: float = DEFAULT_BYZANTINE_FRACTION,
     kappa: float = DEFAULT_MEDIAN_CAP,
+    vetted_scale: float = DEFAULT_VETTED_SCALE,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Centered clipping: v <- v + sum_i w_i clip(x_i - v, tau) / sum_i w_i, from v = own.
 
@@ -100,6 +111,7 @@ def centered_clip(
     iteration.
     """
     iters = checked_count(iters, "iters", 3, 10_000)
+    vetted_scale = _checked_scale(vetted_scale)
     span = Span.of(inp)
     c = torch.zeros(len(inp.rows), dtype=torch.float64)  # v = own
     tau_ = _radius(inp, span.distances(c)[1:], tau, delta, kappa)
@@ -109,11 +121,12 @@ def centered_clip(
     for _ in range(iters):
         centre = c
         # v + sum_i s_i (x_i - v) with x_i - v = (e_i - c) @ D
-        ratio = clip_ratio(tau_, span.distances(c))
-        ratio[1:] = _unclipped_if_vetted(inp, ratio[1:])
+        dist = span.distances(c)
+        ratio = clip_ratio(tau_, dist)
+        ratio[1:] = _vetted_ratio(inp, tau_, dist[1:], vetted_scale)
         s = w * ratio
         c = c * (1 - s.sum()) + s
-    trust = _unclipped_if_vetted(inp, clip_ratio(tau_, span.distances(centre)[1:]))
+    trust = _vetted_ratio(inp, tau_, span.distances(centre)[1:], vetted_scale)
     return span.point(c), trust.to(inp.rows.dtype), tau_
 
 
@@ -123,6 +136,7 @@ def clipped_gossip(
     tau: float | None = None,
     delta: float = DEFAULT_BYZANTINE_FRACTION,
     kappa: float = DEFAULT_MEDIAN_CAP,
+    vetted_scale: float = DEFAULT_VETTED_SCALE,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Self-centred clipped gossip: x' = x + sum_j w_j clip(x_j - x, tau).
 
@@ -149,7 +163,7 @@ def clipped_gossip(
     dist = torch.linalg.vector_norm(diffs, dim=1)
     tau_ = _radius(inp, dist, tau, delta, kappa)
     total = inp.weights.sum()
-    trust = _unclipped_if_vetted(inp, clip_ratio(tau_, dist))
+    trust = _vetted_ratio(inp, tau_, dist, _checked_scale(vetted_scale))
     if total <= 0:
         return inp.own.clone(), trust, tau_
     return inp.own + (inp.weights[1:] / total * trust) @ diffs, trust, tau_
