@@ -1,4 +1,4 @@
-"""`p2pfl` command line: keygen, node run/status, testnet.
+"""`p2pfl` command line: keygen, node run/status, testnet, sim, reference.
 
 The only place that reads argv and configures logging. Errors of the p2pfl tree are
 printed as one line (what is wrong and what to change), exit code 2.
@@ -38,7 +38,7 @@ def keygen_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    from p2pfl.cli import status, testnet, testnet_plan
+    from p2pfl.cli import reference, status, testnet, testnet_plan
     from p2pfl.sim import cli as sim_cli
 
     parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     net = commands.add_parser("testnet", help="launch a local test network of node processes")
     testnet_plan.add_arguments(net)
     net.set_defaults(func=testnet.testnet_command)
+
+    ref = commands.add_parser("reference", help="make a public reference set (opt-in per network)")
+    reference.add_arguments(ref)
 
     sim = commands.add_parser("sim", help="simulate many nodes in one process (attack/defence grids)")
     sim_cli.add_arguments(sim)

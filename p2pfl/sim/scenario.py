@@ -77,7 +77,7 @@ from p2pfl.errors import AggregationError, ConfigError
 from p2pfl.learners.datasets import PARTITIONS
 from p2pfl.learners.tasks import DEFAULT_TASK
 from p2pfl.net.memory import LinkProfile
-from p2pfl.node.config import HarmCheck, RoundConfig
+from p2pfl.node.config import HarmCheck, ReferenceConfig, RoundConfig
 from p2pfl.sim.topology import PLACEMENTS, TOPOLOGIES, TOPOLOGY_PARAMS
 
 NO_ATTACK = "none"
@@ -117,6 +117,7 @@ class Scenario:
     delivery: str = "neighbours"
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     harm_check: HarmCheck = field(default_factory=HarmCheck)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     # RoundConfig fields besides round_timeout and local_epochs (quorum, max_lag...).
     round_params: Params = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
@@ -231,7 +232,7 @@ def check_attack(name: str, params: Params | None = None) -> None:
 
 _TOP = {"name", "nodes", "rounds", "seeds", "round_timeout", "local_epochs", "delivery",
         "topology", "data", "rule", "attack", "link", "reputation", "harm_check", "grid",
-        "round", "limits", "aggregation", "task", "train"}
+        "round", "limits", "aggregation", "task", "train", "reference"}
 _TABLES = {
     "topology": {"kind"} | set().union(*TOPOLOGY_PARAMS.values()),
     "data": {"task", "partition", "alpha"},
@@ -339,6 +340,7 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
             delivery=doc.get("delivery", "neighbours"),
             reputation=read_record(doc, "reputation"),
             harm_check=read_record(doc, "harm_check"),
+            reference=read_record(doc, "reference"),
             round_params=round_params,
             limits=read_record(doc, "limits"),
         )
