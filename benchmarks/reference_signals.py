@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from p2pfl.learners.datasets import digits_reference
 from p2pfl.learners.reference import ReferenceSet, sha256_of
@@ -31,6 +32,9 @@ from p2pfl.sim import runner
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
 
 PER_CLASS = 20
+DUMP: list[Any] = []  # --dump PREFIX: PREFIX.jsonl (who, round, shares) + PREFIX.f32 (own, neighbours' states)
+RAW: list[tuple[Any, ...]] = []  # per judged pair: round, observer honest, neighbour honest,
+# observer, own acc/loss per class, mix acc/loss, alone acc/loss, share (--raw FILE saves it)
 
 
 def reference_config(directory: Path, tolerance: float) -> ReferenceConfig:
@@ -68,6 +72,7 @@ def measure(scenario: Scenario, seed: int) -> list[tuple[int, bool, bool, dict[s
     owners: dict[int, tuple[int, bool]] = {}
     rows: list[tuple[int, bool, bool, dict[str, float]]] = []
     calls: dict[int, int] = defaultdict(int)
+    raw = RAW
     byzantine_ids: set[int] = set()
     make_node, judge = runner._make_node, ReferenceGate.judge
 
@@ -93,8 +98,19 @@ def measure(scenario: Scenario, seed: int) -> list[tuple[int, bool, bool, dict[s
                                           self.reference)
         for sig, mix in zip(found, mixes, strict=True):
             sig["mix_loss_rise"] = float(np.nanmax(np.array(mix.loss) - np.array(scores[0].loss)))
-        for sender, sig in zip(senders, found, strict=True):
+        if DUMP:
+            vectors = [torch.cat([t.reshape(-1).float() for _, t in sorted(x.items())]) for x in [own, *states]]
+            DUMP[1].write(torch.stack(vectors).numpy().tobytes())
+            DUMP[0].write(json.dumps({"round": number, "observer": owners[id(self)][0],
+                                      "observer_honest": not observer_byz, "shares": shares,
+                                      "honest": [hash(x) not in byzantine_ids for x in senders]}) + "\n")
+            DUMP[0].flush()
+            DUMP[1].flush()
+        for j, (sender, sig) in enumerate(zip(senders, found, strict=True)):
             rows.append((number, not observer_byz, hash(sender) not in byzantine_ids, sig))
+            raw.append((number, not observer_byz, hash(sender) not in byzantine_ids, id(self),
+                        scores[0].accuracy, scores[0].loss, mixes[j].accuracy, mixes[j].loss,
+                        scores[1 + j].accuracy, scores[1 + j].loss, shares[j]))
         return verdict
 
     from p2pfl.node import mixer
@@ -143,8 +159,12 @@ def main() -> None:
     parser.add_argument("--byzantine", type=int, default=4)
     parser.add_argument("--topology", default="regular")
     parser.add_argument("--tolerance", type=float, default=1.0)
+    parser.add_argument("--dump", help="append every judged round's states to DUMP.f32, metadata to DUMP.jsonl")
+    parser.add_argument("--raw", help="also save every judged pair's per-class scores here (.json)")
     args = parser.parse_args()
     topology_params = {"degree": 4} if args.topology == "regular" else {"p": 0.3} if args.topology == "erdos_renyi" else {}
+    if args.dump:
+        DUMP.extend([open(args.dump + ".jsonl", "w"), open(args.dump + ".f32", "wb")])  # noqa: SIM115
     with tempfile.TemporaryDirectory() as tmp:
         scenario = Scenario(
             name="reference-signals", nodes=16, rounds=args.rounds, topology=args.topology,
@@ -154,6 +174,8 @@ def main() -> None:
             reference=reference_config(Path(tmp), args.tolerance),
         )
         rows = measure(replace(scenario), args.seed)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(RAW))
     for key, row in summary(rows).items():
         print(key, json.dumps(row))
 

@@ -50,6 +50,8 @@ class TestnetPlan:
     epochs: int = 1
     batch_size: int = 32
     neighbours: int | None = None  # target neighbours per node; None: the node's default
+    # --reference FILE: a public reference set every node checks neighbours on.
+    reference: Path | None = None
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -90,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="overall bound in seconds (default 600)")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--reference", type=Path, metavar="FILE",
+                        help="a reference set (p2pfl reference make) every node scores its neighbours on")
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
@@ -103,6 +107,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         rule=args.rule, out=Path(args.out).resolve(),
         base_port=args.base_port, seed=args.seed, timeout=args.timeout, epochs=args.epochs,
         batch_size=args.batch_size, neighbours=args.neighbours,
+        reference=None if args.reference is None else Path(args.reference).resolve(),
     )
     _check_names(plan)
     return plan
@@ -248,6 +253,9 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         # neighbourhood so that round 0 is trained together instead of alone.
         "round": {"local_epochs": plan.epochs, "min_neighbours": neighbours, "start_timeout": 60.0},
     }
+    if plan.reference is not None:
+        document["reference"], holdout = reference_tables(plan.reference)
+        document["task"]["holdout"] = holdout
     if plan.is_byzantine(index):
         from p2pfl.attacks import network_defaults
 
@@ -255,6 +263,28 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         # An attack's parameters are keys of [attack] (the one table dumps_toml writes).
         document["attack"] = {"name": str(plan.attack), **defaults, **dict(plan.attack_params)}
     return document
+
+
+def reference_tables(path: Path) -> tuple[dict[str, TomlValue], int]:
+    """Return ``[reference]`` for ``path`` and the digits holdout it needs (0: not ours).
+
+    A file made by ``p2pfl reference make --per-class N`` needs ``[task] holdout = N``
+    so that its samples are in no node's training data.
+    """
+    import torch
+
+    from p2pfl.learners.datasets import digits_reference
+    from p2pfl.learners.reference import ReferenceSet, load_reference, sha256_of
+
+    try:
+        digest = sha256_of(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"--reference: cannot read {path}: {exc.strerror}") from None
+    counts = torch.bincount(load_reference(path, digest).y)
+    per_class = int(counts.min())
+    held = digits_reference(per_class) if 0 < per_class <= 50 else None
+    ours = held is not None and sha256_of(ReferenceSet(held.features, held.labels).encode()) == digest
+    return {"path": str(path), "sha256": digest}, per_class if ours else 0
 
 
 def prepare_directory(plan: TestnetPlan) -> None:

@@ -99,10 +99,10 @@ class ReferenceConfig:
 
     path: Path | None = None  # None: no reference set
     sha256: str = ""
-    # A neighbour whose model, mixed in at its share, lowers our reference accuracy on
-    # any class by more than this is not mixed in that round (docs/RESULTS.md has the
-    # measured honest and flipped distributions).
-    tolerance: float = 0.1
+    # A neighbour without which the mix's class-balanced reference loss is lower by more
+    # than this is not mixed in that round (docs/RESULTS.md: honest and flipped
+    # neighbours' distributions).
+    tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         if self.path is not None:

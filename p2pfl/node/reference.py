@@ -2,20 +2,23 @@
 
 Opt-in (``[reference]`` in the node's file, :class:`~p2pfl.node.config.ReferenceConfig`):
 the network agrees on a small public labelled sample (:mod:`p2pfl.learners.reference`).
-Each round the node mixes every neighbour's model into its own at the share it would
-have at full reputation (as the harm check does, :func:`p2pfl.node.harm.mixed`) and scores
-the mixes and its own model on the reference set, class by class, one forward pass each.
-A neighbour whose mix lowers the accuracy of *any* class by more than ``tolerance`` is
-refused: it is not mixed in this round, and its trust is capped in proportion to the
-excess (``tolerance`` over: trust at most ``clip_tolerance``, twice over: 0), which the
-reputation turns into evidence. A neighbour within tolerance is left to the rest of the
-defence: the check only takes away, it never vets.
+Each round the node forms the mix of its own model and every neighbour's at the share it
+would have at full reputation (a weighted mean centred on ours, as the harm check's
+:func:`p2pfl.node.harm.mixed`), and the same mix without each neighbour in turn, and
+scores them on the reference set class by class (one forward pass each). A neighbour
+without which the class-balanced loss (mean over classes of the per-class loss: every
+class counts the same, so a class one neighbour flips counts in full) is lower by more
+than ``tolerance`` is refused: it is not mixed in this round, and its trust is capped
+in proportion to the excess (just over: trust at most ``clip_tolerance``; twice the
+tolerance: 0), which the reputation turns into evidence. A neighbour within tolerance
+is left to the rest of the defence: the check only takes away, it never vets.
 
-Why per class: a label flipper's model looks like an honest model trained on other
-classes by every measure on our own data (docs/RESULTS.md), but on a reference set that
-holds every class its mix moves the classes it flipped. Honest non-IID neighbours forget
-classes they lack during local training, too; docs/RESULTS.md has both distributions
-and how ``tolerance`` was chosen.
+Why leave-one-out on the mix, not the neighbour's model against ours: one local epoch
+on skewed data makes our own model forget the classes we lack, so every neighbour that
+knows them looks better than us and a per-class comparison with our model mostly
+measures our own forgetting (mixed in at its share, honest and flipped neighbours moved
+the worst class alike: docs/RESULTS.md). Leaving one out of the mix asks the question
+that matters: is the mix better on every class without it?
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ class ClassScorer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ReferenceVerdict:
-    """One round's reference check, per neighbour: the worst class's accuracy drop when
-    mixed in, and the trust cap that follows (1: no objection)."""
+    """One round's reference check, per neighbour: how much leaving it out of the mix
+    lowers the class-balanced reference loss, and the trust cap that follows (1: no
+    objection)."""
 
-    drop: list[float]
+    gain: list[float]
     caps: list[float]
 
     @property
@@ -59,20 +63,29 @@ class ReferenceVerdict:
         return [cap < 1 for cap in self.caps]
 
 
-def worst_drop(own: ClassScores, mix: ClassScores) -> float:
-    """Return the largest accuracy drop of any class from ``own`` to ``mix`` (inf if NaN)."""
-    drops = [a - b for a, b in zip(own.accuracy, mix.accuracy, strict=True) if not math.isnan(a)]
-    if any(math.isnan(d) for d in drops) or not all(math.isfinite(v) for v in mix.loss if not math.isnan(v)):
+def balanced_loss(scores: ClassScores) -> float:
+    """Return the mean over classes of the per-class loss (every class counts the same;
+    a non-finite loss is infinitely bad)."""
+    losses = [loss for loss in scores.loss if not math.isnan(loss)]
+    if not losses or not all(math.isfinite(loss) for loss in losses):
         return math.inf
-    return max(drops, default=0.0)
+    return sum(losses) / len(losses)
 
 
-def cap_of(drop: float, tolerance: float, floor: float) -> float:
-    """Return the trust cap for a worst-class drop: 1 within tolerance, then ``floor``
-    falling linearly to 0 at twice the tolerance."""
-    if drop <= tolerance:
+def gain_of(mix: ClassScores, without: ClassScores) -> float:
+    """Return how much lower the balanced loss is ``without`` the neighbour than in the ``mix``."""
+    full, rest = balanced_loss(mix), balanced_loss(without)
+    if math.isinf(full):
+        return math.inf if math.isfinite(rest) else 0.0
+    return full - rest
+
+
+def cap_of(gain: float, tolerance: float, floor: float) -> float:
+    """Return the trust cap for a gain: 1 within tolerance, then ``floor`` falling
+    linearly to 0 at twice the tolerance."""
+    if gain <= tolerance:
         return 1.0
-    return floor * max(0.0, 1.0 - (drop - tolerance) / tolerance)
+    return floor * max(0.0, 1.0 - (gain - tolerance) / tolerance)
 
 
 class ReferenceGate:
@@ -98,7 +111,7 @@ class ReferenceGate:
         self_weight: float,
         floor: float,
     ) -> ReferenceVerdict:
-        """Score own model and each neighbour's mix at its full-reputation share; see the module doc.
+        """Score the mix and the mix without each neighbour (full-reputation shares); see the module doc.
 
         ``floor`` is the trust a neighbour just over tolerance is capped at (the
         reputation's ``clip_tolerance``).
@@ -106,10 +119,21 @@ class ReferenceGate:
         total = self_weight + sum(weights)
         least = 1 / (len(states) + 1)
         shares = [max(w / total, least) if total > 0 else least for w in weights]
-        mixes = (mixed(own, state, share) for state, share in zip(states, shares, strict=True))
-        scores = self.scorer.score_classes(itertools.chain([own], mixes), self.reference)
-        drops = [worst_drop(scores[0], mix) for mix in scores[1:]]
-        return ReferenceVerdict(drops, [cap_of(d, self.config.tolerance, floor) for d in drops])
+        # The mix as a weighted mean centred on our model, then the same without each one.
+        deltas = [mixed(own, state, share) for state, share in zip(states, shares, strict=True)]
+        mix = _plus(own, [_minus(d, own) for d in deltas])
+        without = (_minus(mix, _minus(d, own)) for d in deltas)
+        scores = self.scorer.score_classes(itertools.chain([mix], without), self.reference)
+        gains = [gain_of(scores[0], rest) for rest in scores[1:]]
+        return ReferenceVerdict(gains, [cap_of(g, self.config.tolerance, floor) for g in gains])
 
 
-__all__ = ["ClassScorer", "ReferenceGate", "ReferenceVerdict", "cap_of", "worst_drop"]
+def _minus(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: a[k] - b[k] if a[k].is_floating_point() else a[k] for k in a}
+
+
+def _plus(base: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: base[k] + sum(d[k] for d in deltas) if base[k].is_floating_point() else base[k] for k in base}
+
+
+__all__ = ["ClassScorer", "ReferenceGate", "ReferenceVerdict", "balanced_loss", "cap_of", "gain_of"]

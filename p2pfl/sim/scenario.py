@@ -380,11 +380,19 @@ def parse_grid(doc: Mapping[str, Any]) -> Grid:
 def _read(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return _relative_to(tomllib.load(f), path.parent)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _relative_to(doc: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve ``[reference] path`` against the scenario file's folder (as node files do)."""
+    reference = doc.get("reference")
+    if isinstance(reference, dict) and isinstance(reference.get("path"), str):
+        doc["reference"] = {**reference, "path": str(base / Path(reference["path"]).expanduser())}
+    return doc
 
 
 def load_scenario(path: str | Path) -> Scenario:
