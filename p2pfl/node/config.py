@@ -102,7 +102,7 @@ class ReferenceConfig:
     # A neighbour without which the mix's class-balanced reference loss is lower by more
     # than this is not mixed in that round (docs/RESULTS.md: honest and flipped
     # neighbours' distributions).
-    tolerance: float = 0.05
+    tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.path is not None:

@@ -11,7 +11,10 @@ class counts the same, so a class one neighbour flips counts in full) is lower b
 than ``tolerance`` is refused: it is not mixed in this round, and its trust is capped
 in proportion to the excess (just over: trust at most ``clip_tolerance``; twice the
 tolerance: 0), which the reputation turns into evidence. A neighbour within tolerance
-is left to the rest of the defence: the check only takes away, it never vets.
+is left to the rest of the defence: the check only takes away, it never vets. The worst
+neighbour is taken out first and the others judged again without it: a sign-flipped
+model in the mix makes every other neighbour's gain noise on a huge loss (it refused
+92% of honest peers under sign_flip before).
 
 Why leave-one-out on the mix, not the neighbour's model against ours: one local epoch
 on skewed data makes our own model forget the classes we lack, so every neighbour that
@@ -119,12 +122,22 @@ class ReferenceGate:
         total = self_weight + sum(weights)
         least = 1 / (len(states) + 1)
         shares = [max(w / total, least) if total > 0 else least for w in weights]
-        # The mix as a weighted mean centred on our model, then the same without each one.
-        deltas = [mixed(own, state, share) for state, share in zip(states, shares, strict=True)]
-        mix = _plus(own, [_minus(d, own) for d in deltas])
-        without = (_minus(mix, _minus(d, own)) for d in deltas)
-        scores = self.scorer.score_classes(itertools.chain([mix], without), self.reference)
-        gains = [gain_of(scores[0], rest) for rest in scores[1:]]
+        # The mix as a weighted mean centred on our model, then the same without each one;
+        # the worst is taken out first and the rest judged again without it (one wrecked
+        # model makes every other one's gain noise on a huge loss).
+        deltas = [_minus(mixed(own, state, share), own) for state, share in zip(states, shares, strict=True)]
+        gains = [0.0] * len(states)
+        kept = list(range(len(states)))
+        while kept:
+            mix = _plus(own, [deltas[j] for j in kept])
+            without = (_minus(mix, deltas[j]) for j in kept)
+            scores = self.scorer.score_classes(itertools.chain([mix], without), self.reference)
+            for j, rest in zip(kept, scores[1:], strict=True):
+                gains[j] = gain_of(scores[0], rest)
+            worst = max(kept, key=lambda j: gains[j])
+            if gains[worst] <= self.config.tolerance:
+                break
+            kept.remove(worst)
         return ReferenceVerdict(gains, [cap_of(g, self.config.tolerance, floor) for g in gains])
 
 
