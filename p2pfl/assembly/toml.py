@@ -10,6 +10,7 @@ and every value is checked against its field's type::
     [net]          NetConfig                       [round]       RoundConfig
     [reputation]   ReputationConfig                [harm_check]  HarmCheck
     [limits]       Limits                          [aggregation] rule, params
+    [reference]    ReferenceConfig (an opt-in public reference set: path, sha256)
     [task]         name (or factory = "package.module:function"), then the task's
                    options (digits: DigitsOptions, table: TableOptions)
     [train]        node_index, num_nodes, seed, device: the node's place in the task
@@ -45,7 +46,7 @@ from p2pfl.config import (
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.errors import ConfigError
 from p2pfl.learners.tasks import DEFAULT_TASK, task_named
-from p2pfl.node.config import HarmCheck, NodeConfig, RoundConfig
+from p2pfl.node.config import HarmCheck, NodeConfig, ReferenceConfig, RoundConfig
 
 # Sections that are exactly one config record.
 RECORDS: dict[str, type] = {
@@ -54,9 +55,11 @@ RECORDS: dict[str, type] = {
     "reputation": ReputationConfig,
     "harm_check": HarmCheck,
     "limits": Limits,
+    "reference": ReferenceConfig,
 }
 # NodeConfig's records: section -> field ([node] rounds is Service.rounds, a count).
-NODE_RECORDS = {"round": "rounds", "reputation": "reputation", "harm_check": "harm_check", "limits": "limits"}
+NODE_RECORDS = {"round": "rounds", "reputation": "reputation", "harm_check": "harm_check", "limits": "limits",
+                "reference": "reference"}
 AGGREGATION = {"rule": "rule", "params": "rule_params"}  # [aggregation] key -> NodeConfig field
 NODE_SCALARS = tuple(name for name in field_names(NodeConfig)
                      if name not in NODE_RECORDS.values() and name not in AGGREGATION.values())
@@ -64,7 +67,7 @@ NODE_KEYS = (*NODE_SCALARS, *field_names(Service), "key_file")
 TRAIN_KEYS = ("node_index", "num_nodes", "seed", "device")  # NodeSpec fields in [train]
 DAEMON_MIN_NEIGHBOURS = 1  # a node file without [round] min_neighbours never trains alone
 SECTIONS = ("node", "net", "train", "task", "aggregation", "round", "reputation", "harm_check",
-            "limits", "attack", "privacy")
+            "limits", "attack", "privacy", "reference")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,6 +150,8 @@ def read_node_config(data: Mapping[str, Any], *, base: Path | None = None) -> No
         node["data_dir"] = str(_path(typed(node["data_dir"], Path, "[node] data_dir"), base))
     rule, params = read_aggregation(section(data, "aggregation"))
     nested = {field: read_record(data, name) for name, field in NODE_RECORDS.items()}
+    if base is not None and nested["reference"].path is not None:
+        nested["reference"] = replace(nested["reference"], path=_path(nested["reference"].path, base))
     return record_from_table(NodeConfig, {**node, "rule": rule, "rule_params": params, **nested}, "[node]")
 
 

@@ -1,4 +1,4 @@
-"""`p2pfl` command line: keygen, node run/status, testnet, sim, export.
+"""`p2pfl` command line: keygen, node run/status, testnet, sim, export, reference.
 
 The only place that reads argv and configures logging. Errors of the p2pfl tree are
 printed as one line (what is wrong and what to change), exit code 2 -- also when trio
@@ -44,7 +44,7 @@ def keygen_command(args: argparse.Namespace) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of every sub-command (``sim``'s options only when ``command`` is sim)."""
-    from p2pfl.cli import export, status, testnet_plan
+    from p2pfl.cli import export, reference, status, testnet_plan
 
     parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -81,6 +81,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     net = commands.add_parser("testnet", help="launch a local test network of node processes")
     testnet_plan.add_arguments(net)
     net.set_defaults(func=_later("p2pfl.cli.testnet", "testnet_command"))
+
+    ref = commands.add_parser("reference", help="make a public reference set (opt-in per network)")
+    reference.add_arguments(ref)
 
     sim = commands.add_parser("sim", help="simulate many nodes in one process (attack/defence grids)")
     if command == "sim":  # importing the simulator costs torch: only when it runs

@@ -57,6 +57,8 @@ class TestnetPlan:
     task: str = "digits"
     codec: str | None = None  # [net] codec of every node; None: the node's default (raw)
     codec_k: float | None = None  # [net] codec_k (topk)
+    # --reference FILE: a public reference set every node checks neighbours on.
+    reference: Path | None = None
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -110,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--codec", help="update codec of every node: raw, fp16, bf16, int8, topk (default raw)")
     parser.add_argument("--codec-k", type=float, help="topk: fraction of changes sent (default 0.1)")
+    parser.add_argument("--reference", type=Path, metavar="FILE",
+                        help="a reference set (p2pfl reference make) every node scores its neighbours on")
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
@@ -129,6 +133,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         batch_size=args.batch_size, neighbours=args.neighbours, task=args.task, dp_epsilon=args.dp_epsilon,
         dashboard=getattr(args, "dashboard", None),
         codec=args.codec, codec_k=args.codec_k,
+        reference=None if args.reference is None else Path(args.reference).resolve(),
     )
     _check_names(plan)
     return plan
@@ -282,6 +287,9 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
     }
     if plan.dp_epsilon is not None and not plan.is_byzantine(index):
         document["privacy"] = {"epsilon": float(plan.dp_epsilon)}  # for [node] rounds
+    if plan.reference is not None:
+        document["reference"], holdout = reference_tables(plan.reference)
+        document["task"]["holdout"] = holdout
     if plan.is_byzantine(index):
         from p2pfl.attacks import network_defaults
 
@@ -293,6 +301,26 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
 
 def _task_options(plan: TestnetPlan) -> dict[str, TomlValue]:
     return {"partition": plan.partition, "alpha": float(plan.alpha), "batch_size": plan.batch_size}
+def reference_tables(path: Path) -> tuple[dict[str, TomlValue], int]:
+    """Return ``[reference]`` for ``path`` and the digits holdout it needs (0: not ours).
+
+    A file made by ``p2pfl reference make --per-class N`` needs ``[task] holdout = N``
+    so that its samples are in no node's training data.
+    """
+    import torch
+
+    from p2pfl.learners.datasets import digits_reference
+    from p2pfl.learners.reference import ReferenceSet, load_reference, sha256_of
+
+    try:
+        digest = sha256_of(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"--reference: cannot read {path}: {exc.strerror}") from None
+    counts = torch.bincount(load_reference(path, digest).y)
+    per_class = int(counts.min())
+    held = digits_reference(per_class) if 0 < per_class <= 50 else None
+    ours = held is not None and sha256_of(ReferenceSet(held.features, held.labels).encode()) == digest
+    return {"path": str(path), "sha256": digest}, per_class if ours else 0
 
 
 def prepare_directory(plan: TestnetPlan) -> None:

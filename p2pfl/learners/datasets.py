@@ -35,6 +35,9 @@ Partitioner = Callable[..., list[torch.Tensor]]
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
 
 _DIRICHLET_ATTEMPTS = 1000
+# The reference-set holdout is drawn with this fixed seed, never the network's: the same
+# samples are held out in every run, so one reference file serves every seed.
+_HOLDOUT_SEED = 0x5EF5E7
 
 
 @dataclass(frozen=True)
@@ -86,23 +89,52 @@ def _read_bundled_digits() -> np.ndarray | None:
     return None
 
 
-def load_digits_split(*, test_fraction: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_digits_split(
+    *, test_fraction: float = 0.25, seed: int = 0, holdout: int = 0
+) -> tuple[Dataset, Dataset]:
     """Return the bundled digits as a fixed, stratified ``(train, test)`` split.
 
     Features are pixel intensities scaled to [0, 1]. The split depends only on
-    ``test_fraction`` and ``seed``: ``ceil(test_fraction * N)`` test samples (450 of
-    1,797 by default), each class represented in proportion.
+    ``test_fraction``, ``seed`` and ``holdout``: ``ceil(test_fraction * N)`` test samples
+    (450 of 1,797 by default), each class represented in proportion. ``holdout`` samples
+    per class (:func:`digits_holdout`, the same whatever the seed) are left out of both
+    first: they are what ``p2pfl reference make`` publishes as a reference set.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction: must be in (0, 1), got {test_fraction}")
     features, labels = _digits()
-    test_idx = stratified_sample(labels.numpy(), test_fraction, np.random.default_rng(seed))
-    is_test = np.zeros(len(labels), dtype=bool)
-    is_test[test_idx] = True
     whole = Dataset(features, labels, num_classes=10)
+    if holdout:
+        kept = np.ones(len(labels), dtype=bool)
+        kept[digits_holdout(holdout)] = False
+        whole = whole.subset(torch.from_numpy(np.flatnonzero(kept)))
+    test_idx = stratified_sample(whole.labels.numpy(), test_fraction, np.random.default_rng(seed))
+    is_test = np.zeros(len(whole), dtype=bool)
+    is_test[test_idx] = True
     train = whole.subset(torch.from_numpy(np.flatnonzero(~is_test)))
     test = whole.subset(torch.from_numpy(np.flatnonzero(is_test)))
     return train, test
+
+
+def digits_holdout(per_class: int) -> np.ndarray:
+    """Return the sorted indices (into the bundled digits) of ``per_class`` samples per class.
+
+    Drawn with a fixed seed, so the same for every network seed; a larger ``per_class``
+    draws a superset of a smaller one's samples.
+    """
+    labels = _digits()[1].numpy()
+    classes, counts = np.unique(labels, return_counts=True)
+    if not 0 <= per_class <= int(counts.min()) // 2:
+        raise ConfigError(f"holdout: must be in [0, {int(counts.min()) // 2}] per class, got {per_class}")
+    rng = np.random.default_rng(_HOLDOUT_SEED)
+    orders = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    return np.sort(np.concatenate([order[:per_class] for order in orders]))
+
+
+def digits_reference(per_class: int) -> Dataset:
+    """Return the held-out samples of :func:`digits_holdout` (a public reference set)."""
+    features, labels = _digits()
+    return Dataset(features, labels, num_classes=10).subset(torch.from_numpy(digits_holdout(per_class)))
 
 
 def stratified_sample(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -257,10 +289,10 @@ PARTITIONS: dict[str, Partitioner] = {
 
 @functools.lru_cache(maxsize=16)
 def _digits_parts(
-    partition: str, num_nodes: int, alpha: float, seed: int
+    partition: str, num_nodes: int, alpha: float, seed: int, holdout: int
 ) -> tuple[Dataset, Dataset, tuple[torch.Tensor, ...]]:
     # Cached: many nodes in one process compute the same split and partition.
-    train, test = load_digits_split(seed=seed)
+    train, test = load_digits_split(seed=seed, holdout=holdout)
     parts = PARTITIONS[partition](train.labels, num_nodes, seed=seed, alpha=alpha)
     return train, test, tuple(parts)
 
@@ -275,6 +307,7 @@ def make_digits_learner(
     batch_size: int = 32,
     lr: float = 0.2,
     momentum: float = 0.9,
+    holdout: int = 0,
     label_map: LabelMap | None = None,
     device: str = "cpu",
 ) -> TorchLearner:
@@ -287,13 +320,14 @@ def make_digits_learner(
 
     ``lr=0.2`` (not TorchLearner's generic 0.05) because each node takes only ~6 steps
     per round between averagings: at 0.05, FedAvg over 8 IID nodes reaches only ~0.91
-    after 10 rounds; at 0.2, 0.95-0.97 (benchmarks/bench_learner.py).
+    after 10 rounds; at 0.2, 0.95-0.97 (benchmarks/bench_learner.py). ``holdout``
+    samples per class are in neither split (:func:`load_digits_split`).
     """
     if partition not in PARTITIONS:
         raise ConfigError(f"partition: {partition!r} is not one of {sorted(PARTITIONS)}")
     if not 0 <= node_index < num_nodes:
         raise ConfigError(f"node_index: {node_index} is not in [0, {num_nodes})")
-    train, test, parts = _digits_parts(partition, num_nodes, alpha, seed)
+    train, test, parts = _digits_parts(partition, num_nodes, alpha, seed, holdout)
     local = train.subset(parts[node_index])
     labels = mapped_labels(local, label_map) if label_map else local.labels
     return TorchLearner(
@@ -321,6 +355,8 @@ def mapped_labels(data: Dataset, label_map: LabelMap) -> torch.Tensor:
 __all__ = [
     "PARTITIONS",
     "Dataset",
+    "digits_holdout",
+    "digits_reference",
     "make_digits_learner",
     "load_digits_split",
     "mapped_labels",

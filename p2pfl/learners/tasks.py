@@ -86,6 +86,9 @@ class DigitsOptions:
     batch_size: int = 32
     lr: float = 0.2  # with momentum 0.9: FedAvg reaches ~0.95 in 10 rounds of 1 epoch
     momentum: float = 0.9
+    # Samples per class left out of training and test, for a public reference set made
+    # by `p2pfl reference make --per-class N` (the same N); 0: none held out.
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         require(self.partition in PARTITIONS, "partition", f"choose one of {', '.join(sorted(PARTITIONS))}")
@@ -93,6 +96,7 @@ class DigitsOptions:
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        require(0 <= self.holdout <= 50, "holdout", "must be in [0, 50] samples per class")
 
 
 def _digits(context: TaskContext) -> Learner:

@@ -41,6 +41,7 @@ from p2pfl.errors import LearnerError
 from p2pfl.learners.base import Metrics, State
 from p2pfl.learners.batches import Batch, count_samples, epoch_seed
 from p2pfl.learners.optim import MomentumSGD, OptimizerLike
+from p2pfl.learners.reference import ClassScores, ReferenceSet, class_scores
 
 if TYPE_CHECKING:
     from p2pfl.config import PrivacyConfig
@@ -302,6 +303,15 @@ class TorchLearner:
         finally:
             self.model.train()
         return losses
+
+    def score_classes(
+        self, states: Iterable[Mapping[str, torch.Tensor]], reference: ReferenceSet
+    ) -> list[ClassScores]:
+        """Return each state's loss and accuracy per class of ``reference`` (one pass each).
+
+        The model is not modified (see :func:`~p2pfl.learners.reference.class_scores`).
+        """
+        return class_scores(self.model, states, reference)
 
     def _probe_batch(self) -> Batch:
         if self._probe is None:

@@ -127,6 +127,29 @@ class HarmCheck:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ReferenceConfig:
+    """An opt-in public reference set (:mod:`p2pfl.node.reference`): every node of the
+    network names the same file and its sha256 (``p2pfl reference make`` prints it); a
+    node refuses to start if the file is missing, malformed or hashes otherwise."""
+
+    path: Path | None = None  # None: no reference set
+    sha256: str = ""
+    # A neighbour without which the mix's class-balanced reference loss is lower by more
+    # than this is not mixed in that round (docs/RESULTS.md: honest and flipped
+    # neighbours' distributions).
+    tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            object.__setattr__(self, "path", Path(self.path))
+            digest = self.sha256.lower() if isinstance(self.sha256, str) else ""
+            require(len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                    "reference.sha256", "must be the file's sha256 in 64 hex digits (p2pfl reference make prints it)")
+        require(isinstance(self.tolerance, int | float) and 0 < self.tolerance <= 1,
+                "reference.tolerance", f"must be in (0, 1], got {self.tolerance!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NodeConfig:
     """Everything a node needs apart from its identity, learner and transport."""
 
@@ -137,6 +160,7 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     harm_check: HarmCheck = field(default_factory=HarmCheck)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     # Where checkpoints go; None keeps no checkpoint (embedded use, simulations).
     data_dir: Path | None = None
     # Seconds a banned peer stays disconnected.

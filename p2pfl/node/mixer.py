@@ -15,10 +15,12 @@ import torch
 
 from p2pfl.core.aggregation import RULES, Aggregate, aggregate
 from p2pfl.core.rounds import Received
+from p2pfl.errors import ConfigError
 from p2pfl.learners.base import Learner, State
 from p2pfl.node.config import NodeConfig
 from p2pfl.node.harm import HarmGate, Prober, starting_point
 from p2pfl.node.inbound import Compute
+from p2pfl.node.reference import ClassScorer, ReferenceGate
 from p2pfl.node.standing import Standing
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,11 @@ class Mixer:
                 self._harm = HarmGate(check, learner)
             else:
                 log.info("harm check off: %s has no probe_losses", type(learner).__name__)
+        self._reference: ReferenceGate | None = None
+        if config.reference.path is not None:
+            if not isinstance(learner, ClassScorer):
+                raise ConfigError(f"[reference] path: {type(learner).__name__} has no score_classes")
+            self._reference = ReferenceGate(config.reference, learner, learner.get_state())
 
     async def mix(
         self,
@@ -74,6 +81,11 @@ class Mixer:
             verdict = await self._compute(
                 self._harm.judge, own, start, senders, states, weights, self_weight
             )
+        caps = [1.0] * len(updates)
+        if self._reference is not None:
+            refusal = await self._compute(self._reference.judge, own, states, weights, self_weight,
+                                          self._config.reputation.clip_tolerance)
+            caps, weights = refusal.caps, [0.0 if no else w for w, no in zip(weights, refusal.refused, strict=True)]
         result: Aggregate = await self._compute(
             aggregate,
             self._config.rule,
@@ -91,8 +103,8 @@ class Mixer:
             # a bridge between communities is both); the streak decides the mixing.
             trust = verdict.forgiven(trust, self._config.reputation.clip_tolerance,
                                      failures=number >= self._config.harm_check.grace)
-        for update, value in zip(updates, trust, strict=True):
-            self._standing.record_trust(update.sender, value, number)
+        for update, value, cap in zip(updates, trust, caps, strict=True):
+            self._standing.record_trust(update.sender, min(value, cap), number)
         return result.state
 
     async def restart(self, updates: Sequence[Received]) -> State | None:

@@ -31,12 +31,14 @@ from p2pfl.config import PrivacyConfig
 from p2pfl.core.aggregation import flatten
 from p2pfl.core.crypto import Identity
 from p2pfl.learners.base import Learner, Metrics, State
+from p2pfl.learners.reference import ClassScores, ReferenceSet
 from p2pfl.learners.tasks import make_learner
 from p2pfl.net.memory import MemoryNetwork
 from p2pfl.net.transport import Validator
 from p2pfl.node.config import NodeConfig
 from p2pfl.node.harm import Prober
 from p2pfl.node.node import Node
+from p2pfl.node.reference import ClassScorer
 from p2pfl.sim.network import VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
 from p2pfl.sim.schedule import deterministic_scheduling
@@ -162,6 +164,12 @@ class ProbedLearner:
         spent = getattr(self.inner, "privacy_spent", None)
         return spent() if spent is not None else None
 
+    def score_classes(self, states: Iterable[Mapping[str, torch.Tensor]], reference: ReferenceSet) -> list[ClassScores]:
+        """Delegate to the wrapped learner (a TorchLearner)."""
+        if not isinstance(self.inner, ClassScorer):
+            raise TypeError(f"{type(self.inner).__name__} cannot score classes")
+        return self.inner.score_classes(states, reference)
+
     def checkpoint_state(self) -> State:
         """Delegate to the wrapped learner."""
         return self.inner.checkpoint_state()
@@ -263,6 +271,7 @@ def _config(scenario: Scenario) -> NodeConfig:
         limits=scenario.limits,
         reputation=scenario.reputation,
         harm_check=scenario.harm_check,
+        reference=scenario.reference,
     )
 
 

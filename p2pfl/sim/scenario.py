@@ -78,7 +78,7 @@ from p2pfl.errors import AggregationError, ConfigError
 from p2pfl.learners.datasets import PARTITIONS
 from p2pfl.learners.tasks import DEFAULT_TASK
 from p2pfl.net.memory import LinkProfile
-from p2pfl.node.config import HarmCheck, RoundConfig
+from p2pfl.node.config import HarmCheck, ReferenceConfig, RoundConfig
 from p2pfl.sim.topology import PLACEMENTS, TOPOLOGIES, TOPOLOGY_PARAMS
 
 NO_ATTACK = "none"
@@ -118,6 +118,7 @@ class Scenario:
     delivery: str = "neighbours"
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     harm_check: HarmCheck = field(default_factory=HarmCheck)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     # RoundConfig fields besides round_timeout and local_epochs (quorum, max_lag...).
     round_params: Params = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
@@ -235,7 +236,7 @@ def check_attack(name: str, params: Params | None = None) -> None:
 
 _TOP = {"name", "nodes", "rounds", "seeds", "round_timeout", "local_epochs", "delivery",
         "topology", "data", "rule", "attack", "link", "reputation", "harm_check", "grid",
-        "round", "limits", "aggregation", "task", "train", "privacy"}
+        "round", "limits", "aggregation", "task", "train", "privacy", "reference"}
 _TABLES = {
     "topology": {"kind"} | set().union(*TOPOLOGY_PARAMS.values()),
     "data": {"task", "partition", "alpha"},
@@ -343,6 +344,7 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
             delivery=doc.get("delivery", "neighbours"),
             reputation=read_record(doc, "reputation"),
             harm_check=read_record(doc, "harm_check"),
+            reference=read_record(doc, "reference"),
             round_params=round_params,
             limits=read_record(doc, "limits"),
             privacy=read_privacy(doc, rounds=doc.get("rounds", 10)),
@@ -383,11 +385,19 @@ def parse_grid(doc: Mapping[str, Any]) -> Grid:
 def _read(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return _relative_to(tomllib.load(f), path.parent)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _relative_to(doc: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve ``[reference] path`` against the scenario file's folder (as node files do)."""
+    reference = doc.get("reference")
+    if isinstance(reference, dict) and isinstance(reference.get("path"), str):
+        doc["reference"] = {**reference, "path": str(base / Path(reference["path"]).expanduser())}
+    return doc
 
 
 def load_scenario(path: str | Path) -> Scenario:

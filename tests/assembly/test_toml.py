@@ -32,7 +32,7 @@ def keys_in(text: str) -> dict[str, set[str]]:
     for line in text.splitlines():
         if header := re.match(r"^#?\s*\[([a-z_]+)\]", line):
             current = header.group(1)
-        elif key := re.match(r"^#?\s*([a-z_]+)\s*=", line):
+        elif key := re.match(r"^#?\s*([a-z0-9_]+)\s*=", line):
             found.setdefault(current, set()).add(key.group(1))
     return found
 
