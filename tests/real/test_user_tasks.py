@@ -100,6 +100,7 @@ factory = "digits_cnn:make_learner"
 
 [round]
 round_timeout = 0.5
+min_neighbours = 0  # a lone daemon, on purpose: this test is about resuming and exporting
 """)
     return path
 

@@ -28,7 +28,7 @@ function renderTiles(status, target) {
     tile("traffic", `↓ ${bytes(status.bytes_in)}`, { id: "traffic", note: `↑ ${bytes(status.bytes_out)}` }),
     tile("updates", `${status.accepted ?? 0} used`, { id: "updates", note: `${rejected} rejected` }),
   ];
-  if ("epsilon_spent" in status) {
+  if (known(status.epsilon_spent)) {
     tiles.push(tile("privacy ε spent", known(status.epsilon_spent) ? num(status.epsilon_spent, 2) : "–",
       { id: "epsilon", note: "differential privacy budget used" }));
   }
@@ -108,7 +108,7 @@ function renderRounds(history) {
   const recent = history.slice(-RECENT).reverse();
   const ins = deltas(history.map((r) => r.bytes_in)).slice(-RECENT).reverse();
   const outs = deltas(history.map((r) => r.bytes_out)).slice(-RECENT).reverse();
-  const withEps = history.some((r) => "epsilon_spent" in r);
+  const withEps = history.some((r) => known(r.epsilon_spent));
   const rows = recent.map((r, i) => el("tr", {},
     cell(String(r.round), "num"), cell(pct(r.accuracy), "num"), cell(num(r.loss, 4), "num"), cell(String(r.used ?? "–"), "num"),
     cell(num(r.duration, 2), "num"), cell(bytes(ins[i]), "num"), cell(bytes(outs[i]), "num"),

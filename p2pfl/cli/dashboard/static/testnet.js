@@ -67,7 +67,7 @@ function renderChart(nodes, perRound) {
 }
 
 function renderNodes(nodes, statuses, processes, rounds) {
-  const withEps = statuses.some((s) => s && "epsilon_spent" in s);
+  const withEps = statuses.some((s) => s && known(s.epsilon_spent));
   const rows = nodes.map((n, i) => {
     const status = statuses[i] || {};
     const exit = processes[i] && processes[i].exit_code;
