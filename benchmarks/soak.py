@@ -66,6 +66,7 @@ async def churn(address: str, stop_at: float, counter: list[int]) -> None:
         async with open_host(os.urandom(32)) as host:
             for _ in range(20):
                 cycle += 1
+                counter[1] += 1  # attempted; counter[0] counts the ones that got through
                 with contextlib.suppress(Exception), trio.fail_after(10):
                     peer = await connect(host, address, timeout=5)
                     stream = await host.new_stream(ID.from_base58(peer), [PEX])
@@ -77,7 +78,7 @@ async def churn(address: str, stop_at: float, counter: list[int]) -> None:
                         await stream.read(1 << 16)
                     # else: an abandoned, half-open stream
                     await host.disconnect(ID.from_base58(peer))
-                counter[0] += 1
+                    counter[0] += 1
 
 
 def main() -> int:
@@ -98,7 +99,7 @@ def main() -> int:
                                     stderr=(work / f"{name}.log").open("w"), cwd=work)
              for name, path in files.items()}
     samples: list[dict[str, float]] = []
-    counter = [0]
+    counter = [0, 0]  # connections made, attempted
     try:
         time.sleep(10)
         stop_at = time.monotonic() + args.minutes * 60
@@ -108,7 +109,7 @@ def main() -> int:
                 nursery.start_soon(churn, address_a, stop_at, counter)
                 start = time.monotonic()
                 while time.monotonic() < stop_at:
-                    row = {"t_s": round(time.monotonic() - start), "connections": counter[0],
+                    row = {"t_s": round(time.monotonic() - start), "connections": counter[0], "attempts": counter[1],
                            **sample(procs["a"].pid, work / "a.log")}
                     samples.append(row)
                     print(json.dumps(row), flush=True)

@@ -21,9 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_command(args: argparse.Namespace) -> int:
     """Write the digits samples held out with ``[task] holdout = N``; print the sha256."""
-    from p2pfl.learners.datasets import digits_reference
+    from p2pfl.learners.datasets import MAX_HOLDOUT, digits_reference
     from p2pfl.learners.reference import ReferenceSet, sha256_of
 
+    if not 1 <= args.per_class <= MAX_HOLDOUT:  # beyond it nodes could not hold the samples out
+        raise ConfigError(f"--per-class: must be in [1, {MAX_HOLDOUT}], got {args.per_class}")
     path = Path(args.out)
     if path.exists() and not args.force:
         raise ConfigError(f"--out: {path} exists; pass --force to overwrite it")

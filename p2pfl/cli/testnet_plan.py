@@ -289,7 +289,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         document["privacy"] = {"epsilon": float(plan.dp_epsilon)}  # for [node] rounds
     if plan.reference is not None:
         document["reference"], holdout = reference_tables(plan.reference)
-        document["task"]["holdout"] = holdout
+        if holdout:  # a digits holdout: its samples leave every node's data
+            document["task"]["holdout"] = holdout
     if plan.is_byzantine(index):
         from p2pfl.attacks import network_defaults
 
@@ -309,7 +310,7 @@ def reference_tables(path: Path) -> tuple[dict[str, TomlValue], int]:
     """
     import torch
 
-    from p2pfl.learners.datasets import digits_reference
+    from p2pfl.learners.datasets import MAX_HOLDOUT, digits_reference
     from p2pfl.learners.reference import ReferenceSet, load_reference, sha256_of
 
     try:
@@ -318,7 +319,7 @@ def reference_tables(path: Path) -> tuple[dict[str, TomlValue], int]:
         raise ConfigError(f"--reference: cannot read {path}: {exc.strerror}") from None
     counts = torch.bincount(load_reference(path, digest).y)
     per_class = int(counts.min())
-    held = digits_reference(per_class) if 0 < per_class <= 50 else None
+    held = digits_reference(per_class) if 0 < per_class <= MAX_HOLDOUT else None
     ours = held is not None and sha256_of(ReferenceSet(held.features, held.labels).encode()) == digest
     return {"path": str(path), "sha256": digest}, per_class if ours else 0
 

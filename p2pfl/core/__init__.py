@@ -11,7 +11,7 @@
   carrying its capabilities (``RULES[name].clipping``, ``.uses_samples``).
 - ``reputation``: per-peer scores from typed evidence.
 - ``lossy``: the lossy codecs (fp16, bf16, int8, topk), registered in ``CODECS`` when
-  imported: the node layer (``node/encoding.py``) does, so every node's header check knows
-  them; importing the package alone does not (``p2pfl --help`` must not load torch).
+  imported; ``envelope`` (every header check) imports them. Importing the package alone does
+  not: ``p2pfl --help`` and ``node status`` reach ``core.crypto`` and must not load torch.
 """
 

@@ -30,6 +30,7 @@ from typing import Any
 import cbor2
 
 from p2pfl.config import Limits
+from p2pfl.core import lossy as _lossy  # noqa: F401  (registers fp16, bf16, int8, topk)
 from p2pfl.core.cbor import MAP, Scalar, StrictReader
 from p2pfl.core.codec import DEFAULT_CODEC, codec_named
 from p2pfl.core.crypto import DIGEST_BYTES, Identity, public_key_from_peer_id, verify_by_peer_id

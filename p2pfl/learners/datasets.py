@@ -116,6 +116,9 @@ def load_digits_split(
     return train, test
 
 
+MAX_HOLDOUT = 50  # digits per class a network may hold out as its reference set
+
+
 def digits_holdout(per_class: int) -> np.ndarray:
     """Return the sorted indices (into the bundled digits) of ``per_class`` samples per class.
 

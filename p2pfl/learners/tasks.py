@@ -35,7 +35,7 @@ import torch
 from p2pfl.config import record_from_table, require
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import Learner
-from p2pfl.learners.datasets import PARTITIONS, make_digits_learner
+from p2pfl.learners.datasets import MAX_HOLDOUT, PARTITIONS, make_digits_learner
 from p2pfl.learners.device import resolve_device
 from p2pfl.learners.table import TableOptions, make_table_learner
 
@@ -96,7 +96,7 @@ class DigitsOptions:
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        require(0 <= self.holdout <= 50, "holdout", "must be in [0, 50] samples per class")
+        require(0 <= self.holdout <= MAX_HOLDOUT, "holdout", f"must be in [0, {MAX_HOLDOUT}] samples per class")
 
 
 def _digits(context: TaskContext) -> Learner:

@@ -298,7 +298,8 @@ class TorchLearner:
         try:
             with torch.inference_mode():
                 for state in states:
-                    logits = torch.func.functional_call(self.model, dict(state), (x,))
+                    on_device = {k: v.to(self.device) for k, v in state.items()}
+                    logits = torch.func.functional_call(self.model, on_device, (x,))
                     losses.append([float(self.loss_fn(logits[m], y[m])) for m in masks])
         finally:
             self.model.train()

@@ -18,7 +18,7 @@ import trio
 
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import Identity
-from p2pfl.errors import ConfigError
+from p2pfl.errors import ConfigError, NetworkError
 from p2pfl.learners.base import Learner
 from p2pfl.node.config import NodeConfig
 from p2pfl.node.node import Node
@@ -59,8 +59,10 @@ async def _run(config: NodeConfig, learner: Learner, net: NetConfig | None, roun
                linger: float) -> NodeStatistics:
     async with Node(config, learner, net=net, identity=identity) as node:
         if on_listening is not None:
-            addresses = getattr(node.transport, "listen_addrs", [])
-            on_listening(str(addresses[0]) if addresses else node.peer_id)
+            addresses = node.transport.listen_addrs
+            if not addresses:
+                raise NetworkError("the node listens on no address; check [net] host and port")
+            on_listening(str(addresses[0]))
         await node.run(rounds=rounds)
         await trio.sleep(linger)  # still serving: the transport stays open until we leave
         return node.statistics()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -124,7 +125,8 @@ class Node:
             publishes_invalid=self.behaviour.publishes_invalid,
             current_round=lambda: self._round,
             banned=lambda peer: self._standing.banned(peer, round=self._round),
-            report=self._report,
+            # Evidence found outside the round loop (ingress, fetches) counts in the current round.
+            report=lambda peer, evidence, reason: self._standing.record(peer, evidence, self._round, reason),
             compute=self._compute,
         )
 
@@ -222,7 +224,13 @@ class Node:
         """Receive and verify neighbours' updates, never train or publish, until ``rounds``."""
         self._state = "observing"
         async for finished in observe(self._ingress, self._round, rounds):
-            self._round = finished  # the rounds the network has finished
+            self._advance(finished)  # the rounds the network has finished
+
+    def _advance(self, next_round: int) -> None:
+        """Move on to ``next_round`` and wake whoever waits for a round to finish."""
+        self._round = next_round
+        self._round_finished.set()
+        self._round_finished = trio.Event()
 
     async def _run_round(self, number: int) -> None:
         started = trio.current_time()
@@ -260,9 +268,7 @@ class Node:
         # it surviving a SIGKILL.
         await self._checkpoint(number + 1, [*self._history, record])
         self._history.append(record)
-        self._round = number + 1
-        self._round_finished.set()
-        self._round_finished = trio.Event()
+        self._advance(number + 1)
         log.info("[%s] round %d: accuracy %.3f loss %.3f, %d neighbour updates, %.2f s",
                  short_id(self.peer_id), number, metrics.accuracy, metrics.loss, used, record.duration)
 
@@ -278,6 +284,7 @@ class Node:
             if now >= next_announce:
                 await self.behaviour.reannounce(self.outbox, number)
                 next_announce = now + settings.reannounce_interval
+                continue  # a payload may have arrived meanwhile: check the quorum again
             with trio.move_on_at(min(deadline, next_announce)):
                 await self._ingress.next_delivery()
 
@@ -336,10 +343,6 @@ class Node:
 
     # ------------------------------------------------------------------ helpers
 
-    def _report(self, peer: str, evidence: Evidence, reason: str) -> None:
-        """Record evidence found outside the round loop (ingress, fetches) in the current round."""
-        self._standing.record(peer, evidence, self._round, reason)
-
     def _enforce_bans(self, number: int) -> None:
         for peer in self._standing.banned_peers(number):
             self._ingress.inbox.forget(peer)
@@ -383,7 +386,7 @@ class Node:
             bytes_in=traffic.bytes_in if traffic else 0,
             bytes_out=traffic.bytes_out if traffic else 0,
             accepted=self._standing.accepted,
-            rejected={**self._standing.rejected, **self._ingress.mismatches},
+            rejected=dict(Counter(self._standing.rejected) + Counter(self._ingress.mismatches)),
             reputation=reputation_rows(self._standing.book, self._round),
             history=tuple(self._history),
             byzantine=self.behaviour.name,

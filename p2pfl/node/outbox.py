@@ -162,19 +162,14 @@ class Outbox:
 
     async def publish(self, kind: AnnouncementKind, update: VerifiedHeader) -> bool:
         """Publish an announcement of ``update``; False if the network refused it."""
-        try:
-            await self._transport.publish(encode_announcement(kind, update))
-        except NetworkError as exc:  # lossy by nature; the next re-announce may pass
-            log.warning("announcement not published: %s", exc)
-            return False
-        return True
+        return await self.publish_raw(encode_announcement(kind, update))
 
     async def publish_raw(self, data: bytes) -> bool:
         """Publish announcement bytes as they are; False if the network refused them."""
         try:
             await self._transport.publish(data)
-        except NetworkError as exc:
-            log.info("announcement not published: %s", exc)
+        except NetworkError as exc:  # lossy by nature; the next re-announce may pass
+            log.warning("announcement not published: %s", exc)
             return False
         return True
 

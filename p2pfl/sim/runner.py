@@ -31,6 +31,7 @@ from p2pfl.config import PrivacyConfig
 from p2pfl.core.aggregation import flatten
 from p2pfl.core.crypto import Identity
 from p2pfl.learners.base import Learner, Metrics, State
+from p2pfl.learners.privacy import privacy_spent
 from p2pfl.learners.reference import ClassScores, ReferenceSet
 from p2pfl.learners.tasks import make_learner
 from p2pfl.net.memory import MemoryNetwork
@@ -161,8 +162,7 @@ class ProbedLearner:
 
     def privacy_spent(self) -> Any:
         """Delegate to the wrapped learner (None: not private)."""
-        spent = getattr(self.inner, "privacy_spent", None)
-        return spent() if spent is not None else None
+        return privacy_spent(self.inner)
 
     def score_classes(self, states: Iterable[Mapping[str, torch.Tensor]], reference: ReferenceSet) -> list[ClassScores]:
         """Delegate to the wrapped learner (a TorchLearner)."""

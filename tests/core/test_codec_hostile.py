@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.config import Limits
+from p2pfl.core import lossy as _lossy  # noqa: F401  (every codec is fuzzed, whatever runs first)
 from p2pfl.core.codec import CODECS, DTYPES, MAGIC, decode_state, encode_state
 from p2pfl.errors import DecodeError
 

@@ -70,7 +70,7 @@ async def test_an_observer_never_publishes_and_does_not_slow_the_trainers(
         async with trio.open_nursery() as both:
             for node in trainers:
                 both.start_soon(node.run, 4)
-        await trio.sleep(1.0)
+        await observer.wait_for_round(3)  # it has seen the network finish round 3
         nursery.cancel_scope.cancel()
     for node in trainers:
         durations = [record.duration for record in node.statistics().history]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from p2pfl.config import DEFAULT_RULE
 from p2pfl.core.aggregation.flat import (
     FlatSpec,
     Model,
@@ -29,7 +30,6 @@ from p2pfl.errors import AggregationError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RULE = "clipped_gossip"
 DEFAULT_BYZANTINE_FRACTION = 0.2
 # Radius cap in units of the weighted median distance (see median_cap): honest
 # neighbours on non-IID data sit within ~2x of each other's distance.
