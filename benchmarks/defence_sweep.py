@@ -75,6 +75,10 @@ for kv in rest:
     with contextlib.suppress(ValueError, SyntaxError):  # not a literal: keep the string
         v = ast.literal_eval(v)
     grp, key = k.split(".", 1)
+    if grp == "const":  # a module constant of the gossip rules, e.g. const.STEP_CAP=2.0
+        import p2pfl.core.aggregation.gossip_rules as gossip_rules
+        setattr(gossip_rules, key, v)
+        continue
     {"rep": rep, "harm": harm, "rule": rule}[grp][key] = v
 sc = setting(sname)
 aname, _, aparams = attack.partition(":")
@@ -96,7 +100,11 @@ for s in [int(x) for x in seeds.split(",")]:
            "rule": sc.rule, "over": rest, "mean": round(card["final"]["honest_mean"], 4),
            "min": round(card["final"]["honest_min"], 4), "recall": d["recall"], "fp_peers": d["false_positive_peers"],
            "fp_final": d["false_positive_pairs_final"], "exposed": card["exposed_honest"],
-           "worst_class": card["final"].get("worst_class"), "wall": round(time.time() - t)}
+           "worst_class": card["final"].get("worst_class"), "wall": round(time.time() - t),
+           # per honest node: (attacking neighbours, neighbours, final accuracy)
+           "by_node": [(sum(1 for e in card["edges"] if n["index"] in e and set(e) - {n["index"]} <= bad),
+                        sum(1 for e in card["edges"] if n["index"] in e), round(n["accuracy"][-1], 3))
+                       for n in card["nodes"] if not n["byzantine"]]}
     print(json.dumps(out), flush=True)
     if variant != "diag":
       with open(os.environ.get("SWEEP_OUT", "runs/defence_sweep.jsonl"), "a") as f:

@@ -15,6 +15,7 @@ from p2pfl.core.aggregation import (
     DEFAULT_RULE,
     DEFAULT_VETTED_SCALE,
     RULES,
+    STEP_CAP,
     adaptive_radius,
     aggregate,
     flatten,
@@ -399,12 +400,22 @@ def test_own_step_caps_the_radius_even_against_an_attacking_majority() -> None:
     result = aggregate("clipped_gossip", own, [*nbs, *byzantine], [1.0] * 4, own_step=0.5)
     nearest = float(torch.linalg.vector_norm(vec(nbs[0]) - vec(own)))
     assert result.radius is not None
-    assert result.radius <= max(4.0 * 0.5, nearest)
+    assert result.radius <= max(STEP_CAP * 0.5, nearest)
     assert max(result.trust[1:]) < 1e-4
     moved = float(torch.linalg.vector_norm(vec(result.state) - vec(own)))
     assert moved <= result.radius  # normalised neighbour weights sum to < 1
     with pytest.raises(AggregationError, match="own_step"):
         aggregate("clipped_gossip", own, nbs, [1.0], own_step=-1.0)
+
+
+@pytest.mark.parametrize("step_cap", [2.0, 8.0])
+def test_the_step_cap_is_a_rule_parameter(step_cap: float) -> None:
+    # Neighbours at distances 1, 9, 10, 11 from the own model, own step 1: the radius is
+    # step_cap x 1 (above the nearest neighbour, below the others).
+    own = model(np.zeros(9))
+    nbs = [model(np.full(9, d / 3.0)) for d in (1.0, 9.0, 10.0, 11.0)]  # |(d/3) x 1_9| = d
+    result = aggregate("clipped_gossip", own, nbs, [1.0] * 4, own_step=1.0, step_cap=step_cap)
+    assert result.radius == pytest.approx(step_cap)
 
 
 def test_a_drifted_node_keeps_trusting_its_nearest_reputable_neighbour() -> None:
@@ -515,7 +526,7 @@ def test_default_self_weight_is_the_mean_positive_neighbour_weight() -> None:
 def test_vetted_neighbours_get_a_wider_radius_in_the_clipping_rules() -> None:
     # Three close neighbours and one far one (the peer across a bridge): clipped to
     # nearly nothing, unless the node vetted it (its harm check passed): then its radius
-    # is vetted_scale times wider (default 4), or unbounded with math.inf.
+    # is vetted_scale times wider (default DEFAULT_VETTED_SCALE), or unbounded with math.inf.
     own, nbs, _ = cloud(19, 3, spread=0.1)
     far = model(np.full(9, 20.0))
     for name in ("clipped_gossip", "centered_clip"):

@@ -51,7 +51,9 @@ def median_cap(dist: torch.Tensor, w: torch.Tensor, kappa: float) -> float:
     return kappa * float(d[order][min(index, len(d) - 1)])
 
 
-def _radius(inp: Inputs, dist: torch.Tensor, tau: float | None, delta: float, kappa: float) -> float:
+def _radius(
+    inp: Inputs, dist: torch.Tensor, tau: float | None, delta: float, kappa: float, step: float
+) -> float:
     if tau is not None:
         return checked_number(tau, "tau", 0.0)
     delta = checked_number(delta, "delta", 0.0, 1.0)
@@ -64,7 +66,7 @@ def _radius(inp: Inputs, dist: torch.Tensor, tau: float | None, delta: float, ka
     if inp.own_step:
         # Self-centred: however many neighbours attack, nobody pulls the model further per
         # round than a few of its own local updates would (it still mixes, just slower)...
-        step_cap = STEP_CAP * inp.own_step
+        step_cap = checked_number(step, "step_cap", 0.0) * inp.own_step
         reputable = dist[w > 0]
         if len(reputable):
             # ...except the nearest reputable neighbour: a node that drifted from the
@@ -100,6 +102,7 @@ def centered_clip(
     delta: float = DEFAULT_BYZANTINE_FRACTION,
     kappa: float = DEFAULT_MEDIAN_CAP,
     vetted_scale: float = DEFAULT_VETTED_SCALE,
+    step_cap: float = STEP_CAP,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Centered clipping: v <- v + sum_i w_i clip(x_i - v, tau) / sum_i w_i, from v = own.
 
@@ -114,7 +117,7 @@ def centered_clip(
     vetted_scale = _checked_scale(vetted_scale)
     span = Span.of(inp)
     c = torch.zeros(len(inp.rows), dtype=torch.float64)  # v = own
-    tau_ = _radius(inp, span.distances(c)[1:], tau, delta, kappa)
+    tau_ = _radius(inp, span.distances(c)[1:], tau, delta, kappa, step_cap)
     w = inp.weights.to(torch.float64)
     w = w / w.sum() if w.sum() > 0 else w
     centre = c
@@ -137,6 +140,7 @@ def clipped_gossip(
     delta: float = DEFAULT_BYZANTINE_FRACTION,
     kappa: float = DEFAULT_MEDIAN_CAP,
     vetted_scale: float = DEFAULT_VETTED_SCALE,
+    step_cap: float = STEP_CAP,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Self-centred clipped gossip: x' = x + sum_j w_j clip(x_j - x, tau).
 
@@ -157,11 +161,14 @@ def clipped_gossip(
     weight: the radius then reaches an attacker's distance. So the radius is also capped
     at ``kappa`` times the weighted median distance counting the own model at distance 0
     (:func:`median_cap`; a huge ``kappa`` turns the cap off), which stays honest while the
-    node and its honest neighbours hold the majority of the weight.
+    node and its honest neighbours hold the majority of the weight. With the node's own
+    last local step (``own_step``) given, the radius is also at most ``step_cap`` times it
+    (but never below the nearest reputable neighbour's distance): however many
+    neighbours attack, none drags the node further per round than that.
     """
     diffs = inp.neighbours - inp.own  # (n, d)
     dist = torch.linalg.vector_norm(diffs, dim=1)
-    tau_ = _radius(inp, dist, tau, delta, kappa)
+    tau_ = _radius(inp, dist, tau, delta, kappa, step_cap)
     total = inp.weights.sum()
     trust = _vetted_ratio(inp, tau_, dist, _checked_scale(vetted_scale))
     if total <= 0:
