@@ -43,6 +43,7 @@ from p2pfl.errors import DecodeError, MissingBase
 
 BaseLookup = Callable[[bytes], Mapping[str, torch.Tensor] | None]  # payload digest -> model
 BASE = "#base"
+MASK, VALUES, SCALES = "#m", "#q", "#s"  # a packed topk delta's parts
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DEFAULT_LIMITS = Limits()
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -129,22 +130,7 @@ def encode_int8(state: Mapping[str, torch.Tensor], *, per_channel: bool = True) 
 
 def decode_int8(data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS) -> State:
     """Decode an ``int8`` payload to float32 tensors."""
-    out: State = {}
-    for key, parts in _split(decode_state(data, limits=limits)).items():
-        if "" in parts:
-            out[key] = parts[""]
-            continue
-        q, scale = parts.get("q"), parts.get("s")
-        if set(parts) != {"q", "s"} or q is None or scale is None:
-            raise DecodeError(f"payload: {key[:64]!r} needs exactly #q and #s")
-        if q.dtype != torch.int8 or scale.dtype != torch.float32 or scale.dim() != 1:
-            raise DecodeError(f"payload: {key[:64]!r} must be int8 #q with a float32 vector #s")
-        channels = q.shape[0] if q.dim() >= 1 else 1
-        if scale.shape[0] not in {1, channels}:
-            raise DecodeError(f"payload: {key[:64]!r} has {scale.shape[0]} scales for {channels} channels")
-        shape = (scale.shape[0],) + (1,) * (q.dim() - 1) if q.dim() else ()
-        out[key] = q.float() * scale.reshape(shape)
-    return out
+    return _dequantize_all(_split(decode_state(data, limits=limits)))
 
 
 # ---------------------------------------------------------------- topk
@@ -173,12 +159,16 @@ def topk_delta(
     """Return (delta parts without #base, the model receivers will reconstruct).
 
     For each floating tensor the ``fraction`` largest changes against ``reference`` (at
-    least one element) are sent as float16; the reconstruction applies exactly those, so
-    sender and receivers hold the same bits and the rest of the change is fed back.
+    least one element) are sent, quantised to int8 with one scale per tensor (a packed
+    delta, see the module docstring). The reconstruction applies exactly the dequantised
+    values, so sender and receivers hold the same bits and everything not sent (the
+    changes left out *and* the rounding of those sent) stays in the next difference.
     """
-    parts: dict[str, torch.Tensor] = {}
+    masks, values, scales = [], [], []
     rebuilt: State = {}
-    for key, tensor in _checked(state).items():
+    parts: dict[str, torch.Tensor] = {}
+    for key in sorted(_checked(state)):
+        tensor = state[key]
         if not _is_float(tensor):
             parts[key] = rebuilt[key] = tensor
             continue
@@ -187,10 +177,34 @@ def topk_delta(
         mask = torch.zeros(change.numel(), dtype=torch.bool)
         if keep:
             mask[change.abs().topk(keep).indices] = True
-        values = change[mask].to(torch.float16)
-        parts[f"{key}#m"], parts[f"{key}#v"] = pack_bits(mask), values
-        rebuilt[key] = apply_changes(reference[key], mask, values)
+        q, scale = quantize_int8(change[mask], per_channel=False)
+        rebuilt[key] = apply_changes(reference[key], mask, dequantize(q, scale))
+        masks.append(mask)
+        values.append(q)
+        scales.append(scale)
+    parts[MASK] = pack_bits(torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool))
+    parts[VALUES] = torch.cat(values) if values else torch.zeros(0, dtype=torch.int8)
+    parts[SCALES] = torch.cat(scales) if scales else torch.zeros(0)
     return parts, rebuilt
+
+
+def topk_full(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], State]:
+    """Return (the full model as int8 parts, the model receivers will reconstruct)."""
+    parts: dict[str, torch.Tensor] = {}
+    rebuilt: State = {}
+    for key, tensor in _checked(state).items():
+        if not _is_float(tensor):
+            parts[key] = rebuilt[key] = tensor
+            continue
+        q, scale = quantize_int8(tensor, per_channel=True)
+        parts[f"{key}#q"], parts[f"{key}#s"] = q, scale
+        rebuilt[key] = _dequantize_checked(key, q, scale)
+    return parts, rebuilt
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Return float32 ``q * scale`` for a flat ``q`` and a one-element ``scale``."""
+    return q.float() * scale
 
 
 def apply_changes(base: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -201,8 +215,8 @@ def apply_changes(base: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) 
 
 
 def encode_topk_full(state: Mapping[str, torch.Tensor]) -> bytes:
-    """The ``topk`` codec's full mode: the raw model (what the pure codec encodes alone)."""
-    return encode_state(_checked(state))
+    """The ``topk`` codec's full mode (what the pure codec encodes alone): int8 parts."""
+    return encode_state(topk_full(state)[0])
 
 
 def decode_topk(
@@ -220,15 +234,67 @@ def decode_topk(
     parts = decode_state(data, limits=limits)
     if BASE not in parts:
         if any("#" in key for key in parts):
-            raise DecodeError("payload: a full topk model has no #parts")
-        return parts
+            return _dequantize_all(_split(parts))  # the int8 full model
+        return parts  # version 1's raw full model
     digest = parts.pop(BASE)
     if digest.dtype != torch.uint8 or digest.shape != (32,):
         raise DecodeError("payload: #base must be 32 uint8 bytes")
     held = base(bytes(digest.numpy().tobytes())) if base is not None else None
     if held is None:
         raise MissingBase(f"delta against base {bytes(digest.numpy().tobytes()).hex()[:12]} we do not hold")
-    return _rebuild(_split(parts), held)
+    if VALUES in parts or MASK in parts or SCALES in parts:
+        return _rebuild_packed(parts, held)
+    return _rebuild(_split(parts), held)  # version 1: per tensor #m and float16 #v
+
+
+def _rebuild_packed(parts: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]) -> State:
+    """Apply a packed int8 delta to ``held`` (floating tensors in name order)."""
+    floats = sorted(key for key, tensor in held.items() if _is_float(tensor))
+    plain = {key: tensor for key, tensor in parts.items() if key not in (MASK, VALUES, SCALES)}
+    if set(plain) | set(floats) != set(held) or set(plain) & set(floats) or any("#" in key for key in plain):
+        raise DecodeError("payload: delta names differ from its base's")
+    mask_bytes, values, scales = parts.get(MASK), parts.get(VALUES), parts.get(SCALES)
+    if mask_bytes is None or values is None or scales is None:
+        raise DecodeError("payload: a packed delta needs #m, #q and #s")
+    sizes = [held[key].numel() for key in floats]
+    mask = unpack_bits(mask_bytes, sum(sizes))
+    if values.dtype != torch.int8 or values.dim() != 1 or values.numel() != int(mask.sum()):
+        raise DecodeError("payload: #q needs one int8 value per mask bit")
+    if scales.dtype != torch.float32 or scales.shape != (len(floats),) or not bool(scales.isfinite().all()):
+        raise DecodeError(f"payload: #s needs {len(floats)} finite float32 scales, one per floating tensor")
+    out: State = dict(plain)
+    start = taken = 0
+    for index, (key, size) in enumerate(zip(floats, sizes, strict=True)):
+        segment = mask[start : start + size]
+        count = int(segment.sum())
+        changes = dequantize(values[taken : taken + count], scales[index : index + 1])
+        out[key] = apply_changes(held[key], segment, changes)
+        start, taken = start + size, taken + count
+    return {key: out[key] for key in sorted(out)}
+
+
+def _dequantize_all(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
+    out: State = {}
+    for key, parts in groups.items():
+        if "" in parts:
+            out[key] = parts[""]
+            continue
+        q, scale = parts.get("q"), parts.get("s")
+        if set(parts) != {"q", "s"} or q is None or scale is None:
+            raise DecodeError(f"payload: {key[:64]!r} needs exactly #q and #s")
+        out[key] = _dequantize_checked(key, q, scale)
+    return out
+
+
+def _dequantize_checked(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` with one scale per tensor or per channel (dim 0); DecodeError if they do not fit."""
+    if q.dtype != torch.int8 or scale.dtype != torch.float32 or scale.dim() != 1:
+        raise DecodeError(f"payload: {key[:64]!r} must be int8 #q with a float32 vector #s")
+    channels = q.shape[0] if q.dim() >= 1 else 1
+    if scale.shape[0] not in {1, channels}:
+        raise DecodeError(f"payload: {key[:64]!r} has {scale.shape[0]} scales for {channels} channels")
+    shape = (scale.shape[0],) + (1,) * (q.dim() - 1) if q.dim() else ()
+    return q.float() * scale.reshape(shape)
 
 
 def _rebuild(groups: Mapping[str, Mapping[str, torch.Tensor]], held: Mapping[str, torch.Tensor]) -> State:
@@ -261,7 +327,11 @@ __all__ = [
     "INT8",
     "TOPK",
     "BaseLookup",
+    "MASK",
+    "SCALES",
+    "VALUES",
     "apply_changes",
+    "dequantize",
     "decode_int8",
     "decode_topk",
     "encode_int8",
@@ -269,5 +339,6 @@ __all__ = [
     "pack_bits",
     "quantize_int8",
     "topk_delta",
+    "topk_full",
     "unpack_bits",
 ]
