@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from p2pfl.config import Limits
 from p2pfl.core.codec import CODECS, decode_payload, encode_state
-from p2pfl.core.lossy import BASE, encode_int8, encode_topk_full, pack_bits, topk_delta, topk_full, unpack_bits
+from p2pfl.core.lossy import (
+    BASE,
+    encode_int8,
+    encode_topk_full,
+    pack_bits,
+    topk_delta,
+    topk_full,
+    unpack_bits,
+)
 from p2pfl.errors import DecodeError, MissingBase
 
 STATE = {"w": torch.randn(64, 32), "b": torch.randn(32), "steps": torch.tensor(7)}
