@@ -13,7 +13,9 @@ from p2pfl.config import Limits
 from p2pfl.core.codec import CODECS, decode_payload, encode_state
 from p2pfl.core.lossy import (
     BASE,
+    decode_positions,
     encode_int8,
+    encode_positions,
     encode_topk_full,
     pack_bits,
     topk_delta,
@@ -72,9 +74,9 @@ def test_topk_delta_rebuilds_exactly_what_the_sender_expects_and_feeds_back_the_
     target = {**STATE, "w": STATE["w"] + torch.randn(64, 32)}
     parts, rebuilt = topk_delta(target, STATE, 0.1)
     data = with_base(parts, BASE_DIGEST)
-    # 1 bit of mask per element and 1 byte per value sent (10%): ~0.06 of 4 bytes per element.
-    assert len(data) <= 0.08 * RAW_BYTES
-    assert set(parts) == {"#m", "#q", "#s", "steps"}  # one packed delta, whatever the tensor count
+    # ~5 bits per position and 1 byte per value sent (10%): ~0.05 of 4 bytes per element.
+    assert len(data) <= 0.065 * RAW_BYTES
+    assert set(parts) == {"#i", "#q", "#s", "steps"}  # one packed delta, whatever the tensor count
     decoded = decode_payload("topk", data, base=lookup)
     assert all(torch.equal(decoded[k], rebuilt[k]) for k in STATE)
     # Error feedback: repeating the delta against the rebuilt model converges on the target,
@@ -115,6 +117,50 @@ def test_topk_without_the_base_is_a_missing_base_not_junk() -> None:
         decode_payload("topk", with_base(parts, BASE_DIGEST))  # no lookup at all
 
 
+@settings(max_examples=200, deadline=None)
+@given(bits=st.lists(st.booleans(), max_size=300), density=st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0]))
+def test_positions_round_trip(bits: list[bool], density: float) -> None:
+    mask = torch.tensor(bits, dtype=torch.bool) if bits else torch.zeros(0, dtype=torch.bool)
+    sparse = torch.rand(5000) < density
+    for each in (mask, sparse):
+        assert torch.equal(decode_positions(encode_positions(each), int(each.sum()), each.numel()), each)
+
+
+def test_positions_cost_about_half_a_bitmask_at_ten_percent() -> None:
+    mask = torch.rand(100_000) < 0.1
+    assert len(encode_positions(mask)) <= 0.6 * len(pack_bits(mask))
+
+
+@pytest.mark.parametrize(
+    ("stream", "count", "total", "word"),
+    [
+        ([2, 0, 0b1111], 3, 100, "codes 4 positions, expected 3"),  # shift 2: 3 x 2 low bits, then unary
+        ([2, 0b1000000, 0b111], 3, 100, "padding"),
+        ([0, 0b1], 1, 0, "beyond 0"),  # a position in an empty mask
+        ([0, 0, 0, 0, 0b10000000], 1, 30, "beyond 30"),  # gap 31 in 30 elements
+        ([25, 0, 1], 1, 100, "Rice parameter"),
+        ([0, 0b1, 0], 1, 100, "expected 1"),  # trailing zero byte after the last position
+        ([0] + [0] * 100 + [1], 1, 100, "cannot code"),  # longer than any gap in 100 elements needs
+        ([0], 1, 100, "cannot code"),
+        ([], 0, 100, "uint8 vector"),
+    ],
+)
+def test_hostile_positions_are_refused(stream: list[int], count: int, total: int, word: str) -> None:
+    with pytest.raises(DecodeError, match=word):
+        decode_positions(torch.tensor(stream, dtype=torch.uint8), count, total)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=st.binary(max_size=64), count=st.integers(0, 200), total=st.integers(0, 400))
+def test_random_position_streams_decode_exactly_or_raise_decode_error(stream: bytes, count: int, total: int) -> None:
+    try:
+        mask = decode_positions(torch.tensor(list(stream), dtype=torch.uint8), count, total)
+    except DecodeError:
+        return
+    assert mask.shape == (total,)
+    assert int(mask.sum()) == count
+
+
 def test_bitmask_round_trips_and_refuses_padding() -> None:
     mask = torch.tensor([True, False, True] * 5)
     assert torch.equal(unpack_bits(pack_bits(mask), 15), mask)
@@ -127,17 +173,17 @@ def test_bitmask_round_trips_and_refuses_padding() -> None:
 @pytest.mark.parametrize(
     ("change", "word"),
     [
-        (lambda p: {**p, "#q": p["#q"][:-1]}, "value per mask bit"),
+        (lambda p: {**p, "#q": p["#q"][:-1]}, "#i"),
         (lambda p: {**p, "#q": p["#q"].float()}, "int8"),
-        (lambda p: {k: v for k, v in p.items() if k != "#s"}, "#m, #q and #s"),
+        (lambda p: {k: v for k, v in p.items() if k != "#s"}, "#i, #q and #s"),
         (lambda p: {**p, "#s": p["#s"][:1]}, "2 finite float32 scales"),
         (lambda p: {**p, "#s": torch.tensor([1.0, float("inf")])}, "finite"),
         (lambda p: {**p, "#s": p["#s"].double()}, "float32"),
         (lambda p: {**p, "extra": torch.zeros(2)}, "names differ"),
         (lambda p: {k: v for k, v in p.items() if k != "steps"}, "names differ"),
         (lambda p: {**p, "b": torch.zeros(2)}, "names differ"),
-        (lambda p: {**p, "#m": p["#m"][:-1]}, "bitmask"),
-        (lambda p: {**p, "w#m": p["#m"]}, "names differ"),
+        (lambda p: {**p, "#i": p["#i"][:-1]}, "#i"),
+        (lambda p: {**p, "w#i": p["#i"]}, "names differ"),
     ],
 )
 def test_hostile_packed_topk_parts_are_refused(change, word: str) -> None:  # type: ignore[no-untyped-def]
