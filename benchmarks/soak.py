@@ -273,6 +273,9 @@ def soak(args: argparse.Namespace) -> int:
     next_restart = start + args.restart_every
     try:
         while any(proc.poll() is None for proc in churners):
+            if daemons.procs["a"].poll() is not None:
+                print(f"A exited with status {daemons.procs['a'].returncode}: see {work / 'a.log'}", flush=True)
+                break
             rows.append({"t_s": round(time.monotonic() - start), **churn_totals(stats), **probe.sample(),
                          "load1": os.getloadavg()[0]})
             print(row_text(rows[-1], rows[-2] if len(rows) > 1 else None), flush=True)
@@ -281,6 +284,8 @@ def soak(args: argparse.Namespace) -> int:
                 next_restart += args.restart_every
             time.sleep(args.every)
         time.sleep(SETTLE_S)
+        if daemons.procs["a"].poll() is not None:
+            return summarize(rows, "not tried: A is gone", False, daemons.restarts, work)
         rows.append({"t_s": round(time.monotonic() - start), **churn_totals(stats), **probe.sample(),
                      "load1": os.getloadavg()[0]})
         print(row_text(rows[-1], rows[-2]) + f"   <- {SETTLE_S:.0f} s after churn stopped", flush=True)
