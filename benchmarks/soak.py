@@ -257,8 +257,13 @@ def soak(args: argparse.Namespace) -> int:
     daemons = Daemons(work)
     for name in PORTS:
         daemons.start(name)
-    time.sleep(15)  # imports and the first rounds
     probe = Probe(daemons.procs["a"].pid, work / "a.log", work / "a.tasks")
+    deadline = time.monotonic() + 180
+    while probe.sample()["round"] < 3:  # imports and the first rounds (slow on a loaded machine)
+        if time.monotonic() > deadline or daemons.procs["a"].poll() is not None:
+            daemons.stop()
+            raise SystemExit(f"A did not finish 3 rounds in 180 s: see {work / 'a.log'}")
+        time.sleep(1)  # polling another process's log
     stats = [work / f"churn{i}.json" for i in range(args.workers)]
     churn_log = (work / "churn.log").open("ab")
     churners = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("soak_churn.py")), daemons.address_a,
