@@ -206,6 +206,9 @@ def decode_positions(stream: torch.Tensor, count: int, total: int) -> torch.Tens
     shift = int(stream[0])
     if shift > _MAX_SHIFT:
         raise DecodeError(f"payload: #i Rice parameter {shift} > {_MAX_SHIFT}")
+    # The encoder's shift costs count * shift <= ~1.5 total bits; more is hostile (and big).
+    if count > total or count * shift > 2 * total + 64:
+        raise DecodeError(f"payload: #i cannot code {count} positions of {total} with parameter {shift}")
     low_bytes = (count * shift + 7) // 8
     unary_bytes = stream.numel() - 1 - low_bytes
     if unary_bytes < 0 or unary_bytes > (total + count + 7) // 8 or (count == 0) != (unary_bytes == 0):

@@ -122,7 +122,9 @@ def test_topk_without_the_base_is_a_missing_base_not_junk() -> None:
 def test_positions_round_trip(bits: list[bool], density: float) -> None:
     mask = torch.tensor(bits, dtype=torch.bool) if bits else torch.zeros(0, dtype=torch.bool)
     sparse = torch.rand(5000) < density
-    for each in (mask, sparse):
+    tiny = torch.zeros(100_000, dtype=torch.bool)
+    tiny[torch.randint(0, 100_000, (3,))] = True  # a few far-apart changes: the largest Rice parameter
+    for each in (mask, sparse, tiny):
         assert torch.equal(decode_positions(encode_positions(each), int(each.sum()), each.numel()), each)
 
 
@@ -136,9 +138,11 @@ def test_positions_cost_about_half_a_bitmask_at_ten_percent() -> None:
     [
         ([2, 0, 0b1111], 3, 100, "codes 4 positions, expected 3"),  # shift 2: 3 x 2 low bits, then unary
         ([2, 0b1000000, 0b111], 3, 100, "padding"),
-        ([0, 0b1], 1, 0, "beyond 0"),  # a position in an empty mask
+        ([0, 0b1], 1, 0, "1 positions of 0"),  # a position in an empty mask
         ([0, 0, 0, 0, 0b10000000], 1, 30, "beyond 30"),  # gap 31 in 30 elements
         ([25, 0, 1], 1, 100, "Rice parameter"),
+        ([24] + [0] * 300 + [1], 100, 100, "with parameter 24"),  # 2,400 low bits for 100 elements
+        ([0, 0b11], 2, 1, "2 positions of 1"),
         ([0, 0b1, 0], 1, 100, "expected 1"),  # trailing zero byte after the last position
         ([0] + [0] * 100 + [1], 1, 100, "cannot code"),  # longer than any gap in 100 elements needs
         ([0], 1, 100, "cannot code"),
