@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ SETTLE_S = 30.0
 # A series is bounded if its second-half trend adds less than max(absolute, relative x median).
 TOLERANCE = {"rss_mb": (16.0, 0.05), "fds": (10, 0.10), "threads": (2, 0.10), "tasks": (50, 0.10)}
 SERIES = tuple(TOLERANCE)
+MEMORY_EVERY_S = 120
 
 
 def node_file(work: Path, name: str, bootstrap: list[str]) -> Path:
@@ -67,8 +69,12 @@ min_neighbours = 0
 # ---------------------------------------------------------------- the measured daemon
 
 
-def counted_daemon(config: str, tasks_file: str) -> int:
-    """Run ``p2pfl node run --config config`` with its live trio tasks written to ``tasks_file``."""
+def counted_daemon(config: str, tasks_file: str, trace_memory: bool) -> int:
+    """Run ``p2pfl node run --config config`` with its live trio tasks written to ``tasks_file``.
+
+    With ``trace_memory``: tracemalloc on, and every ``MEMORY_EVERY_S`` the allocations that
+    grew most since the first dump (by 4-frame traceback) written beside ``tasks_file``.
+    """
     import trio
 
     from p2pfl.cli.main import main
@@ -89,13 +95,33 @@ def counted_daemon(config: str, tasks_file: str) -> int:
         return run(*args, **kwargs)
 
     def write_forever() -> None:
+        baseline, ticks = None, 0
         while True:
             Path(tasks_file).write_text(str(live[0]))
             time.sleep(1)
+            ticks += 1
+            if trace_memory and ticks % MEMORY_EVERY_S == 0:
+                baseline = dump_growth(baseline, Path(tasks_file).with_suffix(".memory.txt"))
+
+    if trace_memory:
+        tracemalloc.start(4)
 
     trio.run = instrumented  # type: ignore[assignment]  # the daemon calls trio.run once
     threading.Thread(target=write_forever, daemon=True).start()
     return main(["node", "run", "--config", config])
+
+
+def dump_growth(baseline: tracemalloc.Snapshot | None, path: Path) -> tracemalloc.Snapshot:
+    """Append the 12 allocation sites that grew most since ``baseline``; return the baseline."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    if baseline is None:
+        return snapshot
+    with path.open("a") as out:
+        out.write(f"--- {time.strftime('%H:%M:%S')} traced {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MB\n")
+        for stat in snapshot.compare_to(baseline, "traceback")[:12]:
+            out.write(f"{stat.size_diff / 2**10:+9.0f} KB {stat.count_diff:+7d} blocks  "
+                      + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback) + "\n")
+    return baseline
 
 
 # ---------------------------------------------------------------- sampling
@@ -211,10 +237,10 @@ async def fresh_peer(address: str) -> str:
 class Daemons:
     """A (counted), B and C as processes; C can be restarted."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, trace_memory: bool) -> None:
         from p2pfl.core.crypto import Identity
 
-        self.work = work
+        self.work, self.trace_memory = work, trace_memory
         for name in PORTS:
             if not (work / f"{name}.pem").exists():
                 Identity.generate().save(work / f"{name}.pem")
@@ -227,7 +253,7 @@ class Daemons:
     def start(self, name: str) -> None:
         if name == "a":
             command = [sys.executable, __file__, "--daemon", str(self.configs["a"]), "--tasks-file",
-                       str(self.work / "a.tasks")]
+                       str(self.work / "a.tasks"), *(["--trace-memory"] if self.trace_memory else [])]
         else:
             command = [sys.executable, "-m", "p2pfl.cli.main", "node", "run", "--config", str(self.configs[name])]
         log = (self.work / f"{name}.log").open("ab")
@@ -254,7 +280,7 @@ def soak(args: argparse.Namespace) -> int:
 
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    daemons = Daemons(work)
+    daemons = Daemons(work, trace_memory=args.trace_memory)
     for name in PORTS:
         daemons.start(name)
     probe = Probe(daemons.procs["a"].pid, work / "a.log", work / "a.tasks")
@@ -333,9 +359,11 @@ def main() -> int:
     parser.add_argument("--out", default="runs/soak")
     parser.add_argument("--daemon", help=argparse.SUPPRESS)  # internal: run A under the task counter
     parser.add_argument("--tasks-file", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-memory", action="store_true",
+                        help=f"run A under tracemalloc; its growth every {MEMORY_EVERY_S} s in OUT/a.memory.txt")
     args = parser.parse_args()
     if args.daemon:
-        return counted_daemon(args.daemon, args.tasks_file)
+        return counted_daemon(args.daemon, args.tasks_file, args.trace_memory)
     return soak(args)
 
 
