@@ -11,7 +11,7 @@ not in the pure codec:
   reference is exactly the base plus what was sent (so what was not sent stays in the
   next difference: the error feedback). A neighbour holds a payload's model if it pulled
   the payload and held its base's (one missed delta breaks the chain);
-- the full model is sent instead on the first update, every ``codec_full_every``
+- the full model (int8, per channel; its rounding is fed back too) is sent instead on the first update, every ``codec_full_every``
   rounds, and whenever some current neighbour holds none of the references (a new
   neighbour, one that missed rounds): a receiver can only apply a delta to a base it
   holds, and refuses it otherwise (:class:`~p2pfl.errors.MissingBase`, not evidence).
@@ -29,7 +29,7 @@ import torch
 from p2pfl.config import NetConfig
 from p2pfl.core import lossy as _lossy  # noqa: F401  (registers fp16, bf16, int8, topk)
 from p2pfl.core.codec import CODECS, codec_named, encode_state
-from p2pfl.core.lossy import BASE, encode_int8, topk_delta
+from p2pfl.core.lossy import BASE, encode_int8, topk_delta, topk_full
 from p2pfl.core.state import State
 from p2pfl.errors import ConfigError, UnknownCodec
 
@@ -97,8 +97,9 @@ class TopKEncoder(Encoder):
         """A delta against our newest payload every neighbour holds, else the full model."""
         bases = [sent for sent in self._sent if sent.digest in held]
         if not bases or round - self._last_full >= self._full_every:
-            payload = encode_state(state)
-            sent = _Sent(b"", {key: t.detach().clone() for key, t in state.items()}, None)
+            parts, rebuilt = topk_full(state)  # int8: the rounding is fed back like a delta's
+            payload = encode_state(parts)
+            sent = _Sent(b"", rebuilt, None)
             self._last_full = round
         else:
             parts, rebuilt = topk_delta(state, bases[-1].reference, self._fraction)

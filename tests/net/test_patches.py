@@ -19,6 +19,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
@@ -48,6 +49,15 @@ def test_every_patch_names_its_upstream_bug_and_an_existing_test() -> None:
 def test_hosts_run_with_every_patch_on_the_pinned_version() -> None:
     assert patches.version_ok()
     assert set(patches.apply()) == {n for n, p in patches.PATCHES.items() if not p.per_host}
+
+
+def test_a_full_peerstore_keeps_our_own_identity() -> None:
+    host = build_host(os.urandom(32))
+    store = host.get_peerstore()
+    for _ in range(store.max_peers + 100):  # churn: more distinct peers than the store keeps
+        store.add_addrs(ID(os.urandom(34)), [multiaddr.Multiaddr("/ip4/10.0.0.1/tcp/4001")], 3600)
+    assert len(store.peer_ids()) <= store.max_peers + 1  # still bounded
+    assert host.get_public_key() == store.pubkey(host.get_id())  # stock: PeerStoreError
 
 
 def test_another_version_warns_in_one_line_and_runs_stock(

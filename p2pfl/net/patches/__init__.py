@@ -14,7 +14,7 @@ line is logged and libp2p runs stock (no patch at all, not a subset).
 Bodies live beside this file: ``dataplane`` (transfer speed), ``streams`` (hostile
 protocol ids and handlers), ``pubsub`` (hostile frames, flood publish, neighbour-only
 forwarding, signed-record costs), ``swarm``
-(connection slots, the auto-connector).
+(connection slots, the auto-connector), ``peerstore`` (our own identity kept).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from p2pfl.net.patches import dataplane, pubsub, streams, swarm
+from p2pfl.net.patches import dataplane, peerstore, pubsub, streams, swarm
 from p2pfl.net.patches.process import TWEAKS, apply_process_tweaks
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,10 @@ PATCHES: dict[str, Patch] = {
               "swarm stops: after 300 inbound connections every new one is reset",
               _T + "test_patches.py::test_1000_inbound_connections_then_a_fresh_peer_connects",
               swarm.inbound_slot_release),
+        Patch("peerstore_keeps_own", "past 1000 stored peers the peerstore evicts entries without "
+              "addresses first, our own key pair included: the next publish raises and the node stops",
+              _T + "test_patches.py::test_a_full_peerstore_keeps_our_own_identity",
+              peerstore.keep_own_identity),
         Patch("guard_dispatcher", "a raising stream handler stops the host; inbound streams "
               "per peer are unbounded (Yamux buffers up to 8 MiB each)",
               _T + "test_hardening.py::test_handler_that_raises", streams.guard_dispatcher, per_host=True),
