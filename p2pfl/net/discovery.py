@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -128,7 +129,14 @@ class Neighbourhood:
         self.changed = trio.Event()  # set whenever neighbours may have changed
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
+        # This node's addresses through relays (p2pfl.net.relay), announced before the
+        # direct ones: behind NAT those are the ones that work.
+        self.relayed_addrs: Callable[[], list[str]] = list
         host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
+
+    def own_addrs(self) -> list[str]:
+        """The addresses this node announces: relayed ones first, then direct ones."""
+        return [*self.relayed_addrs(), *listen_addrs(self.host, self.config.announce_addrs)]
 
     def seen_alive(self, peer: str) -> None:
         """Note that a payload just moved between us and ``peer``: no probe needed for a while."""
@@ -213,7 +221,7 @@ class Neighbourhood:
 
     def _shareable(self) -> list[str]:
         """Our addresses, then one address of each connected confirmed neighbour."""
-        out = listen_addrs(self.host, self.config.announce_addrs)
+        out = self.own_addrs()
         for peer in self.neighbours():
             out.extend(self.book.peers[peer].addrs[:1])
         return out
@@ -251,8 +259,7 @@ class Neighbourhood:
     async def _request(self, peer: str) -> bytes:
         stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
         try:
-            await stream.write(encode_request(self.network_id,
-                                              listen_addrs(self.host, self.config.announce_addrs)))
+            await stream.write(encode_request(self.network_id, self.own_addrs()))
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:

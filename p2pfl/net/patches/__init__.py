@@ -14,7 +14,7 @@ line is logged and libp2p runs stock (no patch at all, not a subset).
 Bodies live beside this file: ``dataplane`` (transfer speed), ``streams`` (hostile
 protocol ids and handlers), ``pubsub`` (hostile frames, flood publish, neighbour-only
 forwarding, signed-record costs), ``swarm``
-(connection slots, the auto-connector).
+(connection slots, the auto-connector), ``relay`` (circuit relay v2 as a relay).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from p2pfl.net.patches import dataplane, pubsub, streams, swarm
+from p2pfl.net.patches import dataplane, pubsub, relay, streams, swarm
 from p2pfl.net.patches.process import TWEAKS, apply_process_tweaks
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,13 @@ PATCHES: dict[str, Patch] = {
               "swarm stops: after 300 inbound connections every new one is reset",
               _T + "test_patches.py::test_1000_inbound_connections_then_a_fresh_peer_connects",
               swarm.inbound_slot_release),
+        Patch("relay_reserve_self", "a RESERVE books the slot for any PeerId it names: one "
+              "peer can fill every reservation of a relay with made-up ids",
+              _T + "test_relay.py::test_a_reservation_is_booked_for_the_peer_that_asks",
+              relay.reserve_self),
+        Patch("relay_count_forwarded", "a relay counts none of the bytes it forwards",
+              _T + "test_relay.py::test_a_payload_crosses_a_relay_end_to_end_encrypted",
+              relay.count_forwarded),
         Patch("guard_dispatcher", "a raising stream handler stops the host; inbound streams "
               "per peer are unbounded (Yamux buffers up to 8 MiB each)",
               _T + "test_hardening.py::test_handler_that_raises", streams.guard_dispatcher, per_host=True),
