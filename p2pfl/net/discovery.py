@@ -287,8 +287,12 @@ class Neighbourhood:
                 await self.disconnect(peer)
         # A neighbour that served or pulled a payload since the last pass is alive: its
         # probe (a stream, a peer exchange) is what a busy network would pay every pass.
+        # Short of neighbours, exchange with them anyway: a node behind NAT finds peers
+        # only by asking (nobody can dial it to introduce themselves).
         recent = {p for p, t in self._alive.items() if now - t < self.config.maintenance_interval}
         self._alive = {p: t for p, t in self._alive.items() if p in recent}
+        if len(self.neighbours()) < self.book.target(self.config.target_neighbours):
+            recent = set()
         relays = {p for p in connected if p in self.book.peers and self.book.peers[p].relay_only}
         async with trio.open_nursery() as nursery:
             for peer in connected - recent - relays - {p for p in connected if self.book.is_banned(p, now)}:

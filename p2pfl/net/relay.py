@@ -58,6 +58,23 @@ HOP_STREAMS_PER_PEER_EXTRA = 1
 RETRY_AFTER = 30.0
 
 
+class _HopEndsQuietly(logging.Filter):
+    """The relay's HOP handler reads on after each exchange and logs the asker closing its
+    stream (every reservation, every renewal) as three ERROR lines: keep them at DEBUG."""
+
+    NOISE = ("Error reading from hop stream", "Unexpected error handling hop stream",
+             "Error sending status message", "Failed to send error response")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.NOISE):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("libp2p.relay.circuit_v2.protocol").addFilter(_HopEndsQuietly())
+
+
 def is_circuit(address: str) -> bool:
     """Whether ``address`` is a relayed ``…/p2p-circuit/p2p/<id>`` multiaddr."""
     return CIRCUIT in address

@@ -102,13 +102,13 @@ async def test_dial_back_tells_a_listener_from_a_closed_port() -> None:
 
 async def test_a_payload_crosses_a_relay_end_to_end_encrypted(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bytes] = []
-    write = patches.relay._Counted.write
+    forward = patches.relay._forward
 
-    async def capture(self: Any, data: bytes) -> None:
-        await write(self, data)  # counted once written, like the relay's own count
+    async def capture(relay: Any, dst_stream: Any, data: bytes) -> None:
+        await forward(relay, dst_stream, data)  # counted once written, like the relay's own count
         seen.append(bytes(data))
 
-    monkeypatch.setattr(patches.relay._Counted, "write", capture)
+    monkeypatch.setattr(patches.relay, "_forward", capture)
     async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],)) as natted,
                 open_host(os.urandom(32)) as other):
         await behind_nat(natted)
@@ -177,3 +177,21 @@ async def test_a_dead_relay_address_fails_within_the_deadline() -> None:
             await dial_circuit(ours.host, f"{dead}/p2p-circuit/p2p/{Identity.generate().peer_id}",
                                timeout=2.0)
         assert listen_addrs(ours.host)  # still listening
+
+
+async def test_two_circuits_to_one_peer_outlive_each_other() -> None:
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                open_host(os.urandom(32)) as first, open_host(os.urandom(32)) as second):
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        payload = os.urandom(200_000)
+        natted.serve(sha256(payload), payload)
+        for host in (first, second):
+            host.set_stream_handler(PEX, answer_probe)
+            await connect(host, natted.listen_addrs[0], timeout=5)
+        await first.disconnect(natted.host.get_id())  # its circuit ends ...
+        for _ in range(3):  # ... and the other one keeps working, transfer after transfer
+            got = await fetch_checked_payload(second, natted.peer_id, sha256(payload),
+                                              max_size=1 << 20, timeout=5)
+            assert got.data == payload
+        assert relay.stats().relay_forwarded > 3 * len(payload)

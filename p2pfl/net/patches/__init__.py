@@ -89,9 +89,10 @@ PATCHES: dict[str, Patch] = {
               "peer can fill every reservation of a relay with made-up ids",
               _T + "test_relay.py::test_a_reservation_is_booked_for_the_peer_that_asks",
               relay.reserve_self),
-        Patch("relay_count_forwarded", "a relay counts none of the bytes it forwards",
-              _T + "test_relay.py::test_a_payload_crosses_a_relay_end_to_end_encrypted",
-              relay.count_forwarded),
+        Patch("relay_data", "a relay files circuits under their ends' PeerIds: two circuits to "
+              "one peer close each other's streams; forwarded bytes are not counted",
+              _T + "test_relay.py::test_two_circuits_to_one_peer_outlive_each_other",
+              relay.relay_data),
         Patch("guard_dispatcher", "a raising stream handler stops the host; inbound streams "
               "per peer are unbounded (Yamux buffers up to 8 MiB each)",
               _T + "test_hardening.py::test_handler_that_raises", streams.guard_dispatcher, per_host=True),
