@@ -267,6 +267,11 @@ async def connect(host: IHost, address: str, *, timeout: float) -> str:
     # A failed dial blocks the peer for 60 s even once it is back (trap 11).
     network: Any = host.get_network()  # Swarm; unblock_peer is not on the interface
     network.unblock_peer(info.peer_id)
+    # Dial this address and no other: identify replaced the address we last reached the
+    # peer at by the listen addresses it advertises (/ip4/0.0.0.0/... when it listens on
+    # every interface), and the swarm dials one TCP address of the peerstore's, at random.
+    if not network.get_connections(info.peer_id):
+        host.get_peerstore().clear_addrs(info.peer_id)
     with trio.move_on_after(timeout) as scope:
         try:
             await host.connect(info)

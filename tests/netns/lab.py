@@ -187,7 +187,8 @@ table ip filter {
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         code = "import sys; from p2pfl.cli.main import main; sys.exit(main())"
         daemon.process = subprocess.Popen(
-            ["ip", "netns", "exec", self.nodes[i], sys.executable, "-c", code, "node", "run",
+            ["ip", "netns", "exec", self.nodes[i], sys.executable, "-c", code,
+             *(["-vv"] if os.environ.get("P2PFL_NETNS_DEBUG") else []), "node", "run",
              "--config", str(config)],
             stdout=subprocess.DEVNULL, stderr=daemon.log.open("ab"), env=env, cwd=self.work)
         return daemon
