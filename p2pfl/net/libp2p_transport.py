@@ -318,12 +318,16 @@ async def open_libp2p_transport(
 
 
 async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, interval: float) -> None:
-    """Ask for dial-backs, keep relay slots while private, log paths; every ``interval``."""
+    """Ask for dial-backs, keep relay slots while private, dial relayed peers directly
+    where they can be, log paths; every ``interval``."""
     while True:
         try:
             direct = transport.direct_peers()
             await reach.check(direct)
             await transport.relaying.maintain(direct)
+            book = transport.neighbourhood.book.peers
+            await transport.relaying.upgrade({p: list(book[p].addrs) for p in transport.relayed_peers()
+                                              if p in book})
             transport.log_paths()
         except Exception:  # a libp2p surprise must not take the node's network down
             logger.exception("reachability pass failed; retrying next interval")

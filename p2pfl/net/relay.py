@@ -19,6 +19,11 @@ and reserves on every relay it dials through).
   push connections at it.
 - :func:`dial_circuit` dials such an address: a direct connection to the relay, one HOP
   CONNECT, then the usual Noise + Yamux upgrade over the relayed stream.
+- **Upgrade** (:meth:`Relaying.upgrade`): a peer reached only through a relay is dialled
+  directly at the direct addresses it announced, at most every :data:`RETRY_AFTER`; when
+  that works (a node behind NAT dialling out to a public one that had reached it through
+  a relay) the relayed connection is closed. Two nodes each behind its own NAT stay
+  relayed: hole punching (DCUtR) is not attempted.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class Relaying:
         self.slots: dict[str, Slot] = {}  # relay peer -> our reservation there
         self._refused: dict[str, float] = {}  # relay peer -> not before (trio time)
         self._hop_streams: dict[str, int] = {}  # asking peer -> HOP streams open
+        self._upgrade_tried: dict[str, float] = {}  # relayed peer -> last direct dial (trio time)
         if config.relay_service:
             host.set_stream_handler(HOP_PROTOCOL, self._handle_hop)
         host.set_stream_handler(STOP_PROTOCOL, self._handle_stop)
@@ -211,6 +217,38 @@ class Relaying:
         if is_new:
             logger.info("reserved a slot on relay %s for %d s; peers can dial %s%s/p2p/%s",
                         short_id(relay), ttl, address, CIRCUIT, self.me)
+
+    async def upgrade(self, relayed: dict[str, list[str]]) -> None:
+        """Dial peers reached only through a relay at their direct addresses, in parallel.
+
+        ``relayed``: such peers -> the addresses they announced (circuit ones are skipped).
+        """
+        now = trio.current_time()
+        self._upgrade_tried = {p: t for p, t in self._upgrade_tried.items() if now - t < RETRY_AFTER}
+        async with trio.open_nursery() as nursery:
+            for peer, addrs in relayed.items():
+                direct = [a for a in addrs if not is_circuit(a)]
+                if direct and peer not in self._upgrade_tried:
+                    self._upgrade_tried[peer] = now
+                    nursery.start_soon(self._dial_direct, peer, direct)
+
+    async def _dial_direct(self, peer: str, addrs: list[str]) -> None:
+        peer_id = ID.from_base58(peer)
+        network = self.host.get_network()
+        for address in addrs:
+            with trio.move_on_after(self.config.dial_timeout):
+                try:
+                    target = multiaddr.Multiaddr(address).decapsulate_code(multiaddr.protocols.P_P2P)
+                    await network.dial_addr(target, peer_id)  # type: ignore[attr-defined]
+                except Exception as error:  # unreachable (behind NAT too): stay relayed
+                    logger.debug("direct dial of %s at %s failed: %r", short_id(peer), address, error)
+                    continue
+                for conn in list(network.get_connections(peer_id)):
+                    if is_relayed(conn):
+                        await conn.close()
+                logger.info("peer %s: direct connection at %s replaces the relayed one",
+                            short_id(peer), address)
+                return
 
     def _direct_addr(self, peer: str) -> str | None:
         """The address our direct connection to ``peer`` reached it at (+ /p2p/<peer>)."""

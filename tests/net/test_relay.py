@@ -6,6 +6,7 @@ On loopback every node is reachable, so "behind NAT" is a recorded dial-back ans
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -195,3 +196,18 @@ async def test_two_circuits_to_one_peer_outlive_each_other() -> None:
                                               max_size=1 << 20, timeout=5)
             assert got.data == payload
         assert relay.stats().relay_forwarded > 3 * len(payload)
+
+
+async def test_a_relayed_connection_to_a_reachable_peer_is_replaced_by_a_direct_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2pfl.net.relay")
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                node() as public):
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        await connect(public.host, natted.listen_addrs[0], timeout=5)  # in through the relay
+        await wait_for(lambda: any("replaces the relayed one" in r.getMessage() for r in caplog.records)
+                       and natted.peer_id in public.neighbours() and not natted.relayed_peers())
+        [conn] = natted.host.get_network().get_connections(public.host.get_id())
+        assert not is_relayed(conn)
