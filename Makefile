@@ -35,8 +35,9 @@ browser-deps:
 nat-deps:
 	.ci/nat-deps
 
-# Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL
-# (root only; part of `make pytest` too, skipped with the reason when not root). ~3 min.
+# Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL,
+# then four with two behind NAT routers (root only; part of `make pytest` too, skipped with
+# the reason when not root). ~4.5 min.
 netns: $(STAMP) nat-deps
 	$(BIN)/pytest -q -s tests/netns
 
