@@ -67,6 +67,9 @@ MAGIC = "p2pfl-pex/1"
 MAX_REQUEST_BYTES = 8 * 1024
 MAX_REPLY_BYTES = 16 * 1024
 MAX_REPLY_ADDRS = 32
+# A neighbour busy moving payloads (alive without a probe) still gets a peer exchange every
+# this many maintenance passes: it is how a node learns of peers that joined since.
+EXCHANGE_EVERY = 10
 
 
 def encode_request(network_id: str, own: list[str]) -> bytes:
@@ -129,6 +132,7 @@ class Neighbourhood:
         self.changed = trio.Event()  # set whenever neighbours may have changed
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
+        self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
         # This node's addresses through relays (p2pfl.net.relay), announced before the
         # direct ones: behind NAT those are the ones that work.
         self.relayed_addrs: Callable[[], list[str]] = list
@@ -252,6 +256,7 @@ class Neighbourhood:
         if not lines or lines[0] != self._magic:
             raise NetworkError(f"{short_id(peer)} does not speak our network's peer exchange")
         addrs = lines[1:]
+        self._exchanged[peer] = trio.current_time()
         own = [a for a in addrs if parse_p2p_addr(a) == peer]
         self._learn_from(peer, own, claimed_by=peer)
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
@@ -287,12 +292,13 @@ class Neighbourhood:
                 await self.disconnect(peer)
         # A neighbour that served or pulled a payload since the last pass is alive: its
         # probe (a stream, a peer exchange) is what a busy network would pay every pass.
-        # Short of neighbours, exchange with them anyway: a node behind NAT finds peers
-        # only by asking (nobody can dial it to introduce themselves).
+        # Still exchange with it every EXCHANGE_EVERY passes: a node behind NAT finds
+        # peers only by asking (nobody can dial it to introduce themselves).
         recent = {p for p, t in self._alive.items() if now - t < self.config.maintenance_interval}
         self._alive = {p: t for p, t in self._alive.items() if p in recent}
-        if len(self.neighbours()) < self.book.target(self.config.target_neighbours):
-            recent = set()
+        self._exchanged = {p: self._exchanged.get(p, now) for p in connected}  # new: from now
+        every = EXCHANGE_EVERY * self.config.maintenance_interval
+        recent = {p for p in recent if now - self._exchanged.get(p, now) < every}
         relays = {p for p in connected if p in self.book.peers and self.book.peers[p].relay_only}
         async with trio.open_nursery() as nursery:
             for peer in connected - recent - relays - {p for p in connected if self.book.is_banned(p, now)}:

@@ -22,7 +22,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import Identity
-from p2pfl.errors import PeerUnreachable
+from p2pfl.errors import P2PFLError, PeerUnreachable
 from p2pfl.net import patches
 from p2pfl.net.discovery import PROTOCOL_ID as PEX
 from p2pfl.net.discovery import encode_reply
@@ -211,3 +211,27 @@ async def test_a_relayed_connection_to_a_reachable_peer_is_replaced_by_a_direct_
                        and natted.peer_id in public.neighbours() and not natted.relayed_peers())
         [conn] = natted.host.get_network().get_connections(public.host.get_id())
         assert not is_relayed(conn)
+
+
+async def test_a_relay_that_garbles_breaks_the_circuit_and_delivers_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forward = patches.relay._forward
+
+    async def garble(relay: Any, dst_stream: Any, data: bytes) -> None:
+        if len(data) > 1000:  # past the handshakes: flip one byte of the payload's ciphertext
+            data = data[:500] + bytes([data[500] ^ 1]) + data[501:]
+        await forward(relay, dst_stream, data)
+
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                open_host(os.urandom(32)) as other):
+        other.set_stream_handler(PEX, answer_probe)
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        payload = os.urandom(200_000)
+        natted.serve(sha256(payload), payload)
+        await connect(other, natted.listen_addrs[0], timeout=5)
+        monkeypatch.setattr(patches.relay, "_forward", garble)
+        with trio.fail_after(10), pytest.raises(P2PFLError):  # Noise refuses the frame: no bytes
+            await fetch_checked_payload(other, natted.peer_id, sha256(payload), max_size=1 << 20,
+                                        timeout=5)

@@ -47,7 +47,7 @@ http_port = {HTTP}
 listen_host = "0.0.0.0"
 port = {PORT}
 bootstrap = [{f'"{boot}"' if i != 0 else ""}]
-maintenance_interval = 1.0
+maintenance_interval = 0.5
 max_backoff = 4.0
 [train]
 node_index = {i}
