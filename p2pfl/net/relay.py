@@ -51,7 +51,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import PeerUnreachable
-from p2pfl.net.reach import PRIVATE, Reachability, is_relayed
+from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,9 @@ class Relaying:
         for relay in [r for r in self.slots if r not in direct_peers or now >= self.slots[r].expires_at]:
             logger.info("relay %s lost; %d slot(s) left", short_id(relay), len(self.slots) - 1)
             del self.slots[relay]
+        if self.reach.state == PUBLIC and self.slots:  # dialled back after all (a port opened)
+            logger.info("reachable: %d relay slot(s) given up", len(self.slots))
+            self.slots.clear()
         if self.reach.state != PRIVATE:
             return
         for relay, slot in list(self.slots.items()):
