@@ -173,6 +173,9 @@ class NetConfig:
     # for nodes behind NAT unless this is false; a node behind NAT reserves on `relays` relays.
     relay_service: bool = True
     relays: int = 2
+    # Two nodes that reach each other through a relay try a direct connection by hole
+    # punching (DCUtR: both dial at once from their listen ports through their NATs).
+    hole_punching: bool = True
     # What one relay grants: reservations in total, circuits per reserved peer, and per
     # circuit (a relayed connection) its bytes, both ways, and its lifetime; a circuit past
     # either is reset and redialled. 64 MiB carries a few updates of a mid-sized model.
@@ -215,7 +218,8 @@ class NetConfig:
                     f"must be a positive number, got {getattr(self, name)!r}")
         require(self.publish_rate <= 10, "net.publish_rate",
                 "must be at most 10 msg/s (GossipSub drops faster bursts silently)")
-        require(isinstance(self.relay_service, bool), "net.relay_service", "must be true or false")
+        for name in ("relay_service", "hole_punching"):
+            require(isinstance(getattr(self, name), bool), f"net.{name}", "must be true or false")
         for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers",
                      "relays", "relay_max_reservations", "relay_max_circuits",
                      "relay_circuit_bytes", "relay_circuit_seconds", "relay_reservation_seconds"):

@@ -10,7 +10,8 @@
 4. the neighbour maintenance task, whose first pass (bootstrap dials, bounded by the dial
    timeout) completes before the transport is handed out;
 5. reachability by dial-back (``reach``) and circuit relay v2 (``relay``): a relay for
-   others while reachable, a slot on relays while not, in one task;
+   others while reachable, a slot on relays while not, in one task; hole punching
+   (DCUtR) between peers that reach each other through a relay;
 6. if ``enable_mdns``, LAN discovery on ``mdns_interface`` only (``mdns``), feeding the
    neighbourhood's address book.
 
@@ -38,7 +39,7 @@ from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
 from p2pfl.net.reach import Reachability, is_relayed
-from p2pfl.net.relay import Relaying
+from p2pfl.net.relay import Relaying, open_hole_punching
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
@@ -287,6 +288,7 @@ async def open_libp2p_transport(
                 publish_rate=config.publish_rate,
                 buffer=config.announcement_buffer,
             ) as gossip,
+            open_hole_punching(host, config=config),
             trio.open_nursery() as nursery,
         ):
             transport = Libp2pTransport(

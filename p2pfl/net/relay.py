@@ -20,16 +20,24 @@ and reserves on every relay it dials through).
 - :func:`dial_circuit` dials such an address: a direct connection to the relay, one HOP
   CONNECT, then the usual Noise + Yamux upgrade over the relayed stream.
 - **Upgrade** (:meth:`Relaying.upgrade`): a peer reached only through a relay is dialled
-  directly at the direct addresses it announced, at most every :data:`RETRY_AFTER`; when
+  directly at the direct addresses it announced, at most every :data:`UPGRADE_RETRY`; when
   that works (a node behind NAT dialling out to a public one that had reached it through
-  a relay) the relayed connection is closed. Two nodes each behind its own NAT stay
-  relayed: hole punching (DCUtR) is not attempted.
+  a relay) the relayed connection is closed.
+- **Hole punching** (``[net] hole_punching``, :func:`open_hole_punching`): py-libp2p's
+  DCUtR between two nodes that reach each other through a relay, each behind its own
+  NAT: over the relayed connection they swap the addresses their peers observe them at
+  (with their listen port: NATs tend to keep it), then both dial at once from their
+  listen ports, and the relayed connection closes once the direct one works. Measured
+  between two nftables masquerade routers: ~0.2 s. Deadlines: ``dial_timeout`` for each
+  read, write and dial; at most 3 attempts per peer while connected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import multiaddr
@@ -39,6 +47,7 @@ from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeer
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
@@ -47,6 +56,7 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
@@ -60,7 +70,9 @@ CIRCUIT = "/p2p-circuit"
 # the circuit's life): the circuits of one reservation, plus a RESERVE in flight.
 HOP_STREAMS_PER_PEER_EXTRA = 1
 # A relay that refused or failed us is not asked again for this long.
-RETRY_AFTER = 30.0
+RESERVE_RETRY = 10.0
+# A peer reached through a relay is dialled directly again after this long.
+UPGRADE_RETRY = 30.0
 
 
 class _HopEndsQuietly(logging.Filter):
@@ -207,7 +219,7 @@ class Relaying:
                 raise PeerUnreachable(f"refused (status {reply.status})")
         except Exception as error:  # a stream/mux error, a timeout, a refusal: try another
             self.slots.pop(relay, None)
-            self._refused[relay] = trio.current_time() + RETRY_AFTER
+            self._refused[relay] = trio.current_time() + RESERVE_RETRY
             logger.debug("no slot on relay %s: %r", short_id(relay), error)
             return
         assert address is not None
@@ -227,7 +239,7 @@ class Relaying:
         ``relayed``: such peers -> the addresses they announced (circuit ones are skipped).
         """
         now = trio.current_time()
-        self._upgrade_tried = {p: t for p, t in self._upgrade_tried.items() if now - t < RETRY_AFTER}
+        self._upgrade_tried = {p: t for p, t in self._upgrade_tried.items() if now - t < UPGRADE_RETRY}
         async with trio.open_nursery() as nursery:
             for peer, addrs in relayed.items():
                 direct = [a for a in addrs if not is_circuit(a)]
@@ -263,6 +275,18 @@ class Relaying:
                 if text.startswith("/ip4/") and "/tcp/" in text:
                     return text if "/p2p/" in text else f"{text}/p2p/{peer}"
         return None
+
+
+@contextlib.asynccontextmanager
+async def open_hole_punching(host: IHost, *, config: NetConfig) -> AsyncIterator[None]:
+    """Run DCUtR on ``host`` (if ``[net] hole_punching``) while the context is open."""
+    if not config.hole_punching:
+        yield
+        return
+    timeout = max(1, round(config.dial_timeout))
+    dcutr = DCUtRProtocol(host, read_timeout=timeout, write_timeout=timeout, dial_timeout=timeout)
+    async with background_trio_service(dcutr):
+        yield
 
 
 async def dial_circuit(host: IHost, address: str, *, timeout: float) -> str:
@@ -323,4 +347,4 @@ async def _reset_quietly(stream: INetStream) -> None:
             return
 
 
-__all__ = ["CIRCUIT", "Relaying", "Slot", "dial_circuit", "is_circuit"]
+__all__ = ["CIRCUIT", "Relaying", "Slot", "dial_circuit", "is_circuit", "open_hole_punching"]

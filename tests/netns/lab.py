@@ -6,7 +6,8 @@ A node listed in ``behind_nat`` sits behind its own NAT router: a namespace whos
 side is on the hub's bridge (``10.77.0.(101+i)``) and whose private side is the node's
 network ``192.168.(i+1).0/24``, with an nftables masquerade rule and a forward filter
 that lets in only replies to connections made from inside (a home router, or a
-hospital's firewall). Needs ``nft`` (``.ci/nat-deps``).
+hospital's firewall); unsolicited connections to the router itself are dropped
+silently, as most routers do. Needs ``nft`` (``.ci/nat-deps``).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ table ip nat {
 table ip filter {
   chain inbound { type filter hook forward priority 0; policy drop;
     ct state established,related accept; iifname "lan" accept; }
+  chain stealth { type filter hook input priority 0; policy accept;
+    iifname "wan" ct state new drop; }
 }
 """
         subprocess.run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=rules.encode(),
