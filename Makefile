@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: testnet test lint typecheck pytest browser-deps netns bench clean
+.PHONY: testnet test lint typecheck pytest browser-deps nat-deps netns nat bench clean
 
 # torch is installed first, pinned, so no resolver step can ever pick a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,17 +24,27 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The suite includes the browser tests (marker `browser`, about 40 s): Chromium first.
-pytest: $(STAMP) browser-deps
+# The suite includes the browser tests (marker `browser`, about 40 s): Chromium first;
+# and the NAT namespace test: nftables first.
+pytest: $(STAMP) browser-deps nat-deps
 	$(BIN)/pytest -q
 
 browser-deps:
 	.ci/browser-deps
 
-# Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL
-# (root only; part of `make pytest` too, skipped with the reason when not root). ~3 min.
-netns: $(STAMP)
+nat-deps:
+	.ci/nat-deps
+
+# Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL,
+# then four with two behind NAT routers (root only; part of `make pytest` too, skipped with
+# the reason when not root). ~4.5 min.
+netns: $(STAMP) nat-deps
 	$(BIN)/pytest -q -s tests/netns
+
+# Only the NAT scenarios of tests/netns: two nodes behind nftables masquerade routers reach
+# the network through relays (root only; skipped with the reason otherwise). < 2 min.
+nat: $(STAMP) nat-deps
+	$(BIN)/pytest -q -s tests/netns/test_nat.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -169,6 +169,22 @@ class NetConfig:
     codec_k: float = 0.1
     # topk: the full model every this many rounds (and whenever a neighbour lacks the base).
     codec_full_every: int = 10
+    # Circuit relay v2 (docs/DEPLOY.md): a node that finds itself publicly reachable relays
+    # for nodes behind NAT unless this is false; a node behind NAT reserves on `relays` relays.
+    relay_service: bool = True
+    relays: int = 2
+    # Two nodes that reach each other through a relay try a direct connection by hole
+    # punching (DCUtR: both dial at once from their listen ports through their NATs).
+    hole_punching: bool = True
+    # What one relay grants: reservations in total, circuits per reserved peer, and per
+    # circuit (a relayed connection) its bytes, both ways, and its lifetime; a circuit past
+    # either is reset and redialled. 64 MiB carries a few updates of a mid-sized model.
+    relay_max_reservations: int = 32
+    relay_max_circuits: int = 8
+    relay_circuit_bytes: int = 64 * MiB
+    relay_circuit_seconds: int = 600
+    # A reservation lasts this long; its holder renews it at half-time while connected.
+    relay_reservation_seconds: int = 900
 
     def __post_init__(self) -> None:
         require(isinstance(self.codec, str) and bool(self.codec), "net.codec",
@@ -202,7 +218,11 @@ class NetConfig:
                     f"must be a positive number, got {getattr(self, name)!r}")
         require(self.publish_rate <= 10, "net.publish_rate",
                 "must be at most 10 msg/s (GossipSub drops faster bursts silently)")
-        for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers"):
+        for name in ("relay_service", "hole_punching"):
+            require(isinstance(getattr(self, name), bool), f"net.{name}", "must be true or false")
+        for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers",
+                     "relays", "relay_max_reservations", "relay_max_circuits",
+                     "relay_circuit_bytes", "relay_circuit_seconds", "relay_reservation_seconds"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     f"net.{name}", f"must be a positive integer, got {value!r}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -66,6 +67,9 @@ MAGIC = "p2pfl-pex/1"
 MAX_REQUEST_BYTES = 8 * 1024
 MAX_REPLY_BYTES = 16 * 1024
 MAX_REPLY_ADDRS = 32
+# A neighbour busy moving payloads (alive without a probe) still gets a peer exchange every
+# this many maintenance passes: it is how a node learns of peers that joined since.
+EXCHANGE_EVERY = 10
 
 
 def encode_request(network_id: str, own: list[str]) -> bytes:
@@ -128,7 +132,15 @@ class Neighbourhood:
         self.changed = trio.Event()  # set whenever neighbours may have changed
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
+        self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
+        # This node's addresses through relays (p2pfl.net.relay), announced before the
+        # direct ones: behind NAT those are the ones that work.
+        self.relayed_addrs: Callable[[], list[str]] = list
         host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
+
+    def own_addrs(self) -> list[str]:
+        """The addresses this node announces: relayed ones first, then direct ones."""
+        return [*self.relayed_addrs(), *listen_addrs(self.host, self.config.announce_addrs)]
 
     def seen_alive(self, peer: str) -> None:
         """Note that a payload just moved between us and ``peer``: no probe needed for a while."""
@@ -213,7 +225,7 @@ class Neighbourhood:
 
     def _shareable(self) -> list[str]:
         """Our addresses, then one address of each connected confirmed neighbour."""
-        out = listen_addrs(self.host, self.config.announce_addrs)
+        out = self.own_addrs()
         for peer in self.neighbours():
             out.extend(self.book.peers[peer].addrs[:1])
         return out
@@ -244,6 +256,7 @@ class Neighbourhood:
         if not lines or lines[0] != self._magic:
             raise NetworkError(f"{short_id(peer)} does not speak our network's peer exchange")
         addrs = lines[1:]
+        self._exchanged[peer] = trio.current_time()
         own = [a for a in addrs if parse_p2p_addr(a) == peer]
         self._learn_from(peer, own, claimed_by=peer)
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
@@ -251,8 +264,7 @@ class Neighbourhood:
     async def _request(self, peer: str) -> bytes:
         stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
         try:
-            await stream.write(encode_request(self.network_id,
-                                              listen_addrs(self.host, self.config.announce_addrs)))
+            await stream.write(encode_request(self.network_id, self.own_addrs()))
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:
@@ -280,8 +292,13 @@ class Neighbourhood:
                 await self.disconnect(peer)
         # A neighbour that served or pulled a payload since the last pass is alive: its
         # probe (a stream, a peer exchange) is what a busy network would pay every pass.
+        # Still exchange with it every EXCHANGE_EVERY passes: a node behind NAT finds
+        # peers only by asking (nobody can dial it to introduce themselves).
         recent = {p for p, t in self._alive.items() if now - t < self.config.maintenance_interval}
         self._alive = {p: t for p, t in self._alive.items() if p in recent}
+        self._exchanged = {p: self._exchanged.get(p, now) for p in connected}  # new: from now
+        every = EXCHANGE_EVERY * self.config.maintenance_interval
+        recent = {p for p in recent if now - self._exchanged.get(p, now) < every}
         relays = {p for p in connected if p in self.book.peers and self.book.peers[p].relay_only}
         async with trio.open_nursery() as nursery:
             for peer in connected - recent - relays - {p for p in connected if self.book.is_banned(p, now)}:

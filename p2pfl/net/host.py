@@ -44,6 +44,7 @@ from p2pfl.core.crypto import short_id
 from p2pfl.errors import ConfigError, PeerUnreachable
 from p2pfl.net import patches
 from p2pfl.net.patches.streams import DEFAULT_MAX_INBOUND_STREAMS_PER_PEER
+from p2pfl.net.relay import dial_circuit, is_circuit
 
 logger = logging.getLogger(__name__)
 
@@ -249,10 +250,14 @@ def peer_id_of(address: str) -> str:
 async def connect(host: IHost, address: str, *, timeout: float) -> str:
     """Dial ``address`` (a full /p2p/ multiaddr) within ``timeout``; return its PeerId.
 
+    A relayed address (``…/p2p-circuit/p2p/<id>``) is dialled through its relay.
+
     Raises:
         PeerUnreachable: the dial failed or did not finish in time.
         ConfigError: ``address`` is not a /p2p/ multiaddr.
     """
+    if is_circuit(address):
+        return await dial_circuit(host, address, timeout=timeout)
     try:
         info = info_from_p2p_addr(multiaddr.Multiaddr(address))
     except Exception as error:
@@ -262,6 +267,11 @@ async def connect(host: IHost, address: str, *, timeout: float) -> str:
     # A failed dial blocks the peer for 60 s even once it is back (trap 11).
     network: Any = host.get_network()  # Swarm; unblock_peer is not on the interface
     network.unblock_peer(info.peer_id)
+    # Dial this address and no other: identify replaced the address we last reached the
+    # peer at by the listen addresses it advertises (/ip4/0.0.0.0/... when it listens on
+    # every interface), and the swarm dials one TCP address of the peerstore's, at random.
+    if not network.get_connections(info.peer_id):
+        host.get_peerstore().clear_addrs(info.peer_id)
     with trio.move_on_after(timeout) as scope:
         try:
             await host.connect(info)

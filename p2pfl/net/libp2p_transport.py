@@ -9,7 +9,10 @@
    advertises ``/meshsub/*``;
 4. the neighbour maintenance task, whose first pass (bootstrap dials, bounded by the dial
    timeout) completes before the transport is handed out;
-5. if ``enable_mdns``, LAN discovery on ``mdns_interface`` only (``mdns``), feeding the
+5. reachability by dial-back (``reach``) and circuit relay v2 (``relay``): a relay for
+   others while reachable, a slot on relays while not, in one task; hole punching
+   (DCUtR) between peers that reach each other through a relay;
+6. if ``enable_mdns``, LAN discovery on ``mdns_interface`` only (``mdns``), feeding the
    neighbourhood's address book.
 
 Every task lives in the nursery the context manager owns; leaving it cancels them all
@@ -33,8 +36,10 @@ from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
-from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
+from p2pfl.net.reach import Reachability, is_relayed
+from p2pfl.net.relay import Relaying, open_hole_punching
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
@@ -57,15 +62,19 @@ class Libp2pTransport:
         *,
         limits: Limits,
         nursery: trio.Nursery,
+        relaying: Relaying,
     ) -> None:
         self.host = host
         self.gossip = gossip
         self.neighbourhood = neighbourhood
         self.store = store
         self.limits = limits
+        self.relaying = relaying
         self._nursery = nursery
         self._fetched_bytes = 0
         self._served_bytes = 0
+        self._relayed_bytes = 0  # payload bytes in or out over relayed connections
+        self._paths: dict[str, bool] = {}  # connected peer -> relayed? (as last logged)
         self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
 
     @property
@@ -75,8 +84,9 @@ class Libp2pTransport:
 
     @property
     def listen_addrs(self) -> list[str]:
-        """Full multiaddrs other nodes can bootstrap from (``[net] announce_addrs`` if set)."""
-        return listen_addrs(self.host, self.neighbourhood.config.announce_addrs)
+        """Full multiaddrs other nodes can dial: through relays first (behind NAT), then
+        the listen addresses (``[net] announce_addrs`` if set)."""
+        return self.neighbourhood.own_addrs()
 
     def bootstrap_report(self) -> list[str]:
         """One ``<address>: <what it answered last>`` line per bootstrap peer."""
@@ -111,8 +121,35 @@ class Libp2pTransport:
             self.host, peer, digest, max_size=max_size, timeout=remaining
         )
         self._fetched_bytes += len(payload)
+        self._count_relayed(peer, len(payload))
         self.neighbourhood.seen_alive(peer)
         return payload
+
+    def relayed_peers(self) -> tuple[str, ...]:
+        """Connected peers whose every connection runs through a relay, sorted."""
+        network = self.host.get_network()
+        return tuple(sorted(
+            p.to_string() for p in self.host.get_connected_peers()
+            if (conns := network.get_connections(p)) and all(is_relayed(c) for c in conns)
+        ))
+
+    def direct_peers(self) -> list[str]:
+        """Connected peers with a direct (not relayed) connection."""
+        relayed = set(self.relayed_peers())
+        return [p for p in sorted(self.neighbourhood.connected()) if p not in relayed]
+
+    def _count_relayed(self, peer: str, size: int) -> None:
+        if peer in self.relayed_peers():
+            self._relayed_bytes += size
+
+    def log_paths(self) -> None:
+        """Log each connected peer's path (direct or through a relay) when it changes."""
+        relayed = set(self.relayed_peers())
+        now = {p: p in relayed for p in self.neighbourhood.connected()}
+        for peer, through_relay in now.items():
+            if self._paths.get(peer) != through_relay:
+                logger.info("peer %s: %s", short_id(peer), "through a relay" if through_relay else "direct")
+        self._paths = now
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
         if peer in self.neighbourhood.connected():
@@ -164,10 +201,16 @@ class Libp2pTransport:
             announcements_in=counters.delivered,
             announcements_out=counters.published,
             rejected_in=counters.rejected + counters.oversize,
+            reachability=self.relaying.reach.state,
+            relays=tuple(sorted(self.relaying.slots)),
+            relayed_peers=self.relayed_peers(),
+            payload_relayed=self._relayed_bytes,
+            relay_forwarded=self.relaying.forwarded_bytes,
         )
 
     def _on_served(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size
+        self._count_relayed(peer, size)
         self.neighbourhood.seen_alive(peer)
         if (pullers := self._pulled.get(digest)) is not None:  # bounded: served digests x peers
             pullers.add(peer)
@@ -232,6 +275,9 @@ async def open_libp2p_transport(
     ) as host:
         store = PayloadStore(max_total_bytes=STORE_PAYLOADS * limits.max_payload_bytes)
         neighbourhood = Neighbourhood(host, network_id=network_id, config=config)
+        reach = Reachability(host, port=_listen_port(host, config), dial_timeout=config.dial_timeout)
+        relaying = Relaying(host, config=config, reach=reach)
+        neighbourhood.relayed_addrs = relaying.relayed_addrs
         async with (
             open_gossip(
                 host,
@@ -242,10 +288,11 @@ async def open_libp2p_transport(
                 publish_rate=config.publish_rate,
                 buffer=config.announcement_buffer,
             ) as gossip,
+            open_hole_punching(host, config=config),
             trio.open_nursery() as nursery,
         ):
             transport = Libp2pTransport(
-                host, gossip, neighbourhood, store, limits=limits, nursery=nursery
+                host, gossip, neighbourhood, store, limits=limits, nursery=nursery, relaying=relaying
             )
             install_update_protocol(
                 host,
@@ -259,6 +306,7 @@ async def open_libp2p_transport(
                         " ".join(transport.listen_addrs))
             await neighbourhood.maintain()  # bootstrap before handing the transport out
             nursery.start_soon(neighbourhood.run)
+            nursery.start_soon(_keep_reachable, transport, reach, config.maintenance_interval)
             if config.enable_mdns and config.mdns_interface is not None:
                 nursery.start_soon(functools.partial(
                     run_mdns, peer_id=transport.peer_id, network_id=network_id,
@@ -269,6 +317,32 @@ async def open_libp2p_transport(
                 yield transport
             finally:
                 nursery.cancel_scope.cancel()
+
+
+async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, interval: float) -> None:
+    """Ask for dial-backs, keep relay slots while private, dial relayed peers directly
+    where they can be, log paths; every ``interval``."""
+    while True:
+        try:
+            direct = transport.direct_peers()
+            await reach.check(direct)
+            await transport.relaying.maintain(direct)
+            book = transport.neighbourhood.book.peers
+            await transport.relaying.upgrade({p: list(book[p].addrs) for p in transport.relayed_peers()
+                                              if p in book})
+            transport.log_paths()
+        except Exception:  # a libp2p surprise must not take the node's network down
+            logger.exception("reachability pass failed; retrying next interval")
+        await trio.sleep(interval)
+
+
+def _listen_port(host: IHost, config: NetConfig) -> int:
+    """The TCP port peers should dial back: the announced one if any, else the listen port."""
+    for address in (*config.announce_addrs, *(str(a) for a in host.get_addrs())):
+        parts = address.split("/")
+        if "tcp" in parts and parts.index("tcp") + 1 < len(parts):
+            return int(parts[parts.index("tcp") + 1])
+    return 0
 
 
 __all__ = ["Libp2pTransport", "open_libp2p_transport"]

@@ -64,6 +64,12 @@ class TrafficStats:
     announcements_in: int = 0
     announcements_out: int = 0
     rejected_in: int = 0
+    # Behind NAT (p2pfl.net.reach, p2pfl.net.relay); an in-memory transport has no NAT.
+    reachability: str = "unknown"  # public | private | unknown (not yet dialled back)
+    relays: tuple[str, ...] = ()  # relays this node holds a slot on
+    relayed_peers: tuple[str, ...] = ()  # connected peers reached only through a relay
+    payload_relayed: int = 0  # of payload_in + payload_out, bytes over relayed connections
+    relay_forwarded: int = 0  # bytes this node forwarded as a relay for others
 
 
 @runtime_checkable

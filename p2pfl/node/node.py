@@ -396,4 +396,9 @@ class Node:
             payload_in=traffic.payload_in if traffic else 0,
             payload_out=traffic.payload_out if traffic else 0,
             addrs=tuple(self._transport.listen_addrs) if self._transport is not None else (),
+            reachability=traffic.reachability if traffic else "unknown",
+            relays=traffic.relays if traffic else (),
+            relayed_peers=traffic.relayed_peers if traffic else (),
+            payload_relayed=traffic.payload_relayed if traffic else 0,
+            relay_forwarded=traffic.relay_forwarded if traffic else 0,
         )

@@ -68,6 +68,14 @@ class NodeStatistics:
     payload_in: int = 0  # of bytes_in/bytes_out, the data plane; the rest is control
     payload_out: int = 0
     addrs: tuple[str, ...] = ()  # full multiaddrs peers can dial (bootstrap entries for others)
+    # Behind NAT (docs/DEPLOY.md): "public" | "private" | "unknown" (no dial-back answer yet),
+    # the relays this node holds a slot on, the neighbours it reaches only through a relay,
+    # payload bytes that crossed relays, and bytes it forwarded as a relay for others.
+    reachability: str = "unknown"
+    relays: tuple[str, ...] = ()
+    relayed_peers: tuple[str, ...] = ()
+    payload_relayed: int = 0
+    relay_forwarded: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from p2pfl.core.crypto import Identity
-from tests.netns.lab import PORT, Daemon, Lab, why_not
+from tests.netns.lab import PORT, Daemon, Lab, wait_until, why_not
 
 N = 6
 REASON = why_not()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"namespace test skipped: {REASON}")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, state: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; {state()}")
-        time.sleep(0.5)  # polling other processes' logs; nothing to wait on in-process
 
 
 def node_file(work: Path, i: int, peers: list[str]) -> Path:

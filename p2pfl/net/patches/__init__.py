@@ -14,7 +14,8 @@ line is logged and libp2p runs stock (no patch at all, not a subset).
 Bodies live beside this file: ``dataplane`` (transfer speed), ``streams`` (hostile
 protocol ids and handlers), ``pubsub`` (hostile frames, flood publish, neighbour-only
 forwarding, signed-record costs), ``swarm``
-(connection slots, the auto-connector), ``peerstore`` (our own identity kept).
+(connection slots, the auto-connector), ``peerstore`` (our own identity kept), ``relay``
+(circuit relay v2 as a relay).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from p2pfl.net.patches import dataplane, peerstore, pubsub, streams, swarm
+from p2pfl.net.patches import dataplane, peerstore, pubsub, relay, streams, swarm
 from p2pfl.net.patches.process import TWEAKS, apply_process_tweaks
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,14 @@ PATCHES: dict[str, Patch] = {
               "addresses first, our own key pair included: the next publish raises and the node stops",
               _T + "test_patches.py::test_a_full_peerstore_keeps_our_own_identity",
               peerstore.keep_own_identity),
+        Patch("relay_reserve_self", "a RESERVE books the slot for any PeerId it names: one "
+              "peer can fill every reservation of a relay with made-up ids",
+              _T + "test_relay.py::test_a_reservation_is_booked_for_the_peer_that_asks",
+              relay.reserve_self),
+        Patch("relay_data", "a relay files circuits under their ends' PeerIds: two circuits to "
+              "one peer close each other's streams; forwarded bytes are not counted",
+              _T + "test_relay.py::test_two_circuits_to_one_peer_outlive_each_other",
+              relay.relay_data),
         Patch("guard_dispatcher", "a raising stream handler stops the host; inbound streams "
               "per peer are unbounded (Yamux buffers up to 8 MiB each)",
               _T + "test_hardening.py::test_handler_that_raises", streams.guard_dispatcher, per_host=True),

@@ -1,0 +1,237 @@
+"""Circuit relay v2 and dial-back on loopback (issue 15); real NATs are in tests/netns/test_nat.py.
+
+On loopback every node is reachable, so "behind NAT" is a recorded dial-back answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeer
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+from p2pfl.config import Limits, NetConfig
+from p2pfl.core.crypto import Identity
+from p2pfl.errors import P2PFLError, PeerUnreachable
+from p2pfl.net import patches
+from p2pfl.net.discovery import PROTOCOL_ID as PEX
+from p2pfl.net.discovery import encode_reply
+from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.libp2p_transport import Libp2pTransport, open_libp2p_transport
+from p2pfl.net.reach import is_relayed, probe
+from p2pfl.net.relay import dial_circuit
+from p2pfl.net.transfer import fetch_checked_payload
+from p2pfl.net.transport import sha256
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, bounded (other tasks' state has no events)."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+@contextlib.asynccontextmanager
+async def node(**net: Any) -> AsyncIterator[Libp2pTransport]:
+    config = NetConfig(maintenance_interval=0.2, dial_timeout=2.0, **net)
+    async with open_libp2p_transport(secret=Identity.generate().secret_bytes(), network_id="t",
+                                     config=config, limits=Limits(), validator=lambda o, d: d) as t:
+        yield t
+
+
+async def behind_nat(transport: Libp2pTransport, *, settle: bool = True) -> None:
+    """Replace the (loopback: reached) dial-back answers by what a NAT would give, for good.
+
+    ``settle``: first wait for a real answer, so that none in flight overwrites ours.
+    """
+    reach = transport.relaying.reach
+    if settle:
+        await wait_for(lambda: reach.state != "unknown")
+
+    async def not_reached(peers: list[str]) -> None:
+        for peer in peers:
+            reach.record(peer, reached=False)
+
+    reach.check = not_reached  # type: ignore[method-assign]
+    await not_reached(sorted(transport.neighbourhood.connected()))
+    assert reach.state == "private"
+
+
+async def answer_probe(stream: Any) -> None:
+    """Answer peer exchange for network "t" with no address (a peer only reachable inbound)."""
+    await stream.write(encode_reply("t", []))
+    await stream.close()
+
+
+async def reserve(host: Any, relay: Any) -> Any:
+    stream = await host.new_stream(relay, [HOP])
+    await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
+    return await read_delimited_msg(stream, HopMessage)
+
+
+async def open_and_read(host: Any, peer: Any, protocol: Any) -> bytes:
+    stream = await host.new_stream(peer, [protocol])
+    return bytes(await stream.read(1))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_dial_back_tells_a_listener_from_a_closed_port() -> None:
+    async with node() as relay, node(bootstrap=(relay.listen_addrs[0],)) as peer:
+        await wait_for(lambda: relay.relaying.reach.state == "public" == peer.relaying.reach.state)
+        port = int(relay.listen_addrs[0].split("/")[4])
+        assert await probe("127.0.0.1", port, timeout=2.0)
+        assert not await probe("127.0.0.1", closed_port(), timeout=2.0)
+        assert relay.stats().reachability == "public"
+
+
+async def test_a_payload_crosses_a_relay_end_to_end_encrypted(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bytes] = []
+    forward = patches.relay._forward
+
+    async def capture(relay: Any, dst_stream: Any, data: bytes) -> None:
+        await forward(relay, dst_stream, data)  # counted once written, like the relay's own count
+        seen.append(bytes(data))
+
+    monkeypatch.setattr(patches.relay, "_forward", capture)
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],)) as natted,
+                open_host(os.urandom(32)) as other):
+        await behind_nat(natted)
+        other.set_stream_handler(PEX, answer_probe)  # alive to natted, no address to dial back
+        await wait_for(lambda: bool(natted.relaying.slots))
+        relayed = natted.listen_addrs[0]
+        assert relayed == f"{relay.listen_addrs[0]}/p2p-circuit/p2p/{natted.peer_id}"
+        assert natted.stats().relays == (relay.peer_id,)
+        payload = b"PLAINTEXT-MARKER" * 4096 + os.urandom(1000)
+        natted.serve(sha256(payload), payload)
+        assert await connect(other, relayed, timeout=5) == natted.peer_id
+        [conn] = other.get_network().get_connections(natted.host.get_id())
+        assert is_relayed(conn)
+        got = await fetch_checked_payload(other, natted.peer_id, sha256(payload), max_size=1 << 20,
+                                          timeout=10)
+        assert got.data == payload
+        await wait_for(lambda: natted.stats().payload_relayed == len(payload))
+        assert natted.relayed_peers() == (other.get_id().to_string(),)
+        forwarded = b"".join(seen)  # the circuit stays in use (probes): the count only grows
+        assert relay.stats().relay_forwarded >= len(forwarded) > len(payload)
+        assert b"PLAINTEXT-MARKER" not in forwarded  # Noise between the two ends
+
+
+async def test_a_reservation_is_booked_for_the_peer_that_asks() -> None:
+    async with node() as relay, open_host(os.urandom(32)) as asker:
+        await connect(asker, relay.listen_addrs[0], timeout=5)
+        victim = Identity.generate().peer_id
+        stream = await asker.new_stream(relay.host.get_id(), [HOP])
+        from libp2p.peer.id import ID
+        await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE,
+                                                     peer=CircuitPeer(id=ID.from_base58(victim).to_bytes())))
+        with trio.fail_after(5):
+            reply = await read_delimited_msg(stream, HopMessage)
+        assert reply.status == 100
+        booked = {p.to_string() for p in relay.relaying.protocol.resource_manager._reservations}
+        assert booked == {asker.get_id().to_string()}
+
+
+async def test_a_relay_behind_nat_and_strangers_stop_streams_are_refused() -> None:
+    async with node() as relay, open_host(os.urandom(32)) as stranger:
+        await connect(stranger, relay.listen_addrs[0], timeout=5)
+        await behind_nat(relay, settle=False)  # a plain host answers no dial-back
+        with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 - reset at any step
+            await reserve(stranger, relay.host.get_id())
+        assert not relay.relaying.protocol.resource_manager._reservations
+        with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 - no slot of relay's here
+            await open_and_read(stranger, relay.host.get_id(), STOP)
+        assert relay.relayed_peers() == ()
+
+
+async def test_a_full_relay_sends_the_next_node_elsewhere() -> None:
+    async with node(relay_max_reservations=1) as full, node(bootstrap=(full.listen_addrs[0],)) as first:
+        await behind_nat(first)
+        await wait_for(lambda: full.peer_id in first.relaying.slots)  # full's one slot is taken
+        async with (node() as spare,
+                    node(bootstrap=(full.listen_addrs[0], spare.listen_addrs[0])) as second):
+            await behind_nat(second)  # wants 2 slots: the full relay (and `first`, private) refuse
+            await wait_for(lambda: full.peer_id in second.relaying._refused
+                           and set(second.relaying.slots) == {spare.peer_id})
+
+
+async def test_a_dead_relay_address_fails_within_the_deadline() -> None:
+    async with node() as ours:
+        dead = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{Identity.generate().peer_id}"
+        with trio.fail_after(5), pytest.raises(PeerUnreachable):
+            await dial_circuit(ours.host, f"{dead}/p2p-circuit/p2p/{Identity.generate().peer_id}",
+                               timeout=2.0)
+        assert listen_addrs(ours.host)  # still listening
+
+
+async def test_two_circuits_to_one_peer_outlive_each_other() -> None:
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                open_host(os.urandom(32)) as first, open_host(os.urandom(32)) as second):
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        payload = os.urandom(200_000)
+        natted.serve(sha256(payload), payload)
+        for host in (first, second):
+            host.set_stream_handler(PEX, answer_probe)
+            await connect(host, natted.listen_addrs[0], timeout=5)
+        await first.disconnect(natted.host.get_id())  # its circuit ends ...
+        for _ in range(3):  # ... and the other one keeps working, transfer after transfer
+            got = await fetch_checked_payload(second, natted.peer_id, sha256(payload),
+                                              max_size=1 << 20, timeout=5)
+            assert got.data == payload
+        assert relay.stats().relay_forwarded > 3 * len(payload)
+
+
+async def test_a_relayed_connection_to_a_reachable_peer_is_replaced_by_a_direct_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2pfl.net.relay")
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                node() as public):
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        await connect(public.host, natted.listen_addrs[0], timeout=5)  # in through the relay
+        await wait_for(lambda: any("replaces the relayed one" in r.getMessage() for r in caplog.records)
+                       and natted.peer_id in public.neighbours() and not natted.relayed_peers())
+        [conn] = natted.host.get_network().get_connections(public.host.get_id())
+        assert not is_relayed(conn)
+
+
+async def test_a_relay_that_garbles_breaks_the_circuit_and_delivers_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forward = patches.relay._forward
+
+    async def garble(relay: Any, dst_stream: Any, data: bytes) -> None:
+        if len(data) > 1000:  # past the handshakes: flip one byte of the payload's ciphertext
+            data = data[:500] + bytes([data[500] ^ 1]) + data[501:]
+        await forward(relay, dst_stream, data)
+
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                open_host(os.urandom(32)) as other):
+        other.set_stream_handler(PEX, answer_probe)
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        payload = os.urandom(200_000)
+        natted.serve(sha256(payload), payload)
+        await connect(other, natted.listen_addrs[0], timeout=5)
+        monkeypatch.setattr(patches.relay, "_forward", garble)
+        with trio.fail_after(10), pytest.raises(P2PFLError):  # Noise refuses the frame: no bytes
+            await fetch_checked_payload(other, natted.peer_id, sha256(payload), max_size=1 << 20,
+                                        timeout=5)
