@@ -1,0 +1,79 @@
+"""The robustness gate (issue 17): the adaptive attacks on the developers' setting.
+
+Runs examples/scenarios/ci_robustness.toml (16 nodes, random 4-regular, Dirichlet(0.5),
+4 random Byzantine, 30 rounds) on seed 0, the hardest of seeds 0-3 for the default
+defence, with rules mean and clipped_gossip (the default). Measured at this commit
+(final honest mean; docs/RESULTS.md has seeds 0-3 and the strength sweeps):
+
+| attack | mean | default |
+|---|---|---|
+| none | 0.931 | 0.932 |
+| min_max | 0.656 | 0.860 |
+| clip_aware | 0.732 | 0.849 |
+| boiling_frog | 0.551 | 0.853 |
+| ipm (eps 0.5) | 0.545 | 0.896 |
+| label_flip | 0.771 | 0.746 |
+| targeted_flip | 0.892 | 0.886 |
+
+The gate holds those within a small margin: the default defence far above plain mean on
+the attacks it is built for, within 10 points of no attack; on the two label flips it
+is not yet at plain mean's level on this seed (a documented gap, issue 17): the gate
+stops it from falling further.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pfl.sim.runner import run_scenario
+from p2pfl.sim.scenario import NO_ATTACK, load_grid
+from p2pfl.sim.scorecard import scorecard
+
+GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_robustness.toml"
+DEFENDED = ("min_max", "clip_aware", "boiling_frog", "ipm")
+FLIPS = ("label_flip", "targeted_flip")
+WITHIN = 0.10  # default under a defended attack: at most this far below no attack
+ABOVE_MEAN = 0.05  # ... and at least this far above plain mean under the same attack
+FLIP_SLACK = 0.03  # label flips: at most this far below plain mean (measured 0.025, 0.006)
+
+
+@pytest.fixture(scope="module")
+def cards() -> dict[tuple[str, str], dict[str, Any]]:
+    grid = load_grid(GRID)
+    seed = grid.base.seeds[0]
+    cells = [("clipped_gossip", a) for a in grid.attacks] + [
+        ("mean", a) for a in grid.attacks if a != NO_ATTACK
+    ]
+    return {cell: scorecard(run_scenario(grid.cell(*cell), seed)) for cell in cells}
+
+
+def final(cards: dict[tuple[str, str], dict[str, Any]], rule: str, attack: str) -> float:
+    value = cards[rule, attack]["final"]["honest_mean"]
+    assert value is not None
+    return float(value)
+
+
+def test_without_attack_the_default_learns_and_flags_nobody(
+    cards: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    assert final(cards, "clipped_gossip", NO_ATTACK) > 0.92
+    assert cards["clipped_gossip", NO_ATTACK]["detection"]["false_positive_peers"] == 0.0
+
+
+@pytest.mark.parametrize("attack", DEFENDED)
+def test_the_default_holds_against_the_adaptive_attacks(
+    cards: dict[tuple[str, str], dict[str, Any]], attack: str
+) -> None:
+    defended = final(cards, "clipped_gossip", attack)
+    assert defended > final(cards, "clipped_gossip", NO_ATTACK) - WITHIN
+    assert defended > final(cards, "mean", attack) + ABOVE_MEAN
+
+
+@pytest.mark.parametrize("attack", FLIPS)
+def test_label_flips_stay_near_plain_mean(
+    cards: dict[tuple[str, str], dict[str, Any]], attack: str
+) -> None:
+    assert final(cards, "clipped_gossip", attack) > final(cards, "mean", attack) - FLIP_SLACK
