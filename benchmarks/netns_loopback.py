@@ -24,40 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.core.crypto import Identity
-from tests.netns.lab import PORT, Daemon, Lab, why_not
+from tests.netns.lab import Daemon, Lab, six_node_file, why_not
 
 N = 6
 LOOPBACK_PORT = 17551
 
 
-def node_file(work: Path, i: int, peers: list[str], mode: str) -> Path:
-    """The namespace test's node file; on loopback, 127.0.0.1 and a port per node."""
-    def where(j: int) -> tuple[str, int]:
-        return (Lab.address(j), PORT) if mode == "netns" else ("127.0.0.1", LOOPBACK_PORT + j)
-
-    boot = [f'"/ip4/{where(j)[0]}/tcp/{where(j)[1]}/p2p/{peers[j]}"' for j in (0, 3) if j != i]
-    path = work / f"node{i}.toml"
-    path.write_text(f"""
-[node]
-network_id = "netns"
-key_file = "node{i}.pem"
-data_dir = "state{i}"
-http_port = 0
-[net]
-listen_host = "{"0.0.0.0" if mode == "netns" else "127.0.0.1"}"
-port = {where(i)[1]}
-bootstrap = [{", ".join(boot)}]
-maintenance_interval = 1.0
-max_backoff = 4.0
-[train]
-node_index = {i}
-num_nodes = {N}
-[round]
-round_timeout = 3.0
-min_neighbours = 1
-start_timeout = 120.0
-""")
-    return path
 
 
 def start_loopback(work: Path, i: int, config: Path) -> Daemon:
@@ -75,7 +47,8 @@ def run(mode: str, rounds: int, work: Path, timeout: float) -> dict[str, Any]:
     identities = [Identity.generate() for _ in range(N)]
     for i, identity in enumerate(identities):
         identity.save(work / f"node{i}.pem")
-    configs = [node_file(work, i, [x.peer_id for x in identities], mode) for i in range(N)]
+    port = None if mode == "netns" else LOOPBACK_PORT
+    configs = [six_node_file(work, i, [x.peer_id for x in identities], loopback_port=port) for i in range(N)]
     lab = Lab(N, work) if mode == "netns" else None
     daemons: list[Daemon] = []
     try:

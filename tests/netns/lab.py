@@ -31,6 +31,40 @@ SUBNET = "10.77.0"
 PORT = 7351
 
 
+def six_node_file(work: Path, i: int, peers: list[str], *, loopback_port: int | None = None) -> Path:
+    """Write the six-daemon test's node file for node ``i`` (bootstrap via nodes 0 and 3).
+
+    In the lab's namespaces (every node on :data:`PORT` at :meth:`Lab.address`), or on
+    loopback with ``loopback_port`` (node ``j`` at ``127.0.0.1:loopback_port + j``).
+    """
+    def where(j: int) -> tuple[str, int]:
+        return (Lab.address(j), PORT) if loopback_port is None else ("127.0.0.1", loopback_port + j)
+
+    boot = [f'"/ip4/{where(j)[0]}/tcp/{where(j)[1]}/p2p/{peers[j]}"' for j in (0, 3) if j != i]
+    path = work / f"node{i}.toml"
+    path.write_text(f"""
+[node]
+network_id = "netns"
+key_file = "node{i}.pem"
+data_dir = "state{i}"
+http_port = 0
+[net]
+listen_host = "{"0.0.0.0" if loopback_port is None else "127.0.0.1"}"
+port = {where(i)[1]}
+bootstrap = [{", ".join(boot)}]
+maintenance_interval = 1.0
+max_backoff = 4.0
+[train]
+node_index = {i}
+num_nodes = {len(peers)}
+[round]
+round_timeout = 3.0
+min_neighbours = 1
+start_timeout = 120.0
+""")
+    return path
+
+
 def why_not(*, nat: bool = False) -> str | None:
     """Return why namespaces (with ``nat``: and NAT routers) cannot be used here, or None."""
     if os.geteuid() != 0:

@@ -17,37 +17,13 @@ from pathlib import Path
 import pytest
 
 from p2pfl.core.crypto import Identity
-from tests.netns.lab import PORT, Daemon, Lab, wait_until, why_not
+from tests.netns.lab import Daemon, Lab, six_node_file, wait_until, why_not
 
 N = 6
 REASON = why_not()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"namespace test skipped: {REASON}")
 
 
-def node_file(work: Path, i: int, peers: list[str]) -> Path:
-    boot = [f'"/ip4/{Lab.address(j)}/tcp/{PORT}/p2p/{peers[j]}"' for j in (0, 3) if j != i]
-    path = work / f"node{i}.toml"
-    path.write_text(f"""
-[node]
-network_id = "netns"
-key_file = "node{i}.pem"
-data_dir = "state{i}"
-http_port = 0
-[net]
-listen_host = "0.0.0.0"
-port = {PORT}
-bootstrap = [{", ".join(boot)}]
-maintenance_interval = 1.0
-max_backoff = 4.0
-[train]
-node_index = {i}
-num_nodes = {N}
-[round]
-round_timeout = 3.0
-min_neighbours = 1
-start_timeout = 120.0
-""")
-    return path
 
 
 @pytest.fixture
@@ -70,7 +46,7 @@ def test_six_namespaced_daemons_survive_partition_link_loss_and_sigkill(lab: Lab
     identities = [Identity.generate() for _ in range(N)]
     for i, identity in enumerate(identities):
         identity.save(tmp_path / f"node{i}.pem")
-    configs = [node_file(tmp_path, i, [x.peer_id for x in identities]) for i in range(N)]
+    configs = [six_node_file(tmp_path, i, [x.peer_id for x in identities]) for i in range(N)]
     daemons = [lab.start(i, configs[i]) for i in range(N)]
     def state() -> str:
         return "rounds " + str([d.round for d in daemons]) + ", accuracies " + str(
