@@ -169,6 +169,9 @@ class NetConfig:
     codec_k: float = 0.1
     # topk: the full model every this many rounds (and whenever a neighbour lacks the base).
     codec_full_every: int = 10
+    # Holders a big payload (>= 1 MiB) is pulled from at once, in 1 MiB pieces: its author
+    # and neighbours that announced a verified copy (HOLDS). 1 = from the author only.
+    fetch_sources: int = 4
 
     def __post_init__(self) -> None:
         require(isinstance(self.codec, str) and bool(self.codec), "net.codec",
@@ -202,7 +205,8 @@ class NetConfig:
                     f"must be a positive number, got {getattr(self, name)!r}")
         require(self.publish_rate <= 10, "net.publish_rate",
                 "must be at most 10 msg/s (GossipSub drops faster bursts silently)")
-        for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers"):
+        for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers",
+                     "fetch_sources"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     f"net.{name}", f"must be a positive integer, got {value!r}")

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announcement, sign_update
 from p2pfl.core.state import State
@@ -31,6 +32,11 @@ from p2pfl.net.transport import Transport
 from p2pfl.node.encoding import Encoder
 
 log = logging.getLogger(__name__)
+
+# Below one piece (p2pfl.net.ranged) a payload comes whole from its author: a HOLDS notice
+# would cost every neighbour a signature check and save nothing.
+HOLDS_MIN_BYTES = 1 << 20
+_MAX_HELD_NOTICES = 256  # digests we said we hold (one notice each)
 
 Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
 
@@ -97,6 +103,7 @@ class Outbox:
         # Our updates and the verified payloads we pulled: the last few rounds' worth.
         self._window = ServingWindow(transport, lambda: 4 * (len(transport.neighbours()) + 1))
         self._announced: dict[int, list[VerifiedHeader]] = {}
+        self._held: BoundedMap[bytes, bool] = BoundedMap(_MAX_HELD_NOTICES)
 
     @property
     def peer_id(self) -> str:
@@ -131,12 +138,19 @@ class Outbox:
             if neighbours - self._transport.pulled_by(update.header.digest):
                 await self.publish(AnnouncementKind.UPDATE, update)
 
-    def hold(self, digest: bytes, payload: bytes) -> None:
-        """Serve a verified payload we pulled, so that neighbours may pull it from us too.
+    async def hold(self, update: VerifiedHeader, payload: bytes) -> None:
+        """Serve a verified payload we pulled, and say so (HOLDS) if it is big.
 
-        This is where a HOLDS notice would be published; none is sent yet.
+        Neighbours still pulling it may then take pieces from us instead of all from its
+        author (``[net] fetch_sources``). One notice per payload of at least
+        :data:`HOLDS_MIN_BYTES`; it holds while the payload stays in the serving window.
         """
+        digest = update.header.digest
         self.serve(digest, payload)
+        if len(payload) < HOLDS_MIN_BYTES or digest in self._held:
+            return
+        self._held.put(digest, True)
+        await self.publish(AnnouncementKind.HOLDS, update)
 
     # ---------------------------------------------------------- building blocks
 
@@ -174,4 +188,4 @@ class Outbox:
         return True
 
 
-__all__ = ["Outbox", "ServingWindow", "Transform", "apply_transforms"]
+__all__ = ["HOLDS_MIN_BYTES", "Outbox", "ServingWindow", "Transform", "apply_transforms"]
