@@ -217,10 +217,12 @@ async def _fetch(
                     for _ in range(per_source):
                         nursery.start_soon(work, peer)
             if not active:
-                raise TransferError(f"every holder of {digest.hex()[:12]} failed ({len(started)} tried)")
+                break
             with trio.move_on_after(HOLDER_POLL):
                 await pull.changed.wait()
         nursery.cancel_scope.cancel()
+    if pull.missing:
+        raise TransferError(f"every holder of {digest.hex()[:12]} failed ({len(started)} tried)")
     payload = pull.payload()
     if payload.digest != digest:
         blame(mapper, "its piece map does not match the signed digest")
