@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -70,6 +70,7 @@ class _Pull:
         self.asked: list[set[str]] = [set() for _ in self.chunks]  # peers sending each chunk
         self.missing = len(self.chunks)
         self._complete: set[int] = set()
+        self.kept: Counter[str] = Counter()  # pieces kept, by the peer that sent them
         self.hasher = PayloadHasher()
         self._hashed = 0  # pieces fed to the hasher: the complete prefix
         self.changed = trio.Event()
@@ -104,6 +105,7 @@ class _Pull:
                 continue  # the other end-game copy came first
             if hashlib.sha256(piece).digest() == self.hashes[index]:
                 self.pieces[index] = piece
+                self.kept[peer] += 1
             else:
                 good = False
         if self._done(chunk):
@@ -229,6 +231,10 @@ async def _fetch(
         raise TransferError(f"piece map from {short_id(mapper)} does not match {digest.hex()[:12]}")
     for peer, reason in suspects.items():
         blame(peer, reason)
+    others = sum(n for peer, n in pull.kept.items() if peer != author)
+    log.info("pulled %s: %d pieces, %d from its author, %d from %d other holders",
+             digest.hex()[:12], sum(pull.kept.values()), pull.kept[author], others,
+             len([p for p in pull.kept if p != author]))
     return payload
 
 
