@@ -17,7 +17,7 @@ import trio
 
 from p2pfl.config import Limits
 from p2pfl.core.bounded import BoundedMap
-from p2pfl.core.codec import decode_payload
+from p2pfl.core.codec import codec_named, decode_payload
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import (
     CheckedPayload,
@@ -194,9 +194,10 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            kept = self._bases.peek(header.sender) or {}
-            recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
-            self._bases.put(header.sender, {**dict(recent), header.digest: state})
+            if codec_named(header.codec).delta:  # a big model kept for nothing otherwise
+                kept = self._bases.peek(header.sender) or {}
+                recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
+                self._bases.put(header.sender, {**dict(recent), header.digest: state})
             await self._delivered(update, payload.data)
         finally:
             self._fetching.discard((header.sender, header.digest))
