@@ -239,3 +239,29 @@ async def test_new_and_1_0_only_transports_exchange_both_ways() -> None:
         assert new.stats().payload_out - before == len(payload) + 32 * 3  # pieces + their map
         assert new.pulled_by(digest) == frozenset({old.peer_id})
     assert blamed == []
+
+
+@pytest.mark.parametrize("holder_lies", [False, True])
+async def test_pieces_come_from_author_and_holder_and_a_lying_holder_is_blamed(holder_lies: bool) -> None:
+    """16 MiB in 4 chunks: each of the 4 requests (2 per source) takes one chunk at once."""
+    payload = os.urandom(16 * PIECE_BYTES)
+    digest = hashlib.sha256(payload).digest()
+    blamed: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        async def transport(config: NetConfig) -> Any:
+            return await stack.enter_async_context(open_libp2p_transport(
+                secret=os.urandom(32), network_id="t", config=config, limits=Limits(),
+                validator=lambda o, d: d))
+
+        author = await transport(NetConfig())
+        holder = await transport(NetConfig(bootstrap=tuple(author.listen_addrs)))
+        puller = await transport(NetConfig(bootstrap=(*author.listen_addrs, *holder.listen_addrs)))
+        author.serve(digest, payload)
+        holder.serve(digest, os.urandom(len(payload)) if holder_lies else payload)  # stores do not check
+        got = await puller.fetch_from_holders(
+            author.peer_id, digest, size=len(payload), holders=lambda: [holder.peer_id],
+            blame=lambda peer, reason: blamed.append(peer), timeout=TIMEOUT)
+        assert got.data == payload
+        assert holder.stats().payload_out >= 2 * 4 * PIECE_BYTES  # two chunks at least
+        assert author.stats().payload_out >= 2 * 4 * PIECE_BYTES
+    assert blamed == ([holder.peer_id] if holder_lies else [])
