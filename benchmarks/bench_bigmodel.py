@@ -189,8 +189,9 @@ def run(args: argparse.Namespace, codec: str, sources: int, slow: str = "") -> R
             rss: dict[int, float] = {}
             deadline = started + args.run_timeout
             while not all(d.round >= args.rounds for d in daemons):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rounds {[d.round for d in daemons]} after {args.run_timeout} s")
+                if time.monotonic() > deadline:  # report what was measured, say so
+                    print(f"# run timeout: rounds {[d.round for d in daemons]}", file=sys.stderr)
+                    break
                 for d in daemons:
                     assert d.process is not None
                     if d.process.poll() is not None:
