@@ -72,6 +72,7 @@ def connection_config(*, dial_timeout: float, auto_connect: bool) -> ConnectionC
         # deadline both ways: a reader starved of CPU behind a 100 MB transfer needs more.
         inbound_upgrade_timeout=dial_timeout,
         inbound_stream_protocol_negotiation_timeout=dial_timeout,
+        outbound_stream_protocol_negotiation_timeout=max(10.0, dial_timeout),  # 10: the default
     )
 
 
