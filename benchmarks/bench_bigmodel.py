@@ -121,6 +121,7 @@ listen_host = "0.0.0.0"
 port = {PORT}
 bootstrap = [{", ".join(boot)}]
 target_neighbours = {args.neighbours}
+max_neighbours = {args.neighbours + 1}
 codec = "{codec}"
 fetch_sources = {sources}
 transfer_timeout = 600.0

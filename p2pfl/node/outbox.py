@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 # would cost every neighbour a signature check and save nothing.
 HOLDS_MIN_BYTES = 1 << 20
 _MAX_HELD_NOTICES = 256  # digests we said we hold (one notice each)
+# Payload bytes a node keeps serving. Small models never reach it (the count bounds
+# them); a 100 MB model would otherwise keep ~4 rounds x (neighbours + 1) payloads, ~2-3
+# GB per node. Beyond it the oldest go first: a peer lagging more than about a round then
+# gets NOT_FOUND for that payload and goes without it.
+WINDOW_BYTES = 768 << 20
 
 Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
 
@@ -61,20 +67,25 @@ def apply_transforms(transforms: Sequence[Transform], round: int, state: State) 
 
 
 class ServingWindow:
-    """Payloads served under their digest; the oldest are unserved beyond ``keep()``."""
+    """Payloads served under their digest; the oldest are unserved beyond ``keep()`` payloads
+    or :data:`WINDOW_BYTES` (the newest is always served)."""
 
     def __init__(self, transport: Transport, keep: Callable[[], int]) -> None:
         """Serve on ``transport``; ``keep`` is read on every addition."""
         self._transport, self._keep = transport, keep
-        self._served: list[bytes] = []
+        self._served: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, oldest first
+        self._bytes = 0
 
     def serve(self, digest: bytes, payload: bytes) -> None:
-        """Serve ``payload`` under ``digest``, unserving the oldest beyond the window."""
+        """Serve ``payload`` under ``digest`` (again: as the newest), unserving the oldest."""
         self._transport.serve(digest, payload)
-        self._served.append(digest)
+        self._bytes += len(payload) - self._served.pop(digest, 0)
+        self._served[digest] = len(payload)
         keep = self._keep()
-        while len(self._served) > keep:
-            self._transport.unserve(self._served.pop(0))
+        while len(self._served) > 1 and (len(self._served) > keep or self._bytes > WINDOW_BYTES):
+            old, size = self._served.popitem(last=False)
+            self._bytes -= size
+            self._transport.unserve(old)
 
 
 class Outbox:

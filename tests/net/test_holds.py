@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+import pytest
 import torch
 import trio
 
@@ -28,6 +29,7 @@ from p2pfl.core.reputation import Evidence
 from p2pfl.core.rounds import Inbox
 from p2pfl.errors import TransferTimeout
 from p2pfl.net.transport import Transport
+from p2pfl.node import outbox as outbox_module
 from p2pfl.node.inbound import Fetcher
 from p2pfl.node.outbox import HOLDS_MIN_BYTES
 from tests.node.conftest import identities
@@ -133,3 +135,15 @@ async def test_fetcher_falls_back_to_whole_pulls_from_holders() -> None:
     pulls = Pulls(payload, author_fails=True)
     assert await fetch_with(pulls, update) == []
     assert pulls.whole_from == ["h1"]  # the first holder answered
+
+
+async def test_the_serving_window_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox_module, "WINDOW_BYTES", 2 * len(signed(BIG)[1]))
+    recorder = Recorder(neighbours=4)  # 20 payloads by count: only the bytes bound applies
+    outbox = recording_outbox(recorder)
+    digests = []
+    for step in (1, 2, 1, 3):  # step 1's payload again: it becomes the newest, not a twin
+        update, payload = signed({"w": BIG["w"] + step})
+        await outbox.hold(update, payload)
+        digests.append(update.header.digest)
+    assert list(recorder.served) == digests[-2:]  # steps 1 and 3: the two newest fit
