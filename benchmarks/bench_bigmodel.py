@@ -158,6 +158,7 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def payload_bytes(codec: str, params: int) -> int:
+    import p2pfl.core.lossy  # noqa: F401  # registers int8 and the other lossy codecs
     from p2pfl.core.codec import codec_named
 
     state = {"w": torch.rand(max(1, params // COLUMNS), COLUMNS)}
@@ -285,10 +286,13 @@ def main() -> None:
     plan = [(codec, sources, "") for codec in args.codecs.split(",") for sources in (1, args.sources)]
     if args.slow_uplink:
         plan += [("raw", sources, args.slow_uplink) for sources in (1, args.sources)]
+    for codec in args.codecs.split(","):
+        payload_bytes(codec, 1000)  # an unknown codec fails here, not after the runs
     runs = []
     for codec, sources, slow in plan:
         print(f"# running codec={codec} sources={sources} slow_uplink={slow or '-'}", file=sys.stderr, flush=True)
         runs.append(run(args, codec, sources, slow))
+        print(f"# done: {runs[-1]}", file=sys.stderr, flush=True)  # kept if a later run fails
     report(runs, args)
 
 
