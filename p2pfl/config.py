@@ -170,8 +170,11 @@ class NetConfig:
     # topk: the full model every this many rounds (and whenever a neighbour lacks the base).
     codec_full_every: int = 10
     # Holders a big payload (>= 1 MiB) is pulled from at once, in 1 MiB pieces: its author
-    # and neighbours that announced a verified copy (HOLDS). 1 = from the author only.
-    fetch_sources: int = 4
+    # and neighbours that announced a verified copy (HOLDS). 1 = whole from the author.
+    # 1 by default: in synchronous rounds a copy is verified (HOLDS) only when the other
+    # pullers are done too, and 4 sources measured 1.4x (raw) to 3x (int8) slower
+    # (docs/benchmarks/bigmodel.txt). Worth more for late pullers and catch-up.
+    fetch_sources: int = 1
 
     def __post_init__(self) -> None:
         require(isinstance(self.codec, str) and bool(self.codec), "net.codec",

@@ -211,9 +211,9 @@ async def test_new_and_1_0_only_transports_exchange_both_ways() -> None:
     blamed: list[tuple[str, str]] = []
     async with contextlib.AsyncExitStack() as stack:
         new = await stack.enter_async_context(open_libp2p_transport(
-            secret=os.urandom(32), network_id="t", config=NetConfig(), limits=Limits(),
+            secret=os.urandom(32), network_id="t", config=NetConfig(fetch_sources=4), limits=Limits(),
             validator=lambda o, d: d))
-        boot = NetConfig(bootstrap=tuple(new.listen_addrs))
+        boot = NetConfig(bootstrap=tuple(new.listen_addrs), fetch_sources=4)
         old = await stack.enter_async_context(open_libp2p_transport(
             secret=os.urandom(32), network_id="t", config=boot, limits=Limits(),
             validator=lambda o, d: d))
@@ -255,7 +255,8 @@ async def test_pieces_come_from_author_and_holder_and_a_lying_holder_is_blamed(h
 
         author = await transport(NetConfig())
         holder = await transport(NetConfig(bootstrap=tuple(author.listen_addrs)))
-        puller = await transport(NetConfig(bootstrap=(*author.listen_addrs, *holder.listen_addrs)))
+        puller = await transport(NetConfig(bootstrap=(*author.listen_addrs, *holder.listen_addrs),
+                                           fetch_sources=4))
         author.serve(digest, payload)
         holder.serve(digest, os.urandom(len(payload)) if holder_lies else payload)  # stores do not check
         got = await puller.fetch_from_holders(
