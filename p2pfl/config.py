@@ -185,6 +185,12 @@ class NetConfig:
     relay_circuit_seconds: int = 600
     # A reservation lasts this long; its holder renews it at half-time while connected.
     relay_reservation_seconds: int = 900
+    # Holders a big payload (>= 1 MiB) is pulled from at once, in 1 MiB pieces: its author
+    # and neighbours that announced a verified copy (HOLDS). 1 = whole from the author.
+    # 1 by default: in synchronous rounds a copy is verified (HOLDS) only when the other
+    # pullers are done too, and 4 sources measured 1.4x (raw) to 3x (int8) slower
+    # (docs/benchmarks/bigmodel.txt). Worth more for late pullers and catch-up.
+    fetch_sources: int = 1
 
     def __post_init__(self) -> None:
         require(isinstance(self.codec, str) and bool(self.codec), "net.codec",
@@ -222,7 +228,8 @@ class NetConfig:
             require(isinstance(getattr(self, name), bool), f"net.{name}", "must be true or false")
         for name in ("max_inbound_streams_per_peer", "announcement_buffer", "max_known_peers",
                      "relays", "relay_max_reservations", "relay_max_circuits",
-                     "relay_circuit_bytes", "relay_circuit_seconds", "relay_reservation_seconds"):
+                     "relay_circuit_bytes", "relay_circuit_seconds", "relay_reservation_seconds",
+                     "fetch_sources"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     f"net.{name}", f"must be a positive integer, got {value!r}")

@@ -69,9 +69,11 @@ def connection_config(*, dial_timeout: float, auto_connect: bool) -> ConnectionC
         min_connections=0 if not auto_connect else 3,
         auto_connect_interval=_NEVER if not auto_connect else 30.0,
         dial_timeout=dial_timeout,
-        # Unfinished handshakes and silent negotiations are otherwise held ~10 s.
-        inbound_upgrade_timeout=5.0,
-        inbound_stream_protocol_negotiation_timeout=5.0,
+        # Unfinished handshakes and silent negotiations are otherwise held ~10 s. Our own
+        # deadline both ways: a reader starved of CPU behind a 100 MB transfer needs more.
+        inbound_upgrade_timeout=dial_timeout,
+        inbound_stream_protocol_negotiation_timeout=dial_timeout,
+        outbound_stream_protocol_negotiation_timeout=max(10.0, dial_timeout),  # 10: the default
     )
 
 

@@ -3,8 +3,8 @@
 ``open_libp2p_transport`` composes, in start-up order:
 
 1. a hardened Noise/Yamux host (``host``), listening on the configured address;
-2. the payload protocol ``/p2pfl/update/1.0.0`` serving a :class:`PayloadStore`
-   (``transfer``) and the peer-exchange protocol (``discovery``);
+2. the payload protocols ``/p2pfl/update/1.0.0`` (``transfer``) and ``1.1.0`` (pieces,
+   ``ranged``) serving one :class:`PayloadStore`, and peer exchange (``discovery``);
 3. GossipSub on the network's topic (``gossip``) — before any connection, so identify
    advertises ``/meshsub/*``;
 4. the neighbour maintenance task, whose first pass (bootstrap dials, bounded by the dial
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
@@ -33,13 +33,15 @@ from multiaddr import Multiaddr
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload
-from p2pfl.errors import PeerUnreachable
+from p2pfl.errors import PayloadTooLarge, PeerUnreachable, TransferError, TransferTimeout
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
+from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
+from p2pfl.net.swarm import fetch_from_holders
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
@@ -48,6 +50,9 @@ logger = logging.getLogger(__name__)
 # How many maximal payloads the store may reference at once before evicting the oldest:
 # a node serves its own update and the verified ones it holds for a round or two.
 STORE_PAYLOADS = 16
+# A piece request waits at most this share of the whole pull's deadline: a stalled holder
+# is dropped after it, and meanwhile the end game has asked another holder anyway.
+REQUEST_SHARE = 0.25
 
 
 class Libp2pTransport:
@@ -166,6 +171,52 @@ class Libp2pTransport:
                     logger.debug("fetch: %s", error)
         raise PeerUnreachable(f"cannot dial {short_id(peer)} to fetch from it")
 
+    async def fetch_from_holders(
+        self, author: str, digest: bytes, *, size: int, holders: Callable[[], Iterable[str]],
+        blame: Callable[[str, str], None], timeout: float,
+    ) -> CheckedPayload:
+        """Pull a payload of at least one piece from ``author`` and up to ``fetch_sources - 1``
+        of ``holders()`` at once (:mod:`p2pfl.net.swarm`); smaller ones from ``author``."""
+        sources = self.neighbourhood.config.fetch_sources
+        if sources <= 1 or size < PIECE_BYTES:
+            return await self.fetch(author, digest, max_size=size, timeout=timeout)
+        if size > self.limits.max_payload_bytes:
+            raise PayloadTooLarge(f"{size} bytes announced, cap is {self.limits.max_payload_bytes}")
+        deadline = trio.current_time() + timeout
+        try:
+            return await fetch_from_holders(
+                self, digest, size=size, author=author, holders=holders, blame=blame,
+                timeout=timeout, request_timeout=max(1.0, timeout * REQUEST_SHARE),
+                max_sources=sources)
+        except TransferTimeout:
+            raise
+        except TransferError as error:  # no piece map (1.0.0 peers), or holders all failed
+            logger.info("pieces of %s: %s; whole from the author", digest.hex()[:12], error)
+        return await self.fetch(author, digest, max_size=size,
+                                timeout=max(0.0, deadline - trio.current_time()))
+
+    async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
+        """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`)."""
+        self._check_pullable(peer)
+        return await fetch_piece_map(self.host, peer, digest, size=size, timeout=timeout)
+
+    async def pieces(
+        self, peer: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
+    ) -> Sequence[bytes]:
+        """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`)."""
+        self._check_pullable(peer)
+        got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
+                                timeout=timeout)
+        self._fetched_bytes += sum(map(len, got))
+        self.neighbourhood.seen_alive(peer)
+        return got
+
+    def _check_pullable(self, peer: str) -> None:
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{short_id(peer)} is banned")
+        if peer not in self.neighbourhood.connected():
+            raise PeerUnreachable(f"{short_id(peer)} is not connected")
+
     def serve(self, digest: bytes, payload: bytes) -> None:
         """Offer ``payload`` (whose sha256 is ``digest``) to every peer."""
         self.store.put(digest, payload)
@@ -207,6 +258,10 @@ class Libp2pTransport:
             payload_relayed=self._relayed_bytes,
             relay_forwarded=self.relaying.forwarded_bytes,
         )
+
+    def _on_range(self, peer: str, digest: bytes, size: int) -> None:
+        self._served_bytes += size
+        self.neighbourhood.seen_alive(peer)
 
     def _on_served(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size
@@ -294,13 +349,14 @@ async def open_libp2p_transport(
             transport = Libp2pTransport(
                 host, gossip, neighbourhood, store, limits=limits, nursery=nursery, relaying=relaying
             )
-            install_update_protocol(
+            server = install_update_protocol(
                 host,
                 store,
                 limits=limits,
                 serve_timeout=config.transfer_timeout,
                 on_served=transport._on_served,
             )
+            install_ranged_protocol(host, server, on_range=transport._on_range)
             host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
             logger.info("%s listening; peers can dial %s", short_id(transport.peer_id),
                         " ".join(transport.listen_addrs))

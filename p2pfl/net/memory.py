@@ -18,7 +18,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import trio
@@ -315,6 +315,13 @@ class MemoryTransport:
                 f"fetch of {digest.hex()[:12]} from {short_id(peer)} took over {timeout} s"
             ) from None
 
+    async def fetch_from_holders(
+        self, author: str, digest: bytes, *, size: int, holders: Callable[[], Iterable[str]],
+        blame: Callable[[str, str], None], timeout: float,
+    ) -> CheckedPayload:
+        """Pull from ``author`` alone (the memory network models no piece protocol)."""
+        return await self.fetch(author, digest, max_size=size, timeout=timeout)
+
     def serve(self, digest: bytes, payload: bytes) -> None:
         """Offer ``payload`` (whose sha256 is ``digest``) to every neighbour."""
         self._served[digest] = _Served(payload)
@@ -349,12 +356,9 @@ class MemoryTransport:
     def stats(self) -> TrafficStats:
         """Return counters since the transport opened."""
         return TrafficStats(
-            bytes_in=self._bytes_in,
-            bytes_out=self._bytes_out, payload_in=self._payload_in, payload_out=self._payload_out,
-            announcements_in=self._announcements_in,
-            announcements_out=self._announcements_out,
-            rejected_in=self._rejected_in,
-        )
+            bytes_in=self._bytes_in, bytes_out=self._bytes_out, payload_in=self._payload_in,
+            payload_out=self._payload_out, announcements_in=self._announcements_in,
+            announcements_out=self._announcements_out, rejected_in=self._rejected_in)
 
     # -- internals -------------------------------------------------------------------
 

@@ -26,18 +26,11 @@ Reply, server -> client, then the server closes its write side::
     | u8      | u64     | ``length`` bytes if status OK |
     +---------+---------+------------------------------+
 
-==========  =====  ==============================================================
-status      value  meaning
-==========  =====  ==============================================================
-OK          0      ``length`` = payload size <= ``max_size``; the body follows.
-NOT_FOUND   1      the server does not hold the digest; ``length`` = 0, no body.
-TOO_LARGE   2      payload larger than ``max_size`` (or the server's own cap);
-                   ``length`` = the payload size, no body.
-BUSY        3      too many transfers queued; ``length`` = 0, no body; retry later
-                   or pull from another holder.
-ERROR       4      the server failed; ``length`` = 0, no body. (Reserved: this
-                   implementation resets the stream instead.)
-==========  =====  ==============================================================
+Status: OK 0 (``length`` = payload size <= ``max_size``, the body follows); NOT_FOUND 1
+(not held; ``length`` 0); TOO_LARGE 2 (above ``max_size`` or the server's cap;
+``length`` = the payload size); BUSY 3 (too many transfers queued; retry later or pull
+from another holder); ERROR 4 (reserved: this implementation resets instead); BAD_RANGE
+5 (1.1.0 only, :mod:`p2pfl.net.ranged`). Only OK has a body.
 
 The client checks, in order: status known (else ``ProtocolViolation``); for OK,
 ``length <= max_size`` *before* reading or allocating the body (else
@@ -112,6 +105,7 @@ class Status(IntEnum):
     TOO_LARGE = 2
     BUSY = 3
     ERROR = 4
+    BAD_RANGE = 5  # 1.1.0 only (p2pfl.net.ranged): a range outside the payload
 
 
 class PayloadStore:
@@ -247,7 +241,7 @@ class _Server:
             if self.on_served is not None:
                 self.on_served(peer, digest, len(payload))
 
-    async def _send_in_slot(self, stream: INetStream, payload: bytes) -> None:
+    async def _send_in_slot(self, stream: INetStream, payload: bytes | memoryview) -> None:
         with trio.fail_after(self.serve_timeout):
             await self.limiter.acquire()
         try:
@@ -282,8 +276,8 @@ def install_update_protocol(
     on_served: Callable[[str, bytes, int], None] | None = None,
     max_concurrent: int = 4,
     max_queued: int = 16,
-) -> None:
-    """Serve ``store`` on ``host`` under :data:`PROTOCOL_ID`.
+) -> _Server:
+    """Serve ``store`` on ``host`` under :data:`PROTOCOL_ID`; return the server (for 1.1.0).
 
     Args:
         host: A running libp2p host.
@@ -296,6 +290,7 @@ def install_update_protocol(
     """
     server = _Server(store, limits, serve_timeout, on_served, max_concurrent, max_queued)
     host.set_stream_handler(PROTOCOL_ID, server.handle)
+    return server
 
 
 # ---------------------------------------------------------------------------- client
@@ -393,6 +388,12 @@ async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayl
 async def _read_reply_header(stream: INetStream, max_size: int) -> int:
     """Return the body length of an OK reply; raise for every other status."""
     status_byte, length = REPLY_HEADER.unpack(await _read_exact(stream, REPLY_HEADER.size))
+    check_reply_status(status_byte, length, max_size)
+    return length
+
+
+def check_reply_status(status_byte: int, length: int, max_size: int) -> None:
+    """Raise unless a reply header is OK with ``length <= max_size`` (both versions)."""
     try:
         status = Status(status_byte)
     except ValueError:
@@ -400,7 +401,7 @@ async def _read_reply_header(stream: INetStream, max_size: int) -> int:
     if status is Status.OK:
         if length > max_size:
             raise PayloadTooLarge(f"peer declared {length} bytes, cap is {max_size}")
-        return length
+        return
     if status is Status.NOT_FOUND:
         raise PayloadNotFound("peer does not hold the digest")
     if status is Status.TOO_LARGE:

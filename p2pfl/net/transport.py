@@ -25,6 +25,11 @@ Contract, identical in both:
   :class:`~p2pfl.core.envelope.CheckedPayload` (so nobody hashes them again), or raises a
   :class:`~p2pfl.errors.TransferError` subclass (or ``PeerUnreachable``) within
   ``timeout`` seconds. It never reads more than ``max_size`` bytes from the peer.
+- ``fetch_from_holders`` may take a big payload from several peers at once (the
+  author and the holders it names), piece by piece; same result and errors as ``fetch``,
+  and ``blame(peer, reason)`` names each holder that served bytes that were not the
+  payload (known only once the payload verified). The memory transport pulls from the
+  author alone.
 - ``serve`` makes a payload available to every peer until ``unserve``; ``pulled_by``
   names the peers that pulled it in full meanwhile (re-announce only for the others).
 """
@@ -32,7 +37,7 @@ Contract, identical in both:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -93,6 +98,19 @@ class Transport(Protocol):
         self, peer: str, digest: bytes, *, max_size: int, timeout: float
     ) -> CheckedPayload:
         """Pull the payload with this sha256 ``digest`` from ``peer``, hashed once on receipt."""
+        ...
+
+    async def fetch_from_holders(
+        self,
+        author: str,
+        digest: bytes,
+        *,
+        size: int,
+        holders: Callable[[], Iterable[str]],
+        blame: Callable[[str, str], None],
+        timeout: float,
+    ) -> CheckedPayload:
+        """Pull the ``size``-byte payload ``digest`` from ``author`` and ``holders()`` at once."""
         ...
 
     def serve(self, digest: bytes, payload: bytes) -> None:

@@ -17,7 +17,7 @@ import trio
 
 from p2pfl.config import Limits
 from p2pfl.core.bounded import BoundedMap
-from p2pfl.core.codec import decode_payload
+from p2pfl.core.codec import codec_named, decode_payload
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import (
     CheckedPayload,
@@ -123,8 +123,9 @@ class AnnouncementParser:
 class Fetcher:
     """Pull announced payloads, check them against their header and our model, deliver them.
 
-    A payload comes from its author or, failing that, from neighbours that announced they
-    hold it; at most ``_MAX_FETCHES`` pulls run at once, each under the fetch deadline.
+    A payload comes from its author and, for big ones, neighbours that announced they hold
+    it (HOLDS) at once; failing that, from each such neighbour in turn. At most
+    ``_MAX_FETCHES`` pulls run at once, each under the fetch deadline.
     """
 
     def __init__(
@@ -137,9 +138,9 @@ class Fetcher:
         fetch_timeout: float,
         compute: Compute,
         report: Report,
-        delivered: Callable[[bytes, bytes], None],
+        delivered: Callable[[VerifiedHeader, bytes], Awaitable[None]],
     ) -> None:
-        """Deliver into ``inbox``; call ``delivered(digest, payload)`` after each delivery."""
+        """Deliver into ``inbox``; await ``delivered(update, payload)`` after each delivery."""
         self._transport, self._inbox, self._template = transport, inbox, template
         self._limits, self._fetch_timeout = limits, fetch_timeout
         self._compute, self._report, self._delivered = compute, report, delivered
@@ -193,25 +194,42 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            kept = self._bases.peek(header.sender) or {}
-            recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
-            self._bases.put(header.sender, {**dict(recent), header.digest: state})
-            self._delivered(header.digest, payload.data)
+            if codec_named(header.codec).delta:  # a big model kept for nothing otherwise
+                kept = self._bases.peek(header.sender) or {}
+                recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
+                self._bases.put(header.sender, {**dict(recent), header.digest: state})
+            await self._delivered(update, payload.data)
         finally:
             self._fetching.discard((header.sender, header.digest))
 
     async def _pull(self, update: VerifiedHeader) -> CheckedPayload | None:
-        """Fetch the payload from its author, then from other holders."""
+        """Fetch the payload from its author and other holders at once, then from each holder."""
         header = update.header
-        sources = [header.sender, *sorted(self._holders.get(header.digest, set()) - {header.sender})]
-        max_size = min(header.size, self._limits.max_payload_bytes)
-        for source in sources[:_MAX_SOURCES]:
+        if header.size > self._limits.max_payload_bytes:
+            log.info("%s announced %d bytes, above our cap", short_id(header.sender), header.size)
+            return None
+
+        def holders() -> list[str]:
+            return sorted(self._holders.get(header.digest, set()) - {header.sender})
+
+        def blame(peer: str, reason: str) -> None:
+            self._report(peer, Evidence.INVALID_FORMAT, f"served: {reason}")
+
+        try:
+            return await self._transport.fetch_from_holders(
+                header.sender, header.digest, size=header.size, holders=holders, blame=blame,
+                timeout=self._fetch_timeout)
+        except TamperedPayload as exc:
+            blame(header.sender, str(exc))
+        except NetworkError as exc:
+            log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(header.sender), exc)
+        for source in holders()[: _MAX_SOURCES - 1]:
             try:
                 return await self._transport.fetch(
-                    source, header.digest, max_size=max_size, timeout=self._fetch_timeout
+                    source, header.digest, max_size=header.size, timeout=self._fetch_timeout
                 )
             except TamperedPayload as exc:
-                self._report(source, Evidence.INVALID_FORMAT, f"served: {exc}")
+                blame(source, str(exc))
             except NetworkError as exc:
                 log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(source), exc)
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import torch
 import trio
@@ -105,19 +105,19 @@ class Ingress:
         self,
         transport: Transport,
         template: Template,
-        hold: Callable[[bytes, bytes], None],
+        hold: Callable[[VerifiedHeader, bytes], Awaitable[None]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # mypy misses the re-export
     ) -> None:
         """Admit and fetch until cancelled (``await nursery.start(ingress.run, ...)``).
 
         Payloads must match ``template`` (our model's shapes and dtypes); after each
-        delivery ``hold(digest, payload)`` serves what we pulled.
+        delivery ``await hold(update, payload)`` serves what we pulled (and may say so).
         """
 
-        def delivered(digest: bytes, payload: bytes) -> None:
-            hold(digest, payload)  # verified: neighbours may pull it from us too
+        async def delivered(update: VerifiedHeader, payload: bytes) -> None:
             self._delivered.set()
+            await hold(update, payload)  # verified: neighbours may pull it from us too
 
         self._fetcher = Fetcher(
             transport=transport,

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announcement, sign_update
 from p2pfl.core.state import State
@@ -31,6 +33,16 @@ from p2pfl.net.transport import Transport
 from p2pfl.node.encoding import Encoder
 
 log = logging.getLogger(__name__)
+
+# Below one piece (p2pfl.net.ranged) a payload comes whole from its author: a HOLDS notice
+# would cost every neighbour a signature check and save nothing.
+HOLDS_MIN_BYTES = 1 << 20
+_MAX_HELD_NOTICES = 256  # digests we said we hold (one notice each)
+# Payload bytes a node keeps serving. Small models never reach it (the count bounds
+# them); a 100 MB model would otherwise keep ~4 rounds x (neighbours + 1) payloads, ~2-3
+# GB per node. Beyond it the oldest go first: a peer lagging more than about a round then
+# gets NOT_FOUND for that payload and goes without it.
+WINDOW_BYTES = 768 << 20
 
 Compute = Callable[..., Awaitable[Any]]  # runs a CPU-bound function off the event loop
 
@@ -55,20 +67,25 @@ def apply_transforms(transforms: Sequence[Transform], round: int, state: State) 
 
 
 class ServingWindow:
-    """Payloads served under their digest; the oldest are unserved beyond ``keep()``."""
+    """Payloads served under their digest; the oldest are unserved beyond ``keep()`` payloads
+    or :data:`WINDOW_BYTES` (the newest is always served)."""
 
     def __init__(self, transport: Transport, keep: Callable[[], int]) -> None:
         """Serve on ``transport``; ``keep`` is read on every addition."""
         self._transport, self._keep = transport, keep
-        self._served: list[bytes] = []
+        self._served: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, oldest first
+        self._bytes = 0
 
     def serve(self, digest: bytes, payload: bytes) -> None:
-        """Serve ``payload`` under ``digest``, unserving the oldest beyond the window."""
+        """Serve ``payload`` under ``digest`` (again: as the newest), unserving the oldest."""
         self._transport.serve(digest, payload)
-        self._served.append(digest)
+        self._bytes += len(payload) - self._served.pop(digest, 0)
+        self._served[digest] = len(payload)
         keep = self._keep()
-        while len(self._served) > keep:
-            self._transport.unserve(self._served.pop(0))
+        while len(self._served) > 1 and (len(self._served) > keep or self._bytes > WINDOW_BYTES):
+            old, size = self._served.popitem(last=False)
+            self._bytes -= size
+            self._transport.unserve(old)
 
 
 class Outbox:
@@ -97,6 +114,7 @@ class Outbox:
         # Our updates and the verified payloads we pulled: the last few rounds' worth.
         self._window = ServingWindow(transport, lambda: 4 * (len(transport.neighbours()) + 1))
         self._announced: dict[int, list[VerifiedHeader]] = {}
+        self._held: BoundedMap[bytes, bool] = BoundedMap(_MAX_HELD_NOTICES)
 
     @property
     def peer_id(self) -> str:
@@ -131,12 +149,19 @@ class Outbox:
             if neighbours - self._transport.pulled_by(update.header.digest):
                 await self.publish(AnnouncementKind.UPDATE, update)
 
-    def hold(self, digest: bytes, payload: bytes) -> None:
-        """Serve a verified payload we pulled, so that neighbours may pull it from us too.
+    async def hold(self, update: VerifiedHeader, payload: bytes) -> None:
+        """Serve a verified payload we pulled, and say so (HOLDS) if it is big.
 
-        This is where a HOLDS notice would be published; none is sent yet.
+        Neighbours still pulling it may then take pieces from us instead of all from its
+        author (``[net] fetch_sources``). One notice per payload of at least
+        :data:`HOLDS_MIN_BYTES`; it holds while the payload stays in the serving window.
         """
+        digest = update.header.digest
         self.serve(digest, payload)
+        if len(payload) < HOLDS_MIN_BYTES or digest in self._held:
+            return
+        self._held.put(digest, True)
+        await self.publish(AnnouncementKind.HOLDS, update)
 
     # ---------------------------------------------------------- building blocks
 
@@ -174,4 +199,4 @@ class Outbox:
         return True
 
 
-__all__ = ["Outbox", "ServingWindow", "Transform", "apply_transforms"]
+__all__ = ["HOLDS_MIN_BYTES", "Outbox", "ServingWindow", "Transform", "apply_transforms"]

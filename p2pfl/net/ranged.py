@@ -1,0 +1,290 @@
+"""``/p2pfl/update/1.1.0``: a payload's piece map and ranges of its pieces, from any holder.
+
+Version 1.0.0 (:mod:`p2pfl.net.transfer`) moves a whole payload from one peer. 1.1.0
+lets a puller take one payload from several holders at once (:mod:`p2pfl.net.swarm`):
+it asks one holder for the sha256 of every piece, then asks each holder for ranges of
+pieces and checks every piece as it arrives. A node serves both versions; a client
+opens a 1.1.0 stream and, if the peer does not speak it (multistream refuses), pulls
+the whole payload over 1.0.0 instead.
+
+Wire format (all integers unsigned big-endian)
+----------------------------------------------
+One request and one reply per libp2p stream. A payload of ``size`` bytes is cut into
+``n = ceil(size / PIECE_BYTES)`` pieces of :data:`PIECE_BYTES` (1 MiB; the last one
+may be shorter).
+
+Request, client -> server, exactly 42 bytes, then the client closes its write side::
+
+    +---------+-------+-------------------+-----------+-----------+
+    | version | op    | digest            | first     | count     |
+    | u8 = 2  | u8    | 32 bytes (sha256) | u32       | u32       |
+    +---------+-------+-------------------+-----------+-----------+
+
+``op`` 1 PIECES (``first`` = ``count`` = 0): the piece map. ``op`` 2 RANGE: pieces
+``first .. first + count - 1``, with ``1 <= count <= MAX_RANGE_PIECES`` (16) and
+``first + count <= n``. Anything else (short, long, other version or op, no
+write-close before the request deadline) gets a reset.
+
+Reply, server -> client, then the server closes its write side: ``u8 status | u64
+length | body``, the status values of 1.0.0 plus BAD_RANGE 5 (a range outside the
+payload; ``length`` = the payload size, no body). For OK:
+
+- PIECES: ``length = 32 * n``, body = the sha256 of each piece in order;
+- RANGE: ``length`` = the bytes of those pieces (``count * PIECE_BYTES``, less at the
+  end of the payload), body = those bytes.
+
+The client knows ``size`` from the signed header, so it knows the exact length an OK
+reply must declare and refuses any other before reading a body byte
+(``ProtocolViolation``); it then reads exactly that many bytes and the end of stream.
+A piece map is the holder's word only: the puller checks pieces against it and the
+whole payload against the signed digest (see :mod:`p2pfl.net.swarm`).
+
+Server side: replies share the 1.0.0 server's slots, queue and deadlines. A piece map
+is hashed once per payload in a worker thread and cached (:data:`MAP_CACHE` payloads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Callable
+from enum import IntEnum
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
+
+from p2pfl.config import MiB
+from p2pfl.core.bounded import BoundedMap
+from p2pfl.errors import PeerUnreachable, ProtocolViolation, TransferError, TransferTimeout
+from p2pfl.net.transfer import (
+    REPLY_HEADER,
+    REQUEST_TIMEOUT,
+    Status,
+    _at_eof,
+    _close_quietly,
+    _Malformed,
+    _read_exact,
+    _remote_peer,
+    _reset_quietly,
+    _Server,
+    check_reply_status,
+)
+
+logger = logging.getLogger(__name__)
+
+RANGED_PROTOCOL_ID = TProtocol("/p2pfl/update/1.1.0")
+VERSION = 2
+REQUEST = struct.Struct(">BB32sII")  # version, op, digest, first, count: 42 bytes
+PIECE_BYTES = 1 * MiB
+MAX_RANGE_PIECES = 16  # 16 MiB per request at most
+MAP_CACHE = 64  # piece maps kept (32 bytes per MiB of payload each)
+READ_CHUNK = 4 * MiB
+
+
+class Op(IntEnum):
+    """What a 1.1.0 request asks for."""
+
+    PIECES = 1
+    RANGE = 2
+
+
+def piece_count(size: int) -> int:
+    """Return how many pieces a payload of ``size`` bytes has."""
+    return -(-size // PIECE_BYTES)
+
+
+def range_bytes(size: int, first: int, count: int) -> int:
+    """Return the bytes of pieces ``first .. first + count - 1`` of a ``size``-byte payload."""
+    return max(0, min(size, (first + count) * PIECE_BYTES) - first * PIECE_BYTES)
+
+
+def piece_map(payload: bytes | memoryview) -> bytes:
+    """Return the sha256 of each piece of ``payload``, concatenated (CPU: run in a thread)."""
+    view = memoryview(payload)
+    return b"".join(
+        hashlib.sha256(view[start : start + PIECE_BYTES]).digest()
+        for start in range(0, len(view), PIECE_BYTES)
+    )
+
+
+# ---------------------------------------------------------------------------- server
+
+
+class RangedServer:
+    """The 1.1.0 handler, sharing a 1.0.0 server's store, slots and deadlines."""
+
+    def __init__(self, server: _Server, on_range: Callable[[str, bytes, int], None] | None) -> None:
+        self._server, self._on_range = server, on_range
+        self._maps: BoundedMap[bytes, bytes] = BoundedMap(MAP_CACHE)
+        self._hashing = trio.Lock()  # one map hashed at a time; waiters find it cached
+
+    async def handle(self, stream: INetStream) -> None:
+        """Serve one stream; never raise an ``Exception`` into libp2p."""
+        peer = _remote_peer(stream)
+        try:
+            op, digest, first, count = await self._read_request(stream)
+            await self._reply(stream, peer, op, digest, first, count)
+        except Exception as exc:  # hostile or vanished peer: drop this stream only
+            logger.info("ranged stream from %s failed: %r", peer[-8:], exc)
+            await _reset_quietly(stream)
+
+    async def _read_request(self, stream: INetStream) -> tuple[Op, bytes, int, int]:
+        with trio.fail_after(min(REQUEST_TIMEOUT, self._server.serve_timeout)):
+            raw = await _read_exact(stream, REQUEST.size)
+            if not await _at_eof(stream):
+                raise _Malformed("request longer than 42 bytes or not closed")
+        version, op, digest, first, count = REQUEST.unpack(raw)
+        if version != VERSION or op not in (Op.PIECES, Op.RANGE):
+            raise _Malformed(f"unsupported version {version} or op {op}")
+        if op == Op.PIECES and (first or count):
+            raise _Malformed("a PIECES request has first = count = 0")
+        return Op(op), digest, first, count
+
+    async def _reply(
+        self, stream: INetStream, peer: str, op: Op, digest: bytes, first: int, count: int
+    ) -> None:
+        server = self._server
+        payload = server.store.get(digest)  # a reference: serving survives a discard()
+        if payload is None:
+            await server._send_status(stream, Status.NOT_FOUND)
+        elif len(payload) > server.limits.max_payload_bytes:
+            await server._send_status(stream, Status.TOO_LARGE, len(payload))
+        elif op is Op.RANGE and not (
+            1 <= count <= MAX_RANGE_PIECES and first + count <= piece_count(len(payload))
+        ):
+            await server._send_status(stream, Status.BAD_RANGE, len(payload))
+        elif server.pending >= server.max_pending:
+            await server._send_status(stream, Status.BUSY)
+        else:
+            server.pending += 1
+            try:
+                body = await self._map(digest, payload) if op is Op.PIECES else memoryview(
+                    payload
+                )[first * PIECE_BYTES : first * PIECE_BYTES + range_bytes(len(payload), first, count)]
+                await server._send_in_slot(stream, body)
+            finally:
+                server.pending -= 1
+            if self._on_range is not None:
+                self._on_range(peer, digest, len(body))
+
+    async def _map(self, digest: bytes, payload: bytes) -> bytes:
+        async with self._hashing:
+            if (cached := self._maps.peek(digest)) is None:
+                cached = await trio.to_thread.run_sync(piece_map, payload)
+                self._maps.put(digest, cached)
+        return cached
+
+
+def install_ranged_protocol(
+    host: IHost, server: _Server, *, on_range: Callable[[str, bytes, int], None] | None = None
+) -> None:
+    """Serve 1.1.0 on ``host`` from the store of ``server`` (a 1.0.0 server, same slots).
+
+    ``on_range(peer, digest, bytes)`` is called after each reply written in full.
+    """
+    host.set_stream_handler(RANGED_PROTOCOL_ID, RangedServer(server, on_range).handle)
+
+
+# ---------------------------------------------------------------------------- client
+
+
+async def fetch_piece_map(
+    host: IHost, peer_id: str, digest: bytes, *, size: int, timeout: float
+) -> list[bytes]:
+    """Return the sha256 of each piece of the ``size``-byte payload ``digest``, from ``peer_id``.
+
+    Raises:
+        PeerUnreachable: no 1.1.0 stream could be opened (also: the peer speaks 1.0.0 only).
+        TransferError: see :func:`p2pfl.net.transfer.fetch_checked_payload`.
+    """
+    n = piece_count(size)
+    body = await _request(host, peer_id, REQUEST.pack(VERSION, Op.PIECES, digest, 0, 0), 32 * n, timeout)
+    return [body[i : i + 32] for i in range(0, len(body), 32)]
+
+
+async def fetch_range(
+    host: IHost, peer_id: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
+) -> list[bytes]:
+    """Return pieces ``first .. first + count - 1`` of payload ``digest`` from ``peer_id``, unchecked.
+
+    Raises:
+        ValueError: the range is not inside a ``size``-byte payload (caller bug).
+        PeerUnreachable, TransferError: as :func:`fetch_piece_map`.
+    """
+    if not (1 <= count <= MAX_RANGE_PIECES and first >= 0 and first + count <= piece_count(size)):
+        raise ValueError(f"pieces {first}+{count} are not inside {size} bytes")
+    request = REQUEST.pack(VERSION, Op.RANGE, digest, first, count)
+    body = await _request(host, peer_id, request, range_bytes(size, first, count), timeout)
+    return [body[i : i + PIECE_BYTES] for i in range(0, len(body), PIECE_BYTES)]
+
+
+async def _request(host: IHost, peer_id: str, request: bytes, expected: int, timeout: float) -> bytes:
+    with trio.move_on_after(timeout) as scope:
+        try:
+            return await _exchange(host, peer_id, request, expected)
+        except TransferError:
+            if scope.cancel_called:  # libp2p turned our cancellation into an error
+                raise TransferTimeout(f"no reply from {peer_id[-8:]} in {timeout}s") from None
+            raise
+    raise TransferTimeout(f"no reply from {peer_id[-8:]} in {timeout}s")
+
+
+async def _exchange(host: IHost, peer_id: str, request: bytes, expected: int) -> bytes:
+    try:
+        stream = await host.new_stream(ID.from_base58(peer_id), [RANGED_PROTOCOL_ID])
+    except Exception as exc:
+        raise PeerUnreachable(f"cannot open {RANGED_PROTOCOL_ID} to {peer_id[-8:]}: {exc!r}") from exc
+    try:
+        body = await _ask(stream, request, expected)
+    except BaseException:
+        await _reset_quietly(stream)
+        raise
+    await _close_quietly(stream)
+    return body
+
+
+async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:
+    """Send ``request``; return the body of an OK reply of exactly ``expected`` bytes."""
+    try:
+        await stream.write(request)
+        await stream.close_write()  # type: ignore[attr-defined]  # NetStream half-closes
+        status, length = REPLY_HEADER.unpack(await _read_exact(stream, REPLY_HEADER.size))
+        check_reply_status(status, length, expected)
+        if length != expected:
+            raise ProtocolViolation(f"peer declared {length} bytes, the request asks {expected}")
+        parts, got = [], 0
+        while got < length:
+            chunk = await stream.read(min(length - got, READ_CHUNK))
+            if not chunk:
+                raise _Malformed("empty read")
+            parts.append(chunk)
+            got += len(chunk)
+        if not await _at_eof(stream):
+            raise _Malformed("trailing bytes after the body")
+        return b"".join(parts)
+    except TransferError:
+        raise
+    except StreamEOF as exc:
+        raise ProtocolViolation("stream ended early") from exc
+    except StreamReset as exc:
+        raise ProtocolViolation("stream reset by peer") from exc
+    except Exception as exc:  # _Malformed, StreamError, anything libp2p raises
+        raise ProtocolViolation(f"{type(exc).__name__}: {exc}") from exc
+
+
+__all__ = [
+    "MAX_RANGE_PIECES",
+    "PIECE_BYTES",
+    "RANGED_PROTOCOL_ID",
+    "RangedServer",
+    "fetch_piece_map",
+    "fetch_range",
+    "install_ranged_protocol",
+    "piece_count",
+    "piece_map",
+    "range_bytes",
+]

@@ -1,0 +1,149 @@
+"""HOLDS: a node says it holds a big verified payload; pullers take pieces from such holders.
+
+The node's side of multi-source pulls, on test doubles of the transport: the outbox
+publishes one HOLDS per big payload it verified, and the fetcher hands the holders it
+heard of to the transport, reports the holders the transport blames, and falls back to
+whole pulls from each holder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import pytest
+import torch
+import trio
+
+from p2pfl.config import Limits
+from p2pfl.core.codec import encode_state
+from p2pfl.core.envelope import (
+    AnnouncementKind,
+    CheckedPayload,
+    VerifiedHeader,
+    hash_payload,
+    parse_announcement,
+    sign_update,
+)
+from p2pfl.core.reputation import Evidence
+from p2pfl.core.rounds import Inbox
+from p2pfl.errors import TransferTimeout
+from p2pfl.net.transport import Transport
+from p2pfl.node import outbox as outbox_module
+from p2pfl.node.inbound import Fetcher
+from p2pfl.node.outbox import HOLDS_MIN_BYTES
+from tests.node.conftest import identities
+from tests.node.test_parts import NET, Recorder, recording_outbox
+
+BIG = {"w": torch.zeros(HOLDS_MIN_BYTES // 4 + 1)}  # just over one piece of float32
+SMALL = {"w": torch.zeros(8)}
+
+
+def signed(state: dict[str, torch.Tensor], author: int = 1) -> tuple[VerifiedHeader, bytes]:
+    payload = encode_state(state)
+    update = sign_update(identities(2)[author], network_id=NET, round=0, payload=payload,
+                         samples=1, ts_ms=0, codec="raw")
+    return update, payload
+
+
+async def test_a_big_verified_payload_is_served_and_announced_once() -> None:
+    recorder = Recorder()
+    outbox = recording_outbox(recorder)
+    update, payload = signed(BIG)
+    await outbox.hold(update, payload)
+    await outbox.hold(update, payload)  # pulled again (another round's window): no second notice
+    assert recorder.served[update.header.digest] is payload
+    (me,) = identities(1)
+    (notice,) = recorder.published
+    parsed = parse_announcement(me.peer_id, notice, network_id=NET)  # any origin may say HOLDS
+    assert parsed.kind is AnnouncementKind.HOLDS
+    assert parsed.update.header == update.header  # the author's signed header, unchanged
+
+
+async def test_a_small_payload_is_served_without_a_notice() -> None:
+    recorder = Recorder()
+    update, payload = signed(SMALL)
+    await recording_outbox(recorder).hold(update, payload)
+    assert update.header.digest in recorder.served
+    assert recorder.published == []
+
+
+class Pulls:
+    """The part of a transport the fetcher uses; the author's pull fails or blames."""
+
+    def __init__(self, payload: bytes, *, author_fails: bool, blames: str | None = None) -> None:
+        self.payload, self.author_fails, self.blames = payload, author_fails, blames
+        self.holders_seen: list[list[str]] = []
+        self.whole_from: list[str] = []
+
+    def neighbours(self) -> tuple[str, ...]:
+        return tuple(i.peer_id for i in identities(2)) + ("h1", "h2")
+
+    async def fetch_from_holders(
+        self, author: str, digest: bytes, *, size: int, holders: Callable[[], Iterable[str]],
+        blame: Callable[[str, str], None], timeout: float,
+    ) -> CheckedPayload:
+        self.holders_seen.append(list(holders()))
+        if self.blames is not None:
+            blame(self.blames, "pieces 0+4 differ from the piece map")
+        if self.author_fails:
+            raise TransferTimeout("author stalled")
+        return hash_payload(self.payload)
+
+    async def fetch(self, peer: str, digest: bytes, *, max_size: int, timeout: float) -> CheckedPayload:
+        self.whole_from.append(peer)
+        return hash_payload(self.payload)
+
+
+async def fetch_with(pulls: Pulls, update: VerifiedHeader) -> list[tuple[str, Evidence]]:
+    reports: list[tuple[str, Evidence]] = []
+    delivered = trio.Event()
+
+    async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    async def on_delivered(update: VerifiedHeader, payload: bytes) -> None:
+        delivered.set()
+
+    fetcher = Fetcher(
+        transport=cast(Transport, pulls), inbox=Inbox(), template={"w": (torch.Size([8]), torch.float32)},
+        limits=Limits(), fetch_timeout=5.0, compute=inline,
+        report=lambda peer, evidence, reason: reports.append((peer, evidence)), delivered=on_delivered,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        for holder in ("h2", "h1", update.header.sender):  # the author's own notice is no extra source
+            fetcher.remember_holder(update.header.digest, holder)
+        fetcher.start(update)
+        with trio.fail_after(5):
+            await delivered.wait()
+        nursery.cancel_scope.cancel()
+    return reports
+
+
+async def test_fetcher_hands_the_holders_to_the_transport_and_reports_its_blame() -> None:
+    update, payload = signed(SMALL)
+    pulls = Pulls(payload, author_fails=False, blames="h2")
+    reports = await fetch_with(pulls, update)
+    assert pulls.holders_seen == [["h1", "h2"]]
+    assert reports == [("h2", Evidence.INVALID_FORMAT)]
+    assert pulls.whole_from == []
+
+
+async def test_fetcher_falls_back_to_whole_pulls_from_holders() -> None:
+    update, payload = signed(SMALL)
+    pulls = Pulls(payload, author_fails=True)
+    assert await fetch_with(pulls, update) == []
+    assert pulls.whole_from == ["h1"]  # the first holder answered
+
+
+async def test_the_serving_window_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox_module, "WINDOW_BYTES", 2 * len(signed(BIG)[1]))
+    recorder = Recorder(neighbours=4)  # 20 payloads by count: only the bytes bound applies
+    outbox = recording_outbox(recorder)
+    digests = []
+    for step in (1, 2, 1, 3):  # step 1's payload again: it becomes the newest, not a twin
+        update, payload = signed({"w": BIG["w"] + step})
+        await outbox.hold(update, payload)
+        digests.append(update.header.digest)
+    assert list(recorder.served) == digests[-2:]  # steps 1 and 3: the two newest fit
