@@ -59,7 +59,7 @@ from libp2p.peer.id import ID
 
 from p2pfl.config import MiB
 from p2pfl.core.bounded import BoundedMap
-from p2pfl.errors import PeerUnreachable, ProtocolViolation, TransferError, TransferTimeout
+from p2pfl.errors import PeerUnreachable, ProtocolViolation, TransferError
 from p2pfl.net.transfer import (
     REPLY_HEADER,
     REQUEST_TIMEOUT,
@@ -72,6 +72,7 @@ from p2pfl.net.transfer import (
     _reset_quietly,
     _Server,
     check_reply_status,
+    within,
 )
 
 logger = logging.getLogger(__name__)
@@ -223,14 +224,7 @@ async def fetch_range(
 
 
 async def _request(host: IHost, peer_id: str, request: bytes, expected: int, timeout: float) -> bytes:
-    with trio.move_on_after(timeout) as scope:
-        try:
-            return await _exchange(host, peer_id, request, expected)
-        except TransferError:
-            if scope.cancel_called:  # libp2p turned our cancellation into an error
-                raise TransferTimeout(f"no reply from {peer_id[-8:]} in {timeout}s") from None
-            raise
-    raise TransferTimeout(f"no reply from {peer_id[-8:]} in {timeout}s")
+    return await within(timeout, f"no reply from {peer_id[-8:]}", lambda: _exchange(host, peer_id, request, expected))
 
 
 async def _exchange(host: IHost, peer_id: str, request: bytes, expected: int) -> bytes:

@@ -1,12 +1,11 @@
 """The data plane: stream protocol ``/p2pfl/update/1.0.0`` that moves payloads by digest.
 
 A node serves the payloads in its :class:`PayloadStore`; a peer pulls one with
-:func:`fetch_payload`. Payloads are opaque bytes named by their sha256 digest; they may
-be hundreds of MB. Both sides assume the other is hostile.
+:func:`fetch_payload`. Payloads are opaque bytes named by their sha256 digest, maybe
+hundreds of MB; both sides assume the other is hostile.
 
-Wire format (version 1; all integers unsigned big-endian)
----------------------------------------------------------
-One request and one reply per libp2p stream.
+Wire format (version 1; all integers unsigned big-endian; one request, one reply per stream)
+---------------------------------------------------------------------------------------------
 
 Request, client -> server, exactly 41 bytes, then the client closes its write side::
 
@@ -37,14 +36,11 @@ The client checks, in order: status known (else ``ProtocolViolation``); for OK,
 ``PayloadTooLarge``); exactly ``length`` body bytes followed by end of stream (a short
 body, a reset or trailing bytes are ``ProtocolViolation``); sha256(body) == digest
 (else ``TamperedPayload``, a ``ProtocolViolation``). Every fetch runs under one deadline
-(``TransferTimeout``).
-
-A stream carries nothing else; either side may reset it at any time, which the other
-treats as failure.
+(``TransferTimeout``). A stream carries nothing else; either side may reset it at any
+time, which the other treats as failure.
 
 Server side: NOT_FOUND and TOO_LARGE are answered at once; payload replies take one of
-``max_concurrent`` slots, at most ``max_queued`` more requests wait for a slot, and
-others get BUSY. The request read and the whole reply write each have a deadline,
+``max_concurrent`` slots, at most ``max_queued`` more wait for one, others get BUSY. The request read and the whole reply write each have a deadline,
 because py-libp2p streams have no write timeout and a stopped puller would otherwise
 hold a slot forever. (A reply cut off mid-write may leave half a Noise message on that
 connection; the stopped peer then loses the connection, others are unaffected.) The
@@ -52,16 +48,17 @@ handler never raises into libp2p (a raising handler takes down a stock 0.8.1 hos
 failure resets the stream. Replies are written in 1 MiB slices of a memoryview.
 
 Client side: the body is read with large reads (up to 16 MiB, never past ``length``),
-hashed chunk by chunk and joined once at the end, and returned as a
-:class:`~p2pfl.core.envelope.CheckedPayload`: that hash is the only one on receipt.
+hashed chunk by chunk, joined once at the end and returned as a CheckedPayload (that hash
+is the only one on receipt).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
+from typing import TypeVar
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -84,6 +81,7 @@ from p2pfl.errors import (
     TransferTimeout,
 )
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 PROTOCOL_ID = TProtocol("/p2pfl/update/1.0.0")
@@ -328,14 +326,19 @@ async def fetch_checked_payload(
         raise ValueError(f"digest must be 32 bytes, got {len(digest)}")
     if not 0 <= max_size < 1 << 64:
         raise ValueError(f"max_size out of range: {max_size}")
+    return await within(timeout, f"no payload from {peer_id[-8:]}", lambda: _fetch(host, peer_id, digest, max_size))
+
+
+async def within(timeout: float, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()`` within ``timeout`` s, else TransferTimeout (libp2p may mask the cancel)."""
     with trio.move_on_after(timeout) as scope:
         try:
-            return await _fetch(host, peer_id, digest, max_size)
+            return await call()
         except P2PFLError:
-            if scope.cancel_called:  # libp2p turned our cancellation into an error
-                raise TransferTimeout(f"no payload from {peer_id[-8:]} in {timeout}s") from None
+            if scope.cancel_called:
+                raise TransferTimeout(f"{what} in {timeout}s") from None
             raise
-    raise TransferTimeout(f"no payload from {peer_id[-8:]} in {timeout}s")
+    raise TransferTimeout(f"{what} in {timeout}s")
 
 
 async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> CheckedPayload:
