@@ -418,21 +418,23 @@ def test_the_step_cap_is_a_rule_parameter(step_cap: float) -> None:
     assert result.radius == pytest.approx(step_cap)
 
 
-def test_a_drifted_node_keeps_trusting_its_nearest_reputable_neighbour() -> None:
-    # The node fits its own data (tiny own step) far from its one honest neighbour; its
-    # three attacking neighbours already have weight 0. The step cap alone would clip the
-    # honest neighbour to 1% and cut the node off from the network.
+def test_the_step_cap_binds_every_neighbour_and_vetting_widens_it() -> None:
+    # A drifted node (tiny own step) far from its one honest neighbour, three attackers at
+    # weight 0: nobody, however near, pulls it further than step_cap own steps per round;
+    # a neighbour the harm check vetted gets vetted_scale times that. (The nearest
+    # reputable neighbour's distance is no floor any more: with three attacking neighbours
+    # of four it admitted them.)
     own, nbs, _ = cloud(18, 1, spread=3.0)
     byzantine = [model(np.full(9, 1e3)) for _ in range(3)]
-    result = aggregate(
-        "clipped_gossip", own, [*nbs, *byzantine], [0.9, 0.0, 0.0, 0.0], own_step=0.01
-    )
-    assert result.trust[0] == 1.0
-    assert max(result.trust[1:]) < 0.25
-    unreputable = aggregate(
-        "clipped_gossip", own, [*nbs, *byzantine], [0.0, 0.0, 0.0, 0.0], own_step=0.01
-    )
-    assert unreputable.trust[0] < 0.25  # the exception is for reputable neighbours only
+    everyone = [*nbs, *byzantine]
+    plain = aggregate("clipped_gossip", own, everyone, [0.9, 0.0, 0.0, 0.0], own_step=0.01)
+    assert plain.radius is not None
+    assert plain.radius <= STEP_CAP * 0.01
+    assert plain.trust[0] < 0.25
+    vetted = aggregate("clipped_gossip", own, everyone, [0.9, 0.0, 0.0, 0.0], own_step=0.01,
+                       vetted=[True, False, False, False])
+    assert vetted.trust[0] == pytest.approx(min(1.0, DEFAULT_VETTED_SCALE * plain.trust[0]))
+    assert max(vetted.trust[1:]) < 1e-3
 
 
 def test_centered_clip_with_one_iteration_equals_clipped_gossip() -> None:

@@ -7,13 +7,13 @@ defence, with rules mean and clipped_gossip (the default). Measured at this comm
 
 | attack | mean | default |
 |---|---|---|
-| none | 0.931 | 0.932 |
-| min_max | 0.656 | 0.860 |
-| clip_aware | 0.732 | 0.849 |
-| boiling_frog | 0.551 | 0.853 |
+| none | 0.931 | 0.931 |
+| min_max | 0.656 | 0.869 |
+| clip_aware | 0.732 | 0.848 |
+| boiling_frog | 0.551 | 0.878 |
 | ipm (eps 0.5) | 0.545 | 0.896 |
-| label_flip | 0.771 | 0.746 |
-| targeted_flip | 0.892 | 0.886 |
+| label_flip | 0.771 | 0.744 |
+| targeted_flip | 0.892 | 0.885 |
 
 The gate holds those within a small margin: the default defence far above plain mean on
 the attacks it is built for, within 10 points of no attack; on the two label flips it
@@ -37,7 +37,7 @@ DEFENDED = ("min_max", "clip_aware", "boiling_frog", "ipm")
 FLIPS = ("label_flip", "targeted_flip")
 WITHIN = 0.10  # default under a defended attack: at most this far below no attack
 ABOVE_MEAN = 0.05  # ... and at least this far above plain mean under the same attack
-FLIP_SLACK = 0.03  # label flips: at most this far below plain mean (measured 0.025, 0.006)
+FLIP_SLACK = 0.03  # label flips: at most this far below plain mean (measured 0.027, 0.007)
 
 
 @pytest.fixture(scope="module")

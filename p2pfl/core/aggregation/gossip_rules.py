@@ -65,15 +65,13 @@ def _radius(
         radius = min(radius, median_cap(dist, w, kappa))
     if inp.own_step:
         # Self-centred: however many neighbours attack, nobody pulls the model further per
-        # round than a few of its own local updates would (it still mixes, just slower)...
+        # round than step_cap of its own local updates would (it still mixes, just slower);
+        # a neighbour the harm check vetted gets vetted_scale times that. Until issue 17's
+        # second pass the nearest reputable neighbour's distance was a floor under this cap:
+        # at a node with three attacking neighbours of four that floor let them in (seeds
+        # 0-3: worst honest node under min_max 0.49, without the floor 0.72; no cost
+        # without attack, also over 60 rounds; docs/DEFENCE.md section 4).
         step_cap = checked_number(step, "step_cap", 0.0) * inp.own_step
-        reputable = dist[w > 0]
-        if len(reputable):
-            # ...except the nearest reputable neighbour: a node that drifted from the
-            # network (its own steps shrink as it fits its local data) would otherwise
-            # distrust its honest neighbours one by one and end up alone (the attack grid
-            # showed it: an honest node with one honest neighbour of four fell to 0.49).
-            step_cap = max(step_cap, float(reputable.min()))
         radius = min(radius, step_cap)
     return radius
 
@@ -162,9 +160,8 @@ def clipped_gossip(
     at ``kappa`` times the weighted median distance counting the own model at distance 0
     (:func:`median_cap`; a huge ``kappa`` turns the cap off), which stays honest while the
     node and its honest neighbours hold the majority of the weight. With the node's own
-    last local step (``own_step``) given, the radius is also at most ``step_cap`` times it
-    (but never below the nearest reputable neighbour's distance): however many
-    neighbours attack, none drags the node further per round than that.
+    last local step (``own_step``) given, the radius is also at most ``step_cap`` times it:
+    however many neighbours attack, none drags the node further per round than that.
     """
     diffs = inp.neighbours - inp.own  # (n, d)
     dist = torch.linalg.vector_norm(diffs, dim=1)
