@@ -106,10 +106,10 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> flo
     What Opacus' ``RDPAccountant.get_epsilon`` computes, with its own functions; RDP adds
     up over steps, so one step's is computed once per (noise, rate) and scaled.
     """
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
     if not history:
         return 0.0
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     rdp = sum(np.asarray(_rdp_of_one_step(sigma, rate)) * steps for sigma, rate, steps in history)
     epsilon, _ = get_privacy_spent(orders=list(_alphas()), rdp=rdp, delta=delta)
     return float(epsilon)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -271,18 +271,7 @@ class TorchLearner:
         is not modified: ``torch.func.functional_call`` runs it with each state, which
         must have the model's keys and shapes (the node checks them on receipt).
         """
-        x, y = self._probe_batch()
-        losses = []
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for state in states:
-                    on_device = {k: v.to(self.device) for k, v in state.items()}
-                    logits = torch.func.functional_call(self.model, on_device, (x,))
-                    losses.append(float(self.loss_fn(logits, y)))
-        finally:
-            self.model.train()
-        return losses
+        return [float(self.loss_fn(logits, y)) for logits, y in self._probe_logits(states)]
 
     def probe_class_losses(self, states: Iterable[Mapping[str, torch.Tensor]]) -> list[list[float]]:
         """Return, per state, the loss of each class present in the probe sample (by class).
@@ -291,19 +280,27 @@ class TorchLearner:
         classes equally with it, so that a neighbour that knows our rare classes better is
         not judged by our common ones alone.
         """
+        labels = self._probe_batch()[1]
+        masks = [labels == c for c in torch.unique(labels)]
+        return [
+            [float(self.loss_fn(logits[m], y[m])) for m in masks]
+            for logits, y in self._probe_logits(states)
+        ]
+
+    def _probe_logits(
+        self, states: Iterable[Mapping[str, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (logits, labels) of the probe sample under each state, the model untouched
+        (``functional_call``) and in eval mode meanwhile; one state at a time."""
         x, y = self._probe_batch()
-        masks = [y == c for c in torch.unique(y)]
-        losses = []
         self.model.eval()
         try:
             with torch.inference_mode():
                 for state in states:
                     on_device = {k: v.to(self.device) for k, v in state.items()}
-                    logits = torch.func.functional_call(self.model, on_device, (x,))
-                    losses.append([float(self.loss_fn(logits[m], y[m])) for m in masks])
+                    yield torch.func.functional_call(self.model, on_device, (x,)), y
         finally:
             self.model.train()
-        return losses
 
     def score_classes(
         self, states: Iterable[Mapping[str, torch.Tensor]], reference: ReferenceSet

@@ -54,12 +54,12 @@ from enum import IntEnum
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 
 from p2pfl.config import MiB
 from p2pfl.core.bounded import BoundedMap
-from p2pfl.errors import PeerUnreachable, ProtocolViolation, TransferError
+from p2pfl.errors import PeerUnreachable, ProtocolViolation
+from p2pfl.net.streamio import as_protocol_errors, reset_quietly
 from p2pfl.net.transfer import (
     REPLY_HEADER,
     REQUEST_TIMEOUT,
@@ -69,7 +69,6 @@ from p2pfl.net.transfer import (
     _Malformed,
     _read_exact,
     _remote_peer,
-    _reset_quietly,
     _Server,
     check_reply_status,
     within,
@@ -131,7 +130,7 @@ class RangedServer:
             await self._reply(stream, peer, op, digest, first, count)
         except Exception as exc:  # hostile or vanished peer: drop this stream only
             logger.info("ranged stream from %s failed: %r", peer[-8:], exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     async def _read_request(self, stream: INetStream) -> tuple[Op, bytes, int, int]:
         with trio.fail_after(min(REQUEST_TIMEOUT, self._server.serve_timeout)):
@@ -235,7 +234,7 @@ async def _exchange(host: IHost, peer_id: str, request: bytes, expected: int) ->
     try:
         body = await _ask(stream, request, expected)
     except BaseException:
-        await _reset_quietly(stream)
+        await reset_quietly(stream)
         raise
     await _close_quietly(stream)
     return body
@@ -243,7 +242,7 @@ async def _exchange(host: IHost, peer_id: str, request: bytes, expected: int) ->
 
 async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:
     """Send ``request``; return the body of an OK reply of exactly ``expected`` bytes."""
-    try:
+    with as_protocol_errors():
         await stream.write(request)
         await stream.close_write()  # type: ignore[attr-defined]  # NetStream half-closes
         status, length = REPLY_HEADER.unpack(await _read_exact(stream, REPLY_HEADER.size))
@@ -260,14 +259,6 @@ async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:
         if not await _at_eof(stream):
             raise _Malformed("trailing bytes after the body")
         return b"".join(parts)
-    except TransferError:
-        raise
-    except StreamEOF as exc:
-        raise ProtocolViolation("stream ended early") from exc
-    except StreamReset as exc:
-        raise ProtocolViolation("stream reset by peer") from exc
-    except Exception as exc:  # _Malformed, StreamError, anything libp2p raises
-        raise ProtocolViolation(f"{type(exc).__name__}: {exc}") from exc
 
 
 __all__ = [

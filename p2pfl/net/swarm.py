@@ -35,8 +35,9 @@ import trio
 
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload, PayloadHasher
-from p2pfl.errors import NetworkError, TransferError, TransferTimeout
+from p2pfl.errors import NetworkError, TransferError
 from p2pfl.net.ranged import MAX_RANGE_PIECES, piece_count
+from p2pfl.net.transfer import within
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +162,9 @@ async def fetch_from_holders(
     """
     if not 1 <= chunk_pieces <= MAX_RANGE_PIECES or max_sources < 1 or per_source < 1:
         raise ValueError("chunk_pieces must be 1..16, max_sources and per_source >= 1")
-    with trio.move_on_after(timeout):
-        return await _fetch(
-            source, digest, size, author, holders, blame, request_timeout,
-            max_sources, per_source, chunk_pieces,
-        )
-    raise TransferTimeout(f"payload {digest.hex()[:12]} not complete from its holders in {timeout}s")
+    return await within(timeout, f"payload {digest.hex()[:12]} not complete from its holders", lambda: _fetch(
+        source, digest, size, author, holders, blame, request_timeout, max_sources, per_source, chunk_pieces,
+    ))
 
 
 async def _fetch(

@@ -63,7 +63,7 @@ from typing import TypeVar
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from p2pfl.config import Limits, MiB
@@ -75,11 +75,11 @@ from p2pfl.errors import (
     PayloadTooLarge,
     PeerBusy,
     PeerUnreachable,
-    ProtocolViolation,
     TamperedPayload,
     TransferError,
     TransferTimeout,
 )
+from p2pfl.net.streamio import RESET_TIMEOUT, as_protocol_errors, reset_quietly
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -91,7 +91,6 @@ REPLY_HEADER = struct.Struct(">BQ")  # status, length: 9 bytes
 WRITE_CHUNK = 1 * MiB  # ~1 MiB writes from a memoryview: 64 KiB writes cost +50-70% CPU
 READ_CHUNK = 16 * MiB  # large reads: fewer copies and window updates
 REQUEST_TIMEOUT = 10.0  # an honest request is 41 bytes and one FIN: far below this
-RESET_TIMEOUT = 1.0  # a reset writes one frame; a full socket must not hold us
 STORE_MAX_PAYLOADS = 4096  # a count cap beside the byte budget: empty payloads weigh nothing
 
 
@@ -170,15 +169,6 @@ async def _at_eof(stream: INetStream) -> bool:
     return not extra
 
 
-async def _reset_quietly(stream: INetStream) -> None:
-    """Reset ``stream``, bounded in time and shielded from the caller's cancellation."""
-    with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT):
-        try:
-            await stream.reset()
-        except Exception:  # the stream is already broken; nothing left to do
-            logger.debug("stream reset failed", exc_info=True)
-
-
 # ---------------------------------------------------------------------------- server
 
 
@@ -210,7 +200,7 @@ class _Server:
             await self._reply(stream, peer, digest, max_size)
         except Exception as exc:  # hostile or vanished peer: drop this stream only
             logger.info("update stream from %s failed: %r", peer[-8:], exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     async def _read_request(self, stream: INetStream) -> tuple[bytes, int]:
         with trio.fail_after(min(REQUEST_TIMEOUT, self.serve_timeout)):
@@ -346,7 +336,7 @@ async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> Che
     try:
         payload = await _pull(stream, digest, max_size)
     except BaseException:
-        await _reset_quietly(stream)
+        await reset_quietly(stream)
         raise
     await _close_quietly(stream)
     return payload
@@ -369,7 +359,7 @@ async def _close_quietly(stream: INetStream) -> None:
 
 async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayload:
     """Run one request/reply on ``stream``, translating every library error."""
-    try:
+    with as_protocol_errors():
         await stream.write(REQUEST.pack(VERSION, digest, max_size))
         # NetStream (every stream of 0.8.1) half-closes; INetStream does not declare it.
         await stream.close_write()  # type: ignore[attr-defined]
@@ -378,14 +368,6 @@ async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayl
         if not await _at_eof(stream):
             raise _Malformed("trailing bytes after the body")
         return body
-    except TransferError:
-        raise
-    except StreamEOF as exc:
-        raise ProtocolViolation("stream ended early") from exc
-    except StreamReset as exc:
-        raise ProtocolViolation("stream reset by peer") from exc
-    except Exception as exc:  # _Malformed, StreamError, anything libp2p raises
-        raise ProtocolViolation(f"{type(exc).__name__}: {exc}") from exc
 
 
 async def _read_reply_header(stream: INetStream, max_size: int) -> int:

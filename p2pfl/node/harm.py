@@ -71,6 +71,14 @@ def probe_losses(
     return [combine(per_class) if per_class else math.nan for per_class in prober.probe_class_losses(states)]
 
 
+def full_shares(weights: Sequence[float], self_weight: float) -> list[float]:
+    """Each neighbour's share of a mix, at least the one it would have at full reputation
+    (an equal share with us and the others): what the checks judge it at."""
+    total = self_weight + sum(weights)
+    least = 1 / (len(weights) + 1)
+    return [max(w / total, least) if total > 0 else least for w in weights]
+
+
 def mixed(
     own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], share: float
 ) -> dict[str, torch.Tensor]:
@@ -258,10 +266,7 @@ class HarmGate:
         pass more easily the less it is trusted, and an honest neighbour cut off early
         must be able to earn its way back.
         """
-        total = self_weight + sum(weights)
-        floor = 1 / (len(states) + 1)
-        shares = [max(w / total, floor) if total > 0 else floor for w in weights]
-        shares = [min(1.0, self.check.probe_scale * share) for share in shares]
+        shares = [min(1.0, self.check.probe_scale * share) for share in full_shares(weights, self_weight)]
         excess = probe(self.prober, self.check, own, states, shares, start=start)
         passed = [e is not None and e.over_reference <= 0 for e in excess]
         # Evidence only for harm in absolute terms: a neighbour that helps us less than
@@ -277,4 +282,4 @@ class HarmGate:
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust)
 
 
-__all__ = ["ClassProber", "Excess", "HarmGate", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]
+__all__ = ["ClassProber", "Excess", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]

@@ -37,7 +37,7 @@ import torch
 from p2pfl.errors import ConfigError
 from p2pfl.learners.reference import ClassScores, ReferenceSet, load_reference
 from p2pfl.node.config import ReferenceConfig
-from p2pfl.node.harm import mixed
+from p2pfl.node.harm import full_shares, mixed
 
 
 @runtime_checkable
@@ -119,9 +119,7 @@ class ReferenceGate:
         ``floor`` is the trust a neighbour just over tolerance is capped at (the
         reputation's ``clip_tolerance``).
         """
-        total = self_weight + sum(weights)
-        least = 1 / (len(states) + 1)
-        shares = [max(w / total, least) if total > 0 else least for w in weights]
+        shares = full_shares(weights, self_weight)
         # The mix as a weighted mean centred on our model, then the same without each one;
         # the worst is taken out first and the rest judged again without it (one wrecked
         # model makes every other one's gain noise on a huge loss).

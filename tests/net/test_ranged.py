@@ -223,6 +223,7 @@ async def test_new_and_1_0_only_transports_exchange_both_ways() -> None:
         got = await new.fetch_from_holders(old.peer_id, digest, size=len(payload), holders=list,
                                            blame=lambda p, r: blamed.append((p, r)), timeout=TIMEOUT)
         assert got.data == payload
+        assert old.pulled_by(digest) == frozenset({new.peer_id})  # whole, over 1.0.0
         # An old node pulls whole over 1.0.0, whatever the new one also speaks.
         back = await fetch_checked_payload(old.host, new.peer_id, digest, max_size=len(payload),
                                            timeout=TIMEOUT)
