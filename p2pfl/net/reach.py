@@ -21,6 +21,7 @@ A lying peer can only sway one vote.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from dataclasses import dataclass
@@ -33,7 +34,6 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from p2pfl.core.crypto import short_id
-from p2pfl.net.streamio import reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Reachability:
                     await stream.write(struct.pack(">H", self.port))
                     reply = await stream.read(1)
                 finally:
-                    await reset_quietly(stream)
+                    await _reset_quietly(stream)
         except Exception as error:  # no answer (a peer without the protocol included): no vote
             logger.debug("dial-back by %s: no answer (%r)", short_id(peer), error)
             return
@@ -166,7 +166,7 @@ class Reachability:
                 await stream.close()
         except Exception as error:  # hostile or dead asker: refuse, never raise
             logger.debug("dial-back request from %s refused: %r", short_id(peer), error)
-            await reset_quietly(stream)
+            await _reset_quietly(stream)
 
     async def _dial_back(self, peer: str, stream: INetStream, port: int) -> int:
         now = trio.current_time()
@@ -205,6 +205,10 @@ async def _read_exactly(stream: INetStream, n: int) -> bytes:
         data += chunk
     return data
 
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.move_on_after(1.0), contextlib.suppress(Exception):
+        await stream.reset()
 
 
 __all__ = ["PRIVATE", "PROTOCOL_ID", "PUBLIC", "UNKNOWN", "Reachability", "is_relayed", "probe",

@@ -42,7 +42,7 @@ from p2pfl.core.crypto import Identity, short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.state import template_of
 from p2pfl.learners.base import Learner, State
-from p2pfl.learners.privacy import PrivacySpent, privacy_spent
+from p2pfl.learners.privacy import privacy_spent
 from p2pfl.net.transport import Transport
 from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.checkpoint import resume, save_checkpoint, snapshot
@@ -110,7 +110,7 @@ class Node:
         self._state = "starting"
         self._history: list[RoundRecord] = []
         self._metrics: tuple[float, float] | None = None
-        self._privacy: PrivacySpent | None = None  # spent epsilon as of the last finished round; None: not private
+        self._privacy = privacy_spent(self.learner)  # as of the last finished round; None: not private
         self._round_finished = trio.Event()
         self._silent: set[str] = set()  # neighbours that published nothing in a whole round
         self._transport: Transport | None = None
