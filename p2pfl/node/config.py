@@ -95,6 +95,12 @@ class HarmCheck:
     # starting points are far apart at first, honest or not (a 6-node ring flagged an honest
     # neighbour in round 2 without it).
     grace: int = 3
+    # To pass, a neighbour's mix may raise our loss by at most this much per own local step
+    # of distance between its model and ours (and never by more than the tolerance). A far
+    # neighbour that barely changes our loss (the one across a bridge between communities:
+    # ~0.001 per step) keeps its vetting; an attacker placed just inside our clipping radius
+    # spends its whole distance on harm (0.006-0.014 per step) and loses it. Issue 17.
+    harm_per_step: float = 0.008
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
@@ -112,7 +118,7 @@ class HarmCheck:
         require(isinstance(self.fail_trust, int | float) and not isinstance(self.fail_trust, bool)
                 and 0 <= self.fail_trust <= 1, "harm_check.fail_trust",
                 f"must be a number in [0, 1], got {self.fail_trust!r}")
-        for name in ("absolute", "relative"):
+        for name in ("absolute", "relative", "harm_per_step"):
             value = getattr(self, name)
             require(
                 isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e6,

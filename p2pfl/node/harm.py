@@ -71,6 +71,14 @@ def probe_losses(
     return [combine(per_class) if per_class else math.nan for per_class in prober.probe_class_losses(states)]
 
 
+def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Euclidean distance between two states over ``a``'s floating-point tensors."""
+    squares = sum(
+        float(torch.sum((b[k].double() - a[k].double()) ** 2)) for k in a if a[k].is_floating_point()
+    )
+    return squares**0.5
+
+
 def full_shares(weights: Sequence[float], self_weight: float) -> list[float]:
     """Each neighbour's share of a mix, at least the one it would have at full reputation
     (an equal share with us and the others): what the checks judge it at."""
@@ -113,6 +121,10 @@ def probe(
     loss worse, not better, our own model is no yardstick (anything mixed in improves
     it, a sign-flipped model included: the attack tests showed it) and nobody is judged.
     Neighbours with share 0 are not probed (they are not mixed in) and are not judged.
+
+    With ``start``, the bar for ``over_reference`` (passing, hence vetting) is also at most
+    ``check.harm_per_step`` per own local step of distance between the neighbour and us:
+    whoever raises our loss must be far away to pass, see :class:`~p2pfl.node.config.HarmCheck`.
     """
     probed = [j for j, share in enumerate(shares) if share > 0]
     unjudged: list[Excess | None] = [None] * len(neighbours)
@@ -135,12 +147,16 @@ def probe(
         # own model" is too lax a bar; compare with the typical neighbour instead (never
         # looser than our own loss; the median is honest while most neighbours are).
         reference = min(base, statistics.median(finite))
+    step = 0.0 if start is None else distance(start, own)
     excess = list(unjudged)
     for j, loss in zip(probed, mixes_losses, strict=True):
         if not math.isfinite(loss):
             excess[j] = Excess(math.inf, math.inf)
-        else:
-            excess[j] = Excess(loss - base - tolerance, loss - reference - tolerance)
+            continue
+        bar = tolerance
+        if step > 0:
+            bar = min(bar, check.harm_per_step * distance(own, neighbours[j]) / step)
+        excess[j] = Excess(loss - base - tolerance, loss - reference - bar)
     return excess
 
 
@@ -282,4 +298,4 @@ class HarmGate:
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust)
 
 
-__all__ = ["ClassProber", "Excess", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]
+__all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]

@@ -18,22 +18,12 @@ from p2pfl.core.rounds import Received
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import Learner, State
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import HarmGate, Prober, starting_point
+from p2pfl.node.harm import HarmGate, Prober, distance, starting_point
 from p2pfl.node.inbound import Compute
 from p2pfl.node.reference import ClassScorer, ReferenceGate
 from p2pfl.node.standing import Standing
 
 log = logging.getLogger(__name__)
-
-
-def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
-    """Length of the change local training made to the floating-point parameters."""
-    squares = sum(
-        float(torch.sum((after[k].double() - before[k].double()) ** 2))
-        for k in after
-        if after[k].is_floating_point()
-    )
-    return squares**0.5
 
 
 class Mixer:
@@ -93,7 +83,7 @@ class Mixer:
             states,
             weights,
             self_weight=self_weight,
-            own_step=update_norm(start, own),
+            own_step=distance(start, own),
             vetted=None if verdict is None else verdict.vetted,
             **dict(self._config.rule_params),
         )

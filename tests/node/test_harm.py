@@ -229,3 +229,28 @@ def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
 def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         HarmCheck(**kwargs)  # type: ignore[arg-type]
+
+
+def test_to_pass_a_neighbour_that_raises_our_loss_must_be_far_away() -> None:
+    # Our data sees only "w"; "v" is a direction it does not care about. Training moved us
+    # from w = 1.5 to w = 1 (one own step of length 1). Both neighbours raise our loss by
+    # 0.4 when mixed in at 1/5, within the tolerance 0.5: harmless, no evidence.
+    prober = Distance(target=0.0)
+
+    def model(w: float, v: float) -> State:
+        return {"w": torch.full((4,), w), "v": torch.full((4,), v)}
+
+    own, start = model(1.0, 0.0), model(1.5, 0.0)
+    near, far = model(1.5, 0.0), model(1.5, 10.0)  # 1 and ~20 own steps away
+    check = HarmCheck(absolute=0.5, relative=0.0, reference="own", harm_per_step=0.1)
+    excess = probe(prober, check, own, [near, far], [0.2, 0.2], start=start)
+    assert [e is not None and e.over_own <= 0 for e in excess] == [True, True]
+    # The near one spends its whole pull on harm: 0.4 per step, above 0.1 per step, so it
+    # does not pass (is never vetted); the far one (0.02 per step) passes.
+    assert vet(prober, check, own, [near, far], [0.2, 0.2], start=start) == [False, True]
+    # Without our step (no start) or with a lax bar, both pass on the tolerance alone.
+    assert vet(prober, check, own, [near, far], [0.2, 0.2]) == [True, True]
+    lax = HarmCheck(absolute=0.5, relative=0.0, reference="own", harm_per_step=1.0)
+    assert vet(prober, lax, own, [near, far], [0.2, 0.2], start=start) == [True, True]
+    with pytest.raises(ConfigError, match="harm_check.harm_per_step"):
+        HarmCheck(harm_per_step=-0.1)
