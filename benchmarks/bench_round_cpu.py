@@ -99,9 +99,12 @@ def main() -> None:
                   + " ".join(f"{1000 * figures[c]:>16.1f}" for c in COLUMNS), flush=True)
     if len(variants) == 2:
         (base, base_runs), (_, ours) = results.items()
-        ratios = [statistics.fmean(r[c] for r in ours) / statistics.fmean(r[c] for r in base_runs)
-                  if statistics.fmean(r[c] for r in base_runs) > 0 else float("nan") for c in COLUMNS]
-        print(f"{'ratio this / ' + base.split()[-1]:<42} " + " ".join(f"{r:>16.2f}" for r in ratios))
+        cells = []
+        for column in COLUMNS:
+            before = statistics.fmean(r[column] for r in base_runs)
+            after = statistics.fmean(r[column] for r in ours)
+            cells.append(f"{after / before:>16.2f}" if before > 0 else f"{'-':>16}")
+        print(f"{'ratio this / ' + base.split()[-1]:<42} " + " ".join(cells))
 
 
 if __name__ == "__main__":
