@@ -7,8 +7,10 @@ Runs the digits task twice (IID, then Dirichlet(0.5)), 1 local epoch, batch 32, 
 prints per round the honest mean and minimum test accuracy and the median round time,
 then per run: wall time per round, bytes per node per round (payload and control), CPU
 seconds per node-round (whole process, and outside training + evaluation, from the nodes'
-own round records, first round excluded; plus all node processes' CPU as the OS counts
-it, start-up included, which also works for versions without round CPU records) and
+own round records, first round excluded; "outside learning" includes decoding, the
+defence's probe forward passes, aggregation and checkpoints, and the /status requests of
+the launcher; ``bench_round_cpu.py`` splits it; plus all node processes' CPU as the OS
+counts it, start-up included, which also works for versions without round CPU records) and
 peak memory per node, beside the anchors measured on this machine with the same 8-node
 digits task. Report the machine's load (``uptime``) beside the figures: it is shared.
 """

@@ -148,26 +148,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BaseException as exc:
-        error = first_error(exc)
+        error, rest = split_errors(exc)
+        if error is None:
+            raise
         if isinstance(error, P2PFLError):
             print(f"error: {error}", file=sys.stderr)
-            return 3 if isinstance(error, NoNeighbours) else 2
+        if rest is not None:  # a bug beside it: its traceback, not silence
+            raise rest from None
         if isinstance(error, KeyboardInterrupt):
             return 130
-        raise
+        return 3 if isinstance(error, NoNeighbours) else 2
 
 
-def first_error(error: BaseException) -> BaseException:
-    """Return the first P2PFLError (or KeyboardInterrupt) inside nested exception groups.
+def split_errors(error: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """Return the first P2PFLError (or KeyboardInterrupt) inside nested exception groups,
+    and everything else (None if nothing else).
 
     Trio nurseries wrap a failing task's error in groups, which print as 40-150 lines of
-    traceback; the one line inside is what the user needs. Anything else comes back as is.
+    traceback; the one line inside is what the user needs. Any other exception is a bug:
+    it comes back (in its groups) to be raised, even beside one of ours.
     """
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = first_error(inner)
-            if isinstance(found, P2PFLError | KeyboardInterrupt):
-                return found
+    ours = (P2PFLError, KeyboardInterrupt)
+    if not isinstance(error, BaseExceptionGroup):
+        return (error, None) if isinstance(error, ours) else (None, error)
+    matched, rest = error.split(ours)
+    if matched is None:
+        return None, error  # as raised, tracebacks and all
+    return _first_leaf(matched), rest
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
     return error
 
 

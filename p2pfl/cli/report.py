@@ -94,6 +94,7 @@ def _node_entry(index: int, status: Mapping[str, Any], attacker: bool) -> dict[s
         # CPU seconds of the whole process per round; the first round includes start-up.
         "cpu_per_round": _deltas([r.get("cpu_seconds", 0.0) for r in history]),
         "learning_cpu_per_round": [r.get("learning_cpu_seconds", 0.0) for r in history],
+        "compute_cpu_per_round": [r.get("compute_cpu_seconds", 0.0) for r in history],
     }
 
 

@@ -252,8 +252,13 @@ def _toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: Sequence[int]) -> dict[str, Any]:
-    """Return the TOML document of node ``index``; ``ports`` holds libp2p then HTTP ports."""
+def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: Sequence[int], *,
+                reference: tuple[dict[str, TomlValue], int] | None = None) -> dict[str, Any]:
+    """Return the TOML document of node ``index``; ``ports`` holds libp2p then HTTP ports.
+
+    ``reference``: :func:`reference_tables` of ``plan.reference``, read once for all nodes
+    (default: read here).
+    """
     libp2p_port, http_port = ports[index], ports[plan.nodes + index]
     neighbours = plan.neighbours or min(plan.nodes - 1, 6)
     # Node 0 bootstraps everyone; the previous node too, so the graph is no star even
@@ -288,7 +293,7 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
     if plan.dp_epsilon is not None and not plan.is_byzantine(index):
         document["privacy"] = {"epsilon": float(plan.dp_epsilon)}  # for [node] rounds
     if plan.reference is not None:
-        document["reference"], holdout = reference_tables(plan.reference)
+        document["reference"], holdout = reference or reference_tables(plan.reference)
         if holdout:  # a digits holdout: its samples leave every node's data
             document["task"]["holdout"] = holdout
     if plan.is_byzantine(index):
@@ -311,13 +316,10 @@ def reference_tables(path: Path) -> tuple[dict[str, TomlValue], int]:
     import torch
 
     from p2pfl.learners.datasets import MAX_HOLDOUT, digits_reference
-    from p2pfl.learners.reference import ReferenceSet, load_reference, sha256_of
+    from p2pfl.learners.reference import ReferenceSet, read_reference, sha256_of
 
-    try:
-        digest = sha256_of(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"--reference: cannot read {path}: {exc.strerror}") from None
-    counts = torch.bincount(load_reference(path, digest).y)
+    reference, digest = read_reference(path)
+    counts = torch.bincount(reference.y)
     per_class = int(counts.min())
     held = digits_reference(per_class) if 0 < per_class <= MAX_HOLDOUT else None
     ours = held is not None and sha256_of(ReferenceSet(held.features, held.labels).encode()) == digest
@@ -357,10 +359,11 @@ def write_configs(plan: TestnetPlan) -> tuple[list[str], list[int], list[Path]]:
     finally:
         crypto_log.setLevel(level)
     ports = pick_ports(2 * plan.nodes, plan.base_port)
+    reference = reference_tables(plan.reference) if plan.reference is not None else None
     paths = []
     for index in range(plan.nodes):
         path = plan.out / "configs" / f"node{index}.toml"
-        path.write_text(dumps_toml(node_config(plan, index, peer_ids, ports)))
+        path.write_text(dumps_toml(node_config(plan, index, peer_ids, ports, reference=reference)))
         paths.append(path)
     return peer_ids, ports, paths
 

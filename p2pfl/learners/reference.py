@@ -82,6 +82,18 @@ def load_reference(path: Path, sha256: str) -> ReferenceSet:
     """Read the reference file at ``path``; ConfigError unless it exists, hashes to ``sha256``
     and decodes.
     """
+    reference, actual = read_reference(path)
+    if actual != sha256.lower():
+        raise ConfigError(f"[reference] sha256: {path} hashes to {actual}, expected {sha256}")
+    return reference
+
+
+def read_reference(path: Path) -> tuple[ReferenceSet, str]:
+    """Read the reference file at ``path`` once: return it decoded and its sha256 (hex).
+
+    Raises:
+        ConfigError: missing, unreadable, over the size cap, or not a reference set.
+    """
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -89,11 +101,8 @@ def load_reference(path: Path, sha256: str) -> ReferenceSet:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"[reference] path: cannot read {path}: {exc.strerror}") from None
-    actual = sha256_of(data)
-    if actual != sha256.lower():
-        raise ConfigError(f"[reference] sha256: {path} hashes to {actual}, expected {sha256}")
     try:
-        return decode_reference(data)
+        return decode_reference(data), sha256_of(data)
     except DecodeError as exc:
         raise ConfigError(f"[reference] path: {path} is not a reference set: {exc}") from None
 
@@ -141,5 +150,6 @@ __all__ = [
     "class_scores",
     "decode_reference",
     "load_reference",
+    "read_reference",
     "sha256_of",
 ]

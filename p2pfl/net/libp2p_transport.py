@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from p2pfl.config import Limits, NetConfig
@@ -144,7 +145,9 @@ class Libp2pTransport:
         return [p for p in sorted(self.neighbourhood.connected()) if p not in relayed]
 
     def _count_relayed(self, peer: str, size: int) -> None:
-        if peer in self.relayed_peers():
+        # That peer's connections only: every pull and every serve passes here.
+        conns = self.host.get_network().get_connections(ID.from_base58(peer))
+        if conns and all(is_relayed(c) for c in conns):
             self._relayed_bytes += size
 
     def log_paths(self) -> None:

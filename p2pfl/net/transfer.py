@@ -234,9 +234,10 @@ class _Server:
             await self.limiter.acquire()
         try:
             with trio.fail_after(self.serve_timeout):
-                await stream.write(REPLY_HEADER.pack(Status.OK, len(payload)))
                 view = memoryview(payload)
-                for start in range(0, len(payload), WRITE_CHUNK):
+                # The header rides with the first chunk: one frame fewer per payload.
+                await stream.write(REPLY_HEADER.pack(Status.OK, len(payload)) + view[:WRITE_CHUNK])
+                for start in range(WRITE_CHUNK, len(payload), WRITE_CHUNK):
                     await stream.write(view[start : start + WRITE_CHUNK])  # type: ignore[arg-type]
                 await stream.close()
         finally:

@@ -256,12 +256,13 @@ class Node:
         self._standing.end_round(number)
         self._enforce_bans(number)
         traffic = self.transport.stats()
+        learning_cpu, compute_cpu = self._worker.take_cpu()
         record = RoundRecord(
             round=number, accuracy=metrics.accuracy, loss=metrics.loss, used=used,
             duration=trio.current_time() - started, bytes_in=traffic.bytes_in,
             bytes_out=traffic.bytes_out, finished_at=time.time(), payload_in=traffic.payload_in,
             payload_out=traffic.payload_out, cpu_seconds=time.process_time(),
-            learning_cpu_seconds=self._worker.take_learning_cpu(),
+            learning_cpu_seconds=learning_cpu, compute_cpu_seconds=compute_cpu,
             epsilon_spent=self._privacy.epsilon if self._privacy else None,
         )
         # Durable first: whoever sees the round finished (statistics, /status) may rely on

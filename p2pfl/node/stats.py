@@ -38,6 +38,9 @@ class RoundRecord:
     payload_out: int = 0
     cpu_seconds: float = 0.0  # cumulative CPU of the process (all threads)
     learning_cpu_seconds: float = 0.0  # this round's training + evaluation CPU
+    # This round's other CPU off the event loop: decoding, defence probes, aggregation,
+    # encoding, checkpoint. The rest of cpu_seconds' increase is the event loop (network).
+    compute_cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

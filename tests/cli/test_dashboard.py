@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ import trio
 
 from p2pfl.cli.dashboard.assets import CONTENT_TYPES, asset
 from p2pfl.cli.dashboard.network import NetworkBoard, serve_in_thread
-from p2pfl.cli.http import CONTENT_SECURITY_POLICY, serve_status
+from p2pfl.cli.http import CONTENT_SECURITY_POLICY, Response, serve_status
 from p2pfl.cli.testnet_plan import TestnetPlan as Plan
 from p2pfl.errors import ConfigError, NetworkError
 from tests.cli.test_http import request, sample_stats, split
@@ -160,6 +161,20 @@ def test_network_and_page_are_served_from_a_thread() -> None:
         probe.settimeout(2)
         with pytest.raises(OSError):  # refused: stopped with the block
             probe.connect(("127.0.0.1", port))
+
+
+def test_a_server_that_dies_after_start_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    def fatal(path: str) -> Response:
+        raise SystemExit("route gone")  # not an Exception: the server's nursery ends with it
+
+    with serve_in_thread(0, fatal) as port:
+        with pytest.raises((OSError, http.client.HTTPException)):
+            get(port, "/network")
+        [server] = [t for t in threading.enumerate() if t.name == "p2pfl-dashboard"]
+        server.join(5)  # it dies while the run goes on
+        assert not server.is_alive()
+        assert f"dashboard: the server on port {port} stopped" in capsys.readouterr().err
+    assert "stopped" not in capsys.readouterr().err  # said once, not again when stopped
 
 
 def test_dashboard_port_in_use_is_a_network_error() -> None:

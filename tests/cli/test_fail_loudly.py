@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pfl.cli.main import first_error, main
+from p2pfl.cli.main import main, split_errors
 from p2pfl.core.crypto import Identity
 from p2pfl.errors import ConfigError, KeyFileError, NoNeighbours
 
@@ -85,13 +85,30 @@ def test_bootstrap_without_a_decodable_peer_id(tmp_path: Path, capsys: pytest.Ca
                    "multiaddr with a decodable PeerId; expected /ip4/192.0.2.7/tcp/7351/p2p/16Uiu2HAm…"]
 
 
-def test_first_error_unwraps_nested_groups() -> None:
+def test_split_errors_unwraps_nested_groups_and_keeps_the_rest() -> None:
     inner = KeyFileError("bad key")
-    group = BaseExceptionGroup("outer", [ExceptionGroup("inner", [ValueError("noise"), inner])])
-    assert first_error(group) is inner
-    assert first_error(NoNeighbours("alone")).args == ("alone",)
-    plain = ExceptionGroup("bug", [ValueError("a real bug")])
-    assert first_error(plain) is plain  # not ours: the traceback is shown
+    bug = ValueError("a real bug")
+    group = BaseExceptionGroup("outer", [ExceptionGroup("inner", [bug, inner])])
+    error, rest = split_errors(group)
+    assert error is inner
+    assert isinstance(rest, BaseExceptionGroup)  # the bug beside ours is not dropped
+    assert rest.exceptions[0].exceptions == (bug,)  # type: ignore[union-attr]
+    alone = NoNeighbours("alone")
+    assert split_errors(alone) == (alone, None)
+    plain = ExceptionGroup("bug", [bug])
+    assert split_errors(plain) == (None, plain)  # not ours: the traceback is shown
+
+
+def test_a_bug_beside_our_error_is_raised(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(args: object) -> int:
+        raise ExceptionGroup("nursery", [KeyFileError("bad key"), ZeroDivisionError("a bug")])
+
+    monkeypatch.setattr("p2pfl.cli.daemon.run_command", fail)
+    with pytest.raises(ExceptionGroup) as raised:
+        main(["node", "run", "--config", "x.toml"])
+    assert [type(e) for e in raised.value.exceptions] == [ZeroDivisionError]
+    assert capsys.readouterr().err.strip() == "error: bad key"  # ours is still said
 
 
 def test_no_neighbours_exits_3(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

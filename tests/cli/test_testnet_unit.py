@@ -28,6 +28,8 @@ from p2pfl.cli.testnet_plan import (
     node_config,
     pick_ports,
     plan_from_args,
+    prepare_directory,
+    write_configs,
 )
 from p2pfl.errors import ConfigError
 
@@ -41,6 +43,25 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- configs
+
+
+def test_the_reference_file_is_read_once_for_every_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pfl.learners import reference
+    from p2pfl.learners.datasets import digits_reference
+
+    held = digits_reference(2)
+    path = tmp_path / "reference.cbor"
+    path.write_bytes(reference.ReferenceSet(held.features, held.labels).encode())
+    reads: list[Path] = []
+    read = reference.read_reference
+    monkeypatch.setattr(reference, "read_reference", lambda p: reads.append(p) or read(p))
+    plan = Plan(nodes=4, rounds=1, out=tmp_path / "run", reference=path)
+    prepare_directory(plan)
+    _, _, paths = write_configs(plan)
+    documents = [tomllib.loads(p.read_text()) for p in paths]
+    assert reads == [path]  # was: two reads and two hashes per node
+    assert {d["reference"]["sha256"] for d in documents} == {reference.sha256_of(path.read_bytes())}
+    assert {d["task"]["holdout"] for d in documents} == {2}  # the digits holdout: left out of training
 
 
 def test_node_configs_round_trip_through_tomllib(tmp_path: Path) -> None:

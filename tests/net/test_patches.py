@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import logging
 import os
+import struct
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,12 +29,14 @@ from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicat
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT, Yamux
 from libp2p.transport.upgrader import TransportUpgrader
 
+from p2pfl.config import Limits
 from p2pfl.net import patches
 from p2pfl.net.host import build_host, connect, key_pair_from_secret, listen_addrs, open_host
 from p2pfl.net.patches import process
+from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 PING = TProtocol("/ipfs/ping/1.0.0")
@@ -161,3 +166,35 @@ async def test_a_disconnect_dials_nobody_from_the_peerstore(auto_connect: bool) 
         with trio.fail_after(10):
             await swarm.auto_connector.maybe_connect()  # what every disconnect schedules
         assert bool(swarm.get_connections(info.peer_id)) is auto_connect
+
+
+async def test_a_small_pull_sends_no_window_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stock 0.8.1: 22 frames, 11 of them WINDOW_UPDATEs credited after single reads, and a
+    # multistream round trip per stream (yamux_credit, pipelined_select).
+    frames: dict[int, Counter[str]] = {}  # stream id -> frames of both ends
+    stock_write = Yamux._write_frame
+
+    async def counting(self: Any, frame: bytes, *args: Any, **kwargs: Any) -> Any:
+        _, kind, flags, stream_id, _ = struct.unpack(YAMUX_HEADER_FORMAT, frame[:12])
+        kind_name = "data" if kind == TYPE_DATA and len(frame) > 12 else f"type {kind} flags {flags}"
+        frames.setdefault(stream_id, Counter())[kind_name] += 1
+        frames[stream_id]["bytes"] += len(frame)
+        return await stock_write(self, frame, *args, **kwargs)
+
+    payload = os.urandom(19_000)  # the digits model
+    digest = hashlib.sha256(payload).digest()
+    store = PayloadStore(max_total_bytes=len(payload))
+    store.put(digest, payload)
+    async with open_host(os.urandom(32)) as server, open_host(os.urandom(32)) as client:
+        install_update_protocol(server, store, limits=Limits())
+        peer = await connect(client, listen_addrs(server)[0], timeout=10)
+        monkeypatch.setattr(Yamux, "_write_frame", counting)
+        with trio.fail_after(10):
+            assert await fetch_payload(client, peer, digest, max_size=len(payload), timeout=10) == payload
+    # Identify and friends share the connection: the pull is the stream that moved the payload.
+    [sent] = [counts for counts in frames.values() if counts["bytes"] > len(payload)]
+    assert sent["type 1 flags 0"] == 0  # no bare WINDOW_UPDATE
+    # Client: header + protocol id, request. Server: header, protocol id, reply + payload.
+    assert sent["data"] == 5
+    assert sent["type 1 flags 1"] == 1  # SYN
+    assert sent["type 1 flags 2"] == 1  # ACK

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -89,6 +90,7 @@ def serve_in_thread(port: int, route: Route) -> Iterator[int]:
     """Serve ``route`` on 127.0.0.1:``port`` from a thread (0: any free); yield the bound port.
 
     For synchronous callers (the launcher, browser tests); the server is stopped on exit.
+    A server that dies while the block runs says so on stderr at once.
 
     Raises:
         NetworkError: the port cannot be bound.
@@ -109,6 +111,9 @@ def serve_in_thread(port: int, route: Route) -> Iterator[int]:
             state["error"] = _single(exc)
         finally:
             ready.set()
+        if "port" in state and not state.get("stopping"):  # died after start: nobody waits on it
+            print(f"dashboard: the server on port {state['port']} stopped ({state.get('error')!r}); "
+                  "the run goes on without it", file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=run, name="p2pfl-dashboard", daemon=True)
     thread.start()
@@ -117,6 +122,7 @@ def serve_in_thread(port: int, route: Route) -> Iterator[int]:
     try:
         yield state["port"]
     finally:
+        state["stopping"] = True
         with contextlib.suppress(trio.RunFinishedError):
             trio.from_thread.run_sync(state["scope"].cancel, trio_token=state["token"])
         thread.join(STOP_DEADLINE)

@@ -60,6 +60,12 @@ PATCHES: dict[str, Patch] = {
     for p in (
         Patch("yamux_frame", "64 KiB Yamux frames split into 2 Noise messages each (CPU per MB)",
               _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.yamux_frame),
+        Patch("yamux_credit", "a stream's reader sends a WINDOW_UPDATE frame after nearly every "
+              "read: half the frames of a small pull",
+              _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.yamux_credit),
+        Patch("pipelined_select", "opening a stream waits for the listener's multistream header "
+              "before proposing the protocol: one frame and one round trip more per stream",
+              _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.pipelined_select),
         Patch("noise_reader", "Noise reads each message with two locked socket reads",
               _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.noise_reader),
         Patch("noise_writer", "Noise sends each 64 KiB message with its own locked send_all",

@@ -22,6 +22,21 @@ Tuned and stock peers interoperate (tests/net/test_transfer.py).
     A write larger than one Noise message is encrypted message by message and each is
     sent with its own locked ``send_all``. Patched to encrypt all messages first and
     send them with one ``send_all``: same bytes on the wire.
+``yamux_credit`` (small streams: half the frames)
+    A stream's reader sends a WINDOW_UPDATE after nearly every read (0.8.1 credits any
+    slack below the half-window threshold at once): a 19 KB pull cost 11 window-update
+    frames besides its 11 others, each encrypted, sent, woken for and parsed. Patched to
+    credit back only once the reader has consumed 64 KiB (or half the window, if less;
+    go-yamux waits for half, but 0.8.1's senders poll a closed window every 10 ms, and a
+    50 MB pull then took 4x as long), with 0.8.1's window auto-tuning kept. A small
+    pull sends no window update at all. Credit never exceeds the bytes consumed, so
+    stock senders are unaffected.
+``pipelined_select`` (a small pull: one frame and one round trip fewer)
+    Opening a stream for one protocol writes the multistream header, waits for the
+    listener's, then writes the protocol id and waits again. Patched to send header and
+    protocol id in one write (what go-libp2p's lazy client does; multistream-select lets
+    the dialer pipeline them) and read both answers. Only on streams for one protocol:
+    a list of protocols, and the connection's security and muxer negotiation, run stock.
 ``secure_read`` (without: 3.0 / 1.6)
     ``SecureSession.read(n)`` (Yamux reads each frame body through it) grows a
     bytearray message by message and copies it once more into ``bytes``. Patched to
@@ -35,8 +50,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 YAMUX_FRAME_BYTES = 16 * 65_519  # sixteen full Noise messages of plaintext
 NOISE_READ_BYTES = 256 * 1024
+CREDIT_BYTES = 64 * 1024  # see yamux_credit
 
 
 def yamux_frame() -> None:
@@ -44,6 +62,67 @@ def yamux_frame() -> None:
     from libp2p.stream_muxer.yamux import yamux
 
     yamux.MAX_MESSAGE_SIZE = YAMUX_FRAME_BYTES
+
+
+def yamux_credit() -> None:
+    """Send a stream's WINDOW_UPDATE only once half its receive window is consumed."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    async def update_window(self: Any, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            # Bytes the reader consumed that the sender has not been credited for.
+            consumed = self.target_recv_window - (self.recv_window + buffered)
+            if consumed <= 0 or consumed < min(self._grow_threshold(), CREDIT_BYTES):
+                return
+            increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        await self.send_window_update(increment, skip_lock=True)
+
+    YamuxStream._auto_tune_and_send_window_update = update_window  # type: ignore[method-assign]
+
+
+def pipelined_select() -> None:
+    """Send the multistream header and a stream's one protocol id in one write."""
+    from libp2p.abc import INetStream
+    from libp2p.io.exceptions import IOException
+    from libp2p.protocol_muxer import multiselect_client as client
+    from libp2p.protocol_muxer.exceptions import (
+        MultiselectClientError,
+        MultiselectCommunicatorError,
+    )
+    from libp2p.protocol_muxer.multiselect import MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG
+    from libp2p.utils import encode_delim
+
+    stock = client.MultiselectClient.select_one_of
+
+    async def select_one_of(
+        self: Any, protocols: Any, communicator: Any, negotiate_timeout: int = client.DEFAULT_NEGOTIATE_TIMEOUT
+    ) -> Any:
+        stream = getattr(communicator, "read_writer", None)
+        if len(protocols) != 1 or not isinstance(stream, INetStream):
+            return await stock(self, protocols, communicator, negotiate_timeout)
+        protocol = protocols[0]
+        with trio.move_on_after(negotiate_timeout):
+            try:
+                await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode()))
+                handshake = await communicator.read()
+                answer = await communicator.read() if handshake == MULTISELECT_PROTOCOL_ID else None
+            except (IOException, MultiselectCommunicatorError, AssertionError, ValueError) as error:
+                raise MultiselectClientError(f"negotiating {protocol}: {error}") from error
+            if answer is None:
+                raise MultiselectClientError(f"multiselect protocol ID mismatch: got {handshake!r}")
+            if answer == protocol:
+                return protocol
+            if answer == PROTOCOL_NOT_FOUND_MSG:  # the message callers recognise, as stock
+                raise MultiselectClientError(client._build_protocols_not_supported_message(
+                    protocols, negotiate_timeout, [f"protocol not supported: {protocol}"]))
+            if answer == MULTISELECT_PROTOCOL_ID:  # the peer restarted the handshake: as stock
+                return await self.try_select(communicator, protocol)
+            raise MultiselectClientError(f"unrecognized response {answer!r} to {protocol}")
+        raise MultiselectClientError(f"response timed out after {negotiate_timeout}s, protocols tried: [{protocol}]")
+
+    client.MultiselectClient.select_one_of = select_one_of  # type: ignore[method-assign]
 
 
 def noise_reader() -> None:
@@ -125,7 +204,7 @@ def noise_writer() -> None:
     NoiseTransportReadWriter.write_msg = write_msg  # type: ignore[method-assign]
 
 
-KNOBS = ("yamux_frame", "noise_reader", "noise_writer", "secure_read")
+KNOBS = ("yamux_frame", "yamux_credit", "pipelined_select", "noise_reader", "noise_writer", "secure_read")
 """The registry names of these patches (``benchmarks/bench_transfer.py`` sweeps them)."""
 
-__all__ = ["KNOBS", "noise_reader", "noise_writer", "secure_read", "yamux_frame"]
+__all__ = ["KNOBS", "noise_reader", "noise_writer", "pipelined_select", "secure_read", "yamux_credit", "yamux_frame"]

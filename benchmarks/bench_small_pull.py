@@ -1,0 +1,63 @@
+"""CPU of one small pull (the digits model, 19 KB) between two hosts in one process.
+
+    .venv/bin/python benchmarks/bench_small_pull.py [--pulls 500] [--without yamux_credit,pipelined_select]
+
+Both ends run in this process, so the process CPU per pull is what the puller and the
+holder pay together: stream open and negotiation, request, reply, close. ``--without``
+leaves the named libp2p patches off (``p2pfl.net.patches.PATCHES``); run it with and
+without, back to back, for the ratio (the machine is shared: absolute figures move).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import time
+
+import trio
+
+from p2pfl.config import Limits
+from p2pfl.net import patches
+from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
+
+SIZE = 19_000
+WARM_UP = 20
+
+
+async def measure(pulls: int) -> tuple[float, float]:
+    """Return (CPU ms, wall ms) per pull, after a warm-up on the same connection."""
+    payload = os.urandom(SIZE)
+    digest = hashlib.sha256(payload).digest()
+    store = PayloadStore(max_total_bytes=SIZE)
+    store.put(digest, payload)
+    async with open_host(os.urandom(32)) as holder, open_host(os.urandom(32)) as puller:
+        install_update_protocol(holder, store, limits=Limits())
+        peer = await connect(puller, listen_addrs(holder)[0], timeout=10)
+        for _ in range(WARM_UP):
+            await fetch_checked_payload(puller, peer, digest, max_size=SIZE, timeout=10)
+        await trio.sleep(0.5)  # identify and friends settle
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(pulls):
+            await fetch_checked_payload(puller, peer, digest, max_size=SIZE, timeout=10)
+        return 1000 * (time.process_time() - cpu) / pulls, 1000 * (time.perf_counter() - wall) / pulls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pulls", type=int, default=500)
+    parser.add_argument("--without", default="", help="comma list of libp2p patches left off")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.CRITICAL)
+    off = {name for name in args.without.split(",") if name}
+    applied = patches.apply([n for n, p in patches.PATCHES.items() if not p.per_host and n not in off])
+    patches.apply_process_tweaks()
+    cpu, wall = trio.run(measure, args.pulls)
+    print(f"pull of {SIZE} B: {cpu:.3f} ms CPU (both ends), {wall:.3f} ms wall, load "
+          f"{os.getloadavg()[0]:.1f}; patches off: {sorted(off) or 'none'} ({len(applied)} on)")
+
+
+if __name__ == "__main__":
+    main()
