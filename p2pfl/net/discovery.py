@@ -59,6 +59,7 @@ from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     PeerRecord,
     parse_p2p_addr,
 )
+from p2pfl.net.relaybook import RelayBook
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class Neighbourhood:
         # This node's addresses through relays (p2pfl.net.relay), announced before the
         # direct ones: behind NAT those are the ones that work.
         self.relayed_addrs: Callable[[], list[str]] = list
+        # How the relays we dialled through behaved: orders a peer's relayed addresses.
+        self.relays = RelayBook()
         host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
 
     def own_addrs(self) -> list[str]:
@@ -334,9 +337,9 @@ class Neighbourhood:
     async def _dial(self, peer: str) -> bool:
         record = self.book.peers[peer]
         reason = f"{short_id(peer)} has no address"
-        for address in list(record.addrs):
+        for address in self.relays.rank_addrs(record.addrs):
             try:
-                await connect(self.host, address, timeout=self.config.dial_timeout)
+                await connect(self.host, address, timeout=self.config.dial_timeout, relays=self.relays)
                 await self.exchange(peer)
             except NoPeerExchange as error:
                 self._keep_as_relay(peer, str(error))

@@ -62,10 +62,10 @@ from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
+from p2pfl.net.relaybook import CIRCUIT, STALLED, WORKED, Evidence, RelayBook
 
 logger = logging.getLogger(__name__)
 
-CIRCUIT = "/p2p-circuit"
 # Concurrent HOP streams one peer may hold on this relay (a CONNECT holds its stream for
 # the circuit's life): the circuits of one reservation, plus a RESERVE in flight.
 HOP_STREAMS_PER_PEER_EXTRA = 1
@@ -90,6 +90,10 @@ class _HopEndsQuietly(logging.Filter):
 
 
 logging.getLogger("libp2p.relay.circuit_v2.protocol").addFilter(_HopEndsQuietly())
+
+
+class _Refused(PeerUnreachable):
+    """A relay answered with a status other than OK (full, or no reservation there)."""
 
 
 def is_circuit(address: str) -> bool:
@@ -126,6 +130,7 @@ class Relaying:
                                           read_timeout=timeout, write_timeout=timeout,
                                           close_timeout=timeout)
         self.slots: dict[str, Slot] = {}  # relay peer -> our reservation there
+        self.book = RelayBook()  # how the relays we used behaved (p2pfl.net.relaybook)
         self._refused: dict[str, float] = {}  # relay peer -> not before (trio time)
         self._hop_streams: dict[str, int] = {}  # asking peer -> HOP streams open
         self._upgrade_tried: dict[str, float] = {}  # relayed peer -> last direct dial (trio time)
@@ -142,7 +147,7 @@ class Relaying:
 
     def relayed_addrs(self) -> list[str]:
         """This node's addresses through the relays it holds a slot on."""
-        return [f"{slot.relay_addr}{CIRCUIT}/p2p/{self.me}" for slot in self.slots.values()]
+        return [f"{self.slots[r].relay_addr}{CIRCUIT}/p2p/{self.me}" for r in self.book.rank(self.slots)]
 
     # -- relay side ------------------------------------------------------------------
 
@@ -188,6 +193,10 @@ class Relaying:
         for relay in [r for r in self.slots if r not in direct_peers or now >= self.slots[r].expires_at]:
             logger.info("relay %s lost; %d slot(s) left", short_id(relay), len(self.slots) - 1)
             del self.slots[relay]
+        usable = self.book.rank(direct_peers)  # a relay at the bottom only while no other is left
+        for relay in [r for r in self.slots if r not in usable]:
+            logger.info("relay %s at the bottom: its slot given up", short_id(relay))
+            del self.slots[relay]
         if self.reach.state == PUBLIC and self.slots:  # dialled back after all (a port opened)
             logger.info("reachable: %d relay slot(s) given up", len(self.slots))
             self.slots.clear()
@@ -197,7 +206,7 @@ class Relaying:
             if now >= slot.renew_at:
                 await self._reserve(relay)
         self._refused = {p: t for p, t in self._refused.items() if t > now}
-        for relay in direct_peers:
+        for relay in usable:
             if len(self.slots) >= self.config.relays:
                 break
             if relay not in self.slots and relay not in self._refused:
@@ -216,12 +225,15 @@ class Relaying:
                 finally:
                     await _reset_quietly(stream)
             if reply.type != HopMessage.STATUS or reply.status != StatusCode.OK:
-                raise PeerUnreachable(f"refused (status {reply.status})")
+                raise _Refused(f"refused (status {reply.status})")
         except Exception as error:  # a stream/mux error, a timeout, a refusal: try another
             self.slots.pop(relay, None)
             self._refused[relay] = trio.current_time() + RESERVE_RETRY
             logger.debug("no slot on relay %s: %r", short_id(relay), error)
+            if address is not None and not isinstance(error, _Refused):  # a full relay says so
+                self.book.record(relay, STALLED, f"reservation failed: {error!r}"[:160])
             return
+        self.book.record(relay, WORKED, "reservation")
         assert address is not None
         ttl = self.config.relay_reservation_seconds
         if reply.HasField("reservation") and reply.reservation.expire:
@@ -289,8 +301,10 @@ async def open_hole_punching(host: IHost, *, config: NetConfig) -> AsyncIterator
         yield
 
 
-async def dial_circuit(host: IHost, address: str, *, timeout: float) -> str:
+async def dial_circuit(host: IHost, address: str, *, timeout: float, book: RelayBook | None = None) -> str:
     """Connect to the peer behind relayed ``address`` within ``timeout``; return its PeerId.
+
+    ``book``: where to record what the relay did (a refusal is no evidence against it).
 
     Raises:
         PeerUnreachable: the relay cannot be dialled, refuses, or the upgrade failed.
@@ -305,14 +319,24 @@ async def dial_circuit(host: IHost, address: str, *, timeout: float) -> str:
         raise PeerUnreachable(f"{address[:160]} is this host or its own relay")
     if host.get_network().get_connections(dest):
         return dest.to_string()
+    relay = relay_info.peer_id.to_string()
+
+    def judge(relay: str, evidence: Evidence, reason: str) -> None:
+        if book is not None:
+            book.record(relay, evidence, reason)
+
     with trio.move_on_after(timeout) as scope:
         try:
             await _dial_through(host, relay_info, dest, address)
         except Exception as error:
+            if not isinstance(error, _Refused):
+                judge(relay, STALLED, f"a circuit dial failed: {error!r}"[:160])
             raise PeerUnreachable(f"cannot dial {short_id(dest.to_string())} via relay "
-                                  f"{short_id(relay_info.peer_id.to_string())}: {error}") from error
+                                  f"{short_id(relay)}: {error}") from error
     if scope.cancelled_caught:
+        judge(relay, STALLED, f"a circuit dial took over {timeout} s")
         raise PeerUnreachable(f"dialling {short_id(dest.to_string())} via a relay took over {timeout} s")
+    judge(relay, WORKED, "circuit dialled")
     return dest.to_string()
 
 
@@ -326,7 +350,7 @@ async def _dial_through(host: IHost, relay_info: object, dest: ID, address: str)
                                                      peer=CircuitPeer(id=dest.to_bytes())))
         reply = await read_delimited_msg(stream, HopMessage)
         if reply.type != HopMessage.STATUS or reply.status != StatusCode.OK:
-            raise PeerUnreachable(f"relay answered status {reply.status}")
+            raise _Refused(f"relay answered status {reply.status}")
         circuit = multiaddr.Multiaddr(address)
         raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
                             addresses=[circuit])

@@ -1,4 +1,4 @@
-"""Stream helpers every protocol of ours shares: error translation, a quiet reset."""
+"""Stream helpers every protocol of ours shares: exact reads, error translation, a quiet reset."""
 
 from __future__ import annotations
 
@@ -15,6 +15,24 @@ from p2pfl.errors import ProtocolViolation, TransferError
 logger = logging.getLogger(__name__)
 
 RESET_TIMEOUT = 1.0  # a reset writes one frame; a full socket must not hold us
+
+
+async def read_exact(stream: INetStream, n: int, *, chunk: int | None = None) -> bytes:
+    """Read exactly ``n`` bytes, at most ``chunk`` (default: all that is left) per read.
+
+    Raises:
+        ProtocolViolation: the stream ended first (an empty read). StreamEOF, StreamReset
+            and the like pass through: :func:`as_protocol_errors` translates them.
+    """
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        data = await stream.read(min(n - got, chunk or n))
+        if not data:
+            raise ProtocolViolation(f"stream ended after {got} of {n} bytes")
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 async def reset_quietly(stream: INetStream) -> None:
@@ -43,4 +61,4 @@ def as_protocol_errors() -> Iterator[None]:
         raise ProtocolViolation(f"{type(exc).__name__}: {exc}") from exc
 
 
-__all__ = ["RESET_TIMEOUT", "as_protocol_errors", "reset_quietly"]
+__all__ = ["RESET_TIMEOUT", "as_protocol_errors", "read_exact", "reset_quietly"]
