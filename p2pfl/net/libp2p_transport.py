@@ -168,6 +168,8 @@ class Libp2pTransport:
             yield conn
         except TransferTimeout:
             self.relaying.book.record(relay, STALLED, "a pull through it stalled")
+            if self.relaying.book.weight(relay) == 0:  # redial through another relay
+                self._nursery.start_soon(conn.close)  # type: ignore[union-attr]
             raise
         except TransferError:
             if conn.is_closed or conn.muxed_conn.is_closed:  # type: ignore[union-attr]

@@ -60,9 +60,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
+from p2pfl.core.reputation import Evidence
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
-from p2pfl.net.relaybook import CIRCUIT, STALLED, WORKED, Evidence, RelayBook
+from p2pfl.net.relaybook import CIRCUIT, FAILED, WORKED, RelayBook
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Relaying:
             self._refused[relay] = trio.current_time() + RESERVE_RETRY
             logger.debug("no slot on relay %s: %r", short_id(relay), error)
             if address is not None and not isinstance(error, _Refused):  # a full relay says so
-                self.book.record(relay, STALLED, f"reservation failed: {error!r}"[:160])
+                self.book.record(relay, FAILED, f"reservation failed: {error!r}"[:160])
             return
         self.book.record(relay, WORKED, "reservation")
         assert address is not None
@@ -321,22 +322,23 @@ async def dial_circuit(host: IHost, address: str, *, timeout: float, book: Relay
         return dest.to_string()
     relay = relay_info.peer_id.to_string()
 
-    def judge(relay: str, evidence: Evidence, reason: str) -> None:
+    def judge(relay: str, what: tuple[Evidence, float], reason: str) -> None:
         if book is not None:
-            book.record(relay, evidence, reason)
+            book.record(relay, what, reason)
 
     with trio.move_on_after(timeout) as scope:
         try:
             await _dial_through(host, relay_info, dest, address)
         except Exception as error:
             if not isinstance(error, _Refused):
-                judge(relay, STALLED, f"a circuit dial failed: {error!r}"[:160])
+                judge(relay, FAILED, f"a circuit dial failed: {error!r}"[:160])
             raise PeerUnreachable(f"cannot dial {short_id(dest.to_string())} via relay "
                                   f"{short_id(relay)}: {error}") from error
     if scope.cancelled_caught:
-        judge(relay, STALLED, f"a circuit dial took over {timeout} s")
+        judge(relay, FAILED, f"a circuit dial took over {timeout} s")
         raise PeerUnreachable(f"dialling {short_id(dest.to_string())} via a relay took over {timeout} s")
-    judge(relay, WORKED, "circuit dialled")
+    if book is not None:
+        book.dialled(relay, dest.to_string())
     return dest.to_string()
 
 

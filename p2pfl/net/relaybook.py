@@ -6,15 +6,20 @@ drop, stall or garble circuits. Its users judge it with the same
 (a separate book: a peer's relaying says nothing about its updates, and the other way
 round), one book round per :data:`RELAY_ROUND` seconds:
 
-- a reservation, a circuit dialled or a pull over a relayed connection that works:
-  ACCEPTED;
-- a reservation or circuit dial that fails without a refusal, or a pull over a relayed
-  connection that stalls to its deadline: NO_SHOW (mild: honest relays are slow too,
-  and an address of a peer that since lost its slot fails the same way);
-- a relayed connection that dies under a pull (the relay dropped it, or garbled a byte
-  and Noise closed it): OUTLIER, a relay's worst (one such circuit puts an unknown
-  relay at the bottom; a far end that breaks its own connection could frame the relay,
-  so no ban at once).
+- :data:`WORKED`, a reservation or a pull over a relayed connection that works:
+  ACCEPTED (a circuit dialled earns nothing yet: a hostile relay lets the handshakes
+  through and breaks what follows);
+- :data:`FAILED`, a reservation or circuit dial that fails without the relay refusing
+  (a full relay, or a peer without a slot there, is no evidence): NO_SHOW, mild (a dead
+  relay, or a slow one);
+- :data:`STALLED`, a pull over a relayed connection that stalls to its deadline:
+  OUTLIER by a half (an unknown relay falls to the bottom at once, one with a record of
+  working circuits does not: the far end may have been slow);
+- :data:`BROKEN`, a relayed connection that dies under a pull (the relay dropped it, or
+  garbled a byte and Noise closed it), or a circuit redialled through the same relay to
+  the same peer within :data:`EARLY` of the last one (it broke whatever it carried):
+  OUTLIER in full, a relay's worst (no ban at once: a far end that breaks its own
+  connection could frame the relay).
 
 :meth:`RelayBook.rank` orders relays best first and leaves out those at the bottom
 (weight 0: below the threshold, or dropped by the book after ``drop_after`` rounds
@@ -34,7 +39,12 @@ from p2pfl.core.reputation import Evidence, ReputationBook, ReputationConfig
 logger = logging.getLogger(__name__)
 
 RELAY_ROUND = 10.0  # seconds of relay evidence per book round: forgetting 0.9 -> ~100 s memory
-WORKED, STALLED, BROKEN = Evidence.ACCEPTED, Evidence.NO_SHOW, Evidence.OUTLIER
+EARLY = 10.0  # a circuit to a peer redialled through the same relay sooner than this broke
+# What a relay did -> (evidence, amount) in its book.
+WORKED = (Evidence.ACCEPTED, 1.0)
+FAILED = (Evidence.NO_SHOW, 1.0)
+STALLED = (Evidence.OUTLIER, 0.5)
+BROKEN = (Evidence.OUTLIER, 1.0)
 CIRCUIT = "/p2p-circuit"
 
 
@@ -60,6 +70,7 @@ class RelayBook:
     def __init__(self, config: ReputationConfig | None = None) -> None:
         self.book = ReputationBook(config or ReputationConfig())
         self._closed: int | None = None  # the last book round ended (None: none seen yet)
+        self._dialled: dict[tuple[str, str], float] = {}  # (relay, peer) -> last circuit (trio time)
 
     def _round(self) -> int:
         """The current book round; rounds gone by are closed first (decay, drops)."""
@@ -73,14 +84,24 @@ class RelayBook:
             self._closed = now - 1
         return now
 
-    def record(self, relay: str, evidence: Evidence, reason: str) -> None:
-        """Record what a circuit or reservation through ``relay`` did."""
+    def record(self, relay: str, what: tuple[Evidence, float], reason: str) -> None:
+        """Record what a circuit or reservation through ``relay`` did (:data:`WORKED`, …)."""
         was_usable = self.weight(relay) > 0
-        self.book.record(relay, evidence, round=self._round(), reason=reason)
-        if evidence is not WORKED:
+        evidence, amount = what
+        self.book.record(relay, evidence, round=self._round(), amount=amount, reason=reason)
+        if what != WORKED:
             fell = was_usable and self.weight(relay) == 0
             logger.info("relay %s: %s (%s)", short_id(relay), reason,
                         "now at the bottom" if fell else f"score {self.book.score(relay):.2f}")
+
+    def dialled(self, relay: str, peer: str) -> None:
+        """Note a circuit to ``peer`` through ``relay``: BROKEN if the last one was recent."""
+        now = trio.current_time()
+        self._dialled = {k: t for k, t in self._dialled.items() if now - t < EARLY}
+        last = self._dialled.get((relay, peer))
+        self._dialled[(relay, peer)] = now
+        if last is not None:
+            self.record(relay, BROKEN, f"its circuit to {short_id(peer)} ended within {now - last:.1f} s")
 
     def weight(self, relay: str) -> float:
         """The relay's score, or 0 at the bottom (below the threshold, or dropped)."""
@@ -108,4 +129,4 @@ class RelayBook:
         return tuple((relay, round(self.weight(relay), 3)) for relay in self.book.peers())
 
 
-__all__ = ["BROKEN", "CIRCUIT", "Evidence", "RELAY_ROUND", "STALLED", "WORKED", "RelayBook", "relay_in", "relay_of"]
+__all__ = ["BROKEN", "CIRCUIT", "EARLY", "FAILED", "RELAY_ROUND", "STALLED", "WORKED", "RelayBook", "relay_in", "relay_of"]

@@ -6,7 +6,16 @@ import trio
 import trio.testing
 
 from p2pfl.core.crypto import Identity
-from p2pfl.net.relaybook import BROKEN, RELAY_ROUND, STALLED, WORKED, RelayBook, relay_in
+from p2pfl.net.relaybook import (
+    BROKEN,
+    EARLY,
+    FAILED,
+    RELAY_ROUND,
+    STALLED,
+    WORKED,
+    RelayBook,
+    relay_in,
+)
 
 GOOD, BAD, NEW = (Identity.generate().peer_id for _ in range(3))
 DEST = Identity.generate().peer_id
@@ -36,16 +45,29 @@ async def test_one_broken_circuit_puts_a_relay_at_the_bottom_and_out_of_use() ->
     assert dict(book.scores()) == {GOOD: book.weight(GOOD), BAD: 0.0}
 
 
-async def test_stalls_count_less_than_a_break_and_work_earns_trust_back() -> None:
+async def test_failed_dials_count_less_than_a_stall_and_work_earns_trust_back() -> None:
     book = RelayBook()
-    book.record(BAD, STALLED, "a pull through it stalled")
-    assert 0 < book.weight(BAD) < book.weight(NEW)  # one stall: lower, still usable
-    book.record(BAD, STALLED, "a pull through it stalled")
-    book.record(BAD, STALLED, "a circuit dial took over 5 s")
+    book.record(BAD, FAILED, "a circuit dial took over 5 s")
+    assert 0 < book.weight(BAD) < book.weight(NEW)  # one failed dial: lower, still usable
+    book.record(BAD, FAILED, "a circuit dial took over 5 s")
+    book.record(BAD, FAILED, "reservation failed")
     assert book.weight(BAD) == 0
     for _ in range(3):
         book.record(BAD, WORKED, "a pull through it")
     assert book.weight(BAD) > 0
+
+
+async def test_a_stall_sinks_an_unknown_relay_not_one_that_worked() -> None:
+    book = RelayBook()
+    for _ in range(3):
+        book.record(GOOD, WORKED, "a pull through it")
+    for relay in (GOOD, NEW):
+        book.record(relay, STALLED, "a pull through it stalled")
+    assert book.weight(NEW) == 0 < book.weight(GOOD)
+    book.record(GOOD, BROKEN, "a relayed connection died under a pull")
+    assert book.weight(GOOD) > 0  # a record of work outlives one mishap ...
+    book.record(GOOD, BROKEN, "a relayed connection died under a pull")
+    assert book.weight(GOOD) == 0  # ... not two
 
 
 async def test_a_relay_at_the_bottom_recovers_as_its_evidence_fades(autojump_clock: trio.testing.MockClock) -> None:
@@ -68,3 +90,20 @@ async def test_a_relay_that_keeps_failing_is_dropped_for_good(autojump_clock: tr
     assert book.book.score(BAD) > book.book.config.threshold  # decayed by the weight() above
     assert book.rank([BAD, NEW]) == [NEW]
 
+
+
+async def test_a_circuit_redialled_soon_through_the_same_relay_broke(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    book = RelayBook()
+    book.record(BAD, WORKED, "reservation")
+    book.dialled(BAD, DEST)  # a first circuit: no evidence either way
+    assert book.weight(BAD) > 0
+    await trio.sleep(EARLY)
+    book.dialled(BAD, DEST)  # the last one lasted: fine
+    book.dialled(GOOD, DEST)  # another relay: fine
+    assert book.weight(BAD) > 0
+    await trio.sleep(EARLY / 2)
+    book.dialled(BAD, DEST)  # the one before ended within EARLY: it broke
+    assert book.weight(BAD) == 0
+    assert book.rank([BAD, GOOD]) == [GOOD]
