@@ -24,7 +24,6 @@ forever.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from p2pfl.core.crypto import short_id
-from p2pfl.net.streamio import read_exact
+from p2pfl.net.streamio import read_exact, reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ class Reachability:
                     await stream.write(struct.pack(">H", self.port))
                     reply = await stream.read(1)
                 finally:
-                    await _reset_quietly(stream)
+                    await reset_quietly(stream)
         except Exception as error:  # no answer (a peer without the protocol included): no vote
             logger.debug("dial-back by %s: no answer (%r)", short_id(peer), error)
             return
@@ -173,7 +172,7 @@ class Reachability:
                 await stream.close()
         except Exception as error:  # hostile or dead asker: refuse, never raise
             logger.debug("dial-back request from %s refused: %r", short_id(peer), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     async def _dial_back(self, peer: str, stream: INetStream, port: int) -> int:
         now = trio.current_time()
@@ -198,11 +197,6 @@ def _swarm_conn_of(host: IHost, stream: INetStream) -> object | None:
         if conn.muxed_conn is stream.muxed_conn:
             return conn
     return None
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1.0), contextlib.suppress(Exception):
-        await stream.reset()
 
 
 __all__ = ["PRIVATE", "PROTOCOL_ID", "PUBLIC", "UNKNOWN", "Reachability", "is_relayed", "probe",

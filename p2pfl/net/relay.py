@@ -64,6 +64,7 @@ from p2pfl.core.reputation import Evidence
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
 from p2pfl.net.relaybook import CIRCUIT, FAILED, WORKED, RelayBook
+from p2pfl.net.streamio import reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +159,14 @@ class Relaying:
         if self.reach.state == PRIVATE or held >= self.config.relay_max_circuits + HOP_STREAMS_PER_PEER_EXTRA:
             logger.debug("HOP from %s refused (%s)", short_id(peer),
                          "behind NAT" if self.reach.state == PRIVATE else f"{held} HOP streams open")
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             return
         self._hop_streams[peer] = held + 1
         try:
             await self.protocol._handle_hop_stream(stream)
         except Exception as error:  # the library's own handler: never let it reach libp2p
             logger.debug("HOP from %s ended: %r", short_id(peer), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
         finally:
             self._hop_streams[peer] -= 1
             if not self._hop_streams[peer]:
@@ -175,13 +176,13 @@ class Relaying:
         relay = str(stream.muxed_conn.peer_id)
         if relay not in self.slots:
             logger.debug("STOP from %s refused: no slot of ours there", short_id(relay))
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             return
         try:
             await self.protocol._handle_stop_stream(stream)
         except Exception as error:
             logger.debug("relayed connection via %s failed: %r", short_id(relay), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     # -- client side -----------------------------------------------------------------
 
@@ -224,7 +225,7 @@ class Relaying:
                     await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
                     reply = await read_delimited_msg(stream, HopMessage)
                 finally:
-                    await _reset_quietly(stream)
+                    await reset_quietly(stream)
             if reply.type != HopMessage.STATUS or reply.status != StatusCode.OK:
                 raise _Refused(f"refused (status {reply.status})")
         except Exception as error:  # a stream/mux error, a timeout, a refusal: try another
@@ -359,18 +360,10 @@ async def _dial_through(host: IHost, relay_info: object, dest: ID, address: str)
         conn = await host.upgrade_outbound_connection(raw, dest)
         conn.set_transport_info([circuit], ConnectionType.RELAYED)  # type: ignore[attr-defined]
     except BaseException:
-        await _reset_quietly(stream)
+        await reset_quietly(stream)
         raise
     logger.info("connected to %s through relay %s", short_id(dest.to_string()),
                 short_id(relay_info.peer_id.to_string()))  # type: ignore[attr-defined]
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception:  # already gone
-            return
 
 
 __all__ = ["CIRCUIT", "Relaying", "Slot", "dial_circuit", "is_circuit", "open_hole_punching"]
