@@ -192,7 +192,7 @@ class Neighbourhood:
                 await stream.close()
         except Exception as error:  # hostile input or a dead peer: refuse, never raise
             logger.debug("peer exchange from %s refused: %r", short_id(peer), error)
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     def _learn_from(self, peer: str, addrs: list[str], *, claimed_by: str | None) -> None:
         """Record addresses; those claimed by ``peer`` for itself must carry its id.
@@ -271,7 +271,7 @@ class Neighbourhood:
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     # -- maintenance -----------------------------------------------------------------
 

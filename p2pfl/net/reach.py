@@ -143,7 +143,7 @@ class Reachability:
                     await stream.write(struct.pack(">H", self.port))
                     reply = await stream.read(1)
                 finally:
-                    await reset_quietly(stream)
+                    await reset_quietly(stream, shield=False)
         except Exception as error:  # no answer (a peer without the protocol included): no vote
             logger.debug("dial-back by %s: no answer (%r)", short_id(peer), error)
             return
@@ -172,7 +172,7 @@ class Reachability:
                 await stream.close()
         except Exception as error:  # hostile or dead asker: refuse, never raise
             logger.debug("dial-back request from %s refused: %r", short_id(peer), error)
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     async def _dial_back(self, peer: str, stream: INetStream, port: int) -> int:
         now = trio.current_time()

@@ -159,14 +159,14 @@ class Relaying:
         if self.reach.state == PRIVATE or held >= self.config.relay_max_circuits + HOP_STREAMS_PER_PEER_EXTRA:
             logger.debug("HOP from %s refused (%s)", short_id(peer),
                          "behind NAT" if self.reach.state == PRIVATE else f"{held} HOP streams open")
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
             return
         self._hop_streams[peer] = held + 1
         try:
             await self.protocol._handle_hop_stream(stream)
         except Exception as error:  # the library's own handler: never let it reach libp2p
             logger.debug("HOP from %s ended: %r", short_id(peer), error)
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
         finally:
             self._hop_streams[peer] -= 1
             if not self._hop_streams[peer]:
@@ -176,13 +176,13 @@ class Relaying:
         relay = str(stream.muxed_conn.peer_id)
         if relay not in self.slots:
             logger.debug("STOP from %s refused: no slot of ours there", short_id(relay))
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
             return
         try:
             await self.protocol._handle_stop_stream(stream)
         except Exception as error:
             logger.debug("relayed connection via %s failed: %r", short_id(relay), error)
-            await reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     # -- client side -----------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class Relaying:
                     await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
                     reply = await read_delimited_msg(stream, HopMessage)
                 finally:
-                    await reset_quietly(stream)
+                    await reset_quietly(stream, shield=False)
             if reply.type != HopMessage.STATUS or reply.status != StatusCode.OK:
                 raise _Refused(f"refused (status {reply.status})")
         except Exception as error:  # a stream/mux error, a timeout, a refusal: try another
@@ -360,7 +360,7 @@ async def _dial_through(host: IHost, relay_info: object, dest: ID, address: str)
         conn = await host.upgrade_outbound_connection(raw, dest)
         conn.set_transport_info([circuit], ConnectionType.RELAYED)  # type: ignore[attr-defined]
     except BaseException:
-        await reset_quietly(stream)
+        await reset_quietly(stream, shield=False)
         raise
     logger.info("connected to %s through relay %s", short_id(dest.to_string()),
                 short_id(relay_info.peer_id.to_string()))  # type: ignore[attr-defined]
