@@ -11,7 +11,9 @@
    timeout) completes before the transport is handed out;
 5. reachability by dial-back (``reach``) and circuit relay v2 (``relay``): a relay for
    others while reachable, a slot on relays while not, in one task; hole punching
-   (DCUtR) between peers that reach each other through a relay;
+   (DCUtR) between peers that reach each other through a relay; one relay book
+   (``relaybook``) judging relays by what the reservations, dials and pulls through
+   them did, for slots and dials alike;
 6. if ``enable_mdns``, LAN discovery on ``mdns_interface`` only (``mdns``), feeding the
    neighbourhood's address book.
 

@@ -12,13 +12,16 @@ and reserves on every relay it dials through).
   can drop, stall or garble, never read or forge (the ends authenticate each other
   through it, and every update is signed and digest-checked on top).
 - **Client**: a node that :class:`~p2pfl.net.reach.Reachability` finds private keeps a
-  slot on ``[net] relays`` relays among the peers it is directly connected to, renews it
-  at half-time, replaces a relay that goes away, and announces
+  slot on ``[net] relays`` relays among the peers it is directly connected to, best
+  first in its relay book (:mod:`p2pfl.net.relaybook`: a relay at the bottom gets no
+  slot while another is left, and loses the one it had), renews it at half-time,
+  replaces a relay that goes away, and announces
   ``<relay address>/p2p-circuit/p2p/<its PeerId>`` (first) in peer exchange.
 - **STOP** is accepted only from a relay this node holds a slot on: nobody else can
   push connections at it.
 - :func:`dial_circuit` dials such an address: a direct connection to the relay, one HOP
-  CONNECT, then the usual Noise + Yamux upgrade over the relayed stream.
+  CONNECT, then the usual Noise + Yamux upgrade over the relayed stream; what the relay
+  did goes into the caller's relay book.
 - **Upgrade** (:meth:`Relaying.upgrade`): a peer reached only through a relay is dialled
   directly at the direct addresses it announced, at most every :data:`UPGRADE_RETRY`; when
   that works (a node behind NAT dialling out to a public one that had reached it through
@@ -28,8 +31,8 @@ and reserves on every relay it dials through).
   NAT: over the relayed connection they swap the addresses their peers observe them at
   (with their listen port: NATs tend to keep it), then both dial at once from their
   listen ports, and the relayed connection closes once the direct one works (the NAT test
-  reports when). Deadlines: ``dial_timeout`` for each read, write and dial; at most 3
-  attempts per peer while connected.
+  asserts it behind port-keeping NATs). Deadlines: ``dial_timeout`` for each read,
+  write and dial; at most 3 attempts per peer while connected.
 """
 
 from __future__ import annotations
