@@ -126,12 +126,12 @@ class Libp2pTransport:
         deadline = trio.current_time() + timeout
         await self._ensure_connected(peer, timeout)
         remaining = max(0.0, deadline - trio.current_time())
-        with self._judging_relay(peer) as relay:
+        with self._judging_relay(peer) as relayed:
             payload = await fetch_checked_payload(
                 self.host, peer, digest, max_size=max_size, timeout=remaining
             )
         self._fetched_bytes += len(payload)
-        self._count_relayed(relay, len(payload))
+        self._count_relayed(relayed, len(payload))
         self.neighbourhood.seen_alive(peer)
         return payload
 
