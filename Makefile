@@ -37,12 +37,13 @@ nat-deps:
 
 # Six daemons in their own network namespaces with a partition, a dead link and a SIGKILL,
 # then four with two behind NAT routers (root only; part of `make pytest` too, skipped with
-# the reason when not root). ~4.5 min.
+# the reason when not root). ~5 min.
 netns: $(STAMP) nat-deps
 	$(BIN)/pytest -q -s tests/netns
 
 # Only the NAT scenarios of tests/netns: two nodes behind nftables masquerade routers reach
-# the network through relays (root only; skipped with the reason otherwise). < 2 min.
+# the network through relays, lose one, and route around a hostile one (root only;
+# skipped with the reason otherwise). 1.5-2.5 min.
 nat: $(STAMP) nat-deps
 	$(BIN)/pytest -q -s tests/netns/test_nat.py
 

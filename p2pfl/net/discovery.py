@@ -35,7 +35,6 @@ exponentially (0.5 s doubling, capped at ``max_backoff``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -59,6 +58,8 @@ from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     PeerRecord,
     parse_p2p_addr,
 )
+from p2pfl.net.relaybook import RelayBook
+from p2pfl.net.streamio import reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class Neighbourhood:
         # This node's addresses through relays (p2pfl.net.relay), announced before the
         # direct ones: behind NAT those are the ones that work.
         self.relayed_addrs: Callable[[], list[str]] = list
+        # How the relays we dialled through behaved: orders a peer's relayed addresses.
+        self.relays = RelayBook()
         host.set_stream_handler(PROTOCOL_ID, self.handle_exchange)
 
     def own_addrs(self) -> list[str]:
@@ -189,7 +192,7 @@ class Neighbourhood:
                 await stream.close()
         except Exception as error:  # hostile input or a dead peer: refuse, never raise
             logger.debug("peer exchange from %s refused: %r", short_id(peer), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     def _learn_from(self, peer: str, addrs: list[str], *, claimed_by: str | None) -> None:
         """Record addresses; those claimed by ``peer`` for itself must carry its id.
@@ -268,7 +271,7 @@ class Neighbourhood:
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -334,9 +337,9 @@ class Neighbourhood:
     async def _dial(self, peer: str) -> bool:
         record = self.book.peers[peer]
         reason = f"{short_id(peer)} has no address"
-        for address in list(record.addrs):
+        for address in self.relays.rank_addrs(record.addrs):
             try:
-                await connect(self.host, address, timeout=self.config.dial_timeout)
+                await connect(self.host, address, timeout=self.config.dial_timeout, relays=self.relays)
                 await self.exchange(peer)
             except NoPeerExchange as error:
                 self._keep_as_relay(peer, str(error))
@@ -397,12 +400,6 @@ def _protocol_unsupported(error: BaseException | None) -> bool:
 def _log_other_network(peer: str, line: str, ours: str) -> None:
     theirs = line.removeprefix(f"{MAGIC} ")[:64]
     logger.warning("peer %s is on network %r, this node on %r: refused", short_id(peer), theirs, ours)
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    # The stream or connection may already be gone; a full socket must not hold us.
-    with trio.move_on_after(1.0), contextlib.suppress(Exception):
-        await stream.reset()
 
 
 __all__ = [

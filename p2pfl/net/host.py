@@ -45,6 +45,7 @@ from p2pfl.errors import ConfigError, PeerUnreachable
 from p2pfl.net import patches
 from p2pfl.net.patches.streams import DEFAULT_MAX_INBOUND_STREAMS_PER_PEER
 from p2pfl.net.relay import dial_circuit, is_circuit
+from p2pfl.net.relaybook import RelayBook
 
 logger = logging.getLogger(__name__)
 
@@ -249,17 +250,18 @@ def peer_id_of(address: str) -> str:
         raise ConfigError(f"not a /p2p/ multiaddr: {address!r} ({error})") from error
 
 
-async def connect(host: IHost, address: str, *, timeout: float) -> str:
+async def connect(host: IHost, address: str, *, timeout: float, relays: RelayBook | None = None) -> str:
     """Dial ``address`` (a full /p2p/ multiaddr) within ``timeout``; return its PeerId.
 
-    A relayed address (``…/p2p-circuit/p2p/<id>``) is dialled through its relay.
+    A relayed address (``…/p2p-circuit/p2p/<id>``) is dialled through its relay, and what
+    the relay did goes into ``relays`` if given.
 
     Raises:
         PeerUnreachable: the dial failed or did not finish in time.
         ConfigError: ``address`` is not a /p2p/ multiaddr.
     """
     if is_circuit(address):
-        return await dial_circuit(host, address, timeout=timeout)
+        return await dial_circuit(host, address, timeout=timeout, book=relays)
     try:
         info = info_from_p2p_addr(multiaddr.Multiaddr(address))
     except Exception as error:

@@ -11,7 +11,9 @@
    timeout) completes before the transport is handed out;
 5. reachability by dial-back (``reach``) and circuit relay v2 (``relay``): a relay for
    others while reachable, a slot on relays while not, in one task; hole punching
-   (DCUtR) between peers that reach each other through a relay;
+   (DCUtR) between peers that reach each other through a relay; one relay book
+   (``relaybook``) judging relays by what the reservations, dials and pulls through
+   them did, for slots and dials alike;
 6. if ``enable_mdns``, LAN discovery on ``mdns_interface`` only (``mdns``), feeding the
    neighbourhood's address book.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
@@ -42,6 +44,7 @@ from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
 from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
+from p2pfl.net.relaybook import BROKEN, STALLED, WORKED, relay_of
 from p2pfl.net.swarm import fetch_from_holders
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
@@ -123,11 +126,12 @@ class Libp2pTransport:
         deadline = trio.current_time() + timeout
         await self._ensure_connected(peer, timeout)
         remaining = max(0.0, deadline - trio.current_time())
-        payload = await fetch_checked_payload(
-            self.host, peer, digest, max_size=max_size, timeout=remaining
-        )
+        with self._judging_relay(peer) as relayed:
+            payload = await fetch_checked_payload(
+                self.host, peer, digest, max_size=max_size, timeout=remaining
+            )
         self._fetched_bytes += len(payload)
-        self._count_relayed(peer, len(payload))
+        self._count_relayed(relayed, len(payload))
         self.neighbourhood.seen_alive(peer)
         return payload
 
@@ -144,11 +148,36 @@ class Libp2pTransport:
         relayed = set(self.relayed_peers())
         return [p for p in sorted(self.neighbourhood.connected()) if p not in relayed]
 
-    def _count_relayed(self, peer: str, size: int) -> None:
-        # That peer's connections only: every pull and every serve passes here.
+    def _relayed_conn(self, peer: str) -> INetConn | None:
+        """``peer``'s connection if every one of them runs through a relay, else None."""
         conns = self.host.get_network().get_connections(ID.from_base58(peer))
-        if conns and all(is_relayed(c) for c in conns):
+        return conns[0] if conns and all(is_relayed(c) for c in conns) else None
+
+    def _count_relayed(self, conn: INetConn | None, size: int) -> None:
+        if conn is not None:
             self._relayed_bytes += size
+
+    @contextlib.contextmanager
+    def _judging_relay(self, peer: str) -> Iterator[INetConn | None]:
+        """Around a pull from ``peer``: yield its relayed connection (None: direct) and
+        record in the relay book what the relay did (:mod:`p2pfl.net.relaybook`)."""
+        conn = self._relayed_conn(peer)
+        relay = relay_of(conn) if conn is not None else None
+        if relay is None:
+            yield conn
+            return
+        try:
+            yield conn
+        except TransferTimeout:
+            self.relaying.book.record(relay, STALLED, "a pull through it stalled")
+            if self.relaying.book.weight(relay) == 0:  # redial through another relay
+                self._nursery.start_soon(conn.close)  # type: ignore[union-attr]
+            raise
+        except TransferError:
+            if conn.is_closed or conn.muxed_conn.is_closed:  # type: ignore[union-attr]
+                self.relaying.book.record(relay, BROKEN, "a relayed connection died under a pull")
+            raise
+        self.relaying.book.record(relay, WORKED, "a pull through it")
 
     def log_paths(self) -> None:
         """Log each connected peer's path (direct or through a relay) when it changes."""
@@ -166,9 +195,9 @@ class Libp2pTransport:
         if record is None or not record.addrs:
             raise PeerUnreachable(f"{short_id(peer)} is neither connected nor known")
         with trio.move_on_after(timeout):
-            for address in record.addrs:
+            for address in self.relaying.book.rank_addrs(record.addrs):
                 try:
-                    await connect(self.host, address, timeout=timeout)
+                    await connect(self.host, address, timeout=timeout, relays=self.relaying.book)
                     return
                 except PeerUnreachable as error:
                     logger.debug("fetch: %s", error)
@@ -201,16 +230,19 @@ class Libp2pTransport:
     async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
         """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`)."""
         self._check_pullable(peer)
-        return await fetch_piece_map(self.host, peer, digest, size=size, timeout=timeout)
+        with self._judging_relay(peer):
+            return await fetch_piece_map(self.host, peer, digest, size=size, timeout=timeout)
 
     async def pieces(
         self, peer: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
     ) -> Sequence[bytes]:
         """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`)."""
         self._check_pullable(peer)
-        got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
-                                timeout=timeout)
+        with self._judging_relay(peer) as relayed:
+            got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
+                                    timeout=timeout)
         self._fetched_bytes += sum(map(len, got))
+        self._count_relayed(relayed, sum(map(len, got)))
         self.neighbourhood.seen_alive(peer)
         return got
 
@@ -259,16 +291,18 @@ class Libp2pTransport:
             relays=tuple(sorted(self.relaying.slots)),
             relayed_peers=self.relayed_peers(),
             payload_relayed=self._relayed_bytes,
+            relay_scores=self.relaying.book.scores(),
             relay_forwarded=self.relaying.forwarded_bytes,
         )
 
     def _on_range(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size
+        self._count_relayed(self._relayed_conn(peer), size)
         self.neighbourhood.seen_alive(peer)
 
     def _on_served(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size
-        self._count_relayed(peer, size)
+        self._count_relayed(self._relayed_conn(peer), size)
         self.neighbourhood.seen_alive(peer)
         if (pullers := self._pulled.get(digest)) is not None:  # bounded: served digests x peers
             pullers.add(peer)
@@ -336,6 +370,7 @@ async def open_libp2p_transport(
         reach = Reachability(host, port=_listen_port(host, config), dial_timeout=config.dial_timeout)
         relaying = Relaying(host, config=config, reach=reach)
         neighbourhood.relayed_addrs = relaying.relayed_addrs
+        neighbourhood.relays = relaying.book  # one judgement of relays, for dials and slots
         async with (
             open_gossip(
                 host,

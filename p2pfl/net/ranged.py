@@ -59,7 +59,7 @@ from libp2p.peer.id import ID
 from p2pfl.config import MiB
 from p2pfl.core.bounded import BoundedMap
 from p2pfl.errors import PeerUnreachable, ProtocolViolation
-from p2pfl.net.streamio import as_protocol_errors, reset_quietly
+from p2pfl.net.streamio import as_protocol_errors, read_exact, reset_quietly
 from p2pfl.net.transfer import (
     REPLY_HEADER,
     REQUEST_TIMEOUT,
@@ -67,7 +67,6 @@ from p2pfl.net.transfer import (
     _at_eof,
     _close_quietly,
     _Malformed,
-    _read_exact,
     _remote_peer,
     _Server,
     check_reply_status,
@@ -134,7 +133,7 @@ class RangedServer:
 
     async def _read_request(self, stream: INetStream) -> tuple[Op, bytes, int, int]:
         with trio.fail_after(min(REQUEST_TIMEOUT, self._server.serve_timeout)):
-            raw = await _read_exact(stream, REQUEST.size)
+            raw = await read_exact(stream, REQUEST.size)
             if not await _at_eof(stream):
                 raise _Malformed("request longer than 42 bytes or not closed")
         version, op, digest, first, count = REQUEST.unpack(raw)
@@ -245,20 +244,14 @@ async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:
     with as_protocol_errors():
         await stream.write(request)
         await stream.close_write()  # type: ignore[attr-defined]  # NetStream half-closes
-        status, length = REPLY_HEADER.unpack(await _read_exact(stream, REPLY_HEADER.size))
+        status, length = REPLY_HEADER.unpack(await read_exact(stream, REPLY_HEADER.size))
         check_reply_status(status, length, expected)
         if length != expected:
             raise ProtocolViolation(f"peer declared {length} bytes, the request asks {expected}")
-        parts, got = [], 0
-        while got < length:
-            chunk = await stream.read(min(length - got, READ_CHUNK))
-            if not chunk:
-                raise _Malformed("empty read")
-            parts.append(chunk)
-            got += len(chunk)
+        body = await read_exact(stream, length, chunk=READ_CHUNK)
         if not await _at_eof(stream):
             raise _Malformed("trailing bytes after the body")
-        return b"".join(parts)
+        return body
 
 
 __all__ = [

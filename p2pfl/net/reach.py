@@ -16,12 +16,14 @@ multistream-select header ``/multistream/1.0.0``). One dial-back per peer per
 
 The asker keeps the answers of its last :data:`MAX_ANSWERS` askings for
 :data:`ANSWER_TTL`: reachable when most say reached, unreachable when most say not.
-A lying peer can only sway one vote.
+A lying peer can only sway one vote. A peer asked is not asked again within
+:data:`MIN_INTERVAL` (it would refuse), so a pass moves on to peers not asked yet: plain
+libp2p bootstraps, which never answer, cannot keep a node unknown (and without a relay)
+forever.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 from dataclasses import dataclass
@@ -30,10 +32,10 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from p2pfl.core.crypto import short_id
+from p2pfl.net.streamio import read_exact, reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class Reachability:
         self.dial_timeout = dial_timeout
         self._answers: dict[str, _Answer] = {}  # asked peer -> its answer (<= MAX_ANSWERS)
         self._served: dict[str, float] = {}  # peer -> when we last dialled it back
+        self._asked: dict[str, float] = {}  # peer -> when we last asked it (answered or not)
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT)
         host.set_stream_handler(PROTOCOL_ID, self.handle)
 
@@ -118,14 +121,17 @@ class Reachability:
     # -- asking ----------------------------------------------------------------------
 
     async def check(self, peers: list[str]) -> None:
-        """Ask up to two of ``peers`` (direct connections) whose answer is missing or old."""
+        """Ask up to two of ``peers`` (direct connections) whose answer is missing or old
+        and that were not asked in the last :data:`MIN_INTERVAL`."""
         now = trio.current_time()
         fresh = {p for p, a in self._answers.items() if now - a.at < ANSWER_TTL}
-        wanted = [p for p in peers if p not in fresh][:2]
+        self._asked = {p: t for p, t in self._asked.items() if now - t < MIN_INTERVAL}
+        wanted = [p for p in peers if p not in fresh and p not in self._asked][:2]
         if len(fresh) >= MAX_ANSWERS or not wanted:
             return
         async with trio.open_nursery() as nursery:
             for peer in wanted:
+                self._asked[peer] = now
                 nursery.start_soon(self._ask, peer)
 
     async def _ask(self, peer: str) -> None:
@@ -137,7 +143,7 @@ class Reachability:
                     await stream.write(struct.pack(">H", self.port))
                     reply = await stream.read(1)
                 finally:
-                    await _reset_quietly(stream)
+                    await reset_quietly(stream, shield=False)
         except Exception as error:  # no answer (a peer without the protocol included): no vote
             logger.debug("dial-back by %s: no answer (%r)", short_id(peer), error)
             return
@@ -160,13 +166,13 @@ class Reachability:
         peer = str(stream.muxed_conn.peer_id)
         try:
             with trio.fail_after(2 * self.dial_timeout):
-                request = await _read_exactly(stream, 2)
+                request = await read_exact(stream, 2)
                 verdict = await self._dial_back(peer, stream, struct.unpack(">H", request)[0])
                 await stream.write(bytes([verdict]))
                 await stream.close()
         except Exception as error:  # hostile or dead asker: refuse, never raise
             logger.debug("dial-back request from %s refused: %r", short_id(peer), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     async def _dial_back(self, peer: str, stream: INetStream, port: int) -> int:
         now = trio.current_time()
@@ -191,24 +197,6 @@ def _swarm_conn_of(host: IHost, stream: INetStream) -> object | None:
         if conn.muxed_conn is stream.muxed_conn:
             return conn
     return None
-
-
-async def _read_exactly(stream: INetStream, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        try:
-            chunk = await stream.read(n - len(data))
-        except StreamEOF:
-            chunk = b""
-        if not chunk:
-            raise EOFError(f"{len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1.0), contextlib.suppress(Exception):
-        await stream.reset()
 
 
 __all__ = ["PRIVATE", "PROTOCOL_ID", "PUBLIC", "UNKNOWN", "Reachability", "is_relayed", "probe",

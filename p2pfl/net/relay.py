@@ -12,13 +12,16 @@ and reserves on every relay it dials through).
   can drop, stall or garble, never read or forge (the ends authenticate each other
   through it, and every update is signed and digest-checked on top).
 - **Client**: a node that :class:`~p2pfl.net.reach.Reachability` finds private keeps a
-  slot on ``[net] relays`` relays among the peers it is directly connected to, renews it
-  at half-time, replaces a relay that goes away, and announces
+  slot on ``[net] relays`` relays among the peers it is directly connected to, best
+  first in its relay book (:mod:`p2pfl.net.relaybook`: a relay at the bottom gets no
+  slot while another is left, and loses the one it had), renews it at half-time,
+  replaces a relay that goes away, and announces
   ``<relay address>/p2p-circuit/p2p/<its PeerId>`` (first) in peer exchange.
 - **STOP** is accepted only from a relay this node holds a slot on: nobody else can
   push connections at it.
 - :func:`dial_circuit` dials such an address: a direct connection to the relay, one HOP
-  CONNECT, then the usual Noise + Yamux upgrade over the relayed stream.
+  CONNECT, then the usual Noise + Yamux upgrade over the relayed stream; what the relay
+  did goes into the caller's relay book.
 - **Upgrade** (:meth:`Relaying.upgrade`): a peer reached only through a relay is dialled
   directly at the direct addresses it announced, at most every :data:`UPGRADE_RETRY`; when
   that works (a node behind NAT dialling out to a public one that had reached it through
@@ -28,8 +31,8 @@ and reserves on every relay it dials through).
   NAT: over the relayed connection they swap the addresses their peers observe them at
   (with their listen port: NATs tend to keep it), then both dial at once from their
   listen ports, and the relayed connection closes once the direct one works (the NAT test
-  reports when). Deadlines: ``dial_timeout`` for each read, write and dial; at most 3
-  attempts per peer while connected.
+  asserts it behind port-keeping NATs). Deadlines: ``dial_timeout`` for each read,
+  write and dial; at most 3 attempts per peer while connected.
 """
 
 from __future__ import annotations
@@ -60,12 +63,14 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
+from p2pfl.core.reputation import Evidence
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
+from p2pfl.net.relaybook import CIRCUIT, FAILED, WORKED, RelayBook
+from p2pfl.net.streamio import reset_quietly
 
 logger = logging.getLogger(__name__)
 
-CIRCUIT = "/p2p-circuit"
 # Concurrent HOP streams one peer may hold on this relay (a CONNECT holds its stream for
 # the circuit's life): the circuits of one reservation, plus a RESERVE in flight.
 HOP_STREAMS_PER_PEER_EXTRA = 1
@@ -90,6 +95,10 @@ class _HopEndsQuietly(logging.Filter):
 
 
 logging.getLogger("libp2p.relay.circuit_v2.protocol").addFilter(_HopEndsQuietly())
+
+
+class _Refused(PeerUnreachable):
+    """A relay answered with a status other than OK (full, or no reservation there)."""
 
 
 def is_circuit(address: str) -> bool:
@@ -126,6 +135,7 @@ class Relaying:
                                           read_timeout=timeout, write_timeout=timeout,
                                           close_timeout=timeout)
         self.slots: dict[str, Slot] = {}  # relay peer -> our reservation there
+        self.book = RelayBook()  # how the relays we used behaved (p2pfl.net.relaybook)
         self._refused: dict[str, float] = {}  # relay peer -> not before (trio time)
         self._hop_streams: dict[str, int] = {}  # asking peer -> HOP streams open
         self._upgrade_tried: dict[str, float] = {}  # relayed peer -> last direct dial (trio time)
@@ -142,7 +152,7 @@ class Relaying:
 
     def relayed_addrs(self) -> list[str]:
         """This node's addresses through the relays it holds a slot on."""
-        return [f"{slot.relay_addr}{CIRCUIT}/p2p/{self.me}" for slot in self.slots.values()]
+        return [f"{self.slots[r].relay_addr}{CIRCUIT}/p2p/{self.me}" for r in self.book.rank(self.slots)]
 
     # -- relay side ------------------------------------------------------------------
 
@@ -152,14 +162,14 @@ class Relaying:
         if self.reach.state == PRIVATE or held >= self.config.relay_max_circuits + HOP_STREAMS_PER_PEER_EXTRA:
             logger.debug("HOP from %s refused (%s)", short_id(peer),
                          "behind NAT" if self.reach.state == PRIVATE else f"{held} HOP streams open")
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
             return
         self._hop_streams[peer] = held + 1
         try:
             await self.protocol._handle_hop_stream(stream)
         except Exception as error:  # the library's own handler: never let it reach libp2p
             logger.debug("HOP from %s ended: %r", short_id(peer), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
         finally:
             self._hop_streams[peer] -= 1
             if not self._hop_streams[peer]:
@@ -169,13 +179,13 @@ class Relaying:
         relay = str(stream.muxed_conn.peer_id)
         if relay not in self.slots:
             logger.debug("STOP from %s refused: no slot of ours there", short_id(relay))
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
             return
         try:
             await self.protocol._handle_stop_stream(stream)
         except Exception as error:
             logger.debug("relayed connection via %s failed: %r", short_id(relay), error)
-            await _reset_quietly(stream)
+            await reset_quietly(stream, shield=False)
 
     # -- client side -----------------------------------------------------------------
 
@@ -188,6 +198,10 @@ class Relaying:
         for relay in [r for r in self.slots if r not in direct_peers or now >= self.slots[r].expires_at]:
             logger.info("relay %s lost; %d slot(s) left", short_id(relay), len(self.slots) - 1)
             del self.slots[relay]
+        usable = self.book.rank(direct_peers)  # a relay at the bottom only while no other is left
+        for relay in [r for r in self.slots if r not in usable]:
+            logger.info("relay %s at the bottom: its slot given up", short_id(relay))
+            del self.slots[relay]
         if self.reach.state == PUBLIC and self.slots:  # dialled back after all (a port opened)
             logger.info("reachable: %d relay slot(s) given up", len(self.slots))
             self.slots.clear()
@@ -197,7 +211,7 @@ class Relaying:
             if now >= slot.renew_at:
                 await self._reserve(relay)
         self._refused = {p: t for p, t in self._refused.items() if t > now}
-        for relay in direct_peers:
+        for relay in usable:
             if len(self.slots) >= self.config.relays:
                 break
             if relay not in self.slots and relay not in self._refused:
@@ -214,14 +228,17 @@ class Relaying:
                     await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
                     reply = await read_delimited_msg(stream, HopMessage)
                 finally:
-                    await _reset_quietly(stream)
+                    await reset_quietly(stream, shield=False)
             if reply.type != HopMessage.STATUS or reply.status != StatusCode.OK:
-                raise PeerUnreachable(f"refused (status {reply.status})")
+                raise _Refused(f"refused (status {reply.status})")
         except Exception as error:  # a stream/mux error, a timeout, a refusal: try another
             self.slots.pop(relay, None)
             self._refused[relay] = trio.current_time() + RESERVE_RETRY
             logger.debug("no slot on relay %s: %r", short_id(relay), error)
+            if address is not None and not isinstance(error, _Refused):  # a full relay says so
+                self.book.record(relay, FAILED, f"reservation failed: {error!r}"[:160])
             return
+        self.book.record(relay, WORKED, "reservation")
         assert address is not None
         ttl = self.config.relay_reservation_seconds
         if reply.HasField("reservation") and reply.reservation.expire:
@@ -289,8 +306,10 @@ async def open_hole_punching(host: IHost, *, config: NetConfig) -> AsyncIterator
         yield
 
 
-async def dial_circuit(host: IHost, address: str, *, timeout: float) -> str:
+async def dial_circuit(host: IHost, address: str, *, timeout: float, book: RelayBook | None = None) -> str:
     """Connect to the peer behind relayed ``address`` within ``timeout``; return its PeerId.
+
+    ``book``: where to record what the relay did (a refusal is no evidence against it).
 
     Raises:
         PeerUnreachable: the relay cannot be dialled, refuses, or the upgrade failed.
@@ -305,14 +324,25 @@ async def dial_circuit(host: IHost, address: str, *, timeout: float) -> str:
         raise PeerUnreachable(f"{address[:160]} is this host or its own relay")
     if host.get_network().get_connections(dest):
         return dest.to_string()
+    relay = relay_info.peer_id.to_string()
+
+    def judge(relay: str, what: tuple[Evidence, float], reason: str) -> None:
+        if book is not None:
+            book.record(relay, what, reason)
+
     with trio.move_on_after(timeout) as scope:
         try:
             await _dial_through(host, relay_info, dest, address)
         except Exception as error:
+            if not isinstance(error, _Refused):
+                judge(relay, FAILED, f"a circuit dial failed: {error!r}"[:160])
             raise PeerUnreachable(f"cannot dial {short_id(dest.to_string())} via relay "
-                                  f"{short_id(relay_info.peer_id.to_string())}: {error}") from error
+                                  f"{short_id(relay)}: {error}") from error
     if scope.cancelled_caught:
+        judge(relay, FAILED, f"a circuit dial took over {timeout} s")
         raise PeerUnreachable(f"dialling {short_id(dest.to_string())} via a relay took over {timeout} s")
+    if book is not None:
+        book.dialled(relay, dest.to_string())
     return dest.to_string()
 
 
@@ -326,25 +356,17 @@ async def _dial_through(host: IHost, relay_info: object, dest: ID, address: str)
                                                      peer=CircuitPeer(id=dest.to_bytes())))
         reply = await read_delimited_msg(stream, HopMessage)
         if reply.type != HopMessage.STATUS or reply.status != StatusCode.OK:
-            raise PeerUnreachable(f"relay answered status {reply.status}")
+            raise _Refused(f"relay answered status {reply.status}")
         circuit = multiaddr.Multiaddr(address)
         raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
                             addresses=[circuit])
         conn = await host.upgrade_outbound_connection(raw, dest)
         conn.set_transport_info([circuit], ConnectionType.RELAYED)  # type: ignore[attr-defined]
     except BaseException:
-        await _reset_quietly(stream)
+        await reset_quietly(stream, shield=False)
         raise
     logger.info("connected to %s through relay %s", short_id(dest.to_string()),
                 short_id(relay_info.peer_id.to_string()))  # type: ignore[attr-defined]
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception:  # already gone
-            return
 
 
 __all__ = ["CIRCUIT", "Relaying", "Slot", "dial_circuit", "is_circuit", "open_hole_punching"]

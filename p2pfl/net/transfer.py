@@ -79,7 +79,7 @@ from p2pfl.errors import (
     TransferError,
     TransferTimeout,
 )
-from p2pfl.net.streamio import RESET_TIMEOUT, as_protocol_errors, reset_quietly
+from p2pfl.net.streamio import RESET_TIMEOUT, as_protocol_errors, read_exact, reset_quietly
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -147,19 +147,6 @@ class _Malformed(Exception):
     """The peer sent bytes that do not follow the protocol (internal)."""
 
 
-async def _read_exact(stream: INetStream, n: int) -> bytes:
-    """Read exactly ``n`` (small) bytes; StreamEOF before that is the caller's problem."""
-    parts: list[bytes] = []
-    got = 0
-    while got < n:
-        chunk = await stream.read(n - got)
-        if not chunk:
-            raise _Malformed("empty read")
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 async def _at_eof(stream: INetStream) -> bool:
     """Return True if the peer closed its write side with nothing more to read."""
     try:
@@ -204,7 +191,7 @@ class _Server:
 
     async def _read_request(self, stream: INetStream) -> tuple[bytes, int]:
         with trio.fail_after(min(REQUEST_TIMEOUT, self.serve_timeout)):
-            raw = await _read_exact(stream, REQUEST.size)
+            raw = await read_exact(stream, REQUEST.size)
             if not await _at_eof(stream):
                 raise _Malformed("request longer than 41 bytes or not closed")
         version, digest, max_size = REQUEST.unpack(raw)
@@ -373,7 +360,7 @@ async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayl
 
 async def _read_reply_header(stream: INetStream, max_size: int) -> int:
     """Return the body length of an OK reply; raise for every other status."""
-    status_byte, length = REPLY_HEADER.unpack(await _read_exact(stream, REPLY_HEADER.size))
+    status_byte, length = REPLY_HEADER.unpack(await read_exact(stream, REPLY_HEADER.size))
     check_reply_status(status_byte, length, max_size)
     return length
 

@@ -75,6 +75,8 @@ class TrafficStats:
     relayed_peers: tuple[str, ...] = ()  # connected peers reached only through a relay
     payload_relayed: int = 0  # of payload_in + payload_out, bytes over relayed connections
     relay_forwarded: int = 0  # bytes this node forwarded as a relay for others
+    # relays this node used (reserved on, dialled or pulled through) -> weight, 0: at the bottom
+    relay_scores: tuple[tuple[str, float], ...] = ()
 
 
 @runtime_checkable

@@ -402,4 +402,5 @@ class Node:
             relayed_peers=traffic.relayed_peers if traffic else (),
             payload_relayed=traffic.payload_relayed if traffic else 0,
             relay_forwarded=traffic.relay_forwarded if traffic else 0,
+            relay_scores=traffic.relay_scores if traffic else (),
         )

@@ -79,6 +79,7 @@ class NodeStatistics:
     relayed_peers: tuple[str, ...] = ()
     payload_relayed: int = 0
     relay_forwarded: int = 0
+    relay_scores: tuple[tuple[str, float], ...] = ()  # relays used -> weight (0: not used)
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
@@ -28,15 +28,7 @@ from p2pfl.net.gossip import BoundedCache, Gossip, TokenBucket, open_gossip, top
 from p2pfl.net.host import connect, key_pair_from_secret, listen_addrs, open_host
 from p2pfl.net.libp2p_transport import Libp2pTransport, open_libp2p_transport
 from p2pfl.net.transport import Transport
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` holds, bounded in time and count (state has no events)."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await trio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
+from tests.net.polling import wait_for
 
 
 def peer_addr(port: int = 4001) -> str:
@@ -161,7 +153,7 @@ async def gossip_pair(
         b = await stack.enter_async_context(open_gossip(
             host_b, network_id="t", limits=Limits(), validator=validator_b))
         await connect(host_b, listen_addrs(host_a)[0], timeout=5)
-        await eventually(lambda: bool(a.subscribed_peers()) and bool(b.subscribed_peers()))
+        await wait_for(lambda: bool(a.subscribed_peers()) and bool(b.subscribed_peers()))
         yield a, b
 
 
@@ -198,7 +190,7 @@ async def test_reannouncement_is_not_redelivered_and_validator_runs_once() -> No
         with trio.fail_after(5):
             assert (await a.announcements().receive()).data == b"ok same"
             assert (await a.announcements().receive()).data == b"ok other"
-        await eventually(lambda: a.counters.duplicates == 2)
+        await wait_for(lambda: a.counters.duplicates == 2)
         assert calls == [b"ok same", b"ok other"]
 
 
@@ -236,7 +228,7 @@ async def test_full_channel_drops_and_counts() -> None:
     async with gossip_pair(buffer_a=2) as (a, b):
         for i in range(5):
             await b.publish(b"ok %d" % i)
-        await eventually(lambda: a.counters.delivered + a.counters.dropped_full == 5)
+        await wait_for(lambda: a.counters.delivered + a.counters.dropped_full == 5)
         assert a.counters.delivered == 2
         assert a.counters.dropped_full == 3
 
@@ -274,11 +266,11 @@ async def network(n: int) -> AsyncIterator[list[Libp2pTransport]]:
 async def test_transport_forms_neighbours_gossips_and_fetches() -> None:
     async with network(4) as nodes:
         assert all(isinstance(node, Transport) for node in nodes)
-        await eventually(lambda: all(len(n.neighbours()) == 3 for n in nodes))
+        await wait_for(lambda: all(len(n.neighbours()) == 3 for n in nodes))
         payload = os.urandom(1 << 20)
         digest = hashlib.sha256(payload).digest()
         nodes[1].serve(digest, payload)
-        await eventually(lambda: all(len(n.gossip.subscribed_peers()) == 3 for n in nodes))
+        await wait_for(lambda: all(len(n.gossip.subscribed_peers()) == 3 for n in nodes))
         await nodes[1].publish(b"holder notice")
         for node in (nodes[0], nodes[2], nodes[3]):
             with trio.fail_after(5):
@@ -291,9 +283,9 @@ async def test_transport_forms_neighbours_gossips_and_fetches() -> None:
 
 async def test_ban_disconnects_refuses_and_penalises() -> None:
     async with network(3) as (a, b, c):
-        await eventually(lambda: all(len(n.neighbours()) == 2 for n in (a, b, c)))
+        await wait_for(lambda: all(len(n.neighbours()) == 2 for n in (a, b, c)))
         a.ban(c.peer_id, seconds=60)
-        await eventually(lambda: c.peer_id not in a.neighbours())
+        await wait_for(lambda: c.peer_id not in a.neighbours())
         assert a.gossip.score(c.peer_id) < -100
         with pytest.raises(PeerUnreachable, match="banned"):
             await a.fetch(c.peer_id, bytes(32), max_size=10, timeout=1)
@@ -315,7 +307,7 @@ async def test_peer_of_another_network_is_not_a_neighbour() -> None:
         assert one.neighbours() == ()
         assert two.neighbours() == ()
         assert two.neighbourhood.book.peers[one.peer_id].failures == 1
-        await eventually(lambda: not two.host.get_connected_peers())
+        await wait_for(lambda: not two.host.get_connected_peers())
 
 
 def test_mdns_needs_an_interface_to_pin_to() -> None:

@@ -8,7 +8,7 @@ with ``ours`` (``assert_alive``). Both hosts run in this one trio process.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ from p2pfl.net import patches
 from p2pfl.net.gossip import PUBLISH_THRESHOLD, Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.patches import streams
+from tests.net.polling import wait_for
 
 ECHO = TProtocol("/test/echo/1.0.0")
 RAISE = TProtocol("/test/raise/1.0.0")
@@ -104,14 +105,6 @@ async def assert_alive(ours: Ours) -> None:
             assert got.origin == fresh.host.get_id().to_string()
             assert (await fresh.gossip.announcements().receive()).data == b"ok from ours"
 
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` holds, bounded in time and count (state has no events)."""
-    for _ in range(int(timeout / 0.005)):
-        if condition():
-            return
-        await trio.sleep(0.005)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from p2pfl.config import Limits
 from p2pfl.net import patches
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
-from tests.net.test_gossip import accept_ok, eventually, network
+from tests.net.polling import wait_for
+from tests.net.test_gossip import accept_ok, network
 
 
 @asynccontextmanager
@@ -33,8 +34,8 @@ async def gossip_line(count: int) -> AsyncIterator[list[Gossip]]:
         ]
         for left, right in zip(hosts, hosts[1:], strict=False):
             await connect(right, listen_addrs(left)[0], timeout=5)
-        await eventually(lambda: all(len(n.subscribed_peers()) >= 1 for n in nodes))
-        await eventually(lambda: len(nodes[1].subscribed_peers()) == 2)
+        await wait_for(lambda: all(len(n.subscribed_peers()) >= 1 for n in nodes))
+        await wait_for(lambda: len(nodes[1].subscribed_peers()) == 2)
         yield nodes
 
 
@@ -88,7 +89,7 @@ def test_a_refused_signed_record_is_not_remembered() -> None:
 
 async def test_a_neighbour_that_just_moved_a_payload_is_not_probed() -> None:
     async with network(2) as (a, b):
-        await eventually(lambda: len(a.neighbours()) == 1 and len(b.neighbours()) == 1)
+        await wait_for(lambda: len(a.neighbours()) == 1 and len(b.neighbours()) == 1)
         probed: list[str] = []
 
         async def record(peer: str) -> None:

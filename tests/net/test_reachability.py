@@ -7,13 +7,17 @@ import os
 import socket
 
 import pytest
+import trio
+import trio.testing
 
 from p2pfl.config import Limits, NetConfig
+from p2pfl.core.crypto import Identity
 from p2pfl.errors import ConfigError
 from p2pfl.net.discovery import Neighbourhood, OtherNetwork
 from p2pfl.net.host import connect, dial_failure, listen_addrs, open_host, require_listenable
 from p2pfl.net.libp2p_transport import open_libp2p_transport
 from p2pfl.net.peerbook import PeerBook
+from p2pfl.net.reach import MIN_INTERVAL, PUBLIC, REACHED, UNKNOWN, Reachability
 
 PEER = "16Uiu2HAmSwegjeRnVnuDob4gWh5DkD4BUJFvQzsXTpWB7CdbMaun"
 
@@ -88,3 +92,51 @@ def test_port_checks_and_dial_failures_in_a_few_words() -> None:
     wrapped.__cause__ = ExceptionGroup("attempts", [OSError("all attempts failed")])
     wrapped.__cause__.exceptions[0].__cause__ = refused
     assert dial_failure(wrapped) == "connection refused"
+
+
+class _DialBackPeers:
+    """A host whose peers in ``answering`` say "reached" and whose others never answer
+    (plain libp2p bootstraps without our dial-back protocol)."""
+
+    def __init__(self, answering: set[str]) -> None:
+        self.answering = answering
+        self.asked: list[str] = []
+
+    def set_stream_handler(self, protocol: object, handler: object) -> None:
+        return None
+
+    async def new_stream(self, peer: object, protocols: object) -> object:
+        self.asked.append(str(peer))
+        if str(peer) not in self.answering:
+            await trio.sleep_forever()  # until the asker's deadline
+        return _Reached()
+
+
+class _Reached:
+    async def write(self, data: bytes) -> None:
+        return None
+
+    async def read(self, n: int) -> bytes:
+        return bytes([REACHED])
+
+    async def reset(self) -> None:
+        return None
+
+
+async def test_peers_that_never_answer_a_dial_back_are_not_asked_again_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    silent = [Identity.generate().peer_id for _ in range(2)]
+    answering = Identity.generate().peer_id
+    host = _DialBackPeers({answering})
+    reach = Reachability(host, port=7351, dial_timeout=2.0)  # type: ignore[arg-type]
+    peers = [*silent, answering]  # the silent bootstraps come first, every pass
+    await reach.check(peers)
+    assert (sorted(host.asked), reach.state) == (sorted(silent), UNKNOWN)
+    await reach.check(peers)  # the next pass moves on
+    assert (host.asked[2:], reach.state) == ([answering], PUBLIC)
+    await reach.check(peers)
+    assert len(host.asked) == 3  # all asked within MIN_INTERVAL: nobody
+    await trio.sleep(MIN_INTERVAL)
+    await reach.check(peers)
+    assert sorted(host.asked[3:]) == sorted(silent)  # asked again later: they may have changed

@@ -9,11 +9,13 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.stream.exceptions import StreamReset
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeer
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
@@ -22,7 +24,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import Identity
-from p2pfl.errors import P2PFLError, PeerUnreachable
+from p2pfl.errors import P2PFLError, PeerUnreachable, TransferError, TransferTimeout
 from p2pfl.net import patches
 from p2pfl.net.discovery import PROTOCOL_ID as PEX
 from p2pfl.net.discovery import encode_reply
@@ -30,17 +32,14 @@ from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.libp2p_transport import Libp2pTransport, open_libp2p_transport
 from p2pfl.net.reach import is_relayed, probe
 from p2pfl.net.relay import dial_circuit
+from p2pfl.net.relaybook import BROKEN, relay_in, relay_of
 from p2pfl.net.transfer import fetch_checked_payload
 from p2pfl.net.transport import sha256
+from tests.net.polling import wait_for
 
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` holds, bounded (other tasks' state has no events)."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await trio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
+# A refused stream is reset by its handler: the reset lands while the opener still
+# negotiates the protocol (StreamFailure) or at its first read (StreamReset).
+RESET = (StreamFailure, StreamReset)
 
 
 @contextlib.asynccontextmanager
@@ -69,6 +68,19 @@ async def behind_nat(transport: Libp2pTransport, *, settle: bool = True) -> None
     assert reach.state == "private"
 
 
+def stay_relayed(transport: Libp2pTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep ``transport`` from dialling the peers it reaches through a relay directly (on
+    loopback they are all dialable). With :data:`STAY_RELAYED`, no hole punching on the
+    far end and neighbours enough there (no discovery dials), the only path between it and
+    a new peer is its relay's."""
+    async def no_upgrade(relayed: object) -> None:
+        return None
+
+    monkeypatch.setattr(transport.relaying, "upgrade", no_upgrade)
+
+
+
+
 async def answer_probe(stream: Any) -> None:
     """Answer peer exchange for network "t" with no address (a peer only reachable inbound)."""
     await stream.write(encode_reply("t", []))
@@ -90,6 +102,11 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Options of a node others reach only through its relay: a dead direct address, no DCUtR.
+STAY_RELAYED: dict[str, Any] = {"announce_addrs": (f"/ip4/127.0.0.1/tcp/{closed_port()}",),
+                                "hole_punching": False}
 
 
 async def test_dial_back_tells_a_listener_from_a_closed_port() -> None:
@@ -152,10 +169,10 @@ async def test_a_relay_behind_nat_and_strangers_stop_streams_are_refused() -> No
     async with node() as relay, open_host(os.urandom(32)) as stranger:
         await connect(stranger, relay.listen_addrs[0], timeout=5)
         await behind_nat(relay, settle=False)  # a plain host answers no dial-back
-        with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 - reset at any step
+        with trio.fail_after(5), pytest.raises(RESET):
             await reserve(stranger, relay.host.get_id())
         assert not relay.relaying.protocol.resource_manager._reservations
-        with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 - no slot of relay's here
+        with trio.fail_after(5), pytest.raises(RESET):  # no slot of relay's here
             await open_and_read(stranger, relay.host.get_id(), STOP)
         assert relay.relayed_peers() == ()
 
@@ -191,6 +208,7 @@ async def test_two_circuits_to_one_peer_outlive_each_other() -> None:
             host.set_stream_handler(PEX, answer_probe)
             await connect(host, natted.listen_addrs[0], timeout=5)
         await first.disconnect(natted.host.get_id())  # its circuit ends ...
+        await wait_for(lambda: not natted.host.get_network().get_connections(first.get_id()))
         for _ in range(3):  # ... and the other one keeps working, transfer after transfer
             got = await fetch_checked_payload(second, natted.peer_id, sha256(payload),
                                               max_size=1 << 20, timeout=5)
@@ -235,3 +253,91 @@ async def test_a_relay_that_garbles_breaks_the_circuit_and_delivers_nothing(
         with trio.fail_after(10), pytest.raises(P2PFLError):  # Noise refuses the frame: no bytes
             await fetch_checked_payload(other, natted.peer_id, sha256(payload), max_size=1 << 20,
                                         timeout=5)
+
+
+async def test_both_ends_of_a_circuit_name_its_relay() -> None:
+    async with (node() as relay, node(bootstrap=(relay.listen_addrs[0],), relays=1) as natted,
+                open_host(os.urandom(32)) as other):
+        other.set_stream_handler(PEX, answer_probe)
+        await behind_nat(natted)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        await connect(other, natted.listen_addrs[0], timeout=5)
+        await wait_for(lambda: natted.relayed_peers() == (other.get_id().to_string(),))
+        [inbound] = natted.host.get_network().get_connections(other.get_id())
+        [outbound] = other.get_network().get_connections(natted.host.get_id())
+        assert relay_of(inbound) == relay_of(outbound) == relay.peer_id
+
+
+async def test_a_relay_that_breaks_a_circuit_falls_to_the_bottom_and_out_of_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forward = patches.relay._forward
+    async with (node() as bad, node() as good,
+                node(bootstrap=(bad.listen_addrs[0], good.listen_addrs[0]), **STAY_RELAYED,
+                     target_neighbours=2) as natted,
+                node(target_neighbours=1, hole_punching=False) as other):
+
+        async def garble(relay: Any, dst_stream: Any, data: bytes) -> None:
+            if relay is bad.relaying.protocol and len(data) > 1000:  # the payload, not handshakes
+                data = data[:500] + bytes([data[500] ^ 1]) + data[501:]
+            await forward(relay, dst_stream, data)
+
+        await behind_nat(natted)
+        stay_relayed(natted, monkeypatch)
+        await wait_for(lambda: set(natted.relaying.slots) == {bad.peer_id, good.peer_id})
+        via = {relay_in(a): a for a in natted.listen_addrs if relay_in(a)}
+        payload = os.urandom(200_000)
+        natted.serve(sha256(payload), payload)
+        relays = other.relaying.book
+        assert await connect(other.host, via[bad.peer_id], timeout=5, relays=relays) == natted.peer_id
+        monkeypatch.setattr(patches.relay, "_forward", garble)
+        with trio.fail_after(10), pytest.raises(TransferError):  # Noise refuses the frame
+            await other.fetch(natted.peer_id, sha256(payload), max_size=1 << 20, timeout=5)
+        assert relays.weight(bad.peer_id) == 0 < relays.weight(good.peer_id)
+        assert dict(other.stats().relay_scores)[bad.peer_id] == 0
+        [first, *rest] = relays.rank_addrs(natted.listen_addrs)
+        assert first == via[good.peer_id]
+        assert via[bad.peer_id] not in rest
+        await wait_for(lambda: not other.host.get_network().get_connections(natted.host.get_id()))
+        assert await connect(other.host, first, timeout=5, relays=relays) == natted.peer_id
+        got = await other.fetch(natted.peer_id, sha256(payload), max_size=1 << 20, timeout=5)
+        assert got.data == payload
+        assert other.stats().payload_relayed == len(payload)
+
+
+async def test_a_relay_that_stalls_a_pull_is_left_and_its_connection_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forward = patches.relay._forward
+    async with (node() as bad,
+                node(bootstrap=(bad.listen_addrs[0],), relays=1, **STAY_RELAYED,
+                     target_neighbours=1) as natted,
+                node(target_neighbours=1, hole_punching=False) as other):
+
+        async def stall(relay: Any, dst_stream: Any, data: bytes) -> None:
+            if len(data) > 1000:  # the payload: forward nothing more, keep the circuit open
+                await trio.sleep_forever()
+            await forward(relay, dst_stream, data)
+
+        await behind_nat(natted)
+        stay_relayed(natted, monkeypatch)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        payload = os.urandom(200_000)
+        natted.serve(sha256(payload), payload)
+        await connect(other.host, natted.listen_addrs[0], timeout=5, relays=other.relaying.book)
+        monkeypatch.setattr(patches.relay, "_forward", stall)
+        with trio.fail_after(10), pytest.raises(TransferTimeout):
+            await other.fetch(natted.peer_id, sha256(payload), max_size=1 << 20, timeout=2)
+        assert other.relaying.book.weight(bad.peer_id) == 0  # unknown, then stalled: at the bottom
+        await wait_for(lambda: not other.host.get_network().get_connections(natted.host.get_id()))
+
+
+async def test_a_slot_on_a_relay_at_the_bottom_is_given_up_for_another() -> None:
+    async with (node() as bad, node() as good,
+                node(bootstrap=(bad.listen_addrs[0], good.listen_addrs[0])) as natted):
+        await behind_nat(natted)
+        await wait_for(lambda: set(natted.relaying.slots) == {bad.peer_id, good.peer_id})
+        natted.relaying.book.record(bad.peer_id, BROKEN, "a relayed connection died under a pull")
+        await wait_for(lambda: set(natted.relaying.slots) == {good.peer_id})
+        assert [relay_in(a) for a in natted.listen_addrs if relay_in(a)] == [good.peer_id]
+        assert natted.stats().relays == (good.peer_id,)

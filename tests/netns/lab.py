@@ -7,7 +7,10 @@ side is on the hub's bridge (``10.77.0.(101+i)``) and whose private side is the 
 network ``192.168.(i+1).0/24``, with an nftables masquerade rule and a forward filter
 that lets in only replies to connections made from inside (a home router, or a
 hospital's firewall); unsolicited connections to the router itself are dropped
-silently, as most routers do. Needs ``nft`` (``.ci/nat-deps``).
+silently, as most routers do. The masquerade keeps a connection's source port when it
+is free (hole punching can work), or with ``random_ports`` picks a random one for each
+connection (a symmetric NAT, as carrier-grade NATs are: hole punching cannot work).
+Needs ``nft`` (``.ci/nat-deps``).
 """
 
 from __future__ import annotations
@@ -135,12 +138,14 @@ class Daemon:
 class Lab:
     """``n`` nodes, node ``i`` at 10.77.0.(i+1) in its own namespace, on bridge br0 of a hub."""
 
-    def __init__(self, n: int, work: Path, *, rate: str = "20mbit", behind_nat: tuple[int, ...] = ()) -> None:
+    def __init__(self, n: int, work: Path, *, rate: str = "20mbit", behind_nat: tuple[int, ...] = (),
+                 random_ports: bool = False) -> None:
         self.prefix = f"p2pfl{os.getpid() % 100000}"
         self.hub = f"{self.prefix}h"
         self.nodes = [f"{self.prefix}n{i}" for i in range(n)]
         self.routers = {i: f"{self.prefix}r{i}" for i in behind_nat}
         self.work = work
+        self.masquerade = "masquerade random" if random_ports else "masquerade"
         self.daemons: list[Daemon] = []
         try:
             self._build(rate)
@@ -188,7 +193,7 @@ class Lab:
         sh("ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         rules = """
 table ip nat {
-  chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; }
+  chain post { type nat hook postrouting priority 100; oifname "wan" MASQUERADE; }
 }
 table ip filter {
   chain inbound { type filter hook forward priority 0; policy drop;
@@ -197,6 +202,7 @@ table ip filter {
     iifname "wan" ct state new drop; }
 }
 """
+        rules = rules.replace("MASQUERADE", self.masquerade)
         subprocess.run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=rules.encode(),
                        check=True, capture_output=True, timeout=30)
 
@@ -215,14 +221,18 @@ table ip filter {
         """The private side of node ``i``'s NAT router."""
         return f"192.168.{i + 1}.1"
 
-    def start(self, i: int, config: Path) -> Daemon:
-        """Start (or restart) node ``i``'s daemon inside its namespace."""
+    def start(self, i: int, config: Path, *, entry: str = "p2pfl.cli.main") -> Daemon:
+        """Start (or restart) node ``i``'s daemon inside its namespace.
+
+        ``entry``: the module whose ``main()`` runs the CLI (a test-only variant of the
+        daemon, e.g. ``tests.netns.hostile_relay``).
+        """
         daemon = next((d for d in self.daemons if d.index == i), None)
         if daemon is None:
             daemon = Daemon(i, config, self.work / f"node{i}.log")
             self.daemons.append(daemon)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        code = "import sys; from p2pfl.cli.main import main; sys.exit(main())"
+        code = f"import sys; from {entry} import main; sys.exit(main())"
         daemon.process = subprocess.Popen(
             ["ip", "netns", "exec", self.nodes[i], sys.executable, "-c", code,
              *(["-vv"] if os.environ.get("P2PFL_NETNS_DEBUG") else []), "node", "run",

@@ -104,6 +104,9 @@ PATCHES: dict[str, Patch] = {
               "one peer close each other's streams; forwarded bytes are not counted",
               _T + "test_relay.py::test_two_circuits_to_one_peer_outlive_each_other",
               relay.relay_data),
+        Patch("relay_stop_address", "a connection accepted through a relay is addressed through "
+              "ourselves: which relay carries it is lost",
+              _T + "test_relay.py::test_both_ends_of_a_circuit_name_its_relay", relay.stop_address),
         Patch("guard_dispatcher", "a raising stream handler stops the host; inbound streams "
               "per peer are unbounded (Yamux buffers up to 8 MiB each)",
               _T + "test_hardening.py::test_handler_that_raises", streams.guard_dispatcher, per_host=True),

@@ -11,6 +11,10 @@
   forwards. The replacement forwards under the same limits (circuit lifetime, bytes both
   ways together, a write deadline), resets only its own two streams when either way
   ends, and adds what it wrote to ``forwarded_bytes`` on the protocol instance.
+- :func:`stop_address`: a connection accepted through a relay (STOP) is addressed
+  ``/p2p/<our own id>/p2p-circuit/p2p/<remote>``: nobody can tell which relay carries
+  it (``p2pfl.net.relaybook`` judges relays by their circuits). The relay's id, the peer
+  at the other end of the STOP stream, goes in its place.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import math
 import time
 from typing import Any
 
+import multiaddr
 import trio
+from libp2p.connection_types import ConnectionType
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 
 READ_BYTES = 1 << 20  # one read of a relayed stream at most (libp2p's MAX_READ_LEN is 64 KiB)
@@ -73,3 +81,24 @@ async def _relay_data(
 
 def relay_data() -> None:
     CircuitV2Protocol._relay_data = _relay_data  # type: ignore[method-assign]
+
+
+async def _handle_incoming_connection(self: Any, stream: Any, remote_peer_id: bytes) -> None:
+    """Upgrade a relayed inbound stream to a connection addressed through its relay."""
+    try:
+        peer_id = ID(remote_peer_id)
+        relay = stream.muxed_conn.peer_id
+        address = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{peer_id.to_base58()}")
+        raw = RawConnection(stream=stream, initiator=False, connection_type=ConnectionType.RELAYED,
+                            addresses=[address])
+        muxed = await self.host.upgrade_inbound_connection(raw, address)
+        for conn in self.host.get_network().get_connections(peer_id):
+            if getattr(conn, "muxed_conn", None) is muxed:
+                conn.set_transport_info([address], ConnectionType.RELAYED)
+    except Exception as error:
+        await stream.close()
+        raise ConnectionError(f"Failed to handle incoming connection: {error}") from error
+
+
+def stop_address() -> None:
+    CircuitV2Protocol.handle_incoming_connection = _handle_incoming_connection  # type: ignore[method-assign]
