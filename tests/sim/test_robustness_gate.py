@@ -7,18 +7,18 @@ defence, with rules mean and clipped_gossip (the default). Measured at this comm
 
 | attack | mean | default |
 |---|---|---|
-| none | 0.931 | 0.931 |
-| min_max | 0.656 | 0.869 |
-| clip_aware | 0.732 | 0.848 |
-| boiling_frog | 0.551 | 0.878 |
+| none | 0.931 | 0.930 |
+| min_max | 0.656 | 0.887 |
+| clip_aware | 0.732 | 0.884 |
+| boiling_frog | 0.551 | 0.869 |
 | ipm (eps 0.5) | 0.545 | 0.896 |
-| label_flip | 0.771 | 0.744 |
-| targeted_flip | 0.892 | 0.885 |
+| label_flip | 0.771 | 0.759 |
+| targeted_flip | 0.892 | 0.884 |
 
 The gate holds those within a small margin: the default defence far above plain mean on
-the attacks it is built for, within 10 points of no attack; on the two label flips it
-is not yet at plain mean's level on this seed (a documented gap, issue 17): the gate
-stops it from falling further.
+the attacks it is built for, within 7 points of no attack (6.1 measured); on the two
+label flips it is not yet at plain mean's level on this seed (a documented gap, issue 17;
+over seeds 0-2 it is above it): the gate stops it from falling further.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from p2pfl.sim.scorecard import scorecard
 GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_robustness.toml"
 DEFENDED = ("min_max", "clip_aware", "boiling_frog", "ipm")
 FLIPS = ("label_flip", "targeted_flip")
-WITHIN = 0.10  # default under a defended attack: at most this far below no attack
+WITHIN = 0.07  # default under a defended attack: at most this far below no attack
 ABOVE_MEAN = 0.05  # ... and at least this far above plain mean under the same attack
-FLIP_SLACK = 0.03  # label flips: at most this far below plain mean (measured 0.027, 0.007)
+FLIP_SLACK = 0.02  # label flips: at most this far below plain mean (measured 0.012, 0.008)
 
 
 @pytest.fixture(scope="module")
