@@ -123,8 +123,7 @@ def centered_clip(
         centre = c
         # v + sum_i s_i (x_i - v) with x_i - v = (e_i - c) @ D
         dist = span.distances(c)
-        ratio = clip_ratio(tau_, dist)
-        ratio[1:] = _vetted_ratio(inp, tau_, dist[1:], vetted_scale)
+        ratio = torch.cat([clip_ratio(tau_, dist[:1]), _vetted_ratio(inp, tau_, dist[1:], vetted_scale)])
         s = w * ratio
         c = c * (1 - s.sum()) + s
     trust = _vetted_ratio(inp, tau_, span.distances(centre)[1:], vetted_scale)
