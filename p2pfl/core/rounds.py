@@ -140,24 +140,13 @@ class Inbox:
         ) and update_round not in self._held.get(sender, {})
 
     def ready(self, expected: Collection[str], current_round: int, quorum: float) -> bool:
-        """Whether enough expected neighbours delivered an unused update of this round or later.
-
-        A peer whose update of a *later* round we aggregated already counts too, once
-        at least one update is fresh: its next update needs ours of this round first
-        (it is a round ahead), so waiting for it would run every round to the deadline.
-        """
+        """Whether enough expected neighbours delivered an unused update of this round or later."""
         if not expected:
             return True
-        need = math.ceil(quorum * len(expected))
         fresh = sum(
             1 for peer in expected if self._unused(peer, current_round, current_round + 10**9)
         )
-        ahead = sum(1 for peer in expected if self.ran_ahead(peer, current_round))
-        return fresh >= need or (fresh > 0 and fresh + ahead >= need)
-
-    def ran_ahead(self, peer: str, current_round: int) -> bool:
-        """Whether we aggregated an update of ``peer`` of a round after ``current_round``."""
-        return self._used_through.get(peer, -1) > current_round
+        return fresh >= math.ceil(quorum * len(expected))
 
     def take(self, current_round: int, *, max_lag: int, max_lead: int) -> list[Received]:
         """Return one unused update per peer for ``current_round`` and mark them used.

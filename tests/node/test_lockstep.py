@@ -8,10 +8,18 @@ node 3's r + 3, which node 3 only trains once it has closed round r + 2, which n
 0's r + 2 (quorum 1.0), which node 0 only trains once it has closed r + 1. Node 3's round
 deadline breaks the wait (it takes node 0's update of the round before), node 0 takes
 node 3's newest, and the cycle starts again: every round at the deadline, for ever.
+Catch-up never triggers: only node 3 of node 0's three neighbours is two rounds ahead.
+
+Not fixed yet. A candidate (commit 1bc7837, reverted): count toward the quorum a neighbour
+whose update of a later round was aggregated already (``Inbox.ran_ahead``), once one
+update is fresh, and record no NO_SHOW for it. It passes this test, but in the namespace
+NAT test's hostile scenario the nodes then closed far more rounds with 1-2 updates and the
+"round with every update everywhere" wait timed out in 2 of 5 runs.
 """
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from p2pfl.core.state import State
@@ -35,6 +43,7 @@ class Trains(Behaviour):
         await outbox.announce(round, state, samples)
 
 
+@pytest.mark.xfail(strict=True, reason="lockstep not fixed yet: see the module docstring")
 async def test_a_node_a_round_behind_does_not_hold_every_round_to_the_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
