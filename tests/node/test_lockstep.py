@@ -28,6 +28,7 @@ from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.node import Node
 from p2pfl.node.outbox import Outbox
 from tests.node.conftest import identities, make_network, make_node
+from tests.node.test_node_memory import run_all
 
 DEADLINE = 4.0
 
@@ -67,17 +68,6 @@ async def test_a_node_a_round_behind_does_not_hold_every_round_to_the_deadline(
 async def run_linking(nodes: list[Node], network: MemoryNetwork, edge: tuple[str, str], *, at: float,
                       rounds: int) -> None:
     """Run every node for ``rounds`` (serving until all are done); add ``edge`` at ``at``."""
-    remaining = len(nodes)
-    all_done = trio.Event()
-
-    async def one(node: Node) -> None:
-        nonlocal remaining
-        async with node:
-            await node.run(rounds=rounds)
-            remaining -= 1
-            if remaining == 0:
-                all_done.set()
-            await all_done.wait()
 
     async def link() -> None:
         await trio.sleep(at)
@@ -85,5 +75,4 @@ async def run_linking(nodes: list[Node], network: MemoryNetwork, edge: tuple[str
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link)
-        for node in nodes:
-            nursery.start_soon(one, node)
+        nursery.start_soon(run_all, nodes, rounds)
