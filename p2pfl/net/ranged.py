@@ -59,13 +59,12 @@ from libp2p.peer.id import ID
 from p2pfl.config import MiB
 from p2pfl.core.bounded import BoundedMap
 from p2pfl.errors import PeerUnreachable, ProtocolViolation
-from p2pfl.net.streamio import as_protocol_errors, read_exact, reset_quietly
+from p2pfl.net.streamio import as_protocol_errors, read_exact, reset_quietly, settled
 from p2pfl.net.transfer import (
     REPLY_HEADER,
     REQUEST_TIMEOUT,
     Status,
     _at_eof,
-    _close_quietly,
     _Malformed,
     _remote_peer,
     _Server,
@@ -230,13 +229,7 @@ async def _exchange(host: IHost, peer_id: str, request: bytes, expected: int) ->
         stream = await host.new_stream(ID.from_base58(peer_id), [RANGED_PROTOCOL_ID])
     except Exception as exc:
         raise PeerUnreachable(f"cannot open {RANGED_PROTOCOL_ID} to {peer_id[-8:]}: {exc!r}") from exc
-    try:
-        body = await _ask(stream, request, expected)
-    except BaseException:
-        await reset_quietly(stream)
-        raise
-    await _close_quietly(stream)
-    return body
+    return await settled(stream, lambda s: _ask(s, request, expected))
 
 
 async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:

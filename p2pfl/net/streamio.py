@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import trio
 from libp2p.abc import INetStream
@@ -53,6 +54,30 @@ async def reset_quietly(stream: INetStream, *, shield: bool = True) -> None:
             logger.debug("stream reset failed", exc_info=True)
 
 
+T = TypeVar("T")
+
+
+async def close_quietly(stream: INetStream) -> None:
+    """Close ``stream`` within :data:`RESET_TIMEOUT`, shielded; a failure is only logged
+    (what was read is complete and checked: closing is courtesy)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT):
+        try:
+            await stream.close()
+        except Exception:
+            logger.debug("stream close failed", exc_info=True)
+
+
+async def settled(stream: INetStream, work: Callable[[INetStream], Awaitable[T]]) -> T:
+    """Return ``await work(stream)``, then close the stream; reset it if ``work`` fails."""
+    try:
+        result = await work(stream)
+    except BaseException:
+        await reset_quietly(stream)
+        raise
+    await close_quietly(stream)
+    return result
+
+
 @contextlib.contextmanager
 def as_protocol_errors() -> Iterator[None]:
     """Let our TransferErrors through; turn anything else raised inside (an early end, a
@@ -69,4 +94,4 @@ def as_protocol_errors() -> Iterator[None]:
         raise ProtocolViolation(f"{type(exc).__name__}: {exc}") from exc
 
 
-__all__ = ["RESET_TIMEOUT", "as_protocol_errors", "read_exact", "reset_quietly"]
+__all__ = ["RESET_TIMEOUT", "as_protocol_errors", "close_quietly", "read_exact", "reset_quietly", "settled"]

@@ -79,7 +79,7 @@ from p2pfl.errors import (
     TransferError,
     TransferTimeout,
 )
-from p2pfl.net.streamio import RESET_TIMEOUT, as_protocol_errors, read_exact, reset_quietly
+from p2pfl.net.streamio import as_protocol_errors, read_exact, reset_quietly, settled
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -321,13 +321,7 @@ async def within(timeout: float, what: str, call: Callable[[], Awaitable[T]]) ->
 
 async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> CheckedPayload:
     stream = await _open_stream(host, peer_id)
-    try:
-        payload = await _pull(stream, digest, max_size)
-    except BaseException:
-        await reset_quietly(stream)
-        raise
-    await _close_quietly(stream)
-    return payload
+    return await settled(stream, lambda s: _pull(s, digest, max_size))
 
 
 async def _open_stream(host: IHost, peer_id: str) -> INetStream:
@@ -335,14 +329,6 @@ async def _open_stream(host: IHost, peer_id: str) -> INetStream:
         return await host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
     except Exception as exc:
         raise PeerUnreachable(f"cannot open {PROTOCOL_ID} to {peer_id[-8:]}: {exc!r}") from exc
-
-
-async def _close_quietly(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT):
-        try:
-            await stream.close()
-        except Exception:  # the payload is complete and verified; closing is courtesy
-            logger.debug("stream close failed", exc_info=True)
 
 
 async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayload:

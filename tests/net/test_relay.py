@@ -229,6 +229,8 @@ async def test_a_relayed_connection_to_a_reachable_peer_is_replaced_by_a_direct_
         await connect(public.host, natted.listen_addrs[0], timeout=5)  # in through the relay
         await wait_for(lambda: any("replaces the relayed one" in r.getMessage() for r in caplog.records)
                        and natted.peer_id in public.neighbours() and not natted.relayed_peers())
+        # the relayed connection may take a moment to close after its replacement opened
+        await wait_for(lambda: len(natted.host.get_network().get_connections(public.host.get_id())) == 1)
         [conn] = natted.host.get_network().get_connections(public.host.get_id())
         assert not is_relayed(conn)
 
