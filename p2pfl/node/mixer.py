@@ -26,6 +26,19 @@ from p2pfl.node.standing import Standing
 log = logging.getLogger(__name__)
 
 
+def own_weight(weights: Sequence[float]) -> float:
+    """The own model's weight beside neighbours at ``weights``: the share of them trusted.
+
+    A neighbour at weight 0 hands its share to the trusted neighbours, not to the own
+    model: a node that flagged three attacking neighbours of four mixes its last honest
+    one at 4/5, as it would have mixed all four, instead of 1/2, where its own non-IID
+    training held it apart from the network (issue 17; docs/DEFENCE.md section 2).
+    With every neighbour trusted (or none) the own model weighs 1, as a neighbour does.
+    """
+    trusted = sum(1 for w in weights if w > 0)
+    return trusted / len(weights) if trusted else 1.0
+
+
 class Mixer:
     """Aggregate a round's updates with the configured rule; record what it says of peers."""
 
@@ -117,7 +130,7 @@ class Mixer:
         """Weights of the neighbours and of the own model for the configured rule."""
         reputation = [self._standing.weight(u.sender) for u in updates]
         if not RULES[self._config.rule].uses_samples:
-            return reputation, 1.0
+            return reputation, own_weight(reputation)
         # FedAvg weighs by samples. Claims are capped at 4x our own so that a peer cannot
         # buy influence by lying about its data.
         cap = 4 * max(samples, 1)

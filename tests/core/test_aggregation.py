@@ -572,10 +572,38 @@ def test_a_vetted_neighbour_pulls_at_most_vetted_scale_radii(
     moved = float(torch.linalg.vector_norm(vec(result.state) - vec(own)))
     bound = sum((scale if v else 1.0) * result.radius for v in vetted) / (1.0 + n)
     assert moved <= bound * (1 + 1e-9) + 1e-9
+    shared = (n + (scale - 1.0) * any(vetted)) * result.radius / (1.0 + n)  # the reach beyond one radius is shared
+    assert moved <= shared * (1 + 1e-9) + 1e-9
     for t, v, s in zip(result.trust, vetted, nbs, strict=True):
         d = float(torch.linalg.vector_norm(vec(s) - vec(own)))
         limit = (scale if v else 1.0) * result.radius
         assert t == pytest.approx(min(1.0, limit / d) if d > 0 else 1.0)
+
+
+def test_vetted_neighbours_pulling_together_reach_no_further_than_one_of_them() -> None:
+    # Three far neighbours in one direction, all vetted (attackers drifting slowly enough
+    # to pass the harm check), and one close honest one: beyond the radius, the three
+    # together move us as far as one vetted neighbour could alone; each keeps its radius.
+    own = model(np.zeros(9))
+    close = model(np.full(9, 0.01))
+    far = [model(np.full(9, 5.0 + k)) for k in range(3)]
+    kwargs = {"own_step": 0.1, "vetted": [False, True, True, True]}
+    alone = aggregate("clipped_gossip", own, [close, far[0]], [1.0, 1.0],
+                      own_step=0.1, vetted=[False, True])
+    shared = aggregate("clipped_gossip", own, [close, *far], [1.0] * 4, **kwargs)
+    summed = aggregate("clipped_gossip", own, [close, *far], [1.0] * 4, shared_reach=False, **kwargs)
+    assert shared.radius == pytest.approx(0.2)  # the step cap, 2 own steps
+    tau, share = 0.2, 1 / 5  # four neighbours of weight 1 and the own model
+    moved = float(torch.linalg.vector_norm(vec(shared.state) - vec(own)))
+    assert moved <= share * float(torch.linalg.vector_norm(vec(close) - vec(own))) \
+        + 3 * share * tau + share * (DEFAULT_VETTED_SCALE - 1) * tau + 1e-6
+    assert float(torch.linalg.vector_norm(vec(summed.state) - vec(own))) > 2 * moved
+    assert shared.trust == summed.trust  # the evidence is the same; only the reach is shared
+    lone = aggregate("clipped_gossip", own, [close, far[0]], [1.0, 1.0], own_step=0.1,
+                     vetted=[False, True], shared_reach=False)
+    assert torch.equal(vec(alone.state), vec(lone.state))  # one vetted neighbour: nothing to share
+    with pytest.raises(AggregationError, match="shared_reach"):
+        aggregate("clipped_gossip", own, [close], [1.0], shared_reach="yes")
 
 
 def test_vetted_scale_is_validated_and_equal_inputs_stay_put() -> None:

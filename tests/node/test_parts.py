@@ -207,6 +207,19 @@ def test_other_rules_weigh_by_reputation_alone() -> None:
     assert own == 1.0
 
 
+def test_a_flagged_neighbour_hands_its_share_to_the_trusted_ones_not_to_our_model() -> None:
+    mix, standing = mixer("clipped_gossip")
+    for number in range(30):  # "b" and "c" are clipped to nothing, round after round
+        for peer in ("b", "c"):
+            standing.record_trust(peer, 0.0, number)
+        standing.end_round(number)
+    assert standing.weight("b") == standing.weight("c") == 0.0 < standing.weight("a")
+    updates = [received(peer, 1.0, 5) for peer in ("a", "b", "c")]
+    weights, own = mix.weights(updates, samples=10)
+    assert own == pytest.approx(1 / 3)  # one trusted neighbour of three
+    assert mix.weights(updates[:1], samples=10)[1] == 1.0
+
+
 async def test_mix_aggregates_and_records_the_trust_as_evidence() -> None:
     mix, standing = mixer("mean")
     own = {"w": torch.tensor([0.0])}

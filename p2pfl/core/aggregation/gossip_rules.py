@@ -27,6 +27,7 @@ from p2pfl.core.aggregation.base import (
     rule,
     weighted_mean,
 )
+from p2pfl.errors import AggregationError
 
 
 def median_cap(dist: torch.Tensor, w: torch.Tensor, kappa: float) -> float:
@@ -92,6 +93,30 @@ def _vetted_ratio(
     return torch.where(inp.vetted, wide, ratio)
 
 
+def _shared_reach(
+    coef: torch.Tensor, share: torch.Tensor, dist: torch.Tensor, diffs: torch.Tensor, tau: float,
+    vetted: torch.Tensor, vetted_scale: float,
+) -> torch.Tensor:
+    """Scale the vetted neighbours' pull beyond the radius so that together it reaches
+    no further than the largest vetted share could alone.
+
+    Vetting gives one far neighbour that does us no harm (the one across a bridge between
+    communities) ``vetted_scale`` radii. Several vetted neighbours pulling the same way
+    beyond the radius add up: three attackers of four that drift slowly enough to stay
+    vetted (``boiling_frog``) dragged the node they surround to 0.58 (issue 17). Within
+    the radius everyone keeps the pull the rule gives anyway.
+    """
+    if not bool(vetted.any()) or tau <= 0 or math.isinf(vetted_scale):
+        return coef
+    base = share * clip_ratio(tau, dist)
+    beyond = torch.where(vetted, coef - base, torch.zeros_like(coef)).clamp(min=0)
+    reach = float(torch.linalg.vector_norm(beyond @ diffs))
+    budget = float(share[vetted].max()) * (vetted_scale - 1) * tau
+    if reach <= budget:
+        return coef
+    return torch.where(vetted, base + beyond * (budget / reach), coef)
+
+
 @rule("centered_clip", clipping=True)
 def centered_clip(
     inp: Inputs,
@@ -138,6 +163,7 @@ def clipped_gossip(
     kappa: float = DEFAULT_MEDIAN_CAP,
     vetted_scale: float = DEFAULT_VETTED_SCALE,
     step_cap: float = STEP_CAP,
+    shared_reach: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Self-centred clipped gossip: x' = x + sum_j w_j clip(x_j - x, tau).
 
@@ -161,7 +187,12 @@ def clipped_gossip(
     node and its honest neighbours hold the majority of the weight. With the node's own
     last local step (``own_step``) given, the radius is also at most ``step_cap`` times it:
     however many neighbours attack, none drags the node further per round than that.
+    Neighbours the harm check vetted reach ``vetted_scale`` radii, together no further
+    beyond the radius than the largest vetted share alone (``shared_reach``; false lets
+    each vetted neighbour use its own reach, as before issue 17's fourth pass).
     """
+    if not isinstance(shared_reach, bool):
+        raise AggregationError(f"shared_reach must be true or false, got {shared_reach!r}")
     diffs = inp.neighbours - inp.own  # (n, d)
     dist = torch.linalg.vector_norm(diffs, dim=1)
     tau_ = _radius(inp, dist, tau, delta, kappa, step_cap)
@@ -169,7 +200,11 @@ def clipped_gossip(
     trust = _vetted_ratio(inp, tau_, dist, _checked_scale(vetted_scale))
     if total <= 0:
         return inp.own.clone(), trust, tau_
-    return inp.own + (inp.weights[1:] / total * trust) @ diffs, trust, tau_
+    coef = inp.weights[1:] / total * trust
+    if shared_reach and inp.vetted is not None:
+        coef = _shared_reach(coef, inp.weights[1:] / total, dist, diffs, tau_, inp.vetted,
+                             _checked_scale(vetted_scale))
+    return inp.own + coef @ diffs, trust, tau_
 
 
 @rule("balance")
