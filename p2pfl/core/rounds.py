@@ -107,7 +107,9 @@ class Inbox:
     """Verified neighbour updates by sender and round; each round of a peer used once.
 
     A peer ahead of us may deliver round r+1 before we close round r: we keep both, use
-    round r now and r+1 next time, so being ahead never makes a peer look absent.
+    round r now and r+1 next time, so being ahead never makes a peer look absent. A round
+    uses a peer's update of at most the next round; one from further ahead counts toward
+    the quorum but waits for a later round of ours (see :meth:`take`).
     """
 
     def __init__(self, *, keep_rounds: int = 8, max_digests: int = 4096) -> None:
@@ -140,26 +142,36 @@ class Inbox:
         ) and update_round not in self._held.get(sender, {})
 
     def ready(self, expected: Collection[str], current_round: int, quorum: float) -> bool:
-        """Whether enough expected neighbours delivered an unused update of this round or later."""
+        """Whether enough expected neighbours delivered (see :meth:`delivered`)."""
         if not expected:
             return True
-        fresh = sum(
-            1 for peer in expected if self._unused(peer, current_round, current_round + 10**9)
-        )
+        fresh = sum(1 for peer in expected if self.delivered(peer, current_round))
         return fresh >= math.ceil(quorum * len(expected))
 
-    def take(self, current_round: int, *, max_lag: int, max_lead: int) -> list[Received]:
+    def delivered(self, peer: str, current_round: int) -> bool:
+        """Whether ``peer`` delivered an unused update of this round or a later one.
+
+        An update two rounds ahead counts although this round will not use it (see
+        :meth:`take`): its author is ahead, not absent, and may be waiting for us.
+        """
+        return bool(self._unused(peer, current_round, current_round + 10**9))
+
+    def take(self, current_round: int, *, max_lag: int) -> list[Received]:
         """Return one unused update per peer for ``current_round`` and mark them used.
 
-        Per peer: its latest round not after ours, else its earliest one ahead of ours.
+        Per peer: its latest round not after ours, else its update of our next round.
+        One from further ahead waits for a later round of ours: a peer's r+2 used in our
+        round r would have us wait in round r+1 for its r+3, which it trains only once it
+        has our r+2 (quorum 1.0), which we train only after closing r+1. Every round then
+        ran to the deadline (tests/node/test_lockstep.py).
         """
         chosen = []
         for peer in sorted(self._held):
-            rounds = self._unused(peer, current_round - max_lag, current_round + max_lead)
+            rounds = self._unused(peer, current_round - max_lag, current_round + 1)
             if not rounds:
                 continue
             behind = [r for r in rounds if r <= current_round]
-            pick = max(behind) if behind else min(rounds)
+            pick = max(behind) if behind else current_round + 1
             chosen.append(self._held[peer][pick])
             self._used_through[peer] = pick
             for old in [r for r in self._held[peer] if r <= pick]:

@@ -36,7 +36,8 @@ class RoundConfig:
     # still count); older ones are stale.
     max_lag: int = 2
     # Updates from further ahead than this are not used (a fast peer is buffered; a
-    # peer claiming round 10**9 is ignored).
+    # peer claiming round 10**9 is ignored). A round uses at most the next round's
+    # update of a peer; those further ahead wait for a later round (core/rounds.py).
     max_lead: int = 2
     # Re-announce our update this often until the round closes: gossip is lossy, but
     # every copy costs each peer ~10 ms of CPU in py-libp2p.

@@ -160,8 +160,7 @@ class Ingress:
 
     def take(self, round: int) -> list[Received]:
         """The updates to aggregate in ``round`` (see :meth:`Inbox.take`)."""
-        rounds = self._config.rounds
-        return self.inbox.take(round, max_lag=rounds.max_lag, max_lead=rounds.max_lead)
+        return self.inbox.take(round, max_lag=self._config.rounds.max_lag)
 
     def _on_announcement(self, transport: Transport, announcement: Announcement) -> None:
         parsed: ParsedAnnouncement | None = announcement.value

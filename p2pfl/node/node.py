@@ -296,8 +296,9 @@ class Node:
         updates = [u for u in updates if not self._standing.banned(u.sender, round=number)]
         self.learner.set_state(await self._mixer.mix(number, own, self._start, updates, samples))
         delivered = {u.sender for u in updates}
-        for peer in self._expected():
-            if peer not in delivered:
+        inbox = self._ingress.inbox
+        for peer in self._expected():  # a peer whose update waits for our next round is not absent
+            if peer not in delivered and not inbox.delivered(peer, number):
                 self._standing.record(peer, Evidence.NO_SHOW, number, "no update this round")
         # A neighbour that has published nothing through a whole round (a monitor, an
         # observer) stops counting toward the quorum until it publishes.

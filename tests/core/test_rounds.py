@@ -50,8 +50,8 @@ def test_quorum_counts_only_expected_fresh_updates() -> None:
 def test_each_round_of_a_peer_is_used_once() -> None:
     inbox = Inbox()
     inbox.deliver(update("a", 5))
-    assert [u.round for u in inbox.take(5, max_lag=2, max_lead=2)] == [5]
-    assert inbox.take(5, max_lag=2, max_lead=2) == []
+    assert [u.round for u in inbox.take(5, max_lag=2)] == [5]
+    assert inbox.take(5, max_lag=2) == []
     assert not inbox.wants("a", 5)
     inbox.deliver(update("a", 5))  # a resend after use is not held again
     assert not inbox.ready(["a"], 5, 1.0)
@@ -61,9 +61,34 @@ def test_a_peer_ahead_is_used_round_by_round() -> None:
     inbox = Inbox()
     inbox.deliver(update("a", 5))
     inbox.deliver(update("a", 6))  # a is one round ahead of us
-    assert [u.round for u in inbox.take(5, max_lag=2, max_lead=2)] == [5]
+    assert [u.round for u in inbox.take(5, max_lag=2)] == [5]
     assert inbox.ready(["a"], 6, 1.0)  # its round 6 is still there for our round 6
-    assert [u.round for u in inbox.take(6, max_lag=2, max_lead=2)] == [6]
+    assert [u.round for u in inbox.take(6, max_lag=2)] == [6]
+
+
+def test_an_update_two_rounds_ahead_counts_now_and_is_used_next_round() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 7))  # the first we hear of a: two rounds ahead of ours
+    inbox.deliver(update("b", 5))
+    assert inbox.ready(["a", "b"], 5, 1.0)  # a is ahead, not absent: do not wait for it
+    assert {u.sender: u.round for u in inbox.take(5, max_lag=2)} == {"b": 5}
+    assert inbox.delivered("a", 5)  # still held: no NO_SHOW for a
+    # Used now, a's 7 would have us wait in round 6 for its 8, which a trains only once
+    # it has our 7: every round to the deadline. Held, it is what round 6 uses.
+    inbox.deliver(update("b", 6))
+    assert inbox.ready(["a", "b"], 6, 1.0)
+    assert {u.sender: u.round for u in inbox.take(6, max_lag=2)} == {"a": 7, "b": 6}
+    assert not inbox.ready(["a", "b"], 7, 1.0)  # a's 7 is used: its 8 comes after our 7
+
+
+def test_a_peer_ahead_does_not_close_the_round_without_the_others() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 7))
+    inbox.deliver(update("a", 6))
+    assert not inbox.ready(["a", "b"], 5, 1.0)
+    assert not inbox.ready(["a", "b", "c"], 5, 0.6)
+    assert inbox.ready(["a", "b"], 5, 0.5)
+    assert [u.round for u in inbox.take(5, max_lag=2)] == [6]  # its next round's, then 7
 
 
 def test_take_respects_the_window() -> None:
@@ -71,7 +96,7 @@ def test_take_respects_the_window() -> None:
     inbox.deliver(update("old", 1))
     inbox.deliver(update("ahead", 9))
     inbox.deliver(update("lagging", 4))
-    taken = {u.sender: u.round for u in inbox.take(5, max_lag=2, max_lead=2)}
+    taken = {u.sender: u.round for u in inbox.take(5, max_lag=2)}
     assert taken == {"lagging": 4}
 
 
