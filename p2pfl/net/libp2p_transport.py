@@ -169,8 +169,9 @@ class Libp2pTransport:
             return
         try:
             yield conn
-        except TransferTimeout:
-            self.relaying.book.record(relay, STALLED, "a pull through it stalled")
+        except (TransferTimeout, PeerUnreachable) as error:  # stalled, or no stream opened
+            what = "stalled" if isinstance(error, TransferTimeout) else "could not open a stream"
+            self.relaying.book.record(relay, STALLED, f"a pull through it {what}")
             if self.relaying.book.weight(relay) == 0:  # redial through another relay
                 self._nursery.start_soon(conn.close)  # type: ignore[union-attr]
             raise

@@ -25,10 +25,10 @@
     a connection is replaced (a relayed one by a direct one, a circuit redialled), our
     stream to the peer on the old connection fails at its next write, after the peer has
     sent its subscriptions again on the new one: they are forgotten, the peer never sends
-    them again, and we send it no message for good (one node's updates never reached
-    another in about 1 NAT test run of 5). Patched: the subscriptions of a peer still
-    connected are kept (our stream to it is reopened as before); a peer gone is forgotten
-    as before.
+    them again, and we send it no message for good (the likely cause of the NAT test's
+    runs, about 1 in 5, where a node never got a directly connected neighbour's update).
+    Patched: the subscriptions of a peer still connected are kept (our stream to it is
+    reopened as before); a peer gone is forgotten as before.
 ``signed_records``
     Every pubsub RPC carries the sender's signed peer record; py-libp2p parses, verifies
     and stores it on every RPC received (twice: pubsub and the router), and rebuilds the
