@@ -160,7 +160,8 @@ class Gossip:
         self._delivered: BoundedMap[tuple[str, bytes], bool] = BoundedMap(SEEN_CAPACITY)
         self._bucket = TokenBucket(publish_rate, burst=max(1.0, publish_rate), now=trio.current_time())
         self._send, self._receive = trio.open_memory_channel[Announcement](buffer)
-        self._unlisted: dict[str, float] = {}  # neighbour -> since when pubsub has not listed it
+        # neighbour -> (its connections, since when pubsub has not listed it over them)
+        self._unlisted: dict[str, tuple[set[int], float]] = {}
 
     def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
         """Return the bounded channel of validated announcements from other peers."""
@@ -238,7 +239,8 @@ class Gossip:
 
     def unlisted(self, neighbours: Iterable[str]) -> list[str]:
         """``neighbours`` that pubsub has not listed as subscribed to our topic for
-        :data:`UNLISTED_AFTER` seconds, sorted: we send them no announcement.
+        :data:`UNLISTED_AFTER` seconds over the same connections (over a new one the peer
+        may yet say hello: the wait starts over), sorted: we send them no announcement.
 
         A peer's subscriptions arrive once, on its stream to us. py-libp2p forgot them when
         our stream to a still-connected peer failed (patch ``pubsub_live_subscriptions``),
@@ -247,8 +249,12 @@ class Gossip:
         """
         now = trio.current_time()
         listed = set(self.subscribed_peers())
-        self._unlisted = {p: self._unlisted.get(p, now) for p in neighbours if p not in listed}
-        return sorted(p for p, since in self._unlisted.items() if now - since >= UNLISTED_AFTER)
+        network, seen = self.host.get_network(), self._unlisted
+        self._unlisted = {}
+        for peer in (p for p in neighbours if p not in listed):
+            conns = {id(c) for c in network.get_connections(ID.from_base58(peer))}
+            self._unlisted[peer] = seen[peer] if peer in seen and seen[peer][0] == conns else (conns, now)
+        return sorted(p for p, (_, since) in self._unlisted.items() if now - since >= UNLISTED_AFTER)
 
     async def deliver(self, subscription: Any) -> None:
         """Move validated messages from the subscription to the announcement channel."""

@@ -224,13 +224,19 @@ async def test_a_neighbour_gossip_does_not_list_for_a_while_is_named(
 ) -> None:
     listed, lost = (Identity.generate().peer_id for _ in range(2))
     topic = topic_for("t")
+    conns: dict[str, list[object]] = {listed: [object()], lost: [object()]}
+    network = SimpleNamespace(get_connections=lambda peer: conns[peer.to_string()])
     pubsub = SimpleNamespace(peer_topics={topic: {ID.from_base58(listed)}})
-    gossip = Gossip(None, pubsub, None, topic=topic, limits=Limits(),  # type: ignore[arg-type]
-                    validator=echo_validator, publish_rate=8.0, buffer=4)
+    gossip = Gossip(SimpleNamespace(get_network=lambda: network), pubsub, None,  # type: ignore[arg-type]
+                    topic=topic, limits=Limits(), validator=echo_validator, publish_rate=8.0, buffer=4)
     assert gossip.unlisted([listed, lost]) == []
     await trio.sleep(UNLISTED_AFTER - 0.1)
     assert gossip.unlisted([listed, lost]) == []  # a new connection says hello within this
     await trio.sleep(0.1)
+    assert gossip.unlisted([listed, lost]) == [lost]
+    conns[lost] = [object()]  # connected anew: the wait starts over
+    assert gossip.unlisted([listed, lost]) == []
+    await trio.sleep(UNLISTED_AFTER)
     assert gossip.unlisted([listed, lost]) == [lost]
     pubsub.peer_topics[topic].add(ID.from_base58(lost))  # listed again: the wait starts over
     assert gossip.unlisted([listed, lost]) == []
