@@ -58,7 +58,7 @@ from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     PeerRecord,
     parse_p2p_addr,
 )
-from p2pfl.net.relaybook import RelayBook
+from p2pfl.net.relaybook import STALLED, RelayBook, relay_of
 from p2pfl.net.streamio import reset_quietly
 
 logger = logging.getLogger(__name__)
@@ -310,10 +310,13 @@ class Neighbourhood:
         await self._top_up()
 
     async def _probe(self, peer: str) -> None:
+        relays = {relay_of(c) for c in self.host.get_network().get_connections(ID.from_base58(peer))}
         try:
             await self.exchange(peer)
         except NetworkError as error:
             logger.info("neighbour %s failed its probe: %s", short_id(peer), error)
+            if len(relays) == 1 and (relay := relays.pop()) is not None:  # through that relay only
+                self.relays.record(relay, STALLED, "a peer exchange through it failed")
             self.book.failed(peer, trio.current_time(), str(error))
             await self.disconnect(peer)
 

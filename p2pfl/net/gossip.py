@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,10 @@ RECEIVE_RATE_PER_FORWARDER = 50.0
 # what one frame can make us buffer (the default is 1 MiB).
 MAX_RPC_BYTES = 256 * 1024
 SEEN_CAPACITY = 4096
+# A connected neighbour that pubsub has not listed as subscribed to our topic for this
+# long gets none of our announcements, and nothing in pubsub asks it again (see
+# :meth:`Gossip.unlisted`).
+UNLISTED_AFTER = 5.0
 
 
 def topic_for(network_id: str) -> str:
@@ -156,6 +160,8 @@ class Gossip:
         self._delivered: BoundedMap[tuple[str, bytes], bool] = BoundedMap(SEEN_CAPACITY)
         self._bucket = TokenBucket(publish_rate, burst=max(1.0, publish_rate), now=trio.current_time())
         self._send, self._receive = trio.open_memory_channel[Announcement](buffer)
+        # neighbour -> (its connections, since when pubsub has not listed it over them)
+        self._unlisted: dict[str, tuple[set[int], float]] = {}
 
     def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
         """Return the bounded channel of validated announcements from other peers."""
@@ -230,6 +236,25 @@ class Gossip:
         """Return the peers subscribed to our topic that pubsub knows, sorted."""
         peers = self.pubsub.peer_topics.get(self.topic, set())
         return tuple(sorted(p.to_string() for p in peers))
+
+    def unlisted(self, neighbours: Iterable[str]) -> list[str]:
+        """``neighbours`` that pubsub has not listed as subscribed to our topic for
+        :data:`UNLISTED_AFTER` seconds over the same connections (over a new one the peer
+        may yet say hello: the wait starts over), sorted: we send them no announcement.
+
+        A peer's subscriptions arrive once, on its stream to us. py-libp2p forgot them when
+        our stream to a still-connected peer failed (patch ``pubsub_live_subscriptions``),
+        which a replaced connection caused; this is the safety net for any other way of
+        losing them: the caller reconnects these peers (both ends then say hello again).
+        """
+        now = trio.current_time()
+        listed = set(self.subscribed_peers())
+        network, seen = self.host.get_network(), self._unlisted
+        self._unlisted = {}
+        for peer in (p for p in neighbours if p not in listed):
+            conns = {id(c) for c in network.get_connections(ID.from_base58(peer))}
+            self._unlisted[peer] = seen[peer] if peer in seen and seen[peer][0] == conns else (conns, now)
+        return sorted(p for p, (_, since) in self._unlisted.items() if now - since >= UNLISTED_AFTER)
 
     async def deliver(self, subscription: Any) -> None:
         """Move validated messages from the subscription to the announcement channel."""
@@ -320,6 +345,7 @@ __all__ = [
     "Gossip",
     "GossipCounters",
     "TokenBucket",
+    "UNLISTED_AFTER",
     "build_router",
     "open_gossip",
     "score_params",

@@ -38,7 +38,7 @@ from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import PayloadTooLarge, PeerUnreachable, TransferError, TransferTimeout
 from p2pfl.net.discovery import Neighbourhood
-from p2pfl.net.gossip import Gossip, open_gossip
+from p2pfl.net.gossip import UNLISTED_AFTER, Gossip, open_gossip
 from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
 from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
@@ -85,6 +85,7 @@ class Libp2pTransport:
         self._relayed_bytes = 0  # payload bytes in or out over relayed connections
         self._paths: dict[str, bool] = {}  # connected peer -> relayed? (as last logged)
         self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
+        self.relisted = 0  # neighbours reconnected because gossip had lost them
 
     @property
     def peer_id(self) -> str:
@@ -168,8 +169,9 @@ class Libp2pTransport:
             return
         try:
             yield conn
-        except TransferTimeout:
-            self.relaying.book.record(relay, STALLED, "a pull through it stalled")
+        except (TransferTimeout, PeerUnreachable) as error:  # stalled, or no stream opened
+            what = "stalled" if isinstance(error, TransferTimeout) else "could not open a stream"
+            self.relaying.book.record(relay, STALLED, f"a pull through it {what}")
             if self.relaying.book.weight(relay) == 0:  # redial through another relay
                 self._nursery.start_soon(conn.close)  # type: ignore[union-attr]
             raise
@@ -293,6 +295,7 @@ class Libp2pTransport:
             payload_relayed=self._relayed_bytes,
             relay_scores=self.relaying.book.scores(),
             relay_forwarded=self.relaying.forwarded_bytes,
+            gossip_reconnects=self.relisted,
         )
 
     def _on_range(self, peer: str, digest: bytes, size: int) -> None:
@@ -415,7 +418,7 @@ async def open_libp2p_transport(
 
 async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, interval: float) -> None:
     """Ask for dial-backs, keep relay slots while private, dial relayed peers directly
-    where they can be, log paths; every ``interval``."""
+    where they can be, log paths, reconnect neighbours gossip lost; every ``interval``."""
     while True:
         try:
             direct = transport.direct_peers()
@@ -425,6 +428,11 @@ async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, inter
             await transport.relaying.upgrade({p: list(book[p].addrs) for p in transport.relayed_peers()
                                               if p in book})
             transport.log_paths()
+            for peer in transport.gossip.unlisted(transport.neighbours()):  # both ends say hello again
+                logger.info("neighbour %s: not subscribed in gossip for %.0f s; reconnecting",
+                            short_id(peer), UNLISTED_AFTER)
+                transport.relisted += 1
+                await transport.neighbourhood.disconnect(peer)
         except Exception:  # a libp2p surprise must not take the node's network down
             logger.exception("reachability pass failed; retrying next interval")
         await trio.sleep(interval)

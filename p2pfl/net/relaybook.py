@@ -12,7 +12,8 @@ round), one book round per :data:`RELAY_ROUND` seconds:
 - :data:`FAILED`, a reservation or circuit dial that fails without the relay refusing
   (a full relay, or a peer without a slot there, is no evidence): NO_SHOW, mild (a dead
   relay, or a slow one);
-- :data:`STALLED`, a pull over a relayed connection that stalls to its deadline:
+- :data:`STALLED`, a pull over a relayed connection that stalls to its deadline or
+  cannot open its stream, or a peer exchange (the neighbour probe) through it that fails:
   OUTLIER by a half (an unknown relay falls to the bottom at once, one with a record of
   working circuits does not: the far end may have been slow);
 - :data:`BROKEN`, a relayed connection that dies under a pull (the relay dropped it, or

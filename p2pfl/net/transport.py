@@ -77,6 +77,8 @@ class TrafficStats:
     relay_forwarded: int = 0  # bytes this node forwarded as a relay for others
     # relays this node used (reserved on, dialled or pulled through) -> weight, 0: at the bottom
     relay_scores: tuple[tuple[str, float], ...] = ()
+    # neighbours reconnected because gossip had stopped sending to them (Gossip.unlisted)
+    gossip_reconnects: int = 0
 
 
 @runtime_checkable

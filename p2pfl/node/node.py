@@ -404,4 +404,5 @@ class Node:
             payload_relayed=traffic.payload_relayed if traffic else 0,
             relay_forwarded=traffic.relay_forwarded if traffic else 0,
             relay_scores=traffic.relay_scores if traffic else (),
+            gossip_reconnects=traffic.gossip_reconnects if traffic else 0,
         )

@@ -80,6 +80,7 @@ class NodeStatistics:
     payload_relayed: int = 0
     relay_forwarded: int = 0
     relay_scores: tuple[tuple[str, float], ...] = ()  # relays used -> weight (0: not used)
+    gossip_reconnects: int = 0  # neighbours reconnected because gossip had lost them
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

@@ -10,12 +10,17 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
+from libp2p.peer.id import ID
 
 from p2pfl.config import Limits, NetConfig
+from p2pfl.core.crypto import Identity
 from p2pfl.errors import ConfigError, NetworkError, PeerUnreachable
+from p2pfl.net import gossip as gossip_module
 from p2pfl.net.discovery import (
     MAX_REPLY_BYTES,
     PeerBook,
@@ -24,7 +29,14 @@ from p2pfl.net.discovery import (
     encode_request,
     parse_p2p_addr,
 )
-from p2pfl.net.gossip import BoundedCache, Gossip, TokenBucket, open_gossip, topic_for
+from p2pfl.net.gossip import (
+    UNLISTED_AFTER,
+    BoundedCache,
+    Gossip,
+    TokenBucket,
+    open_gossip,
+    topic_for,
+)
 from p2pfl.net.host import connect, key_pair_from_secret, listen_addrs, open_host
 from p2pfl.net.libp2p_transport import Libp2pTransport, open_libp2p_transport
 from p2pfl.net.transport import Transport
@@ -192,6 +204,61 @@ async def test_reannouncement_is_not_redelivered_and_validator_runs_once() -> No
             assert (await a.announcements().receive()).data == b"ok other"
         await wait_for(lambda: a.counters.duplicates == 2)
         assert calls == [b"ok same", b"ok other"]
+
+
+async def test_a_dead_stream_to_a_connected_peer_keeps_its_subscriptions() -> None:
+    async with gossip_pair() as (a, b):
+        peer = b.host.get_id()
+        old = a.pubsub.peers[peer]
+        await old.reset()  # a's stream to b dies (its connection replaced), b stays connected
+        await a.publish(b"ok lost")  # the write fails: pubsub drops the stream, opens another
+        await wait_for(lambda: a.pubsub.peers.get(peer) not in (None, old))
+        assert a.subscribed_peers() == (peer.to_string(),)  # b never sends them again
+        await a.publish(b"ok again")
+        with trio.fail_after(5):
+            assert (await b.announcements().receive()).data == b"ok again"
+
+
+async def test_a_neighbour_gossip_does_not_list_for_a_while_is_named(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    listed, lost = (Identity.generate().peer_id for _ in range(2))
+    topic = topic_for("t")
+    conns: dict[str, list[object]] = {listed: [object()], lost: [object()]}
+    network = SimpleNamespace(get_connections=lambda peer: conns[peer.to_string()])
+    pubsub = SimpleNamespace(peer_topics={topic: {ID.from_base58(listed)}})
+    gossip = Gossip(SimpleNamespace(get_network=lambda: network), pubsub, None,  # type: ignore[arg-type]
+                    topic=topic, limits=Limits(), validator=echo_validator, publish_rate=8.0, buffer=4)
+    assert gossip.unlisted([listed, lost]) == []
+    await trio.sleep(UNLISTED_AFTER - 0.1)
+    assert gossip.unlisted([listed, lost]) == []  # a new connection says hello within this
+    await trio.sleep(0.1)
+    assert gossip.unlisted([listed, lost]) == [lost]
+    conns[lost] = [object()]  # connected anew: the wait starts over
+    assert gossip.unlisted([listed, lost]) == []
+    await trio.sleep(UNLISTED_AFTER)
+    assert gossip.unlisted([listed, lost]) == [lost]
+    pubsub.peer_topics[topic].add(ID.from_base58(lost))  # listed again: the wait starts over
+    assert gossip.unlisted([listed, lost]) == []
+    pubsub.peer_topics[topic].clear()
+    assert gossip.unlisted([listed]) == []  # lost is no neighbour now: forgotten
+    await trio.sleep(UNLISTED_AFTER)
+    assert gossip.unlisted([listed, lost]) == [listed]  # lost counts from this call only
+
+
+async def test_a_neighbour_gossip_lost_is_reconnected_and_hears_us_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gossip_module, "UNLISTED_AFTER", 0.2)
+    async with network(2) as (a, b):
+        await wait_for(lambda: a.neighbours() == (b.peer_id,) and b.gossip.subscribed_peers() == (a.peer_id,)
+                       and a.gossip.subscribed_peers() == (b.peer_id,))
+        a.gossip.pubsub._forget_all_subscriptions(ID.from_base58(b.peer_id))  # lost, whatever the way
+        await wait_for(lambda: a.stats().gossip_reconnects == 1)  # a's next pass reconnected b
+        await wait_for(lambda: a.gossip.subscribed_peers() == (b.peer_id,))  # both said hello again
+        await a.publish(b"after")
+        with trio.fail_after(5):
+            assert (await b.announcements().receive()).data == b"after"
 
 
 async def test_own_rejected_or_oversize_publish_raises_and_costs_nothing() -> None:

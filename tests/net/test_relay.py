@@ -46,7 +46,7 @@ RESET = (StreamFailure, StreamReset, StreamEOF)
 
 @contextlib.asynccontextmanager
 async def node(**net: Any) -> AsyncIterator[Libp2pTransport]:
-    config = NetConfig(maintenance_interval=0.2, dial_timeout=2.0, **net)
+    config = NetConfig(**{"maintenance_interval": 0.2, "dial_timeout": 2.0, **net})
     async with open_libp2p_transport(secret=Identity.generate().secret_bytes(), network_id="t",
                                      config=config, limits=Limits(), validator=lambda o, d: d) as t:
         yield t
@@ -345,3 +345,34 @@ async def test_a_slot_on_a_relay_at_the_bottom_is_given_up_for_another() -> None
         await wait_for(lambda: set(natted.relaying.slots) == {good.peer_id})
         assert [relay_in(a) for a in natted.listen_addrs if relay_in(a)] == [good.peer_id]
         assert natted.stats().relays == (good.peer_id,)
+
+
+async def test_a_relay_that_stalls_a_peer_exchange_or_a_stream_opening_loses_standing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forward = patches.relay._forward
+    async with (node() as bad,
+                node(bootstrap=(bad.listen_addrs[0],), relays=1, **STAY_RELAYED,
+                     target_neighbours=1) as natted,
+                node(target_neighbours=1, hole_punching=False, maintenance_interval=60.0) as other):
+
+        async def stall(relay: Any, dst_stream: Any, data: bytes) -> None:
+            await trio.sleep_forever()  # from now on nothing crosses, the circuit stays open
+
+        await behind_nat(natted)
+        stay_relayed(natted, monkeypatch)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        await connect(other.host, natted.listen_addrs[0], timeout=5, relays=other.relaying.book)
+        monkeypatch.setattr(patches.relay, "_forward", stall)
+        with trio.fail_after(10):
+            await other.neighbourhood._probe(natted.peer_id)  # the peer exchange times out
+        reasons = [e.reason for e in other.relaying.book.book.history(bad.peer_id)]
+        assert reasons == ["a peer exchange through it failed"]
+        monkeypatch.setattr(patches.relay, "_forward", forward)
+        await connect(other.host, natted.listen_addrs[0], timeout=5, relays=other.relaying.book)
+        monkeypatch.setattr(patches.relay, "_forward", stall)
+        with trio.fail_after(10), pytest.raises(P2PFLError):
+            await other.fetch(natted.peer_id, bytes(32), max_size=1 << 20, timeout=2)
+        reasons = [e.reason for e in other.relaying.book.book.history(bad.peer_id)]
+        assert reasons[-1] in ("a pull through it stalled", "a pull through it could not open a stream")
+        assert other.relaying.book.weight(bad.peer_id) == 0

@@ -19,6 +19,16 @@
     :class:`FloodPublishGossipSub` then forwards nothing and sends no IDONTWANT (nobody
     forwards to us what we already saw). A wire-level choice, not a bug: stock peers
     still interoperate.
+``pubsub_live_subscriptions``
+    A peer's subscriptions arrive on its stream to us; ``Pubsub._handle_dead_peer`` forgets
+    them whenever *our* stream to the peer fails, though the peer is still connected. When
+    a connection is replaced (a relayed one by a direct one, a circuit redialled), our
+    stream to the peer on the old connection fails at its next write, after the peer has
+    sent its subscriptions again on the new one: they are forgotten, the peer never sends
+    them again, and we send it no message for good (the likely cause of the NAT test's
+    runs, about 1 in 5, where a node never got a directly connected neighbour's update).
+    Patched: the subscriptions of a peer still connected are kept (our stream to it is
+    reopened as before); a peer gone is forgotten as before.
 ``signed_records``
     Every pubsub RPC carries the sender's signed peer record; py-libp2p parses, verifies
     and stores it on every RPC received (twice: pubsub and the router), and rebuilds the
@@ -71,6 +81,28 @@ def decode_error() -> None:
             self._handle_dead_peer(peer_id)
 
     Pubsub.stream_handler = stream_handler  # type: ignore[method-assign]
+
+
+def live_subscriptions() -> None:
+    """Keep a still-connected peer's subscriptions when our stream to it dies."""
+    original = Pubsub._handle_dead_peer
+
+    @functools.wraps(original)
+    def handle_dead_peer(self: Pubsub, peer_id: ID) -> None:
+        if not self._peer_is_connected(peer_id):
+            original(self, peer_id)
+            return
+        self._forget_all_subscriptions = _keep  # type: ignore[method-assign]  # this call only
+        try:
+            original(self, peer_id)
+        finally:
+            del self._forget_all_subscriptions
+
+    Pubsub._handle_dead_peer = handle_dead_peer  # type: ignore[method-assign]
+
+
+def _keep(peer_id: ID) -> None:
+    """Stand-in for ``Pubsub._forget_all_subscriptions`` while a peer is still connected."""
 
 
 def flood_publish() -> None:
