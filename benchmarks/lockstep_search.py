@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import trio
@@ -29,6 +30,9 @@ from p2pfl.node.behaviour import Behaviour
 from p2pfl.node.config import NodeConfig, RoundConfig
 from p2pfl.node.node import Node
 from p2pfl.node.outbox import Outbox
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.node.test_node_memory import run_all
 
 torch.set_num_threads(1)
 DEADLINE = 4.0
@@ -77,21 +81,7 @@ async def run(seed: int, loss: float, n: int, rounds: int) -> list[list[float]]:
         network.connect(peers[a], peers[b])
 
     nodes = [node(network, ident, i, n, Trains(rng, rounds, link if i == a else None)) for i, ident in enumerate(ids)]
-    finished = trio.Event()
-    remaining = n
-
-    async def one(member: Node) -> None:
-        nonlocal remaining
-        async with member:
-            await member.run(rounds=rounds)
-            remaining -= 1
-            if remaining == 0:
-                finished.set()
-            await finished.wait()  # keep serving until every node is done, as daemons do
-
-    async with trio.open_nursery() as nursery:
-        for member in nodes:
-            nursery.start_soon(one, member)
+    await run_all(nodes, rounds)  # each keeps serving until every node is done, as daemons do
     return [[r.duration for r in member.statistics().history] for member in nodes]
 
 

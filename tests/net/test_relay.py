@@ -309,23 +309,33 @@ async def test_a_relay_that_breaks_a_circuit_falls_to_the_bottom_and_out_of_use(
         assert other.stats().payload_relayed == len(payload)
 
 
+@contextlib.asynccontextmanager
+async def relayed_through_one(
+    monkeypatch: pytest.MonkeyPatch, **other_settings: Any
+) -> AsyncIterator[tuple[Libp2pTransport, Libp2pTransport, Libp2pTransport]]:
+    """A relay, a node behind NAT that stays relayed with its one slot on it, and a public
+    node (no hole punching) to reach it through the relay."""
+    async with (node() as relay,
+                node(bootstrap=(relay.listen_addrs[0],), relays=1, **STAY_RELAYED,
+                     target_neighbours=1) as natted,
+                node(target_neighbours=1, hole_punching=False, **other_settings) as other):
+        await behind_nat(natted)
+        stay_relayed(natted, monkeypatch)
+        await wait_for(lambda: bool(natted.relaying.slots))
+        yield relay, natted, other
+
+
 async def test_a_relay_that_stalls_a_pull_is_left_and_its_connection_closed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     forward = patches.relay._forward
-    async with (node() as bad,
-                node(bootstrap=(bad.listen_addrs[0],), relays=1, **STAY_RELAYED,
-                     target_neighbours=1) as natted,
-                node(target_neighbours=1, hole_punching=False) as other):
+    async with relayed_through_one(monkeypatch) as (bad, natted, other):
 
         async def stall(relay: Any, dst_stream: Any, data: bytes) -> None:
             if len(data) > 1000:  # the payload: forward nothing more, keep the circuit open
                 await trio.sleep_forever()
             await forward(relay, dst_stream, data)
 
-        await behind_nat(natted)
-        stay_relayed(natted, monkeypatch)
-        await wait_for(lambda: bool(natted.relaying.slots))
         payload = os.urandom(200_000)
         natted.serve(sha256(payload), payload)
         await connect(other.host, natted.listen_addrs[0], timeout=5, relays=other.relaying.book)
@@ -351,17 +361,11 @@ async def test_a_relay_that_stalls_a_peer_exchange_or_a_stream_opening_loses_sta
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     forward = patches.relay._forward
-    async with (node() as bad,
-                node(bootstrap=(bad.listen_addrs[0],), relays=1, **STAY_RELAYED,
-                     target_neighbours=1) as natted,
-                node(target_neighbours=1, hole_punching=False, maintenance_interval=60.0) as other):
+    async with relayed_through_one(monkeypatch, maintenance_interval=60.0) as (bad, natted, other):
 
         async def stall(relay: Any, dst_stream: Any, data: bytes) -> None:
             await trio.sleep_forever()  # from now on nothing crosses, the circuit stays open
 
-        await behind_nat(natted)
-        stay_relayed(natted, monkeypatch)
-        await wait_for(lambda: bool(natted.relaying.slots))
         await connect(other.host, natted.listen_addrs[0], timeout=5, relays=other.relaying.book)
         monkeypatch.setattr(patches.relay, "_forward", stall)
         with trio.fail_after(10):
