@@ -155,19 +155,17 @@ class RangedServer:
             1 <= count <= MAX_RANGE_PIECES and first + count <= piece_count(len(payload))
         ):
             await server._send_status(stream, Status.BAD_RANGE, len(payload))
-        elif server.pending >= server.max_pending:
-            await server._send_status(stream, Status.BUSY)
         else:
-            server.pending += 1
-            try:
-                body = await self._map(digest, payload) if op is Op.PIECES else memoryview(
-                    payload
-                )[first * PIECE_BYTES : first * PIECE_BYTES + range_bytes(len(payload), first, count)]
-                await server._send_in_slot(stream, body)
-            finally:
-                server.pending -= 1
-            if self._on_range is not None:
-                self._on_range(peer, digest, len(body))
+
+            async def body() -> bytes | memoryview:
+                if op is Op.PIECES:
+                    return await self._map(digest, payload)
+                start = first * PIECE_BYTES
+                return memoryview(payload)[start : start + range_bytes(len(payload), first, count)]
+
+            sent = await server.send_admitted(stream, body)
+            if sent is not None and self._on_range is not None:
+                self._on_range(peer, digest, sent)
 
     async def _map(self, digest: bytes, payload: bytes) -> bytes:
         async with self._hashing:

@@ -205,16 +205,30 @@ class _Server:
             await self._send_status(stream, Status.NOT_FOUND)
         elif len(payload) > min(max_size, self.limits.max_payload_bytes):
             await self._send_status(stream, Status.TOO_LARGE, len(payload))
-        elif self.pending >= self.max_pending:
-            await self._send_status(stream, Status.BUSY)
         else:
-            self.pending += 1
-            try:
-                await self._send_in_slot(stream, payload)
-            finally:
-                self.pending -= 1
-            if self.on_served is not None:
-                self.on_served(peer, digest, len(payload))
+
+            async def whole() -> bytes | memoryview:
+                return payload
+
+            sent = await self.send_admitted(stream, whole)
+            if sent is not None and self.on_served is not None:
+                self.on_served(peer, digest, sent)
+
+    async def send_admitted(
+        self, stream: INetStream, body: Callable[[], Awaitable[bytes | memoryview]]
+    ) -> int | None:
+        """Send ``await body()`` in a slot, or BUSY while ``max_pending`` requests hold or
+        wait for one (then None); return the bytes sent. Both protocols admit this way."""
+        if self.pending >= self.max_pending:
+            await self._send_status(stream, Status.BUSY)
+            return None
+        self.pending += 1
+        try:
+            data = await body()
+            await self._send_in_slot(stream, data)
+        finally:
+            self.pending -= 1
+        return len(data)
 
     async def _send_in_slot(self, stream: INetStream, payload: bytes | memoryview) -> None:
         with trio.fail_after(self.serve_timeout):
