@@ -8,15 +8,15 @@ defence, with rules mean and clipped_gossip (the default). Measured at this comm
 | attack | mean | default |
 |---|---|---|
 | none | 0.931 | 0.930 |
-| min_max | 0.656 | 0.887 |
-| clip_aware | 0.732 | 0.884 |
-| boiling_frog | 0.551 | 0.869 |
-| ipm (eps 0.5) | 0.545 | 0.896 |
-| label_flip | 0.771 | 0.759 |
+| min_max | 0.656 | 0.886 |
+| clip_aware | 0.732 | 0.890 |
+| boiling_frog | 0.551 | 0.882 (worst honest node 0.751; 0.578 before shared reach) |
+| ipm (eps 0.5) | 0.545 | 0.899 |
+| label_flip | 0.771 | 0.768 |
 | targeted_flip | 0.892 | 0.884 |
 
 The gate holds those within a small margin: the default defence far above plain mean on
-the attacks it is built for, within 7 points of no attack (6.1 measured); on the two
+the attacks it is built for, within 6 points of no attack (4.8 measured); on the two
 label flips it is not yet at plain mean's level on this seed (a documented gap, issue 17;
 over seeds 0-2 it is above it): the gate stops it from falling further.
 """
@@ -35,7 +35,8 @@ from p2pfl.sim.scorecard import scorecard
 GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_robustness.toml"
 DEFENDED = ("min_max", "clip_aware", "boiling_frog", "ipm")
 FLIPS = ("label_flip", "targeted_flip")
-WITHIN = 0.07  # default under a defended attack: at most this far below no attack
+WITHIN = 0.06  # default under a defended attack: at most this far below no attack
+SURROUNDED = 0.68  # boiling_frog: the node with three attackers of four stays above this
 ABOVE_MEAN = 0.05  # ... and at least this far above plain mean under the same attack
 FLIP_SLACK = 0.02  # label flips: at most this far below plain mean (measured 0.012, 0.008)
 
@@ -77,3 +78,13 @@ def test_label_flips_stay_near_plain_mean(
     cards: dict[tuple[str, str], dict[str, Any]], attack: str
 ) -> None:
     assert final(cards, "clipped_gossip", attack) > final(cards, "mean", attack) - FLIP_SLACK
+
+
+def test_vetted_attackers_that_surround_a_node_share_one_reach(
+    cards: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    # boiling_frog's three attackers stay vetted at the node they surround; before shared
+    # reach their 8 radii added up and dragged it to 0.578 (docs/DEFENCE.md section 4).
+    worst = cards["clipped_gossip", "boiling_frog"]["final"]["honest_min"]
+    assert worst is not None
+    assert worst > SURROUNDED
