@@ -160,21 +160,6 @@ def probe(
     return excess
 
 
-def vet(
-    prober: Prober,
-    check: HarmCheck,
-    own: Mapping[str, torch.Tensor],
-    neighbours: Sequence[Mapping[str, torch.Tensor]],
-    shares: Sequence[float],
-    *,
-    start: Mapping[str, torch.Tensor] | None = None,
-) -> list[bool]:
-    """Return, per neighbour, whether mixing it in at its share keeps our loss in tolerance
-    (:func:`probe`'s ``over_reference`` <= 0; not judged: False)."""
-    judged = probe(prober, check, own, neighbours, shares, start=start)
-    return [e is not None and e.over_reference <= 0 for e in judged]
-
-
 def plausible(
     prober: Prober,
     check: HarmCheck,
@@ -298,4 +283,4 @@ class HarmGate:
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust)
 
 
-__all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point", "vet"]
+__all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import pytest
 import torch
@@ -20,8 +20,22 @@ from p2pfl.node.harm import (
     plausible,
     probe,
     starting_point,
-    vet,
 )
+
+
+def vet(
+    prober: Prober,
+    check: HarmCheck,
+    own: Mapping[str, torch.Tensor],
+    neighbours: Sequence[Mapping[str, torch.Tensor]],
+    shares: Sequence[float],
+    *,
+    start: Mapping[str, torch.Tensor] | None = None,
+) -> list[bool]:
+    """Per neighbour, whether mixing it in at its share keeps our loss in tolerance
+    (:func:`probe`'s ``over_reference`` <= 0; not judged: False): the pass alone."""
+    judged = probe(prober, check, own, neighbours, shares, start=start)
+    return [e is not None and e.over_reference <= 0 for e in judged]
 
 
 class Distance:
