@@ -59,7 +59,7 @@ from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     parse_p2p_addr,
 )
 from p2pfl.net.relaybook import STALLED, RelayBook, relay_of
-from p2pfl.net.streamio import reset_quietly
+from p2pfl.net.streamio import open_with_request, reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -265,9 +265,9 @@ class Neighbourhood:
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
 
     async def _request(self, peer: str) -> bytes:
-        stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
+        request = encode_request(self.network_id, self.own_addrs())
+        stream = await open_with_request(self.host, ID.from_base58(peer), PROTOCOL_ID, request)
         try:
-            await stream.write(encode_request(self.network_id, self.own_addrs()))
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:
