@@ -26,7 +26,6 @@ MAX_NODES = 64  # each node is a Python process with torch loaded (~300 MB)
 PARTITIONS = ("iid", "dirichlet", "shards")
 SUBDIRS = ("keys", "configs", "nodes", "logs")  # the only things a rerun deletes
 REPORT_FILES = ("report.json", "accuracy.png", "reputation.png", "statuses.json")
-NEIGHBOUR_SLACK = 2  # neighbours a node keeps above its target (inbound ones) before trimming
 
 TomlValue = str | int | float | bool | list[str]
 
@@ -281,9 +280,6 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
             "bootstrap": bootstrap,
             # Small networks mix best densely (Dirichlet(0.5), 8 nodes: 3 -> 0.85, 7 -> 0.91).
             "target_neighbours": neighbours,
-            # Everyone bootstraps from node 0: uncapped it kept 13-15 neighbours at 16 nodes,
-            # paid 2-3x a node's CPU per round and fell behind (docs/benchmarks/scale_session7.txt).
-            "max_neighbours": neighbours + NEIGHBOUR_SLACK,
             **({"codec": plan.codec} if plan.codec else {}),
             **({"codec_k": float(plan.codec_k)} if plan.codec_k is not None else {}),
         },

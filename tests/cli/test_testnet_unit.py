@@ -74,8 +74,7 @@ def test_node_configs_round_trip_through_tomllib(tmp_path: Path) -> None:
         "network_id": "p2pfl-testnet", "key_file": str(tmp_path / "keys" / "node0.pem"),
         "data_dir": str(tmp_path / "nodes" / "node0"), "rounds": 5, "http_port": 9100, "exit_when_done": False,
     }
-    assert first["net"] == {"listen_host": "127.0.0.1", "port": 4000, "bootstrap": [], "target_neighbours": 3,
-                            "max_neighbours": 5}
+    assert first["net"] == {"listen_host": "127.0.0.1", "port": 4000, "bootstrap": [], "target_neighbours": 3}
     assert first["task"] == {"name": "digits", "partition": "dirichlet", "alpha": 0.3, "batch_size": 32}
     assert first["train"] == {"node_index": 0, "num_nodes": 4, "seed": 0}
     assert first["aggregation"] == {"rule": "clipped_gossip"}
