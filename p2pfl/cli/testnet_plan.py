@@ -261,9 +261,10 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
     """
     libp2p_port, http_port = ports[index], ports[plan.nodes + index]
     neighbours = plan.neighbours or min(plan.nodes - 1, 6)
-    # Node 0 bootstraps everyone; the previous node too, so the graph is no star even
-    # before discovery has found more peers.
-    seeds = sorted({0, index - 1}) if index > 1 else [0] if index == 1 else []
+    # Node i bootstraps from (i - 1) // 2 and i - 1: connected from the start, and no
+    # node is everyone's bootstrap (node 0 was: it kept 9-15 neighbours at 16 nodes, paid
+    # 2-3x a node's CPU per round and fell behind; docs/benchmarks/scale_session7.txt).
+    seeds = sorted({(index - 1) // 2, index - 1}) if index else []
     bootstrap = [f"/ip4/{HOST}/tcp/{ports[i]}/p2p/{peer_ids[i]}" for i in seeds]
     document: dict[str, dict[str, TomlValue]] = {
         "node": {

@@ -59,7 +59,7 @@ from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     parse_p2p_addr,
 )
 from p2pfl.net.relaybook import STALLED, RelayBook, relay_of
-from p2pfl.net.streamio import reset_quietly
+from p2pfl.net.streamio import open_with_request, reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ MAX_REPLY_ADDRS = 32
 # A neighbour busy moving payloads (alive without a probe) still gets a peer exchange every
 # this many maintenance passes: it is how a node learns of peers that joined since.
 EXCHANGE_EVERY = 10
+# Our listen addresses are looked up again after this long (py-libp2p builds them afresh
+# on every call, ~0.5 ms; each peer exchange, both ends, needs them).
+OWN_ADDRS_SECONDS = 5.0
 
 
 def encode_request(network_id: str, own: list[str]) -> bytes:
@@ -134,6 +137,7 @@ class Neighbourhood:
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
         self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
+        self._listen: tuple[float, list[str]] | None = None  # (when, our listen addresses)
         # This node's addresses through relays (p2pfl.net.relay), announced before the
         # direct ones: behind NAT those are the ones that work.
         self.relayed_addrs: Callable[[], list[str]] = list
@@ -143,7 +147,10 @@ class Neighbourhood:
 
     def own_addrs(self) -> list[str]:
         """The addresses this node announces: relayed ones first, then direct ones."""
-        return [*self.relayed_addrs(), *listen_addrs(self.host, self.config.announce_addrs)]
+        now = trio.current_time()
+        if self._listen is None or not self._listen[1] or now - self._listen[0] >= OWN_ADDRS_SECONDS:
+            self._listen = (now, listen_addrs(self.host, self.config.announce_addrs))
+        return [*self.relayed_addrs(), *self._listen[1]]
 
     def seen_alive(self, peer: str) -> None:
         """Note that a payload just moved between us and ``peer``: no probe needed for a while."""
@@ -265,9 +272,9 @@ class Neighbourhood:
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
 
     async def _request(self, peer: str) -> bytes:
-        stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
+        request = encode_request(self.network_id, self.own_addrs())
+        stream = await open_with_request(self.host, ID.from_base58(peer), PROTOCOL_ID, request)
         try:
-            await stream.write(encode_request(self.network_id, self.own_addrs()))
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
         finally:

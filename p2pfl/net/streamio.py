@@ -8,10 +8,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import trio
-from libp2p.abc import INetStream
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
 
 from p2pfl.errors import ProtocolViolation, TransferError
+from p2pfl.net.patches.dataplane import EARLY_REQUEST
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,27 @@ async def read_exact(stream: INetStream, n: int, *, chunk: int | None = None) ->
         parts.append(data)
         got += len(data)
     return b"".join(parts)
+
+
+async def open_with_request(host: IHost, peer: ID, protocol: TProtocol, request: bytes) -> INetStream:
+    """Open a ``protocol`` stream to ``peer`` and write ``request`` on it.
+
+    With the ``pipelined_select`` patch the request goes in the negotiation's own write
+    (one frame and one round trip fewer); otherwise it is written once the stream is open.
+    """
+    early = {"protocol": protocol, "data": request, "sent": False}
+    token = EARLY_REQUEST.set(early)
+    try:
+        stream = await host.new_stream(peer, [protocol])
+    finally:
+        EARLY_REQUEST.reset(token)
+    if not early["sent"]:
+        try:
+            await stream.write(request)
+        except BaseException:
+            await reset_quietly(stream)
+            raise
+    return stream
 
 
 async def reset_quietly(stream: INetStream, *, shield: bool = True) -> None:
@@ -94,4 +118,12 @@ def as_protocol_errors() -> Iterator[None]:
         raise ProtocolViolation(f"{type(exc).__name__}: {exc}") from exc
 
 
-__all__ = ["RESET_TIMEOUT", "as_protocol_errors", "close_quietly", "read_exact", "reset_quietly", "settled"]
+__all__ = [
+    "RESET_TIMEOUT",
+    "as_protocol_errors",
+    "close_quietly",
+    "open_with_request",
+    "read_exact",
+    "reset_quietly",
+    "settled",
+]

@@ -79,7 +79,13 @@ from p2pfl.errors import (
     TransferError,
     TransferTimeout,
 )
-from p2pfl.net.streamio import as_protocol_errors, read_exact, reset_quietly, settled
+from p2pfl.net.streamio import (
+    as_protocol_errors,
+    open_with_request,
+    read_exact,
+    reset_quietly,
+    settled,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -334,21 +340,21 @@ async def within(timeout: float, what: str, call: Callable[[], Awaitable[T]]) ->
 
 
 async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> CheckedPayload:
-    stream = await _open_stream(host, peer_id)
+    stream = await _open_stream(host, peer_id, REQUEST.pack(VERSION, digest, max_size))
     return await settled(stream, lambda s: _pull(s, digest, max_size))
 
 
-async def _open_stream(host: IHost, peer_id: str) -> INetStream:
+async def _open_stream(host: IHost, peer_id: str, request: bytes) -> INetStream:
+    """Open the update stream to ``peer_id`` with ``request`` written on it."""
     try:
-        return await host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
+        return await open_with_request(host, ID.from_base58(peer_id), PROTOCOL_ID, request)
     except Exception as exc:
         raise PeerUnreachable(f"cannot open {PROTOCOL_ID} to {peer_id[-8:]}: {exc!r}") from exc
 
 
 async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayload:
-    """Run one request/reply on ``stream``, translating every library error."""
+    """Finish one request/reply on ``stream`` (request written), translating every library error."""
     with as_protocol_errors():
-        await stream.write(REQUEST.pack(VERSION, digest, max_size))
         # NetStream (every stream of 0.8.1) half-closes; INetStream does not declare it.
         await stream.close_write()  # type: ignore[attr-defined]
         length = await _read_reply_header(stream, max_size)

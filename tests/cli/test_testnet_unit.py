@@ -79,8 +79,8 @@ def test_node_configs_round_trip_through_tomllib(tmp_path: Path) -> None:
     assert first["train"] == {"node_index": 0, "num_nodes": 4, "seed": 0}
     assert first["aggregation"] == {"rule": "clipped_gossip"}
     assert "attack" not in first
-    assert last["net"]["bootstrap"] == [
-        "/ip4/127.0.0.1/tcp/4000/p2p/16Uiu2HAmPeer0",
+    assert last["net"]["bootstrap"] == [  # (3 - 1) // 2 and 3 - 1: nobody is everyone's bootstrap
+        "/ip4/127.0.0.1/tcp/4001/p2p/16Uiu2HAmPeer1",
         "/ip4/127.0.0.1/tcp/4002/p2p/16Uiu2HAmPeer2",
     ]
     assert last["round"] == {"local_epochs": 1, "min_neighbours": 3, "start_timeout": 60.0}

@@ -28,6 +28,7 @@ from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT, Yamux
 from libp2p.transport.upgrader import TransportUpgrader
@@ -168,18 +169,34 @@ async def test_a_disconnect_dials_nobody_from_the_peerstore(auto_connect: bool) 
         assert bool(swarm.get_connections(info.peer_id)) is auto_connect
 
 
-async def test_a_small_pull_sends_no_window_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stock 0.8.1: 22 frames, 11 of them WINDOW_UPDATEs credited after single reads, and a
-    # multistream round trip per stream (yamux_credit, pipelined_select).
-    frames: dict[int, Counter[str]] = {}  # stream id -> frames of both ends
-    stock_write = Yamux._write_frame
+def _frames(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(type, flags, stream id, bytes) of each Yamux frame in one secured write."""
+    out, pos = [], 0
+    while pos < len(data):
+        _, kind, flags, stream_id, length = struct.unpack_from(YAMUX_HEADER_FORMAT, data, pos)
+        size = 12 + (length if kind == TYPE_DATA else 0)
+        out.append((kind, flags, stream_id, size))
+        pos += size
+    return out
 
-    async def counting(self: Any, frame: bytes, *args: Any, **kwargs: Any) -> Any:
-        _, kind, flags, stream_id, _ = struct.unpack(YAMUX_HEADER_FORMAT, frame[:12])
-        kind_name = "data" if kind == TYPE_DATA and len(frame) > 12 else f"type {kind} flags {flags}"
-        frames.setdefault(stream_id, Counter())[kind_name] += 1
-        frames[stream_id]["bytes"] += len(frame)
-        return await stock_write(self, frame, *args, **kwargs)
+
+async def test_a_small_pull_sends_no_window_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stock 0.8.1: 22 frames, 11 of them WINDOW_UPDATEs credited after single reads, a bare
+    # SYN and a bare ACK, and a multistream round trip per stream (yamux_credit,
+    # pipelined_select, yamux_open_flags).
+    frames: dict[int, Counter[str]] = {}  # stream id -> frames of both ends, as sent
+    stock_write = SecureSession.write
+
+    async def counting(self: Any, data: bytes) -> Any:
+        if getattr(self, "_p2pfl_count", False):
+            for kind, flags, stream_id, size in _frames(bytes(data)):
+                name = "data" if kind == TYPE_DATA and size > 12 else f"type {kind}"
+                counts = frames.setdefault(stream_id, Counter())
+                counts[name] += 1
+                counts["bytes"] += size
+                for flag, flag_name in ((1, "SYN"), (2, "ACK"), (4, "FIN"), (8, "RST")):
+                    counts[flag_name] += bool(flags & flag)
+        return await stock_write(self, data)
 
     payload = os.urandom(19_000)  # the digits model
     digest = hashlib.sha256(payload).digest()
@@ -188,13 +205,18 @@ async def test_a_small_pull_sends_no_window_update(monkeypatch: pytest.MonkeyPat
     async with open_host(os.urandom(32)) as server, open_host(os.urandom(32)) as client:
         install_update_protocol(server, store, limits=Limits())
         peer = await connect(client, listen_addrs(server)[0], timeout=10)
-        monkeypatch.setattr(Yamux, "_write_frame", counting)
+        monkeypatch.setattr(SecureSession, "write", counting)
+        for host in (client, server):
+            for conn in host.get_network().get_connections():
+                conn.muxed_conn.secured_conn._p2pfl_count = True
         with trio.fail_after(10):
             assert await fetch_payload(client, peer, digest, max_size=len(payload), timeout=10) == payload
     # Identify and friends share the connection: the pull is the stream that moved the payload.
     [sent] = [counts for counts in frames.values() if counts["bytes"] > len(payload)]
-    assert sent["type 1 flags 0"] == 0  # no bare WINDOW_UPDATE
-    # Client: header + protocol id, request. Server: header, protocol id, reply + payload.
-    assert sent["data"] == 5
-    assert sent["type 1 flags 1"] == 1  # SYN
-    assert sent["type 1 flags 2"] == 1  # ACK
+    assert sent["type 1"] == 2  # no WINDOW_UPDATE but the two FINs
+    assert sent["FIN"] == 2
+    # Client: SYN + header + protocol id + request. Server: ACK + header, protocol id,
+    # reply + payload.
+    assert sent["data"] == 4
+    assert sent["SYN"] == 1  # on a data frame, not a bare one
+    assert sent["ACK"] == 1

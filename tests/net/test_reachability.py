@@ -140,3 +140,17 @@ async def test_peers_that_never_answer_a_dial_back_are_not_asked_again_at_once(
     await trio.sleep(MIN_INTERVAL)
     await reach.check(peers)
     assert sorted(host.asked[3:]) == sorted(silent)  # asked again later: they may have changed
+
+
+async def test_own_addresses_are_looked_up_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pfl.net import discovery
+
+    calls: list[int] = []
+    monkeypatch.setattr(discovery, "listen_addrs", lambda host, announce: calls.append(1) or ["/ip4/1.2.3.4/tcp/1"])
+    async with open_host(os.urandom(32)) as host:
+        neighbourhood = Neighbourhood(host, network_id="n", config=NetConfig())
+        assert neighbourhood.own_addrs() == neighbourhood.own_addrs() == ["/ip4/1.2.3.4/tcp/1"]
+        assert len(calls) == 1  # every peer exchange, both ends, needs them: py-libp2p rebuilds them
+        neighbourhood._listen = (trio.current_time() - discovery.OWN_ADDRS_SECONDS, ["old"])
+        assert neighbourhood.own_addrs() == ["/ip4/1.2.3.4/tcp/1"]
+        assert len(calls) == 2

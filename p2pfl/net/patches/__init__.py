@@ -11,7 +11,7 @@ line is logged and libp2p runs stock (no patch at all, not a subset).
   libp2p (glibc ``mallopt``, an environment variable): opt-in for embedders, switched on
   by the daemon and the test network's node processes.
 
-Bodies live beside this file: ``dataplane`` (transfer speed), ``streams`` (hostile
+Bodies live beside this file: ``dataplane`` (transfer speed, frames per stream), ``streams`` (hostile
 protocol ids and handlers), ``pubsub`` (hostile frames, flood publish, neighbour-only
 forwarding, signed-record costs), ``swarm``
 (connection slots, the auto-connector), ``peerstore`` (our own identity kept), ``relay``
@@ -66,6 +66,9 @@ PATCHES: dict[str, Patch] = {
         Patch("pipelined_select", "opening a stream waits for the listener's multistream header "
               "before proposing the protocol: one frame and one round trip more per stream",
               _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.pipelined_select),
+        Patch("yamux_open_flags", "a stream's SYN and its ACK each go as a bare frame before "
+              "either end has a byte to send: two frames more per stream",
+              _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.yamux_open_flags),
         Patch("noise_reader", "Noise reads each message with two locked socket reads",
               _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.noise_reader),
         Patch("noise_writer", "Noise sends each 64 KiB message with its own locked send_all",

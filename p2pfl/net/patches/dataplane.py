@@ -31,12 +31,24 @@ Tuned and stock peers interoperate (tests/net/test_transfer.py).
     50 MB pull then took 4x as long), with 0.8.1's window auto-tuning kept. A small
     pull sends no window update at all. Credit never exceeds the bytes consumed, so
     stock senders are unaffected.
-``pipelined_select`` (a small pull: one frame and one round trip fewer)
+``pipelined_select`` (a small pull: two frames and two round trips fewer)
     Opening a stream for one protocol writes the multistream header, waits for the
     listener's, then writes the protocol id and waits again. Patched to send header and
     protocol id in one write (what go-libp2p's lazy client does; multistream-select lets
     the dialer pipeline them) and read both answers. Only on streams for one protocol:
     a list of protocols, and the connection's security and muxer negotiation, run stock.
+    A stream opened with :func:`open_with_request` also carries the request itself in
+    that write: a listener reads the multistream lines exactly and leaves the rest to the
+    protocol handler (stock listeners too); one that answers ``na`` fails the stream as
+    before.
+``yamux_open_flags`` (one frame fewer at each end of every stream)
+    ``open_stream`` sends a bare WINDOW_UPDATE with SYN, and the listener answers with a
+    bare one with ACK, before either end has a byte to send. Patched: the SYN rides on the
+    stream's first frame (0.8.1 receivers and the Yamux spec accept SYN on DATA and on
+    FIN/RST frames), the ACK on the listener's first DATA frame (its multistream answer).
+    0.8.1 ignores FIN and RST on a frame that carries ACK, so before such a frame the ACK
+    goes as its own frame, in the same socket write. Stock per-frame debug formatting
+    (f-strings built for a disabled logger) is skipped too.
 ``secure_read`` (without: 3.0 / 1.6)
     ``SecureSession.read(n)`` (Yamux reads each frame body through it) grows a
     bytearray message by message and copies it once more into ``bytes``. Patched to
@@ -48,6 +60,8 @@ busy with the two ends).
 
 from __future__ import annotations
 
+import contextvars
+import struct
 from typing import Any
 
 import trio
@@ -55,6 +69,9 @@ import trio
 YAMUX_FRAME_BYTES = 16 * 65_519  # sixteen full Noise messages of plaintext
 NOISE_READ_BYTES = 256 * 1024
 CREDIT_BYTES = 64 * 1024  # see yamux_credit
+# The request a stream being opened by open_with_request carries in its negotiation write.
+EARLY_REQUEST: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "p2pfl_early_request", default=None)
 
 
 def yamux_frame() -> None:
@@ -105,7 +122,17 @@ def pipelined_select() -> None:
         protocol = protocols[0]
         with trio.move_on_after(negotiate_timeout):
             try:
-                await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode()))
+                # Only the stream it was meant for: a task spawned meanwhile (identify on a
+                # fresh connection) inherits the context variable too.
+                early = EARLY_REQUEST.get()
+                if early is not None and (early["sent"] or early["protocol"] != protocol):
+                    early = None
+                request = b"" if early is None else early["data"]
+                await stream.write(
+                    encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode()) + request
+                )
+                if early is not None:
+                    early["sent"] = True
                 handshake = await communicator.read()
                 answer = await communicator.read() if handshake == MULTISELECT_PROTOCOL_ID else None
             except (IOException, MultiselectCommunicatorError, AssertionError, ValueError) as error:
@@ -204,7 +231,43 @@ def noise_writer() -> None:
     NoiseTransportReadWriter.write_msg = write_msg  # type: ignore[method-assign]
 
 
+def yamux_open_flags() -> None:
+    """Send a stream's SYN on its first frame and its ACK on the listener's first data."""
+    from libp2p.stream_muxer.yamux import yamux
+
+    header = struct.Struct(yamux.YAMUX_HEADER_FORMAT)
+    size, data_type, window_type = header.size, yamux.TYPE_DATA, yamux.TYPE_WINDOW_UPDATE
+    syn, ack, closing = yamux.FLAG_SYN, yamux.FLAG_ACK, yamux.FLAG_FIN | yamux.FLAG_RST
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        pending = self.__dict__.setdefault("_p2pfl_open_flags", {})  # stream id -> flag
+        version, kind, flags, stream_id, length = header.unpack_from(data)
+        if kind == window_type and flags in (syn, ack) and length == 0 and len(data) == size:
+            pending[stream_id] = flags  # nothing to say yet: wait for the stream's next frame
+            return
+        flag = pending.pop(stream_id, 0) if pending else 0
+        if flag == syn or (flag == ack and kind == data_type and not flags & closing):
+            data = header.pack(version, kind, flags | flag, stream_id, length) + data[size:]
+        elif flag == ack:
+            data = header.pack(version, window_type, ack, stream_id, 0) + data
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+        await trio.lowlevel.checkpoint()
+
+    yamux.Yamux._write_frame = write_frame  # type: ignore[method-assign]
+
+
 KNOBS = ("yamux_frame", "yamux_credit", "pipelined_select", "noise_reader", "noise_writer", "secure_read")
 """The registry names of these patches (``benchmarks/bench_transfer.py`` sweeps them)."""
 
-__all__ = ["KNOBS", "noise_reader", "noise_writer", "pipelined_select", "secure_read", "yamux_credit", "yamux_frame"]
+__all__ = [
+    "EARLY_REQUEST",
+    "KNOBS",
+    "noise_reader",
+    "noise_writer",
+    "pipelined_select",
+    "secure_read",
+    "yamux_credit",
+    "yamux_frame",
+    "yamux_open_flags",
+]
