@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -23,19 +24,10 @@ from p2pfl.node.harm import (
 )
 
 
-def vet(
-    prober: Prober,
-    check: HarmCheck,
-    own: Mapping[str, torch.Tensor],
-    neighbours: Sequence[Mapping[str, torch.Tensor]],
-    shares: Sequence[float],
-    *,
-    start: Mapping[str, torch.Tensor] | None = None,
-) -> list[bool]:
-    """Per neighbour, whether mixing it in at its share keeps our loss in tolerance
-    (:func:`probe`'s ``over_reference`` <= 0; not judged: False): the pass alone."""
-    judged = probe(prober, check, own, neighbours, shares, start=start)
-    return [e is not None and e.over_reference <= 0 for e in judged]
+def vet(*args: Any, **kwargs: Any) -> list[bool]:
+    """Per neighbour, whether :func:`probe` (same arguments) passed it: ``over_reference``
+    <= 0; not judged: False."""
+    return [e is not None and e.over_reference <= 0 for e in probe(*args, **kwargs)]
 
 
 class Distance:
