@@ -197,13 +197,14 @@ def clipped_gossip(
     dist = torch.linalg.vector_norm(diffs, dim=1)
     tau_ = _radius(inp, dist, tau, delta, kappa, step_cap)
     total = inp.weights.sum()
-    trust = _vetted_ratio(inp, tau_, dist, _checked_scale(vetted_scale))
+    scale = _checked_scale(vetted_scale)
+    trust = _vetted_ratio(inp, tau_, dist, scale)
     if total <= 0:
         return inp.own.clone(), trust, tau_
-    coef = inp.weights[1:] / total * trust
+    share = inp.weights[1:] / total
+    coef = share * trust
     if shared_reach and inp.vetted is not None:
-        coef = _shared_reach(coef, inp.weights[1:] / total, dist, diffs, tau_, inp.vetted,
-                             _checked_scale(vetted_scale))
+        coef = _shared_reach(coef, share, dist, diffs, tau_, inp.vetted, scale)
     return inp.own + coef @ diffs, trust, tau_
 
 
