@@ -162,6 +162,8 @@ class Gossip:
         self._send, self._receive = trio.open_memory_channel[Announcement](buffer)
         # neighbour -> (its connections, since when pubsub has not listed it over them)
         self._unlisted: dict[str, tuple[set[int], float]] = {}
+        # origin -> (announcements of it validated, trio time of the last): diagnosis only
+        self._heard: BoundedMap[str, tuple[int, float]] = BoundedMap(SEEN_CAPACITY)
 
     def announcements(self) -> trio.MemoryReceiveChannel[Announcement]:
         """Return the bounded channel of validated announcements from other peers."""
@@ -175,6 +177,8 @@ class Gossip:
             return False
         try:
             origin = ID(msg.from_id).to_string()
+            heard = self._heard.peek(origin)
+            self._heard.put(origin, (1 + (heard[0] if heard else 0), trio.current_time()))
             key = (origin, hashlib.sha256(data).digest())
             if key not in self._values:
                 self._values.put(key, self._validator(origin, data))
@@ -231,6 +235,10 @@ class Gossip:
         """Return ``peer``'s GossipSub score on our topic."""
         scorer = self.router.scorer
         return 0.0 if scorer is None else scorer.score(ID.from_base58(peer), [self.topic])
+
+    def heard(self, origin: str) -> tuple[int, float]:
+        """(announcements published by ``origin`` that reached us, trio time of the last)."""
+        return self._heard.peek(origin) or (0, 0.0)
 
     def subscribed_peers(self) -> tuple[str, ...]:
         """Return the peers subscribed to our topic that pubsub knows, sorted."""

@@ -41,6 +41,7 @@ from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import UNLISTED_AFTER, Gossip, open_gossip
 from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
+from p2pfl.net.peerpaths import PathLog, PullFailures, describe_all
 from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
@@ -83,9 +84,10 @@ class Libp2pTransport:
         self._fetched_bytes = 0
         self._served_bytes = 0
         self._relayed_bytes = 0  # payload bytes in or out over relayed connections
-        self._paths: dict[str, bool] = {}  # connected peer -> relayed? (as last logged)
+        self._paths = PathLog()
         self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
         self.relisted = 0  # neighbours reconnected because gossip had lost them
+        self.failures = PullFailures()  # the last failed pull per peer (peer_paths)
 
     @property
     def peer_id(self) -> str:
@@ -160,35 +162,32 @@ class Libp2pTransport:
 
     @contextlib.contextmanager
     def _judging_relay(self, peer: str) -> Iterator[INetConn | None]:
-        """Around a pull from ``peer``: yield its relayed connection (None: direct) and
-        record in the relay book what the relay did (:mod:`p2pfl.net.relaybook`)."""
+        """Around a pull from ``peer``: yield its relayed connection (None: direct); note a
+        failure, and what the relay did in the relay book (:mod:`p2pfl.net.relaybook`)."""
         conn = self._relayed_conn(peer)
         relay = relay_of(conn) if conn is not None else None
-        if relay is None:
-            yield conn
-            return
         try:
             yield conn
-        except (TransferTimeout, PeerUnreachable) as error:  # stalled, or no stream opened
+        except (TransferError, PeerUnreachable) as error:
+            self.failures.record(peer, error)
+            if relay is not None:
+                self._judge_failed_pull(relay, conn, error)
+            raise
+        if relay is not None:
+            self.relaying.book.record(relay, WORKED, "a pull through it")
+
+    def _judge_failed_pull(self, relay: str, conn: INetConn | None, error: Exception) -> None:
+        if isinstance(error, TransferTimeout | PeerUnreachable):  # stalled, or no stream opened
             what = "stalled" if isinstance(error, TransferTimeout) else "could not open a stream"
             self.relaying.book.record(relay, STALLED, f"a pull through it {what}")
             if self.relaying.book.weight(relay) == 0:  # redial through another relay
                 self._nursery.start_soon(conn.close)  # type: ignore[union-attr]
-            raise
-        except TransferError:
-            if conn.is_closed or conn.muxed_conn.is_closed:  # type: ignore[union-attr]
-                self.relaying.book.record(relay, BROKEN, "a relayed connection died under a pull")
-            raise
-        self.relaying.book.record(relay, WORKED, "a pull through it")
+        elif conn.is_closed or conn.muxed_conn.is_closed:  # type: ignore[union-attr]
+            self.relaying.book.record(relay, BROKEN, "a relayed connection died under a pull")
 
     def log_paths(self) -> None:
         """Log each connected peer's path (direct or through a relay) when it changes."""
-        relayed = set(self.relayed_peers())
-        now = {p: p in relayed for p in self.neighbourhood.connected()}
-        for peer, through_relay in now.items():
-            if self._paths.get(peer) != through_relay:
-                logger.info("peer %s: %s", short_id(peer), "through a relay" if through_relay else "direct")
-        self._paths = now
+        self._paths.update(self.neighbourhood.connected(), self.relayed_peers())
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
         if peer in self.neighbourhood.connected():
@@ -296,6 +295,7 @@ class Libp2pTransport:
             relay_scores=self.relaying.book.scores(),
             relay_forwarded=self.relaying.forwarded_bytes,
             gossip_reconnects=self.relisted,
+            peer_paths=describe_all(self.host, self.gossip, self.failures, self.neighbours()),
         )
 
     def _on_range(self, peer: str, digest: bytes, size: int) -> None:

@@ -79,6 +79,8 @@ class TrafficStats:
     relay_scores: tuple[tuple[str, float], ...] = ()
     # neighbours reconnected because gossip had stopped sending to them (Gossip.unlisted)
     gossip_reconnects: int = 0
+    # neighbour -> how its announcements and payloads reach us (p2pfl.net.peerpaths)
+    peer_paths: tuple[tuple[str, str], ...] = ()
 
 
 @runtime_checkable

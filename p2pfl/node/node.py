@@ -405,4 +405,5 @@ class Node:
             relay_forwarded=traffic.relay_forwarded if traffic else 0,
             relay_scores=traffic.relay_scores if traffic else (),
             gossip_reconnects=traffic.gossip_reconnects if traffic else 0,
+            peer_paths=traffic.peer_paths if traffic else (),
         )

@@ -81,6 +81,7 @@ class NodeStatistics:
     relay_forwarded: int = 0
     relay_scores: tuple[tuple[str, float], ...] = ()  # relays used -> weight (0: not used)
     gossip_reconnects: int = 0  # neighbours reconnected because gossip had lost them
+    peer_paths: tuple[tuple[str, str], ...] = ()  # neighbour -> its path here (diagnosis)
 
     def to_json(self) -> dict[str, Any]:
         """Return plain JSON-able data."""

@@ -348,6 +348,21 @@ async def test_transport_forms_neighbours_gossips_and_fetches() -> None:
         assert nodes[1].stats().bytes_out >= len(payload)
 
 
+async def test_peer_paths_say_how_each_neighbour_reaches_us() -> None:
+    async with network(2) as (a, b):
+        await wait_for(lambda: a.neighbours() == (b.peer_id,) and a.gossip.subscribed_peers() == (b.peer_id,))
+        await b.publish(b"hello")
+        with trio.fail_after(5):
+            await a.announcements().receive()
+        with pytest.raises(NetworkError):
+            await a.fetch(b.peer_id, bytes(32), max_size=10, timeout=5)  # b serves no such payload
+        [(peer, line)] = a.stats().peer_paths
+        assert peer == b.peer_id
+        assert line.startswith("conns direct s")
+        for part in ("pubsub out direct q0", "subscribed", "heard 1 (", "pulls failed 1, last"):
+            assert part in line, line
+
+
 async def test_ban_disconnects_refuses_and_penalises() -> None:
     async with network(3) as (a, b, c):
         await wait_for(lambda: all(len(n.neighbours()) == 2 for n in (a, b, c)))
