@@ -38,6 +38,7 @@ from p2pfl.net import patches
 from p2pfl.net.host import build_host, connect, key_pair_from_secret, listen_addrs, open_host
 from p2pfl.net.patches import process
 from p2pfl.net.transfer import PayloadStore, fetch_payload, install_update_protocol
+from tests.net.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PING = TProtocol("/ipfs/ping/1.0.0")
@@ -220,3 +221,28 @@ async def test_a_small_pull_sends_no_window_update(monkeypatch: pytest.MonkeyPat
     assert sent["data"] == 4
     assert sent["SYN"] == 1  # on a data frame, not a bare one
     assert sent["ACK"] == 1
+
+
+async def test_a_connection_made_while_its_peer_is_closed_stays_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # We close our connection to them; while it closes they dial us anew (a peer we drop
+    # redials at once). Stock close_peer then drops that new, open connection from the table.
+    async with open_host(os.urandom(32)) as ours, open_host(os.urandom(32)) as theirs:
+        their_id, swarm = theirs.get_id(), ours.get_network()
+        await connect(ours, listen_addrs(theirs)[0], timeout=5)
+        [old] = swarm.get_connections(their_id)
+        close = old.close
+
+        async def redialled_meanwhile() -> None:
+            monkeypatch.setattr(old, "close", close)  # once
+            target = multiaddr.Multiaddr(listen_addrs(ours)[0]).decapsulate_code(multiaddr.protocols.P_P2P)
+            await theirs.get_network().dial_addr(target, ours.get_id())  # type: ignore[attr-defined]
+            await wait_for(lambda: len(swarm.get_connections(their_id)) == 2)
+            await close()
+
+        monkeypatch.setattr(old, "close", redialled_meanwhile)
+        with trio.fail_after(10):
+            await swarm.close_peer(their_id)
+        listed = swarm.get_connections(their_id)  # stock: [], the new connection open but unlisted
+        assert len(listed) == 1
+        assert listed[0] is not old
+        assert not listed[0].muxed_conn.is_closed

@@ -100,6 +100,11 @@ PATCHES: dict[str, Patch] = {
               "swarm stops: after 300 inbound connections every new one is reset",
               _T + "test_patches.py::test_1000_inbound_connections_then_a_fresh_peer_connects",
               swarm.inbound_slot_release),
+        Patch("close_peer_keeps_newcomers", "closing a peer drops every connection it has "
+              "from the swarm's table, also one it made while the others closed: left open "
+              "but unlisted, the peer uses it while we count it disconnected",
+              _T + "test_patches.py::test_a_connection_made_while_its_peer_is_closed_stays_listed",
+              swarm.close_peer_keeps_newcomers),
         Patch("peerstore_keeps_own", "past 1000 stored peers the peerstore evicts entries without "
               "addresses first, our own key pair included: the next publish raises and the node stops",
               _T + "test_patches.py::test_a_full_peerstore_keeps_our_own_identity",

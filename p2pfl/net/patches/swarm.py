@@ -9,6 +9,16 @@
     Patched: the inner handler waits for *this connection* to close instead, so the
     stock outer handler releases the slot then. Connections that arrive already
     multiplexed (QUIC; p2pfl listens on TCP only) keep the stock path.
+``close_peer_keeps_newcomers``
+    ``Swarm.close_peer`` closes the connections a peer has when it starts, one by one
+    (each close takes 0.1 s or more, a stalled relayed one up to its write deadline),
+    then drops the peer's whole entry from ``Swarm.connections``: a connection the peer
+    made meanwhile (it redials at once when we drop it) is dropped from the table
+    without being closed. It stays alive: the peer uses it (streams, GossipSub), while
+    we list the peer as disconnected, so we neither send it announcements nor take its
+    own, and a relay refuses it a slot ("Failed to create reservation"). In the NAT test
+    such a connection cost a pair of nodes each other's updates for good. Patched: only
+    the connections closed are forgotten.
 ``no_auto_connector`` (per host)
     ``min_connections=0`` and a huge interval do not stop 0.8.1's auto-connector: it
     still runs one pass at start-up and one after *every* disconnect (aiming for 200
@@ -69,6 +79,28 @@ def inbound_slot_release() -> None:
     Swarm._do_handle_inbound_connection = handle  # type: ignore[method-assign]
 
 
+def close_peer_keeps_newcomers() -> None:
+    """Forget only the connections ``Swarm.close_peer`` closed, not the ones made meanwhile."""
+    stock: Any = Swarm.close_peer
+
+    @functools.wraps(stock)
+    async def close_peer(self: Any, peer_id: Any) -> None:
+        closing = list(self.get_connections(peer_id))
+        for conn in closing:
+            try:
+                self.cleanup_connection_health(peer_id, conn)
+                await conn.close()
+            except Exception as error:  # already gone
+                logger.debug("close failed: %r", error)
+        kept = [c for c in self.connections.get(peer_id, ()) if all(c is not old for old in closing)]
+        if kept:
+            self.connections[peer_id] = kept
+        else:
+            self.connections.pop(peer_id, None)
+
+    Swarm.close_peer = close_peer  # type: ignore[method-assign]
+
+
 def no_auto_connector(host: IHost) -> None:
     """Make ``host``'s auto-connector dial nobody."""
     connector = getattr(host.get_network(), "auto_connector", None)
@@ -80,4 +112,4 @@ def no_auto_connector(host: IHost) -> None:
         connector.maybe_connect = _no_dials
 
 
-__all__ = ["inbound_slot_release", "no_auto_connector"]
+__all__ = ["close_peer_keeps_newcomers", "inbound_slot_release", "no_auto_connector"]
