@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
@@ -66,7 +66,7 @@ from p2pfl.core.crypto import short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.errors import PeerUnreachable
 from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
-from p2pfl.net.relaybook import CIRCUIT, FAILED, WORKED, RelayBook
+from p2pfl.net.relaybook import CIRCUIT, FAILED, WORKED, RelayBook, relay_of
 from p2pfl.net.streamio import reset_quietly
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class Relaying:
         if config.relay_service:
             host.set_stream_handler(HOP_PROTOCOL, self._handle_hop)
         host.set_stream_handler(STOP_PROTOCOL, self._handle_stop)
+        host.get_network().register_notifee(_CircuitWatch(self.book))
 
     # -- queries ---------------------------------------------------------------------
 
@@ -306,6 +307,40 @@ async def open_hole_punching(host: IHost, *, config: NetConfig) -> AsyncIterator
         yield
 
 
+class _CircuitWatch(INotifee):
+    """Note each circuit as it opens, whichever end dialled it (:meth:`RelayBook.dialled`):
+    one through the same relay to the same peer soon after the last one ended broke. A
+    circuit opened while another to that peer through that relay is up (both ends dialled
+    at once) is no redial."""
+
+    def __init__(self, book: RelayBook) -> None:
+        self.book = book
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        relay = relay_of(conn) if is_relayed(conn) else None
+        if relay is None:
+            return
+        peer = conn.muxed_conn.peer_id
+        if not any(c is not conn and not c.is_closed and relay_of(c) == relay
+                   for c in network.get_connections(peer)):
+            self.book.dialled(relay, peer.to_string())
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
 async def dial_circuit(host: IHost, address: str, *, timeout: float, book: RelayBook | None = None) -> str:
     """Connect to the peer behind relayed ``address`` within ``timeout``; return its PeerId.
 
@@ -341,9 +376,7 @@ async def dial_circuit(host: IHost, address: str, *, timeout: float, book: Relay
     if scope.cancelled_caught:
         judge(relay, FAILED, f"a circuit dial took over {timeout} s")
         raise PeerUnreachable(f"dialling {short_id(dest.to_string())} via a relay took over {timeout} s")
-    if book is not None:
-        book.dialled(relay, dest.to_string())
-    return dest.to_string()
+    return dest.to_string()  # the circuit goes into the book as it opens (_CircuitWatch)
 
 
 async def _dial_through(host: IHost, relay_info: object, dest: ID, address: str) -> None:

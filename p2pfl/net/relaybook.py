@@ -17,8 +17,9 @@ round), one book round per :data:`RELAY_ROUND` seconds:
   OUTLIER by a half (an unknown relay falls to the bottom at once, one with a record of
   working circuits does not: the far end may have been slow);
 - :data:`BROKEN`, a relayed connection that dies under a pull (the relay dropped it, or
-  garbled a byte and Noise closed it), or a circuit redialled through the same relay to
-  the same peer within :data:`EARLY` of the last one (it broke whatever it carried):
+  garbled a byte and Noise closed it), or a circuit to a peer opened through the same
+  relay within :data:`EARLY` of the last one, whichever end dialled either (it broke
+  whatever it carried; the far end redials at once, or we do):
   OUTLIER in full, a relay's worst (no ban at once: a far end that breaks its own
   connection could frame the relay).
 
@@ -96,7 +97,9 @@ class RelayBook:
                         "now at the bottom" if fell else f"score {self.book.score(relay):.2f}")
 
     def dialled(self, relay: str, peer: str) -> None:
-        """Note a circuit to ``peer`` through ``relay``: BROKEN if the last one was recent."""
+        """Note a circuit to ``peer`` through ``relay`` opened (dialled by either end): BROKEN
+        if the last one opened recently (it ended: the caller counts no circuit opened
+        alongside a live one)."""
         now = trio.current_time()
         self._dialled = {k: t for k, t in self._dialled.items() if now - t < EARLY}
         last = self._dialled.get((relay, peer))

@@ -23,7 +23,7 @@ from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from p2pfl.config import Limits, NetConfig
-from p2pfl.core.crypto import Identity
+from p2pfl.core.crypto import Identity, short_id
 from p2pfl.errors import P2PFLError, PeerUnreachable, TransferError, TransferTimeout
 from p2pfl.net import patches
 from p2pfl.net.discovery import PROTOCOL_ID as PEX
@@ -382,3 +382,22 @@ async def test_a_relay_that_stalls_a_peer_exchange_or_a_stream_opening_loses_sta
         reasons = [e.reason for e in other.relaying.book.book.history(bad.peer_id)]
         assert reasons[-1] in ("a pull through it stalled", "a pull through it could not open a stream")
         assert other.relaying.book.weight(bad.peer_id) == 0
+
+
+async def test_a_circuit_the_far_end_redials_soon_is_judged_at_our_end_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A relay that garbles or drops a circuit: the dialling end redials through it, and the
+    # accepting end (which may never dial through it itself) counts that against it too.
+    async with relayed_through_one(monkeypatch, maintenance_interval=60.0) as (relay, natted, other):
+        book, them = natted.relaying.book, other.host.get_id()
+        await connect(other.host, natted.listen_addrs[0], timeout=5)
+        await wait_for(lambda: natted.relayed_peers() == (them.to_string(),))
+        await connect(other.host, natted.listen_addrs[0], timeout=5)  # connected: no new circuit
+        assert [e.reason for e in book.book.history(relay.peer_id)] == ["reservation"]
+        await other.host.disconnect(natted.host.get_id())
+        await wait_for(lambda: not natted.host.get_network().get_connections(them))
+        await connect(other.host, natted.listen_addrs[0], timeout=5)  # a redial within EARLY
+        await wait_for(lambda: natted.relayed_peers() == (them.to_string(),))
+        assert book.book.history(relay.peer_id)[-1].reason.startswith(f"its circuit to {short_id(them.to_string())}")
+        assert book.weight(relay.peer_id) == 0
