@@ -29,8 +29,15 @@ from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicat
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.yamux.yamux import (
+    FLAG_RST,
+    FLAG_SYN,
+    TYPE_DATA,
+    TYPE_WINDOW_UPDATE,
+    YAMUX_HEADER_FORMAT,
+    Yamux,
+)
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT, Yamux
 from libp2p.transport.upgrader import TransportUpgrader
 
 from p2pfl.config import Limits
@@ -246,3 +253,27 @@ async def test_a_connection_made_while_its_peer_is_closed_stays_listed(monkeypat
         assert len(listed) == 1
         assert listed[0] is not old
         assert not listed[0].muxed_conn.is_closed
+
+
+async def test_streams_reset_before_we_answer_leave_no_pending_flags() -> None:
+    # A stock opener's bare SYN, then its RST at once: we accept each stream (our ACK waits
+    # for our first frame on it, patch yamux_open_flags) and drop it before saying a word.
+    payload = os.urandom(1000)
+    store = PayloadStore(max_total_bytes=len(payload))
+    store.put(hashlib.sha256(payload).digest(), payload)
+    async with open_host(os.urandom(32)) as ours, open_host(os.urandom(32)) as theirs:
+        install_update_protocol(ours, store, limits=Limits())
+        await connect(theirs, listen_addrs(ours)[0], timeout=5)
+        [conn] = theirs.get_network().get_connections(ours.get_id())
+        [mine] = ours.get_network().get_connections(theirs.get_id())
+        frame = struct.Struct(YAMUX_HEADER_FORMAT)
+        for stream_id in range(10_001, 10_401, 2):  # 200 streams of the dialler's (odd) ids
+            await conn.muxed_conn.secured_conn.write(
+                frame.pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, 0)
+                + frame.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
+        await wait_for(lambda: not mine.muxed_conn.streams)
+        with trio.fail_after(10):  # the connection still serves (on one more stream)
+            got = await fetch_payload(theirs, ours.get_id().to_string(), hashlib.sha256(payload).digest(),
+                                      max_size=len(payload), timeout=10)
+        assert got == payload
+        assert len(mine.muxed_conn.__dict__.get("_p2pfl_open_flags", {})) <= 1  # unbounded: 200

@@ -48,7 +48,10 @@ Tuned and stock peers interoperate (tests/net/test_transfer.py).
     FIN/RST frames), the ACK on the listener's first DATA frame (its multistream answer).
     0.8.1 ignores FIN and RST on a frame that carries ACK, so before such a frame the ACK
     goes as its own frame, in the same socket write. Stock per-frame debug formatting
-    (f-strings built for a disabled logger) is skipped too.
+    (f-strings built for a disabled logger) is skipped too. A stream reset by the peer
+    before we sent a frame on it never takes its pending flag: the flags of streams the
+    connection no longer holds are dropped whenever they outnumber its streams (a peer
+    opening and resetting streams at once cannot grow the table).
 ``secure_read`` (without: 3.0 / 1.6)
     ``SecureSession.read(n)`` (Yamux reads each frame body through it) grows a
     bytearray message by message and copies it once more into ``bytes``. Patched to
@@ -243,6 +246,9 @@ def yamux_open_flags() -> None:
         pending = self.__dict__.setdefault("_p2pfl_open_flags", {})  # stream id -> flag
         version, kind, flags, stream_id, length = header.unpack_from(data)
         if kind == window_type and flags in (syn, ack) and length == 0 and len(data) == size:
+            if len(pending) >= len(self.streams):  # some belong to streams gone: drop those
+                for gone in [s for s in pending if s not in self.streams]:
+                    del pending[gone]
             pending[stream_id] = flags  # nothing to say yet: wait for the stream's next frame
             return
         flag = pending.pop(stream_id, 0) if pending else 0
