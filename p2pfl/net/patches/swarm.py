@@ -11,14 +11,14 @@
     multiplexed (QUIC; p2pfl listens on TCP only) keep the stock path.
 ``close_peer_keeps_newcomers``
     ``Swarm.close_peer`` closes the connections a peer has when it starts, one by one
-    (each close takes 0.1 s or more, a stalled relayed one up to its write deadline),
-    then drops the peer's whole entry from ``Swarm.connections``: a connection the peer
-    made meanwhile (it redials at once when we drop it) is dropped from the table
-    without being closed. It stays alive: the peer uses it (streams, GossipSub), while
-    we list the peer as disconnected, so we neither send it announcements nor take its
-    own, and a relay refuses it a slot ("Failed to create reservation"). In the NAT test
-    such a connection cost a pair of nodes each other's updates for good. Patched: only
-    the connections closed are forgotten.
+    (each close takes 0.1 s or more: its cleanup sleeps that long), then drops the
+    peer's whole entry from ``Swarm.connections``: a connection the peer made meanwhile
+    (it redials at once when we drop it) is dropped from the table without being
+    closed. It stays alive: the peer uses it (streams, GossipSub), while we list the
+    peer as disconnected, so we neither send it announcements nor take its own, and a
+    relay refuses it a slot ("Failed to create reservation"). In the NAT test such a
+    connection cost a pair of nodes each other's updates for good. Patched: only the
+    connections closed are forgotten.
 ``no_auto_connector`` (per host)
     ``min_connections=0`` and a huge interval do not stop 0.8.1's auto-connector: it
     still runs one pass at start-up and one after *every* disconnect (aiming for 200
