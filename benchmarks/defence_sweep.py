@@ -98,7 +98,8 @@ for s in [int(x) for x in seeds.split(",")]:
     finals = [n["accuracy"][-1] for n in card["nodes"] if not n["byzantine"]]
     out = {"variant": variant, "setting": sname, "attack": attack, "seed": s, "rounds": sc.rounds,
            "rule": sc.rule, "over": rest, "mean": round(card["final"]["honest_mean"], 4),
-           "min": round(card["final"]["honest_min"], 4), "recall": d["recall"], "fp_peers": d["false_positive_peers"],
+           "min": round(card["final"]["honest_min"], 4),
+           "min_sheltered": card["final"]["honest_min_sheltered"], "recall": d["recall"], "fp_peers": d["false_positive_peers"],
            "fp_final": d["false_positive_pairs_final"], "exposed": card["exposed_honest"],
            "worst_class": card["final"].get("worst_class"), "wall": round(time.time() - t),
            # per honest node: (attacking neighbours, neighbours, final accuracy)

@@ -81,9 +81,10 @@ class HarmCheck:
     # Probe at this multiple of the share a neighbour would have at full reputation.
     probe_scale: float = 1.0
     # Whose clipping is not held against its reputation: "passed" (this round's check),
-    # "harmless" (no worse than our own model, whatever the reference), "vetted"
-    # (``streak`` passes in a row), or "none".
-    forgive: str = "harmless"
+    # "harmless" (no worse than our own model, whatever the reference), "typical"
+    # (harmless, and from round ``settle`` on also no worse than the reference: the
+    # typical neighbour's mix), "vetted" (``streak`` passes in a row), or "none".
+    forgive: str = "typical"
     # A neighbour whose check fails counts as trusted at most this much (1: no evidence).
     fail_trust: float = 0.5
     # What a neighbour's mixed loss is compared with: "own" (our model's loss) or
@@ -102,6 +103,11 @@ class HarmCheck:
     # ~0.001 per step) keeps its vetting; an attacker placed just inside our clipping radius
     # spends its whole distance on harm (0.006-0.014 per step) and loses it. Issue 17.
     harm_per_step: float = 0.008
+    # The round from which ``forgive = "typical"`` compares with the typical neighbour:
+    # before it, models trained from different starting points are still settling and the
+    # neighbour across a bridge between communities is 1-2 tolerances worse than the
+    # others (docs/DEFENCE.md section 3).
+    settle: int = 10
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
@@ -109,10 +115,12 @@ class HarmCheck:
                 f"must be pooled, balanced or worst, got {self.classes!r}")
         require(isinstance(self.grace, int) and not isinstance(self.grace, bool) and self.grace >= 0,
                 "harm_check.grace", f"must be an integer >= 0, got {self.grace!r}")
+        require(isinstance(self.settle, int) and not isinstance(self.settle, bool) and self.settle >= 0,
+                "harm_check.settle", f"must be an integer >= 0, got {self.settle!r}")
         require(self.reference in ("own", "median"), "harm_check.reference",
                 f"must be own or median, got {self.reference!r}")
-        require(self.forgive in ("passed", "harmless", "vetted", "none"), "harm_check.forgive",
-                f"must be passed, harmless, vetted or none, got {self.forgive!r}")
+        require(self.forgive in ("passed", "harmless", "typical", "vetted", "none"), "harm_check.forgive",
+                f"must be passed, harmless, typical, vetted or none, got {self.forgive!r}")
         require(isinstance(self.probe_scale, int | float) and not isinstance(self.probe_scale, bool)
                 and 1 <= self.probe_scale <= 1e3, "harm_check.probe_scale",
                 f"must be a number in [1, 1000], got {self.probe_scale!r}")

