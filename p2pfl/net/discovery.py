@@ -59,7 +59,7 @@ from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     parse_p2p_addr,
 )
 from p2pfl.net.relaybook import STALLED, RelayBook, relay_of
-from p2pfl.net.streamio import open_with_request, reset_quietly
+from p2pfl.net.streamio import open_with_request, parse_peer_id, reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Neighbourhood:
 
     async def _request(self, peer: str) -> bytes:
         request = encode_request(self.network_id, self.own_addrs())
-        stream = await open_with_request(self.host, ID.from_base58(peer), PROTOCOL_ID, request)
+        stream = await open_with_request(self.host, parse_peer_id(peer), PROTOCOL_ID, request)
         try:
             await stream.close_write()  # type: ignore[attr-defined]  # NetStream has it
             return await read_bounded(stream, MAX_REPLY_BYTES)
@@ -317,7 +317,7 @@ class Neighbourhood:
         await self._top_up()
 
     async def _probe(self, peer: str) -> None:
-        relays = {relay_of(c) for c in self.host.get_network().get_connections(ID.from_base58(peer))}
+        relays = {relay_of(c) for c in self.host.get_network().get_connections(parse_peer_id(peer))}
         try:
             await self.exchange(peer)
         except NetworkError as error:

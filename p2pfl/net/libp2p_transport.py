@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
-from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from p2pfl.config import Limits, NetConfig
@@ -46,6 +45,7 @@ from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
 from p2pfl.net.relaybook import BROKEN, STALLED, WORKED, relay_of
+from p2pfl.net.streamio import parse_peer_id
 from p2pfl.net.swarm import fetch_from_holders
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
@@ -58,6 +58,9 @@ STORE_PAYLOADS = 16
 # A piece request waits at most this share of the whole pull's deadline: a stalled holder
 # is dropped after it, and meanwhile the end game has asked another holder anyway.
 REQUEST_SHARE = 0.25
+# peer_paths lines are rebuilt at most this often (s): every round end and every /status
+# poll read stats(), and a line costs ~60 us per neighbour; a diagnosis may be a second old.
+PATHS_TTL = 1.0
 
 
 class Libp2pTransport:
@@ -88,6 +91,7 @@ class Libp2pTransport:
         self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
         self.relisted = 0  # neighbours reconnected because gossip had lost them
         self.failures = PullFailures()  # the last failed pull per peer (peer_paths)
+        self._described: tuple[float, tuple[tuple[str, str], ...]] | None = None  # (trio time, peer_paths)
 
     @property
     def peer_id(self) -> str:
@@ -153,7 +157,7 @@ class Libp2pTransport:
 
     def _relayed_conn(self, peer: str) -> INetConn | None:
         """``peer``'s connection if every one of them runs through a relay, else None."""
-        conns = self.host.get_network().get_connections(ID.from_base58(peer))
+        conns = self.host.get_network().get_connections(parse_peer_id(peer))
         return conns[0] if conns and all(is_relayed(c) for c in conns) else None
 
     def _count_relayed(self, conn: INetConn | None, size: int) -> None:
@@ -295,8 +299,14 @@ class Libp2pTransport:
             relay_scores=self.relaying.book.scores(),
             relay_forwarded=self.relaying.forwarded_bytes,
             gossip_reconnects=self.relisted,
-            peer_paths=describe_all(self.host, self.gossip, self.failures, self.neighbours()),
+            peer_paths=self._peer_paths(),
         )
+
+    def _peer_paths(self) -> tuple[tuple[str, str], ...]:
+        now = trio.current_time()
+        if self._described is None or now - self._described[0] >= PATHS_TTL:
+            self._described = (now, describe_all(self.host, self.gossip, self.failures, self.neighbours()))
+        return self._described[1]
 
     def _on_range(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import trio
 from libp2p.abc import IHost
-from libp2p.peer.id import ID
 
 from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.crypto import short_id
 from p2pfl.net.gossip import Gossip
 from p2pfl.net.reach import is_relayed
 from p2pfl.net.relaybook import relay_of
+from p2pfl.net.streamio import parse_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _path(conn: object) -> str:
 def describe(host: IHost, gossip: Gossip, failures: PullFailures, peer: str) -> str:
     """One line on ``peer``'s connections, gossip state, announcements heard, failed pulls."""
     now = trio.current_time()
-    peer_id = ID.from_base58(peer)
+    peer_id = parse_peer_id(peer)
     conns = list(host.get_network().get_connections(peer_id))
     parts = ["conns " + (", ".join(f"{_path(c)} s{len(c.get_streams())}"  # type: ignore[attr-defined]
                                   + (" closed" if c.is_closed else "") for c in conns) or "none")]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import weakref
 from dataclasses import dataclass
 
 import trio
@@ -50,13 +51,34 @@ ANSWER_TTL = 300.0  # seconds; then peers are asked again (the network may have 
 PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
 
 
+# connection -> (the address list judged, its answer): rendering a multiaddr as text costs
+# ~30 us and every pull and serve asks, for the same few connections, over and over.
+_JUDGED: weakref.WeakKeyDictionary[object, tuple[object, bool]] = weakref.WeakKeyDictionary()
+
+
 def is_relayed(conn: object) -> bool:
     """Whether a swarm connection runs through a relay (``/p2p-circuit``)."""
     try:
         if conn.get_connection_type() == ConnectionType.RELAYED:  # type: ignore[attr-defined]
             return True
-        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())  # type: ignore[attr-defined]
+        addrs = conn.get_transport_addresses()  # type: ignore[attr-defined]
     except Exception:  # a half-built connection: treat as direct, the dial-back is bounded anyway
+        return False
+    try:
+        judged = _JUDGED.get(conn)
+    except TypeError:  # not weakly referable: judge it every time
+        return _through_circuit(addrs)
+    if judged is not None and judged[0] is addrs:  # the same list: set once per connection
+        return judged[1]
+    answer = _through_circuit(addrs)
+    _JUDGED[conn] = (addrs, answer)
+    return answer
+
+
+def _through_circuit(addrs: object) -> bool:
+    try:
+        return any("/p2p-circuit" in str(a) for a in addrs)  # type: ignore[attr-defined]
+    except Exception:  # a half-built connection, as above
         return False
 
 

@@ -64,7 +64,6 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
-from libp2p.peer.id import ID
 
 from p2pfl.config import Limits, MiB
 from p2pfl.core.bounded import BoundedMap
@@ -82,6 +81,7 @@ from p2pfl.errors import (
 from p2pfl.net.streamio import (
     as_protocol_errors,
     open_with_request,
+    parse_peer_id,
     read_exact,
     reset_quietly,
     settled,
@@ -347,7 +347,7 @@ async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> Che
 async def _open_stream(host: IHost, peer_id: str, request: bytes) -> INetStream:
     """Open the update stream to ``peer_id`` with ``request`` written on it."""
     try:
-        return await open_with_request(host, ID.from_base58(peer_id), PROTOCOL_ID, request)
+        return await open_with_request(host, parse_peer_id(peer_id), PROTOCOL_ID, request)
     except Exception as exc:
         raise PeerUnreachable(f"cannot open {PROTOCOL_ID} to {peer_id[-8:]}: {exc!r}") from exc
 

@@ -277,3 +277,43 @@ async def test_streams_reset_before_we_answer_leave_no_pending_flags() -> None:
                                       max_size=len(payload), timeout=10)
         assert got == payload
         assert len(mine.muxed_conn.__dict__.get("_p2pfl_open_flags", {})) <= 1  # unbounded: 200
+
+
+class _Recorder:
+    """A notifee that records each event with the task it ran in; ``raising`` ones raise too."""
+
+    def __init__(self, raising: bool = False) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.raising = raising
+
+    def __getattr__(self, method: str) -> Any:
+        async def record(network: Any, *args: Any) -> None:
+            self.events.append((method, trio.lowlevel.current_task().name))
+            if self.raising:
+                raise RuntimeError("a notifee that raises")
+
+        return record
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_stream_events_reach_every_notifee_in_the_callers_task(
+    inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stock 0.8.1 spawns a nursery and a task per notifee for every stream opened and closed.
+    if not inline:  # the control: stock fan-out
+        monkeypatch.setattr(Swarm, "_notify", Swarm._notify.__wrapped__)  # type: ignore[attr-defined]
+    async with open_host(os.urandom(32)) as server, open_host(os.urandom(32)) as client:
+        raising, recorder = _Recorder(raising=True), _Recorder()
+        for notifee in (raising, recorder):
+            server.get_network().register_notifee(notifee)  # type: ignore[arg-type]
+        server.set_stream_handler(PING, lambda stream: stream.close())
+        peer = await connect(client, listen_addrs(server)[0], timeout=10)
+        with trio.fail_after(10):
+            stream = await client.new_stream(ID.from_base58(peer), [PING])
+            await stream.close()
+            await wait_for(lambda: [m for m, _ in recorder.events].count("closed_stream") >= 1)
+    opened = [task for method, task in recorder.events if method == "opened_stream"]
+    assert opened and [m for m, _ in raising.events].count("opened_stream") == len(opened)
+    assert any(method == "connected" for method, _ in recorder.events)  # connection events too
+    spawned = [task for method, task in recorder.events if method.endswith("_stream") and task.endswith("_call")]
+    assert (spawned == []) is inline

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from libp2p.connection_types import ConnectionType
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
@@ -109,6 +110,40 @@ def closed_port() -> int:
 # Options of a node others reach only through its relay: a dead direct address, no DCUtR.
 STAY_RELAYED: dict[str, Any] = {"announce_addrs": (f"/ip4/127.0.0.1/tcp/{closed_port()}",),
                                 "hole_punching": False}
+
+
+class _Address:
+    """A transport address that counts how often it is rendered as text."""
+
+    rendered = 0
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        _Address.rendered += 1
+        return self.text
+
+
+class _Conn:
+    def __init__(self, *addrs: str) -> None:
+        self.addrs = [_Address(a) for a in addrs]
+
+    def get_connection_type(self) -> ConnectionType:
+        return ConnectionType.DIRECT
+
+    def get_transport_addresses(self) -> list[_Address]:
+        return self.addrs
+
+
+def test_a_connection_is_judged_once_per_address_list() -> None:
+    conn = _Conn("/ip4/10.0.0.1/tcp/4001")
+    _Address.rendered = 0
+    assert [is_relayed(conn) for _ in range(5)] == [False] * 5
+    assert _Address.rendered == 1  # the same list: judged once
+    conn.addrs = [_Address("/ip4/10.0.0.2/tcp/4001/p2p/QmRelay/p2p-circuit")]  # new transport info
+    assert is_relayed(conn)
+    assert not is_relayed(_Conn("/ip4/10.0.0.3/tcp/4001"))  # judged per connection
 
 
 async def test_dial_back_tells_a_listener_from_a_closed_port() -> None:

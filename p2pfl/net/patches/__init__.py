@@ -105,6 +105,10 @@ PATCHES: dict[str, Patch] = {
               "but unlisted, the peer uses it while we count it disconnected",
               _T + "test_patches.py::test_a_connection_made_while_its_peer_is_closed_stays_listed",
               swarm.close_peer_keeps_newcomers),
+        Patch("stream_events_inline", "every stream opened or closed spawns a nursery and one task "
+              "per notifee (five, none of which uses stream events)",
+              _T + "test_patches.py::test_stream_events_reach_every_notifee_in_the_callers_task",
+              swarm.stream_events_inline),
         Patch("peerstore_keeps_own", "past 1000 stored peers the peerstore evicts entries without "
               "addresses first, our own key pair included: the next publish raises and the node stops",
               _T + "test_patches.py::test_a_full_peerstore_keeps_our_own_identity",
