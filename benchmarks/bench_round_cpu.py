@@ -17,7 +17,9 @@ CPU seconds per node-round (first round excluded: it includes start-up), split a
 
 "outside learning" = compute + event loop (the issue-12 target: <= 50 ms). A baseline
 older than the compute split shows its compute inside the event loop column. The last
-lines give each column's ratio, this checkout over the baseline, over all repetitions.
+lines give each column's ratio, this checkout over the baseline, over all repetitions,
+then each side's node-rounds pooled over its runs by neighbours used that round
+(report.json ``used``): mean outside-learning ms per degree, overall mean and median.
 """
 
 from __future__ import annotations
@@ -71,6 +73,28 @@ def breakdown(report: dict[str, Any]) -> dict[str, float]:
     return {c: statistics.fmean(v) if v else float("nan") for c, v in rows.items()}
 
 
+def by_degree(report: dict[str, Any]) -> list[tuple[int, float]]:
+    """(neighbours used, outside-learning CPU seconds) of every node-round but each node's first."""
+    rows = []
+    for node in report["nodes"]:
+        total = node.get("cpu_per_round") or []
+        learning = node.get("learning_cpu_per_round") or [0.0] * len(total)
+        used = node.get("used") or [0] * len(total)
+        rows += [(u, t - lc) for t, lc, u in list(zip(total, learning, used, strict=False))[1:]]
+    return rows
+
+
+def degree_line(name: str, rows: list[tuple[int, float]]) -> str:
+    cells: dict[int, list[float]] = {}
+    for used, seconds in rows:
+        cells.setdefault(used, []).append(seconds)
+    table = ", ".join(f"{u}: {1000 * statistics.fmean(v):.1f} ({len(v)})" for u, v in sorted(cells.items()))
+    values = [s for _, s in rows]
+    return (f"{name}: node-rounds {len(rows)}, mean neighbours {statistics.fmean(u for u, _ in rows):.2f}, "
+            f"mean {1000 * statistics.fmean(values):.1f} ms, median {1000 * statistics.median(values):.1f} ms\n"
+            f"  by neighbours used (ms, node-rounds): {table}")
+
+
 def median_round(report: dict[str, Any]) -> float:
     return statistics.median(r["median_round_seconds"] for r in report["per_round"])
 
@@ -90,11 +114,13 @@ def main() -> None:
     print(f"{args.nodes} node processes, {args.rounds} rounds, digits IID; ms of CPU per node-round")
     print(f"{'run':<28} {'load':>5} {'round s':>7} " + " ".join(f"{c:>16}" for c in COLUMNS))
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    pooled: dict[str, list[tuple[int, float]]] = {name: [] for name in variants}
     for rep in range(args.reps):
         for index, (name, source) in enumerate(variants.items()):
             report = run_testnet(source, args.nodes, args.rounds, out / f"rep{rep}-{index}")
             figures = breakdown(report)
             results[name].append(figures)
+            pooled[name] += by_degree(report)
             print(f"{name:<28} {report['load_before']:>5.1f} {median_round(report):>7.2f} "
                   + " ".join(f"{1000 * figures[c]:>16.1f}" for c in COLUMNS), flush=True)
     if len(variants) == 2:
@@ -105,6 +131,9 @@ def main() -> None:
             after = statistics.fmean(r[column] for r in ours)
             cells.append(f"{after / before:>16.2f}" if before > 0 else f"{'-':>16}")
         print(f"{'ratio this / ' + base.split()[-1]:<42} " + " ".join(cells))
+    for name, rows in pooled.items():
+        if rows:
+            print(degree_line(name, rows))
 
 
 if __name__ == "__main__":
