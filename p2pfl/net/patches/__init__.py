@@ -69,6 +69,10 @@ PATCHES: dict[str, Patch] = {
         Patch("yamux_open_flags", "a stream's SYN and its ACK each go as a bare frame before "
               "either end has a byte to send: two frames more per stream",
               _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.yamux_open_flags),
+        Patch("listener_one_write", "a listener sends its multistream header and its protocol "
+              "answer in two writes even when the opener sent both lines at once: one frame more "
+              "per stream",
+              _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.listener_one_write),
         Patch("noise_reader", "Noise reads each message with two locked socket reads",
               _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.noise_reader),
         Patch("noise_writer", "Noise sends each 64 KiB message with its own locked send_all",
