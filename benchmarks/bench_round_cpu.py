@@ -5,7 +5,8 @@
 
 Runs ``p2pfl testnet`` (digits, IID, 1 epoch, batch 32) alternately from this checkout
 and from ``--baseline`` (any git ref, extracted with ``git archive`` into the output
-directory), back to back, so both see the same load on a shared machine. Per run it
+directory), back to back in ABBA order (each side runs first in every other
+repetition), so both see the same load on a shared machine. Per run it
 prints the machine's 1-minute load before the run, the median round time, and the mean
 CPU seconds per node-round (first round excluded: it includes start-up), split as:
 
@@ -116,7 +117,10 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     pooled: dict[str, list[tuple[int, float]]] = {name: [] for name in variants}
     for rep in range(args.reps):
-        for index, (name, source) in enumerate(variants.items()):
+        # ABBA: the load a run leaves behind lands on the other side as often as on this one.
+        order = list(variants.items()) if rep % 2 == 0 else list(reversed(variants.items()))
+        for name, source in order:
+            index = list(variants).index(name)
             report = run_testnet(source, args.nodes, args.rounds, out / f"rep{rep}-{index}")
             figures = breakdown(report)
             results[name].append(figures)

@@ -9,7 +9,8 @@ the connection our GossipSub stream to it runs on and how many RPCs wait in its 
 whether pubsub lists it as subscribed to our topic and in our mesh or fanout, how many
 announcements it published reached us (and how long ago the last one), and the last
 pull from it that failed and why. Cheap: counters bumped per announcement and per failed
-pull; the lines are built only when asked.
+pull; the lines are built only when asked, and the transport rebuilds them at most once
+a second (``Libp2pTransport.stats``, ``PATHS_TTL``: every round end and /status poll asks).
 """
 
 from __future__ import annotations
