@@ -1,19 +1,24 @@
 """CPU of one small pull (the digits model, 19 KB) between two hosts in one process.
 
     .venv/bin/python benchmarks/bench_small_pull.py [--pulls 500] [--without yamux_credit,pipelined_select]
+        [--count-calls]
 
 Both ends run in this process, so the process CPU per pull is what the puller and the
 holder pay together: stream open and negotiation, request, reply, close. ``--without``
 leaves the named libp2p patches off (``p2pfl.net.patches.PATCHES``); run it with and
 without, back to back, for the ratio (the machine is shared: absolute figures move).
+``--count-calls`` counts the Python function calls per pull instead (cProfile over the
+measured pulls): a figure the machine's load does not move.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import logging
 import os
+import pstats
 import time
 
 import trio
@@ -27,8 +32,9 @@ SIZE = 19_000
 WARM_UP = 20
 
 
-async def measure(pulls: int) -> tuple[float, float]:
-    """Return (CPU ms, wall ms) per pull, after a warm-up on the same connection."""
+async def measure(pulls: int, profile: cProfile.Profile | None = None) -> tuple[float, float]:
+    """Return (CPU ms, wall ms) per pull, after a warm-up on the same connection;
+    ``profile`` (if given) is enabled over the measured pulls only."""
     payload = os.urandom(SIZE)
     digest = hashlib.sha256(payload).digest()
     store = PayloadStore(max_total_bytes=SIZE)
@@ -40,8 +46,12 @@ async def measure(pulls: int) -> tuple[float, float]:
             await fetch_checked_payload(puller, peer, digest, max_size=SIZE, timeout=10)
         await trio.sleep(0.5)  # identify and friends settle
         cpu, wall = time.process_time(), time.perf_counter()
+        if profile is not None:
+            profile.enable()
         for _ in range(pulls):
             await fetch_checked_payload(puller, peer, digest, max_size=SIZE, timeout=10)
+        if profile is not None:
+            profile.disable()
         return 1000 * (time.process_time() - cpu) / pulls, 1000 * (time.perf_counter() - wall) / pulls
 
 
@@ -49,11 +59,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pulls", type=int, default=500)
     parser.add_argument("--without", default="", help="comma list of libp2p patches left off")
+    parser.add_argument("--count-calls", action="store_true", help="Python calls per pull (cProfile)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)
     off = {name for name in args.without.split(",") if name}
     applied = patches.apply([n for n, p in patches.PATCHES.items() if not p.per_host and n not in off])
     patches.apply_process_tweaks()
+    if args.count_calls:
+        profile = cProfile.Profile()
+        trio.run(measure, args.pulls, profile)
+        calls = pstats.Stats(profile).total_calls / args.pulls  # type: ignore[attr-defined]
+        print(f"pull of {SIZE} B: {calls:.0f} Python calls (both ends); patches off: {sorted(off) or 'none'}")
+        return
     cpu, wall = trio.run(measure, args.pulls)
     print(f"pull of {SIZE} B: {cpu:.3f} ms CPU (both ends), {wall:.3f} ms wall, load "
           f"{os.getloadavg()[0]:.1f}; patches off: {sorted(off) or 'none'} ({len(applied)} on)")
