@@ -54,7 +54,7 @@ async def measure(counts: list[int], calls: int) -> None:
               f"(load {load:.1f})")
         for n in counts:
             peers = first.neighbours()[:n]
-            ms = per_call(lambda p=peers: describe_all(first.host, first.gossip, first.failures, p), calls)
+            ms = per_call(lambda p=peers: describe_all(first.host, first.gossip, first.peer_paths.failures, p), calls)
             print(f"peer_paths of {n:>2} neighbours: {ms:.3f} ms CPU (load {os.getloadavg()[0]:.1f})")
 
 

@@ -40,7 +40,7 @@ from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import UNLISTED_AFTER, Gossip, open_gossip
 from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
-from p2pfl.net.peerpaths import PathLog, PullFailures, describe_all
+from p2pfl.net.peerpaths import PathLog, PeerPaths
 from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
@@ -58,9 +58,6 @@ STORE_PAYLOADS = 16
 # A piece request waits at most this share of the whole pull's deadline: a stalled holder
 # is dropped after it, and meanwhile the end game has asked another holder anyway.
 REQUEST_SHARE = 0.25
-# peer_paths lines are rebuilt at most this often (s): every round end and every /status
-# poll read stats(), and a line costs ~60 us per neighbour; a diagnosis may be a second old.
-PATHS_TTL = 1.0
 
 
 class Libp2pTransport:
@@ -90,8 +87,7 @@ class Libp2pTransport:
         self._paths = PathLog()
         self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
         self.relisted = 0  # neighbours reconnected because gossip had lost them
-        self.failures = PullFailures()  # the last failed pull per peer (peer_paths)
-        self._described: tuple[float, tuple[tuple[str, str], ...]] | None = None  # (trio time, peer_paths)
+        self.peer_paths = PeerPaths(host, gossip)  # failed pulls, /status lines per neighbour
 
     @property
     def peer_id(self) -> str:
@@ -173,7 +169,7 @@ class Libp2pTransport:
         try:
             yield conn
         except (TransferError, PeerUnreachable) as error:
-            self.failures.record(peer, error)
+            self.peer_paths.failures.record(peer, error)
             if relay is not None:
                 self._judge_failed_pull(relay, conn, error)
             raise
@@ -299,14 +295,8 @@ class Libp2pTransport:
             relay_scores=self.relaying.book.scores(),
             relay_forwarded=self.relaying.forwarded_bytes,
             gossip_reconnects=self.relisted,
-            peer_paths=self._peer_paths(),
+            peer_paths=self.peer_paths.lines(self.neighbours),
         )
-
-    def _peer_paths(self) -> tuple[tuple[str, str], ...]:
-        now = trio.current_time()
-        if self._described is None or now - self._described[0] >= PATHS_TTL:
-            self._described = (now, describe_all(self.host, self.gossip, self.failures, self.neighbours()))
-        return self._described[1]
 
     def _on_range(self, peer: str, digest: bytes, size: int) -> None:
         self._served_bytes += size

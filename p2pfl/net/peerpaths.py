@@ -9,14 +9,14 @@ the connection our GossipSub stream to it runs on and how many RPCs wait in its 
 whether pubsub lists it as subscribed to our topic and in our mesh or fanout, how many
 announcements it published reached us (and how long ago the last one), and the last
 pull from it that failed and why. Cheap: counters bumped per announcement and per failed
-pull; the lines are built only when asked, and the transport rebuilds them at most once
-a second (``Libp2pTransport.stats``, ``PATHS_TTL``: every round end and /status poll asks).
+pull; the lines are built only when asked, at most once a second (:class:`PeerPaths`:
+every round end and every /status poll asks).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -32,6 +32,9 @@ from p2pfl.net.streamio import parse_peer_id
 logger = logging.getLogger(__name__)
 
 _MAX_PEERS = 1024  # peers whose failed pulls are remembered (bounded: any peer may fail)
+# The lines are rebuilt at most this often (s): every round end and every /status poll
+# read them, and a line costs ~10-60 us per neighbour; a diagnosis may be a second old.
+PATHS_TTL = 1.0
 
 
 class PathLog:
@@ -122,4 +125,22 @@ def describe_all(host: IHost, gossip: Gossip, failures: PullFailures,
     return tuple(rows)
 
 
-__all__ = ["Failure", "PathLog", "PullFailures", "describe", "describe_all"]
+class PeerPaths:
+    """A transport's ``peer_paths``: its failed pulls, and the lines rebuilt at most every
+    :data:`PATHS_TTL` seconds."""
+
+    def __init__(self, host: IHost, gossip: Gossip) -> None:
+        self.host = host
+        self.gossip = gossip
+        self.failures = PullFailures()
+        self._built: tuple[float, tuple[tuple[str, str], ...]] | None = None  # (trio time, lines)
+
+    def lines(self, neighbours: Callable[[], tuple[str, ...]]) -> tuple[tuple[str, str], ...]:
+        """(peer, line) for each of ``neighbours()``, at most :data:`PATHS_TTL` s old."""
+        now = trio.current_time()
+        if self._built is None or now - self._built[0] >= PATHS_TTL:
+            self._built = (now, describe_all(self.host, self.gossip, self.failures, neighbours()))
+        return self._built[1]
+
+
+__all__ = ["PATHS_TTL", "Failure", "PathLog", "PeerPaths", "PullFailures", "describe", "describe_all"]

@@ -21,6 +21,7 @@ from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import Identity
 from p2pfl.errors import ConfigError, NetworkError, PeerUnreachable
 from p2pfl.net import gossip as gossip_module
+from p2pfl.net import peerpaths
 from p2pfl.net.discovery import (
     MAX_REPLY_BYTES,
     PeerBook,
@@ -361,6 +362,26 @@ async def test_peer_paths_say_how_each_neighbour_reaches_us() -> None:
         assert line.startswith("conns direct s")
         for part in ("pubsub out direct q0", "subscribed", "heard 1 (", "pulls failed 1, last"):
             assert part in line, line
+
+
+async def test_peer_paths_are_rebuilt_at_most_once_a_second(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every round end and every /status poll read the lines; each costs ~10-60 us a neighbour.
+    built: list[tuple[str, ...]] = []
+
+    def describe_all(host: object, gossip: object, failures: object, peers: tuple[str, ...]) -> tuple:
+        built.append(peers)
+        return tuple((p, f"line {len(built)}") for p in peers)
+
+    monkeypatch.setattr(peerpaths, "describe_all", describe_all)
+    paths = peerpaths.PeerPaths(host=None, gossip=None)  # type: ignore[arg-type]
+    assert paths.lines(lambda: ("a",)) == (("a", "line 1"),)
+    await trio.sleep(peerpaths.PATHS_TTL - 0.01)
+    assert paths.lines(lambda: ("a", "b")) == (("a", "line 1"),)  # still fresh
+    await trio.sleep(0.01)
+    assert paths.lines(lambda: ("a", "b")) == (("a", "line 2"), ("b", "line 2"))
+    assert built == [("a",), ("a", "b")]
 
 
 async def test_ban_disconnects_refuses_and_penalises() -> None:
