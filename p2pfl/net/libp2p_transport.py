@@ -29,8 +29,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
-from multiaddr import Multiaddr
+from libp2p.abc import IHost, INetConn, INetwork
 
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import short_id
@@ -40,6 +39,7 @@ from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import UNLISTED_AFTER, Gossip, open_gossip
 from p2pfl.net.host import connect, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
+from p2pfl.net.notifee import ConnectionNotifee
 from p2pfl.net.peerpaths import PathLog, PeerPaths
 from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
 from p2pfl.net.reach import Reachability, is_relayed
@@ -314,7 +314,7 @@ class Libp2pTransport:
         return f"Libp2pTransport({short_id(self.peer_id)})"
 
 
-class _BanGate(INotifee):
+class _BanGate(ConnectionNotifee):
     """Close connections from banned peers as soon as they are established."""
 
     def __init__(self, neighbourhood: Neighbourhood, nursery: trio.Nursery) -> None:
@@ -326,21 +326,6 @@ class _BanGate(INotifee):
         if self.neighbourhood.book.is_banned(peer, trio.current_time()):
             logger.info("refusing banned peer %s", short_id(peer))
             self.nursery.start_soon(self.neighbourhood.disconnect, peer)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        return None
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        return None
 
 
 @contextlib.asynccontextmanager

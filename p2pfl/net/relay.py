@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
@@ -65,6 +65,7 @@ from p2pfl.config import NetConfig
 from p2pfl.core.crypto import short_id
 from p2pfl.core.reputation import Evidence
 from p2pfl.errors import PeerUnreachable
+from p2pfl.net.notifee import ConnectionNotifee
 from p2pfl.net.reach import PRIVATE, PUBLIC, Reachability, is_relayed
 from p2pfl.net.relaybook import CIRCUIT, FAILED, WORKED, RelayBook, relay_of
 from p2pfl.net.streamio import reset_quietly
@@ -307,7 +308,7 @@ async def open_hole_punching(host: IHost, *, config: NetConfig) -> AsyncIterator
         yield
 
 
-class _CircuitWatch(INotifee):
+class _CircuitWatch(ConnectionNotifee):
     """Note each circuit as it opens, whichever end dialled it (:meth:`RelayBook.dialled`):
     one through the same relay to the same peer soon after the last one ended broke. A
     circuit opened while another to that peer through that relay is up (both ends dialled
@@ -324,21 +325,6 @@ class _CircuitWatch(INotifee):
         if not any(c is not conn and not c.is_closed and relay_of(c) == relay
                    for c in network.get_connections(peer)):
             self.book.dialled(relay, peer.to_string())
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        return None
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 async def dial_circuit(host: IHost, address: str, *, timeout: float, book: RelayBook | None = None) -> str:

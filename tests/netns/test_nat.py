@@ -202,7 +202,13 @@ def test_a_hostile_relay_is_routed_around_and_loses_its_standing(tmp_path: Path)
             return [i for i in BEHIND_NAT
                     if dict(status(lab.nodes[i], HTTP)["relay_scores"]).get(hostile) == 0]
 
-        wait_until(lambda: bool(sunk()), 30, "a NATed node to put the hostile relay at the bottom", state)
+        def books() -> str:  # what the NATed nodes think of their relays, and what relay 0 did
+            acts = re.findall(r"hostile relay: (\w+)", (tmp_path / "node0.log").read_text())
+            return state() + f"\n  hostile acts so far {acts}" + "".join(
+                f"\n  node {i}: relays {status(lab.nodes[i], HTTP)['relays']}, scores "
+                f"{status(lab.nodes[i], HTTP)['relay_scores']}" for i in BEHIND_NAT)
+
+        wait_until(lambda: bool(sunk()), 30, "a NATed node to put the hostile relay at the bottom", books)
         judges = sunk()
         wait_until(lambda: all(status(lab.nodes[i], HTTP)["relays"] == [honest] for i in judges), 30,
                    "the judging NATed nodes to hold their slot on node 1 only", state)
