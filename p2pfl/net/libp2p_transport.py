@@ -412,6 +412,7 @@ async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, inter
             book = transport.neighbourhood.book.peers
             await transport.relaying.upgrade({p: list(book[p].addrs) for p in transport.relayed_peers()
                                               if p in book})
+            await transport.relaying.retire_circuits()
             transport.log_paths()
             for peer in transport.gossip.unlisted(transport.neighbours()):  # both ends say hello again
                 logger.info("neighbour %s: not subscribed in gossip for %.0f s; reconnecting",

@@ -266,6 +266,25 @@ class Relaying:
                     self._upgrade_tried[peer] = now
                     nursery.start_soon(self._dial_direct, peer, direct)
 
+    async def retire_circuits(self) -> None:
+        """Close the relayed connections to peers we also reach directly.
+
+        A circuit that outlived its replacement (both ends dialled directly at once, or a
+        relayed redial after the direct one) holds a relay slot's bandwidth and streams
+        for nothing: :meth:`upgrade` never sees such a peer, as it is not relayed only.
+        """
+        network = self.host.get_network()
+        for peer_id in list(self.host.get_connected_peers()):
+            conns = list(network.get_connections(peer_id))
+            if not any(not is_relayed(c) for c in conns):
+                continue
+            for conn in conns:
+                if is_relayed(conn):
+                    with contextlib.suppress(Exception):  # already closing
+                        await conn.close()
+                    logger.info("peer %s: relayed connection closed, a direct one carries its traffic",
+                                short_id(peer_id.to_string()))
+
     async def _dial_direct(self, peer: str, addrs: list[str]) -> None:
         peer_id = ID.from_base58(peer)
         network = self.host.get_network()

@@ -266,10 +266,13 @@ async def test_a_relayed_connection_to_a_reachable_peer_is_replaced_by_a_direct_
         await connect(public.host, natted.listen_addrs[0], timeout=5)  # in through the relay
         await wait_for(lambda: any("replaces the relayed one" in r.getMessage() for r in caplog.records)
                        and natted.peer_id in public.neighbours() and not natted.relayed_peers())
-        # the relayed connection may take a moment to close after its replacement opened
-        await wait_for(lambda: len(natted.host.get_network().get_connections(public.host.get_id())) == 1)
-        [conn] = natted.host.get_network().get_connections(public.host.get_id())
-        assert not is_relayed(conn)
+        # The relayed connection may take a moment to close after its replacement opened. Both
+        # ends may also have dialled directly at once: two direct connections, both kept
+        # (close_peer_keeps_newcomers); what matters is that none is relayed any more.
+        def connections() -> list[Any]:
+            return list(natted.host.get_network().get_connections(public.host.get_id()))
+
+        await wait_for(lambda: bool(connections()) and not any(is_relayed(c) for c in connections()))
 
 
 async def test_a_relay_that_garbles_breaks_the_circuit_and_delivers_nothing(
