@@ -80,8 +80,10 @@ class PullFailures:
 
 
 def _path(conn: object) -> str:
-    relay = relay_of(conn) if is_relayed(conn) else None
-    return "direct" if not is_relayed(conn) else f"via {short_id(relay) if relay else '?'}"
+    if not is_relayed(conn):
+        return "direct"
+    relay = relay_of(conn)
+    return f"via {short_id(relay) if relay else '?'}"
 
 
 def describe(host: IHost, gossip: Gossip, failures: PullFailures, peer: str) -> str:

@@ -275,15 +275,20 @@ class Relaying:
         """
         network = self.host.get_network()
         for peer_id in list(self.host.get_connected_peers()):
-            conns = list(network.get_connections(peer_id))
-            if not any(not is_relayed(c) for c in conns):
-                continue
-            for conn in conns:
-                if is_relayed(conn):
-                    with contextlib.suppress(Exception):  # already closing
-                        await conn.close()
-                    logger.info("peer %s: relayed connection closed, a direct one carries its traffic",
-                                short_id(peer_id.to_string()))
+            if any(not is_relayed(c) for c in network.get_connections(peer_id)) and \
+                    await self._close_circuits(peer_id):
+                logger.info("peer %s: relayed connection closed, a direct one carries its traffic",
+                            short_id(peer_id.to_string()))
+
+    async def _close_circuits(self, peer_id: ID) -> int:
+        """Close our relayed connections to ``peer_id``; return how many there were."""
+        circuits = [c for c in self.host.get_network().get_connections(peer_id) if is_relayed(c)]
+        for conn in circuits:
+            try:
+                await conn.close()
+            except Exception as error:  # already closing under us: gone either way
+                logger.debug("closing a circuit to %s: %r", short_id(peer_id.to_string()), error)
+        return len(circuits)
 
     async def _dial_direct(self, peer: str, addrs: list[str]) -> None:
         peer_id = ID.from_base58(peer)
@@ -296,9 +301,7 @@ class Relaying:
                 except Exception as error:  # unreachable (behind NAT too): stay relayed
                     logger.debug("direct dial of %s at %s failed: %r", short_id(peer), address, error)
                     continue
-                for conn in list(network.get_connections(peer_id)):
-                    if is_relayed(conn):
-                        await conn.close()
+                await self._close_circuits(peer_id)
                 logger.info("peer %s: direct connection at %s replaces the relayed one",
                             short_id(peer), address)
                 return
