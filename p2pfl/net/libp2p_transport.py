@@ -3,8 +3,9 @@
 ``open_libp2p_transport`` composes, in start-up order:
 
 1. a hardened Noise/Yamux host (``host``), listening on the configured address;
-2. the payload protocols ``/p2pfl/update/1.0.0`` (``transfer``) and ``1.1.0`` (pieces,
-   ``ranged``) serving one :class:`PayloadStore`, and peer exchange (``discovery``);
+2. the payload protocols ``/p2pfl/update/1.0.0`` (``transfer``), ``1.1.0`` (pieces,
+   ``ranged``) and ``1.2.0`` (many pulls per stream, ``session``: what this node pulls
+   whole with) serving one :class:`PayloadStore`, and peer exchange (``discovery``);
 3. GossipSub on the network's topic (``gossip``) — before any connection, so identify
    advertises ``/meshsub/*``;
 4. the neighbour maintenance task, whose first pass (bootstrap dials, bounded by the dial
@@ -45,9 +46,10 @@ from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
 from p2pfl.net.relaybook import BROKEN, STALLED, WORKED, relay_of
+from p2pfl.net.session import Sessions, install_session_protocol
 from p2pfl.net.streamio import parse_peer_id
 from p2pfl.net.swarm import fetch_from_holders
-from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
+from p2pfl.net.transfer import PayloadStore, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class Libp2pTransport:
         self._pulled: dict[bytes, set[str]] = {}  # served digest -> peers that pulled it
         self.relisted = 0  # neighbours reconnected because gossip had lost them
         self.peer_paths = PeerPaths(host, gossip)  # failed pulls, /status lines per neighbour
+        self.sessions = Sessions(host)  # one long-lived pull stream per peer (1.2.0)
 
     @property
     def peer_id(self) -> str:
@@ -130,9 +133,7 @@ class Libp2pTransport:
         await self._ensure_connected(peer, timeout)
         remaining = max(0.0, deadline - trio.current_time())
         with self._judging_relay(peer) as relayed:
-            payload = await fetch_checked_payload(
-                self.host, peer, digest, max_size=max_size, timeout=remaining
-            )
+            payload = await self.sessions.fetch(peer, digest, max_size=max_size, timeout=remaining)
         self._fetched_bytes += len(payload)
         self._count_relayed(relayed, len(payload))
         self.neighbourhood.seen_alive(peer)
@@ -383,11 +384,13 @@ async def open_libp2p_transport(
                 on_served=transport._on_served,
             )
             install_ranged_protocol(host, server, on_range=transport._on_range)
+            install_session_protocol(host, server)
             host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
             logger.info("%s listening; peers can dial %s", short_id(transport.peer_id),
                         " ".join(transport.listen_addrs))
             await neighbourhood.maintain()  # bootstrap before handing the transport out
             nursery.start_soon(neighbourhood.run)
+            nursery.start_soon(transport.sessions.run)
             nursery.start_soon(_keep_reachable, transport, reach, config.maintenance_interval)
             if config.enable_mdns and config.mdns_interface is not None:
                 nursery.start_soon(functools.partial(

@@ -205,38 +205,41 @@ class _Server:
             raise _Malformed(f"unsupported version {version}")
         return digest, max_size
 
-    async def _reply(self, stream: INetStream, peer: str, digest: bytes, max_size: int) -> None:
+    async def _reply(
+        self, stream: INetStream, peer: str, digest: bytes, max_size: int, *, close: bool = True
+    ) -> None:
+        """Answer one request; ``close=False`` leaves the stream open (1.2.0 sessions)."""
         payload = self.store.get(digest)  # a reference: serving survives a discard()
         if payload is None:
-            await self._send_status(stream, Status.NOT_FOUND)
+            await self._send_status(stream, Status.NOT_FOUND, close=close)
         elif len(payload) > min(max_size, self.limits.max_payload_bytes):
-            await self._send_status(stream, Status.TOO_LARGE, len(payload))
+            await self._send_status(stream, Status.TOO_LARGE, len(payload), close=close)
         else:
 
             async def whole() -> bytes | memoryview:
                 return payload
 
-            sent = await self.send_admitted(stream, whole)
+            sent = await self.send_admitted(stream, whole, close=close)
             if sent is not None and self.on_served is not None:
                 self.on_served(peer, digest, sent)
 
     async def send_admitted(
-        self, stream: INetStream, body: Callable[[], Awaitable[bytes | memoryview]]
+        self, stream: INetStream, body: Callable[[], Awaitable[bytes | memoryview]], *, close: bool = True
     ) -> int | None:
         """Send ``await body()`` in a slot, or BUSY while ``max_pending`` requests hold or
         wait for one (then None); return the bytes sent. Both protocols admit this way."""
         if self.pending >= self.max_pending:
-            await self._send_status(stream, Status.BUSY)
+            await self._send_status(stream, Status.BUSY, close=close)
             return None
         self.pending += 1
         try:
             data = await body()
-            await self._send_in_slot(stream, data)
+            await self._send_in_slot(stream, data, close=close)
         finally:
             self.pending -= 1
         return len(data)
 
-    async def _send_in_slot(self, stream: INetStream, payload: bytes | memoryview) -> None:
+    async def _send_in_slot(self, stream: INetStream, payload: bytes | memoryview, *, close: bool) -> None:
         with trio.fail_after(self.serve_timeout):
             await self.limiter.acquire()
         try:
@@ -246,14 +249,18 @@ class _Server:
                 await stream.write(REPLY_HEADER.pack(Status.OK, len(payload)) + view[:WRITE_CHUNK])
                 for start in range(WRITE_CHUNK, len(payload), WRITE_CHUNK):
                     await stream.write(view[start : start + WRITE_CHUNK])  # type: ignore[arg-type]
-                await stream.close()
+                if close:
+                    await stream.close()
         finally:
             self.limiter.release()
 
-    async def _send_status(self, stream: INetStream, status: Status, length: int = 0) -> None:
+    async def _send_status(
+        self, stream: INetStream, status: Status, length: int = 0, *, close: bool = True
+    ) -> None:
         with trio.fail_after(min(REQUEST_TIMEOUT, self.serve_timeout)):
             await stream.write(REPLY_HEADER.pack(status, length))
-            await stream.close()
+            if close:
+                await stream.close()
 
 
 def _remote_peer(stream: INetStream) -> str:
@@ -320,11 +327,16 @@ async def fetch_checked_payload(
         TransferError: The peer answered BUSY or ERROR (try another holder).
         ValueError: ``digest`` is not 32 bytes or ``max_size`` is not a u64 (caller bug).
     """
+    check_request(digest, max_size)
+    return await within(timeout, f"no payload from {peer_id[-8:]}", lambda: fetch_once(host, peer_id, digest, max_size))
+
+
+def check_request(digest: bytes, max_size: int) -> None:
+    """Raise ValueError unless ``digest`` is 32 bytes and ``max_size`` a u64 (caller bugs)."""
     if len(digest) != 32:
         raise ValueError(f"digest must be 32 bytes, got {len(digest)}")
     if not 0 <= max_size < 1 << 64:
         raise ValueError(f"max_size out of range: {max_size}")
-    return await within(timeout, f"no payload from {peer_id[-8:]}", lambda: _fetch(host, peer_id, digest, max_size))
 
 
 async def within(timeout: float, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -339,7 +351,8 @@ async def within(timeout: float, what: str, call: Callable[[], Awaitable[T]]) ->
     raise TransferTimeout(f"{what} in {timeout}s")
 
 
-async def _fetch(host: IHost, peer_id: str, digest: bytes, max_size: int) -> CheckedPayload:
+async def fetch_once(host: IHost, peer_id: str, digest: bytes, max_size: int) -> CheckedPayload:
+    """One 1.0.0 pull on a stream of its own (no deadline: the caller's)."""
     stream = await _open_stream(host, peer_id, REQUEST.pack(VERSION, digest, max_size))
     return await settled(stream, lambda s: _pull(s, digest, max_size))
 
@@ -358,7 +371,7 @@ async def _pull(stream: INetStream, digest: bytes, max_size: int) -> CheckedPayl
         # NetStream (every stream of 0.8.1) half-closes; INetStream does not declare it.
         await stream.close_write()  # type: ignore[attr-defined]
         length = await _read_reply_header(stream, max_size)
-        body = await _read_body(stream, length, digest)
+        body = await read_body(stream, length, digest)
         if not await _at_eof(stream):
             raise _Malformed("trailing bytes after the body")
         return body
@@ -390,7 +403,7 @@ def check_reply_status(status_byte: int, length: int, max_size: int) -> None:
     raise TransferError(f"peer answered {status.name}")
 
 
-async def _read_body(stream: INetStream, length: int, digest: bytes) -> CheckedPayload:
+async def read_body(stream: INetStream, length: int, digest: bytes) -> CheckedPayload:
     """Read exactly ``length`` bytes with large reads, hashing chunks as they arrive.
 
     This is the one sha256 pass over a received payload: the result carries the digest
