@@ -25,8 +25,9 @@ of another version, or arrives after a half-close gets a reset. A peer holding
 session is a one-shot pull. Requests queued behind the one in progress are never read
 ahead: Yamux's stream window bounds what a peer can buffer, as for any stream.
 
-Client (:class:`Sessions`): takes the peer's idle session, or opens one with the request
-riding on the negotiation's write; reads the reply with 1.0.0's checks in order (status
+Client (:class:`Sessions`): takes the peer's idle session, or opens one (the request is
+not pipelined into the negotiation: a 1.0.0-only listener resets a stream on bytes after
+a protocol it refused, and the refusal would be lost); reads the reply with 1.0.0's checks in order (status
 known; ``length <= max_size`` before reading; exactly ``length`` bytes; sha256), all
 under the pull's one deadline. After an OK, NOT_FOUND or BUSY reply the session is
 idle again; after any other outcome (a timeout, a cancel, a reset, garbage: the same
@@ -59,7 +60,6 @@ from p2pfl.net import transfer
 from p2pfl.net.streamio import (
     as_protocol_errors,
     close_quietly,
-    open_with_request,
     parse_peer_id,
     read_exact,
     reset_quietly,
@@ -182,11 +182,11 @@ class Sessions:
         request = REQUEST.pack(VERSION, digest, max_size)
         if (session := await self._take(peer)) is not None:
             try:
-                return await self._pull(peer, session, request, digest, max_size)
+                return await self._pull(peer, session, request, digest, max_size, reused=True)
             except _Ended:
                 logger.debug("session to %s ended while idle; opening another", peer[-8:])
-        try:
-            session = await open_with_request(self._host, parse_peer_id(peer), SESSION_PROTOCOL_ID, request)
+        try:  # the request is not pipelined here: a 1.0.0-only listener would reset on it
+            session = await self._host.new_stream(parse_peer_id(peer), [SESSION_PROTOCOL_ID])
         except Exception as exc:
             if not _refused(exc):
                 raise PeerUnreachable(f"cannot open {SESSION_PROTOCOL_ID} to {peer[-8:]}: {exc!r}") from exc
@@ -194,7 +194,7 @@ class Sessions:
             self._old.put(peer, True, expires_at=now + OLD_PEER_RECHECK)
             return await transfer.fetch_once(self._host, peer, digest, max_size)
         self.opened += 1
-        return await self._pull(peer, session, None, digest, max_size)
+        return await self._pull(peer, session, request, digest, max_size, reused=False)
 
     async def _take(self, peer: str) -> INetStream | None:
         """The peer's idle session if it is still usable (the peer has not closed it)."""
@@ -210,11 +210,11 @@ class Sessions:
         return session
 
     async def _pull(
-        self, peer: str, session: INetStream, request: bytes | None, digest: bytes, max_size: int
+        self, peer: str, session: INetStream, request: bytes, digest: bytes, max_size: int, *, reused: bool
     ) -> CheckedPayload:
-        """One exchange on ``session`` (``request`` None: already written); idle it or drop it."""
+        """One exchange on ``session``, then idle it, or drop it if anything went wrong."""
         try:
-            payload = await _exchange(session, request, digest, max_size)
+            payload = await _exchange(session, request, digest, max_size, reused=reused)
         except KEPT_AFTER:
             await self._put_back(peer, session)
             raise
@@ -234,15 +234,15 @@ class Sessions:
 
 
 async def _exchange(
-    session: INetStream, request: bytes | None, digest: bytes, max_size: int
+    session: INetStream, request: bytes, digest: bytes, max_size: int, *, reused: bool
 ) -> CheckedPayload:
-    """Write ``request`` (None: already on the wire with the negotiation), read its reply."""
-    head = b""
-    if request is not None:
-        with as_protocol_errors():
-            head = await _first_reply_bytes(session, request)
-        if not head:
-            raise _Ended
+    """Write ``request``, read its reply (on a ``reused`` session an EOF first is benign)."""
+    with as_protocol_errors():
+        head = await _first_reply_bytes(session, request)
+        if not head and not reused:
+            raise ProtocolViolation("stream ended before the reply")
+    if not head:
+        raise _Ended
     with as_protocol_errors():
         head += await read_exact(session, REPLY_HEADER.size - len(head))
         status, length = REPLY_HEADER.unpack(head)
@@ -251,12 +251,15 @@ async def _exchange(
 
 
 async def _first_reply_bytes(session: INetStream, request: bytes) -> bytes:
-    """Write ``request`` on a reused session; the first reply bytes (b"": the peer closed it)."""
+    """Write ``request``; return the first reply bytes (b"": the peer had closed the session)."""
     await session.write(request)
     try:
-        return await session.read(REPLY_HEADER.size)
+        head = await session.read(REPLY_HEADER.size)
     except StreamEOF:
-        return b""
+        head = b""
+    if not head and getattr(_muxed(session), "reset_received", False):  # 0.8.1 reads b"" then
+        raise ProtocolViolation("stream reset by peer")
+    return head
 
 
 def _muxed(session: INetStream) -> Any:
@@ -271,8 +274,11 @@ def _unread(session: INetStream) -> int:
 
 
 def _peer_closed(session: INetStream) -> bool:
-    """Whether the peer closed its side, or the connection under ``session`` is gone."""
+    """Whether the peer closed its side (FIN; a reset is found by the next read), or the
+    connection under ``session`` is gone."""
     muxed = _muxed(session)
+    if getattr(muxed, "reset_received", False):
+        return False
     conn = getattr(muxed, "conn", None)
     return bool(getattr(muxed, "recv_closed", False) or getattr(conn, "is_closed", False))
 
