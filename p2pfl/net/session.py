@@ -17,7 +17,8 @@ The client ends a session by closing its write side (the server then closes its 
 the server closes (FIN) a session idle for :data:`SERVER_IDLE` seconds and resets one
 that broke the protocol.
 
-Server: waits :data:`SERVER_IDLE` for a request's first byte and reads the rest within
+Server: waits 1.0.0's request deadline for the first request (the opener asks at once)
+and :data:`SERVER_IDLE` for each next one to begin, then reads the rest of it within
 1.0.0's request deadline; answers exactly as 1.0.0 does (same store, caps, statuses,
 slots, BUSY queue and write deadlines); then reads the next. A request that is short,
 of another version, or arrives after a half-close gets a reset. A peer holding
@@ -95,11 +96,15 @@ class SessionServer:
         peer = _remote_peer(stream)
         extra = self.open[peer] >= SESSIONS_PER_PEER
         self.open[peer] += 1
+        # The opener asks at once: its first request has 1.0.0's request deadline, the
+        # next ones the idle deadline (a silent opener holds a stream no longer than today).
+        wait = min(REQUEST_TIMEOUT, self._server.serve_timeout)
         try:
-            while (request := await self._next_request(stream)) is not None:
+            while (request := await self._next_request(stream, wait)) is not None:
                 await self._server._reply(stream, peer, *request, close=False)
                 if extra:
                     break
+                wait = self._idle
             await close_quietly(stream)
         except Exception as exc:  # hostile or vanished peer: drop this session only
             logger.info("update session from %s failed: %r", peer[-8:], exc)
@@ -109,10 +114,10 @@ class SessionServer:
             if self.open[peer] <= 0:
                 del self.open[peer]
 
-    async def _next_request(self, stream: INetStream) -> tuple[bytes, int] | None:
-        """The next (digest, max_size), or None once the peer closed or the session idled."""
+    async def _next_request(self, stream: INetStream, wait: float) -> tuple[bytes, int] | None:
+        """The next (digest, max_size), or None once the peer closed or ``wait`` s passed first."""
         first = b""
-        with trio.move_on_after(self._idle):
+        with trio.move_on_after(wait):
             try:
                 first = await stream.read(REQUEST.size)
             except StreamEOF:

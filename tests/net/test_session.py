@@ -285,7 +285,7 @@ async def test_a_malformed_request_resets_the_session(net: Net, request_bytes: b
     assert await net.pull(net.server) == PAYLOAD  # the server serves on
 
 
-async def test_a_silent_session_is_closed_at_the_idle_deadline(net: Net) -> None:
+async def test_a_silent_opener_is_closed_at_the_request_deadline(net: Net) -> None:
     stream = await _open(net)
     await wait_for(lambda: net.server_sessions.open[net.id(net.client)] == 1)
     await wait_for(lambda: not net.server_sessions.open, timeout=5)
