@@ -16,6 +16,7 @@ from typing import Any
 import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p.abc import IHost
 from libp2p.crypto import x25519
 from libp2p.custom_types import TProtocol
@@ -318,3 +319,40 @@ async def test_stream_events_reach_every_notifee_in_the_callers_task(
     assert any(method == "connected" for method, _ in recorder.events)  # connection events too
     spawned = [task for method, task in recorder.events if method.endswith("_stream") and task.endswith("_call")]
     assert (spawned == []) is inline
+
+
+async def test_a_free_eager_lock_takes_no_turn_and_a_held_one_queues() -> None:
+    from p2pfl.net.patches.locks import EagerLock, EagerSemaphore
+
+    ran: list[str] = []
+
+    async def mark() -> None:
+        ran.append("other task")
+
+    lock, semaphore = EagerLock(), EagerSemaphore(1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mark)
+        async with lock, semaphore:
+            pass
+        assert ran == []  # free: entered without a turn of the scheduler
+        async with trio.Lock():
+            pass
+        assert ran == ["other task"]  # the control: trio's own lock yields
+
+        order: list[str] = []
+
+        async def waiter(name: str) -> None:
+            async with lock:
+                order.append(name)
+
+        await lock.acquire()
+        nursery.start_soon(waiter, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []  # held: both wait
+        lock.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["first", "second"]  # FIFO, as trio.Lock
+    patches.apply()
+    assert isinstance(TrioTCPStream(object()).write_lock, EagerLock)  # type: ignore[arg-type]

@@ -11,7 +11,8 @@ line is logged and libp2p runs stock (no patch at all, not a subset).
   libp2p (glibc ``mallopt``, an environment variable): opt-in for embedders, switched on
   by the daemon and the test network's node processes.
 
-Bodies live beside this file: ``dataplane`` (transfer speed, frames per stream), ``streams`` (hostile
+Bodies live beside this file: ``dataplane`` (transfer speed, frames per stream), ``locks``
+(scheduler turns per frame), ``streams`` (hostile
 protocol ids and handlers), ``pubsub`` (hostile frames, flood publish, neighbour-only
 forwarding, signed-record costs), ``swarm``
 (connection slots, the auto-connector), ``peerstore`` (our own identity kept), ``relay``
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from p2pfl.net.patches import dataplane, peerstore, pubsub, relay, streams, swarm
+from p2pfl.net.patches import dataplane, locks, peerstore, pubsub, relay, streams, swarm
 from p2pfl.net.patches.process import TWEAKS, apply_process_tweaks
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ PATCHES: dict[str, Patch] = {
               "answer in two writes even when the opener sent both lines at once: one frame more "
               "per stream",
               _T + "test_patches.py::test_a_small_pull_sends_no_window_update", dataplane.listener_one_write),
+        Patch("eager_locks", "every stream read and write and every frame takes several trio "
+              "locks, each a turn of the scheduler even when free: ~48 per small pull",
+              _T + "test_patches.py::test_a_free_eager_lock_takes_no_turn_and_a_held_one_queues",
+              locks.eager_locks),
         Patch("noise_reader", "Noise reads each message with two locked socket reads",
               _T + "test_transfer.py::test_tuned_and_stock_peers_interoperate", dataplane.noise_reader),
         Patch("noise_writer", "Noise sends each 64 KiB message with its own locked send_all",
