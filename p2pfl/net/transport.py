@@ -7,8 +7,9 @@ tensors or update headers.
 
 Two implementations share these semantics:
 
-- ``p2pfl.net.libp2p_transport`` — GossipSub for announcements, the stream protocol
-  ``/p2pfl/update/1.0.0`` for payloads, over TCP + Noise + Yamux.
+- ``p2pfl.net.libp2p_transport`` — GossipSub for announcements, the stream protocols
+  ``/p2pfl/update/1.2.0`` (many pulls on one stream per peer; ``1.0.0``, a stream per
+  pull, with peers of earlier releases) for payloads, over TCP + Noise + Yamux.
 - ``p2pfl.net.memory`` — many transports in one process, with configurable latency,
   loss and partitions, for simulations and tests under trio's ``MockClock``.
 
