@@ -324,20 +324,25 @@ async def test_stream_events_reach_every_notifee_in_the_callers_task(
 async def test_a_free_eager_lock_takes_no_turn_and_a_held_one_queues() -> None:
     from p2pfl.net.patches.locks import EagerLock, EagerSemaphore
 
-    ran: list[str] = []
+    me = trio.lowlevel.current_task()
 
-    async def mark() -> None:
-        ran.append("other task")
+    class Turns(trio.abc.Instrument):  # steps this task starts: one per scheduler turn
+        count = 0
 
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.count += task is me
+
+    turns = Turns()
+    trio.lowlevel.add_instrument(turns)
     lock, semaphore = EagerLock(), EagerSemaphore(1)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(mark)
         async with lock, semaphore:
             pass
-        assert ran == []  # free: entered without a turn of the scheduler
+        assert turns.count == 0  # free: entered without a turn of the scheduler
         async with trio.Lock():
             pass
-        assert ran == ["other task"]  # the control: trio's own lock yields
+        assert turns.count == 1  # the control: trio's own lock takes one
+        trio.lowlevel.remove_instrument(turns)
 
         order: list[str] = []
 
