@@ -40,6 +40,7 @@ from p2pfl.net.transfer import (
     fetch_payload,
     install_update_protocol,
 )
+from tests.net.polling import wait_for
 
 SERVE_TIMEOUT = 1.0  # the server's request and write deadlines in these tests
 FETCH_TIMEOUT = 10.0  # honest fetches: generous, they finish in milliseconds
@@ -130,7 +131,8 @@ async def test_round_trip_returns_exact_payload(net: Net, size: int) -> None:
         net.client, net.server_id, sha(payload), max_size=size, timeout=FETCH_TIMEOUT
     )
     assert got == payload
-    assert net.served == [(net.client.get_id().to_string(), size)]
+    # Counted once the server's write returns: maybe after we have read the reply.
+    await wait_for(lambda: net.served == [(net.client.get_id().to_string(), size)])
 
 
 async def test_empty_payload_round_trips(net: Net) -> None:
@@ -317,7 +319,7 @@ async def test_client_vanishing_mid_request_leaves_server_serving(net: Net) -> N
     await stream.write(b"\x01" + bytes(10))
     await stream.reset()
     await net.honest_round_trip()
-    assert [n for _, n in net.served] == [64 * 1024]
+    await wait_for(lambda: [n for _, n in net.served] == [64 * 1024])
 
 
 async def _hold_slot_without_reading(net: Net, size: int) -> Any:
