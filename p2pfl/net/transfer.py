@@ -2,7 +2,8 @@
 
 A node serves the payloads in its :class:`PayloadStore`; a peer pulls one with
 :func:`fetch_payload`. Payloads are opaque bytes named by their sha256 digest, maybe
-hundreds of MB; both sides assume the other is hostile.
+hundreds of MB; both sides assume the other is hostile. ``1.2.0`` (:mod:`p2pfl.net.session`)
+carries these requests and replies, many per stream; nodes pull with it.
 
 Wire format (version 1; all integers unsigned big-endian; one request, one reply per stream)
 ---------------------------------------------------------------------------------------------
