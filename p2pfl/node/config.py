@@ -108,6 +108,11 @@ class HarmCheck:
     # neighbour across a bridge between communities is 1-2 tolerances worse than the
     # others (docs/DEFENCE.md section 3).
     settle: int = 10
+    # Rounds after a failed check (one that counts: from round ``grace`` on) in which the
+    # neighbour is neither forgiven its clipping nor vetted: an attacker that harms us
+    # every few rounds was forgiven, or even vetted, in the rounds between (ipm eps 0.05
+    # hovered at reputation 0.3-0.45 that way). 0: a failure weighs only in its own round.
+    remember: int = 0
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
@@ -115,6 +120,8 @@ class HarmCheck:
                 f"must be pooled, balanced or worst, got {self.classes!r}")
         require(isinstance(self.grace, int) and not isinstance(self.grace, bool) and self.grace >= 0,
                 "harm_check.grace", f"must be an integer >= 0, got {self.grace!r}")
+        require(isinstance(self.remember, int) and not isinstance(self.remember, bool) and self.remember >= 0,
+                "harm_check.remember", f"must be an integer >= 0, got {self.remember!r}")
         require(isinstance(self.settle, int) and not isinstance(self.settle, bool) and self.settle >= 0,
                 "harm_check.settle", f"must be an integer >= 0, got {self.settle!r}")
         require(self.reference in ("own", "median"), "harm_check.reference",

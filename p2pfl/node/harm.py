@@ -257,6 +257,8 @@ class HarmGate:
         self.check = check
         self.prober = prober
         self._streaks: Counter[str] = Counter()  # peers whose last check passed
+        self._judged = 0  # rounds judged so far
+        self._failed_at: dict[str, int] = {}  # peer -> the judged round of its last counted failure
 
     def judge(
         self,
@@ -266,8 +268,12 @@ class HarmGate:
         states: Sequence[Mapping[str, torch.Tensor]],
         weights: Sequence[float],
         self_weight: float,
+        counts: bool = True,
     ) -> Verdict:
         """Probe every neighbour's model and update the streaks; see the module doc.
+
+        ``counts``: whether this round's failures are evidence (from round ``grace`` on);
+        only those are remembered for ``remember`` rounds.
 
         Each is probed at the share it would have at full reputation (or its actual one,
         if larger), whatever its reputation now: at its reduced share a poor model would
@@ -287,7 +293,14 @@ class HarmGate:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
-        vetted = [self._streaks[s] >= self.check.streak for s in senders]
+        self._judged += 1
+        if counts:
+            self._failed_at.update((s, self._judged) for s, bad in zip(senders, failed, strict=True) if bad)
+        recent = [self._judged - self._failed_at.get(s, -self.check.remember - 1) <= self.check.remember
+                  for s in senders]
+        vetted = [self._streaks[s] >= self.check.streak and not r for s, r in zip(senders, recent, strict=True)]
+        harmless = [ok and not r for ok, r in zip(harmless, recent, strict=True)]
+        typical = [ok and not r for ok, r in zip(typical, recent, strict=True)]
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical)
 
 

@@ -82,7 +82,8 @@ class Mixer:
         if self._harm is not None:
             senders = [u.sender for u in updates]
             verdict = await self._compute(
-                self._harm.judge, own, start, senders, states, weights, self_weight
+                self._harm.judge, own, start, senders, states, weights, self_weight,
+                number >= self._config.harm_check.grace,
             )
         caps = [1.0] * len(updates)
         if self._reference is not None:

@@ -249,6 +249,8 @@ def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
         ({"probe_scale": 0.5}, "harm_check.probe_scale"),
         ({"settle": -1}, "harm_check.settle"),
         ({"settle": True}, "harm_check.settle"),
+        ({"remember": -1}, "harm_check.remember"),
+        ({"remember": 1.5}, "harm_check.remember"),
     ],
 )
 def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:
@@ -279,3 +281,34 @@ def test_to_pass_a_neighbour_that_raises_our_loss_must_be_far_away() -> None:
     assert vet(prober, lax, own, [near, far], [0.2, 0.2], start=start) == [True, True]
     with pytest.raises(ConfigError, match="harm_check.harm_per_step"):
         HarmCheck(harm_per_step=-0.1)
+
+
+def test_a_counted_failure_blocks_forgiveness_and_vetting_for_remember_rounds() -> None:
+    prober = Distance(target=0.0)
+    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, streak=1, remember=2, forgive="harmless"), prober)
+    good, bad = state(0.02), state(5.0)
+
+    def judge(model: State, counts: bool = True) -> Verdict:
+        return gate.judge(state(0.0), None, ["a"], [model], [1.0], 1.0, counts)
+
+    assert judge(good).vetted == [True]
+    assert judge(bad).failed == [True]
+    # Harmless again, but it harmed us a round ago: its clipping is held against it and
+    # it is not vetted, for two rounds; then it is forgiven and vetted as before.
+    held = [judge(good), judge(good)]
+    assert [v.harmless for v in held] == [[False], [False]]
+    assert [v.vetted for v in held] == [[False], [False]]
+    assert held[0].forgiven([0.2], 1.0) == (0.2,)
+    after = judge(good)
+    assert after.harmless == [True] and after.vetted == [True]
+    assert after.forgiven([0.2], 1.0) == (1.0,)
+    # A failure in a round that does not count (before ``grace``) is not remembered.
+    assert judge(bad, counts=False).failed == [True]
+    assert judge(good).harmless == [True]
+
+
+def test_without_remember_a_failure_weighs_only_in_its_own_round() -> None:
+    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, streak=1, forgive="harmless"), Distance(target=0.0))
+    assert gate.judge(state(0.0), None, ["a"], [state(5.0)], [1.0], 1.0).failed == [True]
+    again = gate.judge(state(0.0), None, ["a"], [state(0.02)], [1.0], 1.0)
+    assert again.harmless == [True] and again.vetted == [True]
