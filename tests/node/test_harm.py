@@ -300,7 +300,8 @@ def test_a_counted_failure_blocks_forgiveness_and_vetting_for_remember_rounds() 
     assert [v.vetted for v in held] == [[False], [False]]
     assert held[0].forgiven([0.2], 1.0) == (0.2,)
     after = judge(good)
-    assert after.harmless == [True] and after.vetted == [True]
+    assert after.harmless == [True]
+    assert after.vetted == [True]
     assert after.forgiven([0.2], 1.0) == (1.0,)
     # A failure in a round that does not count (before ``grace``) is not remembered.
     assert judge(bad, counts=False).failed == [True]
@@ -311,4 +312,5 @@ def test_without_remember_a_failure_weighs_only_in_its_own_round() -> None:
     gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, streak=1, forgive="harmless"), Distance(target=0.0))
     assert gate.judge(state(0.0), None, ["a"], [state(5.0)], [1.0], 1.0).failed == [True]
     again = gate.judge(state(0.0), None, ["a"], [state(0.02)], [1.0], 1.0)
-    assert again.harmless == [True] and again.vetted == [True]
+    assert again.harmless == [True]
+    assert again.vetted == [True]
