@@ -258,7 +258,7 @@ class HarmGate:
         self.prober = prober
         self._streaks: Counter[str] = Counter()  # peers whose last check passed
         self._judged = 0  # rounds judged so far
-        self._failed_at: dict[str, int] = {}  # peer -> the judged round of its last counted failure
+        self._failed_at: dict[str, int] = {}  # peer -> judged round of its last counted failure, within the window
 
     def judge(
         self,
@@ -293,15 +293,22 @@ class HarmGate:
                 self._streaks[sender] += 1
             else:
                 self._streaks.pop(sender, None)
-        self._judged += 1
-        if counts:
-            self._failed_at.update((s, self._judged) for s, bad in zip(senders, failed, strict=True) if bad)
-        recent = [self._judged - self._failed_at.get(s, -self.check.remember - 1) <= self.check.remember
-                  for s in senders]
+        recent = self._remember_failures(senders, failed, counts)
         vetted = [self._streaks[s] >= self.check.streak and not r for s, r in zip(senders, recent, strict=True)]
         harmless = [ok and not r for ok, r in zip(harmless, recent, strict=True)]
         typical = [ok and not r for ok, r in zip(typical, recent, strict=True)]
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical)
+
+    def _remember_failures(self, senders: Sequence[str], failed: Sequence[bool], counts: bool) -> list[bool]:
+        """Note this round's counted failures; return, per sender, whether it failed within
+        the last ``remember`` rounds (this one included). Only that window is kept."""
+        self._judged += 1
+        window = self.check.remember
+        if counts and window:
+            self._failed_at.update((s, self._judged) for s, bad in zip(senders, failed, strict=True) if bad)
+        for peer in [p for p, at in self._failed_at.items() if self._judged - at > window]:
+            del self._failed_at[peer]
+        return [s in self._failed_at for s in senders]
 
 
 __all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point"]

@@ -79,11 +79,11 @@ class Mixer:
         weights, self_weight = self.weights(updates, samples)
         states = [u.state for u in updates]
         verdict = None
+        counting = number >= self._config.harm_check.grace  # a failed check is evidence from here on
         if self._harm is not None:
             senders = [u.sender for u in updates]
             verdict = await self._compute(
-                self._harm.judge, own, start, senders, states, weights, self_weight,
-                number >= self._config.harm_check.grace,
+                self._harm.judge, own, start, senders, states, weights, self_weight, counting
             )
         caps = [1.0] * len(updates)
         if self._reference is not None:
@@ -106,7 +106,7 @@ class Mixer:
             # Clipped but harmless to us is no evidence of malice (the neighbour across
             # a bridge between communities is both); the streak decides the mixing.
             trust = verdict.forgiven(trust, self._config.reputation.clip_tolerance,
-                                     failures=number >= self._config.harm_check.grace,
+                                     failures=counting,
                                      settled=number >= self._config.harm_check.settle)
         for update, value, cap in zip(updates, trust, caps, strict=True):
             self._standing.record_trust(update.sender, min(value, cap), number)
