@@ -36,6 +36,8 @@ from p2pfl.errors import (
     MissingBase,
     NetworkError,
     P2PFLError,
+    PayloadNotFound,
+    PayloadTooLarge,
     SignerMismatch,
     TamperedPayload,
     UnsupportedVersion,
@@ -70,6 +72,13 @@ _MAX_FETCHES = 8  # concurrent payload pulls; more would only queue on 2 cores
 _MAX_HOLDER_DIGESTS = 1024
 _MAX_SOURCES = 4  # the author, then up to three other holders
 _MAX_BASES = 256  # senders whose last model is kept as a delta base (shared with the inbox)
+# Waits before pulling again a payload whose every source failed on the way (a reset
+# connection, a timeout, BUSY): the author re-announces only while it is still in that
+# round, so without a retry one broken pull could leave us waiting out the round.
+_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+# Failures that pulling again cannot mend: nobody serves it, it is over our cap, or its
+# source sent other bytes (blamed at once).
+_FINAL = (PayloadNotFound, PayloadTooLarge, TamperedPayload)
 
 
 class AnnouncementParser:
@@ -124,8 +133,9 @@ class Fetcher:
     """Pull announced payloads, check them against their header and our model, deliver them.
 
     A payload comes from its author and, for big ones, neighbours that announced they hold
-    it (HOLDS) at once; failing that, from each such neighbour in turn. At most
-    ``_MAX_FETCHES`` pulls run at once, each under the fetch deadline.
+    it (HOLDS) at once; failing that, from each such neighbour in turn; if they all failed
+    on the way, all again after a wait (:data:`_RETRY_DELAYS`). At most ``_MAX_FETCHES``
+    pulls run at once, each under the fetch deadline.
     """
 
     def __init__(
@@ -186,8 +196,7 @@ class Fetcher:
     async def _fetch(self, update: VerifiedHeader) -> None:
         header = update.header
         try:
-            async with self._limiter:
-                payload = await self._pull(update)
+            payload = await self._pull_retrying(update)
             if payload is None:
                 return
             state = await self._decode(update, payload)
@@ -202,12 +211,34 @@ class Fetcher:
         finally:
             self._fetching.discard((header.sender, header.digest))
 
-    async def _pull(self, update: VerifiedHeader) -> CheckedPayload | None:
-        """Fetch the payload from its author and other holders at once, then from each holder."""
+    async def _pull_retrying(self, update: VerifiedHeader) -> CheckedPayload | None:
+        """:meth:`_pull`, again after each of :data:`_RETRY_DELAYS` while every source failed
+        on the way (not for good) and the update would still be new to us."""
         header = update.header
         if header.size > self._limits.max_payload_bytes:
             log.info("%s announced %d bytes, above our cap", short_id(header.sender), header.size)
             return None
+        for attempt, wait in enumerate((0.0, *_RETRY_DELAYS)):
+            if attempt:
+                await trio.sleep(wait)
+                if not self._inbox.wants(header.sender, header.round):
+                    return None
+                log.info("pulling %s from %s again (attempt %d of %d)", header.digest.hex()[:8],
+                         short_id(header.sender), attempt + 1, len(_RETRY_DELAYS) + 1)
+            async with self._limiter:  # not held while waiting: other pulls go on
+                payload, transient = await self._pull(update)
+            if payload is not None or not transient:
+                return payload
+        return None
+
+    async def _pull(self, update: VerifiedHeader) -> tuple[CheckedPayload | None, bool]:
+        """Fetch the payload from its author and other holders at once, then from each holder.
+
+        Returns the payload, or None and whether a source failed in a way that pulling
+        again may mend (a broken connection, a timeout, BUSY; see :data:`_FINAL`).
+        """
+        header = update.header
+        transient = False
 
         def holders() -> list[str]:
             return sorted(self._holders.get(header.digest, set()) - {header.sender})
@@ -218,21 +249,23 @@ class Fetcher:
         try:
             return await self._transport.fetch_from_holders(
                 header.sender, header.digest, size=header.size, holders=holders, blame=blame,
-                timeout=self._fetch_timeout)
+                timeout=self._fetch_timeout), False
         except TamperedPayload as exc:
             blame(header.sender, str(exc))
         except NetworkError as exc:
             log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(header.sender), exc)
+            transient |= not isinstance(exc, _FINAL)
         for source in holders()[: _MAX_SOURCES - 1]:
             try:
                 return await self._transport.fetch(
                     source, header.digest, max_size=header.size, timeout=self._fetch_timeout
-                )
+                ), False
             except TamperedPayload as exc:
                 blame(source, str(exc))
             except NetworkError as exc:
                 log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(source), exc)
-        return None
+                transient |= not isinstance(exc, _FINAL)
+        return None, transient
 
     async def _decode(
         self, update: VerifiedHeader, payload: CheckedPayload

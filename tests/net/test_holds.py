@@ -27,7 +27,7 @@ from p2pfl.core.envelope import (
 )
 from p2pfl.core.reputation import Evidence
 from p2pfl.core.rounds import Inbox
-from p2pfl.errors import TransferTimeout
+from p2pfl.errors import NetworkError, PayloadNotFound, ProtocolViolation, TransferTimeout
 from p2pfl.net.transport import Transport
 from p2pfl.node import outbox as outbox_module
 from p2pfl.node.inbound import Fetcher
@@ -95,7 +95,9 @@ class Pulls:
         return hash_payload(self.payload)
 
 
-async def fetch_with(pulls: Pulls, update: VerifiedHeader) -> list[tuple[str, Evidence]]:
+async def fetch_with(
+    pulls: Pulls | Flaky, update: VerifiedHeader, *, within: float = 5.0
+) -> list[tuple[str, Evidence]]:
     reports: list[tuple[str, Evidence]] = []
     delivered = trio.Event()
 
@@ -115,9 +117,11 @@ async def fetch_with(pulls: Pulls, update: VerifiedHeader) -> list[tuple[str, Ev
         for holder in ("h2", "h1", update.header.sender):  # the author's own notice is no extra source
             fetcher.remember_holder(update.header.digest, holder)
         fetcher.start(update)
-        with trio.fail_after(5):
+        with trio.move_on_after(within):
             await delivered.wait()
         nursery.cancel_scope.cancel()
+    if not delivered.is_set():
+        raise TimeoutError(f"nothing delivered in {within} s")
     return reports
 
 
@@ -135,6 +139,54 @@ async def test_fetcher_falls_back_to_whole_pulls_from_holders() -> None:
     pulls = Pulls(payload, author_fails=True)
     assert await fetch_with(pulls, update) == []
     assert pulls.whole_from == ["h1"]  # the first holder answered
+
+
+class Flaky:
+    """A transport whose author fails with ``errors`` in turn, then serves; holders hold nothing."""
+
+    def __init__(self, payload: bytes, errors: list[NetworkError]) -> None:
+        self.payload, self.errors = payload, errors
+        self.attempts: list[float] = []  # when each pull of the author began
+
+    def neighbours(self) -> tuple[str, ...]:
+        return tuple(i.peer_id for i in identities(2))
+
+    async def fetch_from_holders(self, author: str, digest: bytes, **_: Any) -> CheckedPayload:
+        self.attempts.append(trio.current_time())
+        if self.errors:
+            raise self.errors.pop(0)
+        return hash_payload(self.payload)
+
+    async def fetch(self, peer: str, digest: bytes, **_: Any) -> CheckedPayload:
+        raise PayloadNotFound(f"{peer} holds nothing")  # the holders fetch_with names
+
+
+async def test_a_pull_broken_on_the_way_is_pulled_again_after_a_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    update, payload = signed(SMALL)
+    broken = [ProtocolViolation("stream ended early"), TransferTimeout("stalled")]
+    pulls = Flaky(payload, broken)
+    assert await fetch_with(pulls, update, within=60.0) == []
+    assert len(pulls.attempts) == 3
+    waits = [b - a for a, b in zip(pulls.attempts, pulls.attempts[1:], strict=False)]
+    assert waits == pytest.approx([1.0, 2.0])  # backing off, not hammering the author
+
+
+async def test_pulls_again_stop_when_nothing_can_mend_them(autojump_clock: trio.testing.MockClock) -> None:
+    update, payload = signed(SMALL)
+    pulls = Flaky(payload, [TransferTimeout("stalled"), PayloadNotFound("not served any more")])
+    with pytest.raises(TimeoutError):
+        await fetch_with(pulls, update, within=600.0)
+    assert len(pulls.attempts) == 2  # not found is final: no third pull
+
+
+async def test_pulls_again_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    update, payload = signed(SMALL)
+    pulls = Flaky(payload, [TransferTimeout("stalled")] * 100)
+    with pytest.raises(TimeoutError):
+        await fetch_with(pulls, update, within=3600.0)
+    assert 2 <= len(pulls.attempts) <= 8
 
 
 async def test_the_serving_window_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
