@@ -189,7 +189,9 @@ class NetConfig:
     # and neighbours that announced a verified copy (HOLDS). 1 = whole from the author.
     # 1 by default: in synchronous rounds a copy is verified (HOLDS) only when the other
     # pullers are done too, and 4 sources measured 1.4x (raw) to 3x (int8) slower
-    # (docs/benchmarks/bigmodel.txt). Worth more for late pullers and catch-up.
+    # (docs/benchmarks/bigmodel.txt). Worth more for late pullers and catch-up. Only a node
+    # with more than 1 serves the payloads it pulled (and says HOLDS): at 1 they were kept
+    # for nobody, up to 768 MiB with a big model. A network opts in on every node.
     fetch_sources: int = 1
 
     def __post_init__(self) -> None:

@@ -100,6 +100,9 @@ class Node:
             identity, net or NetConfig(), network_id=config.network_id, limits=config.limits
         )
         self._encoder = make_encoder(net or NetConfig())
+        # Pulled payloads are served to others only where pullers take pieces from holders:
+        # a network opts in to that on every node ([net] fetch_sources).
+        self._holds = (net or NetConfig()).fetch_sources > 1
         self._worker = Worker(offload=offload)
         self._compute = self._worker.run
         self.behaviour = behaviour or Behaviour()
@@ -149,7 +152,7 @@ class Node:
         self._outbox = Outbox(
             transport=transport, identity=self.identity, network_id=self.config.network_id,
             max_lag=self.config.rounds.max_lag, compute=self._compute, transforms=self._transforms,
-            encoder=self._encoder,
+            encoder=self._encoder, holds=self._holds,
         )
         await self._nursery.start(self._ingress.run, transport, template, self._outbox.hold)
         return self

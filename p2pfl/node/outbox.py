@@ -101,10 +101,13 @@ class Outbox:
         compute: Compute,
         transforms: Sequence[Transform] = (),
         encoder: Encoder | None = None,
+        holds: bool = True,
     ) -> None:
         """Publish on ``transport`` as ``identity``; remember ``max_lag`` rounds to re-announce.
 
         ``encoder`` is the encode step (default ``raw``, see :mod:`p2pfl.node.encoding`).
+        ``holds``: serve the verified payloads we pull, and say so (:meth:`hold`); False
+        in a network that pulls from authors only, where they would be kept for nobody.
         """
         self._transport, self._identity, self._compute = transport, identity, compute
         self._encoder = encoder or Encoder("raw")
@@ -115,6 +118,7 @@ class Outbox:
         self._window = ServingWindow(transport, lambda: 4 * (len(transport.neighbours()) + 1))
         self._announced: dict[int, list[VerifiedHeader]] = {}
         self._held: BoundedMap[bytes, bool] = BoundedMap(_MAX_HELD_NOTICES)
+        self._holds = holds
 
     @property
     def peer_id(self) -> str:
@@ -155,7 +159,11 @@ class Outbox:
         Neighbours still pulling it may then take pieces from us instead of all from its
         author (``[net] fetch_sources``). One notice per payload of at least
         :data:`HOLDS_MIN_BYTES`; it holds while the payload stays in the serving window.
+        Nothing at all without ``holds``: a 100 MB model's pulled payloads filled the window
+        (768 MiB) for no puller (docs/benchmarks/bigmodel.txt, "Session 9").
         """
+        if not self._holds:
+            return
         digest = update.header.digest
         self.serve(digest, payload)
         if len(payload) < HOLDS_MIN_BYTES or digest in self._held:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import trio
 
+from p2pfl.config import NetConfig
 from p2pfl.core.codec import decode_state, encode_state
 from p2pfl.core.envelope import AnnouncementKind, parse_announcement
 from p2pfl.core.reputation import Evidence, ReputationConfig
@@ -175,6 +176,36 @@ async def test_a_node_sends_its_updates_through_its_transforms(
         held = receiver.neighbour_states()[sender.peer_id]
     assert len(sent) == 1
     assert encode_state(held) == encode_state(sent[0])
+
+
+
+@pytest.mark.parametrize(("fetch_sources", "serves"), [(1, False), (2, True)])
+async def test_a_node_serves_what_it_pulled_only_where_holders_are_pulled_from(
+    autojump_clock: trio.testing.MockClock, fetch_sources: int, serves: bool
+) -> None:
+    ids = identities(2)
+    network = make_network(ids)
+    sender = make_node(network, ids[0], 0, 2)
+    receiver = make_node(network, ids[1], 1, 2, net=NetConfig(fetch_sources=fetch_sources))
+    async with sender, receiver, trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run, 1)
+        await receiver.run(rounds=1)
+        sent = set(sender.transport._served)  # the sender's update of round 0
+        served = set(receiver.transport._served)  # the receiver's own, and what it holds
+    assert len(sent) == 1
+    assert bool(sent & served) == serves
+
+
+async def test_an_outbox_that_does_not_hold_serves_and_says_nothing() -> None:
+    recorder = Recorder()
+    (me,) = identities(1)
+    outbox = Outbox(transport=cast(Transport, recorder), identity=me, network_id=NET,
+                    max_lag=1, compute=inline, holds=False)
+    payload = encode_state({"w": torch.zeros((1 << 20) // 4 + 1)})  # over one piece: would be announced
+    update = outbox.sign(0, payload, samples=1)
+    await outbox.hold(update, payload)
+    assert recorder.served == {}
+    assert recorder.published == []
 
 
 # ---------------------------------------------------------------- mixer
