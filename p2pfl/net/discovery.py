@@ -137,6 +137,9 @@ class Neighbourhood:
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
         self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
+        self._spared: dict[str, float] = {}  # surplus neighbour kept while busy -> since when
+        # Peers a payload is moving to or from (set by the transport): alive, and not cut off.
+        self.busy: Callable[[], set[str]] = set
         self._listen: tuple[float, list[str]] | None = None  # (when, our listen addresses)
         # This node's addresses through relays (p2pfl.net.relay), announced before the
         # direct ones: behind NAT those are the ones that work.
@@ -310,10 +313,11 @@ class Neighbourhood:
         every = EXCHANGE_EVERY * self.config.maintenance_interval
         recent = {p for p in recent if now - self._exchanged.get(p, now) < every}
         relays = {p for p in connected if p in self.book.peers and self.book.peers[p].relay_only}
+        busy = self.busy()  # as alive as a peer that just moved a payload
         async with trio.open_nursery() as nursery:
-            for peer in connected - recent - relays - {p for p in connected if self.book.is_banned(p, now)}:
+            for peer in connected - recent - busy - relays - {p for p in connected if self.book.is_banned(p, now)}:
                 nursery.start_soon(self._probe, peer)
-        await self._trim()
+        await self._trim(busy)
         await self._top_up()
 
     async def _probe(self, peer: str) -> None:
@@ -327,9 +331,18 @@ class Neighbourhood:
             self.book.failed(peer, trio.current_time(), str(error))
             await self.disconnect(peer)
 
-    async def _trim(self) -> None:
-        surplus = len(self.neighbours()) - self.config.max_neighbours
-        for peer in random.sample(self.neighbours(), max(0, surplus)):
+    async def _trim(self, busy: set[str]) -> None:
+        """Drop random surplus neighbours, idle ones first. A busy one is spared for at most
+        ``transfer_timeout`` (any transfer then in progress has ended): a hub trimming the
+        nodes that bootstrapped through it must not cut the 100 MB pulls they started."""
+        now, neighbours = trio.current_time(), self.neighbours()
+        surplus = max(0, len(neighbours) - self.config.max_neighbours)
+        idle = [p for p in neighbours if p not in busy]
+        drop = random.sample(idle, min(surplus, len(idle)))
+        spared = [p for p in neighbours if p in busy][: surplus - len(drop)]
+        self._spared = {p: self._spared.get(p, now) for p in spared}
+        drop += [p for p in spared if now - self._spared[p] >= self.config.transfer_timeout]
+        for peer in drop:
             await self.disconnect(peer)
 
     async def _top_up(self) -> None:

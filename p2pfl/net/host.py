@@ -207,6 +207,15 @@ def require_listenable(listen_host: str, port: int, field: str = "[net] port") -
                           f"{error.strerror}; {hint}") from None
 
 
+def dialback_port(host: IHost, announce: tuple[str, ...] = ()) -> int:
+    """The TCP port peers should dial back: the announced one if any, else the listen port."""
+    for address in (*announce, *(str(a) for a in host.get_addrs())):
+        parts = address.split("/")
+        if "tcp" in parts and parts.index("tcp") + 1 < len(parts):
+            return int(parts[parts.index("tcp") + 1])
+    return 0
+
+
 def listen_addrs(host: IHost, announce: tuple[str, ...] = ()) -> list[str]:
     """Return the full multiaddrs peers can dial us at (``/ip4/…/tcp/N/p2p/<id>``).
 
@@ -308,6 +317,7 @@ __all__ = [
     "build_host",
     "connect",
     "connection_config",
+    "dialback_port",
     "key_pair_from_secret",
     "listen_addrs",
     "open_host",

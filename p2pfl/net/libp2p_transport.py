@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import trio
@@ -38,7 +39,7 @@ from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import PayloadTooLarge, PeerUnreachable, TransferError, TransferTimeout
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import UNLISTED_AFTER, Gossip, open_gossip
-from p2pfl.net.host import connect, open_host
+from p2pfl.net.host import connect, dialback_port, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
 from p2pfl.net.notifee import ConnectionNotifee
 from p2pfl.net.peerpaths import PathLog, PeerPaths
@@ -49,7 +50,7 @@ from p2pfl.net.relaybook import BROKEN, STALLED, WORKED, relay_of
 from p2pfl.net.session import Sessions, install_session_protocol
 from p2pfl.net.streamio import parse_peer_id
 from p2pfl.net.swarm import fetch_from_holders
-from p2pfl.net.transfer import PayloadStore, install_update_protocol
+from p2pfl.net.transfer import PayloadStore, _Server, install_update_protocol
 from p2pfl.net.transport import Announcement, TrafficStats, Validator
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class Libp2pTransport:
         self.relisted = 0  # neighbours reconnected because gossip had lost them
         self.peer_paths = PeerPaths(host, gossip)  # failed pulls, /status lines per neighbour
         self.sessions = Sessions(host)  # one long-lived pull stream per peer (1.2.0)
+        self._pulling: Counter[str] = Counter()  # peer -> our pulls from it in progress
+        self.server: _Server | None = None  # set once the update protocols are installed
 
     @property
     def peer_id(self) -> str:
@@ -163,10 +166,12 @@ class Libp2pTransport:
 
     @contextlib.contextmanager
     def _judging_relay(self, peer: str) -> Iterator[INetConn | None]:
-        """Around a pull from ``peer``: yield its relayed connection (None: direct); note a
-        failure, and what the relay did in the relay book (:mod:`p2pfl.net.relaybook`)."""
+        """Around a pull from ``peer``: yield its relayed connection (None: direct); count
+        the pull in progress (:meth:`busy_peers`); note a failure, and what the relay did in
+        the relay book (:mod:`p2pfl.net.relaybook`)."""
         conn = self._relayed_conn(peer)
         relay = relay_of(conn) if conn is not None else None
+        self._pulling[peer] += 1
         try:
             yield conn
         except (TransferError, PeerUnreachable) as error:
@@ -174,8 +179,15 @@ class Libp2pTransport:
             if relay is not None:
                 self._judge_failed_pull(relay, conn, error)
             raise
+        finally:
+            self._pulling -= Counter({peer: 1})  # drops the peer at 0
         if relay is not None:
             self.relaying.book.record(relay, WORKED, "a pull through it")
+
+    def busy_peers(self) -> set[str]:
+        """Peers a payload is moving to or from right now (either way: they are alive)."""
+        serving = self.server.serving if self.server is not None else {}
+        return {*self._pulling, *serving}
 
     def _judge_failed_pull(self, relay: str, conn: INetConn | None, error: Exception) -> None:
         if isinstance(error, TransferTimeout | PeerUnreachable):  # stalled, or no stream opened
@@ -356,7 +368,7 @@ async def open_libp2p_transport(
     ) as host:
         store = PayloadStore(max_total_bytes=STORE_PAYLOADS * limits.max_payload_bytes)
         neighbourhood = Neighbourhood(host, network_id=network_id, config=config)
-        reach = Reachability(host, port=_listen_port(host, config), dial_timeout=config.dial_timeout)
+        reach = Reachability(host, port=dialback_port(host, config.announce_addrs), dial_timeout=config.dial_timeout)
         relaying = Relaying(host, config=config, reach=reach)
         neighbourhood.relayed_addrs = relaying.relayed_addrs
         neighbourhood.relays = relaying.book  # one judgement of relays, for dials and slots
@@ -384,6 +396,8 @@ async def open_libp2p_transport(
                 on_served=transport._on_served,
             )
             install_ranged_protocol(host, server, on_range=transport._on_range)
+            transport.server = server
+            neighbourhood.busy = transport.busy_peers  # spared probes, trims and reconnects
             install_session_protocol(host, server)
             host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
             logger.info("%s listening; peers can dial %s", short_id(transport.peer_id),
@@ -417,7 +431,9 @@ async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, inter
                                               if p in book})
             await transport.relaying.retire_circuits()
             transport.log_paths()
-            for peer in transport.gossip.unlisted(transport.neighbours()):  # both ends say hello again
+            busy = transport.busy_peers()  # a transfer in progress is not cut: reconnect after it
+            idle = [p for p in transport.neighbours() if p not in busy]
+            for peer in transport.gossip.unlisted(idle):  # both ends say hello again
                 logger.info("neighbour %s: not subscribed in gossip for %.0f s; reconnecting",
                             short_id(peer), UNLISTED_AFTER)
                 transport.relisted += 1
@@ -425,15 +441,6 @@ async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, inter
         except Exception:  # a libp2p surprise must not take the node's network down
             logger.exception("reachability pass failed; retrying next interval")
         await trio.sleep(interval)
-
-
-def _listen_port(host: IHost, config: NetConfig) -> int:
-    """The TCP port peers should dial back: the announced one if any, else the listen port."""
-    for address in (*config.announce_addrs, *(str(a) for a in host.get_addrs())):
-        parts = address.split("/")
-        if "tcp" in parts and parts.index("tcp") + 1 < len(parts):
-            return int(parts[parts.index("tcp") + 1])
-    return 0
 
 
 __all__ = ["Libp2pTransport", "open_libp2p_transport"]

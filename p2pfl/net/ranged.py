@@ -163,7 +163,7 @@ class RangedServer:
                 start = first * PIECE_BYTES
                 return memoryview(payload)[start : start + range_bytes(len(payload), first, count)]
 
-            sent = await server.send_admitted(stream, body)
+            sent = await server.send_admitted(stream, body, peer=peer)
             if sent is not None and self._on_range is not None:
                 self._on_range(peer, digest, sent)
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import TypeVar
@@ -185,6 +186,7 @@ class _Server:
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self.max_pending = max_concurrent + max_queued
         self.pending = 0  # requests holding or waiting for a slot
+        self.serving: Counter[str] = Counter()  # peer -> its replies holding or awaiting a slot
 
     async def handle(self, stream: INetStream) -> None:
         """Serve one stream; never raise an ``Exception`` into libp2p."""
@@ -220,24 +222,29 @@ class _Server:
             async def whole() -> bytes | memoryview:
                 return payload
 
-            sent = await self.send_admitted(stream, whole, close=close)
+            sent = await self.send_admitted(stream, whole, close=close, peer=peer)
             if sent is not None and self.on_served is not None:
                 self.on_served(peer, digest, sent)
 
     async def send_admitted(
-        self, stream: INetStream, body: Callable[[], Awaitable[bytes | memoryview]], *, close: bool = True
+        self, stream: INetStream, body: Callable[[], Awaitable[bytes | memoryview]], *,
+        close: bool = True, peer: str = "?",
     ) -> int | None:
-        """Send ``await body()`` in a slot, or BUSY while ``max_pending`` requests hold or
-        wait for one (then None); return the bytes sent. Both protocols admit this way."""
+        """Send ``await body()`` to ``peer`` in a slot, or BUSY while ``max_pending`` requests
+        hold or wait for one (then None); return the bytes sent. Both protocols admit this way."""
         if self.pending >= self.max_pending:
             await self._send_status(stream, Status.BUSY, close=close)
             return None
         self.pending += 1
+        self.serving[peer] += 1
         try:
             data = await body()
             await self._send_in_slot(stream, data, close=close)
         finally:
             self.pending -= 1
+            self.serving[peer] -= 1
+            if self.serving[peer] <= 0:
+                del self.serving[peer]
         return len(data)
 
     async def _send_in_slot(self, stream: INetStream, payload: bytes | memoryview, *, close: bool) -> None:

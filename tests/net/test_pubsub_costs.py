@@ -13,8 +13,9 @@ from libp2p.peer.id import ID
 from libp2p.pubsub import gossipsub
 from libp2p.pubsub.pb import rpc_pb2
 
-from p2pfl.config import Limits
+from p2pfl.config import Limits, NetConfig
 from p2pfl.net import patches
+from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
 from tests.net.polling import wait_for
@@ -107,3 +108,48 @@ async def test_a_neighbour_that_just_moved_a_payload_is_not_probed() -> None:
         a.neighbourhood._alive.clear()  # nothing moved since: probed again
         await a.neighbourhood.maintain()
         assert probed == [b.peer_id]
+
+
+async def test_a_neighbour_moving_a_payload_is_not_probed() -> None:
+    async with network(2) as (a, b):
+        await wait_for(lambda: len(a.neighbours()) == 1)
+        probed: list[str] = []
+
+        async def record(peer: str) -> None:
+            probed.append(peer)
+
+        a.neighbourhood._probe = record  # type: ignore[method-assign]
+        a.neighbourhood._alive.clear()
+        a.neighbourhood.busy = lambda: {b.peer_id}  # a pull in progress: bytes are flowing
+        await a.neighbourhood.maintain()
+        assert probed == []
+        a.neighbourhood.busy = set
+        await a.neighbourhood.maintain()
+        assert probed == [b.peer_id]
+
+
+async def test_trimming_spares_busy_neighbours_for_one_transfer_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hood = object.__new__(Neighbourhood)  # the trimming alone, on stand-in neighbours
+    hood.config = NetConfig(max_neighbours=1, transfer_timeout=60.0)
+    hood._spared = {}
+    current = ["a", "b", "c"]
+    dropped: list[str] = []
+
+    async def disconnect(peer: str) -> None:
+        dropped.append(peer)
+        current.remove(peer)
+
+    hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
+    hood.disconnect = disconnect  # type: ignore[method-assign]
+    await hood._trim({"a", "b"})
+    assert dropped == ["c"]  # the idle surplus goes first; both busy ones stay for now
+    await trio.sleep(59.0)
+    await hood._trim({"a", "b"})
+    assert dropped == ["c"]
+    await trio.sleep(1.0)  # a transfer deadline later, whatever moves is another transfer
+    await hood._trim({"a", "b"})
+    assert dropped == ["c", "a"]
+    await hood._trim(set())
+    assert current == ["b"]  # nothing to trim any more

@@ -60,6 +60,7 @@ class Net:
     def __init__(self, server: Any, client: Any, rogue: Any, store: PayloadStore) -> None:
         self.server, self.client, self.rogue, self.store = server, client, rogue, store
         self.served: list[tuple[str, int]] = []
+        self.handler: Any = None  # the server's update protocol handler
 
     @property
     def server_id(self) -> str:
@@ -82,7 +83,7 @@ async def open_net(**server_options: Any) -> AsyncIterator[Net]:
         server, client, rogue = hosts
         net = Net(server, client, rogue, PayloadStore(max_total_bytes=256 * MiB))
         options = {"serve_timeout": SERVE_TIMEOUT, **server_options}
-        install_update_protocol(
+        net.handler = install_update_protocol(
             server,
             net.store,
             limits=Limits(),
@@ -337,6 +338,8 @@ async def _hold_slot_without_reading(net: Net, size: int) -> Any:
 async def test_reader_that_never_reads_is_freed_by_write_deadline() -> None:
     async with open_net(max_concurrent=1, max_queued=4) as net:
         await _hold_slot_without_reading(net, 24 * MiB)
+        stuck = net.rogue.get_id().to_string()
+        assert net.handler.serving == {stuck: 1}  # a payload is moving to it: busy, alive
         small = b"s" * 1000
         net.store.put(sha(small), small)
         # The only slot is held by the stuck reply: a short fetch times out in the queue.
@@ -348,6 +351,7 @@ async def test_reader_that_never_reads_is_freed_by_write_deadline() -> None:
         )
         assert got == small
         await net.honest_round_trip(size=4 * MiB)
+        await wait_for(lambda: not net.handler.serving)  # nothing moving: nobody busy
 
 
 async def test_full_queue_answers_busy() -> None:
