@@ -137,7 +137,6 @@ class Neighbourhood:
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
         self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
-        self._spared: dict[str, float] = {}  # surplus neighbour kept while busy -> since when
         # Peers a payload is moving to or from (set by the transport): alive, and not cut off.
         self.busy: Callable[[], set[str]] = set
         self._listen: tuple[float, list[str]] | None = None  # (when, our listen addresses)
@@ -332,17 +331,14 @@ class Neighbourhood:
             await self.disconnect(peer)
 
     async def _trim(self, busy: set[str]) -> None:
-        """Drop random surplus neighbours, idle ones first. A busy one is spared for at most
-        ``transfer_timeout`` (any transfer then in progress has ended): a hub trimming the
-        nodes that bootstrapped through it must not cut the 100 MB pulls they started."""
-        now, neighbours = trio.current_time(), self.neighbours()
-        surplus = max(0, len(neighbours) - self.config.max_neighbours)
+        """Drop surplus neighbours at random, idle ones first: a busy one's transfers are cut
+        only when the idle ones do not make up the surplus. (Sparing busy ones until idle
+        kept a hub's surplus for good with a big model: someone is always pulling.)"""
+        neighbours = self.neighbours()
         idle = [p for p in neighbours if p not in busy]
-        drop = random.sample(idle, min(surplus, len(idle)))
-        spared = [p for p in neighbours if p in busy][: surplus - len(drop)]
-        self._spared = {p: self._spared.get(p, now) for p in spared}
-        drop += [p for p in spared if now - self._spared[p] >= self.config.transfer_timeout]
-        for peer in drop:
+        engaged = [p for p in neighbours if p in busy]
+        order = [*random.sample(idle, len(idle)), *random.sample(engaged, len(engaged))]
+        for peer in order[: max(0, len(neighbours) - self.config.max_neighbours)]:
             await self.disconnect(peer)
 
     async def _top_up(self) -> None:

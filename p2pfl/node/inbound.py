@@ -223,6 +223,8 @@ class Fetcher:
                 await trio.sleep(wait)
                 if not self._inbox.wants(header.sender, header.round):
                     return None
+                if header.sender not in self._transport.neighbours():
+                    continue  # trimmed or gone: no dial for it (it may be back by the next try)
                 log.info("pulling %s from %s again (attempt %d of %d)", header.digest.hex()[:8],
                          short_id(header.sender), attempt + 1, len(_RETRY_DELAYS) + 1)
             async with self._limiter:  # not held while waiting: other pulls go on

@@ -181,6 +181,18 @@ async def test_pulls_again_stop_when_nothing_can_mend_them(autojump_clock: trio.
     assert len(pulls.attempts) == 2  # not found is final: no third pull
 
 
+async def test_no_pull_again_from_an_author_that_is_no_neighbour_any_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    update, payload = signed(SMALL)
+    pulls = Flaky(payload, [TransferTimeout("stalled")])
+    # Trimmed after the first try:
+    pulls.neighbours = lambda: () if pulls.attempts else (update.header.sender,)  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await fetch_with(pulls, update, within=600.0)
+    assert len(pulls.attempts) == 1  # no dial back to it just for this payload
+
+
 async def test_pulls_again_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
     update, payload = signed(SMALL)
     pulls = Flaky(payload, [TransferTimeout("stalled")] * 100)
