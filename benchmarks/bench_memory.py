@@ -5,8 +5,9 @@
 
 A synthetic float32 state of ``--params`` parameters (100 MB by default) in two layouts:
 ``one`` tensor (5000 x 5000) and ``four`` tensors of unequal sizes. Each stage runs in a
-fresh subprocess, which builds the stage's inputs, resets its resident-set high-water
-mark (``5`` written to ``/proc/self/clear_refs``), runs the stage and reads ``VmHWM``
+fresh subprocess, which builds the stage's inputs, returns freed heap memory to the
+system (``malloc_trim``: the stage must not reuse memory setup left resident), resets its
+resident-set high-water mark (``5`` written to ``/proc/self/clear_refs``), runs the stage and reads ``VmHWM``
 and ``VmRSS`` from ``/proc/self/status``:
 
 - ``peak``: the high-water mark above the resident set before the stage;
@@ -16,7 +17,8 @@ Stages: ``receive`` (16 MiB chunks, as ``read_body`` reads them, hashed and join
 the payload), ``decode`` (the payload into a state, as ``Fetcher._decode`` does),
 ``pull`` (both: what one neighbour update costs a node), and ``aggregate`` with 2 and 4
 neighbour updates held as a node holds them (decoded from payloads that stay alive, as
-the outbox serves them). ``calibration`` allocates exactly one model: it must read 1.00.
+the outbox serves them), and ``own_step`` (the length of the node's local step that
+the mixer passes clipping rules: ``p2pfl.node.harm.distance``). ``calibration`` allocates exactly one model: it must read 1.00.
 
 ``--baseline DIR`` runs every stage a second time with ``DIR`` (a tree holding the old
 ``p2pfl`` package, e.g. ``mkdir /tmp/base && git archive 1c06220 p2pfl | tar -x -C
@@ -26,6 +28,8 @@ the outbox serves them). ``calibration`` allocates exactly one model: it must re
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import inspect
 import json
 import os
@@ -104,6 +108,7 @@ def run_stage(stage: str, layout: str, params: int) -> dict[str, float]:
 
     from p2pfl.core.codec import encode_state
 
+    torch.set_num_threads(1)  # as the daemon runs (p2pfl/cli/daemon.py)
     held: list[Any] = []
     if stage == "calibration":
         work = lambda: torch.ones(params)  # noqa: E731
@@ -112,6 +117,13 @@ def run_stage(stage: str, layout: str, params: int) -> dict[str, float]:
         payload = held[0]
         work = {"receive": lambda: _receive(payload), "decode": lambda: _decode(payload),
                 "pull": lambda: (lambda p: (p, _decode(p.data)))(_receive(payload))}[stage]
+    elif stage == "own_step":
+        from p2pfl.node.harm import distance
+
+        own = _state(layout, params)
+        start = {k: t + 0.01 for k, t in own.items()}
+        held += [own, start]
+        work = lambda: distance(start, own)  # noqa: E731
     else:
         from p2pfl.core.aggregation import aggregate
 
@@ -121,6 +133,8 @@ def run_stage(stage: str, layout: str, params: int) -> dict[str, float]:
         held += [own, payloads, states]
         params_ = {"own_step": 1.0} if rule != "mean" else {}
         work = lambda: aggregate(rule, own, states, [1.0] * len(states), **params_)  # noqa: E731
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # setup's freed heap must not host the stage's memory
     Path("/proc/self/clear_refs").write_text("5")
     before = _status()
     result = work()
@@ -159,7 +173,7 @@ def main() -> int:
         print(json.dumps(run_stage(args.stage, args.layout, args.params)))
         return 0
     model = args.params * 4
-    stages = ["calibration", "receive", "decode", "pull"] + [
+    stages = ["calibration", "receive", "decode", "pull", "own_step"] + [
         f"aggregate:{rule}:{n}" for rule in args.rules.split(",") for n in args.neighbours.split(",")]
     trees = [("now", ROOT)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
     print(f"model: {args.params} float32 = {model / 2**20:.0f} MiB; figures in models "

@@ -130,7 +130,8 @@ def _inside(tensor: torch.Tensor, data: bytes) -> bool:
 def test_view_state_aliases_immutable_bytes_and_copies_the_rest() -> None:
     data = encode_state({"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0)})
     viewed = view_state(data)
-    assert _inside(viewed["a"], data) and torch.equal(viewed["a"], torch.arange(6.0).reshape(2, 3))
+    assert _inside(viewed["a"], data)
+    assert torch.equal(viewed["a"], torch.arange(6.0).reshape(2, 3))
     assert viewed["b"].shape == (0,)
     buffer = bytearray(data)  # mutable: a view could change under the checks made on it
     copied = view_state(buffer)
@@ -141,7 +142,8 @@ def test_view_state_aliases_immutable_bytes_and_copies_the_rest() -> None:
 def test_a_view_keeps_its_payload_alive() -> None:
     viewed = view_state(encode_state({"a": torch.arange(1000.0)}))  # no other reference
     garbage = [bytes(8000) for _ in range(100)]  # reuse freed memory, if any
-    assert torch.equal(viewed["a"], torch.arange(1000.0)) and garbage
+    assert torch.equal(viewed["a"], torch.arange(1000.0))
+    assert garbage
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))
@@ -152,7 +154,8 @@ def test_views_at_any_offset_equal_copies_and_compute_alike(name: str, pad: int)
     data = encode_state(state)
     viewed, copied = view_state(data), decode_state(data)
     key = next(iter(state))
-    assert same_bits(viewed[key], copied[key]) and _inside(viewed[key], data)
+    assert same_bits(viewed[key], copied[key])
+    assert _inside(viewed[key], data)
     if DTYPES[name] == torch.float32:
         values = torch.randn(3, 5, generator=torch.Generator().manual_seed(pad))
         aligned = view_state(encode_state({key: values}))[key]
