@@ -18,7 +18,9 @@ the payload), ``decode`` (the payload into a state, as ``Fetcher._decode`` does)
 ``pull`` (both: what one neighbour update costs a node), and ``aggregate`` with 2 and 4
 neighbour updates held as a node holds them (decoded from payloads that stay alive, as
 the outbox serves them), and ``own_step`` (the length of the node's local step that
-the mixer passes clipping rules: ``p2pfl.node.harm.distance``). ``calibration`` allocates exactly one model: it must read 1.00.
+the mixer passes clipping rules: ``p2pfl.node.harm.distance``), ``harm_mix`` (one
+neighbour mixed in at its share, as the harm check probes it: ``harm.mixed``; the result
+is one model). ``calibration`` allocates exactly one model: it must read 1.00.
 
 ``--baseline DIR`` runs every stage a second time with ``DIR`` (a tree holding the old
 ``p2pfl`` package, e.g. ``mkdir /tmp/base && git archive 1c06220 p2pfl | tar -x -C
@@ -117,13 +119,14 @@ def run_stage(stage: str, layout: str, params: int) -> dict[str, float]:
         payload = held[0]
         work = {"receive": lambda: _receive(payload), "decode": lambda: _decode(payload),
                 "pull": lambda: (lambda p: (p, _decode(p.data)))(_receive(payload))}[stage]
-    elif stage == "own_step":
-        from p2pfl.node.harm import distance
+    elif stage in ("own_step", "harm_mix"):
+        from p2pfl.node.harm import distance, mixed
 
         own = _state(layout, params)
-        start = {k: t + 0.01 for k, t in own.items()}
-        held += [own, start]
-        work = lambda: distance(start, own)  # noqa: E731
+        other = {k: t + 0.01 for k, t in own.items()}
+        held += [own, other]
+        work = {"own_step": lambda: distance(other, own),
+                "harm_mix": lambda: mixed(own, other, 0.3)}[stage]
     else:
         from p2pfl.core.aggregation import aggregate
 
@@ -173,7 +176,7 @@ def main() -> int:
         print(json.dumps(run_stage(args.stage, args.layout, args.params)))
         return 0
     model = args.params * 4
-    stages = ["calibration", "receive", "decode", "pull", "own_step"] + [
+    stages = ["calibration", "receive", "decode", "pull", "own_step", "harm_mix"] + [
         f"aggregate:{rule}:{n}" for rule in args.rules.split(",") for n in args.neighbours.split(",")]
     trees = [("now", ROOT)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
     print(f"model: {args.params} float32 = {model / 2**20:.0f} MiB; figures in models "

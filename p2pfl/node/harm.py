@@ -101,9 +101,13 @@ def full_shares(weights: Sequence[float], self_weight: float) -> list[float]:
 def mixed(
     own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], share: float
 ) -> dict[str, torch.Tensor]:
-    """Return ``own + share * (other - own)`` (non-floating tensors: our own)."""
+    """Return ``own + share * (other - own)`` (non-floating tensors: our own).
+
+    The same operations in the same order, in place on the one new tensor: a temporary per
+    step took two model sizes per probed neighbour (issue 12).
+    """
     return {
-        name: tensor + share * (other[name] - tensor) if tensor.is_floating_point() else tensor
+        name: torch.sub(other[name], tensor).mul_(share).add_(tensor) if tensor.is_floating_point() else tensor
         for name, tensor in own.items()
     }
 

@@ -79,14 +79,16 @@ def column_blocks(
     """
     width = max(1, BLOCK_BYTES // (max(1, len(models)) * dtype.itemsize))
     ends = (*spec.offsets[1:], spec.size)
+    # Views of contiguous tensors; a non-contiguous one is copied once here, not per block.
+    flats = [[state[name].reshape(-1) for name in spec.names] for state in models]
     for start in range(0, spec.size, width):
         stop = min(start + width, spec.size)
         rows = torch.empty(len(models), stop - start, dtype=dtype)
-        for name, first, end in zip(spec.names, spec.offsets, ends, strict=True):
+        for index, (first, end) in enumerate(zip(spec.offsets, ends, strict=True)):
             low, high = max(start, first), min(stop, end)
             if low < high:
-                for row, state in zip(rows, models, strict=True):
-                    row[low - start : high - start].copy_(state[name].reshape(-1)[low - first : high - first])
+                for row, flat in zip(rows, flats, strict=True):
+                    row[low - start : high - start].copy_(flat[index][low - first : high - first])
         if keep is not None:
             rows[~keep] = 0
         yield slice(start, stop), rows
