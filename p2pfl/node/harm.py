@@ -71,7 +71,7 @@ def probe_losses(
     return [combine(per_class) if per_class else math.nan for per_class in prober.probe_class_losses(states)]
 
 
-_DISTANCE_BLOCK = 1 << 20  # elements at a time: float64 temporaries of 8 MiB, not of the model
+_DISTANCE_BLOCK = 1 << 18  # elements at a time: float64 temporaries of 2 MiB, not of the model
 
 
 def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
