@@ -6,8 +6,9 @@ parsed (:class:`~p2pfl.errors.UnknownCodec`), and :func:`decode_payload` dispatc
 name: ``raw`` (the layout below) and the lossy ``fp16``, ``bf16``, ``int8`` and ``topk``
 of :mod:`.lossy`, which frame their parts with it. A new codec (fp16, int8, top-k)
 registers a :class:`Codec` whose ``decode`` keeps the contract of :func:`decode_state`:
-every size checked against :class:`~p2pfl.config.Limits` before allocating, fresh
-tensors out, :class:`~p2pfl.errors.DecodeError` and nothing else on bad input
+every size checked against :class:`~p2pfl.config.Limits` before allocating, tensors
+out that are fresh or read-only views of immutable input (see :func:`view_state`),
+:class:`~p2pfl.errors.DecodeError` and nothing else on bad input
 (``tests/core/test_codec_hostile.py`` fuzzes every registered codec).
 
 The ``raw`` codec
@@ -39,15 +40,21 @@ Manifest rules (the decoder enforces every one; it parses this CBOR subset itsel
   tensor cannot declare an absurd shape).
 
 Decoding checks every field and size against :class:`~p2pfl.config.Limits` before
-allocating, copies each tensor exactly once out of the input (outputs never alias it),
-and raises :class:`~p2pfl.errors.DecodeError` naming the problem for any malformed
-input; nothing else escapes. Encoding copies each tensor once into the output (plus one
+allocating and raises :class:`~p2pfl.errors.DecodeError` naming the problem for any
+malformed input; nothing else escapes. :func:`decode_state` copies each tensor exactly
+once out of the input (outputs never alias it). The registered ``raw`` codec decodes with
+:func:`view_state` instead: the same checks, but on a little-endian host the tensors of an
+immutable ``bytes`` input are views of it, no copy (a node keeps a pulled payload to
+serve it anyway, so a copy would hold the model twice). Nobody may write into a decoded
+tensor: the aggregation rules, the harm check and the attacks only read their inputs
+(``tests/node/test_node_memory.py`` checks that a served payload's sha256 survives rounds). Encoding copies each tensor once into the output (plus one
 copy for non-contiguous inputs); tensors are detached and must be on the CPU.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -84,6 +91,10 @@ _MAX_DTYPE_NAME_BYTES = 16
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 _DEFAULT_LIMITS = Limits()
+
+# view_state hands torch an immutable buffer on purpose (see the module docstring); torch
+# says once per process that it cannot mark tensors read-only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 # ---------------------------------------------------------------- encode
@@ -147,6 +158,23 @@ def decode_state(
         DecodeError: ``data`` is not a valid encoding within ``limits``; the message
             names the problem.
     """
+    return _decode_state(data, limits, share=False)
+
+
+def view_state(data: bytes | bytearray | memoryview, *, limits: Limits = _DEFAULT_LIMITS) -> State:
+    """Decode like :func:`decode_state`, but into views of ``data`` where that is safe.
+
+    Views only when ``data`` is ``bytes`` (nobody can change it under the tensors) and
+    the host is little-endian; fresh tensors otherwise. The caller must not write into
+    the tensors: they are the very bytes a node serves to others.
+
+    Raises:
+        DecodeError: as :func:`decode_state`.
+    """
+    return _decode_state(data, limits, share=isinstance(data, bytes) and not _BIG_ENDIAN_HOST)
+
+
+def _decode_state(data: bytes | bytearray | memoryview, limits: Limits, *, share: bool) -> State:
     view = _byte_view(data)
     if len(view) > limits.max_payload_bytes:
         raise DecodeError(f"payload too large: {len(view)} > {limits.max_payload_bytes} bytes")
@@ -160,8 +188,9 @@ def decode_state(
         raise DecodeError(f"trailing bytes: {available - data_bytes} after the tensor data")
     state: State = {}
     offset = manifest_end
+    build = _view_tensor if share else _build_tensor
     for name, dtype, shape in entries:
-        state[name] = _build_tensor(view, offset, dtype, shape)
+        state[name] = build(view, offset, dtype, shape)
         offset += _nbytes(dtype, shape)
     return state
 
@@ -218,6 +247,20 @@ def _build_tensor(
     return flat.reshape(shape)
 
 
+def _view_tensor(
+    view: memoryview, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Return one tensor of ``shape`` over ``view``'s bytes (little-endian host only)."""
+    nbytes = _nbytes(dtype, shape)
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    # Any offset: torch's CPU kernels load unaligned (tests/core/test_codec.py checks).
+    flat = torch.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+    if dtype == torch.bool and bool((flat.view(torch.uint8) > 1).any()):
+        raise DecodeError("invalid bool tensor data: bytes other than 0 and 1")
+    return flat.reshape(shape)
+
+
 # ---------------------------------------------------------------- manifest
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
@@ -265,7 +308,9 @@ class Codec:
 
     name: str
     encode: Encoder  # state -> bytes
-    decode: Decoder  # (bytes, *, limits) -> fresh CPU tensors; DecodeError on bad input
+    # (bytes, *, limits) -> CPU tensors, which may be views of immutable ``bytes`` input
+    # (never to be written into); DecodeError on bad input
+    decode: Decoder
     delta: bool = False  # decode also takes base=(payload digest -> model or None)
 
 
@@ -317,7 +362,7 @@ def decode_payload(
     return found.decode(data, limits=limits)
 
 
-RAW = register_codec(Codec("raw", encode_state, decode_state))
+RAW = register_codec(Codec("raw", encode_state, view_state))
 
 __all__ = [
     "CODECS",
@@ -334,4 +379,5 @@ __all__ = [
     "encode_state",
     "parse_manifest",
     "register_codec",
+    "view_state",
 ]

@@ -49,8 +49,8 @@ handler never raises into libp2p (a raising handler takes down a stock 0.8.1 hos
 failure resets the stream. Replies are written in 1 MiB slices of a memoryview.
 
 Client side: the body is read with large reads (up to 16 MiB, never past ``length``),
-hashed chunk by chunk, joined once at the end and returned as a CheckedPayload (that hash
-is the only one on receipt).
+hashed chunk by chunk, copied into one ``bytes`` of the announced length as it arrives,
+and returned as a CheckedPayload (that hash is the only one on receipt).
 """
 
 from __future__ import annotations
@@ -417,13 +417,13 @@ async def read_body(stream: INetStream, length: int, digest: bytes) -> CheckedPa
     This is the one sha256 pass over a received payload: the result carries the digest
     to :func:`~p2pfl.core.envelope.check_payload`, which compares instead of rehashing.
 
-    Chunks are joined once at the end: one pass over fresh memory. (A preallocated
-    buffer filled chunk by chunk and then turned into ``bytes`` costs two passes,
-    ~1 ms/MB more on the measuring machine, and allocates before any byte arrives.)
-    Hashing inline costs ~1 ms of loop time per 1 MiB chunk; a hashing thread gave no
+    Chunks are copied into one ``bytes`` of ``length`` as they arrive (see
+    :class:`~p2pfl.core.envelope.PayloadHasher`): one pass, and the payload is never held
+    twice (chunks and their join). ``length`` is within the caller's cap before this
+    allocates it. Hashing inline costs ~1 ms of loop time per 1 MiB chunk; a hashing thread gave no
     measurable gain on 2 cores.
     """
-    hasher = PayloadHasher()
+    hasher = PayloadHasher(size=length)
     got = 0
     while got < length:
         chunk = await stream.read(min(length - got, READ_CHUNK))

@@ -71,11 +71,22 @@ def probe_losses(
     return [combine(per_class) if per_class else math.nan for per_class in prober.probe_class_losses(states)]
 
 
+_DISTANCE_BLOCK = 1 << 18  # elements at a time: float64 temporaries of 2 MiB, not of the model
+
+
 def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """Euclidean distance between two states over ``a``'s floating-point tensors."""
-    squares = sum(
-        float(torch.sum((b[k].double() - a[k].double()) ** 2)) for k in a if a[k].is_floating_point()
-    )
+    """Euclidean distance between two states over ``a``'s floating-point tensors.
+
+    Summed in float64 a block of elements at a time: whole-tensor float64 differences
+    took ~6 model sizes for a one-tensor model (issue 12).
+    """
+    squares = 0.0
+    for key, tensor in a.items():
+        if tensor.is_floating_point():
+            x, y = tensor.reshape(-1), b[key].reshape(-1)
+            for i in range(0, x.numel(), _DISTANCE_BLOCK):
+                block = slice(i, i + _DISTANCE_BLOCK)
+                squares += float(torch.sum((y[block].double() - x[block].double()) ** 2))
     return squares**0.5
 
 
@@ -90,9 +101,13 @@ def full_shares(weights: Sequence[float], self_weight: float) -> list[float]:
 def mixed(
     own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], share: float
 ) -> dict[str, torch.Tensor]:
-    """Return ``own + share * (other - own)`` (non-floating tensors: our own)."""
+    """Return ``own + share * (other - own)`` (non-floating tensors: our own).
+
+    The same operations in the same order, in place on the one new tensor: a temporary per
+    step took two model sizes per probed neighbour (issue 12).
+    """
     return {
-        name: tensor + share * (other[name] - tensor) if tensor.is_floating_point() else tensor
+        name: torch.sub(other[name], tensor).mul_(share).add_(tensor) if tensor.is_floating_point() else tensor
         for name, tensor in own.items()
     }
 

@@ -21,6 +21,7 @@ from p2pfl.core.codec import (
     parse_manifest,
     register_codec,
     swap_bytes,
+    view_state,
 )
 from p2pfl.errors import DecodeError, UnknownCodec
 
@@ -118,6 +119,58 @@ def test_decoded_tensors_do_not_alias_the_input() -> None:
     data[-4:] = b"\xff" * 4
     decoded["a"] += 1  # writable, and independent of the buffer
     assert torch.equal(decoded["a"], torch.ones(4))
+
+
+def _inside(tensor: torch.Tensor, data: bytes) -> bool:
+    """Whether ``tensor``'s elements lie in ``data``'s own memory."""
+    start = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    return start <= tensor.data_ptr() < start + len(data)
+
+
+def test_view_state_aliases_immutable_bytes_and_copies_the_rest() -> None:
+    data = encode_state({"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0)})
+    viewed = view_state(data)
+    assert _inside(viewed["a"], data)
+    assert torch.equal(viewed["a"], torch.arange(6.0).reshape(2, 3))
+    assert viewed["b"].shape == (0,)
+    buffer = bytearray(data)  # mutable: a view could change under the checks made on it
+    copied = view_state(buffer)
+    buffer[-4:] = b"\xff" * 4
+    assert torch.equal(copied["a"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_view_keeps_its_payload_alive() -> None:
+    viewed = view_state(encode_state({"a": torch.arange(1000.0)}))  # no other reference
+    garbage = [bytes(8000) for _ in range(100)]  # reuse freed memory, if any
+    assert torch.equal(viewed["a"], torch.arange(1000.0))
+    assert garbage
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@pytest.mark.parametrize("pad", range(4))
+def test_views_at_any_offset_equal_copies_and_compute_alike(name: str, pad: int) -> None:
+    # Name lengths shift the data's offset: views of float32 at every alignment mod 4.
+    state = {"k" * (1 + pad): random_tensor(DTYPES[name], (3, 5), seed=pad)}
+    data = encode_state(state)
+    viewed, copied = view_state(data), decode_state(data)
+    key = next(iter(state))
+    assert same_bits(viewed[key], copied[key])
+    assert _inside(viewed[key], data)
+    if DTYPES[name] == torch.float32:
+        values = torch.randn(3, 5, generator=torch.Generator().manual_seed(pad))
+        aligned = view_state(encode_state({key: values}))[key]
+        assert torch.equal(aligned @ aligned.T, values @ values.T)
+        assert torch.equal(aligned.sort(dim=0).values, values.sort(dim=0).values)
+        assert torch.equal(torch.linalg.vector_norm(aligned, dim=1), torch.linalg.vector_norm(values, dim=1))
+
+
+def test_view_state_refuses_what_decode_state_refuses() -> None:
+    data = bytearray(encode_state({"m": torch.tensor([True, False])}))
+    data[-1] = 2
+    with pytest.raises(DecodeError, match="invalid bool"):
+        view_state(bytes(data))
+    with pytest.raises(DecodeError, match="trailing bytes"):
+        view_state(encode_state({"a": torch.ones(2)}) + b"\0")
 
 
 def test_encoding_is_deterministic_and_independent_of_key_order() -> None:
@@ -228,4 +281,4 @@ def test_an_unknown_codec_is_refused_by_name() -> None:
 def test_a_codec_name_is_registered_once() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_codec(Codec("raw", encode_state, decode_state))
-    assert CODECS["raw"].decode is decode_state
+    assert CODECS["raw"].decode is view_state

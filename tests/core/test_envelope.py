@@ -17,6 +17,7 @@ from p2pfl.core.crypto import Identity
 from p2pfl.core.envelope import (
     PROTOCOL_VERSION,
     AnnouncementKind,
+    PayloadHasher,
     UpdateHeader,
     VerifiedHeader,
     check_payload,
@@ -437,3 +438,36 @@ def test_an_update_cannot_be_signed_with_an_unknown_codec() -> None:
     with pytest.raises(UnknownCodec, match="this node decodes bf16, fp16, int8, raw, topk"):
         signed(codec="fp8")
     assert signed(codec="raw").header.codec == "raw"
+
+
+# ---------------------------------------------------------------- assembling a received payload
+
+
+@pytest.mark.parametrize("size", [0, 5, (1 << 20) - 1, 1 << 20, 3 * (1 << 20) + 7])
+@pytest.mark.parametrize("announced", [True, False])
+def test_payload_hasher_assembles_and_hashes_what_arrived(size: int, announced: bool) -> None:
+    data = hashlib.sha256(str(size).encode()).digest() * (size // 32 + 1)
+    data = data[:size]
+    hasher = PayloadHasher(size=size) if announced else PayloadHasher()
+    chunks = [data[i : i + 700_001] for i in range(0, size, 700_001)]
+    for chunk in chunks:
+        hasher.add(chunk)
+    chunks.clear()  # the chunks may go as soon as they are added
+    payload = hasher.finish()
+    assert type(payload.data) is bytes
+    assert payload.data == data
+    assert payload.digest == hashlib.sha256(data).digest()
+    assert hash(payload.data) == hash(data)
+    assert payload.data[1:3] == data[1:3]
+
+
+def test_payload_hasher_refuses_more_or_fewer_bytes_than_announced() -> None:
+    size = 1 << 20
+    over = PayloadHasher(size=size)
+    over.add(bytes(size))
+    with pytest.raises(ValueError, match="exceed"):
+        over.add(b"x")
+    short = PayloadHasher(size=size)
+    short.add(bytes(size - 1))
+    with pytest.raises(ValueError, match="expected"):
+        short.finish()

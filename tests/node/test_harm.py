@@ -17,6 +17,7 @@ from p2pfl.node.harm import (
     HarmGate,
     Prober,
     Verdict,
+    distance,
     mixed,
     plausible,
     probe,
@@ -314,3 +315,22 @@ def test_without_remember_a_failure_weighs_only_in_its_own_round() -> None:
     again = gate.judge(state(0.0), None, ["a"], [state(0.02)], [1.0], 1.0)
     assert again.harmless == [True]
     assert again.vetted == [True]
+
+
+def test_distance_is_summed_in_blocks_to_the_whole_tensor_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = {"big": torch.randn(3 * (1 << 20) + 5, generator=gen), "w": torch.randn(4, 3, generator=gen).t(),
+         "n": torch.tensor(3)}
+    b = {k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + 1 for k, v in a.items()}
+    whole = sum(float(torch.sum((b[k].double() - a[k].double()) ** 2)) for k in ("big", "w")) ** 0.5
+    assert distance(a, b) == pytest.approx(whole, rel=1e-12)
+    assert distance(a, a) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_mixed_in_place_equals_the_formula_bit_for_bit(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    own = {"w": torch.randn(1000, generator=gen).to(dtype)}
+    other = {"w": (100 * torch.randn(1000, generator=gen)).to(dtype)}
+    for share in (0.0, 0.2, 1 / 3, 1.0):
+        assert torch.equal(mixed(own, other, share)["w"], own["w"] + share * (other["w"] - own["w"]))

@@ -20,10 +20,13 @@ Every rule is a pure function centred on the node's own model::
 - Each entry of :data:`RULES` is a :class:`RegisteredRule` carrying the capabilities the
   rule declared with ``@rule(name, clipping=..., uses_samples=...)``; the node reads
   those (``RULES[name].clipping``), never a list of names.
-- All floating-point tensors are flattened into one vector per model (float64 if the
-  model has a float64 tensor, else float32: half the memory and no slower); non-floating
-  tensors (BatchNorm's ``num_batches_tracked``) keep the own model's value. Outputs have
-  the input dtypes and are new tensors; inputs are never mutated.
+- All floating-point tensors are read as one vector per model (float64 if the model has
+  a float64 tensor, else float32: half the memory and no slower), a block of columns of
+  all the models at a time (:func:`~.flat.column_blocks`): no rule builds the
+  (n+1, d) matrix, so a rule needs one model-sized vector (its result) beyond its inputs.
+  Non-floating tensors (BatchNorm's ``num_batches_tracked``) keep the own model's value.
+  Outputs have the input dtypes and are new tensors (those of the compute dtype views of
+  one new vector); inputs are never mutated (they may be views of served payloads).
 - A neighbour holding NaN/Inf, or values so large (norm above sqrt(dtype max)/16, about
   1e18 in float32) that distances would overflow, is excluded with trust 0 instead of
   raising: a peer must not be able to make the node fail. Disagreeing keys/shapes/dtypes, a non-finite own model and

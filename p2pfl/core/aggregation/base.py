@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,8 @@ from p2pfl.config import DEFAULT_RULE
 from p2pfl.core.aggregation.flat import (
     FlatSpec,
     Model,
+    column_blocks,
     compute_dtype,
-    fill_row,
     flat_spec,
     unflatten,
 )
@@ -101,43 +101,55 @@ def _check_weight(value: Any, what: str) -> float:
     return float(value)
 
 
-def _nonfinite_key(row: torch.Tensor, spec: FlatSpec) -> str | None:
-    for name, where in spec.slices():
-        if not bool(torch.isfinite(row[where]).all()):
+def _nonfinite_key(state: Model, spec: FlatSpec) -> str | None:
+    for name in spec.names:
+        if not bool(torch.isfinite(state[name]).all()):
             return name
     return None
 
 
-def _unusable_rows(rows: torch.Tensor, spec: FlatSpec) -> list[tuple[int, str]]:
-    """Find rows with NaN/Inf, or so large that squared distances would overflow."""
-    # One fused pass: NaN/Inf make the norm non-finite. Norms below sqrt(max)/16 keep
-    # every squared distance and Gram entry finite, and no trained model comes close.
-    limit = math.sqrt(torch.finfo(rows.dtype).max) / 16
-    norms = torch.linalg.vector_norm(rows, dim=1)
+def _unusable_rows(models: Sequence[Model], spec: FlatSpec, dtype: torch.dtype) -> list[tuple[int, str]]:
+    """Find models with NaN/Inf, or so large that squared distances would overflow."""
+    # NaN/Inf make the norm non-finite. Norms below sqrt(max)/16 keep every squared
+    # distance and Gram entry finite, and no trained model comes close.
+    limit = math.sqrt(torch.finfo(dtype).max) / 16
+    squares = torch.zeros(len(models), dtype=torch.float64)
+    for _, rows in column_blocks(models, spec, dtype):
+        squares += torch.linalg.vector_norm(rows, dim=1).double().square()
     found = []
-    for i in torch.nonzero(~(norms <= limit)).flatten().tolist():
-        key = _nonfinite_key(rows[i], spec)
+    for i in torch.nonzero(~(squares.sqrt() <= limit)).flatten().tolist():
+        key = _nonfinite_key(models[i], spec)
         found.append((i, f"non-finite values in {key!r}" if key else "values too large"))
     return found
 
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
-    """Own model and neighbours stacked once: row 0 own, row j+1 neighbour j."""
+    """Own model and neighbours as rows of one matrix, read a block of columns at a time.
 
-    rows: torch.Tensor  # (n+1, d)
+    Row 0 is the own model, row j+1 neighbour j; a row excluded for non-finite or huge
+    values reads as zeros. The (n+1, d) matrix is never built: rules take what they need
+    in passes over :meth:`blocks` (the Gram matrix of :class:`Span`, a sort per column
+    block) and build their result with :meth:`combine` or :meth:`Span.point`.
+    """
+
+    models: tuple[Model, ...]  # own, then neighbours
+    spec: FlatSpec
+    dtype: torch.dtype  # of the rows: float64 if the model has a float64 tensor, else float32
     weights: torch.Tensor  # (n+1,): self weight, then neighbour weights (0 if excluded)
     finite: torch.Tensor  # (n,) bool: neighbour had only finite values
     own_step: float | None = None  # length of the node's own last local update, if known
     vetted: torch.Tensor | None = None  # (n,) bool: the node checked these pulls are harmless
 
     @property
-    def own(self) -> torch.Tensor:
-        return self.rows[0]
+    def count(self) -> int:
+        """Return n+1, the number of rows."""
+        return len(self.models)
 
     @property
-    def neighbours(self) -> torch.Tensor:
-        return self.rows[1:]
+    def size(self) -> int:
+        """Return d, the number of floating-point parameters."""
+        return self.spec.size
 
     @property
     def taking_part(self) -> torch.Tensor:
@@ -146,12 +158,18 @@ class Inputs:
         mask[0] = True
         return mask
 
-    def participants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the (k, d) rows and (k,) weights of the models taking part, own first."""
-        mask = self.taking_part
-        if bool(mask.all()):
-            return self.rows, self.weights
-        return self.rows[mask], self.weights[mask]
+    def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(where, rows)``: the (n+1, b) rows' columns ``where``, block by block."""
+        keep = torch.cat([torch.ones(1, dtype=torch.bool), self.finite])
+        yield from column_blocks(self.models, self.spec, self.dtype, keep)
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        """Return the (d,) vector ``c @ rows`` for (n+1,) coefficients ``c``."""
+        out = torch.empty(self.size, dtype=self.dtype)
+        c = c.to(self.dtype)
+        for where, rows in self.blocks():
+            out[where] = c @ rows  # (n+1,) @ (n+1, b) -> (b,)
+        return out
 
 
 def _prepare(
@@ -169,19 +187,16 @@ def _prepare(
     for j, other in enumerate(neighbours):
         if problem := mismatch(reference, other):
             raise AggregationError(f"neighbour {j}: {problem}")
-    rows = torch.empty(len(neighbours) + 1, spec.size, dtype=compute_dtype(spec))
-    for row, state in zip(rows, (own, *neighbours), strict=True):
-        fill_row(row, state, spec)
-    finite = torch.ones(len(rows), dtype=torch.bool)
-    for i, problem in _unusable_rows(rows, spec):
+    models, dtype = (own, *neighbours), compute_dtype(spec)
+    finite = torch.ones(len(models), dtype=torch.bool)
+    for i, problem in _unusable_rows(models, spec, dtype):
         if i == 0:
             raise AggregationError(f"own model has {problem}")
         log.debug("neighbour %d excluded: %s", i - 1, problem)
-        finite[i] = False
+        finite[i] = False  # its row reads as zeros: no NaN/Inf in the Gram matrix or sorts
         ws[i] = 0.0
-        rows[i].zero_()  # keeps NaN/Inf out of shared computations (Gram matrix, sorts)
-    w = torch.tensor(ws, dtype=rows.dtype)
-    return Inputs(rows, w, finite[1:]), spec
+    w = torch.tensor(ws, dtype=dtype)
+    return Inputs(models, spec, dtype, w, finite[1:]), spec
 
 
 # --- registration -------------------------------------------------------------------------
@@ -274,22 +289,10 @@ def checked_number(value: Any, name: str, low: float, high: float = math.inf) ->
     return float(value)
 
 
-def weighted_mean(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Return sum_i w_i x_i / sum_i w_i, or the plain mean when all weights are 0."""
-    total = w.sum()
-    if total <= 0:
-        return rows.mean(dim=0)
-    return (w / total) @ rows  # (k,) @ (k, d) -> (d,)
-
-
 def clip_ratio(radius: float | torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """Return min(1, radius / dist) elementwise (1 where dist <= radius, including 0/0)."""
     inside = dist <= radius
     return torch.where(inside, 1.0, radius / dist.clamp_min(torch.finfo(dist.dtype).tiny))
-
-
-def distances_to(rows: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(rows - centre, dim=1)
 
 
 def default_trim(k: int) -> int:
@@ -308,22 +311,29 @@ def relative_distance_trust(inp: Inputs, dist: torch.Tensor) -> torch.Tensor:
 class Span:
     """Points v = own + c @ D (D: rows centred on own), measured via the Gram matrix.
 
-    Iterative rules (geomed, centered_clip, ios) only form affine combinations of the
-    rows, so with coefficients ``c`` each iteration costs O(n^2) instead of passes over
-    all d parameters, and the vector is built once at the end. Centring on own keeps the
-    Gram entries at the scale of the spread, so the distance formula does not cancel.
+    Rules only form affine combinations of the rows, so with coefficients ``c`` each
+    iteration costs O(n^2) instead of passes over all d parameters, and the vector is
+    built once at the end (:meth:`point`). Centring on own keeps the Gram entries at the
+    scale of the spread, so the distance formula does not cancel. One pass over the
+    column blocks builds it; each block's products are summed in float64.
     """
 
-    own: torch.Tensor  # (d,)
-    centred: torch.Tensor  # (n+1, d)
+    inputs: Inputs
     gram: torch.Tensor  # (n+1, n+1), float64
     own_dots: torch.Tensor  # (n+1,) float64: D @ own, for ||v||
+    own_square: float  # ||own||^2
 
     @classmethod
     def of(cls, inp: Inputs) -> Span:
-        centred = inp.rows - inp.own
-        gram = (centred @ centred.T).to(torch.float64)
-        return cls(inp.own, centred, gram, (centred @ inp.own).to(torch.float64))
+        gram = torch.zeros(inp.count, inp.count, dtype=torch.float64)
+        own_dots = torch.zeros(inp.count, dtype=torch.float64)
+        own_square = 0.0
+        for _, rows in inp.blocks():
+            centred = rows - rows[0]  # (n+1, b)
+            gram += (centred @ centred.T).double()
+            own_dots += (centred @ rows[0]).double()
+            own_square += float(rows[0].double().square().sum())
+        return cls(inp, gram, own_dots, own_square)
 
     def distances(self, c: torch.Tensor) -> torch.Tensor:
         """Return ||x_i - v|| for every row i, v = own + c @ D."""
@@ -336,25 +346,21 @@ class Span:
 
     def point_norm(self, c: torch.Tensor) -> float:
         """Return ||own + c @ D||."""
-        own_sq = float(self.own.to(torch.float64).square().sum())
-        return math.sqrt(max(0.0, own_sq + 2 * float(c @ self.own_dots)) + self.norm(c) ** 2)
+        return math.sqrt(max(0.0, self.own_square + 2 * float(c @ self.own_dots)) + self.norm(c) ** 2)
 
     def point(self, c: torch.Tensor) -> torch.Tensor:
-        return self.own + c.to(self.centred.dtype) @ self.centred
+        """Return the (d,) vector own + c @ D, a block of columns at a time."""
+        out = torch.empty(self.inputs.size, dtype=self.inputs.dtype)
+        c = c.to(self.inputs.dtype)
+        for where, rows in self.inputs.blocks():
+            out[where] = rows[0] + c @ (rows - rows[0])  # (n+1,) @ (n+1, b) -> (b,)
+        return out
 
 
 def mean_coefficients(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return the coefficients of the weighted mean of the masked rows (plain if all 0)."""
     wm = w * mask
     return wm / wm.sum() if wm.sum() > 0 else mask.to(w.dtype) / mask.sum()
-
-
-def band_trust(inp: Inputs, low: torch.Tensor, high: torch.Tensor, kept: float) -> torch.Tensor:
-    """Share of coordinates inside [low, high], relative to the ``kept`` share expected."""
-    if inp.rows.shape[1] == 0:
-        return torch.ones(len(inp.finite), dtype=inp.rows.dtype)
-    inside = ((inp.neighbours >= low) & (inp.neighbours <= high)).sum(dim=1)
-    return inside.to(inp.rows.dtype) / (inp.rows.shape[1] * kept)
 
 
 def adaptive_radius(dist: torch.Tensor, w: torch.Tensor, delta: float) -> float:
@@ -380,7 +386,7 @@ def adaptive_radius(dist: torch.Tensor, w: torch.Tensor, delta: float) -> float:
 
 
 def full_trust(inp: Inputs) -> torch.Tensor:
-    return torch.ones(len(inp.finite), dtype=inp.rows.dtype)
+    return torch.ones(len(inp.finite), dtype=inp.dtype)
 
 
 __all__ = [
@@ -397,15 +403,12 @@ __all__ = [
     "Span",
     "adaptive_radius",
     "aggregate",
-    "band_trust",
     "checked_count",
     "checked_number",
     "clip_ratio",
     "default_trim",
-    "distances_to",
     "full_trust",
     "mean_coefficients",
     "relative_distance_trust",
     "rule",
-    "weighted_mean",
 ]

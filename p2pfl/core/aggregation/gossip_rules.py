@@ -22,10 +22,8 @@ from p2pfl.core.aggregation.base import (
     checked_count,
     checked_number,
     clip_ratio,
-    distances_to,
     mean_coefficients,
     rule,
-    weighted_mean,
 )
 from p2pfl.errors import AggregationError
 
@@ -94,7 +92,7 @@ def _vetted_ratio(
 
 
 def _shared_reach(
-    coef: torch.Tensor, share: torch.Tensor, dist: torch.Tensor, diffs: torch.Tensor, tau: float,
+    coef: torch.Tensor, share: torch.Tensor, dist: torch.Tensor, span: Span, tau: float,
     vetted: torch.Tensor, vetted_scale: float,
 ) -> torch.Tensor:
     """Scale the vetted neighbours' pull beyond the radius so that together it reaches
@@ -110,7 +108,7 @@ def _shared_reach(
         return coef
     base = share * clip_ratio(tau, dist)
     beyond = torch.where(vetted, coef - base, torch.zeros_like(coef)).clamp(min=0)
-    reach = float(torch.linalg.vector_norm(beyond @ diffs))
+    reach = span.norm(torch.cat([beyond.new_zeros(1), beyond]).double())  # ||beyond @ diffs||
     budget = float(share[vetted].max()) * (vetted_scale - 1) * tau
     if reach <= budget:
         return coef
@@ -139,7 +137,7 @@ def centered_clip(
     iters = checked_count(iters, "iters", 3, 10_000)
     vetted_scale = _checked_scale(vetted_scale)
     span = Span.of(inp)
-    c = torch.zeros(len(inp.rows), dtype=torch.float64)  # v = own
+    c = torch.zeros(inp.count, dtype=torch.float64)  # v = own
     tau_ = _radius(inp, span.distances(c)[1:], tau, delta, kappa, step_cap)
     w = inp.weights.to(torch.float64)
     w = w / w.sum() if w.sum() > 0 else w
@@ -152,7 +150,7 @@ def centered_clip(
         s = w * ratio
         c = c * (1 - s.sum()) + s
     trust = _vetted_ratio(inp, tau_, span.distances(centre)[1:], vetted_scale)
-    return span.point(c), trust.to(inp.rows.dtype), tau_
+    return span.point(c), trust.to(inp.dtype), tau_
 
 
 @rule("clipped_gossip", clipping=True)
@@ -193,19 +191,19 @@ def clipped_gossip(
     """
     if not isinstance(shared_reach, bool):
         raise AggregationError(f"shared_reach must be true or false, got {shared_reach!r}")
-    diffs = inp.neighbours - inp.own  # (n, d)
-    dist = torch.linalg.vector_norm(diffs, dim=1)
+    span = Span.of(inp)  # diffs x_j - x are its rows 1..n
+    dist = span.distances(torch.zeros(inp.count, dtype=torch.float64))[1:].to(inp.dtype)
     tau_ = _radius(inp, dist, tau, delta, kappa, step_cap)
     total = inp.weights.sum()
     scale = _checked_scale(vetted_scale)
     trust = _vetted_ratio(inp, tau_, dist, scale)
-    if total <= 0:
-        return inp.own.clone(), trust, tau_
-    share = inp.weights[1:] / total
-    coef = share * trust
-    if shared_reach and inp.vetted is not None:
-        coef = _shared_reach(coef, share, dist, diffs, tau_, inp.vetted, scale)
-    return inp.own + coef @ diffs, trust, tau_
+    coef = torch.zeros_like(trust)
+    if total > 0:
+        share = inp.weights[1:] / total
+        coef = share * trust
+        if shared_reach and inp.vetted is not None:
+            coef = _shared_reach(coef, share, dist, span, tau_, inp.vetted, scale)
+    return span.point(torch.cat([coef.new_zeros(1), coef])), trust, tau_
 
 
 @rule("balance")
@@ -230,16 +228,19 @@ def balance(
     gamma, kappa = checked_number(gamma, "gamma", 0.0), checked_number(kappa, "kappa", 0.0)
     lambda_ = checked_number(lambda_, "lambda_", 0.0, 1.0)
     alpha = None if alpha is None else checked_number(alpha, "alpha", 0.0, 1.0)
-    threshold = gamma * math.exp(-kappa * lambda_) * float(inp.own.norm())
-    dist = distances_to(inp.neighbours, inp.own)
+    span = Span.of(inp)
+    threshold = gamma * math.exp(-kappa * lambda_) * math.sqrt(span.own_square)
+    dist = span.distances(torch.zeros(inp.count, dtype=torch.float64))[1:].to(inp.dtype)
     accepted = dist <= threshold
     used = accepted & (inp.weights[1:] > 0)
     trust = clip_ratio(threshold, dist)
-    if not bool(used.any()):
-        return inp.own.clone(), trust, threshold
-    w = inp.weights[1:][used]
-    a = float(inp.weights[0] / (inp.weights[0] + w.sum())) if alpha is None else alpha
-    return a * inp.own + (1 - a) * weighted_mean(inp.neighbours[used], w), trust, threshold
+    c = torch.zeros(inp.count, dtype=torch.float64)  # v = own
+    if bool(used.any()):
+        w = inp.weights[1:][used]
+        a = float(inp.weights[0] / (inp.weights[0] + w.sum())) if alpha is None else alpha
+        # a x + (1 - a) (weighted mean of the accepted) = x + (1 - a) sum_j w_j (x_j - x) / sum w
+        c[1:][used] = (1 - a) * (w / w.sum()).double()
+    return span.point(c), trust, threshold
 
 
 @rule("ios")
@@ -269,7 +270,7 @@ def ios(inp: Inputs, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor, 
     c = mean_coefficients(w, kept)
     dist = span.distances(c)
     trust = torch.where(kept[1:], 1.0, clip_ratio(dist[kept].max(), dist[1:]))
-    return span.point(c), trust.to(inp.rows.dtype), None
+    return span.point(c), trust.to(inp.dtype), None
 
 
 __all__ = ["balance", "centered_clip", "clipped_gossip", "ios", "median_cap"]

@@ -13,16 +13,14 @@ import torch
 from p2pfl.core.aggregation.base import (
     Inputs,
     Span,
-    band_trust,
     checked_count,
     checked_number,
     clip_ratio,
     default_trim,
-    distances_to,
     full_trust,
+    mean_coefficients,
     relative_distance_trust,
     rule,
-    weighted_mean,
 )
 from p2pfl.errors import AggregationError
 
@@ -36,13 +34,7 @@ def mean(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, None]:
     Pass sample counts (x mixing weight) as weights and the own sample count as
     ``self_weight``. Trust: 1 for every finite neighbour.
     """
-    rows, w = inp.participants()
-    return weighted_mean(rows, w), full_trust(inp), None
-
-
-def _sorted(inp: Inputs) -> torch.Tensor:
-    rows, _ = inp.participants()
-    return torch.sort(rows, dim=0).values  # (k, d), ascending per coordinate
+    return inp.combine(mean_coefficients(inp.weights, inp.taking_part)), full_trust(inp), None
 
 
 @rule("median")
@@ -55,11 +47,15 @@ def median(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, None]:
     (min(1, r / ||x_j - median||), r the median participant distance), which stays
     meaningful up to the breakdown point, unlike a per-coordinate band.
     """
-    s = _sorted(inp)
-    k = s.shape[0]
-    low, high = s[(k - 1) // 2], s[k // 2]
-    v = low + (high - low) / 2
-    return v, relative_distance_trust(inp, distances_to(inp.rows, v)), None
+    mask, v = inp.taking_part, torch.empty(inp.size, dtype=inp.dtype)
+    squares = torch.zeros(inp.count, dtype=torch.float64)  # ||x_i - v||^2, block by block
+    for where, rows in inp.blocks():
+        s = torch.sort(rows[mask], dim=0).values  # (k, b), ascending per coordinate
+        k = s.shape[0]
+        low, high = s[(k - 1) // 2], s[k // 2]
+        v[where] = low + (high - low) / 2
+        squares += torch.linalg.vector_norm(rows - v[where], dim=1).double().square()
+    return v, relative_distance_trust(inp, squares.sqrt().to(inp.dtype)), None
 
 
 @rule("trimmed_mean")
@@ -71,10 +67,17 @@ def trimmed_mean(inp: Inputs, trim: int | None = None) -> tuple[torch.Tensor, to
     the share of a neighbour's coordinates that were kept (inside the kept band),
     relative to the expected (k - 2 trim) / k, capped at 1.
     """
-    s = _sorted(inp)
-    k = s.shape[0]
+    mask, v = inp.taking_part, torch.empty(inp.size, dtype=inp.dtype)
+    k = int(mask.sum())
     b = checked_count(trim, "trim", default_trim(k), (k - 1) // 2)
-    return s[b : k - b].mean(dim=0), band_trust(inp, s[b], s[k - 1 - b], (k - 2 * b) / k), None
+    inside = torch.zeros(inp.count - 1, dtype=torch.int64)  # coordinates in the kept band
+    for where, rows in inp.blocks():
+        s = torch.sort(rows[mask], dim=0).values  # (k, b), ascending per coordinate
+        v[where] = s[b : k - b].mean(dim=0)
+        inside += ((rows[1:] >= s[b]) & (rows[1:] <= s[k - 1 - b])).sum(dim=1)
+    if inp.size == 0:
+        return v, torch.ones(inp.count - 1, dtype=inp.dtype), None
+    return v, inside.to(inp.dtype) / (inp.size * (k - 2 * b) / k), None
 
 
 def _krum_scores(inp: Inputs, f: int) -> torch.Tensor:
@@ -82,7 +85,7 @@ def _krum_scores(inp: Inputs, f: int) -> torch.Tensor:
     mask = inp.taking_part
     k = int(mask.sum())
     if k == 1:
-        return torch.zeros(len(inp.rows), dtype=torch.float64)
+        return torch.zeros(inp.count, dtype=torch.float64)
     gram = Span.of(inp).gram  # (n+1, n+1)
     sq = gram.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
@@ -96,7 +99,7 @@ def _best(inp: Inputs, scores: torch.Tensor, m: int) -> torch.Tensor:
     """Mark rows scoring no worse than the m-th best participant (ties all included)."""
     boundary = torch.sort(scores[inp.taking_part]).values[m - 1]
     # Candidates tied with the m-th best are all selected, so neighbour order never matters.
-    tol = boundary.abs() * torch.finfo(inp.rows.dtype).eps * 64  # Gram in the model's dtype
+    tol = boundary.abs() * torch.finfo(inp.dtype).eps * 64  # Gram in the model's dtype
     return (scores <= boundary + tol) & torch.cat([torch.ones(1, dtype=torch.bool), inp.finite])
 
 
@@ -111,7 +114,7 @@ def _krum(inp: Inputs, f: int | None, m: int | None) -> tuple[torch.Tensor, torc
     # Distance units (scores are squared): a neighbour just past the cut scores near 1.
     boundary = torch.sort(scores[inp.taking_part]).values[k - f - 1]
     trust = torch.where(used, 1.0, clip_ratio(boundary.sqrt(), scores.sqrt()))
-    return weighted_mean(inp.rows[used], inp.weights[used]), trust[1:].to(inp.rows.dtype), None
+    return inp.combine(mean_coefficients(inp.weights, used)), trust[1:].to(inp.dtype), None
 
 
 @rule("krum")
@@ -157,7 +160,7 @@ def geomed(
     the median participant's.
     """
     nu = checked_number(nu, "nu", 0.0)
-    tol = max(checked_number(tol, "tol", 0.0), 8 * torch.finfo(inp.rows.dtype).eps)
+    tol = max(checked_number(tol, "tol", 0.0), 8 * torch.finfo(inp.dtype).eps)
     iters = checked_count(iters, "iters", 100, 10_000)
     span, mask = Span.of(inp), inp.taking_part
     w = inp.weights.to(torch.float64) * mask
