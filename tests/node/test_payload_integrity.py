@@ -1,14 +1,16 @@
-"""Decoded models are views of the payloads a node serves: nothing may write into them."""
+"""Decoded models are views of the payloads a node pulled: nothing may write into them."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 import torch
 import trio
 
 from p2pfl.attacks import make_attack
+from p2pfl.core.envelope import CheckedPayload
 from p2pfl.net.memory import MemoryTransport
 from tests.node.conftest import identities, make_network, make_node
 from tests.node.test_node_memory import run_all
@@ -27,14 +29,20 @@ def _aliases(tensor: torch.Tensor, payload: bytes) -> bool:
 async def test_served_payloads_keep_their_sha256_through_rounds(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, rule: str, attack: str | None
 ) -> None:
-    served: list[tuple[bytes, bytes]] = []
-    serve = MemoryTransport.serve
+    served: list[tuple[bytes, bytes]] = []  # every payload served or pulled
+    serve, fetch = MemoryTransport.serve, MemoryTransport.fetch
 
     def recording(self: MemoryTransport, digest: bytes, payload: bytes) -> None:
         served.append((digest, payload))
         serve(self, digest, payload)
 
+    async def pulling(self: MemoryTransport, peer: str, digest: bytes, **kwargs: Any) -> CheckedPayload:
+        got = await fetch(self, peer, digest, **kwargs)
+        served.append((digest, got.data))
+        return got
+
     monkeypatch.setattr(MemoryTransport, "serve", recording)
+    monkeypatch.setattr(MemoryTransport, "fetch", pulling)
     ids = identities(4)
     network = make_network(ids)
     nodes = [make_node(network, ident, i, 4, rule=rule) for i, ident in enumerate(ids[:3])]
