@@ -1,9 +1,20 @@
-"""A swarm notifee that only cares about new connections."""
+"""Swarm notifees that only care about new connections; the ban gate."""
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
+import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
+
+from p2pfl.core.crypto import short_id
+
+if TYPE_CHECKING:
+    from p2pfl.net.discovery import Neighbourhood
+
+logger = logging.getLogger(__name__)
 
 
 class ConnectionNotifee(INotifee):
@@ -28,4 +39,18 @@ class ConnectionNotifee(INotifee):
         return None
 
 
-__all__ = ["ConnectionNotifee"]
+class BanGate(ConnectionNotifee):
+    """Close connections from banned peers as soon as they are established."""
+
+    def __init__(self, neighbourhood: Neighbourhood, nursery: trio.Nursery) -> None:
+        self.neighbourhood = neighbourhood
+        self.nursery = nursery
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id.to_string()
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            logger.info("refusing banned peer %s", short_id(peer))
+            self.nursery.start_soon(self.neighbourhood.disconnect, peer)
+
+
+__all__ = ["BanGate", "ConnectionNotifee"]

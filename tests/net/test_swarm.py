@@ -15,7 +15,13 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from p2pfl.errors import PayloadNotFound, PeerUnreachable, TransferError, TransferTimeout
+from p2pfl.errors import (
+    PayloadNotFound,
+    PeerUnreachable,
+    ProtocolViolation,
+    TransferError,
+    TransferTimeout,
+)
 from p2pfl.net.ranged import PIECE_BYTES, piece_map
 from p2pfl.net.swarm import fetch_from_holders
 
@@ -72,6 +78,14 @@ class Holders:
             self.served[peer] += len(got)
             return got
         raise TransferTimeout("stalled")
+
+    async def have(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bool]:
+        kind = self.behaviour.get(peer, "honest")
+        if kind == "missing":
+            raise PayloadNotFound("not held")
+        if kind in ("old", "unreachable"):  # an earlier release resets the unknown op
+            raise (ProtocolViolation if kind == "old" else PeerUnreachable)("no HAVE")
+        return [True] * len(pieces_of(PAYLOAD))
 
 
 FAKE = os.urandom(len(PAYLOAD))
