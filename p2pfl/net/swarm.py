@@ -14,7 +14,8 @@ author pulls its update at the same time, so the author's uplink carries the pay
 once per puller unless the pullers swap. A pull whose map came from the author is
 served to others while in progress (``partials``; ``on_map`` lets the node say HOLDS at
 once). Each source other than the author is asked which pieces it holds (HAVE, again
-at most every :data:`HAVE_POLL` while it has nothing we lack) and only for those. A
+at most every :data:`HAVE_POLL` while it has nothing we lack, less often while its
+answers bring nothing new) and only for those. A
 source that holds everything (the author, a verified holder, a peer of an earlier
 release that refuses HAVE) is asked for the chunks no co-puller offers: first those of
 our own *region*, from an offset derived from our peer id up to the next co-puller's
@@ -64,7 +65,8 @@ log = logging.getLogger(__name__)
 
 Blame = Callable[[str, str], None]  # peer, reason: it served bytes that were not the payload
 HOLDER_POLL = 0.5  # seconds between looks for new holders while pieces are missing
-HAVE_POLL = 0.5  # seconds between HAVE requests to a co-puller with nothing we lack
+HAVE_POLL = 0.5  # seconds between HAVE requests to a co-puller with nothing we lack...
+MAX_HAVE_POLL = 2.0  # ...doubling up to this while its answers bring nothing new
 MAX_MISSES = 8  # NOT_FOUND answers in a row before a holder other than the author is dropped
 LEND_FOR = 10.0  # seconds a co-puller's oldest request may run while its chunks wait for it
 
@@ -102,6 +104,7 @@ class _Source:
     misses: int = 0  # NOT_FOUND in a row
     asking: dict[int, float] = field(default_factory=dict)  # chunk -> when we asked for it
     asked_have: float = float("-inf")
+    have_pause: float = HAVE_POLL
     have_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -190,12 +193,15 @@ class _Pull:
         self.wake()
         return good
 
-    def offer(self, peer: str, held: Sequence[bool]) -> None:
-        """Record a HAVE: the chunks ``peer`` holds in full; all of them makes it a full source."""
+    def offer(self, peer: str, held: Sequence[bool]) -> bool:
+        """Record a HAVE: the chunks ``peer`` holds in full (all of them makes it a full
+        source); return whether it offers a chunk we still need that it did not before."""
         source = self.sources[peer]
+        before = source.chunks
         source.chunks = {c for c, (f, n) in enumerate(self.chunks) if all(held[f : f + n])}
         source.full = len(source.chunks) == len(self.chunks)
         self.wake()
+        return any(not self._done(c) for c in source.chunks - before)
 
     def payload(self) -> CheckedPayload:
         """Join the pieces (call once every chunk is in)."""
@@ -323,7 +329,7 @@ async def _swarm(
         async with state.have_lock:
             if state.asked_have != asked or not state.workers:
                 return  # the other worker just asked
-            await trio.sleep_until(asked + HAVE_POLL)
+            await trio.sleep_until(asked + state.have_pause)
             state.asked_have = trio.current_time()
             try:
                 held = await source.have(peer, digest, size=size, timeout=request_timeout)
@@ -335,7 +341,8 @@ async def _swarm(
                 held = [True] * len(pull.pieces)
             if len(held) != len(pull.pieces):
                 raise TransferError("a HAVE of the wrong length")  # PieceSource bug
-            pull.offer(peer, held)
+            news = pull.offer(peer, held)
+            state.have_pause = HAVE_POLL if news else min(2 * state.have_pause, MAX_HAVE_POLL)
 
     async def work(peer: str) -> None:
         state = pull.sources[peer]

@@ -333,3 +333,20 @@ async def test_pieces_come_from_author_and_holder_and_a_lying_holder_is_blamed(h
         assert holder.stats().payload_out >= 2 * 4 * PIECE_BYTES  # two chunks at least
         assert author.stats().payload_out >= 2 * 4 * PIECE_BYTES
     assert blamed == ([holder.peer_id] if holder_lies else [])
+
+
+async def test_a_transport_serves_its_pulls_in_progress() -> None:
+    payload = os.urandom(2 * PIECE_BYTES + 5)
+    digest = hashlib.sha256(payload).digest()
+    async with contextlib.AsyncExitStack() as stack:
+        puller = await stack.enter_async_context(open_libp2p_transport(
+            secret=os.urandom(32), network_id="t", config=NetConfig(fetch_sources=4), limits=Limits(),
+            validator=lambda o, d: d))
+        other = await stack.enter_async_context(open_libp2p_transport(
+            secret=os.urandom(32), network_id="t", config=NetConfig(bootstrap=tuple(puller.listen_addrs),
+                                                                    fetch_sources=4),
+            limits=Limits(), validator=lambda o, d: d))
+        puller.partials[digest] = InProgress(payload, held={0})
+        assert await other.have(puller.peer_id, digest, size=len(payload), timeout=TIMEOUT) == [True, False, False]
+        got = await other.pieces(puller.peer_id, digest, size=len(payload), first=0, count=1, timeout=TIMEOUT)
+        assert got == [payload[:PIECE_BYTES]]
