@@ -50,7 +50,8 @@ map is hashed once per payload in a worker thread and cached (:data:`MAP_CACHE`
 payloads). Besides the payloads it serves whole, a server answers from the pulls in
 progress it is given (``partials``, see :mod:`p2pfl.net.swarm`): PIECES with the map
 the pull checks its pieces against, RANGE only if every piece asked for is in
-(NOT_FOUND otherwise: "not yet"), HAVE with the pieces in.
+(NOT_FOUND otherwise: "not yet"; the pieces joined for at most :data:`PARTIAL_REPLIES`
+replies at once), HAVE with the pieces in.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ REQUEST = struct.Struct(">BB32sII")  # version, op, digest, first, count: 42 byt
 PIECE_BYTES = 1 * MiB
 MAX_RANGE_PIECES = 16  # 16 MiB per request at most
 MAP_CACHE = 64  # piece maps kept (32 bytes per MiB of payload each)
+# Replies from pulls in progress join their pieces (a copy of up to 16 MiB, 4 MiB for
+# our own requests): at most this many exist at once, the others wait for one.
+PARTIAL_REPLIES = 2
 READ_CHUNK = 4 * MiB
 
 
@@ -176,6 +180,7 @@ class RangedServer:
         self._partials: Mapping[bytes, Partial] = partials if partials is not None else {}
         self._maps: BoundedMap[bytes, bytes] = BoundedMap(MAP_CACHE)
         self._hashing = trio.Lock()  # one map hashed at a time; waiters find it cached
+        self._joining = trio.CapacityLimiter(PARTIAL_REPLIES)
 
     async def handle(self, stream: INetStream) -> None:
         """Serve one stream; never raise an ``Exception`` into libp2p."""
@@ -249,7 +254,12 @@ class RangedServer:
             async def pieces() -> bytes:
                 return b"".join(p for p in held if p is not None)  # one range: <= 16 MiB
 
-            await self._send(stream, peer, digest, pieces)
+            with trio.fail_after(server.serve_timeout):
+                await self._joining.acquire()
+            try:
+                await self._send(stream, peer, digest, pieces)
+            finally:
+                self._joining.release()
 
     async def _send(
         self, stream: INetStream, peer: str, digest: bytes, body: Callable[[], Awaitable[bytes | memoryview]]

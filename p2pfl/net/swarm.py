@@ -29,7 +29,9 @@ and its chunk goes back to the queue for another. NOT_FOUND from another holder 
 bitfield ahead of itself): the chunk goes back, the holder is asked HAVE again after a
 growing pause, and dropped after :data:`MAX_MISSES` such answers in a row. A co-puller
 offers its chunks to us alone only while its oldest request is younger than
-:data:`LEND_FOR`, so a stalled one does not hold the author back. A holder whose piece
+:data:`LEND_FOR`, so a stalled one does not hold the author back; co-pullers alone (no
+source holding everything left) get :data:`STARVED_AFTER` without a new piece, then
+the pull fails and the caller pulls whole. A holder whose piece
 does not match the map is dropped too, and blamed once the payload verifies against
 the signed digest (then the map was right, so the piece was wrong). If every piece
 matches the map but the payload does not match the digest, the map was wrong: its
@@ -69,6 +71,9 @@ HAVE_POLL = 0.5  # seconds between HAVE requests to a co-puller with nothing we 
 MAX_HAVE_POLL = 2.0  # ...doubling up to this while its answers bring nothing new
 MAX_MISSES = 8  # NOT_FOUND answers in a row before a holder other than the author is dropped
 LEND_FOR = 10.0  # seconds a co-puller's oldest request may run while its chunks wait for it
+# With no full source left, co-pullers alone may never complete us (the author is gone
+# for them too): give up after this long without a new piece, so the caller falls back.
+STARVED_AFTER = 30.0
 
 
 class PieceSource(Protocol):
@@ -128,6 +133,7 @@ class _Pull:
         self.hasher = PayloadHasher()
         self._hashed = 0  # pieces fed to the hasher: the complete prefix
         self.changed = trio.Event()
+        self.last_kept = trio.current_time()
 
     def preference(self) -> list[int]:
         """Chunks in the order a full source is asked: our region forward, then the rest
@@ -181,6 +187,7 @@ class _Pull:
             if hashlib.sha256(piece).digest() == self.hashes[index]:
                 self.pieces[index] = piece
                 self.kept[peer] += 1
+                self.last_kept = trio.current_time()
             else:
                 good = False
         if self._done(chunk):
@@ -389,7 +396,9 @@ async def _swarm(
                     pull.sources[peer] = _Source(full=peer == author, workers=per_source)
                     for _ in range(per_source):
                         nursery.start_soon(work, peer)
-            if not any(s.workers for s in pull.sources.values()):
+            alive = [s for s in pull.sources.values() if s.workers]
+            starved = trio.current_time() - pull.last_kept > STARVED_AFTER
+            if not alive or (starved and not any(s.full for s in alive)):
                 break
             with trio.move_on_after(HOLDER_POLL):
                 await pull.changed.wait()

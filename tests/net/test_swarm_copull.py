@@ -18,9 +18,16 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from p2pfl.errors import PayloadNotFound, TransferTimeout
+from p2pfl.errors import PayloadNotFound, PeerUnreachable, TransferError, TransferTimeout
 from p2pfl.net.ranged import PIECE_BYTES, Partial
-from p2pfl.net.swarm import LEND_FOR, MAX_MISSES, fetch_from_holders, region_start
+from p2pfl.net.swarm import (
+    HOLDER_POLL,
+    LEND_FOR,
+    MAX_MISSES,
+    STARVED_AFTER,
+    fetch_from_holders,
+    region_start,
+)
 from tests.net.test_swarm import hashes, pieces_of
 
 PAYLOAD = os.urandom(24 * PIECE_BYTES)
@@ -63,6 +70,8 @@ class Net:
             return [True] * len(PIECES)
         if kind in ("claims_half", "stall"):
             return [i < len(PIECES) // 2 for i in range(len(PIECES))]
+        if kind == "empty":
+            return [False] * len(PIECES)
         return [p is not None for p in self._held(peer)]
 
     async def pieces(
@@ -70,6 +79,8 @@ class Net:
     ) -> Sequence[bytes]:
         kind = self.hostile.get(peer)
         with trio.fail_after(timeout):
+            if peer == "author" and "author" in self.hostile:
+                raise PeerUnreachable("the author left")
             if kind == "stall":
                 await trio.sleep_forever()
             held = [bytes(len(p)) for p in PIECES] if kind == "wrong" else (
@@ -223,3 +234,13 @@ async def test_a_pull_is_served_only_while_it_runs_and_only_with_the_authors_map
             net, DIGEST, size=len(PAYLOAD), author="author", holders=list, blame=lambda p, r: None,
             timeout=2.0, request_timeout=REQUEST_TIMEOUT, me="p1", partials=net.partials["p1"])
     assert net.partials["p1"] == {}
+
+
+async def test_co_pullers_alone_give_up_when_nothing_comes(autojump_clock: trio.abc.Clock) -> None:
+    """The author left after its map; a co-puller stays but never has a piece for us: the
+    pull fails after STARVED_AFTER (the caller then pulls whole), not at its deadline."""
+    net = Net(["p1"], {"author": "gone", "idle": "empty"})
+    start = trio.current_time()
+    with pytest.raises(TransferError, match="every holder"):
+        await net.pull("p1", ["idle"], [])
+    assert STARVED_AFTER <= trio.current_time() - start <= STARVED_AFTER + 2 * HOLDER_POLL
