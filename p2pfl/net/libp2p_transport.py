@@ -259,8 +259,11 @@ class Libp2pTransport:
     async def pieces(
         self, peer: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
     ) -> Sequence[bytes]:
-        """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`)."""
-        self._check_pullable(peer)
+        """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`);
+        dials ``peer`` first if it is known but not connected (an author after a reset)."""
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{short_id(peer)} is banned")
+        await self._ensure_connected(peer, timeout)
         with self._judging_relay(peer) as relayed:
             got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
                                     timeout=timeout)

@@ -24,7 +24,9 @@ author for different pieces and meet their neighbours' regions in the middle.
 
 Hostile holders: a holder whose request fails (stall past ``request_timeout``, reset,
 BUSY, a reply of the wrong length; NOT_FOUND from the author) is dropped for this pull
-and its chunk goes back to the queue for another. NOT_FOUND from another holder means
+and its chunk goes back to the queue for another. The author alone is asked again after
+a failure other than a stall, like a "not yet" below (a connection reset under a
+saturated link then costs a pause, not the pieces already in). NOT_FOUND from another holder means
 "not yet" (a co-puller between its last piece and serving the whole payload, or a
 bitfield ahead of itself): the chunk goes back, the holder is asked HAVE again after a
 growing pause, and dropped after :data:`MAX_MISSES` such answers in a row. A co-puller
@@ -59,7 +61,13 @@ import trio
 
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload, PayloadHasher
-from p2pfl.errors import NetworkError, PayloadNotFound, TransferError
+from p2pfl.errors import (
+    NetworkError,
+    PayloadNotFound,
+    PeerUnreachable,
+    TransferError,
+    TransferTimeout,
+)
 from p2pfl.net.ranged import MAX_RANGE_PIECES, Partial, piece_count
 from p2pfl.net.transfer import within
 
@@ -327,7 +335,7 @@ async def _swarm(
             log.info("%s still has no pieces of %s: dropped", short_id(peer), digest.hex()[:12])
             drop(peer)
         else:
-            state.full = False
+            state.full = peer == author
             await trio.sleep(HAVE_POLL * state.misses)
 
     async def ask_have(peer: str) -> None:
@@ -342,6 +350,10 @@ async def _swarm(
                 held = await source.have(peer, digest, size=size, timeout=request_timeout)
             except PayloadNotFound:
                 await not_yet(peer)
+                return
+            except PeerUnreachable as exc:  # e.g. a holder that is no neighbour any more
+                log.info("HAVE of %s from %s: %s", digest.hex()[:12], short_id(peer), exc)
+                drop(peer)
                 return
             except NetworkError as exc:  # an earlier release resets HAVE: it holds it all
                 log.info("HAVE of %s from %s: %s; taken for a full holder", digest.hex()[:12], short_id(peer), exc)
@@ -378,9 +390,12 @@ async def _swarm(
                     continue
                 except NetworkError as exc:
                     log.info("pieces %d+%d from %s failed: %s", first, count, short_id(peer), exc)
-                    drop(peer)
                     pull.give_back(chunk, peer)
-                    return
+                    if peer != author or isinstance(exc, TransferTimeout):
+                        drop(peer)
+                        return
+                    await not_yet(peer)  # a reset connection: the pieces in are kept, it is dialled again
+                    continue
                 state.misses = 0
                 if not pull.keep(chunk, got, peer):
                     suspects[peer] = f"pieces {first}+{count} differ from the piece map"
