@@ -402,7 +402,7 @@ async def open_libp2p_transport(
             transport.server = server
             neighbourhood.busy = transport.busy_peers  # spared probes, trims and reconnects
             install_session_protocol(host, server)
-            host.get_network().register_notifee(BanGate(neighbourhood, nursery))
+            host.get_network().register_notifee(BanGate(lambda p: neighbourhood.book.is_banned(p, trio.current_time()), neighbourhood.disconnect, nursery))
             logger.info("%s listening; peers can dial %s", short_id(transport.peer_id),
                         " ".join(transport.listen_addrs))
             await neighbourhood.maintain()  # bootstrap before handing the transport out

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
 
 from p2pfl.core.crypto import short_id
-
-if TYPE_CHECKING:
-    from p2pfl.net.discovery import Neighbourhood
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +39,17 @@ class ConnectionNotifee(INotifee):
 class BanGate(ConnectionNotifee):
     """Close connections from banned peers as soon as they are established."""
 
-    def __init__(self, neighbourhood: Neighbourhood, nursery: trio.Nursery) -> None:
-        self.neighbourhood = neighbourhood
-        self.nursery = nursery
+    def __init__(
+        self, is_banned: Callable[[str], bool], disconnect: Callable[[str], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> None:
+        self.is_banned, self.disconnect, self.nursery = is_banned, disconnect, nursery
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id.to_string()
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+        if self.is_banned(peer):
             logger.info("refusing banned peer %s", short_id(peer))
-            self.nursery.start_soon(self.neighbourhood.disconnect, peer)
+            self.nursery.start_soon(self.disconnect, peer)
 
 
 __all__ = ["BanGate", "ConnectionNotifee"]
