@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import trio
-from libp2p.abc import IHost, INetConn, INetwork
+from libp2p.abc import IHost, INetConn
 
 from p2pfl.config import Limits, NetConfig
 from p2pfl.core.crypto import short_id
@@ -41,9 +41,16 @@ from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import UNLISTED_AFTER, Gossip, open_gossip
 from p2pfl.net.host import connect, dialback_port, open_host
 from p2pfl.net.mdns import advertised_addrs, require_local_interface, run_mdns
-from p2pfl.net.notifee import ConnectionNotifee
+from p2pfl.net.notifee import BanGate
 from p2pfl.net.peerpaths import PathLog, PeerPaths
-from p2pfl.net.ranged import PIECE_BYTES, fetch_piece_map, fetch_range, install_ranged_protocol
+from p2pfl.net.ranged import (
+    PIECE_BYTES,
+    Partial,
+    fetch_have,
+    fetch_piece_map,
+    fetch_range,
+    install_ranged_protocol,
+)
 from p2pfl.net.reach import Reachability, is_relayed
 from p2pfl.net.relay import Relaying, open_hole_punching
 from p2pfl.net.relaybook import BROKEN, STALLED, WORKED, relay_of
@@ -93,6 +100,7 @@ class Libp2pTransport:
         self.peer_paths = PeerPaths(host, gossip)  # failed pulls, /status lines per neighbour
         self.sessions = Sessions(host)  # one long-lived pull stream per peer (1.2.0)
         self._pulling: Counter[str] = Counter()  # peer -> our pulls from it in progress
+        self.partials: dict[bytes, Partial] = {}  # our multi-source pulls in progress, served
         self.server: _Server | None = None  # set once the update protocols are installed
 
     @property
@@ -219,10 +227,11 @@ class Libp2pTransport:
 
     async def fetch_from_holders(
         self, author: str, digest: bytes, *, size: int, holders: Callable[[], Iterable[str]],
-        blame: Callable[[str, str], None], timeout: float,
+        blame: Callable[[str, str], None], timeout: float, on_map: Callable[[], None] | None = None,
     ) -> CheckedPayload:
         """Pull a payload of at least one piece from ``author`` and up to ``fetch_sources - 1``
-        of ``holders()`` at once (:mod:`p2pfl.net.swarm`); smaller ones from ``author``."""
+        of ``holders()`` at once (:mod:`p2pfl.net.swarm`, serving it to co-pullers meanwhile;
+        ``on_map()`` once it is); smaller ones whole from ``author``."""
         sources = self.neighbourhood.config.fetch_sources
         if sources <= 1 or size < PIECE_BYTES:
             return await self.fetch(author, digest, max_size=size, timeout=timeout)
@@ -231,9 +240,9 @@ class Libp2pTransport:
         deadline = trio.current_time() + timeout
         try:
             return await fetch_from_holders(
-                self, digest, size=size, author=author, holders=holders, blame=blame,
-                timeout=timeout, request_timeout=max(1.0, timeout * REQUEST_SHARE),
-                max_sources=sources)
+                self, digest, size=size, author=author, holders=holders, blame=blame, timeout=timeout,
+                request_timeout=max(1.0, timeout * REQUEST_SHARE), max_sources=sources,
+                me=self.peer_id, partials=self.partials, on_map=on_map)
         except TransferTimeout:
             raise
         except TransferError as error:  # no piece map (1.0.0 peers), or holders all failed
@@ -250,8 +259,11 @@ class Libp2pTransport:
     async def pieces(
         self, peer: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
     ) -> Sequence[bytes]:
-        """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`)."""
-        self._check_pullable(peer)
+        """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`);
+        dials ``peer`` first if it is known but not connected (an author after a reset)."""
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{short_id(peer)} is banned")
+        await self._ensure_connected(peer, timeout)
         with self._judging_relay(peer) as relayed:
             got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
                                     timeout=timeout)
@@ -259,6 +271,11 @@ class Libp2pTransport:
         self._count_relayed(relayed, sum(map(len, got)))
         self.neighbourhood.seen_alive(peer)
         return got
+
+    async def have(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bool]:
+        """The pieces of ``digest`` ``peer`` holds, as it says (a few bytes: no pull is judged)."""
+        self._check_pullable(peer)
+        return await fetch_have(self.host, peer, digest, size=size, timeout=timeout)
 
     def _check_pullable(self, peer: str) -> None:
         if self.neighbourhood.book.is_banned(peer, trio.current_time()):
@@ -327,20 +344,6 @@ class Libp2pTransport:
         return f"Libp2pTransport({short_id(self.peer_id)})"
 
 
-class _BanGate(ConnectionNotifee):
-    """Close connections from banned peers as soon as they are established."""
-
-    def __init__(self, neighbourhood: Neighbourhood, nursery: trio.Nursery) -> None:
-        self.neighbourhood = neighbourhood
-        self.nursery = nursery
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        peer = conn.muxed_conn.peer_id.to_string()
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            logger.info("refusing banned peer %s", short_id(peer))
-            self.nursery.start_soon(self.neighbourhood.disconnect, peer)
-
-
 @contextlib.asynccontextmanager
 async def open_libp2p_transport(
     *, secret: bytes, network_id: str, config: NetConfig, limits: Limits, validator: Validator
@@ -395,11 +398,11 @@ async def open_libp2p_transport(
                 serve_timeout=config.transfer_timeout,
                 on_served=transport._on_served,
             )
-            install_ranged_protocol(host, server, on_range=transport._on_range)
+            install_ranged_protocol(host, server, on_range=transport._on_range, partials=transport.partials)
             transport.server = server
             neighbourhood.busy = transport.busy_peers  # spared probes, trims and reconnects
             install_session_protocol(host, server)
-            host.get_network().register_notifee(_BanGate(neighbourhood, nursery))
+            host.get_network().register_notifee(BanGate(lambda p: neighbourhood.book.is_banned(p, trio.current_time()), neighbourhood.disconnect, nursery))
             logger.info("%s listening; peers can dial %s", short_id(transport.peer_id),
                         " ".join(transport.listen_addrs))
             await neighbourhood.maintain()  # bootstrap before handing the transport out

@@ -317,7 +317,7 @@ class MemoryTransport:
 
     async def fetch_from_holders(
         self, author: str, digest: bytes, *, size: int, holders: Callable[[], Iterable[str]],
-        blame: Callable[[str, str], None], timeout: float,
+        blame: Callable[[str, str], None], timeout: float, on_map: Callable[[], None] | None = None,
     ) -> CheckedPayload:
         """Pull from ``author`` alone (the memory network models no piece protocol)."""
         return await self.fetch(author, digest, max_size=size, timeout=timeout)

@@ -1,9 +1,17 @@
-"""A swarm notifee that only cares about new connections."""
+"""Swarm notifees that only care about new connections; the ban gate."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
+
+from p2pfl.core.crypto import short_id
+
+logger = logging.getLogger(__name__)
 
 
 class ConnectionNotifee(INotifee):
@@ -28,4 +36,20 @@ class ConnectionNotifee(INotifee):
         return None
 
 
-__all__ = ["ConnectionNotifee"]
+class BanGate(ConnectionNotifee):
+    """Close connections from banned peers as soon as they are established."""
+
+    def __init__(
+        self, is_banned: Callable[[str], bool], disconnect: Callable[[str], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> None:
+        self.is_banned, self.disconnect, self.nursery = is_banned, disconnect, nursery
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id.to_string()
+        if self.is_banned(peer):
+            logger.info("refusing banned peer %s", short_id(peer))
+            self.nursery.start_soon(self.disconnect, peer)
+
+
+__all__ = ["BanGate", "ConnectionNotifee"]

@@ -22,8 +22,11 @@ Request, client -> server, exactly 42 bytes, then the client closes its write si
 
 ``op`` 1 PIECES (``first`` = ``count`` = 0): the piece map. ``op`` 2 RANGE: pieces
 ``first .. first + count - 1``, with ``1 <= count <= MAX_RANGE_PIECES`` (16) and
-``first + count <= n``. Anything else (short, long, other version or op, no
-write-close before the request deadline) gets a reset.
+``first + count <= n``. ``op`` 3 HAVE (``first`` = ``count`` = 0; an extension of
+session 10): which pieces the peer holds. Anything else (short, long, other version
+or op, no write-close before the request deadline) gets a reset: that is how a peer
+of an earlier release refuses HAVE, and the client then takes it for a complete
+holder (all an earlier release's HOLDS can mean).
 
 Reply, server -> client, then the server closes its write side: ``u8 status | u64
 length | body``, the status values of 1.0.0 plus BAD_RANGE 5 (a range outside the
@@ -31,7 +34,9 @@ payload; ``length`` = the payload size, no body). For OK:
 
 - PIECES: ``length = 32 * n``, body = the sha256 of each piece in order;
 - RANGE: ``length`` = the bytes of those pieces (``count * PIECE_BYTES``, less at the
-  end of the payload), body = those bytes.
+  end of the payload), body = those bytes;
+- HAVE: ``length = ceil(n / 8)``, body = a bitfield, bit ``i`` (byte ``i // 8``, most
+  significant bit first) set if piece ``i`` is held; the pad bits after ``n`` are 0.
 
 The client knows ``size`` from the signed header, so it knows the exact length an OK
 reply must declare and refuses any other before reading a body byte
@@ -39,8 +44,14 @@ reply must declare and refuses any other before reading a body byte
 A piece map is the holder's word only: the puller checks pieces against it and the
 whole payload against the signed digest (see :mod:`p2pfl.net.swarm`).
 
-Server side: replies share the 1.0.0 server's slots, queue and deadlines. A piece map
-is hashed once per payload in a worker thread and cached (:data:`MAP_CACHE` payloads).
+Server side: replies share the 1.0.0 server's slots, queue and deadlines (a HAVE reply,
+at most a few hundred bytes, is written at once under the request deadline). A piece
+map is hashed once per payload in a worker thread and cached (:data:`MAP_CACHE`
+payloads). Besides the payloads it serves whole, a server answers from the pulls in
+progress it is given (``partials``, see :mod:`p2pfl.net.swarm`): PIECES with the map
+the pull checks its pieces against, RANGE only if every piece asked for is in
+(NOT_FOUND otherwise: "not yet"; the pieces joined for at most :data:`PARTIAL_REPLIES`
+replies at once), HAVE with the pieces in.
 """
 
 from __future__ import annotations
@@ -48,8 +59,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from enum import IntEnum
+from typing import Protocol
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -80,6 +92,9 @@ REQUEST = struct.Struct(">BB32sII")  # version, op, digest, first, count: 42 byt
 PIECE_BYTES = 1 * MiB
 MAX_RANGE_PIECES = 16  # 16 MiB per request at most
 MAP_CACHE = 64  # piece maps kept (32 bytes per MiB of payload each)
+# Replies from pulls in progress join their pieces (a copy of up to 16 MiB, 4 MiB for
+# our own requests): at most this many exist at once, the others wait for one.
+PARTIAL_REPLIES = 2
 READ_CHUNK = 4 * MiB
 
 
@@ -88,6 +103,26 @@ class Op(IntEnum):
 
     PIECES = 1
     RANGE = 2
+    HAVE = 3
+
+
+class Partial(Protocol):
+    """A payload being pulled: the piece map it is checked against, the pieces in so far."""
+
+    @property
+    def size(self) -> int:
+        """The payload's size in bytes (from its signed header)."""
+        ...
+
+    @property
+    def hashes(self) -> Sequence[bytes]:
+        """The sha256 of every piece."""
+        ...
+
+    @property
+    def pieces(self) -> Sequence[bytes | None]:
+        """Every piece, None until it is in and matched its hash."""
+        ...
 
 
 def piece_count(size: int) -> int:
@@ -98,6 +133,25 @@ def piece_count(size: int) -> int:
 def range_bytes(size: int, first: int, count: int) -> int:
     """Return the bytes of pieces ``first .. first + count - 1`` of a ``size``-byte payload."""
     return max(0, min(size, (first + count) * PIECE_BYTES) - first * PIECE_BYTES)
+
+
+def bitfield(held: Sequence[bool]) -> bytes:
+    """Pack ``held`` as a HAVE body: bit ``i`` of byte ``i // 8``, most significant first."""
+    out = bytearray(-(-len(held) // 8))
+    for i, bit in enumerate(held):
+        if bit:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return bytes(out)
+
+
+def unpack_bitfield(body: bytes, n: int) -> list[bool]:
+    """Return the ``n`` bits of a HAVE body; raise ``ProtocolViolation`` if it is not one."""
+    if len(body) != -(-n // 8):
+        raise ProtocolViolation(f"a HAVE of {n} pieces has {-(-n // 8)} bytes, not {len(body)}")
+    bits = [bool(body[i // 8] & (0x80 >> (i % 8))) for i in range(n)]
+    if bitfield(bits) != body:
+        raise ProtocolViolation("a HAVE sets bits past the last piece")
+    return bits
 
 
 def piece_map(payload: bytes | memoryview) -> bytes:
@@ -113,19 +167,32 @@ def piece_map(payload: bytes | memoryview) -> bytes:
 
 
 class RangedServer:
-    """The 1.1.0 handler, sharing a 1.0.0 server's store, slots and deadlines."""
+    """The 1.1.0 handler, sharing a 1.0.0 server's store, slots and deadlines.
 
-    def __init__(self, server: _Server, on_range: Callable[[str, bytes, int], None] | None) -> None:
+    ``partials`` maps the digests of pulls in progress to their state (read only).
+    """
+
+    def __init__(
+        self, server: _Server, on_range: Callable[[str, bytes, int], None] | None,
+        partials: Mapping[bytes, Partial] | None = None,
+    ) -> None:
         self._server, self._on_range = server, on_range
+        self._partials: Mapping[bytes, Partial] = partials if partials is not None else {}
         self._maps: BoundedMap[bytes, bytes] = BoundedMap(MAP_CACHE)
         self._hashing = trio.Lock()  # one map hashed at a time; waiters find it cached
+        self._joining = trio.CapacityLimiter(PARTIAL_REPLIES)
 
     async def handle(self, stream: INetStream) -> None:
         """Serve one stream; never raise an ``Exception`` into libp2p."""
         peer = _remote_peer(stream)
         try:
             op, digest, first, count = await self._read_request(stream)
-            await self._reply(stream, peer, op, digest, first, count)
+            if (payload := self._server.store.get(digest)) is not None:  # a reference: survives discard()
+                await self._reply(stream, peer, op, digest, first, count, payload)
+            elif (partial := self._partials.get(digest)) is not None:
+                await self._reply_partial(stream, peer, op, digest, first, count, partial)
+            else:
+                await self._server._send_status(stream, Status.NOT_FOUND)
         except Exception as exc:  # hostile or vanished peer: drop this stream only
             logger.info("ranged stream from %s failed: %r", peer[-8:], exc)
             await reset_quietly(stream)
@@ -136,24 +203,21 @@ class RangedServer:
             if not await _at_eof(stream):
                 raise _Malformed("request longer than 42 bytes or not closed")
         version, op, digest, first, count = REQUEST.unpack(raw)
-        if version != VERSION or op not in (Op.PIECES, Op.RANGE):
+        if version != VERSION or op not in tuple(Op):
             raise _Malformed(f"unsupported version {version} or op {op}")
-        if op == Op.PIECES and (first or count):
-            raise _Malformed("a PIECES request has first = count = 0")
+        if op != Op.RANGE and (first or count):
+            raise _Malformed("a PIECES or HAVE request has first = count = 0")
         return Op(op), digest, first, count
 
     async def _reply(
-        self, stream: INetStream, peer: str, op: Op, digest: bytes, first: int, count: int
+        self, stream: INetStream, peer: str, op: Op, digest: bytes, first: int, count: int, payload: bytes
     ) -> None:
         server = self._server
-        payload = server.store.get(digest)  # a reference: serving survives a discard()
-        if payload is None:
-            await server._send_status(stream, Status.NOT_FOUND)
-        elif len(payload) > server.limits.max_payload_bytes:
+        if len(payload) > server.limits.max_payload_bytes:
             await server._send_status(stream, Status.TOO_LARGE, len(payload))
-        elif op is Op.RANGE and not (
-            1 <= count <= MAX_RANGE_PIECES and first + count <= piece_count(len(payload))
-        ):
+        elif op is Op.HAVE:
+            await self._send_small(stream, bitfield([True] * piece_count(len(payload))))
+        elif op is Op.RANGE and not _inside(first, count, piece_count(len(payload))):
             await server._send_status(stream, Status.BAD_RANGE, len(payload))
         else:
 
@@ -163,9 +227,52 @@ class RangedServer:
                 start = first * PIECE_BYTES
                 return memoryview(payload)[start : start + range_bytes(len(payload), first, count)]
 
-            sent = await server.send_admitted(stream, body, peer=peer)
-            if sent is not None and self._on_range is not None:
-                self._on_range(peer, digest, sent)
+            await self._send(stream, peer, digest, body)
+
+    async def _reply_partial(
+        self, stream: INetStream, peer: str, op: Op, digest: bytes, first: int, count: int, partial: Partial
+    ) -> None:
+        """Answer from a pull in progress: only pieces that are in (checked against its map)."""
+        server, n = self._server, len(partial.hashes)
+        if op is Op.HAVE:
+            await self._send_small(stream, bitfield([p is not None for p in partial.pieces]))
+        elif op is Op.PIECES:
+            joined = b"".join(partial.hashes)
+
+            async def the_map() -> bytes:
+                return joined
+
+            await self._send(stream, peer, digest, the_map)
+        elif not _inside(first, count, n):
+            await server._send_status(stream, Status.BAD_RANGE, partial.size)
+        else:
+            held = list(partial.pieces[first : first + count])
+            if any(p is None for p in held):
+                await server._send_status(stream, Status.NOT_FOUND)  # not yet
+                return
+
+            async def pieces() -> bytes:
+                return b"".join(p for p in held if p is not None)  # one range: <= 16 MiB
+
+            with trio.fail_after(server.serve_timeout):
+                await self._joining.acquire()
+            try:
+                await self._send(stream, peer, digest, pieces)
+            finally:
+                self._joining.release()
+
+    async def _send(
+        self, stream: INetStream, peer: str, digest: bytes, body: Callable[[], Awaitable[bytes | memoryview]]
+    ) -> None:
+        sent = await self._server.send_admitted(stream, body, peer=peer)
+        if sent is not None and self._on_range is not None:
+            self._on_range(peer, digest, sent)
+
+    async def _send_small(self, stream: INetStream, body: bytes) -> None:
+        """Write a short OK reply at once, outside the slots (a HAVE: n / 8 bytes)."""
+        with trio.fail_after(min(REQUEST_TIMEOUT, self._server.serve_timeout)):
+            await stream.write(REPLY_HEADER.pack(Status.OK, len(body)) + body)
+            await stream.close()
 
     async def _map(self, digest: bytes, payload: bytes) -> bytes:
         async with self._hashing:
@@ -175,14 +282,20 @@ class RangedServer:
         return cached
 
 
+def _inside(first: int, count: int, n: int) -> bool:
+    return 1 <= count <= MAX_RANGE_PIECES and first + count <= n
+
+
 def install_ranged_protocol(
-    host: IHost, server: _Server, *, on_range: Callable[[str, bytes, int], None] | None = None
+    host: IHost, server: _Server, *, on_range: Callable[[str, bytes, int], None] | None = None,
+    partials: Mapping[bytes, Partial] | None = None,
 ) -> None:
-    """Serve 1.1.0 on ``host`` from the store of ``server`` (a 1.0.0 server, same slots).
+    """Serve 1.1.0 on ``host`` from the store of ``server`` (a 1.0.0 server, same slots)
+    and from the pulls in progress in ``partials``.
 
     ``on_range(peer, digest, bytes)`` is called after each reply written in full.
     """
-    host.set_stream_handler(RANGED_PROTOCOL_ID, RangedServer(server, on_range).handle)
+    host.set_stream_handler(RANGED_PROTOCOL_ID, RangedServer(server, on_range, partials).handle)
 
 
 # ---------------------------------------------------------------------------- client
@@ -218,6 +331,18 @@ async def fetch_range(
     return [body[i : i + PIECE_BYTES] for i in range(0, len(body), PIECE_BYTES)]
 
 
+async def fetch_have(host: IHost, peer_id: str, digest: bytes, *, size: int, timeout: float) -> list[bool]:
+    """Return which pieces of the ``size``-byte payload ``digest`` ``peer_id`` says it holds.
+
+    Raises:
+        PeerUnreachable, TransferError: as :func:`fetch_piece_map` (a peer of an earlier
+            release resets the stream: ``ProtocolViolation``).
+    """
+    n = piece_count(size)
+    body = await _request(host, peer_id, REQUEST.pack(VERSION, Op.HAVE, digest, 0, 0), -(-n // 8), timeout)
+    return unpack_bitfield(body, n)
+
+
 async def _request(host: IHost, peer_id: str, request: bytes, expected: int, timeout: float) -> bytes:
     return await within(timeout, f"no reply from {peer_id[-8:]}", lambda: _exchange(host, peer_id, request, expected))
 
@@ -247,13 +372,17 @@ async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:
 
 __all__ = [
     "MAX_RANGE_PIECES",
+    "Partial",
     "PIECE_BYTES",
     "RANGED_PROTOCOL_ID",
     "RangedServer",
+    "bitfield",
+    "fetch_have",
     "fetch_piece_map",
     "fetch_range",
     "install_ranged_protocol",
     "piece_count",
     "piece_map",
     "range_bytes",
+    "unpack_bitfield",
 ]

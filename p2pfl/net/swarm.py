@@ -1,48 +1,87 @@
 """Pull one payload from several holders at once, every piece checked before it is kept.
 
-The author of an update is one uplink; every verified copy a neighbour holds (a HOLDS
-announcement) is another. :func:`fetch_from_holders` asks one holder (the author first)
-for the payload's piece map (:mod:`p2pfl.net.ranged`), then keeps ``per_source``
-requests of ``chunk_pieces`` pieces in flight to each of up to ``max_sources`` holders;
-a fast holder takes more chunks than a slow one. Each piece is checked against the map
-as it arrives, the payload against the signed digest once the last piece is in.
+The author of an update is one uplink; every neighbour that said HOLDS is another: one
+that verified the payload, or one still pulling it with pieces checked against the
+author's piece map (a *co-puller*). :func:`fetch_from_holders` asks one holder (the
+author first) for the payload's piece map (:mod:`p2pfl.net.ranged`), then keeps
+``per_source`` requests of ``chunk_pieces`` pieces in flight to each of up to
+``max_sources`` holders; a fast holder takes more chunks than a slow one. Each piece is
+checked against the map as it arrives, the payload against the signed digest once the
+last piece is in.
+
+Swapping with co-pullers (session 10): in a synchronous round every neighbour of an
+author pulls its update at the same time, so the author's uplink carries the payload
+once per puller unless the pullers swap. A pull whose map came from the author is
+served to others while in progress (``partials``; ``on_map`` lets the node say HOLDS at
+once). Each source other than the author is asked which pieces it holds (HAVE, again
+at most every :data:`HAVE_POLL` while it has nothing we lack, less often while its
+answers bring nothing new) and only for those. A
+source that holds everything (the author, a verified holder, a peer of an earlier
+release that refuses HAVE) is asked for the chunks no co-puller offers: first those of
+our own *region*, from an offset derived from our peer id up to the next co-puller's
+offset, then the others from the end of each region backwards, so co-pullers ask the
+author for different pieces and meet their neighbours' regions in the middle.
 
 Hostile holders: a holder whose request fails (stall past ``request_timeout``, reset,
-NOT_FOUND, BUSY, a reply of the wrong length) is dropped for this pull and its chunk
-goes back to the queue for another. A holder whose piece does not match the map is
-dropped too, and blamed once the payload verifies against the signed digest (then the
-map was right, so the piece was wrong). If every piece matches the map but the payload
-does not match the digest, the map was wrong: its provider is blamed and the pull fails
-(the caller then falls back to whole-payload pulls). When the queue is empty, an idle
-worker duplicates a chunk another holder is still sending (end game), so one stalled
-holder does not hold the payload back until its deadline. Holders are re-read as the
-pull goes (HOLDS may arrive meanwhile).
+BUSY, a reply of the wrong length; NOT_FOUND from the author) is dropped for this pull
+and its chunk goes back to the queue for another. The author alone is asked again after
+a failure other than a stall, like a "not yet" below (a connection reset under a
+saturated link then costs a pause, not the pieces already in). NOT_FOUND from another holder means
+"not yet" (a co-puller between its last piece and serving the whole payload, or a
+bitfield ahead of itself): the chunk goes back, the holder is asked HAVE again after a
+growing pause, and dropped after :data:`MAX_MISSES` such answers in a row. A co-puller
+offers its chunks to us alone only while its oldest request is younger than
+:data:`LEND_FOR`, so a stalled one does not hold the author back; co-pullers alone (no
+source holding everything left) get :data:`STARVED_AFTER` without a new piece, then
+the pull fails and the caller pulls whole. A holder whose piece
+does not match the map is dropped too, and blamed once the payload verifies against
+the signed digest (then the map was right, so the piece was wrong). If every piece
+matches the map but the payload does not match the digest, the map was wrong: its
+provider is blamed and the pull fails (the caller then falls back to whole-payload
+pulls). When the queue is empty, an idle worker duplicates a chunk another holder is
+still sending (end game), so one stalled holder does not hold the payload back until
+its deadline. Holders are re-read as the pull goes (HOLDS may arrive meanwhile).
 
 Memory: the pieces received (at most the payload) plus one joined copy at the end; a
-piece received twice is dropped at once. Transport-agnostic: the I/O is a
-:class:`PieceSource`, so tests drive hostile holders in memory on a mock clock.
+piece received twice is dropped at once; serving a pull in progress references its
+pieces. Transport-agnostic: the I/O is a :class:`PieceSource`, so tests drive hostile
+holders in memory on a mock clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload, PayloadHasher
-from p2pfl.errors import NetworkError, TransferError
-from p2pfl.net.ranged import MAX_RANGE_PIECES, piece_count
+from p2pfl.errors import (
+    NetworkError,
+    PayloadNotFound,
+    PeerUnreachable,
+    TransferError,
+    TransferTimeout,
+)
+from p2pfl.net.ranged import MAX_RANGE_PIECES, Partial, piece_count
 from p2pfl.net.transfer import within
 
 log = logging.getLogger(__name__)
 
 Blame = Callable[[str, str], None]  # peer, reason: it served bytes that were not the payload
 HOLDER_POLL = 0.5  # seconds between looks for new holders while pieces are missing
+HAVE_POLL = 0.5  # seconds between HAVE requests to a co-puller with nothing we lack...
+MAX_HAVE_POLL = 2.0  # ...doubling up to this while its answers bring nothing new
+MAX_MISSES = 8  # NOT_FOUND answers in a row before a holder other than the author is dropped
+LEND_FOR = 10.0  # seconds a co-puller's oldest request may run while its chunks wait for it
+# With no full source left, co-pullers alone may never complete us (the author is gone
+# for them too): give up after this long without a new piece, so the caller falls back.
+STARVED_AFTER = 30.0
 
 
 class PieceSource(Protocol):
@@ -58,48 +97,97 @@ class PieceSource(Protocol):
         """Return pieces ``first .. first + count - 1`` as ``peer`` sends them (unchecked)."""
         ...
 
+    async def have(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bool]:
+        """Return which pieces ``peer`` says it holds (one flag per piece)."""
+        ...
+
+
+def region_start(peer: str, chunks: int) -> int:
+    """The chunk a puller starts from when asking the author: spread by peer id."""
+    return int.from_bytes(hashlib.sha256(peer.encode()).digest()[:8], "big") % chunks
+
+
+@dataclass
+class _Source:
+    """What we know of one holder during a pull."""
+
+    full: bool  # holds every piece: the author, a verified holder, an earlier release
+    chunks: set[int] = field(default_factory=set)  # chunks it holds in full (its last HAVE)
+    workers: int = 0
+    misses: int = 0  # NOT_FOUND in a row
+    asking: dict[int, float] = field(default_factory=dict)  # chunk -> when we asked for it
+    asked_have: float = float("-inf")
+    have_pause: float = HAVE_POLL
+    have_lock: trio.Lock = field(default_factory=trio.Lock)
+
 
 class _Pull:
     """The state of one multi-source pull: pieces held, chunks queued and in flight."""
 
-    def __init__(self, hashes: Sequence[bytes], size: int, chunk_pieces: int) -> None:
+    def __init__(self, hashes: Sequence[bytes], size: int, chunk_pieces: int, me: str) -> None:
         n = piece_count(size)
-        self.hashes = hashes
+        self.size, self.hashes = size, hashes
         self.pieces: list[bytes | None] = [None] * n
         self.chunks = [(first, min(chunk_pieces, n - first)) for first in range(0, n, chunk_pieces)]
-        self.queue = deque(range(len(self.chunks)))
+        k = len(self.chunks)
+        start = region_start(me, k)
+        self.order = [(start + i) % k for i in range(k)]  # ours first: see preference()
+        self.queued = set(range(k))
         self.asked: list[set[str]] = [set() for _ in self.chunks]  # peers sending each chunk
-        self.missing = len(self.chunks)
+        self.sources: dict[str, _Source] = {}
+        self.missing = k
         self._complete: set[int] = set()
         self.kept: Counter[str] = Counter()  # pieces kept, by the peer that sent them
         self.hasher = PayloadHasher()
         self._hashed = 0  # pieces fed to the hasher: the complete prefix
         self.changed = trio.Event()
+        self.last_kept = trio.current_time()
+
+    def preference(self) -> list[int]:
+        """Chunks in the order a full source is asked: our region forward, then the rest
+        backwards (from the end of the region before ours, toward its owner)."""
+        starts = {region_start(p, len(self.chunks)) for p, s in self.sources.items() if s.workers and not s.full}
+        cut = next((i for i in range(1, len(self.order)) if self.order[i] in starts), len(self.order))
+        return self.order[:cut] + self.order[cut:][::-1]
+
+    def _lent(self, now: float) -> set[int]:
+        """Queued chunks a live co-puller offers: left to it rather than a full source."""
+        lent: set[int] = set()
+        for s in self.sources.values():
+            if not s.full and s.workers and (not s.asking or now - min(s.asking.values()) < LEND_FOR):
+                lent |= s.chunks
+        return lent
 
     def take(self, peer: str) -> int | None:
-        """Return a chunk for ``peer``: a queued one, else one in flight elsewhere (end game)."""
-        while self.queue:
-            chunk = self.queue.popleft()
-            if not self._done(chunk):
-                self.asked[chunk].add(peer)
-                return chunk
-        for chunk, peers in enumerate(self.asked):
-            if peers and peer not in peers and len(peers) < 2 and not self._done(chunk):
-                peers.add(peer)
-                return chunk
-        return None
+        """Return a chunk for ``peer``: a queued one it holds (a full source: one no live
+        co-puller offers), else one in flight elsewhere once none is queued (end game)."""
+        source = self.sources[peer]
+        if source.full:
+            lent = self._lent(trio.current_time())
+            chunk = next((c for c in self.preference() if c in self.queued and c not in lent), None)
+        else:
+            chunk = next((c for c in self.order if c in self.queued and c in source.chunks), None)
+        if chunk is None and not self.queued:
+            chunk = next((c for c, peers in enumerate(self.asked) if peers and peer not in peers and len(peers) < 2
+                          and (source.full or c in source.chunks) and not self._done(c)), None)
+        if chunk is None:
+            return None
+        self.queued.discard(chunk)
+        self.asked[chunk].add(peer)
+        source.asking[chunk] = trio.current_time()
+        return chunk
 
     def give_back(self, chunk: int, peer: str) -> None:
         """``peer`` did not deliver ``chunk``: queue it again unless someone else has it."""
-        self.asked[chunk].discard(peer)
+        self._settle(chunk, peer)
         if not self._done(chunk) and not self.asked[chunk]:
-            self.queue.appendleft(chunk)
+            self.queued.add(chunk)
         self.wake()
 
     def keep(self, chunk: int, got: Sequence[bytes], peer: str) -> bool:
         """Store the pieces of ``chunk`` that match the map; False if any did not."""
         first, count = self.chunks[chunk]
-        self.asked[chunk].discard(peer)
+        self._settle(chunk, peer)
         good = len(got) == count
         for index, piece in zip(range(first, first + count), got, strict=False):
             if self.pieces[index] is not None:
@@ -107,6 +195,7 @@ class _Pull:
             if hashlib.sha256(piece).digest() == self.hashes[index]:
                 self.pieces[index] = piece
                 self.kept[peer] += 1
+                self.last_kept = trio.current_time()
             else:
                 good = False
         if self._done(chunk):
@@ -114,10 +203,20 @@ class _Pull:
                 self._complete.add(chunk)
                 self.missing -= 1
         elif not self.asked[chunk]:
-            self.queue.appendleft(chunk)
+            self.queued.add(chunk)
         self._advance()
         self.wake()
         return good
+
+    def offer(self, peer: str, held: Sequence[bool]) -> bool:
+        """Record a HAVE: the chunks ``peer`` holds in full (all of them makes it a full
+        source); return whether it offers a chunk we still need that it did not before."""
+        source = self.sources[peer]
+        before = source.chunks
+        source.chunks = {c for c, (f, n) in enumerate(self.chunks) if all(held[f : f + n])}
+        source.full = len(source.chunks) == len(self.chunks)
+        self.wake()
+        return any(not self._done(c) for c in source.chunks - before)
 
     def payload(self) -> CheckedPayload:
         """Join the pieces (call once every chunk is in)."""
@@ -127,6 +226,11 @@ class _Pull:
     def wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def _settle(self, chunk: int, peer: str) -> None:
+        self.asked[chunk].discard(peer)
+        if (source := self.sources.get(peer)) is not None:
+            source.asking.pop(chunk, None)
 
     def _done(self, chunk: int) -> bool:
         first, count = self.chunks[chunk]
@@ -151,8 +255,15 @@ async def fetch_from_holders(
     max_sources: int = 4,
     per_source: int = 2,
     chunk_pieces: int = 4,
+    me: str = "",
+    partials: MutableMapping[bytes, Partial] | None = None,
+    on_map: Callable[[], None] | None = None,
 ) -> CheckedPayload:
     """Pull the ``size``-byte payload ``digest`` from ``author`` and the current ``holders()``.
+
+    ``me`` (our peer id) places our region; with ``partials``, a pull whose map came from
+    the author is in it under ``digest`` until it ends (served to co-pullers), and
+    ``on_map()`` is called once it is.
 
     Raises:
         TransferTimeout: ``timeout`` passed before the payload was complete and verified.
@@ -164,65 +275,33 @@ async def fetch_from_holders(
         raise ValueError("chunk_pieces must be 1..16, max_sources and per_source >= 1")
     return await within(timeout, f"payload {digest.hex()[:12]} not complete from its holders", lambda: _fetch(
         source, digest, size, author, holders, blame, request_timeout, max_sources, per_source, chunk_pieces,
+        me, partials if partials is not None else {}, on_map,
     ))
 
 
 async def _fetch(
     source: PieceSource, digest: bytes, size: int, author: str, holders: Callable[[], Iterable[str]],
     blame: Blame, request_timeout: float, max_sources: int, per_source: int, chunk_pieces: int,
+    me: str, partials: MutableMapping[bytes, Partial], on_map: Callable[[], None] | None,
 ) -> CheckedPayload:
     def candidates() -> list[str]:
         return list(dict.fromkeys([author, *holders()]))
 
     mapper, hashes = await _piece_map(source, digest, size, candidates(), request_timeout)
-    pull = _Pull(hashes, size, chunk_pieces)
-    suspects: dict[str, str] = {}
-    started: set[str] = set()
-    active: dict[str, int] = {}  # peer -> workers running
-
-    async def work(peer: str) -> None:
-        try:
-            while peer in active and pull.missing:
-                chunk = pull.take(peer)
-                if chunk is None:
-                    await pull.changed.wait()
-                    continue
-                first, count = pull.chunks[chunk]
-                try:
-                    got = await source.pieces(
-                        peer, digest, size=size, first=first, count=count, timeout=request_timeout
-                    )
-                except NetworkError as exc:
-                    log.info("pieces %d+%d from %s failed: %s", first, count, short_id(peer), exc)
-                    active.pop(peer, None)
-                    pull.give_back(chunk, peer)
-                    return
-                if not pull.keep(chunk, got, peer):
-                    suspects[peer] = f"pieces {first}+{count} differ from the piece map"
-                    active.pop(peer, None)
-                    return
-        finally:
-            if peer in active:
-                active[peer] -= 1
-                if not active[peer]:
-                    del active[peer]
-            pull.wake()
-
-    async with trio.open_nursery() as nursery:
-        while pull.missing:
-            for peer in candidates():
-                if peer not in started and len(started) < max_sources:
-                    started.add(peer)
-                    active[peer] = per_source
-                    for _ in range(per_source):
-                        nursery.start_soon(work, peer)
-            if not active:
-                break
-            with trio.move_on_after(HOLDER_POLL):
-                await pull.changed.wait()
-        nursery.cancel_scope.cancel()
+    pull = _Pull(hashes, size, chunk_pieces, me)
+    shared = mapper == author and digest not in partials  # pieces checked against the author's map
+    if shared:
+        partials[digest] = pull
+        if on_map is not None:
+            on_map()
+    try:
+        suspects = await _swarm(pull, source, digest, author, candidates, request_timeout,
+                                max_sources, per_source)
+    finally:
+        if shared:
+            del partials[digest]
     if pull.missing:
-        raise TransferError(f"every holder of {digest.hex()[:12]} failed ({len(started)} tried)")
+        raise TransferError(f"every holder of {digest.hex()[:12]} failed ({len(pull.sources)} tried)")
     payload = pull.payload()
     if payload.digest != digest:
         blame(mapper, "its piece map does not match the signed digest")
@@ -234,6 +313,112 @@ async def _fetch(
              digest.hex()[:12], sum(pull.kept.values()), pull.kept[author], others,
              len([p for p in pull.kept if p != author]))
     return payload
+
+
+async def _swarm(
+    pull: _Pull, source: PieceSource, digest: bytes, author: str, candidates: Callable[[], list[str]],
+    request_timeout: float, max_sources: int, per_source: int,
+) -> dict[str, str]:
+    """Run the workers until every chunk is in or every source is gone; return the suspects."""
+    suspects: dict[str, str] = {}
+    size = pull.size
+
+    def drop(peer: str) -> None:
+        pull.sources[peer].workers = 0
+        pull.wake()
+
+    async def not_yet(peer: str) -> None:
+        state = pull.sources[peer]
+        state.misses += 1
+        state.chunks = set()
+        if state.misses > MAX_MISSES:
+            log.info("%s still has no pieces of %s: dropped", short_id(peer), digest.hex()[:12])
+            drop(peer)
+        else:
+            state.full = peer == author
+            await trio.sleep(HAVE_POLL * state.misses)
+
+    async def ask_have(peer: str) -> None:
+        state = pull.sources[peer]
+        asked = state.asked_have
+        async with state.have_lock:
+            if state.asked_have != asked or not state.workers:
+                return  # the other worker just asked
+            await trio.sleep_until(asked + state.have_pause)
+            state.asked_have = trio.current_time()
+            try:
+                held = await source.have(peer, digest, size=size, timeout=request_timeout)
+            except PayloadNotFound:
+                await not_yet(peer)
+                return
+            except PeerUnreachable as exc:  # e.g. a holder that is no neighbour any more
+                log.info("HAVE of %s from %s: %s", digest.hex()[:12], short_id(peer), exc)
+                drop(peer)
+                return
+            except NetworkError as exc:  # an earlier release resets HAVE: it holds it all
+                log.info("HAVE of %s from %s: %s; taken for a full holder", digest.hex()[:12], short_id(peer), exc)
+                held = [True] * len(pull.pieces)
+            if len(held) != len(pull.pieces):
+                raise TransferError("a HAVE of the wrong length")  # PieceSource bug
+            news = pull.offer(peer, held)
+            state.have_pause = HAVE_POLL if news else min(2 * state.have_pause, MAX_HAVE_POLL)
+
+    async def work(peer: str) -> None:
+        state = pull.sources[peer]
+        try:
+            while state.workers and pull.missing:
+                chunk = pull.take(peer)
+                if chunk is None:
+                    if state.full:
+                        with trio.move_on_after(HAVE_POLL):  # a co-puller's lease may run out
+                            await pull.changed.wait()
+                    else:
+                        await ask_have(peer)
+                    continue
+                first, count = pull.chunks[chunk]
+                try:
+                    got = await source.pieces(
+                        peer, digest, size=size, first=first, count=count, timeout=request_timeout
+                    )
+                except PayloadNotFound as exc:
+                    pull.give_back(chunk, peer)
+                    if peer == author:
+                        log.info("pieces %d+%d from %s failed: %s", first, count, short_id(peer), exc)
+                        drop(peer)
+                    else:
+                        await not_yet(peer)
+                    continue
+                except NetworkError as exc:
+                    log.info("pieces %d+%d from %s failed: %s", first, count, short_id(peer), exc)
+                    pull.give_back(chunk, peer)
+                    if peer != author or isinstance(exc, TransferTimeout):
+                        drop(peer)
+                        return
+                    await not_yet(peer)  # a reset connection: the pieces in are kept, it is dialled again
+                    continue
+                state.misses = 0
+                if not pull.keep(chunk, got, peer):
+                    suspects[peer] = f"pieces {first}+{count} differ from the piece map"
+                    drop(peer)
+                    return
+        finally:
+            pull.wake()
+
+    async with trio.open_nursery() as nursery:
+        while pull.missing:
+            for peer in candidates():
+                if peer not in pull.sources and len(pull.sources) < max_sources:
+                    pull.sources[peer] = _Source(full=peer == author, workers=per_source)
+                    for _ in range(per_source):
+                        nursery.start_soon(work, peer)
+            alive = [s for s in pull.sources.values() if s.workers]
+            starved = trio.current_time() - pull.last_kept > STARVED_AFTER
+            if not alive or (starved and not any(s.full for s in alive)):
+                break
+            with trio.move_on_after(HOLDER_POLL):
+                await pull.changed.wait()
+        nursery.cancel_scope.cancel()
+    return suspects
 
 
 async def _piece_map(

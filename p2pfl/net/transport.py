@@ -29,8 +29,9 @@ Contract, identical in both:
 - ``fetch_from_holders`` may take a big payload from several peers at once (the
   author and the holders it names), piece by piece; same result and errors as ``fetch``,
   and ``blame(peer, reason)`` names each holder that served bytes that were not the
-  payload (known only once the payload verified). The memory transport pulls from the
-  author alone.
+  payload (known only once the payload verified); while it pulls, it may serve the
+  pieces it checked to the other pullers (then it calls ``on_map()``). The memory
+  transport pulls from the author alone.
 - ``serve`` makes a payload available to every peer until ``unserve``; ``pulled_by``
   names the peers that pulled it in full meanwhile (re-announce only for the others).
 """
@@ -116,8 +117,10 @@ class Transport(Protocol):
         holders: Callable[[], Iterable[str]],
         blame: Callable[[str, str], None],
         timeout: float,
+        on_map: Callable[[], None] | None = None,
     ) -> CheckedPayload:
-        """Pull the ``size``-byte payload ``digest`` from ``author`` and ``holders()`` at once."""
+        """Pull the ``size``-byte payload ``digest`` from ``author`` and ``holders()`` at once;
+        ``on_map()`` once the pull serves its checked pieces to co-pullers (if it does)."""
         ...
 
     def serve(self, digest: bytes, payload: bytes) -> None:

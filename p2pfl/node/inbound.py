@@ -149,11 +149,14 @@ class Fetcher:
         compute: Compute,
         report: Report,
         delivered: Callable[[VerifiedHeader, bytes], Awaitable[None]],
+        pulling: Callable[[VerifiedHeader], Awaitable[None]] | None = None,
     ) -> None:
-        """Deliver into ``inbox``; await ``delivered(update, payload)`` after each delivery."""
+        """Deliver into ``inbox``; await ``delivered(update, payload)`` after each delivery,
+        and ``pulling(update)`` as soon as a pull serves its checked pieces to co-pullers."""
         self._transport, self._inbox, self._template = transport, inbox, template
         self._limits, self._fetch_timeout = limits, fetch_timeout
         self._compute, self._report, self._delivered = compute, report, delivered
+        self._pulling = pulling
         self._holders: OrderedDict[bytes, set[str]] = OrderedDict()  # digest -> other sources
         self._fetching: set[tuple[str, bytes]] = set()
         # Each sender's last delivered models by payload digest: a delta codec's bases.
@@ -248,10 +251,14 @@ class Fetcher:
         def blame(peer: str, reason: str) -> None:
             self._report(peer, Evidence.INVALID_FORMAT, f"served: {reason}")
 
+        def on_map() -> None:  # co-pullers may take our checked pieces: say so now
+            if self._pulling is not None and self._nursery is not None:
+                self._nursery.start_soon(self._pulling, update)
+
         try:
             return await self._transport.fetch_from_holders(
                 header.sender, header.digest, size=header.size, holders=holders, blame=blame,
-                timeout=self._fetch_timeout), False
+                timeout=self._fetch_timeout, on_map=on_map), False
         except TamperedPayload as exc:
             blame(header.sender, str(exc))
         except NetworkError as exc:

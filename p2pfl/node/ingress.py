@@ -106,13 +106,15 @@ class Ingress:
         transport: Transport,
         template: Template,
         hold: Callable[[VerifiedHeader, bytes], Awaitable[None]],
+        pulling: Callable[[VerifiedHeader], Awaitable[None]] | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # mypy misses the re-export
     ) -> None:
         """Admit and fetch until cancelled (``await nursery.start(ingress.run, ...)``).
 
         Payloads must match ``template`` (our model's shapes and dtypes); after each
-        delivery ``await hold(update, payload)`` serves what we pulled (and may say so).
+        delivery ``await hold(update, payload)`` serves what we pulled (and may say so);
+        ``await pulling(update)`` as soon as a pull in progress serves its checked pieces.
         """
 
         async def delivered(update: VerifiedHeader, payload: bytes) -> None:
@@ -128,6 +130,7 @@ class Ingress:
             compute=self._compute,
             report=self._report,
             delivered=delivered,
+            pulling=pulling,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(self._fetcher.run)

@@ -154,7 +154,8 @@ class Node:
             max_lag=self.config.rounds.max_lag, compute=self._compute, transforms=self._transforms,
             encoder=self._encoder, holds=self._holds,
         )
-        await self._nursery.start(self._ingress.run, transport, template, self._outbox.hold)
+        await self._nursery.start(
+            self._ingress.run, transport, template, self._outbox.hold, self._outbox.pulling)
         return self
 
     async def __aexit__(

@@ -164,9 +164,16 @@ class Outbox:
         """
         if not self._holds:
             return
+        self.serve(update.header.digest, payload)
+        await self.pulling(update)
+
+    async def pulling(self, update: VerifiedHeader) -> None:
+        """Say HOLDS for a big payload once (with ``holds``): we hold it, or we are pulling
+        it and serve the pieces we checked against its author's piece map meanwhile (what
+        a HOLDS means since session 10; co-pullers then swap pieces instead of all taking
+        the whole payload from its author)."""
         digest = update.header.digest
-        self.serve(digest, payload)
-        if len(payload) < HOLDS_MIN_BYTES or digest in self._held:
+        if not self._holds or update.header.size < HOLDS_MIN_BYTES or digest in self._held:
             return
         self._held.put(digest, True)
         await self.publish(AnnouncementKind.HOLDS, update)

@@ -60,6 +60,33 @@ async def test_a_big_verified_payload_is_served_and_announced_once() -> None:
     assert parsed.update.header == update.header  # the author's signed header, unchanged
 
 
+async def test_a_pull_serving_its_pieces_says_holds_at_once_and_not_again_when_done() -> None:
+    recorder = Recorder()
+    outbox = recording_outbox(recorder)
+    update, payload = signed(BIG)
+    await outbox.pulling(update)  # the piece map is in: co-pullers may take our pieces
+    assert len(recorder.published) == 1
+    assert recorder.served == {}  # nothing whole yet
+    await outbox.hold(update, payload)  # verified: served whole, no second notice
+    assert recorder.served[update.header.digest] is payload
+    assert len(recorder.published) == 1
+    small, _ = signed(SMALL)
+    await outbox.pulling(small)
+    assert len(recorder.published) == 1
+
+
+async def test_no_early_holds_in_a_network_of_author_only_pulls() -> None:
+    recorder = Recorder()
+    (me,) = identities(1)
+    outbox = outbox_module.Outbox(transport=cast(Transport, recorder), identity=me, network_id=NET,
+                                  max_lag=1, compute=None, holds=False)  # type: ignore[arg-type]
+    update, payload = signed(BIG)
+    await outbox.pulling(update)
+    await outbox.hold(update, payload)
+    assert recorder.published == []
+    assert recorder.served == {}
+
+
 async def test_a_small_payload_is_served_without_a_notice() -> None:
     recorder = Recorder()
     update, payload = signed(SMALL)
@@ -81,9 +108,11 @@ class Pulls:
 
     async def fetch_from_holders(
         self, author: str, digest: bytes, *, size: int, holders: Callable[[], Iterable[str]],
-        blame: Callable[[str, str], None], timeout: float,
+        blame: Callable[[str, str], None], timeout: float, on_map: Callable[[], None] | None = None,
     ) -> CheckedPayload:
         self.holders_seen.append(list(holders()))
+        if on_map is not None:
+            on_map()  # the pull serves its pieces
         if self.blames is not None:
             blame(self.blames, "pieces 0+4 differ from the piece map")
         if self.author_fails:
@@ -96,9 +125,13 @@ class Pulls:
 
 
 async def fetch_with(
-    pulls: Pulls | Flaky, update: VerifiedHeader, *, within: float = 5.0
+    pulls: Pulls | Flaky, update: VerifiedHeader, *, within: float = 5.0, pulling: list[Any] | None = None
 ) -> list[tuple[str, Evidence]]:
     reports: list[tuple[str, Evidence]] = []
+
+    async def on_pulling(update: VerifiedHeader) -> None:
+        if pulling is not None:
+            pulling.append(update)
     delivered = trio.Event()
 
     async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -111,6 +144,7 @@ async def fetch_with(
         transport=cast(Transport, pulls), inbox=Inbox(), template={"w": (torch.Size([8]), torch.float32)},
         limits=Limits(), fetch_timeout=5.0, compute=inline,
         report=lambda peer, evidence, reason: reports.append((peer, evidence)), delivered=on_delivered,
+        pulling=on_pulling,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.run)
@@ -128,7 +162,9 @@ async def fetch_with(
 async def test_fetcher_hands_the_holders_to_the_transport_and_reports_its_blame() -> None:
     update, payload = signed(SMALL)
     pulls = Pulls(payload, author_fails=False, blames="h2")
-    reports = await fetch_with(pulls, update)
+    pulling: list[VerifiedHeader] = []
+    reports = await fetch_with(pulls, update, pulling=pulling)
+    assert pulling == [update]  # the transport said its pull serves pieces: HOLDS at once
     assert pulls.holders_seen == [["h1", "h2"]]
     assert reports == [("h2", Evidence.INVALID_FORMAT)]
     assert pulls.whole_from == []

@@ -31,10 +31,13 @@ from p2pfl.net.ranged import (
     PIECE_BYTES,
     RANGED_PROTOCOL_ID,
     REQUEST,
+    bitfield,
+    fetch_have,
     fetch_piece_map,
     fetch_range,
     install_ranged_protocol,
     piece_map,
+    unpack_bitfield,
 )
 from p2pfl.net.session import SESSION_PROTOCOL_ID
 from p2pfl.net.transfer import PayloadStore, fetch_checked_payload, install_update_protocol
@@ -51,6 +54,7 @@ class Hosts:
     def __init__(self, server: Any, client: Any, rogue: Any, old: Any) -> None:
         self.server, self.client, self.rogue, self.old = server, client, rogue, old
         self.ranges: list[int] = []
+        self.partials: dict[bytes, Any] = {}  # the server's pulls in progress
 
     def id(self, host: Any) -> str:
         return str(host.get_id().to_string())
@@ -67,7 +71,8 @@ async def hosts() -> AsyncIterator[Hosts]:
             store.put(DIGEST, PAYLOAD)
             served = install_update_protocol(server, store, limits=Limits(), serve_timeout=2.0)
             if ranged:
-                install_ranged_protocol(server, served, on_range=lambda p, d, n: net.ranges.append(n))
+                install_ranged_protocol(server, served, on_range=lambda p, d, n: net.ranges.append(n),
+                                        partials=net.partials)
         for target in (net.server, net.rogue, net.old):
             await connect(net.client, listen_addrs(target)[0], timeout=5)
         yield net
@@ -125,7 +130,8 @@ async def _raw_reply(hosts: Hosts, request: bytes) -> bytes:
     "request_bytes",
     [
         REQUEST.pack(1, 1, DIGEST, 0, 0),  # version of 1.0.0
-        REQUEST.pack(2, 3, DIGEST, 0, 0),  # unknown op
+        REQUEST.pack(2, 4, DIGEST, 0, 0),  # unknown op
+        REQUEST.pack(2, 3, DIGEST, 0, 1),  # HAVE with a range
         REQUEST.pack(2, 1, DIGEST, 1, 0),  # PIECES with a range
         REQUEST.pack(2, 2, DIGEST, 0, 1) + b"x",  # longer than 42 bytes
         REQUEST.pack(2, 2, DIGEST, 0, 1)[:20],  # short
@@ -139,6 +145,62 @@ async def test_malformed_request_gets_no_reply(hosts: Hosts, request_bytes: byte
 async def test_too_many_pieces_in_one_request_is_bad_range(hosts: Hosts) -> None:
     reply = await _raw_reply(hosts, REQUEST.pack(2, 2, DIGEST, 0, 17))
     assert STATUS.unpack(reply) == (5, len(PAYLOAD))
+
+
+# ---------------------------------------------------------------------------- HAVE and pulls in progress
+
+
+class InProgress:
+    """A pull in progress as the server sees it: ``size``, ``hashes``, ``pieces``."""
+
+    def __init__(self, payload: bytes, held: set[int]) -> None:
+        self.size = len(payload)
+        self.hashes = split(piece_map(payload))
+        self.pieces = [payload[i * PIECE_BYTES : (i + 1) * PIECE_BYTES] if i in held else None
+                       for i in range(len(self.hashes))]
+
+
+def test_bitfields_round_trip_and_refuse_pad_bits() -> None:
+    bits = [True, False, True] + [False] * 6 + [True]
+    assert bitfield(bits) == bytes([0b10100000, 0b01000000])
+    assert unpack_bitfield(bitfield(bits), 10) == bits
+    with pytest.raises(ProtocolViolation):
+        unpack_bitfield(bytes([0, 0b00100000]), 10)  # bit 10 of 10
+    with pytest.raises(ProtocolViolation):
+        unpack_bitfield(bytes(3), 10)  # one byte too many
+
+
+async def test_have_of_a_whole_payload_is_every_piece(hosts: Hosts) -> None:
+    held = await fetch_have(hosts.client, hosts.id(hosts.server), DIGEST, size=len(PAYLOAD), timeout=TIMEOUT)
+    assert held == [True] * 4
+
+
+async def test_a_pull_in_progress_serves_what_it_has_and_not_yet_the_rest(hosts: Hosts) -> None:
+    payload = os.urandom(3 * PIECE_BYTES + 5)
+    digest = hashlib.sha256(payload).digest()
+    hosts.partials[digest] = InProgress(payload, held={1, 2})
+    server, size = hosts.id(hosts.server), len(payload)
+    assert await fetch_have(hosts.client, server, digest, size=size, timeout=TIMEOUT) == [False, True, True, False]
+    assert await fetch_piece_map(hosts.client, server, digest, size=size, timeout=TIMEOUT) == split(piece_map(payload))
+    got = await fetch_range(hosts.client, server, digest, size=size, first=1, count=2, timeout=TIMEOUT)
+    assert b"".join(got) == payload[PIECE_BYTES : 3 * PIECE_BYTES]
+    with pytest.raises(PayloadNotFound):  # piece 3 is not in yet
+        await fetch_range(hosts.client, server, digest, size=size, first=2, count=2, timeout=TIMEOUT)
+    with pytest.raises(TransferError, match="BAD_RANGE"):
+        await fetch_range(hosts.client, server, digest, size=8 * PIECE_BYTES, first=3, count=2, timeout=TIMEOUT)
+    del hosts.partials[digest]  # the pull ended (and nobody serves it whole)
+    with pytest.raises(PayloadNotFound):
+        await fetch_have(hosts.client, server, digest, size=size, timeout=TIMEOUT)
+
+
+async def test_a_peer_of_an_earlier_release_refuses_have(hosts: Hosts) -> None:
+    async def earlier(stream: Any) -> None:  # 1.1.0 of session 9: an unknown op is reset
+        await _request(stream)
+        await stream.reset()
+
+    hosts.rogue.set_stream_handler(RANGED_PROTOCOL_ID, earlier)
+    with trio.fail_after(TIMEOUT), pytest.raises(TransferError):
+        await fetch_have(hosts.client, hosts.id(hosts.rogue), DIGEST, size=len(PAYLOAD), timeout=TIMEOUT)
 
 
 # ---------------------------------------------------------------------------- hostile holders
@@ -271,3 +333,20 @@ async def test_pieces_come_from_author_and_holder_and_a_lying_holder_is_blamed(h
         assert holder.stats().payload_out >= 2 * 4 * PIECE_BYTES  # two chunks at least
         assert author.stats().payload_out >= 2 * 4 * PIECE_BYTES
     assert blamed == ([holder.peer_id] if holder_lies else [])
+
+
+async def test_a_transport_serves_its_pulls_in_progress() -> None:
+    payload = os.urandom(2 * PIECE_BYTES + 5)
+    digest = hashlib.sha256(payload).digest()
+    async with contextlib.AsyncExitStack() as stack:
+        puller = await stack.enter_async_context(open_libp2p_transport(
+            secret=os.urandom(32), network_id="t", config=NetConfig(fetch_sources=4), limits=Limits(),
+            validator=lambda o, d: d))
+        other = await stack.enter_async_context(open_libp2p_transport(
+            secret=os.urandom(32), network_id="t", config=NetConfig(bootstrap=tuple(puller.listen_addrs),
+                                                                    fetch_sources=4),
+            limits=Limits(), validator=lambda o, d: d))
+        puller.partials[digest] = InProgress(payload, held={0})
+        assert await other.have(puller.peer_id, digest, size=len(payload), timeout=TIMEOUT) == [True, False, False]
+        got = await other.pieces(puller.peer_id, digest, size=len(payload), first=0, count=1, timeout=TIMEOUT)
+        assert got == [payload[:PIECE_BYTES]]

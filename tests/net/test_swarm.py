@@ -15,7 +15,13 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from p2pfl.errors import PayloadNotFound, PeerUnreachable, TransferError, TransferTimeout
+from p2pfl.errors import (
+    PayloadNotFound,
+    PeerUnreachable,
+    ProtocolViolation,
+    TransferError,
+    TransferTimeout,
+)
 from p2pfl.net.ranged import PIECE_BYTES, piece_map
 from p2pfl.net.swarm import fetch_from_holders
 
@@ -62,6 +68,10 @@ class Holders:
                 raise PayloadNotFound("not held")
             if kind == "stall":
                 await trio.sleep_forever()
+            if kind == "reset_once" and not self.served[peer]:
+                self.served[peer] = 0  # counted: the next request goes through
+                self.behaviour[peer] = "honest"
+                raise ProtocolViolation("stream ended early")
             await trio.sleep(count * SECONDS_PER_PIECE * self.slow.get(peer, 1.0))
             source = FAKE if kind == "liar" else PAYLOAD
             got = pieces_of(source)[first : first + count]
@@ -72,6 +82,14 @@ class Holders:
             self.served[peer] += len(got)
             return got
         raise TransferTimeout("stalled")
+
+    async def have(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bool]:
+        kind = self.behaviour.get(peer, "honest")
+        if kind == "missing":
+            raise PayloadNotFound("not held")
+        if kind in ("old", "unreachable"):  # an earlier release resets the unknown op
+            raise (ProtocolViolation if kind == "old" else PeerUnreachable)("no HAVE")
+        return [True] * len(pieces_of(PAYLOAD))
 
 
 FAKE = os.urandom(len(PAYLOAD))
@@ -205,3 +223,11 @@ def test_bad_options_are_caller_bugs() -> None:
 
     with pytest.raises(ValueError):
         trio.run(main)
+
+
+async def test_an_author_whose_connection_reset_is_asked_again(autojump_clock: trio.abc.Clock) -> None:
+    """A reset under a saturated link costs a pause, not the pull (nor its pieces)."""
+    holders, blamed = Holders({"author": "reset_once"}), []
+    assert await pull(holders, [], blamed) == PAYLOAD
+    assert holders.served["author"] == 11
+    assert blamed == []
