@@ -242,9 +242,7 @@ class _Server:
             await self._send_in_slot(stream, data, close=close)
         finally:
             self.pending -= 1
-            self.serving[peer] -= 1
-            if self.serving[peer] <= 0:
-                del self.serving[peer]
+            self.serving -= Counter({peer: 1})  # drops the peer at 0
         return len(data)
 
     async def _send_in_slot(self, stream: INetStream, payload: bytes | memoryview, *, close: bool) -> None:

@@ -234,6 +234,8 @@ class Fetcher:
                 payload, transient = await self._pull(update)
             if payload is not None or not transient:
                 return payload
+        log.warning("gave up on %s from %s after %d attempts: its round goes on without it",
+                    header.digest.hex()[:8], short_id(header.sender), len(_RETRY_DELAYS) + 1)
         return None
 
     async def _pull(self, update: VerifiedHeader) -> tuple[CheckedPayload | None, bool]:

@@ -80,3 +80,13 @@ def test_the_result_is_one_new_vector_not_a_copy_per_tensor() -> None:
     result = aggregate("mean", own, neighbours, weights).state
     floats = [t for t in result.values() if t.is_floating_point() and t.dtype == torch.float32]
     assert len({t.untyped_storage().data_ptr() for t in floats}) == 1
+
+
+def test_blocks_skip_empty_tensors_and_cut_through_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flat, "BLOCK_BYTES", 2 * 4 * 3)  # 3 float32 columns of 2 rows
+    gen = torch.Generator().manual_seed(1)
+    models = [{"a": torch.rand(0, generator=gen), "b": torch.rand(4, generator=gen),
+               "c": torch.rand(0, 3, generator=gen), "d": torch.rand(5, generator=gen)} for _ in range(2)]
+    spec = flat_spec(models[0])
+    whole = torch.cat([rows for _, rows in column_blocks(models, spec, torch.float32)], dim=1)
+    assert torch.equal(whole[1], flatten(models[1])[0])

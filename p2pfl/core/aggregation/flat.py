@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,11 +85,16 @@ def column_blocks(
     for start in range(0, spec.size, width):
         stop = min(start + width, spec.size)
         rows = torch.empty(len(models), stop - start, dtype=dtype)
-        for index, (first, end) in enumerate(zip(spec.offsets, ends, strict=True)):
+        # Only the tensors overlapping [start, stop): a model of many tensors in many
+        # blocks would otherwise cost blocks x tensors Python steps per pass.
+        index = max(0, bisect.bisect_right(spec.offsets, start) - 1)
+        while index < len(ends) and spec.offsets[index] < stop:
+            first, end = spec.offsets[index], ends[index]
             low, high = max(start, first), min(stop, end)
             if low < high:
                 for row, flat in zip(rows, flats, strict=True):
                     row[low - start : high - start].copy_(flat[index][low - first : high - first])
+            index += 1
         if keep is not None:
             rows[~keep] = 0
         yield slice(start, stop), rows
