@@ -12,13 +12,14 @@ libp2p (tests/cli/test_fast_cli.py); each command imports what it needs when it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from p2pfl.errors import NoNeighbours, P2PFLError
 
@@ -73,7 +74,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="node TOML file (see examples/configs); repeat to run several nodes in one "
         "process (a test network's colluding sybils)",
     )
-    run.set_defaults(func=_run_node)
+    run.set_defaults(func=_run_node, exit_at_once=True)
     show = node_commands.add_parser("status", help="show a running node's status")
     status.add_arguments(show)
     show.set_defaults(func=status.status_command)
@@ -140,11 +141,39 @@ def configure_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the process exit code."""
+    """Run the CLI; return the process exit code.
+
+    Called as the process's entry (``argv`` None), a node daemon exits the moment its
+    command returns (:func:`exit_at_once`): it has stopped in order by then.
+    """
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_of(argv)).parse_args(argv)
     configure_logging(args.verbose)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    code = _command(args)
+    if entry and getattr(args, "exit_at_once", False):
+        exit_at_once(code)
+    return code
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Flush the logs and standard streams, then end the process without finalising the
+    interpreter.
+
+    Finalising one with torch loaded costs ~0.7 CPU-seconds (measured: 2.15 vs 1.45 s of
+    user time for an import and exit): 32 daemons stopping together on 2 cores spent more
+    than their 10 s stop grace on it and were killed. A stopped daemon has nothing left
+    to finalise: its checkpoint is on disk and its connections are closed.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except BaseException as exc:

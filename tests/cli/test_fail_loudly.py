@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,24 @@ def test_net_config_takes_dns_bootstrap_and_announce_addrs() -> None:
     assert config.announce_addrs == ("/ip4/203.0.113.5/tcp/17351",)
     with pytest.raises(ConfigError, match="no /p2p/ part"):
         NetConfig(announce_addrs=(f"/ip4/203.0.113.5/tcp/1/p2p/{peer}",))
+
+
+def test_a_daemon_process_exits_without_finalising_and_keeps_its_code_and_output(
+    tmp_path: Path, taken_port: int
+) -> None:
+    # As the process's entry (argv None), `node run` ends the process as soon as its
+    # command returns: the exit code and the error line survive, interpreter finalisation
+    # (here: an atexit hook; with torch loaded ~0.7 CPU-s) is skipped.
+    path = node_file(tmp_path, port=taken_port)
+    script = ("import atexit, sys; atexit.register(print, 'finalised', flush=True); "
+              "from p2pfl.cli.main import main; "
+              f"sys.argv = ['p2pfl', 'node', 'run', '--config', {str(path)!r}]; sys.exit(main())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{taken_port}" in done.stderr
+    assert "finalised" not in done.stdout
+    # Called with an argv (embedding, tests), main returns: the caller's process goes on.
+    kept = subprocess.run([sys.executable, "-c", script.replace("sys.argv = ", "argv = ").replace(
+        "main()", "main(argv[1:])")], capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 2
+    assert "finalised" in kept.stdout
