@@ -113,9 +113,6 @@ class HarmCheck:
     # every few rounds was forgiven, or even vetted, in the rounds between (ipm eps 0.05
     # hovered at reputation 0.3-0.45 that way). 0: a failure weighs only in its own round.
     remember: int = 0
-    # How many counted failures within the last ``remember`` rounds it takes to be
-    # remembered: 1 remembers every failure; 2 spares a neighbour that harmed us once.
-    remember_failures: int = 1
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
@@ -125,9 +122,6 @@ class HarmCheck:
                 "harm_check.grace", f"must be an integer >= 0, got {self.grace!r}")
         require(isinstance(self.remember, int) and not isinstance(self.remember, bool) and self.remember >= 0,
                 "harm_check.remember", f"must be an integer >= 0, got {self.remember!r}")
-        require(isinstance(self.remember_failures, int) and not isinstance(self.remember_failures, bool)
-                and self.remember_failures >= 1,
-                "harm_check.remember_failures", f"must be an integer >= 1, got {self.remember_failures!r}")
         require(isinstance(self.settle, int) and not isinstance(self.settle, bool) and self.settle >= 0,
                 "harm_check.settle", f"must be an integer >= 0, got {self.settle!r}")
         require(self.reference in ("own", "median"), "harm_check.reference",

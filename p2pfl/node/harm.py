@@ -273,7 +273,7 @@ class HarmGate:
         self.prober = prober
         self._streaks: Counter[str] = Counter()  # peers whose last check passed
         self._judged = 0  # rounds judged so far
-        self._failed_at: dict[str, list[int]] = {}  # peer -> judged rounds of its counted failures, within the window
+        self._failed_at: dict[str, int] = {}  # peer -> judged round of its last counted failure, within the window
 
     def judge(
         self,
@@ -315,22 +315,15 @@ class HarmGate:
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical)
 
     def _remember_failures(self, senders: Sequence[str], failed: Sequence[bool], counts: bool) -> list[bool]:
-        """Note this round's counted failures; return, per sender, whether it failed at
-        least ``remember_failures`` times within the last ``remember`` rounds (this one
-        included). Only that window is kept."""
+        """Note this round's counted failures; return, per sender, whether it failed within
+        the last ``remember`` rounds (this one included). Only that window is kept."""
         self._judged += 1
         window = self.check.remember
         if counts and window:
-            for sender, bad in zip(senders, failed, strict=True):
-                if bad:
-                    self._failed_at.setdefault(sender, []).append(self._judged)
-        for peer in list(self._failed_at):
-            kept = [at for at in self._failed_at[peer] if self._judged - at <= window]
-            if kept:
-                self._failed_at[peer] = kept
-            else:
-                del self._failed_at[peer]
-        return [len(self._failed_at.get(s, ())) >= self.check.remember_failures for s in senders]
+            self._failed_at.update((s, self._judged) for s, bad in zip(senders, failed, strict=True) if bad)
+        for peer in [p for p, at in self._failed_at.items() if self._judged - at > window]:
+            del self._failed_at[peer]
+        return [s in self._failed_at for s in senders]
 
 
 __all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point"]
