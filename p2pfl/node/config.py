@@ -80,6 +80,13 @@ class HarmCheck:
     streak: int = 3
     # Probe at this multiple of the share a neighbour would have at full reputation.
     probe_scale: float = 1.0
+    # ...but at no more than this share. A node with one neighbour judged it at 1/2, where
+    # an honest neighbour holding other classes is "harmful" to skewed data: on the
+    # Erdos-Renyi setting without attack such a node flagged its only neighbour and trained
+    # alone (0.67, the network 0.94). At most 1/3: 0.90. (At most 1/5, the developers'
+    # setting's share, helped that setting more but cost nodes with three attacking
+    # neighbours of four 6-27 points on the 4-regular one; issue 17, session 11.)
+    max_probe_share: float = 1 / 3
     # Whose clipping is not held against its reputation: "passed" (this round's check),
     # "harmless" (no worse than our own model, whatever the reference), "typical"
     # (harmless, and from round ``settle`` on also no worse than the reference: the
@@ -131,6 +138,9 @@ class HarmCheck:
         require(isinstance(self.probe_scale, int | float) and not isinstance(self.probe_scale, bool)
                 and 1 <= self.probe_scale <= 1e3, "harm_check.probe_scale",
                 f"must be a number in [1, 1000], got {self.probe_scale!r}")
+        require(isinstance(self.max_probe_share, int | float) and not isinstance(self.max_probe_share, bool)
+                and 0 < self.max_probe_share <= 1, "harm_check.max_probe_share",
+                f"must be a number in (0, 1], got {self.max_probe_share!r}")
         require(isinstance(self.fail_trust, int | float) and not isinstance(self.fail_trust, bool)
                 and 0 <= self.fail_trust <= 1, "harm_check.fail_trust",
                 f"must be a number in [0, 1], got {self.fail_trust!r}")

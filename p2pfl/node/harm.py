@@ -291,11 +291,12 @@ class HarmGate:
         only those are remembered for ``remember`` rounds.
 
         Each is probed at the share it would have at full reputation (or its actual one,
-        if larger), whatever its reputation now: at its reduced share a poor model would
-        pass more easily the less it is trusted, and an honest neighbour cut off early
-        must be able to earn its way back.
+        if larger; at most ``max_probe_share``), whatever its reputation now: at its
+        reduced share a poor model would pass more easily the less it is trusted, and an
+        honest neighbour cut off early must be able to earn its way back.
         """
-        shares = [min(1.0, self.check.probe_scale * share) for share in full_shares(weights, self_weight)]
+        cap = self.check.max_probe_share
+        shares = [min(cap, self.check.probe_scale * share) for share in full_shares(weights, self_weight)]
         excess = probe(self.prober, self.check, own, states, shares, start=start)
         passed = [e is not None and e.over_reference <= 0 for e in excess]
         # Evidence only for harm in absolute terms: a neighbour that helps us less than

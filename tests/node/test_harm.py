@@ -232,13 +232,31 @@ def test_once_settled_typical_forgiveness_spares_only_neighbours_as_good_as_the_
 
 def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
     prober = Distance(target=0.0)
-    gate = HarmGate(HarmCheck(absolute=0.1, relative=0.0, probe_scale=2.0, fail_trust=0.25), prober)
+    check = HarmCheck(absolute=0.1, relative=0.0, probe_scale=2.0, fail_trust=0.25, max_probe_share=1.0)
+    gate = HarmGate(check, prober)
     verdict = gate.judge(state(0.0), None, ["a", "b"], [state(0.02), state(5.0)], [1.0, 1.0], 1.0)
     assert verdict.passed == [True, False]
     assert verdict.failed == [False, True]
     assert verdict.fail_trust == 0.25
     # Shares 1/3 at full reputation, probed at twice that: 2/3 of the way to "a".
     assert torch.allclose(prober.probed[1]["w"], torch.full((4,), 0.02 * 2 / 3))
+
+
+def test_a_node_with_one_neighbour_judges_it_at_the_capped_share() -> None:
+    # Our data wants w = 0; the only neighbour sits at w = 0.06 (it knows other things).
+    # At its full share, 1/2, the mix raises our loss by 0.12; at the cap, 1/3, by 0.08,
+    # within the tolerance 0.1: a node with one neighbour no longer finds every honest
+    # neighbour with other classes harmful because it has no other.
+    prober = Distance(target=0.0)
+    far = [state(0.06)]
+    capped = HarmGate(HarmCheck(absolute=0.1, relative=0.0, grace=0), prober).judge(
+        state(0.0), None, ["a"], far, [1.0], 1.0)
+    assert (capped.failed, capped.harmless) == ([False], [True])
+    assert any(torch.allclose(p["w"], torch.full((4,), 0.02)) for p in prober.probed)  # 0.06 / 3
+    whole = HarmGate(HarmCheck(absolute=0.1, relative=0.0, grace=0, max_probe_share=1.0), prober).judge(
+        state(0.0), None, ["a"], far, [1.0], 1.0)
+    assert (whole.failed, whole.harmless) == ([True], [False])
+    assert any(torch.allclose(p["w"], torch.full((4,), 0.03)) for p in prober.probed)  # 0.06 / 2
 
 
 @pytest.mark.parametrize(
@@ -252,6 +270,8 @@ def test_the_gate_reports_failures_and_probes_at_the_scaled_share() -> None:
         ({"settle": True}, "harm_check.settle"),
         ({"remember": -1}, "harm_check.remember"),
         ({"remember": 1.5}, "harm_check.remember"),
+        ({"max_probe_share": 0}, "harm_check.max_probe_share"),
+        ({"max_probe_share": 1.5}, "harm_check.max_probe_share"),
     ],
 )
 def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:
