@@ -138,8 +138,6 @@ class Libp2pTransport:
             TransferError: see :func:`p2pfl.net.transfer.fetch_payload`.
         """
         max_size = min(max_size, self.limits.max_payload_bytes)
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            raise PeerUnreachable(f"{short_id(peer)} is banned")
         deadline = trio.current_time() + timeout
         await self._ensure_connected(peer, timeout)
         remaining = max(0.0, deadline - trio.current_time())
@@ -211,6 +209,9 @@ class Libp2pTransport:
         self._paths.update(self.neighbourhood.connected(), self.relayed_peers())
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
+        """Dial ``peer`` unless it is connected; ``PeerUnreachable`` if banned or undialable."""
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{short_id(peer)} is banned")
         if peer in self.neighbourhood.connected():
             return
         record = self.neighbourhood.book.peers.get(peer)
@@ -238,9 +239,14 @@ class Libp2pTransport:
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLarge(f"{size} bytes announced, cap is {self.limits.max_payload_bytes}")
         deadline = trio.current_time() + timeout
+
+        def connected_holders() -> list[str]:  # we dial the author only: a dialled peer is a neighbour
+            connected = self.neighbourhood.connected()
+            return [peer for peer in holders() if peer in connected]
+
         try:
             return await fetch_from_holders(
-                self, digest, size=size, author=author, holders=holders, blame=blame, timeout=timeout,
+                self, digest, size=size, author=author, holders=connected_holders, blame=blame, timeout=timeout,
                 request_timeout=max(1.0, timeout * REQUEST_SHARE), max_sources=sources,
                 me=self.peer_id, partials=self.partials, on_map=on_map)
         except TransferTimeout:
@@ -251,8 +257,9 @@ class Libp2pTransport:
                                 timeout=max(0.0, deadline - trio.current_time()))
 
     async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
-        """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`)."""
-        self._check_pullable(peer)
+        """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`);
+        dials ``peer`` first if it is known but not connected (an author after a reset)."""
+        await self._ensure_connected(peer, timeout)
         with self._judging_relay(peer):
             return await fetch_piece_map(self.host, peer, digest, size=size, timeout=timeout)
 
@@ -261,8 +268,6 @@ class Libp2pTransport:
     ) -> Sequence[bytes]:
         """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`);
         dials ``peer`` first if it is known but not connected (an author after a reset)."""
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            raise PeerUnreachable(f"{short_id(peer)} is banned")
         await self._ensure_connected(peer, timeout)
         with self._judging_relay(peer) as relayed:
             got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,

@@ -44,8 +44,10 @@ reply must declare and refuses any other before reading a body byte
 A piece map is the holder's word only: the puller checks pieces against it and the
 whole payload against the signed digest (see :mod:`p2pfl.net.swarm`).
 
-Server side: replies share the 1.0.0 server's slots, queue and deadlines (a HAVE reply,
-at most a few hundred bytes, is written at once under the request deadline). A piece
+Server side: RANGE replies share the 1.0.0 server's slots, queue and deadlines; HAVE and
+PIECES replies (a few hundred bytes; 32 bytes per MiB of payload) are written at once
+under the request deadline, outside the slots (since session 11: a map request
+answered BUSY behind other pullers' ranges used to cost a whole-payload pull). A piece
 map is hashed once per payload in a worker thread and cached (:data:`MAP_CACHE`
 payloads). Besides the payloads it serves whole, a server answers from the pulls in
 progress it is given (``partials``, see :mod:`p2pfl.net.swarm`): PIECES with the map
@@ -219,11 +221,11 @@ class RangedServer:
             await self._send_small(stream, bitfield([True] * piece_count(len(payload))))
         elif op is Op.RANGE and not _inside(first, count, piece_count(len(payload))):
             await server._send_status(stream, Status.BAD_RANGE, len(payload))
+        elif op is Op.PIECES:  # 32 bytes a MiB: outside the slots, like HAVE (no BUSY for a map)
+            await self._send_map(stream, peer, digest, await self._map(digest, payload))
         else:
 
             async def body() -> bytes | memoryview:
-                if op is Op.PIECES:
-                    return await self._map(digest, payload)
                 start = first * PIECE_BYTES
                 return memoryview(payload)[start : start + range_bytes(len(payload), first, count)]
 
@@ -237,12 +239,7 @@ class RangedServer:
         if op is Op.HAVE:
             await self._send_small(stream, bitfield([p is not None for p in partial.pieces]))
         elif op is Op.PIECES:
-            joined = b"".join(partial.hashes)
-
-            async def the_map() -> bytes:
-                return joined
-
-            await self._send(stream, peer, digest, the_map)
+            await self._send_map(stream, peer, digest, b"".join(partial.hashes))
         elif not _inside(first, count, n):
             await server._send_status(stream, Status.BAD_RANGE, partial.size)
         else:
@@ -268,8 +265,13 @@ class RangedServer:
         if sent is not None and self._on_range is not None:
             self._on_range(peer, digest, sent)
 
+    async def _send_map(self, stream: INetStream, peer: str, digest: bytes, body: bytes) -> None:
+        await self._send_small(stream, body)
+        if self._on_range is not None:
+            self._on_range(peer, digest, len(body))
+
     async def _send_small(self, stream: INetStream, body: bytes) -> None:
-        """Write a short OK reply at once, outside the slots (a HAVE: n / 8 bytes)."""
+        """Write a short OK reply at once, outside the slots (a HAVE: n / 8 bytes; a map: 32 n)."""
         with trio.fail_after(min(REQUEST_TIMEOUT, self._server.serve_timeout)):
             await stream.write(REPLY_HEADER.pack(Status.OK, len(body)) + body)
             await stream.close()

@@ -55,6 +55,10 @@ class Holders:
         kind = self.behaviour.get(peer, "honest")
         if kind in ("missing", "no_map"):
             raise PayloadNotFound("not held")
+        if kind == "old_release":  # speaks 1.0.0 only: no 1.1.0 stream opens
+            raise PeerUnreachable("protocols not supported")
+        if kind.startswith("map_resets") and self.maps[peer] <= int(kind[-1]):
+            raise ProtocolViolation("stream ended early")
         return hashes(FAKE if kind == "liar" else PAYLOAD)  # liar: another payload's map
 
     async def pieces(
@@ -172,6 +176,36 @@ async def test_no_piece_map_anywhere_fails_at_once(autojump_clock: trio.abc.Cloc
     start = trio.current_time()
     with pytest.raises(TransferError, match="no holder"):
         await pull(holders, ["h1"], blamed)
+    assert trio.current_time() == start
+
+
+async def test_a_reset_piece_map_is_asked_again(autojump_clock: trio.abc.Clock) -> None:
+    # Under a saturated link the map request's stream may be reset: the author is asked
+    # again after a pause, not given up for a whole-payload pull.
+    holders, blamed = Holders({"author": "map_resets2"}), []
+    start = trio.current_time()
+    assert await pull(holders, [], blamed) == PAYLOAD
+    assert holders.maps["author"] == 3
+    assert set(holders.served) == {"author"}
+    assert trio.current_time() - start < 11 * SECONDS_PER_PIECE + 1.0 + 2.0 + 1.0
+
+
+async def test_piece_map_resets_for_good_fail_after_the_retries(autojump_clock: trio.abc.Clock) -> None:
+    holders, blamed = Holders({"author": "map_resets9"}), []
+    start = trio.current_time()
+    with pytest.raises(TransferError, match="no holder"):
+        await pull(holders, [], blamed)
+    assert holders.maps["author"] == 5  # once and four retries
+    assert trio.current_time() - start == pytest.approx(1.0 + 2.0 + 4.0 + 8.0)
+    assert blamed == []
+
+
+async def test_an_author_of_an_earlier_release_fails_at_once(autojump_clock: trio.abc.Clock) -> None:
+    holders, blamed = Holders({"author": "old_release"}), []
+    start = trio.current_time()
+    with pytest.raises(TransferError, match="no holder"):  # the caller then pulls whole over 1.0.0
+        await pull(holders, [], blamed)
+    assert holders.maps["author"] == 1
     assert trio.current_time() == start
 
 
