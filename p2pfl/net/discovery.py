@@ -52,8 +52,10 @@ from p2pfl.errors import DecodeError, NetworkError, P2PFLError
 from p2pfl.net.host import connect, listen_addrs
 from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     BASE_BACKOFF,
+    COOL_OFF,
     MAX_ADDR_CHARS,
     MAX_ADDRS_PER_PEER,
+    ConnectionAges,
     PeerBook,
     PeerRecord,
     parse_p2p_addr,
@@ -137,6 +139,7 @@ class Neighbourhood:
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
         self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
+        self.ages = ConnectionAges()  # trims cut the youngest; a peer that cut us soon rests
         # Peers a payload is moving to or from (set by the transport): alive, and not cut off.
         self.busy: Callable[[], set[str]] = set
         self._listen: tuple[float, list[str]] | None = None  # (when, our listen addresses)
@@ -299,6 +302,8 @@ class Neighbourhood:
         """Run one maintenance pass: drop banned/dead/surplus, then top up."""
         now = trio.current_time()
         connected = self.connected()
+        for peer in self.ages.update(connected, now):
+            self.book.cool(peer, now + COOL_OFF)
         for peer in connected:
             if self.book.is_banned(peer, now):
                 await self.disconnect(peer)
@@ -331,14 +336,19 @@ class Neighbourhood:
             await self.disconnect(peer)
 
     async def _trim(self, busy: set[str]) -> None:
-        """Drop surplus neighbours at random, idle ones first: a busy one's transfers are cut
-        only when the idle ones do not make up the surplus. (Sparing busy ones until idle
-        kept a hub's surplus for good with a big model: someone is always pulling.)"""
+        """Drop surplus neighbours, idle ones first, the youngest first: a busy one's transfers
+        are cut only when the idle ones do not make up the surplus, and then those of the
+        peer that just dialled us, not an established neighbour's half-done pull. (Sparing
+        busy ones until idle kept a hub's surplus for good with a big model; cutting busy
+        ones at random churned a hub's neighbours every pass, session 11.)"""
         neighbours = self.neighbours()
         idle = [p for p in neighbours if p not in busy]
         engaged = [p for p in neighbours if p in busy]
-        order = [*random.sample(idle, len(idle)), *random.sample(engaged, len(engaged))]
+        order = [*self.ages.youngest_first(random.sample(idle, len(idle))),
+                 *self.ages.youngest_first(random.sample(engaged, len(engaged)))]
         for peer in order[: max(0, len(neighbours) - self.config.max_neighbours)]:
+            logger.info("trimming %s (%s, %d neighbours)", short_id(peer), "busy" if peer in busy else "idle",
+                        len(neighbours))
             await self.disconnect(peer)
 
     async def _top_up(self) -> None:

@@ -37,6 +37,7 @@ class Source:
     chunks: set[int] = field(default_factory=set)  # chunks it holds in full (its last HAVE)
     workers: int = 0
     misses: int = 0  # NOT_FOUND in a row
+    resets: int = 0  # the author's resets and BUSY in a row
     asking: dict[int, float] = field(default_factory=dict)  # chunk -> when we asked for it
     asked_have: float = float("-inf")
     have_pause: float = HAVE_POLL

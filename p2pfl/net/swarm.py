@@ -25,8 +25,11 @@ author for different pieces and meet their neighbours' regions in the middle.
 Hostile holders: a holder whose request fails (stall past ``request_timeout``, reset,
 BUSY, a reply of the wrong length; NOT_FOUND from the author) is dropped for this pull
 and its chunk goes back to the queue for another. The author alone is asked again after
-a failure other than a stall, like a "not yet" below (a connection reset under a
-saturated link then costs a pause, not the pieces already in). NOT_FOUND from another holder means
+a failure other than a stall: after a reset or BUSY (a connection cut under a saturated
+link) after a pause doubling up to :data:`MAX_AUTHOR_PAUSE`, for as long as the pull's
+deadline allows (session 11: dropped after 8 in a row, the slow author of an 8M run was
+dropped 39 times, each pull then whole from it with the pieces in thrown away); when it
+cannot be dialled, like a "not yet" below. NOT_FOUND from another holder means
 "not yet" (a co-puller between its last piece and serving the whole payload, or a
 bitfield ahead of itself): the chunk goes back, the holder is asked HAVE again after a
 growing pause, and dropped after :data:`MAX_MISSES` such answers in a row. A co-puller
@@ -85,6 +88,7 @@ MAX_MISSES = 8  # NOT_FOUND answers in a row before a holder other than the auth
 # for them too): give up after this long without a new piece, so the caller falls back.
 STARVED_AFTER = 30.0
 MAP_RETRIES = (1.0, 2.0, 4.0, 8.0)  # pauses before asking the holders for the piece map again
+MAX_AUTHOR_PAUSE = 8.0  # the longest pause before asking the author again after a reset or BUSY
 
 
 class PieceSource(Protocol):
@@ -257,9 +261,13 @@ async def _swarm(
                     if peer != author or isinstance(exc, TransferTimeout):
                         drop(peer)
                         return
-                    await not_yet(peer)  # a reset connection: the pieces in are kept, it is dialled again
+                    if isinstance(exc, PeerUnreachable):  # not dialled again: counted, dropped at MAX_MISSES
+                        await not_yet(peer)
+                    else:  # a reset or BUSY: the author is there, its link saturated; never dropped for it
+                        state.resets += 1
+                        await trio.sleep(min(HAVE_POLL * 2 ** min(state.resets, 8), MAX_AUTHOR_PAUSE))
                     continue
-                state.misses = 0
+                state.misses = state.resets = 0
                 if not pull.keep(chunk, got, peer):
                     suspects[peer] = f"pieces {first}+{count} differ from the piece map"
                     drop(peer)
