@@ -273,6 +273,7 @@ class Neighbourhood:
         addrs = lines[1:]
         self._exchanged[peer] = trio.current_time()
         own = [a for a in addrs if parse_p2p_addr(a) == peer]
+        self.ages.degree[peer] = len({parse_p2p_addr(a) for a in addrs} - {peer, None})  # us included
         self._learn_from(peer, own, claimed_by=peer)
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
 
@@ -336,16 +337,16 @@ class Neighbourhood:
             await self.disconnect(peer)
 
     async def _trim(self, busy: set[str]) -> None:
-        """Drop surplus neighbours, idle ones first, the youngest first: a busy one's transfers
-        are cut only when the idle ones do not make up the surplus, and then those of the
-        peer that just dialled us, not an established neighbour's half-done pull. (Sparing
-        busy ones until idle kept a hub's surplus for good with a big model; cutting busy
-        ones at random churned a hub's neighbours every pass, session 11.)"""
+        """Drop surplus neighbours in :meth:`ConnectionAges.trim_order`: a busy one's transfers
+        are cut only when the idle ones do not make up the surplus. (Sparing busy ones
+        until idle kept a hub's surplus for good with a big model; cutting busy ones at
+        random churned a hub's neighbours every pass, session 11; the youngest alone
+        locked a node out of a full network.)"""
         neighbours = self.neighbours()
         idle = [p for p in neighbours if p not in busy]
         engaged = [p for p in neighbours if p in busy]
-        order = [*self.ages.youngest_first(random.sample(idle, len(idle))),
-                 *self.ages.youngest_first(random.sample(engaged, len(engaged)))]
+        order = self.ages.trim_order(random.sample(idle, len(idle)), random.sample(engaged, len(engaged)),
+                                     self.book.target(self.config.target_neighbours))
         for peer in order[: max(0, len(neighbours) - self.config.max_neighbours)]:
             logger.info("trimming %s (%s, %d neighbours)", short_id(peer), "busy" if peer in busy else "idle",
                         len(neighbours))

@@ -138,20 +138,30 @@ class PeerBook:
 
 
 class ConnectionAges:
-    """When each connected peer was first seen connected (one maintenance pass's precision)."""
+    """When each connected peer was first seen connected (one maintenance pass's precision),
+    and how many neighbours each said it has (its last peer-exchange reply)."""
 
     def __init__(self) -> None:
         self.since: dict[str, float] = {}  # bounded by our connections
+        self.degree: dict[str, int] = {}  # likewise
 
     def update(self, connected: set[str], now: float) -> list[str]:
         """Record ``connected`` at ``now``; return the peers gone within :data:`SHORT_LIVED`."""
         gone = [p for p, t in self.since.items() if p not in connected and now - t < SHORT_LIVED]
         self.since = {p: self.since.get(p, now) for p in connected}
+        self.degree = {p: d for p, d in self.degree.items() if p in connected}
         return gone
 
-    def youngest_first(self, peers: list[str]) -> list[str]:
-        """``peers`` from the most recently connected (not seen yet: youngest) to the oldest."""
-        return sorted(peers, key=lambda p: -self.since.get(p, math.inf))
+    def trim_order(self, idle: list[str], busy: list[str], target: int) -> list[str]:
+        """Neighbours in the order to cut: idle before busy; in each, first those that said
+        they have more than ``target`` neighbours (they need not dial again), then the
+        others; the youngest first within each (not an established neighbour's half-done
+        pull). A newcomer (no reply yet) is cut only after those with neighbours to spare,
+        so a full network still lets in a node that lost its neighbours."""
+        def key(peer: str) -> tuple[bool, float]:
+            return self.degree.get(peer, 0) <= target, -self.since.get(peer, math.inf)
+
+        return [*sorted(idle, key=key), *sorted(busy, key=key)]
 
 
 def parse_p2p_addr(address: str) -> str | None:

@@ -133,6 +133,7 @@ async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
     hood = object.__new__(Neighbourhood)  # the trimming alone, on stand-in neighbours
     hood.config = NetConfig(max_neighbours=2)
     hood.ages = ConnectionAges()
+    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
     current = ["a", "b", "c", "d"]
     dropped: list[str] = []
 
@@ -167,8 +168,33 @@ async def test_trimming_cuts_the_youngest_busy_neighbour_not_an_established_one(
 
     hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
     hood.disconnect = disconnect  # type: ignore[method-assign]
+    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
     await hood._trim(set(current))
     assert dropped == ["new"]
+
+
+async def test_trimming_lets_a_newcomer_in_when_a_neighbour_has_neighbours_to_spare() -> None:
+    # Youngest-first alone locked a node that lost its neighbours out of a full network:
+    # a neighbour that said (peer exchange) it has more than the target is cut first.
+    hood = object.__new__(Neighbourhood)
+    hood.config = NetConfig(max_neighbours=3, target_neighbours=3)
+    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
+    hood.ages = ConnectionAges()
+    hood.ages.update({"old1", "old2", "spare"}, now=0.0)
+    hood.ages.degree.update({"old1": 3, "old2": 2, "spare": 4})  # us included
+    current = ["new", "old1", "old2", "spare"]
+    dropped: list[str] = []
+
+    async def disconnect(peer: str) -> None:
+        dropped.append(peer)
+        current.remove(peer)
+
+    hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
+    hood.disconnect = disconnect  # type: ignore[method-assign]
+    await hood._trim(set(current))
+    assert dropped == ["spare"]  # it keeps 3 without us; "new" is in
+    await hood._trim(set(current))
+    assert dropped == ["spare"]
 
 
 def test_a_peer_that_cut_us_soon_rests_but_an_old_neighbour_lost_does_not() -> None:
