@@ -209,7 +209,6 @@ class Libp2pTransport:
         self._paths.update(self.neighbourhood.connected(), self.relayed_peers())
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
-        """Dial ``peer`` unless it is connected; ``PeerUnreachable`` if banned or undialable."""
         if self.neighbourhood.book.is_banned(peer, trio.current_time()):
             raise PeerUnreachable(f"{short_id(peer)} is banned")
         if peer in self.neighbourhood.connected():
@@ -240,10 +239,9 @@ class Libp2pTransport:
             raise PayloadTooLarge(f"{size} bytes announced, cap is {self.limits.max_payload_bytes}")
         deadline = trio.current_time() + timeout
 
-        def connected_holders() -> list[str]:  # we dial the author only: a dialled peer is a neighbour
+        def connected_holders() -> list[str]:  # none is dialled: a dialled peer is a neighbour
             connected = self.neighbourhood.connected()
             return [peer for peer in holders() if peer in connected]
-
         try:
             return await fetch_from_holders(
                 self, digest, size=size, author=author, holders=connected_holders, blame=blame, timeout=timeout,
@@ -253,13 +251,13 @@ class Libp2pTransport:
             raise
         except TransferError as error:  # no piece map (1.0.0 peers), or holders all failed
             logger.info("pieces of %s: %s; whole from the author", digest.hex()[:12], error)
+        self._check_pullable(author)  # not redialled here either: the caller pulls again later
         return await self.fetch(author, digest, max_size=size,
                                 timeout=max(0.0, deadline - trio.current_time()))
 
     async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
-        """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`);
-        dials ``peer`` first if it is known but not connected (an author after a reset)."""
-        await self._ensure_connected(peer, timeout)
+        """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`)."""
+        self._check_pullable(peer)
         with self._judging_relay(peer):
             return await fetch_piece_map(self.host, peer, digest, size=size, timeout=timeout)
 
@@ -267,8 +265,8 @@ class Libp2pTransport:
         self, peer: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
     ) -> Sequence[bytes]:
         """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`);
-        dials ``peer`` first if it is known but not connected (an author after a reset)."""
-        await self._ensure_connected(peer, timeout)
+        never dials (a puller redialling an author that had just trimmed it kept a hub full)."""
+        self._check_pullable(peer)
         with self._judging_relay(peer) as relayed:
             got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
                                     timeout=timeout)
@@ -283,10 +281,8 @@ class Libp2pTransport:
         return await fetch_have(self.host, peer, digest, size=size, timeout=timeout)
 
     def _check_pullable(self, peer: str) -> None:
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            raise PeerUnreachable(f"{short_id(peer)} is banned")
-        if peer not in self.neighbourhood.connected():
-            raise PeerUnreachable(f"{short_id(peer)} is not connected")
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()) or peer not in self.neighbourhood.connected():
+            raise PeerUnreachable(f"{short_id(peer)} is banned or not connected")
 
     def serve(self, digest: bytes, payload: bytes) -> None:
         """Offer ``payload`` (whose sha256 is ``digest``) to every peer."""

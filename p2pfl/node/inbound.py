@@ -268,7 +268,8 @@ class Fetcher:
         except NetworkError as exc:
             log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(header.sender), exc)
             transient |= not isinstance(exc, _FINAL)
-        for source in holders()[: _MAX_SOURCES - 1]:
+        neighbours = self._transport.neighbours()  # a holder is not dialled: it would be a neighbour
+        for source in [h for h in holders() if h in neighbours][: _MAX_SOURCES - 1]:
             try:
                 return await self._transport.fetch(
                     source, header.digest, max_size=header.size, timeout=self._fetch_timeout
