@@ -348,8 +348,7 @@ class Neighbourhood:
         order = self.ages.trim_order(random.sample(idle, len(idle)), random.sample(engaged, len(engaged)),
                                      self.book.target(self.config.target_neighbours))
         for peer in order[: max(0, len(neighbours) - self.config.max_neighbours)]:
-            logger.info("trimming %s (%s, %d neighbours)", short_id(peer), "busy" if peer in busy else "idle",
-                        len(neighbours))
+            logger.info("trimming %s (%s, of %d)", short_id(peer), "busy" if peer in busy else "idle", len(neighbours))
             await self.disconnect(peer)
 
     async def _top_up(self) -> None:
@@ -396,6 +395,7 @@ class Neighbourhood:
 
     async def disconnect(self, peer: str) -> None:
         """Close every connection to ``peer`` (bounded, never raises)."""
+        self.ages.ours.add(peer)  # not rested for it: we cut it (a trim, a probe, a gossip reconnect)
         with trio.move_on_after(self.config.dial_timeout):
             try:
                 await self.host.disconnect(ID.from_base58(peer))

@@ -144,10 +144,14 @@ class ConnectionAges:
     def __init__(self) -> None:
         self.since: dict[str, float] = {}  # bounded by our connections
         self.degree: dict[str, int] = {}  # likewise
+        self.ours: set[str] = set()  # peers we disconnected ourselves since the last update
 
     def update(self, connected: set[str], now: float) -> list[str]:
-        """Record ``connected`` at ``now``; return the peers gone within :data:`SHORT_LIVED`."""
-        gone = [p for p, t in self.since.items() if p not in connected and now - t < SHORT_LIVED]
+        """Record ``connected`` at ``now``; return the peers gone within :data:`SHORT_LIVED`
+        that we did not disconnect ourselves."""
+        gone = [p for p, t in self.since.items()
+                if p not in connected and p not in self.ours and now - t < SHORT_LIVED]
+        self.ours.clear()
         self.since = {p: self.since.get(p, now) for p in connected}
         self.degree = {p: d for p, d in self.degree.items() if p in connected}
         return gone

@@ -210,3 +210,13 @@ def test_a_peer_that_cut_us_soon_rests_but_an_old_neighbour_lost_does_not() -> N
     assert book.candidates(101.0, exclude=set()) == ["old"]
     assert set(book.candidates(100.0 + COOL_OFF, exclude=set())) == {"hub", "old"}
     assert book.peers["hub"].failures == 0  # resting, not failing
+
+
+def test_a_peer_we_cut_ourselves_is_not_rested() -> None:
+    # A gossip reconnect or a trim of ours: the next pass may dial it again at once.
+    ages = ConnectionAges()
+    ages.update({"b"}, now=0.0)
+    ages.ours.add("b")
+    assert ages.update(set(), now=1.0) == []
+    ages.update({"b"}, now=2.0)
+    assert ages.update(set(), now=3.0) == ["b"]  # this time it cut us
