@@ -34,6 +34,7 @@ import trio
 from libp2p.abc import IHost, INetConn
 
 from p2pfl.config import Limits, NetConfig
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import PayloadTooLarge, PeerUnreachable, TransferError, TransferTimeout
@@ -101,6 +102,7 @@ class Libp2pTransport:
         self.sessions = Sessions(host)  # one long-lived pull stream per peer (1.2.0)
         self._pulling: Counter[str] = Counter()  # peer -> our pulls from it in progress
         self.partials: dict[bytes, Partial] = {}  # our multi-source pulls in progress, served
+        self.pulled: BoundedMap[bytes, bool] = BoundedMap(1024)  # digests we pulled (not ours): >> served
         self.server: _Server | None = None  # set once the update protocols are installed
 
     @property
@@ -144,6 +146,7 @@ class Libp2pTransport:
         with self._judging_relay(peer) as relayed:
             payload = await self.sessions.fetch(peer, digest, max_size=max_size, timeout=remaining)
         self._fetched_bytes += len(payload)
+        self.pulled.put(digest, True)
         self._count_relayed(relayed, len(payload))
         self.neighbourhood.seen_alive(peer)
         return payload
@@ -167,8 +170,7 @@ class Libp2pTransport:
         return conns[0] if conns and all(is_relayed(c) for c in conns) else None
 
     def _count_relayed(self, conn: INetConn | None, size: int) -> None:
-        if conn is not None:
-            self._relayed_bytes += size
+        self._relayed_bytes += size if conn is not None else 0
 
     @contextlib.contextmanager
     def _judging_relay(self, peer: str) -> Iterator[INetConn | None]:
@@ -238,10 +240,10 @@ class Libp2pTransport:
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLarge(f"{size} bytes announced, cap is {self.limits.max_payload_bytes}")
         deadline = trio.current_time() + timeout
+        self.pulled.put(digest, True)  # not ours: its pieces wait for our own (ranged.OWN_FIRST_FOR)
 
         def connected_holders() -> list[str]:  # none is dialled: a dialled peer is a neighbour
-            connected = self.neighbourhood.connected()
-            return [peer for peer in holders() if peer in connected]
+            return [peer for peer in holders() if peer in self.neighbourhood.connected()]
         try:
             return await fetch_from_holders(
                 self, digest, size=size, author=author, holders=connected_holders, blame=blame, timeout=timeout,
@@ -252,8 +254,7 @@ class Libp2pTransport:
         except TransferError as error:  # no piece map (1.0.0 peers), or holders all failed
             logger.info("pieces of %s: %s; whole from the author", digest.hex()[:12], error)
         self._check_pullable(author)  # not redialled here either: the caller pulls again later
-        return await self.fetch(author, digest, max_size=size,
-                                timeout=max(0.0, deadline - trio.current_time()))
+        return await self.fetch(author, digest, max_size=size, timeout=max(0.0, deadline - trio.current_time()))
 
     async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
         """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`)."""
@@ -335,9 +336,7 @@ class Libp2pTransport:
         self.neighbourhood.seen_alive(peer)
 
     def _on_served(self, peer: str, digest: bytes, size: int) -> None:
-        self._served_bytes += size
-        self._count_relayed(self._relayed_conn(peer), size)
-        self.neighbourhood.seen_alive(peer)
+        self._on_range(peer, digest, size)
         if (pullers := self._pulled.get(digest)) is not None:  # bounded: served digests x peers
             pullers.add(peer)
 
@@ -399,7 +398,8 @@ async def open_libp2p_transport(
                 serve_timeout=config.transfer_timeout,
                 on_served=transport._on_served,
             )
-            install_ranged_protocol(host, server, on_range=transport._on_range, partials=transport.partials)
+            install_ranged_protocol(host, server, on_range=transport._on_range, partials=transport.partials,
+                                    pulled=lambda digest: digest in transport.pulled)
             transport.server = server
             neighbourhood.busy = transport.busy_peers  # spared probes, trims and reconnects
             install_session_protocol(host, server)
