@@ -28,9 +28,9 @@ and its chunk goes back to the queue for another. The author alone is asked agai
 a failure other than a stall: after a reset or BUSY (a connection cut under a saturated
 link) after a pause doubling up to :data:`MAX_AUTHOR_PAUSE`, for as long as the pull's
 deadline allows (session 11: dropped after 8 in a row, the slow author of an 8M run was
-dropped 39 times, each pull then whole from it with the pieces in thrown away); when it
-cannot be dialled, like a "not yet" below. NOT_FOUND from another holder means
-"not yet" (a co-puller between its last piece and serving the whole payload, or a
+dropped 39 times, each pull then whole from it with the pieces in thrown away); while it
+is not connected (``PeerUnreachable``: nobody is dialled for pieces), like a "not yet"
+below. NOT_FOUND from another holder means "not yet" (a co-puller between its last piece and serving the whole payload, or a
 bitfield ahead of itself): the chunk goes back, the holder is asked HAVE again after a
 growing pause, and dropped after :data:`MAX_MISSES` such answers in a row. A co-puller
 offers its chunks to us alone only while its oldest request is younger than
