@@ -15,7 +15,12 @@ so the two cores go to the network. Rounds close when every neighbour's update i
 - its link-rate bound ``payload bytes x neighbour updates / rate``: what the node's
   downlink must carry (and, pulling from authors only, each author's uplink) per round;
 - the pieces pulled from holders other than the author (``p2pfl.net.swarm`` log lines);
-- peak RSS per node (``VmHWM``), median and max; load average before and after.
+- peak RSS per node (``VmHWM``), median and max; load average before and after;
+- node 0's updates (the slow author with ``--slow-uplink``): seconds from their
+  announcement to each neighbour holding them, median and max, and their pieces from
+  node 0 / from other holders.
+
+``P2PFL_NETNS_LOGS_ROOT=DIR`` keeps each run's daemon logs in ``DIR/<codec>-<sources>-<slow>``.
 
 ``--slow-uplink M`` also runs both source settings with node 0's uplink at M Mbit/s:
 there the author's uplink is the bottleneck that holders could relieve.
@@ -32,6 +37,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -44,6 +50,10 @@ from p2pfl.learners.base import Metrics  # noqa: E402
 from p2pfl.learners.tasks import TaskContext  # noqa: E402
 
 PULLED = re.compile(r"pulled \w+: (\d+) pieces, (\d+) from its author, (\d+) from (\d+) other holders")
+STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
+ANNOUNCED = re.compile(STAMP + r".*announcing (\w+): round (\d+)", re.M)
+DELIVERED = re.compile(STAMP + r".*delivered (\w+): round", re.M)
+PULLED_BY_DIGEST = re.compile(r"pulled (\w+): \d+ pieces, (\d+) from its author, (\d+) from")
 COLUMNS = 5000  # the tensor is (params / 5000) x 5000 float32
 
 
@@ -99,6 +109,8 @@ class Run:
     payload: int
     rounds: list[tuple[int, int, float]]  # (node, neighbour updates, seconds), rounds >= 1
     pieces: tuple[int, int]  # (from authors, from other holders)
+    slow_pulls: list[float]  # seconds from node 0's announcement to a neighbour holding it
+    slow_pieces: tuple[int, int]  # node 0's updates: pieces from node 0 / from other holders
     rss_mb: list[float]
     load: tuple[float, float]
     wall: float
@@ -171,6 +183,8 @@ def run(args: argparse.Namespace, codec: str, sources: int, slow: str = "") -> R
 
     n = args.nodes
     load_before = os.getloadavg()[0]
+    if keep := os.environ.get("P2PFL_NETNS_LOGS_ROOT"):  # each run's daemon logs in its own folder
+        os.environ["P2PFL_NETNS_LOGS"] = str(Path(keep) / f"{codec}-{sources}-{slow or 'even'}")
     with TemporaryDirectory(prefix="bigmodel") as tmp:
         work = Path(tmp)
         lab = Lab(n, work, rate=args.rate)
@@ -210,9 +224,25 @@ def run(args: argparse.Namespace, codec: str, sources: int, slow: str = "") -> R
         rounds = [(d.index, k, seconds) for d in daemons for (_, r, _, k, seconds) in d.rounds
                   if 1 <= r < args.rounds]
         pulled = [tuple(map(int, m.groups())) for text in logs for m in PULLED.finditer(text)]
+    slow_pulls, slow_pieces = node0_pulls(logs)
     return Run(codec, sources, slow, payload_bytes(codec, args.params), rounds,
-               (sum(p[1] for p in pulled), sum(p[2] for p in pulled)), sorted(rss.values()),
-               (load_before, os.getloadavg()[0]), wall)
+               (sum(p[1] for p in pulled), sum(p[2] for p in pulled)), slow_pulls, slow_pieces,
+               sorted(rss.values()), (load_before, os.getloadavg()[0]), wall)
+
+
+def stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def node0_pulls(logs: list[str]) -> tuple[list[float], tuple[int, int]]:
+    """Node 0's updates (every round: a neighbour may skip one round's for the next): seconds
+    from its announcement to each puller's delivery (the daemons share one clock), and
+    their pieces by source."""
+    announced = {m[2]: stamp(m[1]) for m in ANNOUNCED.finditer(logs[0])}
+    delays = [stamp(m[1]) - announced[m[2]] for text in logs[1:] for m in DELIVERED.finditer(text)
+              if m[2] in announced]
+    pulled = [m for text in logs[1:] for m in PULLED_BY_DIGEST.finditer(text) if m[1] in announced]
+    return sorted(delays), (sum(int(m[2]) for m in pulled), sum(int(m[3]) for m in pulled))
 
 
 # ---------------------------------------------------------------------------- report
@@ -248,6 +278,14 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
               f"{statistics.median(ratios):>9.2f} {f'{r.pieces[0]}/{r.pieces[1]}':>20} "
               f"{f'{statistics.median(r.rss_mb):.0f}/{max(r.rss_mb):.0f}':>15} "
               f"{f'{r.load[0]:.1f}->{r.load[1]:.1f}':>10}")
+    print("node 0's updates (every round): seconds from its announcement to each neighbour holding it")
+    print(f"{'codec':6} {'sources':>7} {'slow up':>8} {'pulls':>6} {'median s':>9} {'max s':>7} "
+          f"{'pieces from node 0/other':>25}")
+    for r in runs:
+        if r.slow_pulls:
+            print(f"{r.codec:6} {r.sources:>7} {r.slow or '-':>8} {len(r.slow_pulls):>6} "
+                  f"{statistics.median(r.slow_pulls):>9.1f} {max(r.slow_pulls):>7.1f} "
+                  f"{f'{r.slow_pieces[0]}/{r.slow_pieces[1]}':>25}")
     by = {(r.codec, r.sources, r.slow): r for r in runs if r.rounds}
 
     def median_s(r: Run) -> float:
@@ -256,8 +294,12 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     print("ratios of median node-round time:")
     for (codec, sources, slow), r in by.items():
         if sources == 1 and (codec, args.sources, slow) in by:
+            multi = by[(codec, args.sources, slow)]
             print(f"  {codec} {slow or 'even links'}: multi-source ({args.sources}) / author-only = "
-                  f"{median_s(by[(codec, args.sources, slow)]) / median_s(r):.2f}")
+                  f"{median_s(multi) / median_s(r):.2f}")
+            if r.slow_pulls and multi.slow_pulls:
+                print(f"    node 0's update, median pull: multi / author-only = "
+                      f"{statistics.median(multi.slow_pulls) / statistics.median(r.slow_pulls):.2f}")
         if codec == "raw" and ("int8", sources, slow) in by:
             print(f"  sources {sources} {slow or 'even links'}: int8 / raw = "
                   f"{median_s(by[('int8', sources, slow)]) / median_s(r):.2f}")
@@ -274,6 +316,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="raw,int8")
     parser.add_argument("--slow-uplink", default="", help="also run with node 0's uplink at this rate")
     parser.add_argument("--run-timeout", type=float, default=900.0)
+    parser.add_argument("--slow-only", action="store_true", help="skip the even-link runs (iterating)")
     parser.add_argument("--quick", action="store_true", help="4 nodes, 4M parameters, 2 rounds")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the daemons, remove the namespaces
@@ -283,7 +326,8 @@ def main() -> None:
 
     if (reason := why_not()) is not None:
         raise SystemExit(f"cannot run: {reason}")
-    plan = [(codec, sources, "") for codec in args.codecs.split(",") for sources in (1, args.sources)]
+    plan = [] if args.slow_only else [
+        (codec, sources, "") for codec in args.codecs.split(",") for sources in (1, args.sources)]
     if args.slow_uplink:
         plan += [("raw", sources, args.slow_uplink) for sources in (1, args.sources)]
     for codec in args.codecs.split(","):

@@ -52,8 +52,10 @@ from p2pfl.errors import DecodeError, NetworkError, P2PFLError
 from p2pfl.net.host import connect, listen_addrs
 from p2pfl.net.peerbook import (  # re-exported: discovery's public names
     BASE_BACKOFF,
+    COOL_OFF,
     MAX_ADDR_CHARS,
     MAX_ADDRS_PER_PEER,
+    ConnectionAges,
     PeerBook,
     PeerRecord,
     parse_p2p_addr,
@@ -137,6 +139,7 @@ class Neighbourhood:
         self._wake = trio.Event()  # set to run the next maintenance pass early
         self._alive: dict[str, float] = {}  # peer -> when a payload last moved between us
         self._exchanged: dict[str, float] = {}  # connected peer -> our last exchange with it
+        self.ages = ConnectionAges()  # trims cut the youngest; a peer that cut us soon rests
         # Peers a payload is moving to or from (set by the transport): alive, and not cut off.
         self.busy: Callable[[], set[str]] = set
         self._listen: tuple[float, list[str]] | None = None  # (when, our listen addresses)
@@ -270,6 +273,7 @@ class Neighbourhood:
         addrs = lines[1:]
         self._exchanged[peer] = trio.current_time()
         own = [a for a in addrs if parse_p2p_addr(a) == peer]
+        self.ages.degree[peer] = len({parse_p2p_addr(a) for a in addrs} - {peer, None})  # us included
         self._learn_from(peer, own, claimed_by=peer)
         self._learn_from(peer, [a for a in addrs if a not in own], claimed_by=None)
 
@@ -299,6 +303,8 @@ class Neighbourhood:
         """Run one maintenance pass: drop banned/dead/surplus, then top up."""
         now = trio.current_time()
         connected = self.connected()
+        for peer in self.ages.update(connected, now):
+            self.book.cool(peer, now + COOL_OFF)
         for peer in connected:
             if self.book.is_banned(peer, now):
                 await self.disconnect(peer)
@@ -331,14 +337,18 @@ class Neighbourhood:
             await self.disconnect(peer)
 
     async def _trim(self, busy: set[str]) -> None:
-        """Drop surplus neighbours at random, idle ones first: a busy one's transfers are cut
-        only when the idle ones do not make up the surplus. (Sparing busy ones until idle
-        kept a hub's surplus for good with a big model: someone is always pulling.)"""
+        """Drop surplus neighbours in :meth:`ConnectionAges.trim_order`: a busy one's transfers
+        are cut only when the idle ones do not make up the surplus. (Sparing busy ones
+        until idle kept a hub's surplus for good with a big model; cutting busy ones at
+        random churned a hub's neighbours every pass, session 11; the youngest alone
+        locked a node out of a full network.)"""
         neighbours = self.neighbours()
         idle = [p for p in neighbours if p not in busy]
         engaged = [p for p in neighbours if p in busy]
-        order = [*random.sample(idle, len(idle)), *random.sample(engaged, len(engaged))]
+        order = self.ages.trim_order(random.sample(idle, len(idle)), random.sample(engaged, len(engaged)),
+                                     self.book.target(self.config.target_neighbours))
         for peer in order[: max(0, len(neighbours) - self.config.max_neighbours)]:
+            logger.info("trimming %s (%s, of %d)", short_id(peer), "busy" if peer in busy else "idle", len(neighbours))
             await self.disconnect(peer)
 
     async def _top_up(self) -> None:
@@ -385,6 +395,7 @@ class Neighbourhood:
 
     async def disconnect(self, peer: str) -> None:
         """Close every connection to ``peer`` (bounded, never raises)."""
+        self.ages.ours.add(peer)  # not rested for it: we cut it (a trim, a probe, a gossip reconnect)
         with trio.move_on_after(self.config.dial_timeout):
             try:
                 await self.host.disconnect(ID.from_base58(peer))

@@ -34,6 +34,7 @@ import trio
 from libp2p.abc import IHost, INetConn
 
 from p2pfl.config import Limits, NetConfig
+from p2pfl.core.bounded import BoundedMap
 from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import PayloadTooLarge, PeerUnreachable, TransferError, TransferTimeout
@@ -101,6 +102,7 @@ class Libp2pTransport:
         self.sessions = Sessions(host)  # one long-lived pull stream per peer (1.2.0)
         self._pulling: Counter[str] = Counter()  # peer -> our pulls from it in progress
         self.partials: dict[bytes, Partial] = {}  # our multi-source pulls in progress, served
+        self.pulled: BoundedMap[bytes, bool] = BoundedMap(1024)  # digests we pulled (not ours): >> served
         self.server: _Server | None = None  # set once the update protocols are installed
 
     @property
@@ -138,14 +140,13 @@ class Libp2pTransport:
             TransferError: see :func:`p2pfl.net.transfer.fetch_payload`.
         """
         max_size = min(max_size, self.limits.max_payload_bytes)
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            raise PeerUnreachable(f"{short_id(peer)} is banned")
         deadline = trio.current_time() + timeout
         await self._ensure_connected(peer, timeout)
         remaining = max(0.0, deadline - trio.current_time())
         with self._judging_relay(peer) as relayed:
             payload = await self.sessions.fetch(peer, digest, max_size=max_size, timeout=remaining)
         self._fetched_bytes += len(payload)
+        self.pulled.put(digest, True)
         self._count_relayed(relayed, len(payload))
         self.neighbourhood.seen_alive(peer)
         return payload
@@ -169,8 +170,7 @@ class Libp2pTransport:
         return conns[0] if conns and all(is_relayed(c) for c in conns) else None
 
     def _count_relayed(self, conn: INetConn | None, size: int) -> None:
-        if conn is not None:
-            self._relayed_bytes += size
+        self._relayed_bytes += size if conn is not None else 0
 
     @contextlib.contextmanager
     def _judging_relay(self, peer: str) -> Iterator[INetConn | None]:
@@ -211,6 +211,8 @@ class Libp2pTransport:
         self._paths.update(self.neighbourhood.connected(), self.relayed_peers())
 
     async def _ensure_connected(self, peer: str, timeout: float) -> None:
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{short_id(peer)} is banned")
         if peer in self.neighbourhood.connected():
             return
         record = self.neighbourhood.book.peers.get(peer)
@@ -238,17 +240,21 @@ class Libp2pTransport:
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLarge(f"{size} bytes announced, cap is {self.limits.max_payload_bytes}")
         deadline = trio.current_time() + timeout
+        self.pulled.put(digest, True)  # not ours: its pieces wait for our own (ranged.OWN_FIRST_FOR)
+
+        def connected_holders() -> list[str]:  # none is dialled: a dialled peer is a neighbour
+            return [peer for peer in holders() if peer in self.neighbourhood.connected()]
         try:
             return await fetch_from_holders(
-                self, digest, size=size, author=author, holders=holders, blame=blame, timeout=timeout,
+                self, digest, size=size, author=author, holders=connected_holders, blame=blame, timeout=timeout,
                 request_timeout=max(1.0, timeout * REQUEST_SHARE), max_sources=sources,
                 me=self.peer_id, partials=self.partials, on_map=on_map)
         except TransferTimeout:
             raise
         except TransferError as error:  # no piece map (1.0.0 peers), or holders all failed
             logger.info("pieces of %s: %s; whole from the author", digest.hex()[:12], error)
-        return await self.fetch(author, digest, max_size=size,
-                                timeout=max(0.0, deadline - trio.current_time()))
+        self._check_pullable(author)  # not redialled here either: the caller pulls again later
+        return await self.fetch(author, digest, max_size=size, timeout=max(0.0, deadline - trio.current_time()))
 
     async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
         """The piece map of ``digest`` as ``peer`` says (a :class:`~p2pfl.net.swarm.PieceSource`)."""
@@ -260,10 +266,8 @@ class Libp2pTransport:
         self, peer: str, digest: bytes, *, size: int, first: int, count: int, timeout: float
     ) -> Sequence[bytes]:
         """Pieces of ``digest`` as ``peer`` sends them (a :class:`~p2pfl.net.swarm.PieceSource`);
-        dials ``peer`` first if it is known but not connected (an author after a reset)."""
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            raise PeerUnreachable(f"{short_id(peer)} is banned")
-        await self._ensure_connected(peer, timeout)
+        never dials (a puller redialling an author that had just trimmed it kept a hub full)."""
+        self._check_pullable(peer)
         with self._judging_relay(peer) as relayed:
             got = await fetch_range(self.host, peer, digest, size=size, first=first, count=count,
                                     timeout=timeout)
@@ -278,10 +282,8 @@ class Libp2pTransport:
         return await fetch_have(self.host, peer, digest, size=size, timeout=timeout)
 
     def _check_pullable(self, peer: str) -> None:
-        if self.neighbourhood.book.is_banned(peer, trio.current_time()):
-            raise PeerUnreachable(f"{short_id(peer)} is banned")
-        if peer not in self.neighbourhood.connected():
-            raise PeerUnreachable(f"{short_id(peer)} is not connected")
+        if self.neighbourhood.book.is_banned(peer, trio.current_time()) or peer not in self.neighbourhood.connected():
+            raise PeerUnreachable(f"{short_id(peer)} is banned or not connected")
 
     def serve(self, digest: bytes, payload: bytes) -> None:
         """Offer ``payload`` (whose sha256 is ``digest``) to every peer."""
@@ -334,9 +336,7 @@ class Libp2pTransport:
         self.neighbourhood.seen_alive(peer)
 
     def _on_served(self, peer: str, digest: bytes, size: int) -> None:
-        self._served_bytes += size
-        self._count_relayed(self._relayed_conn(peer), size)
-        self.neighbourhood.seen_alive(peer)
+        self._on_range(peer, digest, size)
         if (pullers := self._pulled.get(digest)) is not None:  # bounded: served digests x peers
             pullers.add(peer)
 
@@ -398,7 +398,8 @@ async def open_libp2p_transport(
                 serve_timeout=config.transfer_timeout,
                 on_served=transport._on_served,
             )
-            install_ranged_protocol(host, server, on_range=transport._on_range, partials=transport.partials)
+            install_ranged_protocol(host, server, on_range=transport._on_range, partials=transport.partials,
+                                    pulled=lambda digest: digest in transport.pulled)
             transport.server = server
             neighbourhood.busy = transport.busy_peers  # spared probes, trims and reconnects
             install_session_protocol(host, server)

@@ -44,8 +44,10 @@ reply must declare and refuses any other before reading a body byte
 A piece map is the holder's word only: the puller checks pieces against it and the
 whole payload against the signed digest (see :mod:`p2pfl.net.swarm`).
 
-Server side: replies share the 1.0.0 server's slots, queue and deadlines (a HAVE reply,
-at most a few hundred bytes, is written at once under the request deadline). A piece
+Server side: RANGE replies share the 1.0.0 server's slots, queue and deadlines; HAVE and
+PIECES replies (a few hundred bytes; 32 bytes per MiB of payload) are written at once
+under the request deadline, outside the slots (since session 11: a map request
+answered BUSY behind other pullers' ranges used to cost a whole-payload pull). A piece
 map is hashed once per payload in a worker thread and cached (:data:`MAP_CACHE`
 payloads). Besides the payloads it serves whole, a server answers from the pulls in
 progress it is given (``partials``, see :mod:`p2pfl.net.swarm`): PIECES with the map
@@ -95,6 +97,12 @@ MAP_CACHE = 64  # piece maps kept (32 bytes per MiB of payload each)
 # Replies from pulls in progress join their pieces (a copy of up to 16 MiB, 4 MiB for
 # our own requests): at most this many exist at once, the others wait for one.
 PARTIAL_REPLIES = 2
+# Own payloads first: while a RANGE of a payload this node did not pull (its own update)
+# is being sent, or was within this many seconds, pieces of payloads it pulled (held or
+# in progress) are not offered: HAVE answers none, RANGE NOT_FOUND ("not yet"). A node's
+# uplink carries its own update before it helps swap others' (session 11: a slow uplink
+# that served its co-pulled neighbours' pieces delayed its own update).
+OWN_FIRST_FOR = 1.0
 READ_CHUNK = 4 * MiB
 
 
@@ -174,10 +182,12 @@ class RangedServer:
 
     def __init__(
         self, server: _Server, on_range: Callable[[str, bytes, int], None] | None,
-        partials: Mapping[bytes, Partial] | None = None,
+        partials: Mapping[bytes, Partial] | None = None, pulled: Callable[[bytes], bool] | None = None,
     ) -> None:
         self._server, self._on_range = server, on_range
         self._partials: Mapping[bytes, Partial] = partials if partials is not None else {}
+        self._pulled = pulled  # digests this node pulled; None: no priority (every payload its own)
+        self._own_sending, self._own_until = 0, float("-inf")
         self._maps: BoundedMap[bytes, bytes] = BoundedMap(MAP_CACHE)
         self._hashing = trio.Lock()  # one map hashed at a time; waiters find it cached
         self._joining = trio.CapacityLimiter(PARTIAL_REPLIES)
@@ -213,41 +223,45 @@ class RangedServer:
         self, stream: INetStream, peer: str, op: Op, digest: bytes, first: int, count: int, payload: bytes
     ) -> None:
         server = self._server
+        held = self._pulled is not None and self._pulled(digest)
         if len(payload) > server.limits.max_payload_bytes:
             await server._send_status(stream, Status.TOO_LARGE, len(payload))
         elif op is Op.HAVE:
-            await self._send_small(stream, bitfield([True] * piece_count(len(payload))))
+            await self._send_small(stream, bitfield([not (held and self._own_first())] * piece_count(len(payload))))
+        elif op is Op.RANGE and held and self._own_first():
+            await server._send_status(stream, Status.NOT_FOUND)  # not yet: our own update first
         elif op is Op.RANGE and not _inside(first, count, piece_count(len(payload))):
             await server._send_status(stream, Status.BAD_RANGE, len(payload))
+        elif op is Op.PIECES:  # 32 bytes a MiB: outside the slots, like HAVE (no BUSY for a map)
+            await self._send_map(stream, peer, digest, await self._map(digest, payload))
         else:
 
             async def body() -> bytes | memoryview:
-                if op is Op.PIECES:
-                    return await self._map(digest, payload)
                 start = first * PIECE_BYTES
                 return memoryview(payload)[start : start + range_bytes(len(payload), first, count)]
 
-            await self._send(stream, peer, digest, body)
+            self._own_sending += not held
+            try:
+                await self._send(stream, peer, digest, body)
+            finally:
+                self._own_sending -= not held
+                if not held:
+                    self._own_until = trio.current_time() + OWN_FIRST_FOR
 
     async def _reply_partial(
         self, stream: INetStream, peer: str, op: Op, digest: bytes, first: int, count: int, partial: Partial
     ) -> None:
         """Answer from a pull in progress: only pieces that are in (checked against its map)."""
-        server, n = self._server, len(partial.hashes)
+        server, n, later = self._server, len(partial.hashes), self._own_first()
         if op is Op.HAVE:
-            await self._send_small(stream, bitfield([p is not None for p in partial.pieces]))
+            await self._send_small(stream, bitfield([p is not None and not later for p in partial.pieces]))
         elif op is Op.PIECES:
-            joined = b"".join(partial.hashes)
-
-            async def the_map() -> bytes:
-                return joined
-
-            await self._send(stream, peer, digest, the_map)
+            await self._send_map(stream, peer, digest, b"".join(partial.hashes))
         elif not _inside(first, count, n):
             await server._send_status(stream, Status.BAD_RANGE, partial.size)
         else:
             held = list(partial.pieces[first : first + count])
-            if any(p is None for p in held):
+            if later or any(p is None for p in held):
                 await server._send_status(stream, Status.NOT_FOUND)  # not yet
                 return
 
@@ -268,8 +282,17 @@ class RangedServer:
         if sent is not None and self._on_range is not None:
             self._on_range(peer, digest, sent)
 
+    def _own_first(self) -> bool:
+        """Whether an own payload's RANGE reply is under way or just ended (:data:`OWN_FIRST_FOR`)."""
+        return self._pulled is not None and (self._own_sending > 0 or trio.current_time() < self._own_until)
+
+    async def _send_map(self, stream: INetStream, peer: str, digest: bytes, body: bytes) -> None:
+        await self._send_small(stream, body)
+        if self._on_range is not None:
+            self._on_range(peer, digest, len(body))
+
     async def _send_small(self, stream: INetStream, body: bytes) -> None:
-        """Write a short OK reply at once, outside the slots (a HAVE: n / 8 bytes)."""
+        """Write a short OK reply at once, outside the slots (a HAVE: n / 8 bytes; a map: 32 n)."""
         with trio.fail_after(min(REQUEST_TIMEOUT, self._server.serve_timeout)):
             await stream.write(REPLY_HEADER.pack(Status.OK, len(body)) + body)
             await stream.close()
@@ -288,14 +311,16 @@ def _inside(first: int, count: int, n: int) -> bool:
 
 def install_ranged_protocol(
     host: IHost, server: _Server, *, on_range: Callable[[str, bytes, int], None] | None = None,
-    partials: Mapping[bytes, Partial] | None = None,
+    partials: Mapping[bytes, Partial] | None = None, pulled: Callable[[bytes], bool] | None = None,
 ) -> None:
     """Serve 1.1.0 on ``host`` from the store of ``server`` (a 1.0.0 server, same slots)
     and from the pulls in progress in ``partials``.
 
-    ``on_range(peer, digest, bytes)`` is called after each reply written in full.
+    ``on_range(peer, digest, bytes)`` is called after each reply written in full;
+    ``pulled(digest)``: whether this node pulled that payload (others' pieces wait for
+    its own, :data:`OWN_FIRST_FOR`).
     """
-    host.set_stream_handler(RANGED_PROTOCOL_ID, RangedServer(server, on_range, partials).handle)
+    host.set_stream_handler(RANGED_PROTOCOL_ID, RangedServer(server, on_range, partials, pulled).handle)
 
 
 # ---------------------------------------------------------------------------- client

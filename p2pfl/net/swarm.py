@@ -25,9 +25,12 @@ author for different pieces and meet their neighbours' regions in the middle.
 Hostile holders: a holder whose request fails (stall past ``request_timeout``, reset,
 BUSY, a reply of the wrong length; NOT_FOUND from the author) is dropped for this pull
 and its chunk goes back to the queue for another. The author alone is asked again after
-a failure other than a stall, like a "not yet" below (a connection reset under a
-saturated link then costs a pause, not the pieces already in). NOT_FOUND from another holder means
-"not yet" (a co-puller between its last piece and serving the whole payload, or a
+a failure other than a stall: after a reset or BUSY (a connection cut under a saturated
+link) after a pause doubling up to :data:`MAX_AUTHOR_PAUSE`, for as long as the pull's
+deadline allows (session 11: dropped after 8 in a row, the slow author of an 8M run was
+dropped 39 times, each pull then whole from it with the pieces in thrown away); while it
+is not connected (``PeerUnreachable``: nobody is dialled for pieces), like a "not yet"
+below. NOT_FOUND from another holder means "not yet" (a co-puller between its last piece and serving the whole payload, or a
 bitfield ahead of itself): the chunk goes back, the holder is asked HAVE again after a
 growing pause, and dropped after :data:`MAX_MISSES` such answers in a row. A co-puller
 offers its chunks to us alone only while its oldest request is younger than
@@ -50,23 +53,28 @@ holders in memory on a mock clock.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
 from p2pfl.core.crypto import short_id
-from p2pfl.core.envelope import CheckedPayload, PayloadHasher
+from p2pfl.core.envelope import CheckedPayload
 from p2pfl.errors import (
     NetworkError,
     PayloadNotFound,
     PeerUnreachable,
     TransferError,
     TransferTimeout,
+)
+from p2pfl.net.pullstate import (  # LEND_FOR, region_start: re-exported, the pull's rules
+    HAVE_POLL,
+    LEND_FOR,
+    MAX_HAVE_POLL,
+    Pull,
+    Source,
+    region_start,
 )
 from p2pfl.net.ranged import MAX_RANGE_PIECES, Partial, piece_count
 from p2pfl.net.transfer import within
@@ -75,13 +83,12 @@ log = logging.getLogger(__name__)
 
 Blame = Callable[[str, str], None]  # peer, reason: it served bytes that were not the payload
 HOLDER_POLL = 0.5  # seconds between looks for new holders while pieces are missing
-HAVE_POLL = 0.5  # seconds between HAVE requests to a co-puller with nothing we lack...
-MAX_HAVE_POLL = 2.0  # ...doubling up to this while its answers bring nothing new
 MAX_MISSES = 8  # NOT_FOUND answers in a row before a holder other than the author is dropped
-LEND_FOR = 10.0  # seconds a co-puller's oldest request may run while its chunks wait for it
 # With no full source left, co-pullers alone may never complete us (the author is gone
 # for them too): give up after this long without a new piece, so the caller falls back.
 STARVED_AFTER = 30.0
+MAP_RETRIES = (1.0, 2.0, 4.0, 8.0)  # pauses before asking the holders for the piece map again
+MAX_AUTHOR_PAUSE = 8.0  # the longest pause before asking the author again after a reset or BUSY
 
 
 class PieceSource(Protocol):
@@ -100,146 +107,6 @@ class PieceSource(Protocol):
     async def have(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bool]:
         """Return which pieces ``peer`` says it holds (one flag per piece)."""
         ...
-
-
-def region_start(peer: str, chunks: int) -> int:
-    """The chunk a puller starts from when asking the author: spread by peer id."""
-    return int.from_bytes(hashlib.sha256(peer.encode()).digest()[:8], "big") % chunks
-
-
-@dataclass
-class _Source:
-    """What we know of one holder during a pull."""
-
-    full: bool  # holds every piece: the author, a verified holder, an earlier release
-    chunks: set[int] = field(default_factory=set)  # chunks it holds in full (its last HAVE)
-    workers: int = 0
-    misses: int = 0  # NOT_FOUND in a row
-    asking: dict[int, float] = field(default_factory=dict)  # chunk -> when we asked for it
-    asked_have: float = float("-inf")
-    have_pause: float = HAVE_POLL
-    have_lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-class _Pull:
-    """The state of one multi-source pull: pieces held, chunks queued and in flight."""
-
-    def __init__(self, hashes: Sequence[bytes], size: int, chunk_pieces: int, me: str) -> None:
-        n = piece_count(size)
-        self.size, self.hashes = size, hashes
-        self.pieces: list[bytes | None] = [None] * n
-        self.chunks = [(first, min(chunk_pieces, n - first)) for first in range(0, n, chunk_pieces)]
-        k = len(self.chunks)
-        start = region_start(me, k)
-        self.order = [(start + i) % k for i in range(k)]  # ours first: see preference()
-        self.queued = set(range(k))
-        self.asked: list[set[str]] = [set() for _ in self.chunks]  # peers sending each chunk
-        self.sources: dict[str, _Source] = {}
-        self.missing = k
-        self._complete: set[int] = set()
-        self.kept: Counter[str] = Counter()  # pieces kept, by the peer that sent them
-        self.hasher = PayloadHasher()
-        self._hashed = 0  # pieces fed to the hasher: the complete prefix
-        self.changed = trio.Event()
-        self.last_kept = trio.current_time()
-
-    def preference(self) -> list[int]:
-        """Chunks in the order a full source is asked: our region forward, then the rest
-        backwards (from the end of the region before ours, toward its owner)."""
-        starts = {region_start(p, len(self.chunks)) for p, s in self.sources.items() if s.workers and not s.full}
-        cut = next((i for i in range(1, len(self.order)) if self.order[i] in starts), len(self.order))
-        return self.order[:cut] + self.order[cut:][::-1]
-
-    def _lent(self, now: float) -> set[int]:
-        """Queued chunks a live co-puller offers: left to it rather than a full source."""
-        lent: set[int] = set()
-        for s in self.sources.values():
-            if not s.full and s.workers and (not s.asking or now - min(s.asking.values()) < LEND_FOR):
-                lent |= s.chunks
-        return lent
-
-    def take(self, peer: str) -> int | None:
-        """Return a chunk for ``peer``: a queued one it holds (a full source: one no live
-        co-puller offers), else one in flight elsewhere once none is queued (end game)."""
-        source = self.sources[peer]
-        if source.full:
-            lent = self._lent(trio.current_time())
-            chunk = next((c for c in self.preference() if c in self.queued and c not in lent), None)
-        else:
-            chunk = next((c for c in self.order if c in self.queued and c in source.chunks), None)
-        if chunk is None and not self.queued:
-            chunk = next((c for c, peers in enumerate(self.asked) if peers and peer not in peers and len(peers) < 2
-                          and (source.full or c in source.chunks) and not self._done(c)), None)
-        if chunk is None:
-            return None
-        self.queued.discard(chunk)
-        self.asked[chunk].add(peer)
-        source.asking[chunk] = trio.current_time()
-        return chunk
-
-    def give_back(self, chunk: int, peer: str) -> None:
-        """``peer`` did not deliver ``chunk``: queue it again unless someone else has it."""
-        self._settle(chunk, peer)
-        if not self._done(chunk) and not self.asked[chunk]:
-            self.queued.add(chunk)
-        self.wake()
-
-    def keep(self, chunk: int, got: Sequence[bytes], peer: str) -> bool:
-        """Store the pieces of ``chunk`` that match the map; False if any did not."""
-        first, count = self.chunks[chunk]
-        self._settle(chunk, peer)
-        good = len(got) == count
-        for index, piece in zip(range(first, first + count), got, strict=False):
-            if self.pieces[index] is not None:
-                continue  # the other end-game copy came first
-            if hashlib.sha256(piece).digest() == self.hashes[index]:
-                self.pieces[index] = piece
-                self.kept[peer] += 1
-                self.last_kept = trio.current_time()
-            else:
-                good = False
-        if self._done(chunk):
-            if chunk not in self._complete:  # the other end-game copy may complete it again
-                self._complete.add(chunk)
-                self.missing -= 1
-        elif not self.asked[chunk]:
-            self.queued.add(chunk)
-        self._advance()
-        self.wake()
-        return good
-
-    def offer(self, peer: str, held: Sequence[bool]) -> bool:
-        """Record a HAVE: the chunks ``peer`` holds in full (all of them makes it a full
-        source); return whether it offers a chunk we still need that it did not before."""
-        source = self.sources[peer]
-        before = source.chunks
-        source.chunks = {c for c, (f, n) in enumerate(self.chunks) if all(held[f : f + n])}
-        source.full = len(source.chunks) == len(self.chunks)
-        self.wake()
-        return any(not self._done(c) for c in source.chunks - before)
-
-    def payload(self) -> CheckedPayload:
-        """Join the pieces (call once every chunk is in)."""
-        self.pieces = []
-        return self.hasher.finish()
-
-    def wake(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def _settle(self, chunk: int, peer: str) -> None:
-        self.asked[chunk].discard(peer)
-        if (source := self.sources.get(peer)) is not None:
-            source.asking.pop(chunk, None)
-
-    def _done(self, chunk: int) -> bool:
-        first, count = self.chunks[chunk]
-        return all(self.pieces[i] is not None for i in range(first, first + count))
-
-    def _advance(self) -> None:
-        while self._hashed < len(self.pieces) and (piece := self.pieces[self._hashed]) is not None:
-            self.hasher.add(piece)
-            self._hashed += 1
 
 
 async def fetch_from_holders(
@@ -287,8 +154,8 @@ async def _fetch(
     def candidates() -> list[str]:
         return list(dict.fromkeys([author, *holders()]))
 
-    mapper, hashes = await _piece_map(source, digest, size, candidates(), request_timeout)
-    pull = _Pull(hashes, size, chunk_pieces, me)
+    mapper, hashes = await _piece_map(source, digest, size, candidates, request_timeout)
+    pull = Pull(hashes, size, chunk_pieces, me)
     shared = mapper == author and digest not in partials  # pieces checked against the author's map
     if shared:
         partials[digest] = pull
@@ -316,7 +183,7 @@ async def _fetch(
 
 
 async def _swarm(
-    pull: _Pull, source: PieceSource, digest: bytes, author: str, candidates: Callable[[], list[str]],
+    pull: Pull, source: PieceSource, digest: bytes, author: str, candidates: Callable[[], list[str]],
     request_timeout: float, max_sources: int, per_source: int,
 ) -> dict[str, str]:
     """Run the workers until every chunk is in or every source is gone; return the suspects."""
@@ -394,9 +261,13 @@ async def _swarm(
                     if peer != author or isinstance(exc, TransferTimeout):
                         drop(peer)
                         return
-                    await not_yet(peer)  # a reset connection: the pieces in are kept, it is dialled again
+                    if isinstance(exc, PeerUnreachable):  # not dialled again: counted, dropped at MAX_MISSES
+                        await not_yet(peer)
+                    else:  # a reset or BUSY: the author is there, its link saturated; never dropped for it
+                        state.resets += 1
+                        await trio.sleep(min(HAVE_POLL * 2 ** min(state.resets, 8), MAX_AUTHOR_PAUSE))
                     continue
-                state.misses = 0
+                state.misses = state.resets = 0
                 if not pull.keep(chunk, got, peer):
                     suspects[peer] = f"pieces {first}+{count} differ from the piece map"
                     drop(peer)
@@ -408,7 +279,7 @@ async def _swarm(
         while pull.missing:
             for peer in candidates():
                 if peer not in pull.sources and len(pull.sources) < max_sources:
-                    pull.sources[peer] = _Source(full=peer == author, workers=per_source)
+                    pull.sources[peer] = Source(full=peer == author, workers=per_source)
                     for _ in range(per_source):
                         nursery.start_soon(work, peer)
             alive = [s for s in pull.sources.values() if s.workers]
@@ -422,19 +293,33 @@ async def _swarm(
 
 
 async def _piece_map(
-    source: PieceSource, digest: bytes, size: int, peers: list[str], timeout: float
+    source: PieceSource, digest: bytes, size: int, peers: Callable[[], list[str]], timeout: float
 ) -> tuple[str, Sequence[bytes]]:
-    """Return the first holder that gives a piece map of the right length, and the map."""
-    for peer in peers:
-        try:
-            hashes = await source.piece_map(peer, digest, size=size, timeout=timeout)
-        except NetworkError as exc:
-            log.info("piece map of %s from %s failed: %s", digest.hex()[:12], short_id(peer), exc)
-            continue
-        if len(hashes) == piece_count(size) and all(len(h) == 32 for h in hashes):
-            return peer, hashes
-        log.info("piece map from %s has the wrong shape", short_id(peer))
+    """Return the first holder that gives a piece map of the right length, and the map.
+
+    Every holder is asked in turn; if one failed on the way (a reset or BUSY under a
+    saturated link, :data:`MAP_RETRIES`), all are asked again after a growing pause (the
+    holders re-read): one reset of the map request used to cost a whole-payload pull.
+    """
+    for pause in (*MAP_RETRIES, None):
+        transient = False
+        for peer in peers():
+            try:
+                hashes = await source.piece_map(peer, digest, size=size, timeout=timeout)
+            except (PayloadNotFound, PeerUnreachable, TransferTimeout) as exc:  # final for this pull
+                log.info("piece map of %s from %s failed: %s", digest.hex()[:12], short_id(peer), exc)
+                continue
+            except NetworkError as exc:  # a reset, BUSY, a garbled reply: worth asking again
+                log.info("piece map of %s from %s failed: %s", digest.hex()[:12], short_id(peer), exc)
+                transient = True
+                continue
+            if len(hashes) == piece_count(size) and all(len(h) == 32 for h in hashes):
+                return peer, hashes
+            log.info("piece map from %s has the wrong shape", short_id(peer))
+        if not transient or pause is None:
+            break
+        await trio.sleep(pause)
     raise TransferError(f"no holder of {digest.hex()[:12]} gave a piece map")
 
 
-__all__ = ["Blame", "PieceSource", "fetch_from_holders"]
+__all__ = ["HAVE_POLL", "LEND_FOR", "Blame", "PieceSource", "fetch_from_holders", "region_start"]

@@ -206,6 +206,8 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
+            log.info("delivered %s: round %d from %s", header.digest.hex()[:12], header.round,
+                     short_id(header.sender))
             if codec_named(header.codec).delta:  # a big model kept for nothing otherwise
                 kept = self._bases.peek(header.sender) or {}
                 recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []
@@ -266,7 +268,8 @@ class Fetcher:
         except NetworkError as exc:
             log.info("fetch %s from %s failed: %s", header.digest.hex()[:8], short_id(header.sender), exc)
             transient |= not isinstance(exc, _FINAL)
-        for source in holders()[: _MAX_SOURCES - 1]:
+        neighbours = self._transport.neighbours()  # a holder is not dialled: it would be a neighbour
+        for source in [h for h in holders() if h in neighbours][: _MAX_SOURCES - 1]:
             try:
                 return await self._transport.fetch(
                     source, header.digest, max_size=header.size, timeout=self._fetch_timeout

@@ -134,6 +134,7 @@ class Outbox:
         self._announced.setdefault(round, []).append(update)
         for old in [r for r in self._announced if r < round - self._max_lag]:
             del self._announced[old]
+        log.info("announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
 

@@ -177,6 +177,16 @@ async def test_fetcher_falls_back_to_whole_pulls_from_holders() -> None:
     assert pulls.whole_from == ["h1"]  # the first holder answered
 
 
+async def test_whole_pulls_go_to_holders_that_are_still_neighbours_only() -> None:
+    # A holder we are no longer connected to is not dialled for it (it would become a
+    # neighbour; redials of that kind kept a full hub trimming).
+    update, payload = signed(SMALL)
+    pulls = Pulls(payload, author_fails=True)
+    pulls.neighbours = lambda: tuple(i.peer_id for i in identities(2)) + ("h2",)  # type: ignore[method-assign]
+    assert await fetch_with(pulls, update) == []
+    assert pulls.whole_from == ["h2"]
+
+
 class Flaky:
     """A transport whose author fails with ``errors`` in turn, then serves; holders hold nothing."""
 

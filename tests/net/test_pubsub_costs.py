@@ -18,6 +18,7 @@ from p2pfl.net import patches
 from p2pfl.net.discovery import Neighbourhood
 from p2pfl.net.gossip import Gossip, open_gossip
 from p2pfl.net.host import connect, listen_addrs, open_host
+from p2pfl.net.peerbook import COOL_OFF, SHORT_LIVED, ConnectionAges, PeerBook, PeerRecord
 from tests.net.polling import wait_for
 from tests.net.test_gossip import accept_ok, network
 
@@ -131,6 +132,8 @@ async def test_a_neighbour_moving_a_payload_is_not_probed() -> None:
 async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
     hood = object.__new__(Neighbourhood)  # the trimming alone, on stand-in neighbours
     hood.config = NetConfig(max_neighbours=2)
+    hood.ages = ConnectionAges()
+    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
     current = ["a", "b", "c", "d"]
     dropped: list[str] = []
 
@@ -146,3 +149,74 @@ async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
     assert dropped[1] in {"a", "b", "c"}
     await hood._trim(set())
     assert len(dropped) == 2  # nothing more to trim
+
+
+async def test_trimming_cuts_the_youngest_busy_neighbour_not_an_established_one() -> None:
+    # A hub over its cap, every neighbour pulling: the peer that just dialled it goes, not
+    # one halfway through a pull (cut at random, a hub churned its neighbours every pass).
+    hood = object.__new__(Neighbourhood)
+    hood.config = NetConfig(max_neighbours=3)
+    hood.ages = ConnectionAges()
+    hood.ages.update({"old1", "old2", "mid"}, now=0.0)
+    hood.ages.update({"old1", "old2", "mid"}, now=50.0)
+    current = ["mid", "new", "old1", "old2"]  # "new" connected since the last pass
+    dropped: list[str] = []
+
+    async def disconnect(peer: str) -> None:
+        dropped.append(peer)
+        current.remove(peer)
+
+    hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
+    hood.disconnect = disconnect  # type: ignore[method-assign]
+    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
+    await hood._trim(set(current))
+    assert dropped == ["new"]
+
+
+async def test_trimming_lets_a_newcomer_in_when_a_neighbour_has_neighbours_to_spare() -> None:
+    # Youngest-first alone locked a node that lost its neighbours out of a full network:
+    # a neighbour that said (peer exchange) it has more than the target is cut first.
+    hood = object.__new__(Neighbourhood)
+    hood.config = NetConfig(max_neighbours=3, target_neighbours=3)
+    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
+    hood.ages = ConnectionAges()
+    hood.ages.update({"old1", "old2", "spare"}, now=0.0)
+    hood.ages.degree.update({"old1": 3, "old2": 2, "spare": 4})  # us included
+    current = ["new", "old1", "old2", "spare"]
+    dropped: list[str] = []
+
+    async def disconnect(peer: str) -> None:
+        dropped.append(peer)
+        current.remove(peer)
+
+    hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
+    hood.disconnect = disconnect  # type: ignore[method-assign]
+    await hood._trim(set(current))
+    assert dropped == ["spare"]  # it keeps 3 without us; "new" is in
+    await hood._trim(set(current))
+    assert dropped == ["spare"]
+
+
+def test_a_peer_that_cut_us_soon_rests_but_an_old_neighbour_lost_does_not() -> None:
+    ages, book = ConnectionAges(), PeerBook(me="me", capacity=16, max_backoff=4.0)
+    for peer in ("hub", "old"):
+        book.peers[peer] = PeerRecord(addrs=[f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"], confirmed=True)
+    assert ages.update({"old"}, now=0.0) == []
+    assert ages.update({"old", "hub"}, now=100.0) == []
+    gone = ages.update(set(), now=100.0 + SHORT_LIVED / 2)  # "hub" trimmed us at once
+    assert gone == ["hub"]
+    for peer in gone:
+        book.cool(peer, 100.0 + COOL_OFF)
+    assert book.candidates(101.0, exclude=set()) == ["old"]
+    assert set(book.candidates(100.0 + COOL_OFF, exclude=set())) == {"hub", "old"}
+    assert book.peers["hub"].failures == 0  # resting, not failing
+
+
+def test_a_peer_we_cut_ourselves_is_not_rested() -> None:
+    # A gossip reconnect or a trim of ours: the next pass may dial it again at once.
+    ages = ConnectionAges()
+    ages.update({"b"}, now=0.0)
+    ages.ours.add("b")
+    assert ages.update(set(), now=1.0) == []
+    ages.update({"b"}, now=2.0)
+    assert ages.update(set(), now=3.0) == ["b"]  # this time it cut us

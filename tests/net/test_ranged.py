@@ -25,6 +25,7 @@ from p2pfl.errors import (
     TransferError,
     TransferTimeout,
 )
+from p2pfl.net import ranged as ranged_module
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.libp2p_transport import open_libp2p_transport
 from p2pfl.net.ranged import (
@@ -55,6 +56,8 @@ class Hosts:
         self.server, self.client, self.rogue, self.old = server, client, rogue, old
         self.ranges: list[int] = []
         self.partials: dict[bytes, Any] = {}  # the server's pulls in progress
+        self.pulled: set[bytes] = set()  # payloads the server pulled (not its own)
+        self.store: PayloadStore | None = None  # the 1.1.0 server's
 
     def id(self, host: Any) -> str:
         return str(host.get_id().to_string())
@@ -72,7 +75,8 @@ async def hosts() -> AsyncIterator[Hosts]:
             served = install_update_protocol(server, store, limits=Limits(), serve_timeout=2.0)
             if ranged:
                 install_ranged_protocol(server, served, on_range=lambda p, d, n: net.ranges.append(n),
-                                        partials=net.partials)
+                                        partials=net.partials, pulled=net.pulled.__contains__)
+                net.store = store
         for target in (net.server, net.rogue, net.old):
             await connect(net.client, listen_addrs(target)[0], timeout=5)
         yield net
@@ -191,6 +195,36 @@ async def test_a_pull_in_progress_serves_what_it_has_and_not_yet_the_rest(hosts:
     del hosts.partials[digest]  # the pull ended (and nobody serves it whole)
     with pytest.raises(PayloadNotFound):
         await fetch_have(hosts.client, server, digest, size=size, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("own_first_for", [0.0, 600.0])
+async def test_pieces_of_pulled_payloads_wait_for_our_own(
+    hosts: Hosts, monkeypatch: pytest.MonkeyPatch, own_first_for: float
+) -> None:
+    # Right after a RANGE of its own update, a node offers no pieces of what it pulled
+    # (held whole, or in progress): its uplink carries its own update first.
+    monkeypatch.setattr(ranged_module, "OWN_FIRST_FOR", own_first_for)
+    own = os.urandom(2 * PIECE_BYTES)
+    assert hosts.store is not None
+    hosts.store.put(hashlib.sha256(own).digest(), own)
+    hosts.pulled.add(DIGEST)  # held: pulled and verified
+    partial = os.urandom(2 * PIECE_BYTES)
+    hosts.partials[hashlib.sha256(partial).digest()] = InProgress(partial, held={0, 1})
+    server, c = hosts.id(hosts.server), hosts.client
+    got = await fetch_range(c, server, hashlib.sha256(own).digest(), size=len(own), first=0, count=2, timeout=TIMEOUT)
+    assert b"".join(got) == own
+    waiting = own_first_for > 0
+    for digest, size in ((DIGEST, len(PAYLOAD)), (hashlib.sha256(partial).digest(), len(partial))):
+        have = await fetch_have(c, server, digest, size=size, timeout=TIMEOUT)
+        assert have == [not waiting] * len(have)
+        if waiting:
+            with pytest.raises(PayloadNotFound):  # "not yet": the puller asks HAVE again later
+                await fetch_range(c, server, digest, size=size, first=0, count=1, timeout=TIMEOUT)
+        else:
+            assert len(await fetch_range(c, server, digest, size=size, first=0, count=1, timeout=TIMEOUT)) == 1
+    # Our own update is never held back, nor a piece map.
+    assert await fetch_have(c, server, hashlib.sha256(own).digest(), size=len(own), timeout=TIMEOUT) == [True] * 2
+    assert len(await fetch_piece_map(c, server, DIGEST, size=len(PAYLOAD), timeout=TIMEOUT)) == 4
 
 
 async def test_a_peer_of_an_earlier_release_refuses_have(hosts: Hosts) -> None:

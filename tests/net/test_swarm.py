@@ -17,13 +17,14 @@ import trio
 
 from p2pfl.errors import (
     PayloadNotFound,
+    PeerBusy,
     PeerUnreachable,
     ProtocolViolation,
     TransferError,
     TransferTimeout,
 )
 from p2pfl.net.ranged import PIECE_BYTES, piece_map
-from p2pfl.net.swarm import fetch_from_holders
+from p2pfl.net.swarm import MAX_AUTHOR_PAUSE, fetch_from_holders
 
 PAYLOAD = os.urandom(10 * PIECE_BYTES + 12345)  # 11 pieces, the last one short
 DIGEST = hashlib.sha256(PAYLOAD).digest()
@@ -49,12 +50,17 @@ class Holders:
         self.slow = slow or {}
         self.served: Counter[str] = Counter()  # pieces sent per peer
         self.maps: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()  # requests failed on purpose
 
     async def piece_map(self, peer: str, digest: bytes, *, size: int, timeout: float) -> Sequence[bytes]:
         self.maps[peer] += 1
         kind = self.behaviour.get(peer, "honest")
         if kind in ("missing", "no_map"):
             raise PayloadNotFound("not held")
+        if kind == "old_release":  # speaks 1.0.0 only: no 1.1.0 stream opens
+            raise PeerUnreachable("protocols not supported")
+        if kind.startswith("map_resets") and self.maps[peer] <= int(kind[-1]):
+            raise ProtocolViolation("stream ended early")
         return hashes(FAKE if kind == "liar" else PAYLOAD)  # liar: another payload's map
 
     async def pieces(
@@ -68,6 +74,9 @@ class Holders:
                 raise PayloadNotFound("not held")
             if kind == "stall":
                 await trio.sleep_forever()
+            if kind.startswith("resets") and self.failed[peer] < int(kind.removeprefix("resets")):
+                self.failed[peer] += 1
+                raise (PeerBusy if self.failed[peer] % 2 else ProtocolViolation)("stream ended early")
             if kind == "reset_once" and not self.served[peer]:
                 self.served[peer] = 0  # counted: the next request goes through
                 self.behaviour[peer] = "honest"
@@ -173,6 +182,55 @@ async def test_no_piece_map_anywhere_fails_at_once(autojump_clock: trio.abc.Cloc
     with pytest.raises(TransferError, match="no holder"):
         await pull(holders, ["h1"], blamed)
     assert trio.current_time() == start
+
+
+async def test_a_reset_piece_map_is_asked_again(autojump_clock: trio.abc.Clock) -> None:
+    # Under a saturated link the map request's stream may be reset: the author is asked
+    # again after a pause, not given up for a whole-payload pull.
+    holders, blamed = Holders({"author": "map_resets2"}), []
+    start = trio.current_time()
+    assert await pull(holders, [], blamed) == PAYLOAD
+    assert holders.maps["author"] == 3
+    assert set(holders.served) == {"author"}
+    assert trio.current_time() - start < 11 * SECONDS_PER_PIECE + 1.0 + 2.0 + 1.0
+
+
+async def test_piece_map_resets_for_good_fail_after_the_retries(autojump_clock: trio.abc.Clock) -> None:
+    holders, blamed = Holders({"author": "map_resets9"}), []
+    start = trio.current_time()
+    with pytest.raises(TransferError, match="no holder"):
+        await pull(holders, [], blamed)
+    assert holders.maps["author"] == 5  # once and four retries
+    assert trio.current_time() - start == pytest.approx(1.0 + 2.0 + 4.0 + 8.0)
+    assert blamed == []
+
+
+async def test_an_author_of_an_earlier_release_fails_at_once(autojump_clock: trio.abc.Clock) -> None:
+    holders, blamed = Holders({"author": "old_release"}), []
+    start = trio.current_time()
+    with pytest.raises(TransferError, match="no holder"):  # the caller then pulls whole over 1.0.0
+        await pull(holders, [], blamed)
+    assert holders.maps["author"] == 1
+    assert trio.current_time() == start
+
+
+async def test_an_author_resetting_many_times_in_a_row_is_not_given_up(autojump_clock: trio.abc.Clock) -> None:
+    # Resets and BUSY under a saturated link: the author is asked again after a pause
+    # (doubling, at most MAX_AUTHOR_PAUSE) and the pieces in are kept; no whole pull.
+    holders, blamed = Holders({"author": "resets20"}), []
+    start = trio.current_time()
+    assert await pull(holders, [], blamed) == PAYLOAD
+    assert holders.failed["author"] == 20
+    assert blamed == []
+    assert trio.current_time() - start < 20 * MAX_AUTHOR_PAUSE
+
+
+async def test_an_undialable_author_is_still_given_up(autojump_clock: trio.abc.Clock) -> None:
+    holders, blamed = Holders({"author": "unreachable"}), []
+    start = trio.current_time()
+    with pytest.raises(TransferError, match="every holder"):
+        await pull(holders, [], blamed)
+    assert trio.current_time() - start < REQUEST_TIMEOUT
 
 
 async def test_every_holder_failing_fails_without_waiting_for_the_deadline(
