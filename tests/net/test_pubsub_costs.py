@@ -129,12 +129,13 @@ async def test_a_neighbour_moving_a_payload_is_not_probed() -> None:
         assert probed == [b.peer_id]
 
 
-async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
-    hood = object.__new__(Neighbourhood)  # the trimming alone, on stand-in neighbours
-    hood.config = NetConfig(max_neighbours=2)
+def stand_in_hood(current: list[str], **config: int) -> tuple[Neighbourhood, list[str]]:
+    """A Neighbourhood with only what trimming needs: stand-in neighbours ``current`` that
+    a disconnect removes; returns it and the list of peers it disconnected."""
+    hood = object.__new__(Neighbourhood)
+    hood.config = NetConfig(**config)
     hood.ages = ConnectionAges()
     hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
-    current = ["a", "b", "c", "d"]
     dropped: list[str] = []
 
     async def disconnect(peer: str) -> None:
@@ -143,6 +144,11 @@ async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
 
     hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
     hood.disconnect = disconnect  # type: ignore[method-assign]
+    return hood, dropped
+
+
+async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
+    hood, dropped = stand_in_hood(["a", "b", "c", "d"], max_neighbours=2)
     await hood._trim({"a", "b", "c"})
     assert dropped[0] == "d"  # the idle one first, then one busy one: down to the cap
     assert len(dropped) == 2
@@ -154,21 +160,10 @@ async def test_trimming_drops_idle_neighbours_before_busy_ones() -> None:
 async def test_trimming_cuts_the_youngest_busy_neighbour_not_an_established_one() -> None:
     # A hub over its cap, every neighbour pulling: the peer that just dialled it goes, not
     # one halfway through a pull (cut at random, a hub churned its neighbours every pass).
-    hood = object.__new__(Neighbourhood)
-    hood.config = NetConfig(max_neighbours=3)
-    hood.ages = ConnectionAges()
+    current = ["mid", "new", "old1", "old2"]  # "new" connected since the last pass
+    hood, dropped = stand_in_hood(current, max_neighbours=3)
     hood.ages.update({"old1", "old2", "mid"}, now=0.0)
     hood.ages.update({"old1", "old2", "mid"}, now=50.0)
-    current = ["mid", "new", "old1", "old2"]  # "new" connected since the last pass
-    dropped: list[str] = []
-
-    async def disconnect(peer: str) -> None:
-        dropped.append(peer)
-        current.remove(peer)
-
-    hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
-    hood.disconnect = disconnect  # type: ignore[method-assign]
-    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
     await hood._trim(set(current))
     assert dropped == ["new"]
 
@@ -176,21 +171,10 @@ async def test_trimming_cuts_the_youngest_busy_neighbour_not_an_established_one(
 async def test_trimming_lets_a_newcomer_in_when_a_neighbour_has_neighbours_to_spare() -> None:
     # Youngest-first alone locked a node that lost its neighbours out of a full network:
     # a neighbour that said (peer exchange) it has more than the target is cut first.
-    hood = object.__new__(Neighbourhood)
-    hood.config = NetConfig(max_neighbours=3, target_neighbours=3)
-    hood.book = PeerBook(me="me", capacity=16, max_backoff=4.0)
-    hood.ages = ConnectionAges()
+    current = ["new", "old1", "old2", "spare"]
+    hood, dropped = stand_in_hood(current, max_neighbours=3, target_neighbours=3)
     hood.ages.update({"old1", "old2", "spare"}, now=0.0)
     hood.ages.degree.update({"old1": 3, "old2": 2, "spare": 4})  # us included
-    current = ["new", "old1", "old2", "spare"]
-    dropped: list[str] = []
-
-    async def disconnect(peer: str) -> None:
-        dropped.append(peer)
-        current.remove(peer)
-
-    hood.neighbours = lambda: tuple(current)  # type: ignore[method-assign]
-    hood.disconnect = disconnect  # type: ignore[method-assign]
     await hood._trim(set(current))
     assert dropped == ["spare"]  # it keeps 3 without us; "new" is in
     await hood._trim(set(current))
