@@ -36,6 +36,11 @@ from p2pfl.errors import ConfigError, UnknownCodec
 KEEP_BASES = 2
 """Our last payloads a delta may be taken against (receivers keep as many per sender)."""
 
+NOTED_BYTES = 1 << 20
+"""Updates at least this big are logged (INFO) when announced and when delivered: a big
+model's transfers are worth a line each (benchmarks/bench_bigmodel.py reads them); a small
+one's would triple a test network's logs (DEBUG)."""
+
 
 class Holding(Protocol):
     """What the encoder asks the transport: who is there, who pulled which payload."""

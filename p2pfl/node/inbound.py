@@ -44,7 +44,7 @@ from p2pfl.errors import (
     WrongNetwork,
 )
 from p2pfl.net.transport import Transport
-from p2pfl.node.encoding import KEEP_BASES
+from p2pfl.node.encoding import KEEP_BASES, NOTED_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,9 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            log.info("delivered %s: round %d from %s", header.digest.hex()[:12], header.round,
-                     short_id(header.sender))
+            log.log(logging.INFO if header.size >= NOTED_BYTES else logging.DEBUG,
+                    "delivered %s: round %d from %s", header.digest.hex()[:12], header.round,
+                    short_id(header.sender))
             if codec_named(header.codec).delta:  # a big model kept for nothing otherwise
                 kept = self._bases.peek(header.sender) or {}
                 recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []

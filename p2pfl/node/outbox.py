@@ -30,7 +30,7 @@ from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announc
 from p2pfl.core.state import State
 from p2pfl.errors import NetworkError
 from p2pfl.net.transport import Transport
-from p2pfl.node.encoding import Encoder
+from p2pfl.node.encoding import NOTED_BYTES, Encoder
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ class Outbox:
         self._announced.setdefault(round, []).append(update)
         for old in [r for r in self._announced if r < round - self._max_lag]:
             del self._announced[old]
-        log.info("announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
+        log.log(logging.INFO if len(payload) >= NOTED_BYTES else logging.DEBUG,
+                "announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
 
