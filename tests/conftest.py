@@ -15,8 +15,8 @@ torch.set_num_threads(1)
 def _restore_logger_levels() -> Iterator[None]:
     """Give each test back the log levels it started with: `p2pfl sim` run in-process sets
     p2pfl's loggers to ERROR (``quiet_nodes``), which hid the warnings later tests read."""
-    names = [None, *logging.root.manager.loggerDict]
-    levels = {name: logging.getLogger(name).level for name in names}
+    loggers = [logging.root, *(x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    levels = [(logger, logger.level) for logger in loggers]
     yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+    for logger, level in levels:
+        logger.setLevel(level)

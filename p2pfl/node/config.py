@@ -82,10 +82,11 @@ class HarmCheck:
     probe_scale: float = 1.0
     # ...but at no more than this share. A node with one neighbour judged it at 1/2, where
     # an honest neighbour holding other classes is "harmful" to skewed data: on the
-    # Erdos-Renyi setting without attack such a node flagged its only neighbour and trained
-    # alone (0.67, the network 0.94). At most 1/3: 0.90. (At most 1/5, the developers'
-    # setting's share, helped that setting more but cost nodes with three attacking
-    # neighbours of four 6-27 points on the 4-regular one; issue 17, session 11.)
+    # Erdos-Renyi setting without attack (seed 10) such a node flagged its only neighbour
+    # and trained alone (0.67; the other honest nodes 0.91-0.96). At most 1/3: 0.91. (At
+    # most 1/5, the developers' setting's share, helped Erdos-Renyi more but cost nodes
+    # with three attacking neighbours of four 6-27 points on the 4-regular graph; issue 17,
+    # session 11.)
     max_probe_share: float = 1 / 3
     # Whose clipping is not held against its reputation: "passed" (this round's check),
     # "harmless" (no worse than our own model, whatever the reference), "typical"

@@ -36,10 +36,12 @@ from p2pfl.errors import ConfigError, UnknownCodec
 KEEP_BASES = 2
 """Our last payloads a delta may be taken against (receivers keep as many per sender)."""
 
-NOTED_BYTES = 1 << 20
-"""Updates at least this big are logged (INFO) when announced and when delivered: a big
-model's transfers are worth a line each (benchmarks/bench_bigmodel.py reads them); a small
-one's would triple a test network's logs (DEBUG)."""
+HOLDS_MIN_BYTES = 1 << 20
+"""A big payload: at least one piece (p2pfl.net.ranged). A node that holds one says HOLDS
+(with ``[net] fetch_sources > 1``; a smaller one comes whole from its author, and the notice
+would cost every neighbour a signature check for nothing), and its announcement and every delivery of it are logged at INFO
+(benchmarks/bench_bigmodel.py reads them); a small one's would triple a test network's
+logs, so those lines are DEBUG."""
 
 
 class Holding(Protocol):

@@ -30,13 +30,10 @@ from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announc
 from p2pfl.core.state import State
 from p2pfl.errors import NetworkError
 from p2pfl.net.transport import Transport
-from p2pfl.node.encoding import NOTED_BYTES, Encoder
+from p2pfl.node.encoding import HOLDS_MIN_BYTES, Encoder
 
 log = logging.getLogger(__name__)
 
-# Below one piece (p2pfl.net.ranged) a payload comes whole from its author: a HOLDS notice
-# would cost every neighbour a signature check and save nothing.
-HOLDS_MIN_BYTES = 1 << 20
 _MAX_HELD_NOTICES = 256  # digests we said we hold (one notice each)
 # Payload bytes a node keeps serving. Small models never reach it (the count bounds
 # them); a 100 MB model would otherwise keep ~4 rounds x (neighbours + 1) payloads, ~2-3
@@ -134,7 +131,7 @@ class Outbox:
         self._announced.setdefault(round, []).append(update)
         for old in [r for r in self._announced if r < round - self._max_lag]:
             del self._announced[old]
-        log.log(logging.INFO if len(payload) >= NOTED_BYTES else logging.DEBUG,
+        log.log(logging.INFO if len(payload) >= HOLDS_MIN_BYTES else logging.DEBUG,
                 "announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
