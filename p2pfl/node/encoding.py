@@ -37,11 +37,11 @@ KEEP_BASES = 2
 """Our last payloads a delta may be taken against (receivers keep as many per sender)."""
 
 HOLDS_MIN_BYTES = 1 << 20
-"""A big payload: at least one piece (p2pfl.net.ranged). A node that holds one says HOLDS
-(with ``[net] fetch_sources > 1``; a smaller one comes whole from its author, and the notice
-would cost every neighbour a signature check for nothing), and its announcement and every delivery of it are logged at INFO
-(benchmarks/bench_bigmodel.py reads them); a small one's would triple a test network's
-logs, so those lines are DEBUG."""
+"""A big payload: at least one piece (p2pfl.net.ranged). A node that holds one says
+HOLDS (with ``[net] fetch_sources > 1``; a smaller one comes whole from its author, and
+the notice would cost every neighbour a signature check for nothing). Its announcement
+and every delivery of it are logged at INFO (benchmarks/bench_bigmodel.py reads them);
+for a small one those lines are DEBUG (they tripled a test network's logs)."""
 
 
 class Holding(Protocol):
