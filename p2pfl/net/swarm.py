@@ -88,6 +88,7 @@ MAX_MISSES = 8  # NOT_FOUND answers in a row before a holder other than the auth
 # for them too): give up after this long without a new piece, so the caller falls back.
 STARVED_AFTER = 30.0
 MAP_RETRIES = (1.0, 2.0, 4.0, 8.0)  # pauses before asking the holders for the piece map again
+_MAP_FINAL = (PayloadNotFound, PeerUnreachable, TransferTimeout)  # not asked again for this pull
 MAX_AUTHOR_PAUSE = 8.0  # the longest pause before asking the author again after a reset or BUSY
 
 
@@ -306,12 +307,9 @@ async def _piece_map(
         for peer in peers():
             try:
                 hashes = await source.piece_map(peer, digest, size=size, timeout=timeout)
-            except (PayloadNotFound, PeerUnreachable, TransferTimeout) as exc:  # final for this pull
-                log.info("piece map of %s from %s failed: %s", digest.hex()[:12], short_id(peer), exc)
-                continue
             except NetworkError as exc:  # a reset, BUSY, a garbled reply: worth asking again
                 log.info("piece map of %s from %s failed: %s", digest.hex()[:12], short_id(peer), exc)
-                transient = True
+                transient |= not isinstance(exc, _MAP_FINAL)
                 continue
             if len(hashes) == piece_count(size) and all(len(h) == 32 for h in hashes):
                 return peer, hashes
