@@ -27,7 +27,11 @@ weighs exactly as OUTLIER by 1), so an honest neighbour just past a rule's cut-o
 little and a far outlier loses as much as an OUTLIER.
 
 ``weight(peer)`` is the score when it reaches ``threshold`` and the peer is not banned,
-else 0. A newcomer's score is capped at ``newcomer_cap`` until it has had
+else 0. With ``readmit`` above the threshold (default 0: off), a peer whose score was below
+the threshold at a round's end gets weight again only once its score is back at
+``readmit``: an attacker hovering just over the threshold stays out (session 12: attackers
+at weight 0 at the end 77-78% -> 82-87% under ``clip_aware`` and ``boiling_frog``, but
+honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). A newcomer's score is capped at ``newcomer_cap`` until it has had
 ``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
 
 A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds at
@@ -83,6 +87,9 @@ class ReputationConfig:
     prior_strength: float = 2.0  # pseudo-counts of the prior: Beta(1, 1) by default
     forgetting: float = 0.9  # per-round decay toward the prior: ~10 rounds of memory
     threshold: float = 0.3  # below this score a peer's aggregation weight is 0
+    # A peer that fell below the threshold at a round's end gets weight again only once
+    # its score is back at this (0 or <= threshold: at the threshold itself).
+    readmit: float = 0.0
     newcomer_cap: float = 0.6  # a newcomer cannot outweigh established peers at once...
     newcomer_rounds: int = 3  # ...until it has had this many good rounds
     # Rounds a peer stays banned after one severe event (forged signature, malformed or
@@ -130,6 +137,7 @@ class ReputationConfig:
         require(self.prior_strength > 0, "reputation.prior_strength", "must be > 0")
         require(self.forgetting <= 1, "reputation.forgetting", "must be in [0, 1]")
         require(self.threshold < 1, "reputation.threshold", "must be in [0, 1)")
+        require(self.readmit < 1, "reputation.readmit", "must be in [0, 1)")
         require(self.newcomer_cap <= 1, "reputation.newcomer_cap", "must be in [0, 1]")
         require(self.history_length >= 1, "reputation.history_length", "must be >= 1")
         require(0 < self.clip_tolerance <= 1, "reputation.clip_tolerance", "must be in (0, 1]")
@@ -187,6 +195,7 @@ class _Peer:
     banned_until: int | None = None  # first round the peer is no longer banned
     idle_rounds: int = 0  # rounds it sent us something, at weight 0 since the last recovery
     active_round: int | None = None  # last round with evidence of something it sent
+    out: bool = False  # fell below the threshold, not yet back at ``readmit``
     history: deque[ReputationEvent] = field(default_factory=deque)
 
 
@@ -252,6 +261,9 @@ class ReputationBook:
         for state in self._peers.values():
             state.good = c.prior_good + keep * (state.good - c.prior_good)
             state.bad = c.prior_bad + keep * (state.bad - c.prior_bad)
+        for name, state in self._peers.items():
+            score = self.score(name)
+            state.out = score < c.threshold or (state.out and score < c.readmit)
         return self._drop_idle(round)
 
     def _drop_idle(self, round: int) -> list[str]:
@@ -282,10 +294,13 @@ class ReputationBook:
         return state is not None and state.banned_until is not None and round < state.banned_until
 
     def weight(self, peer: str) -> float:
-        """Return the aggregation weight: the score if >= threshold and not banned, else 0."""
+        """Return the aggregation weight: the score if >= threshold (``readmit`` once out)
+        and not banned, else 0."""
         if self._now is not None and self.banned(peer, round=self._now):
             return 0.0
-        value = self.score(peer)
+        value, state = self.score(peer), self._peers.get(peer)
+        if state is not None and state.out and value < self.config.readmit:
+            return 0.0
         return value if value >= self.config.threshold else 0.0
 
     def history(self, peer: str) -> tuple[ReputationEvent, ...]:
@@ -337,6 +352,7 @@ def _peer_record(state: _Peer) -> dict[str, Any]:
         "banned_until": state.banned_until,
         "idle_rounds": state.idle_rounds,
         "active_round": state.active_round,
+        "out": state.out,
         "history": [
             [e.round, e.evidence.value, e.amount, e.score_after, e.reason] for e in state.history
         ],
@@ -394,6 +410,7 @@ def _peer_from(name: str, data: Any, config: ReputationConfig) -> _Peer:
         banned_until=_optional_int(data["banned_until"]),
         idle_rounds=idle_rounds,
         active_round=_optional_int(data.get("active_round")),
+        out=data.get("out", False) is True,  # absent from older checkpoints
         history=events,
     )
 

@@ -302,6 +302,56 @@ def test_checkpoint_keeps_the_idle_count_and_loads_records_without_it() -> None:
     assert ReputationBook.from_record(record, book.config).to_record()["peers"]["p"]["idle_rounds"] == 0
 
 
+def hover(book: ReputationBook, peer: str, start: int, rounds: int, amount: float) -> list[float]:
+    """Record ``rounds`` rounds clipped by ``amount``; return the weight after each."""
+    weights = []
+    for r in range(start, start + rounds):
+        book.record(peer, Evidence.CLIPPED, round=r, amount=amount)
+        book.end_round(r)
+        weights.append(book.weight(peer))
+    return weights
+
+
+def test_a_flagged_peer_comes_back_only_at_the_readmit_score() -> None:
+    config = ReputationConfig(readmit=0.4, drop_after=0)
+    book, never_out = ReputationBook(config), ReputationBook(config)
+    distrusted(book, "p", 0, 3)
+    assert book.weight("p") == 0
+    # Clipped by 0.35 each round, a score settles between the threshold and 0.4.
+    hovering = hover(book, "p", 3, 40, amount=0.35)
+    settled = book.score("p")
+    assert config.threshold < settled < config.readmit
+    assert hovering == [0.0] * 40, "a flagged peer hovering over the threshold stays out"
+    assert hover(never_out, "p", 0, 40, amount=0.35)[-1] == pytest.approx(never_out.score("p"))
+    assert never_out.weight("p") > 0, "a peer that never fell below the threshold keeps its weight"
+    for r in range(43, 60):  # earns its way back
+        book.record("p", Evidence.ACCEPTED, round=r)
+        book.end_round(r)
+        if book.weight("p") > 0:
+            break
+    assert book.weight("p") >= config.readmit
+
+
+def test_readmit_at_or_below_the_threshold_changes_nothing() -> None:
+    plain = ReputationBook(ReputationConfig(drop_after=0))
+    low = ReputationBook(ReputationConfig(readmit=0.3, drop_after=0))
+    for book in (plain, low):
+        distrusted(book, "p", 0, 3)
+    assert hover(plain, "p", 3, 40, amount=0.35) == hover(low, "p", 3, 40, amount=0.35)
+    assert plain.weight("p") > 0
+
+
+def test_checkpoint_keeps_a_flagged_peer_out() -> None:
+    book = ReputationBook(ReputationConfig(readmit=0.4, drop_after=0))
+    distrusted(book, "p", 0, 3)
+    hover(book, "p", 3, 40, amount=0.35)
+    record = json.loads(json.dumps(book.to_record()))
+    assert record["peers"]["p"]["out"] is True
+    assert ReputationBook.from_record(record, book.config).weight("p") == 0
+    del record["peers"]["p"]["out"]  # a checkpoint written before it existed
+    assert ReputationBook.from_record(record, book.config).weight("p") > 0
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -346,6 +396,7 @@ def test_from_record_rejects_non_mappings() -> None:
         ({"forgetting": 1.1}, "reputation.forgetting"),
         ({"forgetting": -0.1}, "reputation.forgetting"),
         ({"threshold": 1.0}, "reputation.threshold"),
+        ({"readmit": 1.0}, "reputation.readmit"),
         ({"newcomer_cap": 2.0}, "reputation.newcomer_cap"),
         ({"newcomer_rounds": -1}, "reputation.newcomer_rounds"),
         ({"ban_rounds": 2.5}, "reputation.ban_rounds"),
