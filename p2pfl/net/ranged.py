@@ -73,7 +73,6 @@ from libp2p.peer.id import ID
 from p2pfl.config import MiB
 from p2pfl.core.bounded import BoundedMap
 from p2pfl.errors import PeerUnreachable, ProtocolViolation
-from p2pfl.net.patches.dataplane import grant_credit
 from p2pfl.net.streamio import as_protocol_errors, read_exact, reset_quietly, settled
 from p2pfl.net.transfer import (
     REPLY_HEADER,
@@ -385,7 +384,6 @@ async def _ask(stream: INetStream, request: bytes, expected: int) -> bytes:
     """Send ``request``; return the body of an OK reply of exactly ``expected`` bytes."""
     with as_protocol_errors():
         await stream.write(request)
-        await grant_credit(stream, REPLY_HEADER.size + expected)
         await stream.close_write()  # type: ignore[attr-defined]  # NetStream half-closes
         status, length = REPLY_HEADER.unpack(await read_exact(stream, REPLY_HEADER.size))
         check_reply_status(status, length, expected)

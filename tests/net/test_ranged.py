@@ -28,7 +28,6 @@ from p2pfl.errors import (
 from p2pfl.net import ranged as ranged_module
 from p2pfl.net.host import connect, listen_addrs, open_host
 from p2pfl.net.libp2p_transport import open_libp2p_transport
-from p2pfl.net.patches.dataplane import grant_credit
 from p2pfl.net.ranged import (
     PIECE_BYTES,
     RANGED_PROTOCOL_ID,
@@ -385,32 +384,3 @@ async def test_a_transport_serves_its_pulls_in_progress() -> None:
         assert await other.have(puller.peer_id, digest, size=len(payload), timeout=TIMEOUT) == [True, False, False]
         got = await other.pieces(puller.peer_id, digest, size=len(payload), first=0, count=1, timeout=TIMEOUT)
         assert got == [payload[:PIECE_BYTES]]
-
-
-async def test_a_range_request_opens_its_window_for_the_whole_reply(
-    hosts: Hosts, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A fresh stream's window is 256 KiB and doubles per credit round trip: a 4 MiB reply on
-    # its own stream sat in slow start. The client credits the reply it asked for at once.
-    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
-
-    credits: list[tuple[int, int]] = []  # (stream id, increment), in the order sent
-    stock = YamuxStream.send_window_update
-
-    async def spy(self: YamuxStream, increment: int, skip_lock: bool = False) -> None:
-        if self.is_initiator:
-            credits.append((self.stream_id, increment))
-        await stock(self, increment, skip_lock)
-
-    monkeypatch.setattr(YamuxStream, "send_window_update", spy)
-    server = hosts.id(hosts.server)
-    await fetch_have(hosts.client, server, DIGEST, size=len(PAYLOAD), timeout=TIMEOUT)
-    assert credits == []  # a few bytes: nothing to open
-    got = await fetch_range(hosts.client, server, DIGEST, size=len(PAYLOAD), first=0, count=3, timeout=TIMEOUT)
-    assert b"".join(got) == PAYLOAD[: 3 * PIECE_BYTES]
-    reply = STATUS.size + 3 * PIECE_BYTES
-    assert credits[0][1] == reply - DEFAULT_WINDOW_SIZE  # first credit: the whole reply, at once
-
-
-async def test_credit_is_granted_only_on_yamux_streams() -> None:
-    await grant_credit(object(), 16 * MiB)  # another muxer's stream: nothing to do, no error

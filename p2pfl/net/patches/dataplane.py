@@ -325,38 +325,12 @@ def yamux_open_flags() -> None:
     yamux.Yamux._write_frame = write_frame  # type: ignore[method-assign]
 
 
-async def grant_credit(stream: Any, nbytes: int) -> None:
-    """Open a fresh stream's receive window to ``nbytes`` at once (at most 16 MiB, Yamux's
-    largest window): for a reply whose size the reader asked for and will read in full.
-
-    A new stream starts at 256 KiB and doubles per credit round trip, so a 4 MiB reply on
-    a stream of its own (``p2pfl.net.ranged``) spent most of its time in slow start, where a
-    long-lived stream had long grown its window (session 12: 100 MB pulled in pieces took
-    47 s at the median against 33 s whole, 5 nodes on 100 Mbit/s links). Nothing is
-    buffered beyond what the reader asked for. Other muxers: no-op.
-    """
-    from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, YamuxStream
-
-    muxed = getattr(stream, "muxed_stream", None)
-    if not isinstance(muxed, YamuxStream):
-        return
-    async with muxed.window_lock:
-        target = min(nbytes, MAX_WINDOW_SIZE)
-        increment = target - muxed.target_recv_window
-        if increment <= 0:
-            return
-        muxed.target_recv_window = target
-        muxed.recv_window += increment
-    await muxed.send_window_update(increment, skip_lock=True)
-
-
 KNOBS = ("yamux_frame", "yamux_credit", "pipelined_select", "noise_reader", "noise_writer", "secure_read")
 """The registry names of these patches (``benchmarks/bench_transfer.py`` sweeps them)."""
 
 __all__ = [
     "EARLY_REQUEST",
     "KNOBS",
-    "grant_credit",
     "listener_one_write",
     "noise_reader",
     "noise_writer",
