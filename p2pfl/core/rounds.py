@@ -116,6 +116,7 @@ class Inbox:
         self._held: dict[str, dict[int, Received]] = {}
         self._used_through: dict[str, int] = {}  # peer -> last round of it we aggregated
         self._freshest: dict[str, Received] = {}  # newest delivered per peer, used or not
+        self._given_up: dict[str, int] = {}  # peer -> newest round of it we could not pull
         self._keep_rounds = keep_rounds
         self._authors: BoundedMap[bytes, str] = BoundedMap(max_digests)
 
@@ -141,8 +142,16 @@ class Inbox:
             sender, -1
         ) and update_round not in self._held.get(sender, {})
 
+    def give_up(self, sender: str, update_round: int) -> None:
+        """Stop waiting for ``sender`` while in rounds up to ``update_round``: its update of
+        that round could not be pulled (every attempt failed), so waiting for it only runs
+        the round to its deadline (with quorum 1 and a 900 s deadline, for 15 minutes)."""
+        self._given_up[sender] = max(update_round, self._given_up.get(sender, update_round))
+
     def ready(self, expected: Collection[str], current_round: int, quorum: float) -> bool:
-        """Whether enough expected neighbours delivered (see :meth:`delivered`)."""
+        """Whether enough expected neighbours delivered (see :meth:`delivered`); a peer we
+        gave up on this round (:meth:`give_up`) is not expected."""
+        expected = [p for p in expected if self._given_up.get(p, -1) < current_round]
         if not expected:
             return True
         fresh = sum(1 for peer in expected if self.delivered(peer, current_round))
@@ -186,6 +195,7 @@ class Inbox:
         """Drop what we hold from ``peer`` (banned)."""
         self._held.pop(peer, None)
         self._freshest.pop(peer, None)
+        self._given_up.pop(peer, None)
 
     def _unused(self, peer: str, low: int, high: int) -> list[int]:
         used = self._used_through.get(peer, -1)

@@ -201,6 +201,7 @@ class Fetcher:
         try:
             payload = await self._pull_retrying(update)
             if payload is None:
+                self._inbox.give_up(header.sender, header.round)
                 return
             state = await self._decode(update, payload)
             if state is None:

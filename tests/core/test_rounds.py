@@ -47,6 +47,23 @@ def test_quorum_counts_only_expected_fresh_updates() -> None:
     assert inbox.ready(["a", "b"], 5, 1.0)
 
 
+def test_a_peer_whose_update_could_not_be_pulled_is_not_waited_for_that_round() -> None:
+    inbox = Inbox()
+    inbox.deliver(update("a", 5))
+    assert not inbox.ready(["a", "b"], 5, 1.0)
+    inbox.give_up("b", 4)  # its late update of an older round: still waited for in round 5
+    assert not inbox.ready(["a", "b"], 5, 1.0)
+    inbox.give_up("b", 5)
+    assert inbox.ready(["a", "b"], 5, 1.0)
+    inbox.give_up("b", 3)  # an older failure does not undo the newer one
+    assert inbox.ready(["a", "b"], 5, 1.0)
+    assert not inbox.ready(["a", "b"], 6, 1.0)  # its next update is waited for again
+    inbox.give_up("a", 6)
+    assert inbox.ready(["a"], 6, 1.0)  # nobody left to wait for
+    inbox.forget("b")
+    assert not inbox.ready(["a", "b"], 5, 1.0)  # a banned peer forgotten, back: waited for again
+
+
 def test_each_round_of_a_peer_is_used_once() -> None:
     inbox = Inbox()
     inbox.deliver(update("a", 5))

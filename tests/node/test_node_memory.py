@@ -100,6 +100,26 @@ async def test_dead_node_does_not_stall_the_others(autojump_clock: trio.testing.
     assert all(s.history[0].used == 3 for s in survivors)
 
 
+async def test_an_update_that_cannot_be_pulled_does_not_hold_the_round_to_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Quorum 1 and a long deadline (the big-model benchmark's 900 s): node 2 announces but
+    # never serves a payload. The others give up on each of its updates after their
+    # retries (~31 s) and close the round then, instead of waiting out the deadline.
+    ids = identities(3)
+    network = make_network(ids)
+    nodes = [make_node(network, ident, i, 3, round_timeout=300.0) for i, ident in enumerate(ids)]
+    network.set_serving_hook(ids[2].peer_id, lambda digest, payload: None)
+    started = trio.current_time()
+    await run_all(nodes, rounds=3)
+    elapsed = trio.current_time() - started
+
+    waiting = [n.statistics() for n in nodes[:2]]
+    assert all(s.round == 3 for s in waiting)
+    assert all(record.used == 1 for s in waiting for record in s.history)
+    assert elapsed < 3 * 60.0  # the deadline alone would be 3 x 300 s
+
+
 async def test_late_joiner_catches_up(autojump_clock: trio.testing.MockClock) -> None:
     ids = identities(4)
     network = make_network(ids)
