@@ -9,7 +9,10 @@ Each node is a ``p2pfl node run`` daemon in its own network namespace
 (``tests/netns/lab.py``), every link rate-limited by ``tc tbf`` both ways. The learner
 is synthetic (:func:`synthetic`): one float32 tensor, "trained" by adding a constant,
 so the two cores go to the network. Rounds close when every neighbour's update is in
-(quorum 1, rule ``mean``, no harm check). For every configuration (codec x sources):
+(``--quorum`` 1, rule ``mean``, no harm check): a slow author holds its neighbours'
+rounds back, which is what several holders of its update should prevent. With the
+default quorum (0.6) its neighbours close their rounds without it and skip to its next
+update, so few of its updates are pulled at all (session 12). For every configuration (codec x sources):
 
 - node-round time (each node's own round, rounds >= 1), median and max;
 - its link-rate bound ``payload bytes x neighbour updates / rate``: what the node's
@@ -153,6 +156,7 @@ rule = "mean"
 round_timeout = 900.0
 fetch_timeout = 600.0
 min_neighbours = {args.neighbours}
+quorum = {args.quorum}
 start_timeout = 300.0
 [harm_check]
 enabled = false
@@ -258,7 +262,7 @@ def rate_bits(rate: str) -> float:
 def report(runs: list[Run], args: argparse.Namespace) -> None:
     bits = rate_bits(args.rate)
     print(f"{args.nodes} nodes, {args.params / 1e6:.0f}M float32 parameters, links {args.rate} "
-          f"both ways (tc tbf), target_neighbours {args.neighbours}, rounds 1..{args.rounds - 1} "
+          f"both ways (tc tbf), target_neighbours {args.neighbours}, quorum {args.quorum}, rounds 1..{args.rounds - 1} "
           f"measured; {os.cpu_count()} cores shared with other work")
     print("bound = payload x neighbour updates / link rate, per node-round (its downlink;"
           " pulling from authors only, also each author's uplink)")
@@ -314,6 +318,7 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=3, help="[net] target_neighbours")
     parser.add_argument("--sources", type=int, default=4, help="[net] fetch_sources of multi-source runs")
     parser.add_argument("--codecs", default="raw,int8")
+    parser.add_argument("--quorum", type=float, default=1.0, help="[round] quorum of every node")
     parser.add_argument("--slow-uplink", default="", help="also run with node 0's uplink at this rate")
     parser.add_argument("--run-timeout", type=float, default=900.0)
     parser.add_argument("--slow-only", action="store_true", help="skip the even-link runs (iterating)")
