@@ -187,11 +187,14 @@ class NetConfig:
     relay_reservation_seconds: int = 900
     # Holders a big payload (>= 1 MiB) is pulled from at once, in 1 MiB pieces: its author
     # and neighbours that announced a verified copy (HOLDS). 1 = whole from the author.
-    # 1 by default: in synchronous rounds a copy is verified (HOLDS) only when the other
-    # pullers are done too, and 4 sources measured 1.4x (raw) to 3x (int8) slower
-    # (docs/benchmarks/bigmodel.txt). Worth more for late pullers and catch-up. Only a node
-    # with more than 1 serves the payloads it pulled (and says HOLDS): at 1 they were kept
-    # for nobody, up to 768 MiB with a big model. A network opts in on every node.
+    # Pullers also swap the pieces they hold while they pull. It pays where an author's
+    # uplink is the bottleneck and rounds wait for it (`[round] quorum = 1`): with a
+    # 20 Mbit/s author among 100 Mbit/s links, 100 MB updates, 4 sources took 0.39-0.83x
+    # author-only's round time (5-8 nodes); on even links 0.90-1.23x, and with quorum 0.6
+    # the slow author is skipped anyway, so the swapping only costs (1.4-1.8x):
+    # docs/benchmarks/bigmodel.txt, session 12. Only a node with more than 1 serves the
+    # payloads it pulled (and says HOLDS): at 1 they were kept for nobody, up to 768 MiB
+    # with a big model. A network opts in on every node.
     fetch_sources: int = 1
 
     def __post_init__(self) -> None:
