@@ -27,12 +27,12 @@ weighs exactly as OUTLIER by 1), so an honest neighbour just past a rule's cut-o
 little and a far outlier loses as much as an OUTLIER.
 
 ``weight(peer)`` is the score when it reaches ``threshold`` and the peer is not banned,
-else 0. With ``readmit`` above the threshold (default 0: off), a peer whose score was below
-the threshold at a round's end gets weight again only once its score is back at
+else 0. With ``readmit`` above the threshold (default 0: off), a peer whose score was
+below the threshold at a round's end gets weight again only once its score is back at
 ``readmit``: an attacker hovering just over the threshold stays out (session 12: attackers
 at weight 0 at the end 77-78% -> 82-87% under ``clip_aware`` and ``boiling_frog``, but
-honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). A newcomer's score is capped at ``newcomer_cap`` until it has had
-``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
+honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). A newcomer's
+score is capped at ``newcomer_cap`` until it has had ``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
 
 A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds at
 weight 0 with evidence of something it sent, it is banned for ``ban_rounds`` with its
@@ -258,10 +258,9 @@ class ReputationBook:
             return []
         self._decayed_to = round
         keep, c = self.config.forgetting**steps, self.config
-        for state in self._peers.values():
+        for name, state in self._peers.items():
             state.good = c.prior_good + keep * (state.good - c.prior_good)
             state.bad = c.prior_bad + keep * (state.bad - c.prior_bad)
-        for name, state in self._peers.items():
             score = self.score(name)
             state.out = score < c.threshold or (state.out and score < c.readmit)
         return self._drop_idle(round)

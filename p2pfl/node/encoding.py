@@ -20,6 +20,7 @@ not in the pure codec:
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -42,6 +43,11 @@ HOLDS (with ``[net] fetch_sources > 1``; a smaller one comes whole from its auth
 the notice would cost every neighbour a signature check for nothing). Its announcement
 and every delivery of it are logged at INFO (benchmarks/bench_bigmodel.py reads them);
 for a small one those lines are DEBUG (they tripled a test network's logs)."""
+
+
+def payload_log_level(size: int) -> int:
+    """The level of the announce/deliver lines of a ``size``-byte payload (:data:`HOLDS_MIN_BYTES`)."""
+    return logging.INFO if size >= HOLDS_MIN_BYTES else logging.DEBUG
 
 
 class Holding(Protocol):
@@ -132,4 +138,4 @@ def make_encoder(net: NetConfig) -> Encoder:
     return Encoder(net.codec, per_channel=net.codec_per_channel)
 
 
-__all__ = ["Encoder", "TopKEncoder", "make_encoder"]
+__all__ = ["HOLDS_MIN_BYTES", "Encoder", "TopKEncoder", "make_encoder", "payload_log_level"]

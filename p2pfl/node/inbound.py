@@ -44,7 +44,7 @@ from p2pfl.errors import (
     WrongNetwork,
 )
 from p2pfl.net.transport import Transport
-from p2pfl.node.encoding import HOLDS_MIN_BYTES, KEEP_BASES
+from p2pfl.node.encoding import KEEP_BASES, payload_log_level
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            log.log(logging.INFO if header.size >= HOLDS_MIN_BYTES else logging.DEBUG,
-                    "delivered %s: round %d from %s", header.digest.hex()[:12], header.round,
+            log.log(payload_log_level(header.size), "delivered %s: round %d from %s", header.digest.hex()[:12], header.round,
                     short_id(header.sender))
             if codec_named(header.codec).delta:  # a big model kept for nothing otherwise
                 kept = self._bases.peek(header.sender) or {}

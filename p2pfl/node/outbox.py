@@ -30,7 +30,7 @@ from p2pfl.core.envelope import AnnouncementKind, VerifiedHeader, encode_announc
 from p2pfl.core.state import State
 from p2pfl.errors import NetworkError
 from p2pfl.net.transport import Transport
-from p2pfl.node.encoding import HOLDS_MIN_BYTES, Encoder
+from p2pfl.node.encoding import HOLDS_MIN_BYTES, Encoder, payload_log_level
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ class Outbox:
         self._announced.setdefault(round, []).append(update)
         for old in [r for r in self._announced if r < round - self._max_lag]:
             del self._announced[old]
-        log.log(logging.INFO if len(payload) >= HOLDS_MIN_BYTES else logging.DEBUG,
-                "announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
+        log.log(payload_log_level(len(payload)), "announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
 
