@@ -121,17 +121,19 @@ class HarmCheck:
     # every few rounds was forgiven, or even vetted, in the rounds between (ipm eps 0.05
     # hovered at reputation 0.3-0.45 that way). 0: a failure weighs only in its own round.
     remember: int = 0
+    fail_in_proportion: bool = False
+    forgive_memory: int = 0
+    grace_neutral: bool = False
 
     def __post_init__(self) -> None:
-        require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        for name in ("enabled", "fail_in_proportion", "grace_neutral"):
+            require(isinstance(getattr(self, name), bool), f"harm_check.{name}", "must be true or false")
         require(self.classes in ("pooled", "balanced", "worst"), "harm_check.classes",
                 f"must be pooled, balanced or worst, got {self.classes!r}")
-        require(isinstance(self.grace, int) and not isinstance(self.grace, bool) and self.grace >= 0,
-                "harm_check.grace", f"must be an integer >= 0, got {self.grace!r}")
-        require(isinstance(self.remember, int) and not isinstance(self.remember, bool) and self.remember >= 0,
-                "harm_check.remember", f"must be an integer >= 0, got {self.remember!r}")
-        require(isinstance(self.settle, int) and not isinstance(self.settle, bool) and self.settle >= 0,
-                "harm_check.settle", f"must be an integer >= 0, got {self.settle!r}")
+        for name in ("grace", "remember", "settle", "forgive_memory"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"harm_check.{name}", f"must be an integer >= 0, got {value!r}")
         require(self.reference in ("own", "median"), "harm_check.reference",
                 f"must be own or median, got {self.reference!r}")
         require(self.forgive in ("passed", "harmless", "typical", "vetted", "none"), "harm_check.forgive",

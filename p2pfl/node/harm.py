@@ -119,6 +119,7 @@ class Excess:
     over_own: float  # above our own model's loss: harm in absolute terms
     over_reference: float  # above the check's reference (``own`` or ``median``)
     over_typical: float  # above the reference by more than the plain tolerance (no per-step bar)
+    tolerance: float = 1.0  # the plain tolerance these are measured against
 
 
 def probe(
@@ -167,12 +168,12 @@ def probe(
     excess = list(unjudged)
     for j, loss in zip(probed, mixes_losses, strict=True):
         if not math.isfinite(loss):
-            excess[j] = Excess(math.inf, math.inf, math.inf)
+            excess[j] = Excess(math.inf, math.inf, math.inf, tolerance)
             continue
         bar = tolerance
         if step > 0:
             bar = min(bar, check.harm_per_step * distance(own, neighbours[j]) / step)
-        excess[j] = Excess(loss - base - tolerance, loss - reference - bar, loss - reference - tolerance)
+        excess[j] = Excess(loss - base - tolerance, loss - reference - bar, loss - reference - tolerance, tolerance)
     return excess
 
 
@@ -242,6 +243,8 @@ class Verdict:
     forgive: str = "passed"
     fail_trust: float = 1.0
     typical: list[bool] = field(default_factory=list)  # harmless, and within tolerance of the reference
+    fail_caps: list[float] = field(default_factory=list)  # per neighbour: the trust a failure leaves
+    forgive_caps: list[float] = field(default_factory=list)  # per neighbour: how far clipping is forgiven
 
     def forgiven(
         self, trust: Sequence[float], floor: float, *, failures: bool = True, settled: bool = True
@@ -257,10 +260,12 @@ class Verdict:
         spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless,
                   "typical": typical}.get(self.forgive)
         out = list(trust)
+        forgive = self.forgive_caps or [1.0] * len(out)
         if spared is not None:
-            out = [max(t, floor) if ok else t for t, ok in zip(out, spared, strict=True)]
+            out = [max(t, min(floor, c)) if ok else t for t, ok, c in zip(out, spared, forgive, strict=True)]
         if self.failed and failures:
-            out = [min(t, self.fail_trust) if bad else t for t, bad in zip(out, self.failed, strict=True)]
+            caps = self.fail_caps or [self.fail_trust] * len(out)
+            out = [min(t, c) if bad else t for t, bad, c in zip(out, self.failed, caps, strict=True)]
         return tuple(out)
 
 
@@ -273,6 +278,7 @@ class HarmGate:
         self.prober = prober
         self._streaks: Counter[str] = Counter()  # peers whose last check passed
         self._judged = 0  # rounds judged so far
+        self._fail_rate: dict[str, float] = {}  # peer -> recent share of failed checks
         self._failed_at: dict[str, int] = {}  # peer -> judged round of its last counted failure, within the window
 
     def judge(
@@ -313,7 +319,30 @@ class HarmGate:
         vetted = [self._streaks[s] >= self.check.streak and not r for s, r in zip(senders, recent, strict=True)]
         harmless = [ok and not r for ok, r in zip(harmless, recent, strict=True)]
         typical = [ok and not r for ok, r in zip(typical, recent, strict=True)]
-        return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical)
+        fail_caps = [self._fail_cap(e) for e in excess]
+        forgive_caps = self._record(senders, failed, counts)
+        return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical,
+                       fail_caps, forgive_caps)
+
+    def _fail_cap(self, e: Excess | None) -> float:
+        """The trust a failed check leaves: ``fail_trust``, or with ``fail_in_proportion``
+        a trust that falls from 1 to ``fail_trust`` as the excess grows to one tolerance."""
+        if e is None or not self.check.fail_in_proportion:
+            return self.check.fail_trust
+        severity = min(1.0, max(0.0, e.over_own) / e.tolerance) if math.isfinite(e.over_own) else 1.0
+        return 1.0 - (1.0 - self.check.fail_trust) * severity
+
+    def _record(self, senders: Sequence[str], failed: Sequence[bool], counts: bool) -> list[float]:
+        """Per sender, the share of its recent counted checks that did not fail (an
+        average forgetting ``1 / forgive_memory`` per round); all 1 when that is 0."""
+        memory = self.check.forgive_memory
+        if not memory:
+            return [1.0] * len(senders)
+        keep = 1.0 - 1.0 / memory
+        if counts:
+            for s, bad in zip(senders, failed, strict=True):
+                self._fail_rate[s] = keep * self._fail_rate.get(s, 0.0) + (1.0 - keep) * float(bad)
+        return [1.0 - self._fail_rate.get(s, 0.0) for s in senders]
 
     def _remember_failures(self, senders: Sequence[str], failed: Sequence[bool], counts: bool) -> list[bool]:
         """Note this round's counted failures; return, per sender, whether it failed within

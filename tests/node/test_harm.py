@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -179,11 +180,11 @@ def test_probe_reports_the_excess_over_the_tolerance_and_none_when_unjudged() ->
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own")
     excess = probe(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2, 0.2, 0.0])
-    assert excess[0] == Excess(*[pytest.approx(0.4 - 0.1)] * 3)
-    assert excess[1] == Excess(*[pytest.approx(0.08 - 0.1)] * 3)
+    assert excess[0] == Excess(*[pytest.approx(0.4 - 0.1)] * 3, tolerance=pytest.approx(0.1))
+    assert excess[1] == Excess(*[pytest.approx(0.08 - 0.1)] * 3, tolerance=pytest.approx(0.1))
     assert excess[2] is None  # share 0: not mixed in, not judged
     inf = {"w": torch.full((4,), float("inf")), "steps": torch.tensor(7)}
-    assert probe(prober, check, state(0.0), [inf], [0.5]) == [Excess(math.inf, math.inf, math.inf)]
+    assert probe(prober, check, state(0.0), [inf], [0.5]) == [Excess(math.inf, math.inf, math.inf, pytest.approx(0.1))]
     assert probe(prober, check, state(2.0), [state(0.0)], [0.2], start=state(0.0)) == [None]
 
 
@@ -272,6 +273,10 @@ def test_a_node_with_one_neighbour_judges_it_at_the_capped_share() -> None:
         ({"remember": 1.5}, "harm_check.remember"),
         ({"max_probe_share": 0}, "harm_check.max_probe_share"),
         ({"max_probe_share": 1.5}, "harm_check.max_probe_share"),
+        ({"forgive_memory": -1}, "harm_check.forgive_memory"),
+        ({"forgive_memory": 2.5}, "harm_check.forgive_memory"),
+        ({"fail_in_proportion": 1}, "harm_check.fail_in_proportion"),
+        ({"grace_neutral": "yes"}, "harm_check.grace_neutral"),
     ],
 )
 def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:
@@ -354,3 +359,38 @@ def test_mixed_in_place_equals_the_formula_bit_for_bit(dtype: torch.dtype) -> No
     other = {"w": (100 * torch.randn(1000, generator=gen)).to(dtype)}
     for share in (0.0, 0.2, 1 / 3, 1.0):
         assert torch.equal(mixed(own, other, share)["w"], own["w"] + share * (other["w"] - own["w"]))
+
+
+def test_a_failure_weighs_in_proportion_to_how_far_over_the_tolerance_it_is() -> None:
+    # Tolerance 0.1, own loss 0 (w = 0), shares 1/3 (loss = 4 x w of the mix). "a" raises
+    # our loss by 0.15 (half a tolerance over), "b" by 0.4 (three over): "a" keeps trust
+    # 0.75, "b" fail_trust.
+    prober = Distance(target=0.0)
+    check = HarmCheck(absolute=0.1, relative=0.0, reference="own", fail_trust=0.5, grace=0,
+                      fail_in_proportion=True, max_probe_share=1.0)
+    nbs = [state(0.15 * 3 / 4), state(0.4 * 3 / 4)]
+    verdict = HarmGate(check, prober).judge(state(0.0), None, ["a", "b"], nbs, [1.0, 1.0], 2.0)
+    assert verdict.failed == [True, True]
+    assert verdict.forgiven([1.0, 1.0], floor=1.0) == (pytest.approx(0.75), pytest.approx(0.5))
+    flat = HarmGate(replace(check, fail_in_proportion=False), prober).judge(
+        state(0.0), None, ["a", "b"], nbs, [1.0, 1.0], 2.0)
+    assert flat.forgiven([1.0, 1.0], floor=1.0) == (0.5, 0.5)
+
+
+def test_clipping_is_forgiven_only_as_far_as_the_neighbour_has_not_failed_lately() -> None:
+    # "b" alternates: harmful, harmless, harmful... With a memory of 2 rounds its record is
+    # the share of its recent checks that did not fail; a harmless round forgives its
+    # clipping only up to that share. "a" never fails and is forgiven in full.
+    prober = Distance(target=0.0)
+    check = HarmCheck(absolute=0.1, relative=0.0, reference="own", grace=0, forgive="harmless",
+                      forgive_memory=2, max_probe_share=1.0)
+    gate = HarmGate(check, prober)
+    good, bad = state(0.01), state(5.0)
+    gate.judge(state(0.0), None, ["a", "b"], [good, bad], [1.0, 1.0], 2.0)  # b fails: record 1/2
+    verdict = gate.judge(state(0.0), None, ["a", "b"], [good, good], [1.0, 1.0], 2.0)
+    assert verdict.harmless == [True, True]
+    assert verdict.forgiven([0.2, 0.2], floor=1.0) == (1.0, pytest.approx(0.75))  # 1 - 1/2 * 1/2
+    # Off (0): forgiven in full whatever the record.
+    off = HarmGate(replace(check, forgive_memory=0), prober)
+    off.judge(state(0.0), None, ["b"], [bad], [1.0], 2.0)
+    assert off.judge(state(0.0), None, ["b"], [good], [1.0], 2.0).forgiven([0.2], floor=1.0) == (1.0,)
