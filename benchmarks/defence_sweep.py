@@ -15,31 +15,15 @@ from dataclasses import replace
 
 import torch
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from defence_settings import setting
+
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.node.config import HarmCheck
 from p2pfl.sim.runner import run_scenario
-from p2pfl.sim.scenario import Scenario
 from p2pfl.sim.scorecard import scorecard
 
 torch.set_num_threads(1)
-
-W = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "scenarios") + "/"
-def setting(name):
-    if name == "reg":   # developers' setting
-        return Scenario(name="reg", nodes=16, rounds=30, topology="regular", topology_params={"degree": 4},
-                        partition="dirichlet", alpha=0.5, byzantine=4, placement="random")
-    if name == "er":
-        return Scenario(name="er", nodes=16, rounds=30, topology="erdos_renyi", topology_params={"p": 0.3},
-                        partition="dirichlet", alpha=0.5, byzantine=5, placement="random")
-    if name == "er_mean" or name == "exp32_mean":
-        return replace(setting(name[:-5]), rule="mean")
-    if name == "exp32":
-        return Scenario(name="exp32", nodes=32, rounds=30, topology="exponential", topology_params={},
-                        partition="iid", byzantine=8, placement="random")
-    if name == "dumbbell":
-        return Scenario(name="dumbbell", nodes=8, rounds=60, topology="dumbbell", partition="halves", byzantine=0)
-    raise SystemExit(name)
-
 
 if os.environ.get("BALANCED"):
     from p2pfl.learners.torch_learner import TorchLearner

@@ -142,12 +142,6 @@ class ReputationConfig:
         require(self.history_length >= 1, "reputation.history_length", "must be >= 1")
         require(0 < self.clip_tolerance <= 1, "reputation.clip_tolerance", "must be in (0, 1]")
 
-    @property
-    def neutral_trust(self) -> float:
-        """The trust whose evidence keeps a score at the prior: as much good as bad."""
-        s = self.clipped_strength * self.prior
-        return self.clip_tolerance * s / (1 - self.prior + s)
-
     def evidence_from_trust(self, trust: float) -> tuple[Evidence, float]:
         """Turn a rule's trust in one neighbour (``Aggregate.trust``) into evidence."""
         if trust >= self.clip_tolerance:

@@ -325,11 +325,12 @@ class HarmGate:
                        fail_caps, forgive_caps)
 
     def _fail_cap(self, e: Excess | None) -> float:
-        """The trust a failed check leaves: ``fail_trust``, or with ``fail_in_proportion``
-        a trust that falls from 1 to ``fail_trust`` as the excess grows to one tolerance."""
-        if e is None or not self.check.fail_in_proportion:
+        """The trust a failed check leaves: ``fail_trust`` once the excess reaches
+        ``fail_full_at`` tolerances, in proportion below that (0: always ``fail_trust``)."""
+        full = self.check.fail_full_at
+        if e is None or not full or not math.isfinite(e.over_own):
             return self.check.fail_trust
-        severity = min(1.0, max(0.0, e.over_own) / e.tolerance) if math.isfinite(e.over_own) else 1.0
+        severity = min(1.0, max(0.0, e.over_own) / (full * e.tolerance))
         return 1.0 - (1.0 - self.check.fail_trust) * severity
 
     def _record(self, senders: Sequence[str], failed: Sequence[bool], counts: bool) -> list[float]:

@@ -108,9 +108,6 @@ class Mixer:
             trust = verdict.forgiven(trust, self._config.reputation.clip_tolerance,
                                      failures=counting,
                                      settled=number >= self._config.harm_check.settle)
-            if not counting and self._config.harm_check.grace_neutral:
-                neutral = self._config.reputation.neutral_trust
-                trust = tuple(max(t, neutral) for t in trust)
         for update, value, cap in zip(updates, trust, caps, strict=True):
             self._standing.record_trust(update.sender, min(value, cap), number)
         return result.state

@@ -275,8 +275,8 @@ def test_a_node_with_one_neighbour_judges_it_at_the_capped_share() -> None:
         ({"max_probe_share": 1.5}, "harm_check.max_probe_share"),
         ({"forgive_memory": -1}, "harm_check.forgive_memory"),
         ({"forgive_memory": 2.5}, "harm_check.forgive_memory"),
-        ({"fail_in_proportion": 1}, "harm_check.fail_in_proportion"),
-        ({"grace_neutral": "yes"}, "harm_check.grace_neutral"),
+        ({"fail_full_at": -1.0}, "harm_check.fail_full_at"),
+        ({"fail_full_at": True}, "harm_check.fail_full_at"),
     ],
 )
 def test_new_harm_check_fields_are_validated(kwargs: dict[str, object], match: str) -> None:
@@ -367,12 +367,12 @@ def test_a_failure_weighs_in_proportion_to_how_far_over_the_tolerance_it_is() ->
     # 0.75, "b" fail_trust.
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own", fail_trust=0.5, grace=0,
-                      fail_in_proportion=True, max_probe_share=1.0)
+                      fail_full_at=1.0, max_probe_share=1.0)
     nbs = [state(0.15 * 3 / 4), state(0.4 * 3 / 4)]
     verdict = HarmGate(check, prober).judge(state(0.0), None, ["a", "b"], nbs, [1.0, 1.0], 2.0)
     assert verdict.failed == [True, True]
     assert verdict.forgiven([1.0, 1.0], floor=1.0) == (pytest.approx(0.75), pytest.approx(0.5))
-    flat = HarmGate(replace(check, fail_in_proportion=False), prober).judge(
+    flat = HarmGate(replace(check, fail_full_at=0.0), prober).judge(
         state(0.0), None, ["a", "b"], nbs, [1.0, 1.0], 2.0)
     assert flat.forgiven([1.0, 1.0], floor=1.0) == (0.5, 0.5)
 

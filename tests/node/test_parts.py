@@ -18,7 +18,7 @@ from p2pfl.core.reputation import Evidence, ReputationConfig
 from p2pfl.core.rounds import Received
 from p2pfl.learners.base import Learner
 from p2pfl.net.transport import Announcement, Transport
-from p2pfl.node.config import HarmCheck, NodeConfig
+from p2pfl.node.config import NodeConfig
 from p2pfl.node.mixer import Mixer
 from p2pfl.node.outbox import Outbox, State
 from p2pfl.node.standing import Standing
@@ -261,39 +261,6 @@ async def test_mix_aggregates_and_records_the_trust_as_evidence() -> None:
     assert float(result["w"]) == pytest.approx(9 * w / (10 + 2 * w))
     assert standing.accepted == 2
     assert [e.evidence for e in standing.book.history("a")] == [Evidence.ACCEPTED]
-
-
-class Absolute:
-    """A learner that only scores states: the loss is |w| (our data wants w = 0)."""
-
-    def probe_losses(self, states: Any) -> list[float]:
-        return [float(s["w"].abs().sum()) for s in states]
-
-
-@pytest.mark.parametrize("neutral", [False, True])
-async def test_in_the_grace_rounds_clipping_is_at_most_neutral_evidence(neutral: bool) -> None:
-    # Round 0: "a" is far and harmful (models start apart); its failure is no evidence yet,
-    # and with grace_neutral neither is its clipping beyond what keeps it at the prior.
-    config = NodeConfig(network_id=NET, rule="clipped_gossip",
-                        harm_check=HarmCheck(grace=3, grace_neutral=neutral))
-    standing = Standing(ReputationConfig())
-    mix = Mixer(config, cast(Learner, Absolute()), standing, inline)
-    own, start = {"w": torch.tensor([0.0])}, {"w": torch.tensor([0.1])}
-    await mix.mix(0, own, start, [received("a", 10.0, 5)], samples=5)
-    (event,) = standing.book.history("a")
-    assert event.evidence is Evidence.CLIPPED
-    if neutral:
-        assert standing.book.score("a") == pytest.approx(ReputationConfig().prior)
-    else:
-        assert standing.weight("a") == 0.0  # one round of clipping flagged a newcomer
-    await mix.mix(3, own, start, [received("a", 10.0, 5)], samples=5)  # from grace on: evidence
-    assert standing.weight("a") == 0.0
-
-
-def test_neutral_trust_keeps_a_score_where_it_is() -> None:
-    config = ReputationConfig()
-    book_events = config.effect(*config.evidence_from_trust(config.neutral_trust))
-    assert book_events[0] == pytest.approx(book_events[1])  # as much good as bad
 
 
 # ---------------------------------------------------------------- seams

@@ -1,0 +1,23 @@
+"""The simulator settings of the defence sweeps (benchmarks/defence_sweep.py, defence_trace.py)."""
+from dataclasses import replace
+
+from p2pfl.sim.scenario import Scenario
+
+
+def setting(name):
+    if name == "reg":   # developers' setting
+        return Scenario(name="reg", nodes=16, rounds=30, topology="regular", topology_params={"degree": 4},
+                        partition="dirichlet", alpha=0.5, byzantine=4, placement="random")
+    if name == "er":
+        return Scenario(name="er", nodes=16, rounds=30, topology="erdos_renyi", topology_params={"p": 0.3},
+                        partition="dirichlet", alpha=0.5, byzantine=5, placement="random")
+    if name == "er_mean" or name == "exp32_mean":
+        return replace(setting(name[:-5]), rule="mean")
+    if name == "exp32":
+        return Scenario(name="exp32", nodes=32, rounds=30, topology="exponential", topology_params={},
+                        partition="iid", byzantine=8, placement="random")
+    if name == "dumbbell":
+        return Scenario(name="dumbbell", nodes=8, rounds=60, topology="dumbbell", partition="halves", byzantine=0)
+    raise SystemExit(name)
+
+
