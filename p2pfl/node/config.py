@@ -121,18 +121,19 @@ class HarmCheck:
     # every few rounds was forgiven, or even vetted, in the rounds between (ipm eps 0.05
     # hovered at reputation 0.3-0.45 that way). 0: a failure weighs only in its own round.
     remember: int = 0
-    # A failed check weighs in proportion to its excess over our own loss, in tolerances:
-    # in full (trust capped at ``fail_trust``) from this many on, less below. 0: always in
-    # full (before session 13). Honest neighbours that hold other classes fail by a small
-    # margin, sometimes round after round (9-20 failures in a row, never clipped), and
-    # were flagged by the flat cap: honest peers ever flagged without attack 0.06 -> 0.01
-    # on the developers' setting, 0.05 -> 0.01 on Erdos-Renyi (docs/DEFENCE.md section 3).
-    fail_full_at: float = 1.0
+    # With F > 0 a failed check weighs in proportion to its excess over our own loss: in
+    # full (trust capped at ``fail_trust``) from F tolerances on, less below. 0 (default):
+    # always in full. At 1, honest peers ever flagged without attack fall from 0.06 to 0.01
+    # (developers' setting) and 0.05 to 0.01 (Erdos-Renyi): honest neighbours holding other
+    # classes fail by a small margin, sometimes round after round. But `ipm` eps 0.05 then
+    # drags a sheltered node to 0.74 (0.86 with 0): docs/DEFENCE.md section 3, session 13.
+    fail_full_at: float = 0.0
     # Forgiveness by record: with N > 0 a harmless neighbour's clipping is forgiven only up
     # to the share of its checks that did not fail (a running average over ~N rounds).
     # Attackers clipped to 0.1-0.3 alternate failed rounds with harmless ones that forgave
-    # them in full. 0 (default): forgiven in full. At 10 recall rises to 86-89% on the
-    # developers' setting but Erdos-Renyi with a third attacking loses up to 1.7 points.
+    # them in full. 0 (default): forgiven in full. At 10 (with ``fail_full_at`` 1) recall
+    # rises to 86-89% on the developers' setting, but on Erdos-Renyi with a third attacking
+    # honest nodes dragged by attackers fail checks too and are forgiven less (session 13).
     forgive_memory: int = 0
 
     def __post_init__(self) -> None:
