@@ -121,13 +121,12 @@ class HarmCheck:
     # every few rounds was forgiven, or even vetted, in the rounds between (ipm eps 0.05
     # hovered at reputation 0.3-0.45 that way). 0: a failure weighs only in its own round.
     remember: int = 0
-    # With F > 0 a failed check weighs in proportion to its excess over our own loss: in
-    # full (trust capped at ``fail_trust``) from F tolerances on, less below. 0 (default):
-    # always in full. At 1, honest peers ever flagged without attack fall from 0.06 to 0.01
-    # (developers' setting) and 0.05 to 0.01 (Erdos-Renyi): honest neighbours holding other
-    # classes fail by a small margin, sometimes round after round. But `ipm` eps 0.05 then
-    # drags a sheltered node to 0.74 (0.86 with 0): docs/DEFENCE.md section 3, session 13.
-    fail_full_at: float = 0.0
+    # A failed check weighs in proportion to its excess over our own loss: in full (trust
+    # capped at ``fail_trust``) from this many tolerances on, less below; 0: always in full
+    # (before session 13). Honest neighbours holding other classes fail by a small margin
+    # (median half a tolerance), sometimes round after round, and the flat cap flagged them:
+    # honest peers ever flagged without attack 0.06 -> 0.01 (docs/DEFENCE.md section 3).
+    fail_full_at: float = 1.0
     # Forgiveness by record: with N > 0 a harmless neighbour's clipping is forgiven only up
     # to the share of its checks that did not fail (a running average over ~N rounds).
     # Attackers clipped to 0.1-0.3 alternate failed rounds with harmless ones that forgave
@@ -135,6 +134,14 @@ class HarmCheck:
     # rises to 86-89% on the developers' setting, but on Erdos-Renyi with a third attacking
     # honest nodes dragged by attackers fail checks too and are forgiven less (session 13).
     forgive_memory: int = 0
+    # From round ``settle`` on, a neighbour that is not vetted (``streak`` passes in a row)
+    # has its clipping forgiven only up to this trust; vetted ones in full. 0.8 is the trust
+    # whose evidence keeps a score at the prior (as much good as bad): forgiveness stops
+    # the fall of a typical neighbour's score but no longer raises it. Attackers clipped to
+    # 0.1-0.3 were forgiven in full in the rounds between their failures and hovered just
+    # above the threshold; now they fall under it (docs/DEFENCE.md section 3, session 13).
+    # 1: forgiven in full, vetted or not (before).
+    unvetted_forgive: float = 0.8
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
@@ -157,6 +164,9 @@ class HarmCheck:
         require(isinstance(self.fail_trust, int | float) and not isinstance(self.fail_trust, bool)
                 and 0 <= self.fail_trust <= 1, "harm_check.fail_trust",
                 f"must be a number in [0, 1], got {self.fail_trust!r}")
+        require(isinstance(self.unvetted_forgive, int | float) and not isinstance(self.unvetted_forgive, bool)
+                and 0 <= self.unvetted_forgive <= 1, "harm_check.unvetted_forgive",
+                f"must be a number in [0, 1], got {self.unvetted_forgive!r}")
         for name in ("absolute", "relative", "harm_per_step", "fail_full_at"):
             value = getattr(self, name)
             require(

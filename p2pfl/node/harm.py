@@ -245,6 +245,7 @@ class Verdict:
     typical: list[bool] = field(default_factory=list)  # harmless, and within tolerance of the reference
     fail_caps: list[float] = field(default_factory=list)  # per neighbour: the trust a failure leaves
     forgive_caps: list[float] = field(default_factory=list)  # per neighbour: how far clipping is forgiven
+    unvetted: float = 1.0  # once settled, how far an unvetted neighbour's clipping is forgiven
 
     def forgiven(
         self, trust: Sequence[float], floor: float, *, failures: bool = True, settled: bool = True
@@ -254,13 +255,16 @@ class Verdict:
 
         ``forgive = "typical"`` spares the harmless neighbours until the models have
         ``settled`` (:attr:`HarmCheck.settle`), then only those also within tolerance of
-        the typical neighbour's mix.
+        the typical neighbour's mix. Once settled, a neighbour that is not vetted is raised
+        to at most ``unvetted``; ``forgive_caps`` (the neighbours' records) bound it too.
         """
         typical = self.typical if settled else self.harmless
         spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless,
                   "typical": typical}.get(self.forgive)
         out = list(trust)
         forgive = self.forgive_caps or [1.0] * len(out)
+        if settled and self.unvetted < 1:
+            forgive = [c if v else min(c, self.unvetted) for c, v in zip(forgive, self.vetted, strict=True)]
         if spared is not None:
             out = [max(t, min(floor, c)) if ok else t for t, ok, c in zip(out, spared, forgive, strict=True)]
         if self.failed and failures:
@@ -322,7 +326,7 @@ class HarmGate:
         fail_caps = [self._fail_cap(e) for e in excess]
         forgive_caps = self._record(senders, failed, counts)
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical,
-                       fail_caps, forgive_caps)
+                       fail_caps, forgive_caps, self.check.unvetted_forgive)
 
     def _fail_cap(self, e: Excess | None) -> float:
         """The trust a failed check leaves: ``fail_trust`` once the excess reaches

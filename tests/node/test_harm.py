@@ -218,7 +218,8 @@ def test_once_settled_typical_forgiveness_spares_only_neighbours_as_good_as_the_
     # Own loss 4 (w = 1). Two neighbours pull us near the target (mixed loss 0.16); a third
     # barely moves us (4.16): harmless against our own loss (tolerance 0.5), but 4 worse
     # than the typical (median) neighbour's mix.
-    gate = HarmGate(HarmCheck(absolute=0.5, relative=0.0, forgive="typical"), Distance(target=0.0))
+    gate = HarmGate(HarmCheck(absolute=0.5, relative=0.0, forgive="typical", unvetted_forgive=1.0),
+                    Distance(target=0.0))
     nbs = [state(-3.0), state(-3.0), state(1.1)]
     verdict = gate.judge(state(1.0), None, ["a", "b", "c"], nbs, [1.0] * 3, 2.0)
     assert verdict.harmless == [True, True, True]
@@ -274,6 +275,8 @@ def test_a_node_with_one_neighbour_judges_it_at_the_capped_share() -> None:
         ({"max_probe_share": 0}, "harm_check.max_probe_share"),
         ({"max_probe_share": 1.5}, "harm_check.max_probe_share"),
         ({"forgive_memory": -1}, "harm_check.forgive_memory"),
+        ({"unvetted_forgive": 1.5}, "harm_check.unvetted_forgive"),
+        ({"unvetted_forgive": -0.1}, "harm_check.unvetted_forgive"),
         ({"forgive_memory": 2.5}, "harm_check.forgive_memory"),
         ({"fail_full_at": -1.0}, "harm_check.fail_full_at"),
         ({"fail_full_at": True}, "harm_check.fail_full_at"),
@@ -383,7 +386,7 @@ def test_clipping_is_forgiven_only_as_far_as_the_neighbour_has_not_failed_lately
     # clipping only up to that share. "a" never fails and is forgiven in full.
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own", grace=0, forgive="harmless",
-                      forgive_memory=2, max_probe_share=1.0)
+                      forgive_memory=2, max_probe_share=1.0, unvetted_forgive=1.0)
     gate = HarmGate(check, prober)
     good, bad = state(0.01), state(5.0)
     gate.judge(state(0.0), None, ["a", "b"], [good, bad], [1.0, 1.0], 2.0)  # b fails: record 1/2
@@ -394,3 +397,19 @@ def test_clipping_is_forgiven_only_as_far_as_the_neighbour_has_not_failed_lately
     off = HarmGate(replace(check, forgive_memory=0), prober)
     off.judge(state(0.0), None, ["b"], [bad], [1.0], 2.0)
     assert off.judge(state(0.0), None, ["b"], [good], [1.0], 2.0).forgiven([0.2], floor=1.0) == (1.0,)
+
+
+def test_once_settled_an_unvetted_neighbour_is_forgiven_only_up_to_unvetted_forgive() -> None:
+    # Three harmless, typical neighbours clipped to 0.2; only "a" is vetted. Before the
+    # models settle all three are forgiven in full; from then on "b" and "c" only up to
+    # 0.8 (their clipping no longer earns them trust), and a record bounds it further.
+    verdict = Verdict(passed=[True] * 3, vetted=[True, False, False], failed=[False] * 3,
+                      harmless=[True] * 3, forgive="typical", typical=[True] * 3,
+                      forgive_caps=[1.0, 1.0, 0.6], unvetted=0.8)
+    clipped = [0.2, 0.2, 0.2]
+    assert verdict.forgiven(clipped, floor=1.0, settled=False) == (1.0, 1.0, 0.6)
+    assert verdict.forgiven(clipped, floor=1.0, settled=True) == (1.0, 0.8, 0.6)
+    # Clipped less than that: nothing to forgive, the rule's trust stands.
+    assert verdict.forgiven([0.9, 0.9, 0.9], floor=1.0, settled=True) == (1.0, 0.9, 0.9)
+    gate = HarmGate(HarmCheck(unvetted_forgive=0.7), Distance(target=0.0))
+    assert gate.judge(state(0.0), None, ["a"], [state(0.01)], [1.0], 1.0).unvetted == 0.7
