@@ -7,19 +7,20 @@ defence, with rules mean and clipped_gossip (the default). Measured at this comm
 
 | attack | mean | default | default: worst node / worst node with an honest majority |
 |---|---|---|---|
-| none | 0.931 | 0.930 | 0.891 / 0.891 |
-| min_max | 0.656 | 0.893 | 0.778 / 0.860 |
-| clip_aware | 0.731 | 0.891 | 0.776 / 0.853 |
-| boiling_frog | 0.551 | 0.891 | 0.751 / 0.858 (0.578 before shared reach) |
-| ipm (eps 0.5) | 0.545 | 0.902 | 0.809 / 0.871 |
-| label_flip | 0.771 | 0.770 | 0.407 / 0.678 |
-| targeted_flip | 0.892 | 0.883 | 0.773 / 0.858 |
+| none | 0.931 | 0.928 | 0.889 / 0.889 |
+| min_max | 0.656 | 0.896 | 0.787 / 0.864 |
+| clip_aware | 0.731 | 0.885 | 0.678 / 0.849 |
+| boiling_frog | 0.551 | 0.894 | 0.771 / 0.858 (0.578 before shared reach) |
+| ipm (eps 0.5) | 0.545 | 0.904 | 0.818 / 0.873 |
+| label_flip | 0.771 | 0.805 | 0.618 / 0.729 (0.769 and 0.407 / 0.671 before session 13) |
+| targeted_flip | 0.892 | 0.887 | 0.773 / 0.858 |
 
 The gate holds those within a small margin: the default defence far above plain mean on
-the attacks it is built for, within 6 points of no attack (3.9 measured), its nodes with an honest majority of
-neighbours within 10 points of the worst node without attack (3.8 measured); on the two
-label flips it is not yet at plain mean's level on this seed (a documented gap, issue 17;
-over seeds 0-2 it is above it): the gate stops it from falling further.
+the attacks it is built for, within 6 points of no attack (4.3 measured), its nodes with an
+honest majority of neighbours within 10 points of the worst node without attack (4.0
+measured); on the label flips it is at most a little below plain mean on this seed
+(targeted_flip 0.5 points; over seeds 0-2 it is above it): the gate stops it from falling
+further. Without attack nobody is flagged (session 13: failures weigh in proportion).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def test_without_attack_the_default_learns_and_flags_nobody_for_long(
 ) -> None:
     assert final(cards, "clipped_gossip", NO_ATTACK) > 0.92
     detection = cards["clipped_gossip", NO_ATTACK]["detection"]
-    # Typical forgiveness (fifth pass) put one honest peer of 16 under the threshold for
-    # one round (round 21) of this seed; nobody is flagged at the end.
-    assert detection["false_positive_peers"] <= 1 / 16
+    # Before session 13 one honest peer of 16 fell under the threshold for one round
+    # (round 21) of this seed: it failed the harm check by a small margin round after round,
+    # each failure capping its trust at 0.5. Failures now weigh in proportion.
+    assert detection["false_positive_peers"] == 0.0
     assert detection["false_positive_pairs_final"] == 0.0
 
 
