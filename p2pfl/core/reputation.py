@@ -32,7 +32,8 @@ below the threshold at a round's end gets weight again only once its score is ba
 ``readmit``: an attacker hovering just over the threshold stays out (session 12: attackers
 at weight 0 at the end 77-78% -> 82-87% under ``clip_aware`` and ``boiling_frog``, but
 honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). A newcomer's
-score is capped at ``newcomer_cap`` until it has had ``newcomer_rounds`` good rounds (a round with ACCEPTED, or CLIPPED by at most a half).
+score is capped at ``newcomer_cap`` until it has had ``newcomer_rounds`` good rounds (a
+round with ACCEPTED, or CLIPPED by at most a half).
 
 A peer that keeps sending what we discard is dropped: after ``drop_after`` rounds at
 weight 0 with evidence of something it sent, it is banned for ``ban_rounds`` with its

@@ -161,12 +161,10 @@ class HarmCheck:
         require(isinstance(self.max_probe_share, int | float) and not isinstance(self.max_probe_share, bool)
                 and 0 < self.max_probe_share <= 1, "harm_check.max_probe_share",
                 f"must be a number in (0, 1], got {self.max_probe_share!r}")
-        require(isinstance(self.fail_trust, int | float) and not isinstance(self.fail_trust, bool)
-                and 0 <= self.fail_trust <= 1, "harm_check.fail_trust",
-                f"must be a number in [0, 1], got {self.fail_trust!r}")
-        require(isinstance(self.unvetted_forgive, int | float) and not isinstance(self.unvetted_forgive, bool)
-                and 0 <= self.unvetted_forgive <= 1, "harm_check.unvetted_forgive",
-                f"must be a number in [0, 1], got {self.unvetted_forgive!r}")
+        for name in ("fail_trust", "unvetted_forgive"):
+            value = getattr(self, name)
+            require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1,
+                    f"harm_check.{name}", f"must be a number in [0, 1], got {value!r}")
         for name in ("absolute", "relative", "harm_per_step", "fail_full_at"):
             value = getattr(self, name)
             require(

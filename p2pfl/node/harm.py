@@ -173,7 +173,8 @@ def probe(
         bar = tolerance
         if step > 0:
             bar = min(bar, check.harm_per_step * distance(own, neighbours[j]) / step)
-        excess[j] = Excess(loss - base - tolerance, loss - reference - bar, loss - reference - tolerance, tolerance)
+        excess[j] = Excess(loss - base - tolerance, loss - reference - bar, loss - reference - tolerance,
+                           tolerance)
     return excess
 
 
@@ -262,11 +263,11 @@ class Verdict:
         spared = {"passed": self.passed, "vetted": self.vetted, "harmless": self.harmless,
                   "typical": typical}.get(self.forgive)
         out = list(trust)
-        forgive = self.forgive_caps or [1.0] * len(out)
+        ceiling = self.forgive_caps or [1.0] * len(out)  # how far forgiveness may raise each
         if settled and self.unvetted < 1:
-            forgive = [c if v else min(c, self.unvetted) for c, v in zip(forgive, self.vetted, strict=True)]
+            ceiling = [c if v else min(c, self.unvetted) for c, v in zip(ceiling, self.vetted, strict=True)]
         if spared is not None:
-            out = [max(t, min(floor, c)) if ok else t for t, ok, c in zip(out, spared, forgive, strict=True)]
+            out = [max(t, min(floor, c)) if ok else t for t, ok, c in zip(out, spared, ceiling, strict=True)]
         if self.failed and failures:
             caps = self.fail_caps or [self.fail_trust] * len(out)
             out = [min(t, c) if bad else t for t, bad, c in zip(out, self.failed, caps, strict=True)]

@@ -207,8 +207,8 @@ class Fetcher:
             if state is None:
                 return
             self._inbox.deliver(Received(header.sender, header.round, header.digest, header.samples, state))
-            log.log(payload_log_level(header.size), "delivered %s: round %d from %s", header.digest.hex()[:12], header.round,
-                    short_id(header.sender))
+            log.log(payload_log_level(header.size), "delivered %s: round %d from %s",
+                    header.digest.hex()[:12], header.round, short_id(header.sender))
             if codec_named(header.codec).delta:  # a big model kept for nothing otherwise
                 kept = self._bases.peek(header.sender) or {}
                 recent = list(kept.items())[-(KEEP_BASES - 1):] if KEEP_BASES > 1 else []

@@ -131,7 +131,8 @@ class Outbox:
         self._announced.setdefault(round, []).append(update)
         for old in [r for r in self._announced if r < round - self._max_lag]:
             del self._announced[old]
-        log.log(payload_log_level(len(payload)), "announcing %s: round %d, %d bytes", update.header.digest.hex()[:12], round, len(payload))
+        log.log(payload_log_level(len(payload)), "announcing %s: round %d, %d bytes",
+                update.header.digest.hex()[:12], round, len(payload))
         await self.publish(AnnouncementKind.UPDATE, update)
         return update
 
