@@ -20,6 +20,7 @@ import torch
 from p2pfl.attacks._common import (
     StateLike,
     add_noise,
+    choice,
     combine,
     integer,
     mean_of,
@@ -123,10 +124,28 @@ def alie_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf(p)
 
 
-def _alie_state(own: StateLike, observed: list[StateLike], z: float) -> State:
-    """Return ``mean - z * std`` of ``observed`` (unbiased std; 0 with one observation)."""
+def _alie_state(own: StateLike, observed: list[StateLike], z: float, seed: int | None = None) -> State:
+    """Return ``mean - z * std`` of ``observed`` (unbiased std; 0 with one observation).
+
+    With a ``seed``, ``mean + z * s * std`` instead, ``s`` a fixed random sign per
+    coordinate drawn from the seed: the same direction every round, and for every
+    attacker given that seed.
+    """
     correction = 1 if len(observed) > 1 else 0
-    return combine(own, observed, lambda _, s: s.mean(dim=0) - z * s.std(dim=0, correction=correction))
+    mean = mean_of(own, observed)
+    std = combine(own, observed, lambda _, s: s.std(dim=0, correction=correction))
+    out: State = {}
+    for key, m in mean.items():
+        if not m.is_floating_point():
+            out[key] = m
+            continue
+        if seed is None:
+            sign = -torch.ones_like(m)
+        else:
+            drawn = torch.randint(0, 2, tuple(m.shape), generator=seeded_generator("alie", seed, key))
+            sign = (drawn * 2 - 1).to(m.dtype)
+        out[key] = m + z * sign * std[key]
+    return out
 
 
 class Alie(Behaviour):
@@ -139,25 +158,34 @@ class Alie(Behaviour):
     the models we receive. ``z`` is given, or :func:`alie_z` of ``n`` (default: models
     observed + 1) and ``f`` (default 1). Note the paper's z is small for small ``n``
     (n = 6, f = 1 gives z = 0): pass ``z`` to force a stronger shift.
+
+    ``signs = "random"`` shifts each coordinate by ``z * sigma`` up or down by a fixed
+    random sign drawn from ``seed`` instead of always down: the same direction every round
+    and for every attacker with the same seed, so colluders drift the network together
+    along one direction inside the honest spread (docs/RESULTS.md, "Session 14").
     """
 
     name = "alie"
 
-    def __init__(self, n: object = None, f: object = 1, z: object = None) -> None:
+    def __init__(self, n: object = None, f: object = 1, z: object = None, signs: object = "minus",
+                 seed: object = 0) -> None:
         """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
         self.n = None if n is None else integer(self.name, "n", n, low=2)
         self.f = integer(self.name, "f", f, low=0)
         self.z = None if z is None else number(self.name, "z", z)
         if self.n is not None and self.z is None:
             alie_z(self.n, self.f)  # fail now, not in round 3
+        random = choice(self.name, "signs", signs, ("minus", "random")) == "random"
+        seed = integer(self.name, "seed", seed)
+        self.seed = seed if random else None
 
     def craft(self, view: PeerView, round: int, own: State) -> State:
-        """Return ``mean - z * std`` of what we observe."""
+        """Return ``mean - z * std`` (or ``mean + z * signs * std``) of what we observe."""
         observed = list(observed_states(view).values())
         if not observed:  # nothing to hide among yet
             return {key: tensor.clone() for key, tensor in own.items()}
         z = self.z if self.z is not None else alie_z(self.n or len(observed) + 1, self.f)
-        return _alie_state(own, observed, z)
+        return _alie_state(own, observed, z, self.seed)
 
 
 class Ipm(Behaviour):
