@@ -84,8 +84,8 @@ _SPECS = [
           f="Byzantine workers in the formula (default 1; sim and testnet: the attacker count)",
           z="explicit z, overrides n and f (default: the paper's z_max)",
           signs="minus (the paper: mean - z*std) or random: mean + z*s*std, s a fixed random "
-                "sign per coordinate, the same every round and for every attacker (default minus)",
-          seed="random signs' seed (default 0)"),
+                "sign per coordinate, the same every round (default minus)",
+          direction="seed of the random signs; attackers with the same one collude (default 0)"),
     _spec("ipm", ipm, "Xie, Koyejo, Gupta 2020, inner product manipulation",
           eps="announce -eps * mean of observed models (default 10)",
           space="model (as above, default) or update: -eps * the honest mean update",

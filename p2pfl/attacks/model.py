@@ -160,15 +160,16 @@ class Alie(Behaviour):
     (n = 6, f = 1 gives z = 0): pass ``z`` to force a stronger shift.
 
     ``signs = "random"`` shifts each coordinate by ``z * sigma`` up or down by a fixed
-    random sign drawn from ``seed`` instead of always down: the same direction every round
-    and for every attacker with the same seed, so colluders drift the network together
-    along one direction inside the honest spread (docs/RESULTS.md, "Session 14").
+    random sign drawn from ``direction`` (a seed) instead of always down: the same
+    direction every round and for every attacker given the same ``direction`` (all of
+    them by default), so colluders drift the network together along one direction inside
+    the honest spread (docs/RESULTS.md, "Session 14").
     """
 
     name = "alie"
 
     def __init__(self, n: object = None, f: object = 1, z: object = None, signs: object = "minus",
-                 seed: object = 0) -> None:
+                 direction: object = 0) -> None:
         """Check and keep the parameters (see :data:`p2pfl.attacks.ATTACKS`)."""
         self.n = None if n is None else integer(self.name, "n", n, low=2)
         self.f = integer(self.name, "f", f, low=0)
@@ -176,8 +177,8 @@ class Alie(Behaviour):
         if self.n is not None and self.z is None:
             alie_z(self.n, self.f)  # fail now, not in round 3
         random = choice(self.name, "signs", signs, ("minus", "random")) == "random"
-        seed = integer(self.name, "seed", seed)
-        self.seed = seed if random else None
+        seed = integer(self.name, "direction", direction)
+        self.direction = seed if random else None
 
     def craft(self, view: PeerView, round: int, own: State) -> State:
         """Return ``mean - z * std`` (or ``mean + z * signs * std``) of what we observe."""
@@ -185,7 +186,7 @@ class Alie(Behaviour):
         if not observed:  # nothing to hide among yet
             return {key: tensor.clone() for key, tensor in own.items()}
         z = self.z if self.z is not None else alie_z(self.n or len(observed) + 1, self.f)
-        return _alie_state(own, observed, z, self.seed)
+        return _alie_state(own, observed, z, self.direction)
 
 
 class Ipm(Behaviour):

@@ -159,14 +159,14 @@ def test_gaussian_noise_is_seeded_and_has_the_given_sigma() -> None:
 
 def test_alie_random_signs_shift_each_coordinate_by_z_std_the_same_way_every_round() -> None:
     held = {"a": {"w": torch.zeros(4000)}, "b": {"w": torch.full((4000,), 2.0)}}  # mean 1, std 2**0.5
-    attack = make_attack("alie", z=2, signs="random", seed=5)
+    attack = make_attack("alie", z=2, signs="random", direction=5)
     first = attack.craft(FakeView(held), 0, {"w": torch.zeros(4000)})["w"]
     shift = first - 1
     assert torch.allclose(shift.abs(), torch.full((4000,), 2 * 2**0.5))  # z * std, every coordinate
     assert 0.45 < float((shift > 0).float().mean()) < 0.55  # up or down at random, not always down
     later = attack.craft(FakeView(held), 7, {"w": torch.zeros(4000)})["w"]
-    mate = make_attack("alie", z=2, signs="random", seed=5).craft(FakeView(held), 3, {"w": torch.ones(4000)})["w"]
-    other = make_attack("alie", z=2, signs="random", seed=6).craft(FakeView(held), 0, {"w": torch.zeros(4000)})["w"]
+    mate = make_attack("alie", z=2, signs="random", direction=5).craft(FakeView(held), 3, {"w": torch.ones(4000)})["w"]
+    other = make_attack("alie", z=2, signs="random", direction=6).craft(FakeView(held), 0, {"w": torch.zeros(4000)})["w"]
     assert torch.equal(first, later)  # one direction: every round ...
     assert torch.equal(first, mate)  # ... and every colluder
     assert not torch.equal(first, other)
