@@ -287,6 +287,29 @@ class TorchLearner:
             for logits, y in self._probe_logits(states)
         ]
 
+    def probe_gradients(self, state: Mapping[str, torch.Tensor], samples: int) -> torch.Tensor:
+        """Return the loss gradients of the first ``samples`` probe samples at ``state``.
+
+        One row per sample (fewer when the probe sample is smaller), the floating tensors
+        of ``state`` flattened in its key order; the model runs in eval mode and is not
+        modified (the span check, :mod:`p2pfl.node.span`).
+        """
+        x, y = self._probe_batch()
+        x, y = x[:samples], y[:samples]
+        floating = {k: v.detach().to(self.device) for k, v in state.items() if v.is_floating_point()}
+        rest = {k: v.to(self.device) for k, v in state.items() if not v.is_floating_point()}
+
+        def loss(params: dict[str, torch.Tensor], one_x: torch.Tensor, one_y: torch.Tensor) -> torch.Tensor:
+            logits = torch.func.functional_call(self.model, {**params, **rest}, (one_x.unsqueeze(0),))
+            return self.loss_fn(logits, one_y.unsqueeze(0))
+
+        self.model.eval()
+        try:
+            grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(floating, x, y)
+        finally:
+            self.model.train()
+        return torch.cat([grads[k].reshape(len(y), -1) for k in floating], dim=1).cpu()
+
     def _probe_logits(
         self, states: Iterable[Mapping[str, torch.Tensor]]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -142,12 +142,28 @@ class HarmCheck:
     # above the threshold; now they fall under it (docs/DEFENCE.md section 3, session 13).
     # 1: forgiven in full, vetted or not (before).
     unvetted_forgive: float = 0.8
+    # The span check (:mod:`p2pfl.node.span`): a neighbour whose deviation from the others
+    # lies in the span of our probe's per-sample gradients no more than ``span_low`` times
+    # as much as a random direction's is mixed at weight 0 that round, from ``span_high``
+    # times on in full, linear between; a running mean of that ratio (this much of the
+    # last value kept each round) caps its trust the same way. From round ``span_start``.
+    # Honest neighbours: 10-50; a made-up drift inside the honest spread (``alie`` with
+    # random signs), which cost 5-8 points without it: 2-5 (session 14). 0: off.
+    span_low: float = 3.0
+    span_high: float = 6.0
+    span_memory: float = 0.7
+    span_start: int = 1
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
+        require(isinstance(self.span_low, int | float) and isinstance(self.span_high, int | float)
+                and 0 <= self.span_low < self.span_high < 1e6, "harm_check.span_low",
+                f"must be a number >= 0 (0: off) below span_high, got {self.span_low!r} and {self.span_high!r}")
+        require(isinstance(self.span_memory, int | float) and 0 <= self.span_memory < 1,
+                "harm_check.span_memory", f"must be a number in [0, 1), got {self.span_memory!r}")
         require(self.classes in ("pooled", "balanced", "worst"), "harm_check.classes",
                 f"must be pooled, balanced or worst, got {self.classes!r}")
-        for name in ("grace", "remember", "settle", "forgive_memory"):
+        for name in ("grace", "remember", "settle", "forgive_memory", "span_start"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                     f"harm_check.{name}", f"must be an integer >= 0, got {value!r}")

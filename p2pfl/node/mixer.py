@@ -21,6 +21,7 @@ from p2pfl.node.config import NodeConfig
 from p2pfl.node.harm import HarmGate, Prober, distance, starting_point
 from p2pfl.node.inbound import Compute
 from p2pfl.node.reference import ClassScorer, ReferenceGate
+from p2pfl.node.span import GradientProber, SpanGate
 from p2pfl.node.standing import Standing
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,15 @@ class Mixer:
         """Mix for ``config.rule``; probe harm with ``learner`` when it can and the rule clips."""
         self._config, self._learner, self._standing, self._compute = config, learner, standing, compute
         self._harm: HarmGate | None = None
+        self._span: SpanGate | None = None
         check = config.harm_check
         if check.enabled and RULES[config.rule].clipping:
             if isinstance(learner, Prober):
                 self._harm = HarmGate(check, learner)
             else:
                 log.info("harm check off: %s has no probe_losses", type(learner).__name__)
+            if check.span_low > 0 and isinstance(learner, GradientProber):
+                self._span = SpanGate(check, learner)
         self._reference: ReferenceGate | None = None
         if config.reference.path is not None:
             if not isinstance(learner, ClassScorer):
@@ -78,18 +82,26 @@ class Mixer:
         """
         weights, self_weight = self.weights(updates, samples)
         states = [u.state for u in updates]
+        senders = [u.sender for u in updates]
+        caps = [1.0] * len(updates)
+        if self._span is not None:
+            # A deviation that training on data would not produce (a made-up drift inside
+            # the honest spread) loses its weight this round and, if it persists, its trust.
+            span = await self._compute(self._span.judge, number, own, senders, states)
+            if span is not None:
+                weights = [w * f for w, f in zip(weights, span.weight, strict=True)]
+                caps = span.trust
         verdict = None
         counting = number >= self._config.harm_check.grace  # a failed check is evidence from here on
         if self._harm is not None:
-            senders = [u.sender for u in updates]
             verdict = await self._compute(
                 self._harm.judge, own, start, senders, states, weights, self_weight, counting
             )
-        caps = [1.0] * len(updates)
         if self._reference is not None:
             refusal = await self._compute(self._reference.judge, own, states, weights, self_weight,
                                           self._config.reputation.clip_tolerance)
-            caps, weights = refusal.caps, [0.0 if no else w for w, no in zip(weights, refusal.refused, strict=True)]
+            caps = [min(a, b) for a, b in zip(caps, refusal.caps, strict=True)]
+            weights = [0.0 if no else w for w, no in zip(weights, refusal.refused, strict=True)]
         result: Aggregate = await self._compute(
             aggregate,
             self._config.rule,

@@ -40,6 +40,7 @@ from p2pfl.node.config import NodeConfig
 from p2pfl.node.harm import Prober
 from p2pfl.node.node import Node
 from p2pfl.node.reference import ClassScorer
+from p2pfl.node.span import GradientProber
 from p2pfl.sim.network import VerificationCache
 from p2pfl.sim.scenario import NO_ATTACK, Scenario
 from p2pfl.sim.schedule import deterministic_scheduling
@@ -159,6 +160,12 @@ class ProbedLearner:
         if not isinstance(self.inner, Prober):
             raise TypeError(f"{type(self.inner).__name__} cannot probe losses")
         return self.inner.probe_losses(states)
+
+    def probe_gradients(self, state: Mapping[str, torch.Tensor], samples: int) -> torch.Tensor:
+        """Delegate to the wrapped learner (a TorchLearner)."""
+        if not isinstance(self.inner, GradientProber):
+            raise TypeError(f"{type(self.inner).__name__} cannot take probe gradients")
+        return self.inner.probe_gradients(state, samples)
 
     def privacy_spent(self) -> Any:
         """Delegate to the wrapped learner (None: not private)."""

@@ -1,0 +1,144 @@
+"""The span check: does a neighbour's model differ from the others the way training does?
+
+Honest models differ because they trained on different data, so the difference between
+a neighbour's model and the mean of the others lies largely in directions in which
+losses on data change: measured on digits (16 nodes, Dirichlet(0.5)), 35-55% of its
+length (squared) lies in the span of the per-sample gradients of 90 of our own samples,
+20-30 times what a random direction of the same space has there. An attacker that
+drifts the network along a fixed direction it made up, inside the honest spread
+(``alie`` with ``signs = "random"``: each coordinate moved by z honest standard
+deviations, up or down at random, the same way every round), is 2-5 times a random
+direction: it costs nothing on anybody's data in one round, passes every distance and
+loss test, and over 30 rounds cost the default defence 5-8 points of honest mean
+(docs/RESULTS.md, "Session 14").
+
+Each round (from round ``span_start``) the node takes the per-sample gradients of its
+probe sample at its own trained model (:class:`GradientProber`), and for each neighbour
+the share of its deviation from the mean of the other models (ours included) that lies
+in their span, divided by the share a random direction has there (samples / parameters):
+its *span ratio*. At most ``span_low``: weight 0 this round; at least ``span_high``: no
+objection; linear between. The evidence (a trust cap handed to the reputation) uses a
+running mean of the ratio (``span_memory``), so that an honest node that an attacker
+dragged for a round or two is not flagged for it. The neighbour with the lowest ratio
+is taken out of the mean first and the others judged again without it, as the reference
+check does: a model far off (``ipm``) in the mean makes every other one look made up.
+
+What it does not stop: an attacker whose made-up direction lies in the span of data
+gradients (the adaptive attacks that push along the honest update, ``min_max``,
+``clip_aware``, ``ipm`` on the update: the clipping and harm checks are for those).
+Skipped when the model is so small that the probe's gradients span more than an eighth
+of its parameters, or so large that they would not fit ``SPAN_BUDGET`` floats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from p2pfl.node.config import HarmCheck
+
+log = logging.getLogger(__name__)
+
+SPAN_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB)
+MIN_SAMPLES = 8  # fewer gradients than this span too little to judge by
+
+
+@runtime_checkable
+class GradientProber(Protocol):
+    """A learner that can take per-sample gradients on its probe sample (``TorchLearner``)."""
+
+    def probe_gradients(self, state: Mapping[str, torch.Tensor], samples: int) -> torch.Tensor:
+        """Return the loss gradients of the first ``samples`` probe samples at ``state``:
+        shape ``(samples, parameters)``, the floating tensors of ``state`` flattened in
+        its key order."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SpanVerdict:
+    """One round's span check, per neighbour: its span ratio, the factor on its mixing
+    weight this round, and the trust cap handed to the reputation."""
+
+    ratio: list[float]
+    weight: list[float]
+    trust: list[float]
+
+
+def flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """``state``'s tensors under ``keys`` as one float32 vector, in that order."""
+    return torch.cat([state[k].detach().reshape(-1).float() for k in keys])
+
+
+def span_ratios(basis: torch.Tensor, models: torch.Tensor, high: float) -> list[float]:
+    """Return each neighbour's span ratio (see the module doc).
+
+    ``basis``: orthonormal columns spanning the probe's gradients, ``(parameters, k)``;
+    ``models``: our model in row 0, the neighbours' after it. The neighbour with the
+    lowest ratio under ``high`` leaves the mean and the rest are judged again without it.
+    """
+    random_share = basis.shape[1] / basis.shape[0]
+    count = models.shape[0] - 1
+    ratios = [0.0] * count
+    kept = list(range(1, count + 1))
+    while kept:
+        pool = [0, *kept]
+        for j in kept:
+            deviation = models[j] - models[[i for i in pool if i != j]].mean(dim=0)
+            length = float(deviation.square().sum())
+            inside = float((basis.T @ deviation).square().sum())
+            ratios[j - 1] = inside / length / random_share if length > 0 else high
+        worst = min(kept, key=lambda j: ratios[j - 1])
+        if ratios[worst - 1] >= high:
+            break
+        kept.remove(worst)
+    return ratios
+
+
+def ramp(ratio: float, low: float, high: float) -> float:
+    """0 at ``low`` or under, 1 at ``high`` or over, linear between."""
+    return min(1.0, max(0.0, (ratio - low) / (high - low)))
+
+
+class SpanGate:
+    """The span check of one node: its prober, thresholds and each peer's running ratio."""
+
+    def __init__(self, check: HarmCheck, prober: GradientProber) -> None:
+        """Check with ``check``'s ``span_*`` settings, taking gradients from ``prober``."""
+        self.check = check
+        self.prober = prober
+        self._memory: dict[str, float] = {}  # peer -> running mean of its span ratio
+        self._skipped = False
+
+    def judge(
+        self, number: int, own: Mapping[str, torch.Tensor], senders: Sequence[str],
+        states: Sequence[Mapping[str, torch.Tensor]],
+    ) -> SpanVerdict | None:
+        """Judge round ``number``'s neighbours; None before ``span_start`` or when skipped."""
+        check = self.check
+        if number < check.span_start or not states:
+            return None
+        keys = [k for k, t in own.items() if t.is_floating_point()]  # probe_gradients' order
+        models = torch.stack([flat(own, keys), *(flat(s, keys) for s in states)])
+        parameters = models.shape[1]
+        samples = min(parameters // 8, SPAN_BUDGET // parameters)
+        if samples < MIN_SAMPLES:
+            if not self._skipped:
+                log.info("span check off: %d parameters leave room for %d gradients", parameters, samples)
+                self._skipped = True
+            return None
+        gradients = self.prober.probe_gradients(own, samples).float()
+        basis = torch.linalg.qr(gradients.T).Q  # (parameters, k), orthonormal
+        ratios = span_ratios(basis, models, check.span_high)
+        trust = []
+        for sender, ratio in zip(senders, ratios, strict=True):
+            before = self._memory.get(sender, 2 * check.span_high)  # a newcomer starts above suspicion
+            self._memory[sender] = running = check.span_memory * before + (1 - check.span_memory) * ratio
+            trust.append(ramp(running, check.span_low, check.span_high))
+        return SpanVerdict(ratios, [ramp(r, check.span_low, check.span_high) for r in ratios], trust)
+
+
+__all__ = ["GradientProber", "SpanGate", "SpanVerdict", "flat", "ramp", "span_ratios"]
