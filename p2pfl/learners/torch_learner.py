@@ -28,6 +28,7 @@ Calls on one learner must not overlap: the node serialises them in its worker th
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -59,6 +60,16 @@ _PRIVACY = "privacy.history"  # p2pfl.learners.privacy.HISTORY (imported only wh
 # What a private learner announces as its sample count (the FedAvg weight): the true
 # count would tell peers whether one more sample is in the data, which DP must hide.
 PRIVATE_WEIGHT = 1
+
+
+def _per_sample_losses(loss_fn: LossFn, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss: a torch loss module is asked for no reduction, any other loss
+    function is called sample by sample."""
+    if isinstance(loss_fn, nn.modules.loss._Loss):
+        unreduced = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+        return unreduced(logits, y).reshape(len(y), -1).mean(dim=1)
+    return torch.stack([loss_fn(logits[i : i + 1], y[i : i + 1]) for i in range(len(y))])
 
 
 def _add_counts(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -292,23 +303,25 @@ class TorchLearner:
 
         One row per sample (fewer when the probe sample is smaller), the floating tensors
         of ``state`` flattened in its key order; the model runs in eval mode and is not
-        modified (the span check, :mod:`p2pfl.node.span`).
+        modified (the span check, :mod:`p2pfl.node.span`). One forward pass, and one
+        batched backward pass over the samples' losses.
         """
         x, y = self._probe_batch()
         x, y = x[:samples], y[:samples]
-        floating = {k: v.detach().to(self.device) for k, v in state.items() if v.is_floating_point()}
+        params = {k: v.detach().to(self.device).requires_grad_(True)
+                  for k, v in state.items() if v.is_floating_point()}
         rest = {k: v.to(self.device) for k, v in state.items() if not v.is_floating_point()}
-
-        def loss(params: dict[str, torch.Tensor], one_x: torch.Tensor, one_y: torch.Tensor) -> torch.Tensor:
-            logits = torch.func.functional_call(self.model, {**params, **rest}, (one_x.unsqueeze(0),))
-            return self.loss_fn(logits, one_y.unsqueeze(0))
-
         self.model.eval()
         try:
-            grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(floating, x, y)
+            logits = torch.func.functional_call(self.model, {**params, **rest}, (x,))
+            losses = _per_sample_losses(self.loss_fn, logits, y)
+            grads = torch.autograd.grad(losses, list(params.values()), grad_outputs=torch.eye(len(y), device=losses.device),
+                                        is_grads_batched=True, allow_unused=True)
         finally:
             self.model.train()
-        return torch.cat([grads[k].reshape(len(y), -1) for k in floating], dim=1).cpu()
+        rows = [torch.zeros(len(y), p.numel(), device=p.device) if g is None else g.reshape(len(y), -1)
+                for g, p in zip(grads, params.values(), strict=True)]
+        return torch.cat(rows, dim=1).detach().cpu()
 
     def _probe_logits(
         self, states: Iterable[Mapping[str, torch.Tensor]]

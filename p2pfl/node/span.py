@@ -137,7 +137,7 @@ class SpanGate:
         for sender, ratio in zip(senders, ratios, strict=True):
             before = self._memory.get(sender, 2 * check.span_high)  # a newcomer starts above suspicion
             self._memory[sender] = running = check.span_memory * before + (1 - check.span_memory) * ratio
-            trust.append(ramp(running, check.span_low, check.span_high))
+            trust.append(check.span_floor + (1 - check.span_floor) * ramp(running, check.span_low, check.span_high))
         return SpanVerdict(ratios, [ramp(r, check.span_low, check.span_high) for r in ratios], trust)
 
 
