@@ -14,8 +14,8 @@ loss test, and over 30 rounds cost the default defence 5-8 points of honest mean
 
 Each round (from round ``span_start``) the node takes the per-sample gradients of its
 probe sample at its own trained model (:class:`GradientProber`), and for each neighbour
-the share of its deviation from the mean of the other models (ours included) that lies
-in their span, divided by the share a random direction has there (samples / parameters):
+the share of its deviation from the mean of the other models (ours included; each moved
+towards ours to at most the median neighbour's distance) that lies in their span, divided by the share a random direction has there (samples / parameters):
 its *span ratio*. At most ``span_low``: weight 0 this round; at least ``span_high``: no
 objection; linear between. The evidence (a trust cap handed to the reputation) uses a
 running mean of the ratio (``span_memory``), so that an honest node that an attacker
@@ -77,17 +77,24 @@ def span_ratios(basis: torch.Tensor, models: torch.Tensor, high: float) -> list[
     """Return each neighbour's span ratio (see the module doc).
 
     ``basis``: orthonormal columns spanning the probe's gradients, ``(parameters, k)``;
-    ``models``: our model in row 0, the neighbours' after it. The neighbour with the
-    lowest ratio under ``high`` leaves the mean and the rest are judged again without it.
+    ``models``: our model in row 0, the neighbours' after it. Each neighbour is compared
+    with the mean of the others, each of them moved towards ours to at most the median
+    neighbour's distance (so that one model far off does not make every other one look
+    made up); the neighbour with the lowest ratio under ``high`` then leaves the pool and
+    the rest are judged again without it.
     """
     random_share = basis.shape[1] / basis.shape[0]
+    offsets = models - models[0]
+    lengths = offsets.norm(dim=1)
+    radius = float(lengths[1:].median())
+    clipped = offsets * (radius / lengths.clamp(min=radius)).unsqueeze(1)  # ours stays at 0
     count = models.shape[0] - 1
     ratios = [0.0] * count
     kept = list(range(1, count + 1))
     while kept:
         pool = [0, *kept]
         for j in kept:
-            deviation = models[j] - models[[i for i in pool if i != j]].mean(dim=0)
+            deviation = offsets[j] - clipped[[i for i in pool if i != j]].mean(dim=0)
             length = float(deviation.square().sum())
             inside = float((basis.T @ deviation).square().sum())
             ratios[j - 1] = inside / length / random_share if length > 0 else high
