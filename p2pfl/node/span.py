@@ -87,7 +87,7 @@ def span_ratios(basis: torch.Tensor, models: torch.Tensor, high: float) -> list[
     offsets = models - models[0]
     lengths = offsets.norm(dim=1)
     radius = float(lengths[1:].median())
-    clipped = offsets * (radius / lengths.clamp(min=radius)).unsqueeze(1)  # ours stays at 0
+    clipped = offsets * (radius / lengths.clamp(min=radius)).unsqueeze(1) if radius > 0 else offsets
     count = models.shape[0] - 1
     ratios = [0.0] * count
     kept = list(range(1, count + 1))
