@@ -27,7 +27,8 @@ What it does not stop: an attacker whose made-up direction lies in the span of d
 gradients (the adaptive attacks that push along the honest update, ``min_max``,
 ``clip_aware``, ``ipm`` on the update: the clipping and harm checks are for those).
 Skipped when the model is so small that the probe's gradients span more than an eighth
-of its parameters, or so large that they would not fit ``SPAN_BUDGET`` floats.
+of its parameters, or so large that they would not fit ``SPAN_BUDGET`` floats, and in a
+round where fewer than ``MIN_SAMPLES`` of our samples have a gradient above noise.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 SPAN_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB)
 MIN_SAMPLES = 8  # fewer gradients than this span too little to judge by
+# A sample whose gradient is this small beside the largest one is fitted to float noise:
+# its direction is noise too (a node whose data is all one class had its whole probe at
+# 1e-9 and judged every honest neighbour made up; clip_aware, seed 1).
+NEGLIGIBLE = 1e-3
 
 
 @runtime_checkable
@@ -138,6 +143,10 @@ class SpanGate:
                 self._skipped = True
             return None
         gradients = self.prober.probe_gradients(own, samples).float()
+        norms = gradients.norm(dim=1)
+        gradients = gradients[norms >= NEGLIGIBLE * norms.max()] if len(norms) else gradients
+        if len(gradients) < MIN_SAMPLES:
+            return None  # our data is fitted to noise: nothing to judge by this round
         basis = torch.linalg.qr(gradients.T).Q  # (parameters, k), orthonormal
         ratios = span_ratios(basis, models, check.span_high)
         trust = []

@@ -108,6 +108,15 @@ def test_nothing_is_judged_before_span_start_or_without_neighbours() -> None:
     assert prober.calls == [DIM // 8]  # the gradients asked for: at most an eighth of the parameters
 
 
+def test_gradients_at_float_noise_are_not_judged_by() -> None:
+    span, prober = gate()
+    prober.directions[8:] *= 1e-9  # all but 8 samples fitted to noise: their directions are noise
+    own, *others = models(torch.zeros(DIM), in_span(prober, 1), made_up(3, scale=2.0))
+    assert span.judge(5, own, ["a", "x"], others) is not None
+    prober.directions[7] *= 1e-9  # 7 left
+    assert span.judge(6, own, ["a", "x"], others) is None
+
+
 def test_too_small_a_model_is_not_judged() -> None:
     span, prober = gate()
     own, *others = models(torch.zeros(40), torch.ones(40))  # 40 parameters: room for 5 gradients
