@@ -34,6 +34,7 @@ round where fewer than ``MIN_SAMPLES`` of our samples have a gradient above nois
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -149,6 +150,8 @@ class SpanGate:
             return None  # our data is fitted to noise: nothing to judge by this round
         basis = torch.linalg.qr(gradients.T).Q  # (parameters, k), orthonormal
         ratios = span_ratios(basis, models, check.span_high)
+        if statistics.median(ratios) < check.span_high:
+            return None  # even the typical neighbour looks made up here: our data cannot tell
         trust = []
         for sender, ratio in zip(senders, ratios, strict=True):
             before = self._memory.get(sender, 2 * check.span_high)  # a newcomer starts above suspicion
