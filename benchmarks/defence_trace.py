@@ -6,7 +6,8 @@ SETTING as in defence_sweep.py (reg, er, exp32, dumbbell). One JSON line per (se
 observer, neighbour, round) goes to $TRACE_OUT (default runs/defence_trace.jsonl): the
 mixing weight, the rule's trust, the trust recorded as evidence, the harm check's flags
 (passed, vetted, failed, harmless, typical), the excess over our own loss and over the
-typical neighbour's mix, the tolerance, and the neighbour's distance in own steps. Then
+typical neighbour's mix, the tolerance, the neighbour's distance in own steps, and its
+span ratio (p2pfl/node/span.py; None where the node abstained). Then
 prints, per attack and kind of neighbour (honest or attacker), rounds 3 on: the share of
 checks failed and typical, and percentiles of the failures' excess over our own loss (in
 tolerances) and of the rule's trust.
@@ -27,6 +28,7 @@ from defence_settings import setting
 
 import p2pfl.node.harm as harm
 import p2pfl.node.mixer as mixer
+import p2pfl.node.span as span
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.node.config import HarmCheck
 from p2pfl.sim import runner
@@ -52,7 +54,12 @@ class Tap:
         self.rows: list[dict[str, Any]] = []
         self.now: dict[str, Any] = {}
         judge, probe, aggregate, mix = harm.HarmGate.judge, harm.probe, mixer.aggregate, mixer.Mixer.mix
+        span_judge = span.SpanGate.judge
         tap = self
+
+        def span_judge_(gate: Any, *args: Any, **kwargs: Any) -> Any:
+            tap.now["span"] = verdict = span_judge(gate, *args, **kwargs)
+            return verdict
 
         def judge_(gate: Any, *args: Any, **kwargs: Any) -> Any:
             tap.now["verdict"] = verdict = judge(gate, *args, **kwargs)
@@ -81,6 +88,7 @@ class Tap:
             for k, update in enumerate(updates):
                 excess = (tap.now.get("excess") or [None] * len(updates))[k]
                 verdict = tap.now.get("verdict")
+                spanned = tap.now.get("span")
                 tap.rows.append({
                     "mixer": id(self_), "sender": str(update.sender), "round": number, "w": weights[k],
                     "rule_trust": tap.now["trust"][k], "final": recorded[k],
@@ -88,11 +96,13 @@ class Tap:
                     "over_typical": None if excess is None else excess.over_typical,
                     "tolerance": None if excess is None else excess.tolerance,
                     "steps": (tap.now.get("steps") or [None] * len(updates))[k],
+                    "span_ratio": None if spanned is None else spanned.ratio[k],
                     **({} if verdict is None else {f: bool(getattr(verdict, f)[k]) for f in FLAGS}),
                 })
             return out
 
         harm.HarmGate.judge, harm.probe, mixer.aggregate, mixer.Mixer.mix = judge_, probe_, aggregate_, mix_
+        span.SpanGate.judge = span_judge_
 
 
 def pct(values: list[float]) -> str:
@@ -116,6 +126,7 @@ def main() -> None:
     out = Path(os.environ.get("TRACE_OUT", "runs/defence_trace.jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
     summary: dict[bool, dict[str, list[float]]] = {False: defaultdict(list), True: defaultdict(list)}
+    pairs: dict[bool, dict[tuple[int, int, int], list[float]]] = {False: defaultdict(list), True: defaultdict(list)}
     for seed in (int(s) for s in seeds.split(",")):
         tap.rows.clear()
         result = runner.run_scenario(scenario, seed)
@@ -140,6 +151,8 @@ def main() -> None:
                     continue
                 into = summary[row["attacker"]]
                 into["rule_trust"].append(row["rule_trust"])
+                if row["span_ratio"] is not None and row["round"] >= 5:
+                    pairs[row["attacker"]][(seed, row["observer"], row["sender"])].append(row["span_ratio"])
                 if row["over_own"] is not None:
                     into["judged"].append(1.0)
                     into["failed"].append(float(row["failed"]))
@@ -152,6 +165,11 @@ def main() -> None:
             print(f"{attack} {'attackers' if attacker else 'honest'}: failed {sum(s['failed']) / n:.2f}, "
                   f"typical {sum(s['typical']) / n:.2f}, excess of failures in tolerances {pct(s['excess'])}, "
                   f"rule trust {pct(s['rule_trust'])} (10th / 50th / 90th percentile)")
+    for attacker, by_pair in pairs.items():
+        means = [sum(v) / len(v) for v in by_pair.values()]
+        if means:
+            print(f"{attack} {'attackers' if attacker else 'honest'}: span ratio per pair, rounds 5 on, "
+                  f"{pct(means)} (10th / 50th / 90th percentile), {min(means):.1f}-{max(means):.1f}")
 
 
 if __name__ == "__main__":

@@ -142,14 +142,16 @@ class HarmCheck:
     # above the threshold; now they fall under it (docs/DEFENCE.md section 3, session 13).
     # 1: forgiven in full, vetted or not (before).
     unvetted_forgive: float = 0.8
-    # The span check (:mod:`p2pfl.node.span`): a neighbour whose deviation from the others
-    # lies in the span of our probe's per-sample gradients no more than ``span_low`` times
-    # as much as a random direction's is mixed at weight 0 that round, from ``span_high``
-    # times on in full, linear between; a running mean of that ratio (this much of the
-    # last value kept each round) caps its trust the same way. From round ``span_start``.
-    # Honest neighbours: 10-50; a made-up drift inside the honest spread (``alie`` with
-    # random signs), which cost 5-8 points without it: 2-5 (session 14). 0: off.
-    span_low: float = 3.0
+    # The span check (:mod:`p2pfl.node.span`), opt-in: with ``span_low`` > 0 (3 measured)
+    # a neighbour whose deviation from the others lies in the span of our probe's
+    # per-sample gradients no more than ``span_low`` times as much as a random direction's
+    # is mixed at weight 0 that round, from ``span_high`` times on in full, linear between;
+    # a running mean of that ratio (this much of the last value kept each round) caps its
+    # trust the same way. From round ``span_start``. Honest neighbours: 18-149 (median
+    # 31); a made-up drift inside the honest spread (``alie`` with random signs), which
+    # costs 6 points without it: 4-12 (median 5). It also cut the one honest neighbour of
+    # nodes surrounded by attackers: not a default (docs/DEFENCE.md section 3a). 0: off.
+    span_low: float = 0.0
     span_high: float = 6.0
     span_memory: float = 0.7
     span_start: int = 1

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any, cast
 
 import pytest
 import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.learners.datasets import make_digits_learner
-from p2pfl.node.config import HarmCheck
+from p2pfl.node.config import HarmCheck, NodeConfig
+from p2pfl.node.mixer import Mixer
 from p2pfl.node.span import GradientProber, SpanGate, ramp, span_ratios
 
 DIM = 800  # parameters
@@ -77,7 +79,7 @@ def test_ramp() -> None:
 def gate(**overrides: float) -> tuple[SpanGate, FixedGradients]:
     prober = FixedGradients()
     assert isinstance(prober, GradientProber)
-    return SpanGate(replace(HarmCheck(), **overrides), prober), prober
+    return SpanGate(replace(HarmCheck(), **{"span_low": 3.0, **overrides}), prober), prober
 
 
 def test_a_made_up_neighbour_gets_no_weight_and_loses_trust_only_if_it_persists() -> None:
@@ -100,21 +102,29 @@ def test_a_made_up_neighbour_gets_no_weight_and_loses_trust_only_if_it_persists(
 
 def test_nothing_is_judged_before_span_start_or_without_neighbours() -> None:
     span, prober = gate(span_start=3)
-    own, *others = models(torch.zeros(DIM), made_up(3))
-    assert span.judge(2, own, ["x"], others) is None
+    own, *others = models(torch.zeros(DIM), in_span(prober, 1), made_up(3, scale=2.0), in_span(prober, 2))
+    assert span.judge(2, own, ["a", "x", "b"], others) is None
     assert span.judge(3, own, [], []) is None
     assert prober.calls == []
-    assert span.judge(3, own, ["x"], others) is not None
+    assert span.judge(3, own, ["a", "x", "b"], others) is not None
     assert prober.calls == [DIM // 8]  # the gradients asked for: at most an eighth of the parameters
+
+
+def test_a_node_whose_typical_neighbour_looks_made_up_abstains() -> None:
+    # Our data spans too few directions to vouch for anyone (a node holding one class):
+    # judging would cut honest neighbours. Two made-up of three: no verdict either.
+    span, _ = gate()
+    own, *others = models(torch.zeros(DIM), made_up(3, scale=2.0), made_up(4, scale=2.0), made_up(5))
+    assert span.judge(4, own, ["x", "y", "z"], others) is None
 
 
 def test_gradients_at_float_noise_are_not_judged_by() -> None:
     span, prober = gate()
     prober.directions[8:] *= 1e-9  # all but 8 samples fitted to noise: their directions are noise
-    own, *others = models(torch.zeros(DIM), in_span(prober, 1), made_up(3, scale=2.0))
-    assert span.judge(5, own, ["a", "x"], others) is not None
+    own, *others = models(torch.zeros(DIM), in_span(prober, 1), made_up(3, scale=2.0), in_span(prober, 2))
+    assert span.judge(5, own, ["a", "x", "b"], others) is not None
     prober.directions[7] *= 1e-9  # 7 left
-    assert span.judge(6, own, ["a", "x"], others) is None
+    assert span.judge(6, own, ["a", "x", "b"], others) is None
 
 
 def test_too_small_a_model_is_not_judged() -> None:
@@ -133,8 +143,12 @@ def test_bad_span_settings_are_config_errors(overrides: dict[str, float]) -> Non
         replace(HarmCheck(), **overrides)
 
 
-def test_span_low_zero_turns_it_off() -> None:
-    HarmCheck(span_low=0.0)  # valid
+def test_it_is_opt_in_and_span_low_turns_it_on() -> None:
+    learner = make_digits_learner(node_index=0, num_nodes=4, seed=0)
+    off = Mixer(NodeConfig(), learner, cast(Any, None), cast(Any, None))
+    on = Mixer(NodeConfig(harm_check=HarmCheck(span_low=3.0)), learner, cast(Any, None), cast(Any, None))
+    assert off._span is None
+    assert isinstance(on._span, SpanGate)
 
 
 def test_torch_learner_gives_one_gradient_per_probe_sample() -> None:

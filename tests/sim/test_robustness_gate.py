@@ -14,6 +14,7 @@ defence, with rules mean and clipped_gossip (the default). Measured at this comm
 | ipm (eps 0.5) | 0.545 | 0.904 | 0.818 / 0.873 |
 | label_flip | 0.771 | 0.805 | 0.618 / 0.729 (0.769 and 0.407 / 0.671 before session 13) |
 | targeted_flip | 0.892 | 0.887 | 0.773 / 0.858 |
+| alie, random signs, z 2 (session 14) | 0.380 | 0.811 | 0.509 / 0.760 (opt-in span check: 0.856, 0.387 / 0.756) |
 
 The gate holds those within a small margin: the default defence far above plain mean on
 the attacks it is built for, within 6 points of no attack (4.3 measured), its nodes with an
@@ -106,3 +107,12 @@ def test_vetted_attackers_that_surround_a_node_share_one_reach(
     worst = cards["clipped_gossip", "boiling_frog"]["final"]["honest_min"]
     assert worst is not None
     assert worst > SURROUNDED
+
+
+def test_a_made_up_drift_inside_the_honest_spread_stays_above_plain_mean(
+    cards: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    # alie with random signs at z 2 (session 14): every attacker pushes the network the
+    # same made-up way each round, inside the honest spread; plain mean collapses. The
+    # opt-in span check holds it closer to no attack (tests/sim/test_span_drift.py).
+    assert final(cards, "clipped_gossip", "alie") > final(cards, "mean", "alie") + ABOVE_MEAN
