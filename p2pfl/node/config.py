@@ -148,8 +148,8 @@ class HarmCheck:
     # is mixed at weight 0 that round, from ``span_high`` times on in full, linear between;
     # a running mean of that ratio (this much of the last value kept each round) caps its
     # trust the same way. From round ``span_start``. Honest neighbours: 18-149 (median
-    # 31); a made-up drift inside the honest spread (``alie`` with random signs), which
-    # costs 6 points without it: 4-12 (median 5). It also cut the one honest neighbour of
+    # 33); a made-up drift inside the honest spread (``alie`` with random signs), which
+    # costs 6 points without it: 4-9 (median 5). It also cut the one honest neighbour of
     # nodes surrounded by attackers: not a default (docs/DEFENCE.md section 3a). 0: off.
     span_low: float = 0.0
     span_high: float = 6.0
