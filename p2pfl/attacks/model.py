@@ -134,18 +134,13 @@ def _alie_state(own: StateLike, observed: list[StateLike], z: float, seed: int |
     correction = 1 if len(observed) > 1 else 0
     mean = mean_of(own, observed)
     std = combine(own, observed, lambda _, s: s.std(dim=0, correction=correction))
-    out: State = {}
-    for key, m in mean.items():
-        if not m.is_floating_point():
-            out[key] = m
-            continue
+    def sign(key: str, like: torch.Tensor) -> torch.Tensor | float:
         if seed is None:
-            sign = -torch.ones_like(m)
-        else:
-            drawn = torch.randint(0, 2, tuple(m.shape), generator=seeded_generator("alie", seed, key))
-            sign = (drawn * 2 - 1).to(m.dtype)
-        out[key] = m + z * sign * std[key]
-    return out
+            return -1.0
+        drawn = torch.randint(0, 2, tuple(like.shape), generator=seeded_generator("alie", seed, key))
+        return (drawn * 2 - 1).to(like.dtype)
+
+    return {key: m + z * sign(key, m) * std[key] if m.is_floating_point() else m for key, m in mean.items()}
 
 
 class Alie(Behaviour):

@@ -155,9 +155,6 @@ class HarmCheck:
     span_high: float = 6.0
     span_memory: float = 0.7
     span_start: int = 1
-    # The lowest trust the span check hands to the reputation (0: a made-up deviation that
-    # persists is flagged like a sign flipper).
-    span_floor: float = 0.0
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "harm_check.enabled", "must be true or false")
@@ -182,7 +179,7 @@ class HarmCheck:
         require(isinstance(self.max_probe_share, int | float) and not isinstance(self.max_probe_share, bool)
                 and 0 < self.max_probe_share <= 1, "harm_check.max_probe_share",
                 f"must be a number in (0, 1], got {self.max_probe_share!r}")
-        for name in ("fail_trust", "unvetted_forgive", "span_floor"):
+        for name in ("fail_trust", "unvetted_forgive"):
             value = getattr(self, name)
             require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1,
                     f"harm_check.{name}", f"must be a number in [0, 1], got {value!r}")

@@ -22,7 +22,7 @@ look made up) that lies in the gradients' span, divided by a random direction's 
 (gradients / parameters). The neighbour with the lowest ratio leaves the pool first and
 the rest are judged again without it. At most ``span_low``: weight 0 this round; at
 least ``span_high``: no objection; linear between. The evidence (a trust cap handed to
-the reputation, at least ``span_floor``) uses a running mean of the ratio
+the reputation) uses a running mean of the ratio
 (``span_memory``), so that a round or two cost a neighbour its weight but not its name.
 
 The node abstains (no verdict) when the typical neighbour itself is under ``span_high``:
@@ -54,6 +54,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from p2pfl.core.aggregation.flat import fill_row, flat_spec
 from p2pfl.node.config import HarmCheck
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,6 @@ class SpanVerdict:
     trust: list[float]
 
 
-def flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
-    """``state``'s tensors under ``keys`` as one float32 vector, in that order."""
-    return torch.cat([state[k].detach().reshape(-1).float() for k in keys])
-
-
 def span_ratios(basis: torch.Tensor, models: torch.Tensor, high: float) -> list[float]:
     """Return each neighbour's span ratio (see the module doc).
 
@@ -103,20 +99,20 @@ def span_ratios(basis: torch.Tensor, models: torch.Tensor, high: float) -> list[
     the rest are judged again without it.
     """
     random_share = basis.shape[1] / basis.shape[0]
-    offsets = models - models[0]
+    offsets = models - models[0]  # ours is row 0, at offset 0
     lengths = offsets.norm(dim=1)
     radius = float(lengths[1:].median())
     clipped = offsets * (radius / lengths.clamp(min=radius)).unsqueeze(1) if radius > 0 else offsets
-    count = models.shape[0] - 1
-    ratios = [0.0] * count
-    kept = list(range(1, count + 1))
+    ratios = [high] * (models.shape[0] - 1)
+    kept = list(range(1, models.shape[0]))
     while kept:
-        pool = [0, *kept]
-        for j in kept:
-            deviation = offsets[j] - clipped[[i for i in pool if i != j]].mean(dim=0)
-            length = float(deviation.square().sum())
-            inside = float((basis.T @ deviation).square().sum())
-            ratios[j - 1] = inside / length / random_share if length > 0 else high
+        rows = clipped[kept]
+        # the pool is ours (offset 0) and the kept ones; the others of j: all of it but j
+        deviations = offsets[kept] - (rows.sum(dim=0) - rows) / len(kept)
+        lengths_sq = deviations.square().sum(dim=1)
+        inside = (deviations @ basis).square().sum(dim=1)
+        for j, length, share in zip(kept, lengths_sq.tolist(), inside.tolist(), strict=True):
+            ratios[j - 1] = share / length / random_share if length > 0 else high
         worst = min(kept, key=lambda j: ratios[j - 1])
         if ratios[worst - 1] >= high:
             break
@@ -147,9 +143,11 @@ class SpanGate:
         check = self.check
         if number < check.span_start or not states:
             return None
-        keys = [k for k, t in own.items() if t.is_floating_point()]  # probe_gradients' order
-        models = torch.stack([flat(own, keys), *(flat(s, keys) for s in states)])
-        parameters = models.shape[1]
+        spec = flat_spec(own)  # our key order, as probe_gradients flattens
+        models = torch.empty(len(states) + 1, spec.size)
+        for row, state in zip(models, [own, *states], strict=True):
+            fill_row(row, state, spec)
+        parameters = spec.size
         samples = min(parameters // 8, SPAN_BUDGET // parameters)
         if samples < MIN_SAMPLES:
             if not self._skipped:
@@ -159,18 +157,21 @@ class SpanGate:
         gradients = self.prober.probe_gradients(own, samples).float()
         norms = gradients.norm(dim=1)
         gradients = gradients[norms >= NEGLIGIBLE * norms.max()] if len(norms) else gradients
-        if len(gradients) < MIN_SAMPLES:
-            return None  # our data is fitted to noise: nothing to judge by this round
+        if len(gradients) < MIN_SAMPLES:  # our data is fitted to noise: nothing to judge by
+            log.debug("span check abstains in round %d: %d gradients above noise", number, len(gradients))
+            return None
         basis = torch.linalg.qr(gradients.T).Q  # (parameters, k), orthonormal
         ratios = span_ratios(basis, models, check.span_high)
-        if statistics.median(ratios) < check.span_high:
-            return None  # even the typical neighbour looks made up here: our data cannot tell
+        if statistics.median(ratios) < check.span_high:  # our data cannot tell data-like from made-up
+            log.debug("span check abstains in round %d: the typical neighbour's ratio is %.1f",
+                      number, statistics.median(ratios))
+            return None
         trust = []
         for sender, ratio in zip(senders, ratios, strict=True):
             before = self._memory.get(sender, 2 * check.span_high)  # a newcomer starts above suspicion
             self._memory[sender] = running = check.span_memory * before + (1 - check.span_memory) * ratio
-            trust.append(check.span_floor + (1 - check.span_floor) * ramp(running, check.span_low, check.span_high))
+            trust.append(ramp(running, check.span_low, check.span_high))
         return SpanVerdict(ratios, [ramp(r, check.span_low, check.span_high) for r in ratios], trust)
 
 
-__all__ = ["GradientProber", "SpanGate", "SpanVerdict", "flat", "ramp", "span_ratios"]
+__all__ = ["GradientProber", "SpanGate", "SpanVerdict", "ramp", "span_ratios"]
