@@ -12,13 +12,15 @@ Output directory (``--out``, default ``sim-out/<name>``):
 from __future__ import annotations
 
 import argparse
+import copyreg
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from p2pfl.config import require
@@ -50,7 +52,7 @@ def sim_command(args: argparse.Namespace) -> int:
         return run_scenario_files(scenario, _out(args, scenario.name))
     grid = load_grid(args.grid)
     grid = replace(grid, base=_with_seeds(grid.base, args.seeds))
-    return run_grid_files(grid, Path(args.grid), _out(args, grid.base.name), jobs=args.jobs,
+    return run_grid_files(grid, _out(args, grid.base.name), jobs=args.jobs,
                           plots=args.plots)
 
 
@@ -108,21 +110,49 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _one_run(path: str, rule: str, attack: str, seed: int) -> str:
-    """Run one grid cell for one seed in a worker process; return its scorecard as JSON."""
+def _proxy(table: dict[str, Any]) -> MappingProxyType[str, Any]:
+    return MappingProxyType(table)
+
+
+def _proxy_reduce(proxy: MappingProxyType[str, Any]) -> tuple[Any, tuple[dict[str, Any]]]:
+    return _proxy, (dict(proxy),)
+
+
+# Scenarios freeze their parameter tables as mapping proxies; workers receive them pickled.
+copyreg.pickle(MappingProxyType, _proxy_reduce)
+
+
+def _one_run(scenario: Scenario, seed: int) -> str:
+    """Run one scenario for one seed in a worker process; return its scorecard as JSON."""
     import torch
 
     from p2pfl.sim.runner import run_scenario
     from p2pfl.sim.scorecard import scorecard
 
-    torch.set_num_threads(1)  # log levels come with the fork from sim_command
-    grid = load_grid(path)
-    scenario = grid.cell(rule, attack)
+    torch.set_num_threads(1)  # log levels come with the fork from the parent
     return json.dumps(scorecard(run_scenario(scenario, seed)), allow_nan=False)
 
 
+def scorecards(
+    runs: Sequence[tuple[Scenario, int]], jobs: int = 1
+) -> Iterator[dict[str, Any]]:
+    """Yield the scorecard of every ``(scenario, seed)`` run, in order, over ``jobs`` processes."""
+    from p2pfl.sim.runner import run_scenario
+    from p2pfl.sim.scorecard import scorecard
+
+    require(jobs >= 1, "jobs", "must be >= 1")
+    if jobs == 1:
+        for scenario, seed in runs:
+            yield scorecard(run_scenario(scenario, seed))
+        return
+    with ProcessPoolExecutor(max_workers=min(jobs, len(runs) or 1)) as pool:
+        futures = [pool.submit(_one_run, scenario, seed) for scenario, seed in runs]
+        for future in futures:
+            yield json.loads(future.result())
+
+
 def run_grid_files(
-    grid: Grid, path: Path, out: Path, *, jobs: int = 1, plots: bool = False
+    grid: Grid, out: Path, *, jobs: int = 1, plots: bool = False
 ) -> int:
     """Run every (rule, attack, seed) of ``grid``; write run scorecards and the summary."""
     from p2pfl.sim.scorecard import grid_summary, grid_table
@@ -132,7 +162,7 @@ def run_grid_files(
          f"{len(grid.base.seeds)} seeds = {len(tasks)} runs of {grid.base.nodes} nodes, "
          f"{grid.base.rounds} rounds")
     started = time.perf_counter()
-    cards = _run_tasks(grid, path, tasks, jobs, out, plots, started)
+    cards = _run_tasks(grid, tasks, jobs, out, plots, started)
     summary = grid_summary(cards)
     _write_json(out / "grid.json", summary)
     from p2pfl.sim.plots import plot_grid
@@ -146,19 +176,15 @@ def run_grid_files(
 
 def _run_tasks(
     grid: Grid,
-    path: Path,
     tasks: Sequence[tuple[str, str, int]],
     jobs: int,
     out: Path,
     plots: bool,
     started: float,
 ) -> list[dict[str, Any]]:
-    from p2pfl.sim.runner import run_scenario
-    from p2pfl.sim.scorecard import scorecard
-
     cards: list[dict[str, Any]] = []
-
-    def finished(card: dict[str, Any]) -> None:
+    runs = [(grid.cell(rule, attack), seed) for rule, attack, seed in tasks]
+    for card in scorecards(runs, jobs):
         cards.append(card)
         _record_run(card, out, plots)
         s = card["scenario"]
@@ -166,15 +192,6 @@ def _run_tasks(
         _say(f"run {len(cards)}/{len(tasks)}: {s['rule']}, {s['attack']}, seed {card['seed']}, "
              f"{time.perf_counter() - started:.0f} s elapsed, honest mean accuracy "
              f"{'-' if acc is None else f'{acc:.3f}'}")
-
-    if jobs == 1:
-        for rule, attack, seed in tasks:
-            finished(scorecard(run_scenario(grid.cell(rule, attack), seed)))
-        return cards
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_one_run, str(path), *task) for task in tasks]
-        for future in futures:
-            finished(json.loads(future.result()))
     return cards
 
 

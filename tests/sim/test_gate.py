@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from p2pfl.sim.runner import run_scenario
+from p2pfl.sim.cli import scorecards
 from p2pfl.sim.scenario import NO_ATTACK, load_grid
-from p2pfl.sim.scorecard import scorecard
 
 GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_grid.toml"
 ATTACKS = ("sign_flip", "gaussian", "ipm")
@@ -34,7 +33,9 @@ def cards() -> dict[tuple[str, str], dict[str, Any]]:
     assert grid.base.nodes == 8
     assert grid.base.rounds == 10
     seed = grid.base.seeds[0]
-    return {(s.rule, s.attack): scorecard(run_scenario(s, seed)) for s in grid.scenarios()}
+    scenarios = grid.scenarios()
+    runs = scorecards([(s, seed) for s in scenarios], jobs=2)
+    return {(s.rule, s.attack): card for s, card in zip(scenarios, runs, strict=True)}
 
 
 def final(cards: dict[tuple[str, str], dict[str, Any]], rule: str, attack: str) -> float:
@@ -75,11 +76,9 @@ def test_the_default_defence_keeps_the_bridge_open_where_median_cuts_it() -> Non
     # attack (seeds 0-2, final honest mean: mean 0.68-0.74, clipped_gossip 0.68-0.72 with
     # its harm check, 0.49 without; median 0.49 = one half of the classes).
     grid = load_grid(DUMBBELL)
-    runs = {
-        s.rule: scorecard(run_scenario(s, 0))["final"]["honest_mean"]
-        for s in grid.scenarios()
-        if s.rule in ("mean", "median", "clipped_gossip")
-    }
+    scenarios = [s for s in grid.scenarios() if s.rule in ("mean", "median", "clipped_gossip")]
+    cards = scorecards([(s, 0) for s in scenarios], jobs=2)
+    runs = {s.rule: card["final"]["honest_mean"] for s, card in zip(scenarios, cards, strict=True)}
     assert runs["median"] < 0.55
     assert runs["mean"] > runs["median"] + 0.15
     assert runs["clipped_gossip"] > runs["mean"] - 0.08

@@ -31,9 +31,8 @@ from typing import Any
 
 import pytest
 
-from p2pfl.sim.runner import run_scenario
+from p2pfl.sim.cli import scorecards
 from p2pfl.sim.scenario import NO_ATTACK, load_grid
-from p2pfl.sim.scorecard import scorecard
 
 GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_robustness.toml"
 DEFENDED = ("min_max", "clip_aware", "boiling_frog", "ipm")
@@ -43,6 +42,7 @@ SHELTERED = 0.10  # the lowest honest node with an honest majority of neighbours
 # far below the lowest honest node without attack (issue 17's bar for the worst node)
 SURROUNDED = 0.68  # boiling_frog: the node with three attackers of four stays above this
 ABOVE_MEAN = 0.05  # ... and at least this far above plain mean under the same attack
+JOBS = 2  # one run per core: the 15 runs take half the time
 FLIP_SLACK = 0.02  # label flips: at most this far below plain mean (measured 0.012, 0.008)
 
 
@@ -53,7 +53,8 @@ def cards() -> dict[tuple[str, str], dict[str, Any]]:
     cells = [("clipped_gossip", a) for a in grid.attacks] + [
         ("mean", a) for a in grid.attacks if a != NO_ATTACK
     ]
-    return {cell: scorecard(run_scenario(grid.cell(*cell), seed)) for cell in cells}
+    runs = [(grid.cell(*cell), seed) for cell in cells]
+    return dict(zip(cells, scorecards(runs, jobs=JOBS), strict=True))
 
 
 def final(cards: dict[tuple[str, str], dict[str, Any]], rule: str, attack: str) -> float:

@@ -13,9 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from p2pfl.node.config import HarmCheck
-from p2pfl.sim.runner import run_scenario
+from p2pfl.sim.cli import scorecards
 from p2pfl.sim.scenario import NO_ATTACK, load_grid
-from p2pfl.sim.scorecard import scorecard
 
 GRID = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "ci_robustness.toml"
 WITHIN = 0.09
@@ -25,9 +24,11 @@ def test_the_span_check_holds_a_made_up_drift_near_no_attack() -> None:
     grid = load_grid(GRID)
     seed = grid.base.seeds[0]
     on = HarmCheck(span_low=3.0)
-    results = {}
-    for attack in (NO_ATTACK, "alie"):
-        cell = grid.cell("clipped_gossip", attack)
-        results[attack] = scorecard(run_scenario(replace(cell, harm_check=on), seed))["final"]["honest_mean"]
+    attacks = (NO_ATTACK, "alie")
+    runs = [(replace(grid.cell("clipped_gossip", a), harm_check=on), seed) for a in attacks]
+    results = {
+        attack: card["final"]["honest_mean"]
+        for attack, card in zip(attacks, scorecards(runs, jobs=2), strict=True)
+    }
     assert grid.attack_params["alie"]["signs"] == "random"
     assert results["alie"] > results[NO_ATTACK] - WITHIN
