@@ -87,7 +87,8 @@ class Mixer:
         if self._span is not None:
             # A deviation that training on data would not produce (a made-up drift inside
             # the honest spread) loses its weight this round and, if it persists, its trust.
-            span = await self._compute(self._span.judge, number, own, senders, states)
+            span = await self._compute(self._span.judge, number, own, senders, states,
+                                       [w > 0 for w in weights])
             if span is not None:
                 weights = [w * f for w, f in zip(weights, span.weight, strict=True)]
                 caps = span.trust
