@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pfl.sim.cli import add_arguments, main, sim_command
+from p2pfl.sim.cli import add_arguments, main, scorecards, sim_command
+from p2pfl.sim.scenario import load_grid
 
 SCENARIO = """
 name = "tiny"
@@ -76,3 +77,21 @@ def test_a_bad_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captur
     path.write_text("colour = 1\n" + SCENARIO)
     assert main(["--scenario", str(path)]) == 2
     assert capsys.readouterr().err.strip() == "error: colour: unknown key"
+
+
+def test_runs_in_worker_processes_score_as_in_this_one(tmp_path: Path) -> None:
+    # Scenarios travel to the workers pickled, their frozen tables included; a run is
+    # deterministic for its seed. Workers run torch on one thread: sums of floats then
+    # round differently in the 7th digit (the consensus distance), nothing else.
+    path = tmp_path / "g.toml"
+    path.write_text(GRID.replace('attacks = ["sign_flip"]', 'attacks = ["ipm"]\n[grid.attack_params.ipm]\neps = 0.3'))
+    grid = load_grid(path)
+    runs = [(s, 3) for s in grid.scenarios() if s.attack == "ipm"]
+    assert [s.attack_params for s, _ in runs] == [{"eps": 0.3}] * 2
+    here, there = list(scorecards(runs, jobs=1)), list(scorecards(runs, jobs=2))
+    assert [card["scenario"]["rule"] for card in there] == ["mean", "median"]
+    for a, b in zip(here, there, strict=True):
+        assert b.pop("consensus") == pytest.approx(a.pop("consensus"), rel=1e-5)
+        assert b["final"].pop("consensus") == pytest.approx(a["final"].pop("consensus"), rel=1e-5)
+        del a["timing"], b["timing"]
+        assert json.dumps(b, sort_keys=True) == json.dumps(a, sort_keys=True)
