@@ -87,8 +87,7 @@ class Mixer:
         if self._span is not None:
             # A deviation that training on data would not produce (a made-up drift inside
             # the honest spread) loses its weight this round and, if it persists, its trust.
-            span = await self._compute(self._span.judge, number, own, senders, states,
-                                       [w > 0 for w in weights])
+            span = await self._compute(self._span.judge, number, own, senders, states)
             if span is not None:
                 weights = [w * f for w, f in zip(weights, span.weight, strict=True)]
                 caps = span.trust

@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 SPAN_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB)
 MIN_SAMPLES = 8  # fewer gradients than this span too little to judge by
-MIN_POOL = 2  # fewer trusted neighbours than this leave no others to compare one with
 # A sample whose gradient is this small beside the largest one is fitted to float noise:
 # its direction is noise too (a node whose data is all one class had its whole probe at
 # 1e-9 and judged every honest neighbour made up; clip_aware, seed 1).
@@ -89,41 +88,31 @@ class SpanVerdict:
     trust: list[float]
 
 
-def span_ratios(
-    basis: torch.Tensor, models: torch.Tensor, high: float, pool: Sequence[bool] | None = None
-) -> list[float]:
+def span_ratios(basis: torch.Tensor, models: torch.Tensor, high: float) -> list[float]:
     """Return each neighbour's span ratio (see the module doc).
 
     ``basis``: orthonormal columns spanning the probe's gradients, ``(parameters, k)``;
-    ``models``: our model in row 0, the neighbours' after it; ``pool``: per neighbour,
-    whether it may stand among the others (default: all). Each neighbour is compared
-    with the mean of the others in the pool, ours included, each of them moved towards
-    ours to at most the median neighbour's distance (so that one model far off does not
-    make every other one look made up); the neighbour in the pool with the lowest ratio
-    under ``high`` then leaves it and the rest are judged again without it.
+    ``models``: our model in row 0, the neighbours' after it. Each neighbour is compared
+    with the mean of the others, each of them moved towards ours to at most the median
+    neighbour's distance (so that one model far off does not make every other one look
+    made up); the neighbour with the lowest ratio under ``high`` then leaves the pool and
+    the rest are judged again without it.
     """
     random_share = basis.shape[1] / basis.shape[0]
     offsets = models - models[0]  # ours is row 0, at offset 0
     lengths = offsets.norm(dim=1)
     radius = float(lengths[1:].median())
     clipped = offsets * (radius / lengths.clamp(min=radius)).unsqueeze(1) if radius > 0 else offsets
-    count = models.shape[0] - 1
-    ratios = [high] * count
-
-    def judge(rows: list[int], deviations: torch.Tensor) -> None:
-        lengths_sq = deviations.square().sum(dim=1)
-        inside = (deviations @ basis).square().sum(dim=1)
-        for j, length, share in zip(rows, lengths_sq.tolist(), inside.tolist(), strict=True):
-            ratios[j - 1] = share / length / random_share if length > 0 else high
-
-    kept = [j for j in range(1, count + 1) if pool is None or pool[j - 1]]
-    outside = [j for j in range(1, count + 1) if j not in kept]
-    if outside:  # judged once, against the whole pool and ours
-        judge(outside, offsets[outside] - clipped[kept].sum(dim=0) / (len(kept) + 1))
+    ratios = [high] * (models.shape[0] - 1)
+    kept = list(range(1, models.shape[0]))
     while kept:
         rows = clipped[kept]
         # the pool is ours (offset 0) and the kept ones; the others of j: all of it but j
-        judge(kept, offsets[kept] - (rows.sum(dim=0) - rows) / len(kept))
+        deviations = offsets[kept] - (rows.sum(dim=0) - rows) / len(kept)
+        lengths_sq = deviations.square().sum(dim=1)
+        inside = (deviations @ basis).square().sum(dim=1)
+        for j, length, share in zip(kept, lengths_sq.tolist(), inside.tolist(), strict=True):
+            ratios[j - 1] = share / length / random_share if length > 0 else high
         worst = min(kept, key=lambda j: ratios[j - 1])
         if ratios[worst - 1] >= high:
             break
@@ -148,21 +137,11 @@ class SpanGate:
 
     def judge(
         self, number: int, own: Mapping[str, torch.Tensor], senders: Sequence[str],
-        states: Sequence[Mapping[str, torch.Tensor]], trusted: Sequence[bool] | None = None,
+        states: Sequence[Mapping[str, torch.Tensor]],
     ) -> SpanVerdict | None:
-        """Judge round ``number``'s neighbours; None before ``span_start`` or when skipped.
-
-        ``trusted``: per neighbour, whether it has weight in our mix (default: all); only
-        those stand among the others a neighbour is compared with.
-        """
+        """Judge round ``number``'s neighbours; None before ``span_start`` or when skipped."""
         check = self.check
         if number < check.span_start or not states:
-            return None
-        pool = [True] * len(states) if trusted is None else list(trusted)
-        if sum(pool) < MIN_POOL:
-            # Too few trusted neighbours to tell which is unlike the others: where the rest
-            # are attackers we already ignore, the one left is the honest one.
-            log.debug("span check abstains in round %d: %d trusted neighbours", number, sum(pool))
             return None
         spec = flat_spec(own)  # our key order, as probe_gradients flattens
         models = torch.empty(len(states) + 1, spec.size)
@@ -182,11 +161,10 @@ class SpanGate:
             log.debug("span check abstains in round %d: %d gradients above noise", number, len(gradients))
             return None
         basis = torch.linalg.qr(gradients.T).Q  # (parameters, k), orthonormal
-        ratios = span_ratios(basis, models, check.span_high, pool)
-        typical = statistics.median(r for r, p in zip(ratios, pool, strict=True) if p)
-        if typical < check.span_high:  # our data cannot tell data-like from made-up
+        ratios = span_ratios(basis, models, check.span_high)
+        if statistics.median(ratios) < check.span_high:  # our data cannot tell data-like from made-up
             log.debug("span check abstains in round %d: the typical neighbour's ratio is %.1f",
-                      number, typical)
+                      number, statistics.median(ratios))
             return None
         trust = []
         for sender, ratio in zip(senders, ratios, strict=True):
