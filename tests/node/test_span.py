@@ -129,8 +129,8 @@ def test_gradients_at_float_noise_are_not_judged_by() -> None:
 
 def test_too_small_a_model_is_not_judged() -> None:
     span, prober = gate()
-    own, *others = models(torch.zeros(40), torch.ones(40), -torch.ones(40))  # room for 5 gradients
-    assert span.judge(5, own, ["x", "y"], others) is None
+    own, *others = models(torch.zeros(40), torch.ones(40))  # 40 parameters: room for 5 gradients
+    assert span.judge(5, own, ["x"], others) is None
     assert prober.calls == []
 
 
@@ -165,37 +165,3 @@ def test_torch_learner_gives_one_gradient_per_probe_sample() -> None:
     first = torch.cat([p.grad.reshape(-1) for p in learner.model.parameters()])
     assert torch.allclose(grads[0], first, atol=1e-5)
     assert learner.get_state()["hidden.weight"].equal(state["hidden.weight"])  # model untouched
-
-
-def surrounded(prober: FixedGradients) -> torch.Tensor:
-    """Ours, one honest neighbour, then three attackers pushing one made-up way (each off
-    by a little of its own data, as the mean it received differs)."""
-    push = made_up(3, scale=4.0)
-    attackers = [push + in_span(prober, 10 + i) for i in range(3)]
-    return torch.stack([torch.zeros(DIM), in_span(prober, 1), *attackers])
-
-
-def test_neighbours_out_of_the_pool_do_not_stand_among_the_others() -> None:
-    # Three attackers of four: the mean of the others is theirs, and the honest neighbour
-    # is the one unlike it. Attackers we already give no weight are not its judges.
-    prober = FixedGradients()
-    q = torch.linalg.qr(prober.directions.T).Q
-    stack = surrounded(prober)
-    judged_by_all = span_ratios(q, stack, high=6.0)
-    assert judged_by_all[0] < 3 < 6 < min(judged_by_all[1:])  # the failure: judged by the attackers
-    ratios = span_ratios(q, stack, high=6.0, pool=[True, False, False, False])
-    assert ratios[0] > 6
-    assert max(ratios[1:]) < 3  # those out of the pool are still judged, against it
-
-
-def test_fewer_than_two_trusted_neighbours_are_not_judged() -> None:
-    span, prober = gate()
-    own, *others = models(*surrounded(prober))
-    senders = ["a", "x", "y", "z"]
-    assert span.judge(5, own, senders, others, [True, False, False, False]) is None
-    assert prober.calls == []
-    honest = in_span(prober, 2)
-    own, *others = models(torch.zeros(DIM), in_span(prober, 1), honest, made_up(3, scale=2.0))
-    verdict = span.judge(5, own, ["a", "b", "x"], others, [True, True, False])
-    assert verdict is not None
-    assert verdict.weight == [1.0, 1.0, 0.0]
