@@ -1,0 +1,112 @@
+"""Issue 17's bars, attack by attack, from defence-sweep lines.
+
+usage: python benchmarks/bars.py SWEEP.jsonl VARIANT SETTING SEEDS [MEAN_VARIANT]
+
+Reads the JSON lines that benchmarks/defence_sweep.py appends (one per run), keeps
+VARIANT's runs on SETTING for every seed in SEEDS (comma-separated; an attack missing a
+seed is left out), averages over seeds and prints a markdown table against the bars of
+issue 17, measured from the same variant's run without attack:
+
+- mean: honest mean within 5 points of no attack;
+- node: the lowest honest node within 10 points of the lowest without attack;
+- class: the worst class within 10 points of the worst class without attack;
+- flagged: attackers at weight 0 at the end >= 80% of their honest observers, where the
+  attack costs more than 2 points of honest mean;
+- FP: honest peers ever flagged <= 5%;
+- plain mean: MEAN_VARIANT's runs (rule mean) of the same attack, where there are any:
+  the default must never be below them.
+
+A cell that misses its bar is in bold. Worst node and worst class are means over seeds
+of each run's value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from typing import Any
+
+MEAN_BAR, NODE_BAR, CLASS_BAR, COSTS, RECALL_BAR, FP_BAR = 0.05, 0.10, 0.10, 0.02, 0.80, 0.05
+
+
+def load(path: str, variant: str, setting: str, seeds: set[int]) -> dict[str, dict[str, float]]:
+    """Per attack: the seed-mean of each figure, for attacks run on every seed."""
+    runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    with open(path) as lines:
+        for line in lines:
+            run = json.loads(line)
+            if run["variant"] == variant and run["setting"] == setting and run["seed"] in seeds:
+                runs[run["attack"].replace("'", "")][run["seed"]] = run  # the last run of a seed counts
+    out = {}
+    for attack, by_seed in runs.items():
+        if set(by_seed) != seeds:
+            continue
+        figures = {}
+        for key in ("mean", "min", "worst_class", "recall", "fp_peers"):
+            values = [r[key] for r in by_seed.values() if r[key] is not None]
+            figures[key] = sum(values) / len(values) if values else float("nan")
+        out[attack] = figures
+    return out
+
+
+def mark(text: str, ok: bool) -> str:
+    return text if ok else f"**{text}**"
+
+
+def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]]) -> str:
+    """The markdown table of every attack in ``runs`` against the run without attack."""
+    base = runs["none"]
+    rows = ["| attack | mean (bar) | worst node | worst class | flagged | honest FP | plain mean |",
+            "|---|---|---|---|---|---|---|"]
+    misses: dict[str, int] = defaultdict(int)
+    for attack in sorted(runs, key=lambda a: (a != "none", a)):
+        r = runs[attack]
+        fp = mark(f"{r['fp_peers']:.2f}", r["fp_peers"] <= FP_BAR)
+        if attack == "none":
+            rows.append(f"| none | {r['mean']:.3f} | {r['min']:.3f} | {r['worst_class']:.3f} | - | {fp} | - |")
+            continue
+        cost = base["mean"] - r["mean"]
+        checks = {
+            "mean": cost <= MEAN_BAR,
+            "node": base["min"] - r["min"] <= NODE_BAR,
+            "class": base["worst_class"] - r["worst_class"] <= CLASS_BAR,
+            "flagged": cost <= COSTS or r["recall"] >= RECALL_BAR,
+            "FP": r["fp_peers"] <= FP_BAR,
+        }
+        below = attack in plain and r["mean"] < plain[attack]["mean"]
+        for name, ok in checks.items():
+            misses[name] += not ok
+        misses["plain mean"] += below
+        plain_cell = "-" if attack not in plain else mark(f"{plain[attack]['mean']:.3f}", not below)
+        cells = [
+            mark(f"{r['mean']:.3f} ({-cost:+.3f})", checks["mean"]),
+            mark(f"{r['min']:.3f}", checks["node"]),
+            mark(f"{r['worst_class']:.3f}", checks["class"]),
+            mark(f"{r['recall']:.2f}", checks["flagged"]),
+            fp,
+            plain_cell,
+        ]
+        rows.append(f"| {attack} | " + " | ".join(cells) + " |")
+    summary = ", ".join(f"{name} {count}" for name, count in misses.items())
+    return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (4, 5):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    path, variant, setting, seed_list = argv[:4]
+    seeds = {int(s) for s in seed_list.split(",")}
+    runs = load(path, variant, setting, seeds)
+    if "none" not in runs:
+        print(f"bars: no run of {variant} on {setting} without attack for seeds {sorted(seeds)}",
+              file=sys.stderr)
+        return 1
+    plain = load(path, argv[4], setting, seeds) if len(argv) == 5 else {}
+    print(table(runs, plain))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
