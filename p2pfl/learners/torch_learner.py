@@ -303,25 +303,25 @@ class TorchLearner:
 
         One row per sample (fewer when the probe sample is smaller), the floating tensors
         of ``state`` flattened in its key order; the model runs in eval mode and is not
-        modified (the span check, :mod:`p2pfl.node.span`). One forward pass, and one
-        batched backward pass over the samples' losses.
+        modified (the span check, :mod:`p2pfl.node.span`). The gradient of one sample's
+        loss, vectorised over the samples (``torch.func.vmap``): 4-5x faster than one
+        batched backward pass over the losses (benchmarks/bench_span.py).
         """
         x, y = self._probe_batch()
         x, y = x[:samples], y[:samples]
-        params = {k: v.detach().to(self.device).requires_grad_(True)
-                  for k, v in state.items() if v.is_floating_point()}
+        params = {k: v.detach().to(self.device) for k, v in state.items() if v.is_floating_point()}
         rest = {k: v.to(self.device) for k, v in state.items() if not v.is_floating_point()}
+
+        def loss(weights: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            logits = torch.func.functional_call(self.model, {**weights, **rest}, (xi.unsqueeze(0),))
+            return _per_sample_losses(self.loss_fn, logits, yi.unsqueeze(0))[0]
+
         self.model.eval()
         try:
-            logits = torch.func.functional_call(self.model, {**params, **rest}, (x,))
-            losses = _per_sample_losses(self.loss_fn, logits, y)
-            grads = torch.autograd.grad(losses, list(params.values()), grad_outputs=torch.eye(len(y), device=losses.device),
-                                        is_grads_batched=True, allow_unused=True)
+            grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
         finally:
             self.model.train()
-        rows = [torch.zeros(len(y), p.numel(), device=p.device) if g is None else g.reshape(len(y), -1)
-                for g, p in zip(grads, params.values(), strict=True)]
-        return torch.cat(rows, dim=1).detach().cpu()
+        return torch.cat([grads[k].reshape(len(y), -1) for k in params], dim=1).detach().cpu()
 
     def _probe_logits(
         self, states: Iterable[Mapping[str, torch.Tensor]]

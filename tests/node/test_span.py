@@ -13,14 +13,10 @@ from p2pfl.errors import ConfigError
 from p2pfl.learners.datasets import make_digits_learner
 from p2pfl.node.config import HarmCheck, NodeConfig
 from p2pfl.node.mixer import Mixer
-from p2pfl.node.span import GradientProber, SpanGate, ramp, span_ratios
+from p2pfl.node.span import GradientProber, Span, SpanGate, ramp, span_ratios
 
 DIM = 800  # parameters
 K = 40  # probe gradients: a random direction has 5% of its length (squared) in their span
-
-
-def basis(generator: torch.Generator) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(DIM, K, generator=generator)).Q
 
 
 class FixedGradients:
@@ -54,7 +50,7 @@ def models(own: torch.Tensor, *neighbours: torch.Tensor) -> list[dict[str, torch
 
 def test_a_direction_in_the_gradients_span_scores_high_and_a_random_one_about_one() -> None:
     prober = FixedGradients()
-    q = torch.linalg.qr(prober.directions.T).Q
+    q = Span(prober.directions)
     own = torch.zeros(DIM)
     stack = torch.stack([own, in_span(prober, 1), in_span(prober, 2), made_up(3, scale=2.0)])
     ratios = span_ratios(q, stack, high=6.0)
@@ -64,12 +60,28 @@ def test_a_direction_in_the_gradients_span_scores_high_and_a_random_one_about_on
 
 def test_a_far_off_model_is_taken_out_of_the_mean_before_the_others_are_judged() -> None:
     prober = FixedGradients()
-    q = torch.linalg.qr(prober.directions.T).Q
+    q = Span(prober.directions)
     far = made_up(9, scale=100.0)  # ipm-like: far away, in no data direction
     stack = torch.stack([torch.zeros(DIM), in_span(prober, 1), in_span(prober, 2), far])
     ratios = span_ratios(q, stack, high=6.0)
     assert min(ratios[:2]) > 6  # judged against the mean without the far one
     assert ratios[2] < 3
+
+
+def test_the_span_projects_as_an_orthonormal_basis_of_the_gradients_would() -> None:
+    g = torch.Generator().manual_seed(4)
+    gradients = torch.randn(K, DIM, generator=g) * torch.logspace(-2, 1, K).unsqueeze(1)
+    vectors = torch.randn(6, DIM, generator=g)
+    q = torch.linalg.qr(gradients.T).Q
+    span = Span(gradients)
+    assert (span.rank, span.dimension) == (K, DIM)
+    expected = (vectors @ q).square().sum(dim=1)
+    assert torch.allclose(span.inside(vectors), expected, rtol=1e-3)
+    assert torch.allclose(span.inside(gradients), gradients.square().sum(dim=1), rtol=1e-3)
+    # a sample repeated adds no direction: the random share stays rank / parameters
+    twice = Span(torch.cat([gradients, gradients[:3]]))
+    assert twice.rank == K
+    assert torch.allclose(twice.inside(vectors), expected, rtol=1e-3)
 
 
 def test_ramp() -> None:
