@@ -183,7 +183,7 @@ class SpanGate:
             return None
         gradients = self.prober.probe_gradients(own, samples).float()
         norms = gradients.norm(dim=1)
-        above = norms >= NEGLIGIBLE * norms.max() if len(norms) else norms.bool()
+        above = norms > NEGLIGIBLE * norms.max() if len(norms) else norms.bool()  # none if all 0 or NaN
         if not bool(above.all()):  # (a copy of every gradient only when some are dropped)
             gradients = gradients[above]
         if len(gradients) < MIN_SAMPLES:  # our data is fitted to noise: nothing to judge by

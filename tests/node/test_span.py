@@ -139,6 +139,15 @@ def test_gradients_at_float_noise_are_not_judged_by() -> None:
     assert span.judge(6, own, ["a", "x", "b"], others) is None
 
 
+def test_gradients_all_zero_or_not_a_number_are_not_judged_by() -> None:
+    span, prober = gate()
+    own, *others = models(torch.zeros(DIM), in_span(prober, 1), made_up(3, scale=2.0), in_span(prober, 2))
+    prober.directions.zero_()  # a model that fits its probe exactly
+    assert span.judge(5, own, ["a", "x", "b"], others) is None
+    prober.directions.fill_(float("nan"))  # a model that diverged
+    assert span.judge(6, own, ["a", "x", "b"], others) is None
+
+
 def test_too_small_a_model_is_not_judged() -> None:
     span, prober = gate()
     own, *others = models(torch.zeros(40), torch.ones(40))  # 40 parameters: room for 5 gradients
