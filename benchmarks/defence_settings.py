@@ -16,6 +16,10 @@ def setting(name):
     if name == "exp32":
         return Scenario(name="exp32", nodes=32, rounds=30, topology="exponential", topology_params={},
                         partition="iid", byzantine=8, placement="random")
+    if name in ("tn8", "tn8_30"):  # the testnet's shape: 8 nodes, 6 neighbours each, 2 attackers
+        return Scenario(name=name, nodes=8, rounds=10 if name == "tn8" else 30, topology="regular",
+                        topology_params={"degree": 6}, partition="dirichlet", alpha=0.5, byzantine=2,
+                        placement="random")
     if name == "dumbbell":
         return Scenario(name="dumbbell", nodes=8, rounds=60, topology="dumbbell", partition="halves", byzantine=0)
     raise SystemExit(name)

@@ -24,6 +24,7 @@ NETWORK_ID = "p2pfl-testnet"
 HOST = "127.0.0.1"
 MAX_NODES = 64  # each node is a Python process with torch loaded (~300 MB)
 PARTITIONS = ("iid", "dirichlet", "shards")
+SPAN_LOW = 3.0  # --span-check: the span check's threshold measured in docs/RESULTS.md (session 14)
 SUBDIRS = ("keys", "configs", "nodes", "logs")  # the only things a rerun deletes
 REPORT_FILES = ("report.json", "accuracy.png", "reputation.png", "statuses.json")
 
@@ -59,6 +60,7 @@ class TestnetPlan:
     codec_k: float | None = None  # [net] codec_k (topk)
     # --reference FILE: a public reference set every node checks neighbours on.
     reference: Path | None = None
+    span_check: bool = False  # --span-check: every node runs the opt-in span check
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -114,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec-k", type=float, help="topk: fraction of changes sent (default 0.1)")
     parser.add_argument("--reference", type=Path, metavar="FILE",
                         help="a reference set (p2pfl reference make) every node scores its neighbours on")
+    parser.add_argument("--span-check", action="store_true",
+                        help=f"every node also runs the opt-in span check ([harm_check] span_low = {SPAN_LOW}; "
+                             "docs/DEFENCE.md section 3a)")
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
@@ -134,6 +139,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         dashboard=getattr(args, "dashboard", None),
         codec=args.codec, codec_k=args.codec_k,
         reference=None if args.reference is None else Path(args.reference).resolve(),
+        span_check=getattr(args, "span_check", False),
     )
     _check_names(plan)
     return plan
@@ -293,6 +299,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
     }
     if plan.dp_epsilon is not None and not plan.is_byzantine(index):
         document["privacy"] = {"epsilon": float(plan.dp_epsilon)}  # for [node] rounds
+    if plan.span_check:
+        document["harm_check"] = {"span_low": SPAN_LOW}
     if plan.reference is not None:
         document["reference"], holdout = reference or reference_tables(plan.reference)
         if holdout:  # a digits holdout: its samples leave every node's data

@@ -96,6 +96,20 @@ def test_attack_params_and_epochs_reach_the_node_configs(tmp_path: Path) -> None
     attacker = tomllib.loads(dumps_toml(node_config(plan, 3, peers, list(range(4000, 4008)))))
     assert attacker["attack"] == {"name": "label_flip", "classes": 5}
     assert attacker["round"]["local_epochs"] == 3
+    assert "harm_check" not in attacker
+
+
+def test_span_check_reaches_every_node_config_and_the_node_reads_it(tmp_path: Path) -> None:
+    from p2pfl.assembly import load_node_file
+
+    plan = plan_from_args(parse("--nodes", "3", "--rounds", "2", "--span-check", "--out", str(tmp_path)))
+    peers = [f"16Uiu2HAmPeer{i}" for i in range(3)]
+    for index in range(3):
+        path = tmp_path / f"node{index}.toml"
+        path.write_text(dumps_toml(node_config(plan, index, peers, list(range(4000, 4006)))))
+        assert tomllib.loads(path.read_text())["harm_check"] == {"span_low": 3.0}
+    # node 0 bootstraps from nobody, so its file loads without real peer ids
+    assert load_node_file(tmp_path / "node0.toml").node.harm_check.span_low == 3.0
 
 
 @pytest.mark.parametrize(
