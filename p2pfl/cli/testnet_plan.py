@@ -139,7 +139,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         dashboard=getattr(args, "dashboard", None),
         codec=args.codec, codec_k=args.codec_k,
         reference=None if args.reference is None else Path(args.reference).resolve(),
-        span_check=getattr(args, "span_check", False),
+        span_check=args.span_check,
     )
     _check_names(plan)
     return plan

@@ -100,10 +100,11 @@ class Span:
     ``RANK_TOLERANCE`` of the largest (near-duplicate samples) do not count.
     """
 
-    def __init__(self, gradients: torch.Tensor) -> None:
-        """Span the rows of ``gradients`` ``(samples, parameters)``, none of them zero."""
+    def __init__(self, gradients: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """Span the rows of ``gradients`` ``(samples, parameters)``, none of them zero;
+        ``norms``: their lengths, when the caller has them already."""
         self.gradients = gradients
-        self.norms = gradients.norm(dim=1)
+        self.norms = gradients.norm(dim=1) if norms is None else norms
         gram = (gradients @ gradients.T).double() / torch.outer(self.norms, self.norms).double()
         values, vectors = torch.linalg.eigh(gram)
         kept = values > RANK_TOLERANCE * values.max()
@@ -185,14 +186,14 @@ class SpanGate:
         norms = gradients.norm(dim=1)
         above = norms > NEGLIGIBLE * norms.max() if len(norms) else norms.bool()  # none if all 0 or NaN
         if not bool(above.all()):  # (a copy of every gradient only when some are dropped)
-            gradients = gradients[above]
+            gradients, norms = gradients[above], norms[above]
         if len(gradients) < MIN_SAMPLES:  # our data is fitted to noise: nothing to judge by
             log.debug("span check abstains in round %d: %d gradients above noise", number, len(gradients))
             return None
-        ratios = span_ratios(Span(gradients), models, check.span_high)
-        if statistics.median(ratios) < check.span_high:  # our data cannot tell data-like from made-up
-            log.debug("span check abstains in round %d: the typical neighbour's ratio is %.1f",
-                      number, statistics.median(ratios))
+        ratios = span_ratios(Span(gradients, norms), models, check.span_high)
+        typical = statistics.median(ratios)
+        if typical < check.span_high:  # our data cannot tell data-like from made-up
+            log.debug("span check abstains in round %d: the typical neighbour's ratio is %.1f", number, typical)
             return None
         trust = []
         for sender, ratio in zip(senders, ratios, strict=True):
