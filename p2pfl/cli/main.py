@@ -49,7 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+        "-v", "--verbose", action="count", default=0, help="more logging: -v p2pfl's debug lines (each round's mixing), -vv libp2p's too"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -122,8 +122,8 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def configure_logging(verbosity: int) -> None:
-    """Log to stderr; libp2p's own chatter only at -vv."""
-    level = logging.DEBUG if verbosity >= 2 else logging.INFO
+    """Log to stderr: p2pfl's debug lines from -v, libp2p's own chatter only at -vv."""
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO
     logging.basicConfig(
         level=level,
         stream=sys.stderr,

@@ -130,10 +130,11 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(signum, old)
 
 
-def node_argv(*config_paths: Path) -> list[str]:
-    """Return the command line that runs a node daemon (several nodes: one process)."""
+def node_argv(*config_paths: Path, verbose: int = 0) -> list[str]:
+    """Return the command line that runs a node daemon (several nodes: one process),
+    logging at ``verbose`` (the count of ``-v``)."""
     configs = [arg for path in config_paths for arg in ("--config", str(path))]
-    return [sys.executable, "-m", "p2pfl.cli.main", "node", "run", *configs]
+    return [sys.executable, "-m", "p2pfl.cli.main", *["-v"] * verbose, "node", "run", *configs]
 
 
 def node_env() -> dict[str, str]:

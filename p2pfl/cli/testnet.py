@@ -119,7 +119,7 @@ def _run(plan: TestnetPlan, views: list[NodeView], paths: list[Path], board: Net
         try:
             env = node_env()
             for group in _process_groups(plan):
-                proc = procs.spawn(node_argv(*(paths[i] for i in group)), views[group[0]].log, env)
+                proc = procs.spawn(node_argv(*(paths[i] for i in group), verbose=plan.verbose), views[group[0]].log, env)
                 for i in group:
                     views[i].proc, views[i].log = proc, views[group[0]].log
             outcome = _watch(plan, views, procs, started)

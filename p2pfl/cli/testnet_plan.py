@@ -61,6 +61,7 @@ class TestnetPlan:
     # --reference FILE: a public reference set every node checks neighbours on.
     reference: Path | None = None
     span_check: bool = False  # --span-check: every node runs the opt-in span check
+    verbose: int = 0  # p2pfl -v / -vv: the node processes log at that verbosity too
 
     def __post_init__(self) -> None:
         require(2 <= self.nodes <= MAX_NODES, "--nodes", f"must be between 2 and {MAX_NODES}, got {self.nodes}")
@@ -139,7 +140,7 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         dashboard=getattr(args, "dashboard", None),
         codec=args.codec, codec_k=args.codec_k,
         reference=None if args.reference is None else Path(args.reference).resolve(),
-        span_check=args.span_check,
+        span_check=args.span_check, verbose=args.verbose,
     )
     _check_names(plan)
     return plan

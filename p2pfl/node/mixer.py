@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from p2pfl.core.aggregation import RULES, Aggregate, aggregate
+from p2pfl.core.crypto import short_id
 from p2pfl.core.rounds import Received
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import Learner, State
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import HarmGate, Prober, distance, starting_point
+from p2pfl.node.harm import HarmGate, Prober, Verdict, distance, starting_point
 from p2pfl.node.inbound import Compute
 from p2pfl.node.reference import ClassScorer, ReferenceGate
 from p2pfl.node.span import GradientProber, SpanGate
@@ -40,12 +41,29 @@ def own_weight(weights: Sequence[float]) -> float:
     return trusted / len(weights) if trusted else 1.0
 
 
+def mix_line(number: int, senders: Sequence[str], far: Sequence[float], weights: Sequence[float],
+             self_weight: float, result: Aggregate, verdict: Verdict | None, evidence: Sequence[float]) -> str:
+    """One round's mixing, one line: per neighbour its distance from our model, its
+    weight, the share of its model the rule used, whether the harm check vetted it, and
+    the trust recorded as evidence."""
+    radius = "-" if result.radius is None else f"{result.radius:.3g}"
+    parts = []
+    for i, sender in enumerate(senders):
+        vetted = "" if verdict is None or not verdict.vetted[i] else " vetted"
+        parts.append(f"{short_id(sender)} d {far[i]:.3g} w {weights[i]:.2f} used {result.trust[i]:.2f}{vetted} "
+                     f"evidence {evidence[i]:.2f}")
+    return f"round {number} mix: own w {self_weight:.2f} radius {radius}; " + "; ".join(parts)
+
+
 class Mixer:
     """Aggregate a round's updates with the configured rule; record what it says of peers."""
 
-    def __init__(self, config: NodeConfig, learner: Learner, standing: Standing, compute: Compute) -> None:
-        """Mix for ``config.rule``; probe harm with ``learner`` when it can and the rule clips."""
+    def __init__(self, config: NodeConfig, learner: Learner, standing: Standing, compute: Compute,
+                 owner: str = "") -> None:
+        """Mix for ``config.rule``; probe harm with ``learner`` when it can and the rule clips.
+        ``owner`` names the node in the debug lines."""
         self._config, self._learner, self._standing, self._compute = config, learner, standing, compute
+        self._owner = owner
         self._harm: HarmGate | None = None
         self._span: SpanGate | None = None
         check = config.harm_check
@@ -120,8 +138,12 @@ class Mixer:
             trust = verdict.forgiven(trust, self._config.reputation.clip_tolerance,
                                      failures=counting,
                                      settled=number >= self._config.harm_check.settle)
-        for update, value, cap in zip(updates, trust, caps, strict=True):
-            self._standing.record_trust(update.sender, min(value, cap), number)
+        evidence = [min(value, cap) for value, cap in zip(trust, caps, strict=True)]
+        for update, value in zip(updates, evidence, strict=True):
+            self._standing.record_trust(update.sender, value, number)
+        if log.isEnabledFor(logging.DEBUG):
+            far = [distance(own, state) for state in states]
+            log.debug("[%s] %s", self._owner, mix_line(number, senders, far, weights, self_weight, result, verdict, evidence))
         return result.state
 
     async def restart(self, updates: Sequence[Received]) -> State | None:

@@ -121,7 +121,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self._start: State = {}  # our model before this round's local training
-        self._mixer = Mixer(config, learner, self._standing, self._compute)
+        self._mixer = Mixer(config, learner, self._standing, self._compute, short_id(self.peer_id))
         self._ingress = Ingress(
             peer_id=self.peer_id,
             config=config,

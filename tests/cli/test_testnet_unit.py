@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from p2pfl.cli import testnet
+from p2pfl.cli.main import build_parser
 from p2pfl.cli.processes import NodeProcesses, Terminated, node_argv
 from p2pfl.cli.testnet_plan import TestnetPlan as Plan
 from p2pfl.cli.testnet_plan import (
-    add_arguments,
     dumps_toml,
     node_config,
     pick_ports,
@@ -37,9 +37,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser("testnet").parse_args(["testnet", *argv])
 
 
 # --------------------------------------------------------------------------- configs
@@ -314,7 +312,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeNet:
     net = FakeNet()
     script = tmp_path / "fake_node.py"
     script.write_text(FAKE_NODE)
-    monkeypatch.setattr(testnet, "node_argv", lambda config: [sys.executable, str(script), str(config), net.mode])
+    monkeypatch.setattr(testnet, "node_argv", lambda config, verbose=0: [sys.executable, str(script), str(config), net.mode])
     monkeypatch.setattr(testnet, "POLL_INTERVAL", 0.1)
     original = NodeProcesses.spawn
 
@@ -397,3 +395,5 @@ def test_sybils_share_one_process_and_other_attackers_do_not() -> None:
     alie = Plan(nodes=5, rounds=1, byzantine=2, attack="alie", out=Path("x"))
     assert testnet._process_groups(alie) == [[0], [1], [2], [3], [4]]
     assert node_argv(Path("a.toml"), Path("b.toml"))[-4:] == ["--config", "a.toml", "--config", "b.toml"]
+    assert "-v" not in node_argv(Path("a.toml"))
+    assert node_argv(Path("a.toml"), verbose=2)[-6:] == ["-v", "-v", "node", "run", "--config", "a.toml"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,6 +14,7 @@ import trio
 
 from p2pfl.config import NetConfig
 from p2pfl.core.codec import decode_state, encode_state
+from p2pfl.core.crypto import short_id
 from p2pfl.core.envelope import AnnouncementKind, parse_announcement
 from p2pfl.core.reputation import Evidence, ReputationConfig
 from p2pfl.core.rounds import Received
@@ -261,6 +263,26 @@ async def test_mix_aggregates_and_records_the_trust_as_evidence() -> None:
     assert float(result["w"]) == pytest.approx(9 * w / (10 + 2 * w))
     assert standing.accepted == 2
     assert [e.evidence for e in standing.book.history("a")] == [Evidence.ACCEPTED]
+
+
+async def test_mix_says_at_debug_how_it_weighed_each_neighbour(caplog: pytest.LogCaptureFixture) -> None:
+    config = NodeConfig(network_id=NET, rule="clipped_gossip")
+    standing = Standing(ReputationConfig())
+    mix = Mixer(config, cast(Learner, object()), standing, inline, owner="me")
+    own = {"w": torch.tensor([0.0])}
+    updates = [received("peer-near", 1.0, 10), received("peer-far", 100.0, 10)]
+    with caplog.at_level(logging.INFO, logger="p2pfl.node.mixer"):
+        await mix.mix(0, own, own, updates, samples=10)
+    assert not caplog.records  # quiet unless asked (-v)
+    (near_w, far_w), own_w = mix.weights(updates, samples=10)
+    with caplog.at_level(logging.DEBUG, logger="p2pfl.node.mixer"):
+        await mix.mix(1, own, own, updates, samples=10)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"[me] round 1 mix: own w {own_w:.2f} radius ")
+    near, far = line.split("; ")[1:]
+    assert near == f"{short_id('peer-near')} d 1 w {near_w:.2f} used 1.00 evidence 1.00"
+    assert far.startswith(f"{short_id('peer-far')} d 100 w {far_w:.2f} used 0.0")  # clipped to a sliver
+    assert far.endswith(" evidence 0.01")
 
 
 # ---------------------------------------------------------------- seams
