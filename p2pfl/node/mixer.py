@@ -19,7 +19,7 @@ from p2pfl.core.rounds import Received
 from p2pfl.errors import ConfigError
 from p2pfl.learners.base import Learner, State
 from p2pfl.node.config import NodeConfig
-from p2pfl.node.harm import HarmGate, Prober, Verdict, distance, starting_point
+from p2pfl.node.harm import HarmGate, Prober, distance, starting_point
 from p2pfl.node.inbound import Compute
 from p2pfl.node.reference import ClassScorer, ReferenceGate
 from p2pfl.node.span import GradientProber, SpanGate
@@ -41,18 +41,20 @@ def own_weight(weights: Sequence[float]) -> float:
     return trusted / len(weights) if trusted else 1.0
 
 
-def mix_line(number: int, senders: Sequence[str], far: Sequence[float], weights: Sequence[float],
-             self_weight: float, result: Aggregate, verdict: Verdict | None, evidence: Sequence[float]) -> str:
-    """One round's mixing, one line: per neighbour its distance from our model, its
-    weight, the share of its model the rule used, whether the harm check vetted it, and
-    the trust recorded as evidence."""
-    radius = "-" if result.radius is None else f"{result.radius:.3g}"
-    parts = []
-    for i, sender in enumerate(senders):
-        vetted = "" if verdict is None or not verdict.vetted[i] else " vetted"
-        parts.append(f"{short_id(sender)} d {far[i]:.3g} w {weights[i]:.2f} used {result.trust[i]:.2f}{vetted} "
-                     f"evidence {evidence[i]:.2f}")
-    return f"round {number} mix: own w {self_weight:.2f} radius {radius}; " + "; ".join(parts)
+def mix_line(number: int, self_weight: float, radius: float | None,
+             neighbours: Mapping[str, Sequence[tuple[str, object]]]) -> str:
+    """One round's mixing as one line: our weight, the rule's radius, then per neighbour
+    (short id) its ``(name, value)`` fields; a float prints with 3 digits, True as the
+    name alone, False and None not at all."""
+    def field(name: str, value: object) -> str:
+        if value is True or value is None or value is False:
+            return name if value else ""
+        return f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"
+
+    rows = [" ".join(filter(None, [short_id(peer), *(field(n, v) for n, v in fields)]))
+            for peer, fields in neighbours.items()]
+    shown = "-" if radius is None else f"{radius:.3g}"
+    return f"round {number} mix: own w {self_weight:.2f} radius {shown}; " + "; ".join(rows)
 
 
 class Mixer:
@@ -102,6 +104,7 @@ class Mixer:
         states = [u.state for u in updates]
         senders = [u.sender for u in updates]
         caps = [1.0] * len(updates)
+        span = None
         if self._span is not None:
             # A deviation that training on data would not produce (a made-up drift inside
             # the honest spread) loses its weight this round and, if it persists, its trust.
@@ -142,8 +145,12 @@ class Mixer:
         for update, value in zip(updates, evidence, strict=True):
             self._standing.record_trust(update.sender, value, number)
         if log.isEnabledFor(logging.DEBUG):
-            far = [distance(own, state) for state in states]
-            log.debug("[%s] %s", self._owner, mix_line(number, senders, far, weights, self_weight, result, verdict, evidence))
+            fields = {sender: [
+                ("d", distance(own, states[i])), ("w", weights[i]), ("used", result.trust[i]),
+                ("vetted", verdict is not None and verdict.vetted[i]),
+                ("span", None if span is None else span.ratio[i]), ("evidence", evidence[i]),
+            ] for i, sender in enumerate(senders)}
+            log.debug("[%s] %s", self._owner, mix_line(number, self_weight, result.radius, fields))
         return result.state
 
     async def restart(self, updates: Sequence[Received]) -> State | None:

@@ -280,8 +280,8 @@ async def test_mix_says_at_debug_how_it_weighed_each_neighbour(caplog: pytest.Lo
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"[me] round 1 mix: own w {own_w:.2f} radius ")
     near, far = line.split("; ")[1:]
-    assert near == f"{short_id('peer-near')} d 1 w {near_w:.2f} used 1.00 evidence 1.00"
-    assert far.startswith(f"{short_id('peer-far')} d 100 w {far_w:.2f} used 0.0")  # clipped to a sliver
+    assert near == f"{short_id('peer-near')} d 1 w {near_w:.3g} used 1 evidence 1"
+    assert far.startswith(f"{short_id('peer-far')} d 100 w {far_w:.3g} used 0.0")  # clipped to a sliver
     assert far.endswith(" evidence 0.01")
 
 
