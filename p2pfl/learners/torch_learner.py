@@ -114,6 +114,7 @@ class TorchLearner:
             raise LearnerError(f"probe_samples must be >= 1, got {probe_samples}")
         self.probe_samples = probe_samples
         self._probe: Batch | None = None
+        self._vmap = True  # per-sample gradients vectorised; False once the model refused vmap
         self.privacy: PrivateTraining | None = None  # DP-SGD, after make_private()
         self._warn_about_setup()
 
@@ -296,7 +297,8 @@ class TorchLearner:
         one sample (a batch of one: the loss's mean reduction is that sample's loss),
         vectorised over the samples with ``torch.func.vmap``: 4x faster at 77k parameters
         and 3x on digits than one batched backward pass over the losses
-        (benchmarks/bench_span.py).
+        (benchmarks/bench_span.py). A model that ``vmap`` cannot run (control flow on a
+        tensor's value, ``.item()``) gets one backward pass per sample instead, from then on.
         """
         x, y = self._probe_batch()
         x, y = x[:samples], y[:samples]
@@ -309,10 +311,34 @@ class TorchLearner:
 
         self.model.eval()
         try:
-            grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+            if self._vmap:
+                try:
+                    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+                except (RuntimeError, NotImplementedError) as exc:
+                    logger.info("span check: torch.func.vmap cannot run %s (%s); one backward pass "
+                                "per sample instead", type(self.model).__name__, str(exc).splitlines()[0])
+                    self._vmap = False
+            if not self._vmap:
+                grads = self._looped_gradients(loss, params, x, y)
         finally:
             self.model.train()
         return torch.cat([grads[k].reshape(len(y), -1) for k in params], dim=1).detach().cpu()
+
+    @staticmethod
+    def _looped_gradients(
+        loss: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
+        params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``loss``'s gradient in ``params`` at each sample of ``x, y``, one autograd pass
+        each, stacked per parameter as ``vmap`` would stack them."""
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        rows: dict[str, list[torch.Tensor]] = {k: [] for k in params}
+        with torch.enable_grad():
+            for xi, yi in zip(x, y, strict=True):
+                grads = torch.autograd.grad(loss(leaves, xi, yi), list(leaves.values()), allow_unused=True)
+                for (k, leaf), g in zip(leaves.items(), grads, strict=True):
+                    rows[k].append(torch.zeros_like(leaf) if g is None else g)
+        return {k: torch.stack(r) if r else params[k].new_zeros((0, *params[k].shape)) for k, r in rows.items()}
 
     def _probe_logits(
         self, states: Iterable[Mapping[str, torch.Tensor]]

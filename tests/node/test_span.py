@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, cast
@@ -11,6 +12,7 @@ import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.learners.datasets import make_digits_learner
+from p2pfl.learners.torch_learner import TorchLearner
 from p2pfl.node.config import HarmCheck, NodeConfig
 from p2pfl.node.mixer import Mixer
 from p2pfl.node.span import GradientProber, Span, SpanGate, ramp, span_ratios
@@ -186,3 +188,37 @@ def test_torch_learner_gives_one_gradient_per_probe_sample() -> None:
     first = torch.cat([p.grad.reshape(-1) for p in learner.model.parameters()])
     assert torch.allclose(grads[0], first, atol=1e-5)
     assert learner.get_state()["hidden.weight"].equal(state["hidden.weight"])  # model untouched
+
+
+class Branchy(torch.nn.Module):
+    """A model torch.func.vmap cannot run: it branches on a tensor's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 3)
+        self.b = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if float(x.sum()) > 0 else self.b(x)
+
+
+def test_a_model_vmap_cannot_run_gets_its_gradients_one_sample_at_a_time(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4,
+                                         generator=torch.Generator())
+    learner = TorchLearner(Branchy(), train_loader=loader, test_loader=loader)
+    state = learner.get_state()
+    with caplog.at_level(logging.INFO, logger="p2pfl.learners.torch_learner"):
+        grads = learner.probe_gradients(state, 6)
+        assert learner.probe_gradients(state, 6).equal(grads)
+    assert sum("cannot run Branchy" in r.getMessage() for r in caplog.records) == 1  # said once
+    px, py = learner._probe_batch()
+    for i in range(6):  # each row is autograd's gradient of that sample's loss
+        learner.model.zero_grad()
+        learner.loss_fn(learner.model(px[i:i + 1]), py[i:i + 1]).backward()
+        # the branch not taken has no gradient: zeros
+        row = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
+                         for p in learner.model.parameters()])
+        assert torch.allclose(grads[i], row, atol=1e-6)
+    assert {bool(grads[i, :15].any()) for i in range(6)} == {True, False}  # both branches taken
