@@ -1,8 +1,9 @@
 """Issue 17's bars, attack by attack, from defence-sweep lines.
 
-usage: python benchmarks/bars.py SWEEP.jsonl VARIANT SETTING SEEDS [MEAN_VARIANT]
+usage: python benchmarks/bars.py SWEEP.jsonl[,MORE.jsonl...] VARIANT SETTING SEEDS [MEAN_VARIANT]
 
-Reads the JSON lines that benchmarks/defence_sweep.py appends (one per run), keeps
+Reads the JSON lines that benchmarks/defence_sweep.py appends (one per run; several
+files, comma-separated, are read in order), keeps
 VARIANT's runs on SETTING for every seed in SEEDS (comma-separated; an attack missing a
 seed is left out), averages over seeds and prints a markdown table against the bars of
 issue 17, measured from the same variant's run without attack:
@@ -15,6 +16,11 @@ issue 17, measured from the same variant's run without attack:
 - FP: honest peers ever flagged <= 5%;
 - plain mean: MEAN_VARIANT's runs (rule mean) of the same attack, where there are any:
   the default must never be below them.
+
+Where the variant has runs of ``forge`` (every message the attackers send is rejected:
+the attackers are absent, and their data with them), a last column gives each attack's
+honest mean against that: what the attack costs beyond the data a perfect defence would
+lose too (with non-IID data, the classes the attackers hold).
 
 A cell that misses its bar is in bold. Worst node and worst class are means over seeds
 of each run's value.
@@ -33,11 +39,12 @@ MEAN_BAR, NODE_BAR, CLASS_BAR, COSTS, RECALL_BAR, FP_BAR = 0.05, 0.10, 0.10, 0.0
 def load(path: str, variant: str, setting: str, seeds: set[int]) -> dict[str, dict[str, float]]:
     """Per attack: the seed-mean of each figure, for attacks run on every seed."""
     runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-    with open(path) as lines:
-        for line in lines:
-            run = json.loads(line)
-            if run["variant"] == variant and run["setting"] == setting and run["seed"] in seeds:
-                runs[run["attack"].replace("'", "")][run["seed"]] = run  # the last run of a seed counts
+    for name in path.split(","):
+        with open(name) as lines:
+            for line in lines:
+                run = json.loads(line)
+                if run["variant"] == variant and run["setting"] == setting and run["seed"] in seeds:
+                    runs[run["attack"].replace("'", "")][run["seed"]] = run  # the last run of a seed counts
     out = {}
     for attack, by_seed in runs.items():
         if set(by_seed) != seeds:
@@ -57,14 +64,17 @@ def mark(text: str, ok: bool) -> str:
 def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]]) -> str:
     """The markdown table of every attack in ``runs`` against the run without attack."""
     base = runs["none"]
-    rows = ["| attack | mean (bar) | worst node | worst class | flagged | honest FP | plain mean |",
-            "|---|---|---|---|---|---|---|"]
+    absent = runs.get("forge")
+    extra = " vs absent |" if absent else ""
+    rows = ["| attack | mean (bar) | worst node | worst class | flagged | honest FP | plain mean |" + extra,
+            "|---|---|---|---|---|---|---|" + ("---|" if absent else "")]
     misses: dict[str, int] = defaultdict(int)
     for attack in sorted(runs, key=lambda a: (a != "none", a)):
         r = runs[attack]
         fp = mark(f"{r['fp_peers']:.2f}", r["fp_peers"] <= FP_BAR)
         if attack == "none":
-            rows.append(f"| none | {r['mean']:.3f} | {r['min']:.3f} | {r['worst_class']:.3f} | - | {fp} | - |")
+            rows.append(f"| none | {r['mean']:.3f} | {r['min']:.3f} | {r['worst_class']:.3f} | - | {fp} | - |"
+                        + (" - |" if absent else ""))
             continue
         cost = base["mean"] - r["mean"]
         checks = {
@@ -86,6 +96,7 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
             mark(f"{r['recall']:.2f}", checks["flagged"]),
             fp,
             plain_cell,
+            *([f"{r['mean'] - absent['mean']:+.3f}"] if absent else []),
         ]
         rows.append(f"| {attack} | " + " | ".join(cells) + " |")
     summary = ", ".join(f"{name} {count}" for name, count in misses.items())
