@@ -40,6 +40,7 @@ from p2pfl.core.state import mismatch, nonfinite, template_of
 from p2pfl.errors import LearnerError
 from p2pfl.learners.base import Metrics, State
 from p2pfl.learners.batches import Batch, count_samples, epoch_seed
+from p2pfl.learners.gradients import per_sample_gradients
 from p2pfl.learners.optim import MomentumSGD, OptimizerLike
 from p2pfl.learners.reference import ClassScores, ReferenceSet, class_scores
 
@@ -292,53 +293,15 @@ class TorchLearner:
         """Return the loss gradients of the first ``samples`` probe samples at ``state``.
 
         One row per sample (fewer when the probe sample is smaller), the floating tensors
-        of ``state`` flattened in its key order; the model runs in eval mode and is not
-        modified (the span check, :mod:`p2pfl.node.span`). The gradient of the loss of
-        one sample (a batch of one: the loss's mean reduction is that sample's loss),
-        vectorised over the samples with ``torch.func.vmap``: 4x faster at 77k parameters
-        and 3x on digits than one batched backward pass over the losses
-        (benchmarks/bench_span.py). A model that ``vmap`` cannot run (control flow on a
-        tensor's value, ``.item()``) gets one backward pass per sample instead, from then on.
+        of ``state`` flattened in its key order; the model is not modified (the span
+        check, :mod:`p2pfl.node.span`; how: :func:`p2pfl.learners.gradients.per_sample_gradients`).
+        A model that ``vmap`` refused once gets one backward pass per sample from then on.
         """
         x, y = self._probe_batch()
-        x, y = x[:samples], y[:samples]
-        params = {k: v.detach().to(self.device) for k, v in state.items() if v.is_floating_point()}
-        rest = {k: v.to(self.device) for k, v in state.items() if not v.is_floating_point()}
-
-        def loss(weights: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            logits = torch.func.functional_call(self.model, {**weights, **rest}, (xi.unsqueeze(0),))
-            return self.loss_fn(logits, yi.unsqueeze(0))
-
-        self.model.eval()
-        try:
-            if self._vmap:
-                try:
-                    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
-                except (RuntimeError, NotImplementedError) as exc:
-                    logger.info("span check: torch.func.vmap cannot run %s (%s); one backward pass "
-                                "per sample instead", type(self.model).__name__, str(exc).splitlines()[0])
-                    self._vmap = False
-            if not self._vmap:
-                grads = self._looped_gradients(loss, params, x, y)
-        finally:
-            self.model.train()
-        return torch.cat([grads[k].reshape(len(y), -1) for k in params], dim=1).detach().cpu()
-
-    @staticmethod
-    def _looped_gradients(
-        loss: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
-        params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """``loss``'s gradient in ``params`` at each sample of ``x, y``, one autograd pass
-        each, stacked per parameter as ``vmap`` would stack them."""
-        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        rows: dict[str, list[torch.Tensor]] = {k: [] for k in params}
-        with torch.enable_grad():
-            for xi, yi in zip(x, y, strict=True):
-                grads = torch.autograd.grad(loss(leaves, xi, yi), list(leaves.values()), allow_unused=True)
-                for (k, leaf), g in zip(leaves.items(), grads, strict=True):
-                    rows[k].append(torch.zeros_like(leaf) if g is None else g)
-        return {k: torch.stack(r) if r else params[k].new_zeros((0, *params[k].shape)) for k, r in rows.items()}
+        on_device = {k: v.to(self.device) for k, v in state.items()}
+        grads, self._vmap = per_sample_gradients(self.model, self.loss_fn, on_device, x[:samples], y[:samples],
+                                                 vectorised=self._vmap)
+        return grads
 
     def _probe_logits(
         self, states: Iterable[Mapping[str, torch.Tensor]]

@@ -209,7 +209,7 @@ def test_a_model_vmap_cannot_run_gets_its_gradients_one_sample_at_a_time(caplog:
                                          generator=torch.Generator())
     learner = TorchLearner(Branchy(), train_loader=loader, test_loader=loader)
     state = learner.get_state()
-    with caplog.at_level(logging.INFO, logger="p2pfl.learners.torch_learner"):
+    with caplog.at_level(logging.INFO, logger="p2pfl.learners.gradients"):
         grads = learner.probe_gradients(state, 6)
         assert learner.probe_gradients(state, 6).equal(grads)
     assert sum("cannot run Branchy" in r.getMessage() for r in caplog.records) == 1  # said once
