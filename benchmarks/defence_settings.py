@@ -16,7 +16,10 @@ def setting(name):
     if name == "exp32":
         return Scenario(name="exp32", nodes=32, rounds=30, topology="exponential", topology_params={},
                         partition="iid", byzantine=8, placement="random")
-    if name in ("tn8", "tn8_30"):  # the testnet's shape: 8 nodes, 6 neighbours each, 2 attackers
+    if name == "tn8c":  # the testnet's exact shape: every pair connected, the last two nodes attack
+        return Scenario(name=name, nodes=8, rounds=10, topology="complete", partition="dirichlet", alpha=0.5,
+                        byzantine=2, placement="last")
+    if name in ("tn8", "tn8_30"):  # near the testnet's shape: 8 nodes, 6 neighbours each, 2 random attackers
         return Scenario(name=name, nodes=8, rounds=10 if name == "tn8" else 30, topology="regular",
                         topology_params={"degree": 6}, partition="dirichlet", alpha=0.5, byzantine=2,
                         placement="random")
