@@ -122,13 +122,13 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def configure_logging(verbosity: int) -> None:
-    """Log to stderr: p2pfl's debug lines from -v, libp2p's own chatter only at -vv."""
-    level = logging.DEBUG if verbosity >= 1 else logging.INFO
+    """Log to stderr: p2pfl's debug lines from -v, everybody's (libp2p's chatter) only at -vv."""
     logging.basicConfig(
-        level=level,
+        level=logging.DEBUG if verbosity >= 2 else logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("p2pfl").setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
     if verbosity < 2:
         for noisy in ("libp2p", "multiaddr", "async_service", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
