@@ -41,13 +41,18 @@ def own_weight(weights: Sequence[float]) -> float:
     return trusted / len(weights) if trusted else 1.0
 
 
+def distances(own: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+    """Each state's distance from ``own``."""
+    return [distance(own, state) for state in states]
+
+
 def mix_line(number: int, self_weight: float, radius: float | None,
              neighbours: Mapping[str, Sequence[tuple[str, object]]]) -> str:
     """One round's mixing as one line: our weight, the rule's radius, then per neighbour
     (short id) its ``(name, value)`` fields; a float prints with 3 digits, True as the
     name alone, False and None not at all."""
     def field(name: str, value: object) -> str:
-        if value is True or value is None or value is False:
+        if value is None or isinstance(value, bool):
             return name if value else ""
         return f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"
 
@@ -145,8 +150,9 @@ class Mixer:
         for update, value in zip(updates, evidence, strict=True):
             self._standing.record_trust(update.sender, value, number)
         if log.isEnabledFor(logging.DEBUG):
+            far = await self._compute(distances, own, states)  # model-sized work: off the event loop
             fields = {sender: [
-                ("d", distance(own, states[i])), ("w", weights[i]), ("used", result.trust[i]),
+                ("d", far[i]), ("w", weights[i]), ("used", result.trust[i]),
                 ("vetted", verdict is not None and verdict.vetted[i]),
                 ("span", None if span is None else span.ratio[i]), ("evidence", evidence[i]),
             ] for i, sender in enumerate(senders)}
