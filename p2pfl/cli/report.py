@@ -287,7 +287,17 @@ def render_summary(report: Mapping[str, Any]) -> str:
     if any(v is not None for row in report["reputation"]["score"] for v in row):
         sections.append(_matrix_text(report))
     sections.append(_verdict(report))
-    return "\n\n".join(sections)
+    hint = _absence_hint(report)
+    return "\n\n".join(sections) + (f"\n{hint}" if hint else "")
+
+
+def _absence_hint(report: Mapping[str, Any]) -> str:
+    """With non-IID data the attackers' classes leave with them: say how to measure that."""
+    meta = report["meta"]
+    if not report["verdict"]["attackers"] or meta.get("partition", "iid") == "iid" or meta.get("attack") == "forge":
+        return ""
+    return ("note: with non-IID data the honest nodes also lack the attackers' data; the same run "
+            "with --attack forge (every attacker message rejected) measures what their absence alone costs")
 
 
 def _node_table(nodes: list[Mapping[str, Any]]) -> str:

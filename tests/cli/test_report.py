@@ -96,6 +96,19 @@ def test_write_report_creates_json_and_pngs(statuses: list[dict[str, Any]], tmp_
         assert len(data) > 5000
 
 
+@pytest.mark.parametrize(("meta", "hinted"), [
+    ({"partition": "dirichlet", "attack": "alie"}, True),
+    ({"partition": "iid", "attack": "alie"}, False),  # every node holds the same classes
+    ({"partition": "dirichlet", "attack": "forge"}, False),  # that is the baseline itself
+])
+def test_non_iid_attack_runs_point_at_the_absence_baseline(
+    statuses: list[dict[str, Any]], meta: dict[str, Any], hinted: bool
+) -> None:
+    last = render_summary(build_report(statuses, byzantine=[Z], meta=meta)).splitlines()[-1]
+    assert last.startswith("note: with non-IID data") == hinted
+    assert ("--attack forge" in last) == hinted
+
+
 def test_render_summary_has_table_matrix_and_verdict(statuses: list[dict[str, Any]]) -> None:
     text = render_summary(build_report(statuses, byzantine=[Z], meta={}))
     assert "byzantine (alie)" in text
