@@ -22,6 +22,9 @@ the attackers are absent, and their data with them), a last column gives each at
 honest mean against that: what the attack costs beyond the data a perfect defence would
 lose too (with non-IID data, the classes the attackers hold).
 
+Only runs of the setting's own length count (benchmarks/defence_settings.py): the sweep
+files also hold shorter runs of the same variant (session 16's horizon checks).
+
 A cell that misses its bar is in bold. Worst node and worst class are means over seeds
 of each run's value.
 """
@@ -31,19 +34,23 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from defence_settings import setting as defence_setting
 
 MEAN_BAR, NODE_BAR, CLASS_BAR, COSTS, RECALL_BAR, FP_BAR = 0.05, 0.10, 0.10, 0.02, 0.80, 0.05
 
 
-def load(path: str, variant: str, setting: str, seeds: set[int]) -> dict[str, dict[str, float]]:
-    """Per attack: the seed-mean of each figure, for attacks run on every seed."""
+def load(path: str, variant: str, setting: str, seeds: set[int], rounds: int) -> dict[str, dict[str, float]]:
+    """Per attack: the seed-mean of each figure, for attacks run on every seed for ``rounds``."""
     runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for name in path.split(","):
         with open(name) as lines:
             for line in lines:
                 run = json.loads(line)
-                if run["variant"] == variant and run["setting"] == setting and run["seed"] in seeds:
+                if (run["variant"], run["setting"], run["rounds"]) == (variant, setting, rounds) and run["seed"] in seeds:
                     runs[run["attack"].replace("'", "")][run["seed"]] = run  # the last run of a seed counts
     out = {}
     for attack, by_seed in runs.items():
@@ -109,12 +116,13 @@ def main(argv: list[str]) -> int:
         return 2
     path, variant, setting, seed_list = argv[:4]
     seeds = {int(s) for s in seed_list.split(",")}
-    runs = load(path, variant, setting, seeds)
+    rounds = defence_setting(setting).rounds
+    runs = load(path, variant, setting, seeds, rounds)
     if "none" not in runs:
         print(f"bars: no run of {variant} on {setting} without attack for seeds {sorted(seeds)}",
               file=sys.stderr)
         return 1
-    plain = load(path, argv[4], setting, seeds) if len(argv) == 5 else {}
+    plain = load(path, argv[4], setting, seeds, rounds) if len(argv) == 5 else {}
     print(table(runs, plain))
     return 0
 

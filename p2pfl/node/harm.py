@@ -20,6 +20,17 @@ against its reputation. The node probes at the share a neighbour would have at f
 reputation, whatever its reputation now: a distrusted peer's small share would let a
 poor model pass, and an honest peer cut off early must be able to earn its way back.
 The check cannot see harm to classes we do not hold: label flipping mostly passes it.
+
+Alone at its share, each of several colluders sending the same model can stay inside the
+tolerance while together they pull us where none of them could alone. The joint check
+(``HarmCheck.joint``, :func:`leave_one_out`) also probes the whole mix, every judged
+neighbour at its probe share, with each neighbour left out in turn: near a minimum the loss
+grows with the square of the pull, so each of two colluders' part in the mix is about three
+times what it is alone, and adding independent noise to their models only adds harm of its
+own. The bar is relative (the median neighbour's part plus the tolerance): the honest
+neighbours of a node with skewed data pull the same way too, away from its classes, and
+must not all fail. A neighbour over that bar this round is not passed and not forgiven its
+clipping; a check of the joint mix is no proof of malice, so it is not counted as failed.
 """
 
 from __future__ import annotations
@@ -178,6 +189,40 @@ def probe(
     return excess
 
 
+def leave_one_out(
+    prober: Prober,
+    check: HarmCheck,
+    own: Mapping[str, torch.Tensor],
+    neighbours: Sequence[Mapping[str, torch.Tensor]],
+    shares: Sequence[float],
+    judged: Sequence[int],
+) -> list[float] | None:
+    """Return, per index in ``judged``, how much leaving that neighbour out of the whole
+    mix (``own + sum of share x (neighbour - own)`` over ``judged``) lowers our loss;
+    None when a loss is not finite (the per-neighbour check has judged that already).
+
+    One mix besides the whole exists at a time.
+    """
+    whole: dict[str, torch.Tensor] = {}
+    for name, tensor in own.items():
+        if not tensor.is_floating_point():
+            whole[name] = tensor
+            continue
+        total = tensor.clone()
+        for j in judged:
+            total.add_(torch.sub(neighbours[j][name], tensor), alpha=shares[j])
+        whole[name] = total
+
+    def without(j: int) -> dict[str, torch.Tensor]:
+        return {name: torch.sub(neighbours[j][name], own[name]).mul_(-shares[j]).add_(tensor)
+                if tensor.is_floating_point() else tensor for name, tensor in whole.items()}
+
+    losses = probe_losses(prober, check, itertools.chain([whole], (without(j) for j in judged)))
+    if not all(math.isfinite(loss) for loss in losses):
+        return None
+    return [losses[0] - loss for loss in losses[1:]]
+
+
 def plausible(
     prober: Prober,
     check: HarmCheck,
@@ -247,6 +292,7 @@ class Verdict:
     fail_caps: list[float] = field(default_factory=list)  # per neighbour: the trust a failure leaves
     forgive_caps: list[float] = field(default_factory=list)  # per neighbour: how far clipping is forgiven
     unvetted: float = 1.0  # once settled, how far an unvetted neighbour's clipping is forgiven
+    pulled: list[bool] = field(default_factory=list)  # over the joint check's bar: not passed, not forgiven
 
     def forgiven(
         self, trust: Sequence[float], floor: float, *, failures: bool = True, settled: bool = True
@@ -309,12 +355,13 @@ class HarmGate:
         cap = self.check.max_probe_share
         shares = [min(cap, self.check.probe_scale * share) for share in full_shares(weights, self_weight)]
         excess = probe(self.prober, self.check, own, states, shares, start=start)
-        passed = [e is not None and e.over_reference <= 0 for e in excess]
+        pulled = self._pulled(own, states, shares, excess)
+        passed = [e is not None and e.over_reference <= 0 and not p for e, p in zip(excess, pulled, strict=True)]
         # Evidence only for harm in absolute terms: a neighbour that helps us less than
         # the others do is not vetted, but it is no sign of malice.
         failed = [e is not None and e.over_own > 0 for e in excess]
-        harmless = [e is not None and e.over_own <= 0 for e in excess]
-        typical = [e is not None and e.over_own <= 0 and e.over_typical <= 0 for e in excess]
+        harmless = [e is not None and e.over_own <= 0 and not p for e, p in zip(excess, pulled, strict=True)]
+        typical = [ok and e is not None and e.over_typical <= 0 for ok, e in zip(harmless, excess, strict=True)]
         for sender, ok in zip(senders, passed, strict=True):
             if ok:
                 self._streaks[sender] += 1
@@ -327,7 +374,28 @@ class HarmGate:
         fail_caps = [self._fail_cap(e) for e in excess]
         forgive_caps = self._record(senders, failed, counts)
         return Verdict(passed, vetted, failed, harmless, self.check.forgive, self.check.fail_trust, typical,
-                       fail_caps, forgive_caps, self.check.unvetted_forgive)
+                       fail_caps, forgive_caps, self.check.unvetted_forgive, pulled)
+
+    def _pulled(
+        self,
+        own: Mapping[str, torch.Tensor],
+        states: Sequence[Mapping[str, torch.Tensor]],
+        shares: Sequence[float],
+        excess: Sequence[Excess | None],
+    ) -> list[bool]:
+        """Per neighbour, whether its part in the whole mix is over the joint check's bar:
+        the median judged neighbour's part (at least 0) plus the tolerance."""
+        tolerances = {j: e.tolerance for j, e in enumerate(excess) if e is not None}
+        pulled = [False] * len(excess)
+        if not self.check.joint or len(tolerances) < 2:
+            return pulled
+        parts = leave_one_out(self.prober, self.check, own, states, shares, list(tolerances))
+        if parts is None:
+            return pulled
+        bar = max(0.0, statistics.median(parts))
+        for (j, tolerance), part in zip(tolerances.items(), parts, strict=True):
+            pulled[j] = part - bar > tolerance
+        return pulled
 
     def _fail_cap(self, e: Excess | None) -> float:
         """The trust a failed check leaves: ``fail_trust`` once the excess reaches
@@ -362,4 +430,4 @@ class HarmGate:
         return [s in self._failed_at for s in senders]
 
 
-__all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point"]
+__all__ = ["ClassProber", "Excess", "distance", "HarmGate", "full_shares", "leave_one_out", "Prober", "Verdict", "mixed", "plausible", "probe", "probe_losses", "starting_point"]
