@@ -5,7 +5,7 @@ usage: python benchmarks/defence_trace.py SETTING SEEDS ATTACK[:k=v,...] [harm.X
 SETTING as in defence_sweep.py (reg, er, exp32, dumbbell). One JSON line per (seed,
 observer, neighbour, round) goes to $TRACE_OUT (default runs/defence_trace.jsonl): the
 mixing weight, the rule's trust, the trust recorded as evidence, the harm check's flags
-(passed, vetted, failed, harmless, typical), the excess over our own loss and over the
+(passed, vetted, failed, harmless, typical; pulled: over the joint check's bar), the excess over our own loss and over the
 typical neighbour's mix, the tolerance, the neighbour's distance in own steps, and its
 span ratio (p2pfl/node/span.py; None where the node abstained). Then
 prints, per attack and kind of neighbour (honest or attacker), rounds 3 on: the share of
@@ -34,7 +34,7 @@ from p2pfl.node.config import HarmCheck
 from p2pfl.sim import runner
 
 torch.set_num_threads(1)
-FLAGS = ("passed", "vetted", "failed", "harmless", "typical")
+FLAGS = ("passed", "vetted", "failed", "harmless", "typical", "pulled")
 
 
 def overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -142,8 +142,8 @@ class HarmCheck:
     # above the threshold; now they fall under it (docs/DEFENCE.md section 3, session 13).
     # 1: forgiven in full, vetted or not (before).
     unvetted_forgive: float = 0.8
-    # The joint check: also probe the whole mix (every judged neighbour at its probe share)
-    # with each neighbour left out in turn. One whose leaving out lowers our loss by more
+    # The joint check: also probe the whole mix (every neighbour harmless alone, at its
+    # probe share) with each of them left out in turn. One whose leaving out lowers our loss by more
     # than the tolerance beyond the median neighbour's is neither passed (vetted) nor
     # forgiven its clipping this round. Colluders who send the same harmful model each
     # pass alone at their one share; in the mix their pulls add, and each one's part there

@@ -58,12 +58,14 @@ def test_two_colluders_each_harmless_alone_are_caught_together() -> None:
 
 @pytest.mark.parametrize("noise", [0.0, 0.6, 1.2, 1.5])
 def test_independent_noise_does_not_hide_colluders(noise: float) -> None:
-    # Each adds noise along its own axis. Alone: (1.5 + noise^2) / 36 stays within 0.1;
-    # its part in the mix, (3 x 1.5 + noise^2) / 36, only grows with the noise.
+    # Each adds noise along its own axis. Alone: (1.5 + noise^2) / 36, within 0.1 up to
+    # noise 1.45; its part in the mix, (3 x 1.5 + noise^2) / 36, only grows with the noise.
+    # More noise than that fails the check alone.
     c = 1.5**0.5
-    passed, pulled, _ = judge([at(), at(), at(), at(c, noise), at(c, 0.0, noise)])
-    assert passed[3:] == [False, False]
-    assert pulled == [False, False, False, True, True]
+    passed, pulled, failed = judge([at(), at(), at(), at(c, noise), at(c, 0.0, noise)])
+    assert passed == [True, True, True, False, False]
+    caught = pulled if noise < 1.45 else failed
+    assert caught == [False, False, False, True, True]
 
 
 def test_honest_neighbours_pulling_the_same_way_are_not_pulled() -> None:
@@ -71,6 +73,15 @@ def test_honest_neighbours_pulling_the_same_way_are_not_pulled() -> None:
     # way. The whole mix raises its loss a lot, but no neighbour's part stands out.
     _, pulled, _ = judge([at(0.9), at(0.9), at(0.9), at(0.9)])
     assert pulled == [False] * 4
+
+
+def test_a_neighbour_failing_alone_stays_out_of_the_whole_mix() -> None:
+    # A wild model (alone: loss 36, it fails) would swamp the mix: with it in, the honest
+    # neighbour at 0.9 that leans the same way would have a part of 2.2 (pulled).
+    passed, pulled, failed = judge([at(30.0), at(0.9), at(), at()])
+    assert failed == [True, False, False, False]
+    assert pulled == [False, False, False, False]
+    assert passed[1:] == [True, True, True]
 
 
 def test_joint_is_validated() -> None:
