@@ -1,4 +1,4 @@
-"""With the reference set on, label flippers are flagged in a small simulated network."""
+"""With the reference set on, more label flippers are flagged in a small simulated network."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def reference(tmp_path: Path) -> ReferenceConfig:
     return ReferenceConfig(path=tmp_path / "ref.cbor", sha256=sha256_of(data))
 
 
-def test_label_flippers_are_flagged_with_the_reference_set_only(tmp_path: Path) -> None:
+def test_the_reference_set_flags_more_label_flippers(tmp_path: Path) -> None:
     base = Scenario(nodes=8, rounds=12, topology="regular", topology_params={"degree": 4},
                     partition="dirichlet", alpha=0.5,
                     task_options={"holdout": 20}, attack="label_flip", byzantine=2, placement="last",
@@ -28,6 +28,6 @@ def test_label_flippers_are_flagged_with_the_reference_set_only(tmp_path: Path) 
     without = scorecard(run_scenario(base, 0))["detection"]
     with_reference = scorecard(run_scenario(replace(base, reference=reference(tmp_path)), 0))
 
-    assert without["recall"] == 0.0
-    # Measured 0.33 at the default tolerance (docs/RESULTS.md, "Reference set").
-    assert with_reference["detection"]["recall"] > 0.0
+    # Seed 0 (session 17): 0.5 without, 0.83 with. Before the harm check's joint check,
+    # 0.0 and 0.67; in session 10, 0.0 and 0.33 (docs/RESULTS.md, "Reference set").
+    assert with_reference["detection"]["recall"] > without["recall"]
