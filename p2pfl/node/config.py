@@ -143,14 +143,15 @@ class HarmCheck:
     # 1: forgiven in full, vetted or not (before).
     unvetted_forgive: float = 0.8
     # The joint check: also probe the whole mix (every neighbour harmless alone, at its
-    # probe share) with each of them left out in turn. One whose leaving out lowers our loss by more
-    # than the tolerance beyond the median neighbour's is neither passed (vetted) nor
-    # forgiven its clipping this round. Colluders who send the same harmful model each
+    # probe share) with each of them left out in turn. One whose leaving out lowers our
+    # loss by more than the tolerance beyond the median one's is neither passed (vetted)
+    # nor forgiven its clipping this round. Colluders who send the same harmful model each
     # pass alone at their one share; in the mix their pulls add, and each one's part there
     # is far larger (quadratic loss: about 3x for two). Issue 17, session 17: on the
-    # testnet's shape (8 nodes, every pair connected, 2 attackers) ipm 0.1 -9.3 -> -4.9
-    # points against the attackers' absence, the paper's alie z 2 -7.9 -> -1.3, no honest
-    # peer flagged (docs/DEFENCE.md section 3b). false: off (before session 17).
+    # testnet's shape (8 nodes, every pair connected, 2 attackers, seeds 0-2) ipm 0.1
+    # -9.4 -> -5.1 points against the attackers' absence, the paper's alie z 2 -7.9 ->
+    # -1.3, no honest peer flagged (docs/DEFENCE.md section 3, "The joint check").
+    # false: off (before session 17).
     joint: bool = True
     # The span check (:mod:`p2pfl.node.span`), opt-in: with ``span_low`` > 0 (3 measured)
     # a neighbour whose deviation from the others lies in the span of our probe's

@@ -389,8 +389,8 @@ class HarmGate:
         # and a wildly harmful one swamps the mix. At a node with three attackers among
         # four neighbours, one at 60-1000 tolerances made the honest neighbour's part the
         # largest, and the node lost it (alie z 3, seed 0: 0.83 -> 0.29).
-        tolerances = {j: e.tolerance for j, e in enumerate(excess) if e is not None and e.over_own <= 0}
         pulled = [False] * len(excess)
+        tolerances = {j: e.tolerance for j, e in enumerate(excess) if e is not None and e.over_own <= 0}
         if not self.check.joint or len(tolerances) < 2:
             return pulled
         parts = leave_one_out(self.prober, self.check, own, states, shares, list(tolerances))

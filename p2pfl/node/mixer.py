@@ -154,7 +154,7 @@ class Mixer:
             fields = {sender: [
                 ("d", far[i]), ("w", weights[i]), ("used", result.trust[i]),
                 ("vetted", verdict is not None and verdict.vetted[i]),
-                ("pulled", verdict is not None and bool(verdict.pulled) and verdict.pulled[i]),
+                ("pulled", verdict is not None and verdict.pulled[i]),
                 ("span", None if span is None else span.ratio[i]), ("evidence", evidence[i]),
             ] for i, sender in enumerate(senders)}
             log.debug("[%s] %s", self._owner, mix_line(number, self_weight, result.radius, fields))
