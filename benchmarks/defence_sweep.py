@@ -3,7 +3,7 @@
 Each run appends one JSON line to $SWEEP_OUT (default runs/defence_sweep.jsonl).
 
 usage: python benchmarks/defence_sweep.py VARIANT SETTING ATTACK[:k=v,...] SEEDS [ROUNDS] [key=value overrides...]
-overrides: rep.X=.. harm.X=.. rule.X=.. (values parsed as python literals)
+overrides: rep.X=.. harm.X=.. rule.X=.. (values parsed as python literals), rule=NAME, reference=on
 """
 import ast
 import contextlib
@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from defence_settings import setting
+from defence_settings import setting, with_reference
 
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.node.config import HarmCheck
@@ -51,10 +51,14 @@ if rest and "=" not in rest[0]:
     rest = rest[1:]
 rep, harm, rule = {}, {}, {}
 rulename = None
+reference = False
 for kv in rest:
     k, v = kv.split("=", 1)
     if k == "rule":
         rulename = v
+        continue
+    if k == "reference":  # reference=on: the opt-in reference set (setting regho holds it out)
+        reference = v == "on"
         continue
     with contextlib.suppress(ValueError, SyntaxError):  # not a literal: keep the string
         v = ast.literal_eval(v)
@@ -74,6 +78,8 @@ if aname == "none":
     sc = replace(sc, byzantine=0)
 sc = replace(sc, attack=aname, attack_params=params, reputation=ReputationConfig(**rep), harm_check=HarmCheck(**harm),
              rule_params=rule, **({"rule": rulename} if rulename else {}), **({"rounds": rounds} if rounds else {}))
+if reference:
+    sc = with_reference(sc)
 for s in [int(x) for x in seeds.split(",")]:
     t = time.time()
     card = scorecard(run_scenario(sc, s))
