@@ -58,6 +58,8 @@ for kv in rest:
         rulename = v
         continue
     if k == "reference":  # reference=on: the opt-in reference set (setting regho holds it out)
+        if v not in ("on", "off"):
+            raise SystemExit(f"reference={v}: on or off")
         reference = v == "on"
         continue
     with contextlib.suppress(ValueError, SyntaxError):  # not a literal: keep the string
