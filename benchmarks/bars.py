@@ -13,7 +13,8 @@ issue 17, measured from the same variant's run without attack:
 - class: the worst class within 10 points of the worst class without attack;
 - flagged: attackers at weight 0 at the end >= 80% of their honest observers, where the
   attack costs more than 2 points of honest mean;
-- FP: honest peers ever flagged <= 5%;
+- FP: honest peers ever flagged <= 5%; in brackets, where the runs record it, the same
+  among sheltered honest peers (not exposed: fewer than half of their neighbours attack);
 - plain mean: MEAN_VARIANT's runs (rule mean) of the same attack, where there are any:
   the default must never be below them.
 
@@ -57,8 +58,8 @@ def load(path: str, variant: str, setting: str, seeds: set[int], rounds: int) ->
         if set(by_seed) != seeds:
             continue
         figures = {}
-        for key in ("mean", "min", "worst_class", "recall", "fp_peers"):
-            values = [r[key] for r in by_seed.values() if r[key] is not None]
+        for key in ("mean", "min", "worst_class", "recall", "fp_peers", "fp_sheltered"):
+            values = [r[key] for r in by_seed.values() if r.get(key) is not None]
             figures[key] = sum(values) / len(values) if values else float("nan")
         out[attack] = figures
     return out
@@ -76,9 +77,13 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
     rows = ["| attack | mean (bar) | worst node | worst class | flagged | honest FP | plain mean |" + extra,
             "|---|---|---|---|---|---|---|" + ("---|" if absent else "")]
     misses: dict[str, int] = defaultdict(int)
+    sheltered_over = 0
     for attack in sorted(runs, key=lambda a: (a != "none", a)):
         r = runs[attack]
         fp = mark(f"{r['fp_peers']:.2f}", r["fp_peers"] <= FP_BAR)
+        if r["fp_sheltered"] == r["fp_sheltered"]:  # recorded (session 18 on): not NaN
+            fp += f" ({r['fp_sheltered']:.2f})"
+            sheltered_over += r["fp_sheltered"] > FP_BAR
         if attack == "none":
             rows.append(f"| none | {r['mean']:.3f} | {r['min']:.3f} | {r['worst_class']:.3f} | - | {fp} | - |"
                         + (" - |" if absent else ""))
@@ -107,7 +112,9 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
         ]
         rows.append(f"| {attack} | " + " | ".join(cells) + " |")
     summary = ", ".join(f"{name} {count}" for name, count in misses.items())
-    return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).\n"
+    sheltered = f" Honest FP among sheltered peers over {FP_BAR:.2f} (not a bar): {sheltered_over}." \
+        if any(r["fp_sheltered"] == r["fp_sheltered"] for r in runs.values()) else ""
+    return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).{sheltered}\n"
 
 
 def main(argv: list[str]) -> int:

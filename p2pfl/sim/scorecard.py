@@ -15,7 +15,10 @@ Per run (:func:`scorecard`):
   Byzantine; ``*_ever`` count a flag at any round; ``recall_within_5`` counts the
   Byzantine pairs flagged by round 4 (the first 5 rounds). ``first_flag_round`` is the
   median first round a Byzantine pair was flagged. ``false_positive_peers`` is the share of
-  honest peers flagged by at least one honest neighbour at some round.
+  honest peers flagged by at least one honest neighbour at some round;
+  ``false_positive_peers_sheltered`` the same among honest peers that are not exposed
+  (below): an exposed node the attackers drag off can harm its neighbours' data, and
+  flagging it is no mistake by their lights.
 - ``exposed_honest``: honest nodes at least half of whose neighbours are Byzantine;
   no local rule can protect them, so expect them among the honest minimum.
   ``final.honest_min_sheltered`` is the lowest final accuracy among the other honest
@@ -135,6 +138,7 @@ def detection(result: RunResult) -> dict[str, Any]:
     byz_pairs = [pair for pair in pairs if pair[1] in bad]
     honest_peers = {p for _, p in pairs if p not in bad}
     flagged_honest = {p for (_, p) in ever if p not in bad}
+    sheltered = honest_peers - set(exposed_honest(result))
     first_rounds = [r for pair in byz_pairs if (r := first[pair]) is not None]
     return {
         "pairs": len(byz_pairs),
@@ -148,6 +152,7 @@ def detection(result: RunResult) -> dict[str, Any]:
         "precision_ever": _ratio(sum(1 for pair in ever if pair[1] in bad), len(ever)),
         "first_flag_round": statistics.median(first_rounds) if first_rounds else None,
         "false_positive_peers": _ratio(len(flagged_honest), len(honest_peers)),
+        "false_positive_peers_sheltered": _ratio(len(flagged_honest & sheltered), len(sheltered)),
         "false_positive_pairs_final": _ratio(
             sum(1 for pair in final if pair[1] not in bad), len(pairs) - len(byz_pairs)
         ),

@@ -106,6 +106,24 @@ def test_exposed_honest_nodes_have_no_honest_majority() -> None:
     assert exposed_honest(synthetic()) == []  # complete graph of 4, one attacker
 
 
+def test_false_positives_among_sheltered_peers_leave_out_the_exposed() -> None:
+    # Path 0 - 1 - 2 - 3 with 3 Byzantine: 2 sees 1 and 3, so it is exposed.
+    w = 0.6
+    weights = (
+        ({1: w}, {1: w}),
+        ({0: w, 2: 0.0}, {0: w, 2: w}),  # 1 flags the exposed 2 in round 0
+        ({1: w, 3: w}, {1: w, 3: 0.0}),
+        ({2: w}, {2: w}),
+    )
+    result = RunResult(**{**synthetic().__dict__, "edges": ((0, 1), (1, 2), (2, 3)), "weights": weights})
+    found = detection(result)
+    assert found["false_positive_peers"] == pytest.approx(1 / 3)  # 2 of {0, 1, 2}
+    assert found["false_positive_peers_sheltered"] == 0.0  # of {0, 1}
+    flagged_sheltered = (weights[0], ({0: 0.0, 2: w}, {0: w, 2: w}), *weights[2:])
+    found = detection(RunResult(**{**result.__dict__, "weights": flagged_sheltered}))
+    assert found["false_positive_peers_sheltered"] == pytest.approx(1 / 2)  # 0 of {0, 1}
+
+
 def test_nan_consensus_becomes_null() -> None:
     result = synthetic()
     card = scorecard(RunResult(**{**result.__dict__, "consensus": (math.nan, math.nan)}))
