@@ -33,6 +33,7 @@ of each run's value.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -81,7 +82,7 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
     for attack in sorted(runs, key=lambda a: (a != "none", a)):
         r = runs[attack]
         fp = mark(f"{r['fp_peers']:.2f}", r["fp_peers"] <= FP_BAR)
-        if r["fp_sheltered"] == r["fp_sheltered"]:  # recorded (session 18 on): not NaN
+        if not math.isnan(r["fp_sheltered"]):  # recorded (session 18 on)
             fp += f" ({r['fp_sheltered']:.2f})"
             sheltered_over += r["fp_sheltered"] > FP_BAR
         if attack == "none":
@@ -113,7 +114,7 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
         rows.append(f"| {attack} | " + " | ".join(cells) + " |")
     summary = ", ".join(f"{name} {count}" for name, count in misses.items())
     sheltered = f" Honest FP among sheltered peers over {FP_BAR:.2f} (not a bar): {sheltered_over}." \
-        if any(r["fp_sheltered"] == r["fp_sheltered"] for r in runs.values()) else ""
+        if any(not math.isnan(r["fp_sheltered"]) for r in runs.values()) else ""
     return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).{sheltered}\n"
 
 
