@@ -390,14 +390,16 @@ class HarmGate:
         # four neighbours, one at 60-1000 tolerances made the honest neighbour's part the
         # largest, and the node lost it (alie z 3, seed 0: 0.83 -> 0.29).
         pulled = [False] * len(excess)
-        tolerances = {j: e.tolerance for j, e in enumerate(excess) if e is not None and e.over_own <= 0}
-        if not self.check.joint or len(tolerances) < 2:
+        harmless = {j: e for j, e in enumerate(excess) if e is not None and e.over_own <= 0}
+        if not self.check.joint or len(harmless) < 2:
             return pulled
-        parts = leave_one_out(self.prober, self.check, own, states, shares, list(tolerances))
+        judged = list(harmless)
+        parts = leave_one_out(self.prober, self.check, own, states, shares, judged)
         if parts is None:
             return pulled
+        tolerance = harmless[judged[0]].tolerance  # one probe: the same for every neighbour
         bar = max(0.0, statistics.median(parts))
-        for (j, tolerance), part in zip(tolerances.items(), parts, strict=True):
+        for j, part in zip(judged, parts, strict=True):
             pulled[j] = part - bar > tolerance
         return pulled
 
