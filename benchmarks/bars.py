@@ -12,7 +12,9 @@ issue 17, measured from the same variant's run without attack:
 - node: the lowest honest node within 10 points of the lowest without attack;
 - class: the worst class within 10 points of the worst class without attack;
 - flagged: attackers at weight 0 at the end >= 80% of their honest observers, where the
-  attack costs more than 2 points of honest mean;
+  attack costs more than 2 points of honest mean; in brackets, where the runs record it,
+  the attackers' share of their honest observers' neighbour weight at the end (the
+  scorecard's ``byzantine_weight_share``: influence left whether flagged or not);
 - FP: honest peers ever flagged <= 5%; in brackets, where the runs record it, the same
   among sheltered honest peers (not exposed: fewer than half of their neighbours attack);
 - plain mean: MEAN_VARIANT's runs (rule mean) of the same attack, where there are any:
@@ -59,7 +61,7 @@ def load(path: str, variant: str, setting: str, seeds: set[int], rounds: int) ->
         if set(by_seed) != seeds:
             continue
         figures = {}
-        for key in ("mean", "min", "worst_class", "recall", "fp_peers", "fp_sheltered"):
+        for key in ("mean", "min", "worst_class", "recall", "fp_peers", "fp_sheltered", "byz_share"):
             values = [r[key] for r in by_seed.values() if r.get(key) is not None]
             figures[key] = sum(values) / len(values) if values else float("nan")
         out[attack] = figures
@@ -106,7 +108,8 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
             mark(f"{r['mean']:.3f} ({-cost:+.3f})", checks["mean"]),
             mark(f"{r['min']:.3f}", checks["node"]),
             mark(f"{r['worst_class']:.3f}", checks["class"]),
-            mark(f"{r['recall']:.2f}", checks["flagged"]),
+            mark(f"{r['recall']:.2f}", checks["flagged"])
+            + ("" if math.isnan(r["byz_share"]) else f" ({r['byz_share']:.2f})"),
             fp,
             plain_cell,
             *([f"{r['mean'] - absent['mean']:+.3f}"] if absent else []),

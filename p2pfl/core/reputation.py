@@ -31,7 +31,12 @@ else 0. With ``readmit`` above the threshold (default 0: off), a peer whose scor
 below the threshold at a round's end gets weight again only once its score is back at
 ``readmit``: an attacker hovering just over the threshold stays out (session 12: attackers
 at weight 0 at the end 77-78% -> 82-87% under ``clip_aware`` and ``boiling_frog``, but
-honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). A newcomer's
+honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). With
+``full_weight_at`` above the threshold (default 0: off), the weight rises from 0 at the
+threshold to the full score at ``full_weight_at`` (``score x (score - threshold) /
+(full_weight_at - threshold)``) instead of jumping from 0 to the score: a lower threshold
+then flags fewer honest peers, and a peer just above it still has almost no influence
+(session 19: docs/DEFENCE.md section 5). A newcomer's
 score is capped at ``newcomer_cap`` until it has had ``newcomer_rounds`` good rounds (a
 round with ACCEPTED, or CLIPPED by at most a half).
 
@@ -91,6 +96,9 @@ class ReputationConfig:
     # A peer that fell below the threshold at a round's end gets weight again only once
     # its score is back at this (0 or <= threshold: at the threshold itself).
     readmit: float = 0.0
+    # Weight rises from 0 at the threshold to the full score at this (0 or <= threshold:
+    # a step, the score itself from the threshold on).
+    full_weight_at: float = 0.0
     newcomer_cap: float = 0.6  # a newcomer cannot outweigh established peers at once...
     newcomer_rounds: int = 3  # ...until it has had this many good rounds
     # Rounds a peer stays banned after one severe event (forged signature, malformed or
@@ -139,6 +147,7 @@ class ReputationConfig:
         require(self.forgetting <= 1, "reputation.forgetting", "must be in [0, 1]")
         require(self.threshold < 1, "reputation.threshold", "must be in [0, 1)")
         require(self.readmit < 1, "reputation.readmit", "must be in [0, 1)")
+        require(self.full_weight_at < 1, "reputation.full_weight_at", "must be in [0, 1)")
         require(self.newcomer_cap <= 1, "reputation.newcomer_cap", "must be in [0, 1]")
         require(self.history_length >= 1, "reputation.history_length", "must be >= 1")
         require(0 < self.clip_tolerance <= 1, "reputation.clip_tolerance", "must be in (0, 1]")
@@ -295,13 +304,18 @@ class ReputationBook:
 
     def weight(self, peer: str) -> float:
         """Return the aggregation weight: the score if >= threshold (``readmit`` once out)
-        and not banned, else 0."""
+        and not banned, else 0; between the threshold and ``full_weight_at``, a share of
+        the score that rises from 0 to 1."""
         if self._now is not None and self.banned(peer, round=self._now):
             return 0.0
-        value, state = self.score(peer), self._peers.get(peer)
-        if state is not None and state.out and value < self.config.readmit:
+        value, state, c = self.score(peer), self._peers.get(peer), self.config
+        if state is not None and state.out and value < c.readmit:
             return 0.0
-        return value if value >= self.config.threshold else 0.0
+        if value < c.threshold:
+            return 0.0
+        if value < c.full_weight_at:
+            return value * (value - c.threshold) / (c.full_weight_at - c.threshold)
+        return value
 
     def history(self, peer: str) -> tuple[ReputationEvent, ...]:
         """Return the last ``history_length`` events about ``peer``, oldest first."""

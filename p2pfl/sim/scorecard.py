@@ -18,7 +18,11 @@ Per run (:func:`scorecard`):
   honest peers flagged by at least one honest neighbour at some round;
   ``false_positive_peers_sheltered`` the same among honest peers that are not exposed
   (below): an exposed node the attackers drag off can harm its neighbours' data, and
-  flagging it is no mistake by their lights.
+  flagging it is no mistake by their lights. ``byzantine_weight_share`` is the influence
+  left to the attackers whatever the threshold: per honest observer with a Byzantine
+  neighbour, the Byzantine neighbours' share of the neighbour weight at the end, averaged
+  over those observers (0 = all flagged; with ``[reputation] full_weight_at`` a peer just
+  above the threshold keeps a little weight and counts here, not in ``recall``).
 - ``exposed_honest``: honest nodes at least half of whose neighbours are Byzantine;
   no local rule can protect them, so expect them among the honest minimum.
   ``final.honest_min_sheltered`` is the lowest final accuracy among the other honest
@@ -156,7 +160,18 @@ def detection(result: RunResult) -> dict[str, Any]:
         "false_positive_pairs_final": _ratio(
             sum(1 for pair in final if pair[1] not in bad), len(pairs) - len(byz_pairs)
         ),
+        "byzantine_weight_share": _byzantine_share(result, pairs, bad),
     }
+
+
+def _byzantine_share(result: RunResult, pairs: Sequence[tuple[int, int]], bad: set[int]) -> float | None:
+    shares = []
+    for observer in sorted({o for o, p in pairs if p in bad}):
+        last = _last_weights(result.weights[observer])
+        weights = [(last.get(p, 0.0), p in bad) for o, p in pairs if o == observer]
+        total = sum(w for w, _ in weights)
+        shares.append(sum(w for w, byz in weights if byz) / total if total > 0 else 0.0)
+    return _mean(shares)
 
 
 def exposed_honest(result: RunResult) -> list[int]:

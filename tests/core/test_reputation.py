@@ -341,6 +341,37 @@ def test_readmit_at_or_below_the_threshold_changes_nothing() -> None:
     assert plain.weight("p") > 0
 
 
+def test_weight_rises_from_zero_at_the_threshold_to_the_score_at_full_weight_at() -> None:
+    config = ReputationConfig(threshold=0.2, full_weight_at=0.5, drop_after=0)
+    book, step = ReputationBook(config), ReputationBook(ReputationConfig(threshold=0.2, drop_after=0))
+    seen = []
+    for r in range(40):  # clipped by 0.5 each round: the score falls from 0.5 toward 0.2
+        for b in (book, step):
+            b.record("p", Evidence.CLIPPED, round=r, amount=0.5)
+            b.end_round(r)
+        score = book.score("p")
+        assert step.weight("p") == (score if score >= 0.2 else 0.0)
+        expected = 0.0 if score < 0.2 else score * min(1.0, (score - 0.2) / 0.3)
+        assert book.weight("p") == pytest.approx(expected)
+        seen.append(score)
+    assert 0.2 < min(seen) < 0.25, "the scores sat on the ramp..."
+    assert max(seen) > 0.3, "...from its upper part down"
+    assert 0 < book.weight("p") < step.weight("p") / 4, "just above the threshold: little weight"
+    for b in (book, step):  # above full_weight_at: the score itself, as without the ramp
+        for r in range(40, 60):
+            b.record("p", Evidence.ACCEPTED, round=r)
+            b.end_round(r)
+    assert book.weight("p") == step.weight("p") == book.score("p") > 0.5
+
+
+def test_full_weight_at_or_below_the_threshold_changes_nothing() -> None:
+    plain = ReputationBook(ReputationConfig(drop_after=0))
+    low = ReputationBook(ReputationConfig(full_weight_at=0.3, drop_after=0))
+    for book in (plain, low):
+        distrusted(book, "p", 0, 3)
+    assert hover(plain, "p", 3, 40, amount=0.35) == hover(low, "p", 3, 40, amount=0.35)
+
+
 def test_checkpoint_keeps_a_flagged_peer_out() -> None:
     book = ReputationBook(ReputationConfig(readmit=0.4, drop_after=0))
     distrusted(book, "p", 0, 3)
@@ -397,6 +428,8 @@ def test_from_record_rejects_non_mappings() -> None:
         ({"forgetting": -0.1}, "reputation.forgetting"),
         ({"threshold": 1.0}, "reputation.threshold"),
         ({"readmit": 1.0}, "reputation.readmit"),
+        ({"full_weight_at": 1.0}, "reputation.full_weight_at"),
+        ({"full_weight_at": -0.1}, "reputation.full_weight_at"),
         ({"newcomer_cap": 2.0}, "reputation.newcomer_cap"),
         ({"newcomer_rounds": -1}, "reputation.newcomer_rounds"),
         ({"ban_rounds": 2.5}, "reputation.ban_rounds"),

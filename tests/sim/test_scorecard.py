@@ -124,6 +124,19 @@ def test_false_positives_among_sheltered_peers_leave_out_the_exposed() -> None:
     assert found["false_positive_peers_sheltered"] == pytest.approx(1 / 2)  # 0 of {0, 1}
 
 
+def test_byzantine_weight_share_is_the_attackers_part_of_each_observers_neighbour_weight() -> None:
+    # Path 0 - 1 - 2 - 3 with 3 Byzantine: only 2 has a Byzantine neighbour.
+    weights = (({1: 0.6},), ({0: 0.6, 2: 0.6},), ({1: 0.6, 3: 0.2},), ({2: 0.6},))
+    result = RunResult(**{**synthetic().__dict__, "edges": ((0, 1), (1, 2), (2, 3)), "weights": weights})
+    found = detection(result)
+    assert found["recall"] == 0.0  # 3 keeps a little weight: not flagged...
+    assert found["byzantine_weight_share"] == pytest.approx(0.2 / 0.8)  # ...but a quarter of 2's mix
+    flagged = (*weights[:2], ({1: 0.6, 3: 0.0},), weights[3])
+    assert detection(RunResult(**{**result.__dict__, "weights": flagged}))["byzantine_weight_share"] == 0.0
+    honest_run = RunResult(**{**result.__dict__, "byzantine": ()})
+    assert detection(honest_run)["byzantine_weight_share"] is None
+
+
 def test_nan_consensus_becomes_null() -> None:
     result = synthetic()
     card = scorecard(RunResult(**{**result.__dict__, "consensus": (math.nan, math.nan)}))
