@@ -332,9 +332,10 @@ def test_a_flagged_peer_comes_back_only_at_the_readmit_score() -> None:
     assert book.weight("p") >= config.readmit
 
 
-def test_readmit_at_or_below_the_threshold_changes_nothing() -> None:
+@pytest.mark.parametrize("setting", [{"readmit": 0.3}, {"full_weight_at": 0.3}, {"full_weight_at": 0.1}])
+def test_readmit_or_full_weight_at_or_below_the_threshold_changes_nothing(setting: dict) -> None:
     plain = ReputationBook(ReputationConfig(drop_after=0))
-    low = ReputationBook(ReputationConfig(readmit=0.3, drop_after=0))
+    low = ReputationBook(ReputationConfig(**setting, drop_after=0))
     for book in (plain, low):
         distrusted(book, "p", 0, 3)
     assert hover(plain, "p", 3, 40, amount=0.35) == hover(low, "p", 3, 40, amount=0.35)
@@ -362,14 +363,6 @@ def test_weight_rises_from_zero_at_the_threshold_to_the_score_at_full_weight_at(
             b.record("p", Evidence.ACCEPTED, round=r)
             b.end_round(r)
     assert book.weight("p") == step.weight("p") == book.score("p") > 0.5
-
-
-def test_full_weight_at_or_below_the_threshold_changes_nothing() -> None:
-    plain = ReputationBook(ReputationConfig(drop_after=0))
-    low = ReputationBook(ReputationConfig(full_weight_at=0.3, drop_after=0))
-    for book in (plain, low):
-        distrusted(book, "p", 0, 3)
-    assert hover(plain, "p", 3, 40, amount=0.35) == hover(low, "p", 3, 40, amount=0.35)
 
 
 def test_checkpoint_keeps_a_flagged_peer_out() -> None:
