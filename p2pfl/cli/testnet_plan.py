@@ -25,6 +25,7 @@ HOST = "127.0.0.1"
 MAX_NODES = 64  # each node is a Python process with torch loaded (~300 MB)
 PARTITIONS = ("iid", "dirichlet", "shards")
 SPAN_LOW = 3.0  # --span-check: the span check's threshold measured in docs/RESULTS.md (session 14)
+SETTABLE = ("reputation", "harm_check", "limits")  # --set SECTION.KEY=VALUE: these sections
 SUBDIRS = ("keys", "configs", "nodes", "logs")  # the only things a rerun deletes
 REPORT_FILES = ("report.json", "accuracy.png", "reputation.png", "statuses.json")
 
@@ -61,6 +62,8 @@ class TestnetPlan:
     # --reference FILE: a public reference set every node checks neighbours on.
     reference: Path | None = None
     span_check: bool = False  # --span-check: every node runs the opt-in span check
+    # --set SECTION.KEY=VALUE: a key of every node's config, e.g. reputation.threshold=0.2.
+    settings: tuple[tuple[str, str, TomlValue], ...] = ()
     verbose: int = 0  # p2pfl -v / -vv: the node processes log at that verbosity too
 
     def __post_init__(self) -> None:
@@ -120,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--span-check", action="store_true",
                         help=f"every node also runs the opt-in span check ([harm_check] span_low = {SPAN_LOW}; "
                              "docs/DEFENCE.md section 3a)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
+                        help=f"a key of every node's config, e.g. reputation.threshold=0.2 (repeatable; "
+                             f"sections: {', '.join(SETTABLE)})")
     parser.add_argument(
         "--neighbours", type=int, help="target neighbours per node (default: min(N-1, 6): small networks mix best densely)"
     )
@@ -141,23 +147,42 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
         codec=args.codec, codec_k=args.codec_k,
         reference=None if args.reference is None else Path(args.reference).resolve(),
         span_check=args.span_check, verbose=args.verbose,
+        settings=parse_settings(getattr(args, "settings", [])),
     )
     _check_names(plan)
     return plan
 
 
-def parse_params(pairs: Sequence[str]) -> tuple[tuple[str, TomlValue], ...]:
+def parse_params(pairs: Sequence[str], option: str = "--attack-param") -> tuple[tuple[str, TomlValue], ...]:
     """Parse ``KEY=VALUE`` options; a value is a TOML scalar (5, 0.5, true) or else a string."""
     params: dict[str, TomlValue] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        require(bool(sep and key), "--attack-param", f"expected KEY=VALUE, got {pair!r}")
+        require(bool(sep and key), option, f"expected KEY=VALUE, got {pair!r}")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
         params[key.strip()] = value if isinstance(value, bool | int | float | str) else raw
     return tuple(params.items())
+
+
+def parse_settings(pairs: Sequence[str]) -> tuple[tuple[str, str, TomlValue], ...]:
+    """Parse ``--set SECTION.KEY=VALUE`` options and check them as a node would."""
+    from p2pfl.assembly.toml import read_node_config
+
+    tables: dict[str, dict[str, TomlValue]] = {}
+    for pair in pairs:
+        name, sep, _ = pair.partition("=")
+        section, dot, key = name.strip().partition(".")
+        require(bool(sep and dot and key), "--set", f"expected SECTION.KEY=VALUE, got {pair!r}")
+        require(section in SETTABLE, "--set", f"section {section!r} is not one of {', '.join(SETTABLE)}")
+        tables.setdefault(section, {}).update(parse_params([f"{key}={pair.partition('=')[2]}"], option="--set"))
+    try:
+        read_node_config(tables)
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+    return tuple((section, key, value) for section, table in tables.items() for key, value in table.items())
 
 
 def _check_names(plan: TestnetPlan) -> None:
@@ -302,6 +327,8 @@ def node_config(plan: TestnetPlan, index: int, peer_ids: Sequence[str], ports: S
         document["privacy"] = {"epsilon": float(plan.dp_epsilon)}  # for [node] rounds
     if plan.span_check:
         document["harm_check"] = {"span_low": SPAN_LOW}
+    for section, key, value in plan.settings:
+        document.setdefault(section, {})[key] = value
     if plan.reference is not None:
         document["reference"], holdout = reference or reference_tables(plan.reference)
         if holdout:  # a digits holdout: its samples leave every node's data

@@ -110,6 +110,38 @@ def test_span_check_reaches_every_node_config_and_the_node_reads_it(tmp_path: Pa
     assert load_node_file(tmp_path / "node0.toml").node.harm_check.span_low == 3.0
 
 
+def test_set_reaches_every_node_config_and_the_node_reads_it(tmp_path: Path) -> None:
+    from p2pfl.assembly import load_node_file
+
+    plan = plan_from_args(parse("--nodes", "3", "--rounds", "2", "--span-check", "--out", str(tmp_path),
+                                "--set", "reputation.threshold=0.2", "--set", "reputation.full_weight_at=0.5",
+                                "--set", "harm_check.joint=false"))
+    peers = [f"16Uiu2HAmPeer{i}" for i in range(3)]
+    for index in range(3):
+        document = node_config(plan, index, peers, list(range(4000, 4006)))
+        assert document["reputation"] == {"threshold": 0.2, "full_weight_at": 0.5}
+        assert document["harm_check"] == {"span_low": 3.0, "joint": False}  # merged with --span-check
+    (tmp_path / "node0.toml").write_text(dumps_toml(node_config(plan, 0, peers, list(range(4000, 4006)))))
+    node = load_node_file(tmp_path / "node0.toml").node
+    assert (node.reputation.threshold, node.reputation.full_weight_at, node.harm_check.joint) == (0.2, 0.5, False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("reputaton.threshold=0.2", "--set: section 'reputaton'"),
+        ("reputation.thresh=0.2", "--set: unknown key 'thresh'.*threshold"),
+        ("reputation.threshold=high", "--set: .*threshold.*number"),
+        ("reputation.full_weight_at=1.5", "--set: .*full_weight_at"),
+        ("threshold=0.2", "--set: expected SECTION.KEY=VALUE"),
+        ("reputation.threshold", "--set: expected SECTION.KEY=VALUE"),
+    ],
+)
+def test_bad_settings_name_the_option_and_the_key(setting: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_from_args(parse("--nodes", "4", "--rounds", "2", "--set", setting))
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
