@@ -153,12 +153,13 @@ def plan_from_args(args: argparse.Namespace) -> TestnetPlan:
     return plan
 
 
-def parse_params(pairs: Sequence[str], option: str = "--attack-param") -> tuple[tuple[str, TomlValue], ...]:
+def parse_params(pairs: Sequence[str], option: str = "--attack-param",
+                 form: str = "KEY=VALUE") -> tuple[tuple[str, TomlValue], ...]:
     """Parse ``KEY=VALUE`` options; a value is a TOML scalar (5, 0.5, true) or else a string."""
     params: dict[str, TomlValue] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        require(bool(sep and key), option, f"expected KEY=VALUE, got {pair!r}")
+        require(bool(sep and key), option, f"expected {form}, got {pair!r}")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -169,15 +170,16 @@ def parse_params(pairs: Sequence[str], option: str = "--attack-param") -> tuple[
 
 def parse_settings(pairs: Sequence[str]) -> tuple[tuple[str, str, TomlValue], ...]:
     """Parse ``--set SECTION.KEY=VALUE`` options and check them as a node would."""
+    if not pairs:
+        return ()
     from p2pfl.assembly.toml import read_node_config
 
     tables: dict[str, dict[str, TomlValue]] = {}
-    for pair in pairs:
-        name, sep, _ = pair.partition("=")
-        section, dot, key = name.strip().partition(".")
-        require(bool(sep and dot and key), "--set", f"expected SECTION.KEY=VALUE, got {pair!r}")
+    for name, value in parse_params(pairs, option="--set", form="SECTION.KEY=VALUE"):
+        section, _, key = name.partition(".")
+        require(bool(key), "--set", f"expected SECTION.KEY=VALUE, got {name!r}")
         require(section in SETTABLE, "--set", f"section {section!r} is not one of {', '.join(SETTABLE)}")
-        tables.setdefault(section, {}).update(parse_params([f"{key}={pair.partition('=')[2]}"], option="--set"))
+        tables.setdefault(section, {})[key] = value
     try:
         read_node_config(tables)
     except ConfigError as exc:
