@@ -29,6 +29,7 @@ from defence_settings import setting
 import p2pfl.node.harm as harm
 import p2pfl.node.mixer as mixer
 import p2pfl.node.span as span
+from p2pfl.core.crypto import short_id
 from p2pfl.core.reputation import ReputationConfig
 from p2pfl.node.config import HarmCheck
 from p2pfl.sim import runner
@@ -90,7 +91,7 @@ class Tap:
                 verdict = tap.now.get("verdict")
                 spanned = tap.now.get("span")
                 tap.rows.append({
-                    "mixer": id(self_), "sender": str(update.sender), "round": number, "w": weights[k],
+                    "mixer": self_._owner, "sender": str(update.sender), "round": number, "w": weights[k],
                     "rule_trust": tap.now["trust"][k], "final": recorded[k],
                     "over_own": None if excess is None else excess.over_own,
                     "over_typical": None if excess is None else excess.over_typical,
@@ -131,15 +132,9 @@ def main() -> None:
         tap.rows.clear()
         result = runner.run_scenario(scenario, seed)
         index = {str(runner.identity_for(seed, i).peer_id): i for i in range(scenario.nodes)}
-        neighbours: dict[int, set[int]] = defaultdict(set)
-        for a, b in result.edges:
-            neighbours[a].add(b)
-            neighbours[b].add(a)
-        heard: dict[int, set[int]] = defaultdict(set)
-        for row in tap.rows:
-            heard[row["mixer"]].add(index[row["sender"]])
-        observer = {m: next((i for i in range(scenario.nodes) if senders <= neighbours[i]), -1)
-                    for m, senders in heard.items()}
+        # The mixer names its node by short id (not by whom it heard: two nodes that heard
+        # the same few senders, e.g. when their other neighbours forge, were merged).
+        observer = {short_id(str(runner.identity_for(seed, i).peer_id)): i for i in range(scenario.nodes)}
         bad = set(result.byzantine)
         with out.open("a") as f:
             for row in tap.rows:
