@@ -34,9 +34,9 @@ at weight 0 at the end 77-78% -> 82-87% under ``clip_aware`` and ``boiling_frog`
 honest peers flagged by mistake stay out too: docs/DEFENCE.md section 5). With
 ``full_weight_at`` above the threshold (default 0: off), the weight rises from 0 at the
 threshold to the full score at ``full_weight_at`` (``score x (score - threshold) /
-(full_weight_at - threshold)``) instead of jumping from 0 to the score: a lower threshold
-then flags fewer honest peers, and a peer just above it still has almost no influence
-(session 19: docs/DEFENCE.md section 5). A newcomer's
+(full_weight_at - threshold)``) instead of jumping from 0 to the score: with a lower
+threshold, fewer peers are at weight exactly 0, but those spared keep almost no
+influence, honest ones included (sessions 19-20: docs/DEFENCE.md section 5). A newcomer's
 score is capped at ``newcomer_cap`` until it has had ``newcomer_rounds`` good rounds (a
 round with ACCEPTED, or CLIPPED by at most a half).
 
