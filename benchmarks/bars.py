@@ -61,7 +61,7 @@ def load(path: str, variant: str, setting: str, seeds: set[int], rounds: int) ->
         if set(by_seed) != seeds:
             continue
         figures = {}
-        for key in ("mean", "min", "worst_class", "recall", "fp_peers", "fp_sheltered", "byz_share"):
+        for key in ("mean", "min", "worst_class", "recall", "fp_peers", "fp_sheltered", "fp_peers_final", "byz_share"):
             values = [r[key] for r in by_seed.values() if r.get(key) is not None]
             figures[key] = sum(values) / len(values) if values else float("nan")
         out[attack] = figures
@@ -118,7 +118,10 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
     summary = ", ".join(f"{name} {count}" for name, count in misses.items())
     sheltered = f" Honest FP among sheltered peers over {FP_BAR:.2f} (not a bar): {sheltered_over}." \
         if any(not math.isnan(r["fp_sheltered"]) for r in runs.values()) else ""
-    return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).{sheltered}\n"
+    recorded = [r["fp_peers_final"] for a, r in runs.items() if not math.isnan(r["fp_peers_final"])]
+    final = f" Honest FP at the end (as recall counts attackers) over {FP_BAR:.2f} (not a bar): " \
+        f"{sum(x > FP_BAR for x in recorded)} of {len(recorded)} recorded." if recorded else ""
+    return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).{sheltered}{final}\n"
 
 
 def main(argv: list[str]) -> int:

@@ -93,7 +93,8 @@ for s in [int(x) for x in seeds.split(",")]:
            "min": round(card["final"]["honest_min"], 4),
            "min_sheltered": card["final"]["honest_min_sheltered"], "recall": d["recall"], "fp_peers": d["false_positive_peers"],
            "fp_sheltered": d["false_positive_peers_sheltered"], "byz_share": d["byzantine_weight_share"],
-           "fp_final": d["false_positive_pairs_final"], "exposed": card["exposed_honest"],
+           "fp_final": d["false_positive_pairs_final"],
+           "fp_peers_final": d["false_positive_peers_final"], "exposed": card["exposed_honest"],
            "worst_class": card["final"].get("worst_class"), "wall": round(time.time() - t),
            # per honest node: (attacking neighbours, neighbours, final accuracy)
            "by_node": [(sum(1 for e in card["edges"] if n["index"] in e and set(e) - {n["index"]} <= bad),

@@ -18,7 +18,9 @@ Per run (:func:`scorecard`):
   honest peers flagged by at least one honest neighbour at some round;
   ``false_positive_peers_sheltered`` the same among honest peers that are not exposed
   (below): an exposed node the attackers drag off can harm its neighbours' data, and
-  flagging it is no mistake by their lights. ``byzantine_weight_share`` is the influence
+  flagging it is no mistake by their lights; ``false_positive_peers_final`` the share of
+  honest peers still flagged by at least one honest neighbour at the end (counted as
+  ``recall`` counts attackers). ``byzantine_weight_share`` is the influence
   left to the attackers whatever the threshold: per honest observer with a Byzantine
   neighbour, the Byzantine neighbours' share of the neighbour weight at the end, averaged
   over those observers (0 = all flagged; with ``[reputation] full_weight_at`` a peer just
@@ -157,6 +159,7 @@ def detection(result: RunResult) -> dict[str, Any]:
         "first_flag_round": statistics.median(first_rounds) if first_rounds else None,
         "false_positive_peers": _ratio(len(flagged_honest), len(honest_peers)),
         "false_positive_peers_sheltered": _ratio(len(flagged_honest & sheltered), len(sheltered)),
+        "false_positive_peers_final": _ratio(len({p for _, p in final if p not in bad}), len(honest_peers)),
         "false_positive_pairs_final": _ratio(
             sum(1 for pair in final if pair[1] not in bad), len(pairs) - len(byz_pairs)
         ),

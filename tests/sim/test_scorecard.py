@@ -74,6 +74,7 @@ def test_detection_counts_pairs_seen_by_honest_observers() -> None:
     assert found["first_flag_round"] == 1
     assert found["false_positive_peers"] == pytest.approx(1 / 3)  # peer 1 of {0, 1, 2}
     assert found["false_positive_pairs_final"] == 0.0
+    assert found["false_positive_peers_final"] == 0.0  # peer 1 is flagged in round 0 only
 
 
 def test_detection_without_attackers_has_no_recall() -> None:
@@ -122,6 +123,18 @@ def test_false_positives_among_sheltered_peers_leave_out_the_exposed() -> None:
     flagged_sheltered = (weights[0], ({0: 0.0, 2: w}, {0: w, 2: w}), *weights[2:])
     found = detection(RunResult(**{**result.__dict__, "weights": flagged_sheltered}))
     assert found["false_positive_peers_sheltered"] == pytest.approx(1 / 2)  # 0 of {0, 1}
+    assert found["false_positive_peers_final"] == 0.0  # both flags were lifted
+
+
+def test_false_positives_at_the_end_count_peers_still_flagged_in_the_last_round() -> None:
+    # Path 0 - 1 - 2 - 3 with 3 Byzantine: 1 flags 2 in the last round, 0 flags 1 only in round 0.
+    w = 0.6
+    weights = (({1: 0.0}, {1: w}), ({0: w, 2: w}, {0: w, 2: 0.0}), ({1: w, 3: w}, {1: w, 3: 0.0}), ({2: w}, {2: w}))
+    result = RunResult(**{**synthetic().__dict__, "edges": ((0, 1), (1, 2), (2, 3)), "weights": weights})
+    found = detection(result)
+    assert found["false_positive_peers"] == pytest.approx(2 / 3)  # 1 and 2 of {0, 1, 2}
+    assert found["false_positive_peers_final"] == pytest.approx(1 / 3)  # 2 only
+    assert found["recall"] == 1.0  # (2, 3)
 
 
 def test_byzantine_weight_share_is_the_attackers_part_of_each_observers_neighbour_weight() -> None:
