@@ -118,7 +118,7 @@ def table(runs: dict[str, dict[str, float]], plain: dict[str, dict[str, float]])
     summary = ", ".join(f"{name} {count}" for name, count in misses.items())
     sheltered = f" Honest FP among sheltered peers over {FP_BAR:.2f} (not a bar): {sheltered_over}." \
         if any(not math.isnan(r["fp_sheltered"]) for r in runs.values()) else ""
-    recorded = [r["fp_peers_final"] for a, r in runs.items() if not math.isnan(r["fp_peers_final"])]
+    recorded = [r["fp_peers_final"] for r in runs.values() if not math.isnan(r["fp_peers_final"])]
     final = f" Honest FP at the end (as recall counts attackers) over {FP_BAR:.2f} (not a bar): " \
         f"{sum(x > FP_BAR for x in recorded)} of {len(recorded)} recorded." if recorded else ""
     return "\n".join(rows) + f"\n\nAttacks missing each bar: {summary} (of {len(runs) - 1}).{sheltered}{final}\n"
