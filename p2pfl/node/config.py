@@ -88,6 +88,14 @@ class HarmCheck:
     # with three attacking neighbours of four 6-27 points on the 4-regular graph; issue 17,
     # session 11.)
     max_probe_share: float = 1 / 3
+    # The share of the mix the harm tolerance is set for (the developers' setting: four
+    # neighbours and us). A node that got fewer models this round probes each at a larger
+    # equal share (1/3 with two), and harm near a minimum grows with the square of the
+    # share; so whether a neighbour *harms* us is judged against the tolerance x (equal
+    # share / this)^2, never less than the tolerance. Passing (vetting) keeps the plain
+    # tolerance. Counted from the models that arrived, not from weights: an attacker
+    # cannot raise its own bar by gaining weight. 0: off (before session 21).
+    tolerance_share: float = 0.2
     # Whose clipping is not held against its reputation: "passed" (this round's check),
     # "harmless" (no worse than our own model, whatever the reference), "typical"
     # (harmless, and from round ``settle`` on also no worse than the reference: the
@@ -167,6 +175,15 @@ class HarmCheck:
     span_memory: float = 0.7
     span_start: int = 1
 
+    def harm_scale(self, models: int) -> float:
+        """The factor on the tolerance for the *harm* answer when ``models`` neighbours'
+        models are judged this round: (their equal probe share / ``tolerance_share``)^2,
+        at least 1 (see ``tolerance_share``)."""
+        if not self.tolerance_share or models < 1:
+            return 1.0
+        share = min(self.max_probe_share, self.probe_scale / (models + 1))
+        return max(1.0, (share / self.tolerance_share) ** 2)
+
     def __post_init__(self) -> None:
         for name in ("enabled", "joint"):
             require(isinstance(getattr(self, name), bool), f"harm_check.{name}", "must be true or false")
@@ -191,6 +208,9 @@ class HarmCheck:
         require(isinstance(self.max_probe_share, int | float) and not isinstance(self.max_probe_share, bool)
                 and 0 < self.max_probe_share <= 1, "harm_check.max_probe_share",
                 f"must be a number in (0, 1], got {self.max_probe_share!r}")
+        require(isinstance(self.tolerance_share, int | float) and not isinstance(self.tolerance_share, bool)
+                and 0 <= self.tolerance_share <= 1, "harm_check.tolerance_share",
+                f"must be a number in [0, 1] (0: off), got {self.tolerance_share!r}")
         for name in ("fail_trust", "unvetted_forgive"):
             value = getattr(self, name)
             require(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1,

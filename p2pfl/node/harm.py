@@ -127,7 +127,7 @@ def mixed(
 class Excess:
     """How far one neighbour's mix raised our loss beyond the tolerance (<= 0: within)."""
 
-    over_own: float  # above our own model's loss: harm in absolute terms
+    over_own: float  # above our own model's loss: harm in absolute terms (bar: ``HarmCheck.harm_scale`` tolerances)
     over_reference: float  # above the check's reference (``own`` or ``median``)
     over_typical: float  # above the reference by more than the plain tolerance (no per-step bar)
     tolerance: float = 1.0  # the plain tolerance these are measured against
@@ -176,6 +176,7 @@ def probe(
         # looser than our own loss; the median is honest while most neighbours are).
         reference = min(base, statistics.median(finite))
     step = 0.0 if start is None else distance(start, own)
+    harm_bar = tolerance * check.harm_scale(len(neighbours))
     excess = list(unjudged)
     for j, loss in zip(probed, mixes_losses, strict=True):
         if not math.isfinite(loss):
@@ -184,7 +185,7 @@ def probe(
         bar = tolerance
         if step > 0:
             bar = min(bar, check.harm_per_step * distance(own, neighbours[j]) / step)
-        excess[j] = Excess(loss - base - tolerance, loss - reference - bar, loss - reference - tolerance,
+        excess[j] = Excess(loss - base - harm_bar, loss - reference - bar, loss - reference - tolerance,
                            tolerance)
     return excess
 

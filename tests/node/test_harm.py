@@ -178,7 +178,7 @@ def test_a_lone_source_must_do_about_as_well_as_our_own_model() -> None:
 
 def test_probe_reports_the_excess_over_the_tolerance_and_none_when_unjudged() -> None:
     prober = Distance(target=0.0)
-    check = HarmCheck(absolute=0.1, relative=0.0, reference="own")
+    check = HarmCheck(absolute=0.1, relative=0.0, reference="own", tolerance_share=0.0)
     excess = probe(prober, check, state(0.0), [state(0.5), state(0.1), state(0.0)], [0.2, 0.2, 0.0])
     assert excess[0] == Excess(*[pytest.approx(0.4 - 0.1)] * 3, tolerance=pytest.approx(0.1))
     assert excess[1] == Excess(*[pytest.approx(0.08 - 0.1)] * 3, tolerance=pytest.approx(0.1))
@@ -251,14 +251,38 @@ def test_a_node_with_one_neighbour_judges_it_at_the_capped_share() -> None:
     # neighbour with other classes harmful because it has no other.
     prober = Distance(target=0.0)
     far = [state(0.06)]
-    capped = HarmGate(HarmCheck(absolute=0.1, relative=0.0, grace=0), prober).judge(
+    capped = HarmGate(HarmCheck(absolute=0.1, relative=0.0, grace=0, tolerance_share=0.0), prober).judge(
         state(0.0), None, ["a"], far, [1.0], 1.0)
     assert (capped.failed, capped.harmless) == ([False], [True])
     assert any(torch.allclose(p["w"], torch.full((4,), 0.02)) for p in prober.probed)  # 0.06 / 3
-    whole = HarmGate(HarmCheck(absolute=0.1, relative=0.0, grace=0, max_probe_share=1.0), prober).judge(
+    whole = HarmGate(HarmCheck(absolute=0.1, relative=0.0, grace=0, max_probe_share=1.0, tolerance_share=0.0),
+                     prober).judge(
         state(0.0), None, ["a"], far, [1.0], 1.0)
     assert (whole.failed, whole.harmless) == ([True], [False])
     assert any(torch.allclose(p["w"], torch.full((4,), 0.03)) for p in prober.probed)  # 0.06 / 2
+
+
+def test_fewer_models_raise_the_harm_bar_by_the_square_of_the_share_and_weights_do_not() -> None:
+    # Our data wants w = 0 (loss = 4 x w of the mix); tolerance 0.1. Neighbour "a" sits at
+    # w = 0.15 (it holds other classes). Two models arrived: each is probed at 1/3, "a"
+    # raises our loss by 0.2, and the harm bar is 0.1 x (1/3 / 0.2)^2 = 0.28: harmless
+    # (not passed: passing keeps the plain tolerance). Set for a third of the mix, the
+    # bar would be 0.1 and "a" would fail, as it does with the scaling off.
+    prober = Distance(target=0.0)
+    check = HarmCheck(absolute=0.1, relative=0.0, reference="own", grace=0, joint=False)
+    assert check.harm_scale(2) == pytest.approx((1 / 3 / 0.2) ** 2)
+    assert (check.harm_scale(4), check.harm_scale(7), check.harm_scale(0)) == (1.0, 1.0, 1.0)
+    two = HarmGate(check, prober).judge(state(0.0), None, ["a", "b"], [state(0.15), state(0.0)], [1.0, 1.0], 1.0)
+    assert (two.failed, two.harmless, two.passed) == ([False, False], [True, True], [False, True])
+    off = HarmGate(replace(check, tolerance_share=0.0), prober).judge(
+        state(0.0), None, ["a", "b"], [state(0.15), state(0.0)], [1.0, 1.0], 1.0)
+    assert off.failed == [True, False]
+    # Four models, three of them at weight 0: "a" carries most of the weight and is probed
+    # at the cap, 1/3, as above; but the bar follows the models that arrived (an equal
+    # share of 1/5), not the weights, so "a" cannot raise its own bar by gaining weight.
+    four = HarmGate(check, prober).judge(state(0.0), None, ["a", "b", "c", "d"],
+                                         [state(0.15)] + [state(0.0)] * 3, [1.0, 0.0, 0.0, 0.0], 0.25)
+    assert four.failed == [True, False, False, False]
 
 
 @pytest.mark.parametrize(
@@ -274,6 +298,9 @@ def test_a_node_with_one_neighbour_judges_it_at_the_capped_share() -> None:
         ({"remember": 1.5}, "harm_check.remember"),
         ({"max_probe_share": 0}, "harm_check.max_probe_share"),
         ({"max_probe_share": 1.5}, "harm_check.max_probe_share"),
+        ({"tolerance_share": -0.1}, "harm_check.tolerance_share"),
+        ({"tolerance_share": 1.5}, "harm_check.tolerance_share"),
+        ({"tolerance_share": True}, "harm_check.tolerance_share"),
         ({"forgive_memory": -1}, "harm_check.forgive_memory"),
         ({"unvetted_forgive": 1.5}, "harm_check.unvetted_forgive"),
         ({"unvetted_forgive": -0.1}, "harm_check.unvetted_forgive"),
@@ -370,7 +397,7 @@ def test_a_failure_weighs_in_proportion_to_how_far_over_the_tolerance_it_is() ->
     # 0.75, "b" fail_trust.
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own", fail_trust=0.5, grace=0,
-                      fail_full_at=1.0, max_probe_share=1.0)
+                      fail_full_at=1.0, max_probe_share=1.0, tolerance_share=0.0)
     nbs = [state(0.15 * 3 / 4), state(0.4 * 3 / 4)]
     verdict = HarmGate(check, prober).judge(state(0.0), None, ["a", "b"], nbs, [1.0, 1.0], 2.0)
     assert verdict.failed == [True, True]
