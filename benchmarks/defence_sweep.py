@@ -3,7 +3,8 @@
 Each run appends one JSON line to $SWEEP_OUT (default runs/defence_sweep.jsonl).
 
 usage: python benchmarks/defence_sweep.py VARIANT SETTING ATTACK[:k=v,...] SEEDS [ROUNDS] [key=value overrides...]
-overrides: rep.X=.. harm.X=.. rule.X=.. (values parsed as python literals), rule=NAME, reference=on
+overrides: rep.X=.. harm.X=.. rule.X=.. ref.X=.. (values parsed as python literals), rule=NAME, reference=on
+(ref.X: a field of the reference set's config, e.g. ref.tolerance=0.2; with reference=on)
 """
 import ast
 import contextlib
@@ -49,7 +50,7 @@ rounds = None
 if rest and "=" not in rest[0]:
     rounds = int(rest[0])
     rest = rest[1:]
-rep, harm, rule = {}, {}, {}
+rep, harm, rule, ref = {}, {}, {}, {}
 rulename = None
 reference = False
 for kv in rest:
@@ -69,7 +70,7 @@ for kv in rest:
         import p2pfl.core.aggregation.gossip_rules as gossip_rules
         setattr(gossip_rules, key, v)
         continue
-    {"rep": rep, "harm": harm, "rule": rule}[grp][key] = v
+    {"rep": rep, "harm": harm, "rule": rule, "ref": ref}[grp][key] = v
 sc = setting(sname)
 aname, _, aparams = attack.partition(":")
 params = {}
@@ -80,8 +81,11 @@ if aname == "none":
     sc = replace(sc, byzantine=0)
 sc = replace(sc, attack=aname, attack_params=params, reputation=ReputationConfig(**rep), harm_check=HarmCheck(**harm),
              rule_params=rule, **({"rule": rulename} if rulename else {}), **({"rounds": rounds} if rounds else {}))
+if ref and not reference:
+    raise SystemExit("ref.X overrides need reference=on")
 if reference:
     sc = with_reference(sc)
+    sc = replace(sc, reference=replace(sc.reference, **ref))
 for s in [int(x) for x in seeds.split(",")]:
     t = time.time()
     card = scorecard(run_scenario(sc, s))
