@@ -32,6 +32,13 @@ def setting(name):
         return Scenario(name=name, nodes=8, rounds=10 if name == "tn8" else 30, topology="regular",
                         topology_params={"degree": 6}, partition="dirichlet", alpha=0.5, byzantine=2,
                         placement="random")
+    # Held out (session 21): shapes, sizes, skews and attacker shares no default was chosen on.
+    if name == "torus20":  # a 4 x 5 grid that wraps: four neighbours each, in a fixed pattern
+        return Scenario(name=name, nodes=20, rounds=30, topology="torus", topology_params={"rows": 4},
+                        partition="dirichlet", alpha=0.5, byzantine=4, placement="random")
+    if name == "reg6":  # denser, more skewed data, a quarter attacking
+        return Scenario(name=name, nodes=20, rounds=30, topology="regular", topology_params={"degree": 6},
+                        partition="dirichlet", alpha=0.3, byzantine=5, placement="random")
     if name == "dumbbell":
         return Scenario(name="dumbbell", nodes=8, rounds=60, topology="dumbbell", partition="halves", byzantine=0)
     raise SystemExit(name)
