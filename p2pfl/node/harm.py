@@ -20,6 +20,9 @@ against its reputation. The node probes at the share a neighbour would have at f
 reputation, whatever its reputation now: a distrusted peer's small share would let a
 poor model pass, and an honest peer cut off early must be able to earn its way back.
 The check cannot see harm to classes we do not hold: label flipping mostly passes it.
+The tolerance was set at 1/5; a node that got fewer models probes each at a larger share,
+so whether one *harms* us is judged against the tolerance scaled by the square of that
+share over 1/5 (``HarmCheck.harm_scale``; passing keeps the plain tolerance).
 
 Alone at its share, each of several colluders sending the same model can stay inside the
 tolerance while together they pull us where none of them could alone. The joint check

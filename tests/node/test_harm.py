@@ -266,8 +266,8 @@ def test_fewer_models_raise_the_harm_bar_by_the_square_of_the_share_and_weights_
     # Our data wants w = 0 (loss = 4 x w of the mix); tolerance 0.1. Neighbour "a" sits at
     # w = 0.15 (it holds other classes). Two models arrived: each is probed at 1/3, "a"
     # raises our loss by 0.2, and the harm bar is 0.1 x (1/3 / 0.2)^2 = 0.28: harmless
-    # (not passed: passing keeps the plain tolerance). Set for a third of the mix, the
-    # bar would be 0.1 and "a" would fail, as it does with the scaling off.
+    # (not passed: passing keeps the plain tolerance). With the scaling off the bar is
+    # 0.1, and "a" fails.
     prober = Distance(target=0.0)
     check = HarmCheck(absolute=0.1, relative=0.0, reference="own", grace=0, joint=False)
     assert check.harm_scale(2) == pytest.approx((1 / 3 / 0.2) ** 2)
