@@ -246,17 +246,22 @@ class Gossip:
         return tuple(sorted(p.to_string() for p in peers))
 
     def unlisted(self, neighbours: Iterable[str]) -> list[str]:
-        """``neighbours`` that pubsub has not listed as subscribed to our topic for
-        :data:`UNLISTED_AFTER` seconds over the same connections (over a new one the peer
-        may yet say hello: the wait starts over), sorted: we send them no announcement.
+        """``neighbours`` that pubsub has not listed as subscribed to our topic, or has no
+        stream of ours to, for :data:`UNLISTED_AFTER` seconds over the same connections
+        (over a new one the peer may yet say hello: the wait starts over), sorted: we send
+        them no announcement.
 
         A peer's subscriptions arrive once, on its stream to us. py-libp2p forgot them when
         our stream to a still-connected peer failed (patch ``pubsub_live_subscriptions``),
         which a replaced connection caused; this is the safety net for any other way of
         losing them: the caller reconnects these peers (both ends then say hello again).
+        Our own stream counts too: when it fails pubsub opens another, and when that fails
+        as well (a relay that stalls stream openings; a CI run of the hostile-relay test,
+        session 21) the peer stays subscribed but hears nothing from us.
         """
         now = trio.current_time()
-        listed = set(self.subscribed_peers())
+        streams = {peer.to_string() for peer in self.pubsub.peers}
+        listed = set(self.subscribed_peers()) & streams
         network, seen = self.host.get_network(), self._unlisted
         self._unlisted = {}
         for peer in (p for p in neighbours if p not in listed):

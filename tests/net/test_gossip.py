@@ -227,7 +227,8 @@ async def test_a_neighbour_gossip_does_not_list_for_a_while_is_named(
     topic = topic_for("t")
     conns: dict[str, list[object]] = {listed: [object()], lost: [object()]}
     network = SimpleNamespace(get_connections=lambda peer: conns[peer.to_string()])
-    pubsub = SimpleNamespace(peer_topics={topic: {ID.from_base58(listed)}})
+    pubsub = SimpleNamespace(peer_topics={topic: {ID.from_base58(listed)}},
+                             peers={ID.from_base58(p): object() for p in (listed, lost)})
     gossip = Gossip(SimpleNamespace(get_network=lambda: network), pubsub, None,  # type: ignore[arg-type]
                     topic=topic, limits=Limits(), validator=echo_validator, publish_rate=8.0, buffer=4)
     assert gossip.unlisted([listed, lost]) == []
@@ -245,6 +246,30 @@ async def test_a_neighbour_gossip_does_not_list_for_a_while_is_named(
     assert gossip.unlisted([listed]) == []  # lost is no neighbour now: forgotten
     await trio.sleep(UNLISTED_AFTER)
     assert gossip.unlisted([listed, lost]) == [listed]  # lost counts from this call only
+
+
+async def test_a_subscribed_neighbour_without_our_stream_for_a_while_is_named(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Pubsub lists the peer as subscribed, but our own stream to it is gone and was not
+    # opened again (seen over a relay that stalls stream openings): it hears nothing of ours.
+    peer = Identity.generate().peer_id
+    topic = topic_for("t")
+    conns: dict[str, list[object]] = {peer: [object()]}
+    network = SimpleNamespace(get_connections=lambda p: conns[p.to_string()])
+    pubsub = SimpleNamespace(peer_topics={topic: {ID.from_base58(peer)}}, peers={ID.from_base58(peer): object()})
+    gossip = Gossip(SimpleNamespace(get_network=lambda: network), pubsub, None,  # type: ignore[arg-type]
+                    topic=topic, limits=Limits(), validator=echo_validator, publish_rate=8.0, buffer=4)
+    await trio.sleep(UNLISTED_AFTER)
+    assert gossip.unlisted([peer]) == []  # subscribed, with our stream: fine
+    pubsub.peers.clear()  # our stream died and none replaced it
+    assert gossip.unlisted([peer]) == []
+    await trio.sleep(UNLISTED_AFTER - 0.1)
+    assert gossip.unlisted([peer]) == []  # pubsub may yet open another within this
+    await trio.sleep(0.1)
+    assert gossip.unlisted([peer]) == [peer]
+    pubsub.peers[ID.from_base58(peer)] = object()  # a stream again: the wait starts over
+    assert gossip.unlisted([peer]) == []
 
 
 async def test_a_neighbour_gossip_lost_is_reconnected_and_hears_us_again(
