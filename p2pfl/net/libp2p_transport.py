@@ -438,7 +438,7 @@ async def _keep_reachable(transport: Libp2pTransport, reach: Reachability, inter
             busy = transport.busy_peers()  # a transfer in progress is not cut: reconnect after it
             idle = [p for p in transport.neighbours() if p not in busy]
             for peer in transport.gossip.unlisted(idle):  # both ends say hello again
-                logger.info("neighbour %s: not subscribed in gossip for %.0f s; reconnecting",
+                logger.info("neighbour %s: not subscribed in gossip, or no stream of ours, for %.0f s; reconnecting",
                             short_id(peer), UNLISTED_AFTER)
                 transport.relisted += 1
                 await transport.neighbourhood.disconnect(peer)
