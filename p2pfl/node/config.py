@@ -241,8 +241,17 @@ class ReferenceConfig:
     # than this is not mixed in that round (docs/RESULTS.md: honest and flipped
     # neighbours' distributions).
     tolerance: float = 0.1
+    # Whether a refusal is also evidence against the neighbour's reputation (its trust
+    # capped in proportion to the excess). Off since session 21: a refusal keeps the
+    # neighbour out of this round's mix only. With it, honest neighbours that train on few
+    # classes were refused round after round, flagged and dropped (honest peers ever
+    # flagged 0.10 without attack, up to 0.31 under attack); without it 0.02 and at most
+    # 0.11, and the worst honest node higher under most attacks, for fewer label flippers
+    # at weight 0 (docs/RESULTS.md, "Session 21").
+    evidence: bool = False
 
     def __post_init__(self) -> None:
+        require(isinstance(self.evidence, bool), "reference.evidence", "must be true or false")
         if self.path is not None:
             object.__setattr__(self, "path", Path(self.path))
             digest = self.sha256.lower() if isinstance(self.sha256, str) else ""

@@ -8,9 +8,11 @@ would have at full reputation (a weighted mean centred on ours, as the harm chec
 scores them on the reference set class by class (one forward pass each). A neighbour
 without which the class-balanced loss (mean over classes of the per-class loss: every
 class counts the same, so a class one neighbour flips counts in full) is lower by more
-than ``tolerance`` is refused: it is not mixed in this round, and its trust is capped
-in proportion to the excess (just over: trust at most ``clip_tolerance``; twice the
-tolerance: 0), which the reputation turns into evidence. A neighbour within tolerance
+than ``tolerance`` is refused: it is not mixed in this round. With ``evidence`` (off by
+default since session 21) its trust is also capped in proportion to the excess (just
+over: trust at most ``clip_tolerance``; twice the tolerance: 0), which the reputation
+turns into evidence; that flagged and dropped honest neighbours that train on few
+classes, refused round after round. A neighbour within tolerance
 is left to the rest of the defence: the check only takes away, it never vets. The worst
 neighbour is taken out first and the others judged again without it: a sign-flipped
 model in the mix makes every other neighbour's gain noise on a huge loss (it refused
@@ -54,16 +56,13 @@ class ClassScorer(Protocol):
 @dataclass(frozen=True, slots=True)
 class ReferenceVerdict:
     """One round's reference check, per neighbour: how much leaving it out of the mix
-    lowers the class-balanced reference loss, and the trust cap that follows (1: no
-    objection)."""
+    lowers the class-balanced reference loss, whether it is kept out of this round's mix,
+    and the trust cap handed to the reputation (1: no objection; always 1 without
+    ``ReferenceConfig.evidence``)."""
 
     gain: list[float]
     caps: list[float]
-
-    @property
-    def refused(self) -> list[bool]:
-        """Whether each neighbour is kept out of this round's mix."""
-        return [cap < 1 for cap in self.caps]
+    refused: list[bool]
 
 
 def balanced_loss(scores: ClassScores) -> float:
@@ -136,7 +135,10 @@ class ReferenceGate:
             if gains[worst] <= self.config.tolerance:
                 break
             kept.remove(worst)
-        return ReferenceVerdict(gains, [cap_of(g, self.config.tolerance, floor) for g in gains])
+        refused = [g > self.config.tolerance for g in gains]
+        if not self.config.evidence:  # kept out of this round's mix, no word to the reputation
+            return ReferenceVerdict(gains, [1.0] * len(gains), refused)
+        return ReferenceVerdict(gains, [cap_of(g, self.config.tolerance, floor) for g in gains], refused)
 
 
 def _minus(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

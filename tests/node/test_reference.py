@@ -61,6 +61,7 @@ def test_scenarios_read_the_same_reference_table(digits_file: tuple[Path, str]) 
         ({"path": "ref.cbor"}, r"\[reference\] sha256: must be the file's sha256"),
         ({"path": "ref.cbor", "sha256": "abc"}, r"\[reference\] sha256: must be the file's sha256"),
         ({"path": "ref.cbor", "sha256": "0" * 64, "tolerance": 0}, r"\[reference\] tolerance: must be in"),
+        ({"path": "ref.cbor", "sha256": "0" * 64, "evidence": "yes"}, r"\[reference\] evidence"),
         ({"pth": "ref.cbor"}, r"pth"),
     ],
 )
@@ -151,5 +152,11 @@ def test_the_gate_refuses_the_neighbour_without_which_the_mix_is_better(
     verdict = gate.judge(own, [flipped, honest], [1.0, 1.0], 1.0, 0.25)
 
     assert verdict.gain == pytest.approx([0.15, -0.1])
+    assert verdict.refused == [True, False]
+    assert verdict.caps == [1.0, 1.0]  # by default a refusal is no evidence: out of this round only
+
+    gate.config = ReferenceConfig(path=path, sha256=digest, evidence=True)
+    verdict = gate.judge(own, [flipped, honest], [1.0, 1.0], 1.0, 0.25)
+
     assert verdict.refused == [True, False]
     assert verdict.caps[0] == pytest.approx(0.125)  # 0.05 over the tolerance 0.1
