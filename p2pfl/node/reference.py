@@ -136,9 +136,9 @@ class ReferenceGate:
                 break
             kept.remove(worst)
         refused = [g > self.config.tolerance for g in gains]
-        if not self.config.evidence:  # kept out of this round's mix, no word to the reputation
-            return ReferenceVerdict(gains, [1.0] * len(gains), refused)
-        return ReferenceVerdict(gains, [cap_of(g, self.config.tolerance, floor) for g in gains], refused)
+        # Without evidence a refused neighbour is kept out of this round's mix, no more.
+        caps = [cap_of(g, self.config.tolerance, floor) if self.config.evidence else 1.0 for g in gains]
+        return ReferenceVerdict(gains, caps, refused)
 
 
 def _minus(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
